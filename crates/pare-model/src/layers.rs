@@ -1,0 +1,166 @@
+//! The building blocks a decoder layer is made of: linear maps, norms, the MLP.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::config::Activation;
+use crate::error::Result;
+
+/// y = x Wᵀ + b, with W dense (out, in) or kept quantized for candle's QMatMul (`--dtype q`).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    Quantized { weight: QMatMul, out_features: usize, in_features: usize, bias: Option<Tensor> },
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self {
+            Linear::Dense { weight, .. } => {
+                let dims = x.dims().to_vec();
+                let in_features = dims[dims.len() - 1];
+                let rows = x.elem_count() / in_features;
+                let y = x.reshape((rows, in_features))?.matmul(&weight.t()?)?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("rank ≥ 1") = weight.dim(0)?;
+                y.reshape(out_dims)?
+            }
+            Linear::Quantized { weight, .. } => weight.forward(x)?,
+        };
+        match self.bias() {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.dims()[0],
+            Linear::Quantized { out_features, .. } => *out_features,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.dims()[1],
+            Linear::Quantized { in_features, .. } => *in_features,
+        }
+    }
+
+    /// The weight as a dense (out, in) tensor in `dtype` (dequantizing if needed).
+    pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Linear::Dense { weight, .. } => Ok(weight.to_dtype(dtype)?),
+            Linear::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => Ok(q.dequantize(&q.device())?.to_dtype(dtype)?),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(dtype)?),
+            },
+        }
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.out_features() * self.in_features() + self.bias().map_or(0, |b| b.elem_count())
+    }
+
+    /// Bytes the weights occupy as stored (quantized blocks count as their packed size).
+    pub fn storage_bytes(&self) -> usize {
+        let bias = self.bias().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+        bias + match self {
+            Linear::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
+            Linear::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            },
+        }
+    }
+}
+
+/// RMSNorm (Llama family) or LayerNorm with bias (GPT-NeoX).
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms { weight: Tensor, eps: f32 },
+    Layer { weight: Tensor, bias: Tensor, eps: f32 },
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // HF normalizes in float32 whatever the activation dtype; so do we.
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let y = match self {
+            Norm::Rms { weight, eps } if dtype == DType::F32 => candle_nn::ops::rms_norm(&xf, weight, *eps)?,
+            Norm::Rms { weight, eps } => {
+                let ones = Tensor::ones(weight.dims(), DType::F32, x.device())?;
+                candle_nn::ops::rms_norm(&xf, &ones, *eps)?.to_dtype(dtype)?.broadcast_mul(weight)?
+            }
+            Norm::Layer { weight, bias, eps } => {
+                let mean = xf.mean_keepdim(D::Minus1)?;
+                let centered = xf.broadcast_sub(&mean)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = centered.broadcast_div(&(var + *eps as f64)?.sqrt()?)?;
+                normed
+                    .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+                    .broadcast_add(&bias.to_dtype(DType::F32)?)?
+                    .to_dtype(dtype)?
+            }
+        };
+        Ok(y)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Norm::Rms { weight, .. } | Norm::Layer { weight, .. } => weight,
+        }
+    }
+
+    pub fn param_count(&self) -> usize {
+        match self {
+            Norm::Rms { weight, .. } => weight.elem_count(),
+            Norm::Layer { weight, bias, .. } => weight.elem_count() + bias.elem_count(),
+        }
+    }
+}
+
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Silu => candle_nn::ops::silu(x)?,
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Relu => x.relu()?,
+    })
+}
+
+/// The feed-forward block: SwiGLU `down(act(gate x) ⊙ up x)` or plain `down(act(up x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+    pub activation: Activation,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let up = self.up.forward(x)?;
+        let hidden = match &self.gate {
+            Some(gate) => (activate(&gate.forward(x)?, self.activation)? * up)?,
+            None => activate(&up, self.activation)?,
+        };
+        self.down.forward(&hidden)
+    }
+
+    /// The intermediate width (differs per layer after structured pruning).
+    pub fn width(&self) -> usize {
+        self.up.out_features()
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.gate.as_ref().map_or(0, Linear::param_count) + self.up.param_count() + self.down.param_count()
+    }
+}

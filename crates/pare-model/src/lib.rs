@@ -1,0 +1,23 @@
+//! pare's decoder: configuration, weights, layers, the KV cache, and the two-phase forward pass.
+//!
+//! The forward pass is written out here rather than borrowed, because pare's compression and
+//! pruning stages hook into it: attention reads a cache whose entries keep their original
+//! positions, and every layer's head counts and MLP width are read from its own weights.
+
+pub mod attention;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod layers;
+pub mod loader;
+pub mod model;
+pub mod rope;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::{Arch, ModelConfig};
+pub use error::{ModelError, Result};
+pub use loader::{load, LoadedModel};
+pub use model::{Logits, Model};
+pub use weights::WeightDType;

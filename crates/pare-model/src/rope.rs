@@ -1,0 +1,80 @@
+//! Rotary position embeddings, computed from each token's own position.
+//!
+//! Positions come per batch row (left padding, and later evicted or pruned entries keep their
+//! original positions), so cos/sin are built for a (batch, seq) grid of positions rather than a
+//! contiguous range. The inverse frequencies follow HF's `_compute_*_parameters` in float32.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::Result;
+
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let dim = cfg.rotary_dim;
+        let base = cfg.rope_theta;
+        let mut inv_freq: Vec<f32> =
+            (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
+        match cfg.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old_ctx = original_max_position_embeddings as f32;
+                let low_freq_wavelen = old_ctx / low_freq_factor;
+                let high_freq_wavelen = old_ctx / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
+                    let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    *f = if is_medium {
+                        let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                }
+            }
+        }
+        Rope { inv_freq }
+    }
+
+    pub fn rotary_dim(&self) -> usize {
+        self.inv_freq.len() * 2
+    }
+
+    /// cos and sin of shape (batch, seq, rotary_dim / 2) for the given positions (row-major batch × seq).
+    pub fn cos_sin(&self, positions: &[i64], batch: usize, seq: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            // Padding slots carry position -1; any finite angle will do, their outputs are masked.
+            let p = p.max(0) as f32;
+            for &f in &self.inv_freq {
+                let angle = p * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (batch, seq, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (batch, seq, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Rotate the first `rotary_dim` channels of x (batch, heads, seq, head_dim), HF's rotate_half style.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let head_dim = x.dim(3)?;
+        let rot = self.rotary_dim();
+        if rot == head_dim {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+        }
+        let rotated = candle_nn::rotary_emb::rope(&x.narrow(3, 0, rot)?.contiguous()?, cos, sin)?;
+        let pass = x.narrow(3, rot, head_dim - rot)?;
+        Ok(Tensor::cat(&[&rotated, &pass], 3)?)
+    }
+}
