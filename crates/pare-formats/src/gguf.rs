@@ -218,12 +218,14 @@ impl GgufFile {
     /// A float (or an integer, read as a float).
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let v = self.require(key)?;
-        v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v))
+        v.as_f64()
+            .ok_or_else(|| self.wrong_type(key, "a number", v))
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.require(key)?;
-        v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
+        v.as_str()
+            .ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
     pub fn get_bool(&self, key: &str) -> Result<bool> {
@@ -233,7 +235,8 @@ impl GgufFile {
 
     pub fn get_array(&self, key: &str) -> Result<&[GgufValue]> {
         let v = self.require(key)?;
-        v.as_array().ok_or_else(|| self.wrong_type(key, "an array", v))
+        v.as_array()
+            .ok_or_else(|| self.wrong_type(key, "an array", v))
     }
 
     /// `general.architecture`, e.g. `llama` or `qwen2`; the prefix of the model's own keys.
@@ -289,14 +292,14 @@ impl GgufFile {
     /// The tensor still quantized, for candle's `QMatMul`; its shape is `info.shape`.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let info = self.require_tensor(name)?;
-        let ggml_dtype = info
-            .ggml_type
-            .candle_dtype()
-            .ok_or_else(|| FormatError::UnsupportedGgmlType {
-                path: self.path.clone(),
-                name: name.to_string(),
-                ggml_type: info.ggml_type,
-            })?;
+        let ggml_dtype =
+            info.ggml_type
+                .candle_dtype()
+                .ok_or_else(|| FormatError::UnsupportedGgmlType {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    ggml_type: info.ggml_type,
+                })?;
         let bytes = self.bytes_of(info);
         // candle reinterprets the bytes as block structs, which needs their alignment; the
         // mapped data is aligned unless the file chose a `general.alignment` below 8.

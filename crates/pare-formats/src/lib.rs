@@ -8,8 +8,14 @@
 //! Every input is treated as untrusted: a malformed file yields a [`FormatError`] naming the
 //! file and the problem, never a panic.
 
+pub mod chat;
 pub mod error;
 pub mod gguf;
+pub mod safetensors_store;
+pub mod tokenizer;
 
+pub use chat::{render_chat, ChatMessage};
 pub use error::{FormatError, Result};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
+pub use safetensors_store::{save_safetensors, SafetensorsStore};
+pub use tokenizer::TokenizerBundle;

@@ -15,7 +15,7 @@ use crate::model::Model;
 pub fn hf_tensors(model: &Model, dtype: DType) -> Result<Vec<(String, Tensor)>> {
     let mut out: Vec<(String, Tensor)> = Vec::new();
     let neox = model.config.arch == Arch::GptNeoX;
-    let mut push_linear = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| -> Result<()> {
+    let push_linear = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| -> Result<()> {
         out.push((format!("{name}.weight"), l.dense_weight(dtype)?));
         if let Some(b) = l.bias() {
             out.push((format!("{name}.bias"), b.to_dtype(dtype)?));

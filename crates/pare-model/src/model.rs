@@ -128,7 +128,7 @@ impl Model {
             }
         }
         let x = match logits {
-            Logits::Last => x.narrow(1, seq - 1, 1)?,
+            Logits::Last => x.narrow(1, seq - 1, 1)?.contiguous()?,
             Logits::All => x,
         };
         let out = self.lm_head.forward(&self.final_norm.forward(&x)?)?.to_dtype(DType::F32)?;

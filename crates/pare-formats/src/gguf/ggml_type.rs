@@ -253,7 +253,9 @@ mod tests {
     #[test]
     fn sizes_agree_with_candle() {
         for id in 0..64 {
-            let Some(t) = GgmlType::from_id(id) else { continue };
+            let Some(t) = GgmlType::from_id(id) else {
+                continue;
+            };
             if let Some(c) = t.candle_dtype() {
                 assert_eq!(t.type_size(), c.type_size(), "{t}");
                 assert_eq!(t.block_size(), c.block_size(), "{t}");

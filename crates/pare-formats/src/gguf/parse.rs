@@ -149,7 +149,8 @@ impl<'a> Cursor<'a> {
                     ));
                 }
                 let elem_ty = self.u32(what)?;
-                let min = min_value_size(elem_ty).ok_or_else(|| self.bad_value_type(elem_ty, key))?;
+                let min =
+                    min_value_size(elem_ty).ok_or_else(|| self.bad_value_type(elem_ty, key))?;
                 let raw_count = self.u64(what)?;
                 let n = self.count(raw_count, min, &format!("{what}: array element"))?;
                 let mut items = Vec::with_capacity(n);
@@ -179,8 +180,8 @@ fn min_value_size(ty: u32) -> Option<usize> {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
         4..=6 => 4,
-        8 => 8,      // u64 length, possibly empty
-        9 => 4 + 8,  // element type and count, possibly empty
+        8 => 8,     // u64 length, possibly empty
+        9 => 4 + 8, // element type and count, possibly empty
         10..=12 => 8,
         _ => return None,
     })
@@ -323,7 +324,10 @@ fn tensor_info(c: &mut Cursor<'_>, name: String) -> Result<(GgufTensorInfo, u64)
     let type_id = c.u32(&format!("type of tensor `{name}`"))?;
     let rel_offset = c.u64(&format!("data offset of tensor `{name}`"))?;
     let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-        FormatError::corrupt(path, format!("tensor `{name}` has unknown ggml type {type_id}"))
+        FormatError::corrupt(
+            path,
+            format!("tensor `{name}` has unknown ggml type {type_id}"),
+        )
     })?;
 
     if let Some(d) = ne.iter().position(|&d| d == 0) {
@@ -337,7 +341,10 @@ fn tensor_info(c: &mut Cursor<'_>, name: String) -> Result<(GgufTensorInfo, u64)
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .filter(|&n| n <= i64::MAX as u64)
         .ok_or_else(|| {
-            FormatError::corrupt(path, format!("tensor `{name}` element count overflows (ne {ne:?})"))
+            FormatError::corrupt(
+                path,
+                format!("tensor `{name}` element count overflows (ne {ne:?})"),
+            )
         })?;
     let block = ggml_type.block_size() as u64;
     let row = ne.first().copied().unwrap_or(1);
@@ -352,7 +359,10 @@ fn tensor_info(c: &mut Cursor<'_>, name: String) -> Result<(GgufTensorInfo, u64)
     let n_bytes = (elements / block)
         .checked_mul(ggml_type.type_size() as u64)
         .ok_or_else(|| {
-            FormatError::corrupt(path, format!("tensor `{name}` byte size overflows (ne {ne:?})"))
+            FormatError::corrupt(
+                path,
+                format!("tensor `{name}` byte size overflows (ne {ne:?})"),
+            )
         })?;
     let shape = ne
         .iter()
@@ -360,7 +370,10 @@ fn tensor_info(c: &mut Cursor<'_>, name: String) -> Result<(GgufTensorInfo, u64)
         .map(|&d| usize::try_from(d))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|_| {
-            FormatError::corrupt(path, format!("tensor `{name}` is too large for this platform"))
+            FormatError::corrupt(
+                path,
+                format!("tensor `{name}` is too large for this platform"),
+            )
         })?;
     Ok((
         GgufTensorInfo {
