@@ -3,11 +3,13 @@
 //! transformers compiles the template with Jinja2 (`trim_blocks`, `lstrip_blocks`, loop
 //! controls) and adds `raise_exception`, `strftime_now` and its own `tojson`; it passes the
 //! messages, `tools` and `documents` (None unless given), `add_generation_prompt` and the
-//! special tokens. minijinja with Python-method compatibility (`minijinja-contrib`'s pycompat)
-//! and the same additions renders the templates models ship identically. The prompt is then
-//! tokenized without adding special tokens: the template writes them.
+//! special tokens. minijinja with Python-method compatibility (`minijinja-contrib`'s pycompat),
+//! Python's spelling of printed values and the same additions renders the templates models ship
+//! identically. transformers then tokenizes the prompt without adding special tokens (the
+//! template writes them): use `TokenizerBundle::encode(prompt, false)`.
 
 mod pyjson;
+mod pyrepr;
 mod strftime;
 
 use minijinja::{context, Environment, Error, ErrorKind, Value};
@@ -41,6 +43,7 @@ fn environment() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_formatter(pyrepr::formatter);
     env.add_filter("tojson", pyjson::tojson);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime::strftime_now);

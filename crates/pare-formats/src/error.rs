@@ -48,9 +48,10 @@ pub enum FormatError {
         dtype: String,
     },
 
-    /// A GGUF tensor is stored in a ggml type that candle cannot dequantize.
+    /// A GGUF tensor is stored in a ggml type candle cannot read (the i-quants, ternary and FP4
+    /// types), or, for `qtensor`, in a plain type candle's quantized tensors cannot hold.
     #[error(
-        "{}: tensor `{name}`: unsupported ggml type {} ({ggml_type}); supported: F32, F16, BF16, F64, I16, I32, I64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K",
+        "{}: tensor `{name}`: unsupported ggml type {} ({ggml_type})",
         path.display(), ggml_type.id()
     )]
     UnsupportedGgmlType {
@@ -88,7 +89,7 @@ pub enum FormatError {
     Template(String),
 
     /// candle failed while building a tensor from bytes that were already validated.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", source.to_string().replace('\n', ": "))]
     Candle {
         context: String,
         #[source]
@@ -122,7 +123,12 @@ impl FormatError {
         }
     }
 
-    pub(crate) fn candle(context: impl Into<String>, source: candle_core::Error) -> Self {
+    /// Wraps a candle error without the backtrace candle attaches when `RUST_BACKTRACE` is set,
+    /// which would break the one-line message.
+    pub(crate) fn candle(context: impl Into<String>, mut source: candle_core::Error) -> Self {
+        while let candle_core::Error::WithBacktrace { inner, .. } = source {
+            source = *inner;
+        }
         FormatError::Candle {
             context: context.into(),
             source,

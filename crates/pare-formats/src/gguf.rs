@@ -1,8 +1,9 @@
 //! GGUF files: metadata, tensor layout, and tensor data as candle tensors.
 //!
-//! [`GgufFile::open`] maps the file and validates the whole header up front (see
-//! [`parse`](self::parse)), so that every later access is to bytes known to lie inside the file;
-//! dequantization itself is candle's, so pare and candle's `QMatMul` agree bit for bit.
+//! [`GgufFile::open`] maps the file and validates the whole header up front (magic, version,
+//! every count and length against the file size, tensor dims, types, alignment and extents), so
+//! that every later access is to bytes known to lie inside the file. Dequantization itself is
+//! candle's, so dense weights and candle's `QMatMul` see the same values.
 
 mod ggml_type;
 mod parse;

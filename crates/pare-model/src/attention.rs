@@ -27,6 +27,7 @@ pub struct AttentionInputs<'a> {
     /// Positions of the new tokens, per batch row.
     pub positions: &'a [Vec<i64>],
     pub sliding_window: Option<usize>,
+    pub masks: &'a crate::cache::MaskCache,
 }
 
 impl Attention {
@@ -45,19 +46,14 @@ impl Attention {
 
         kv.append(&k, &v, inputs.positions)?;
         let (keys, values) = kv.kv()?.expect("entries were just appended");
-        let entries = keys.dim(2)?;
-        let mask = crate::cache::attention_mask(inputs.positions, &kv.positions, inputs.sliding_window, x.device())?;
-
         // Group the query heads that share a KV head so K and V are read once, never repeated.
         let group = h / kvh;
+        let mask = inputs.masks.get(inputs.positions, &kv.positions, inputs.sliding_window, group, x.device())?;
         let q = q.reshape((batch, kvh, group * seq, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
         let scores = match mask {
-            Some(mask) => scores
-                .reshape((batch, kvh, group, seq, entries))?
-                .broadcast_add(&mask.unsqueeze(1)?)?
-                .reshape((batch, kvh, group * seq, entries))?,
+            Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(values.dtype())?;

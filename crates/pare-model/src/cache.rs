@@ -5,7 +5,7 @@
 //! padding) rather than by slot index. That is what lets later stages evict or prune entries
 //! without breaking attention. Storage grows by doubling and new entries are written in place.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
 
@@ -175,13 +175,17 @@ impl KvCache {
     }
 }
 
-/// Additive attention mask (batch, 1, queries, entries) in f32, or None when every query may see
-/// every entry. An entry is visible to a query when it is not padding, not in the query's future,
-/// and (with a sliding window) fewer than `window` positions back.
+/// Additive attention mask in f32 of shape (batch, 1, group·queries, entries): the (queries,
+/// entries) mask tiled `group` times, matching scores laid out as (batch, kv_heads, group·queries,
+/// entries) so it broadcasts over KV heads only. None when every query may see every entry.
+///
+/// An entry is visible to a query when it is not padding, not in the query's future, and (with a
+/// sliding window) fewer than `window` positions back.
 pub fn attention_mask(
     query_positions: &[Vec<i64>],
     entry_positions: &[Vec<i64>],
     window: Option<usize>,
+    group: usize,
     device: &Device,
 ) -> Result<Option<Tensor>> {
     let batch = query_positions.len();
@@ -195,13 +199,46 @@ pub fn attention_mask(
     if all_visible {
         return Ok(None);
     }
-    let mut mask = Vec::with_capacity(batch * queries * entries);
+    let mut mask = Vec::with_capacity(batch * group * queries * entries);
     for (qs, es) in query_positions.iter().zip(entry_positions) {
+        let start = mask.len();
         for &q in qs {
             // f32::MIN rather than -inf: a fully masked (padding) query then gets a uniform
             // distribution instead of NaN, as in HF's eager attention.
             mask.extend(es.iter().map(|&e| if visible(q, e) { 0.0 } else { f32::MIN }));
         }
+        let end = mask.len();
+        for _ in 1..group {
+            mask.extend_from_within(start..end);
+        }
     }
-    Ok(Some(Tensor::from_vec(mask, (batch, 1, queries, entries), device)?.to_dtype(DType::F32)?))
+    Ok(Some(Tensor::from_vec(mask, (batch, 1, group * queries, entries), device)?))
+}
+
+/// Masks are the same for every layer whose entries sit at the same positions: build each once
+/// per forward call.
+#[derive(Default)]
+pub struct MaskCache {
+    last: std::cell::RefCell<Option<(Vec<Vec<i64>>, usize, Option<Tensor>)>>,
+}
+
+impl MaskCache {
+    pub fn get(
+        &self,
+        query_positions: &[Vec<i64>],
+        entry_positions: &[Vec<i64>],
+        window: Option<usize>,
+        group: usize,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let mut last = self.last.borrow_mut();
+        if let Some((positions, g, mask)) = last.as_ref() {
+            if *g == group && positions.as_slice() == entry_positions {
+                return Ok(mask.clone());
+            }
+        }
+        let mask = attention_mask(query_positions, entry_positions, window, group, device)?;
+        *last = Some((entry_positions.to_vec(), group, mask.clone()));
+        Ok(mask)
+    }
 }

@@ -111,12 +111,14 @@ impl Model {
 
         let flat_pos: Vec<i64> = positions.iter().flatten().copied().collect();
         let (cos, sin) = self.rope.cos_sin(&flat_pos, batch, seq, self.dtype, &self.device)?;
+        let masks = crate::cache::MaskCache::default();
         let inputs = AttentionInputs {
             rope: &self.rope,
             cos: &cos,
             sin: &sin,
             positions,
             sliding_window: self.config.sliding_window,
+            masks: &masks,
         };
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(&x, &inputs, kv, self.config.parallel_residual)?;

@@ -70,7 +70,14 @@ fn write_value(out: &mut String, value: &Value, o: &Options, depth: usize) -> Re
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
-        ValueKind::Number => out.push_str(&python_float(f64::try_from(value.clone())?)),
+        ValueKind::Number => {
+            let x = f64::try_from(value.clone())?;
+            out.push_str(&match x {
+                x if x.is_nan() => "NaN".to_string(),
+                x if x.is_infinite() => if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string(),
+                x => python_float(x),
+            })
+        }
         ValueKind::String => write_string(out, value.as_str().unwrap_or_default(), o.ensure_ascii),
         ValueKind::Map => {
             let mut keys: Vec<Value> = value.try_iter()?.collect();
@@ -180,13 +187,14 @@ fn write_string(out: &mut String, s: &str, ensure_ascii: bool) {
 }
 
 /// Python's `float.__repr__`: shortest round-trip digits, `1.0` not `1`, exponent form below
-/// 1e-4 and from 1e16 on with a signed two-digit exponent; JSON spellings of the non-finite.
-fn python_float(x: f64) -> String {
+/// 1e-4 and from 1e16 on with a signed two-digit exponent, `nan` and `inf` (JSON spells those
+/// differently; its writer handles them first).
+pub(super) fn python_float(x: f64) -> String {
     if x.is_nan() {
-        return "NaN".into();
+        return "nan".into();
     }
     if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
+        return if x > 0.0 { "inf" } else { "-inf" }.into();
     }
     let abs = x.abs();
     if abs != 0.0 && !(1e-4..1e16).contains(&abs) {
@@ -220,7 +228,8 @@ mod tests {
         assert_eq!(python_float(1.5e-7), "1.5e-07");
         assert_eq!(python_float(0.0001), "0.0001");
         assert_eq!(python_float(123456789.0), "123456789.0");
-        assert_eq!(python_float(f64::NAN), "NaN");
+        assert_eq!(python_float(f64::NAN), "nan");
+        assert_eq!(python_float(f64::NEG_INFINITY), "-inf");
     }
 
     #[test]

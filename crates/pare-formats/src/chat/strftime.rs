@@ -120,7 +120,11 @@ fn strftime(format: &str, t: DateTime) -> String {
                 format!("{n:0width$}")
             }
         };
-        let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
+        let hour12 = if t.hour.is_multiple_of(12) {
+            12
+        } else {
+            t.hour % 12
+        };
         match chars.next() {
             Some('Y') => out.push_str(&t.year.to_string()),
             Some('y') => out.push_str(&num(t.year.rem_euclid(100) as u32, 2)),

@@ -48,6 +48,8 @@ pub enum GgmlType {
     TQ1_0 = 34,
     TQ2_0 = 35,
     MXFP4 = 39,
+    NVFP4 = 40,
+    Q1_0 = 41,
 }
 
 /// ggml's super-block length for the k-quants and i-quants.
@@ -90,6 +92,8 @@ impl GgmlType {
             34 => TQ1_0,
             35 => TQ2_0,
             39 => MXFP4,
+            40 => NVFP4,
+            41 => Q1_0,
             _ => return None,
         })
     }
@@ -105,13 +109,16 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | F64 | I8 | I16 | I32 | I64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4Nl | MXFP4 => 32,
+            NVFP4 => 64,
+            Q1_0 => 128,
             Q2K | Q3K | Q4K | Q5K | Q6K | Q8K | IQ2Xxs | IQ2Xs | IQ3Xxs | IQ1S | IQ3S | IQ2S
             | IQ4Xs | IQ1M | TQ1_0 | TQ2_0 => QK_K,
         }
     }
 
     /// The number of bytes one block occupies (`ggml_type_size`), from the block structs in
-    /// `ggml-common.h`.
+    /// `ggml-common.h` (gguf-py's table agrees except for Q8_1, where it keeps the old f32
+    /// scales; no file stores Q8_1, ggml's activation-only type).
     pub fn type_size(self) -> usize {
         use GgmlType::*;
         match self {
@@ -143,6 +150,8 @@ impl GgmlType {
             TQ1_0 => 2 + (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64,
             TQ2_0 => 2 + QK_K / 4,
             MXFP4 => 1 + 16,
+            NVFP4 => 4 + 32,
+            Q1_0 => 2 + 16,
         }
     }
 
@@ -223,6 +232,8 @@ impl GgmlType {
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
             MXFP4 => "MXFP4",
+            NVFP4 => "NVFP4",
+            Q1_0 => "Q1_0",
         }
     }
 }
@@ -245,7 +256,52 @@ mod tests {
             }
         }
         assert_eq!(GgmlType::from_id(4), None);
-        assert_eq!(GgmlType::from_id(40), None);
+        assert_eq!(GgmlType::from_id(42), None);
+    }
+
+    /// gguf-py 0.19's `GGML_QUANT_SIZES` (block size, bytes), but Q8_1 as ggml's 36-byte struct.
+    #[test]
+    fn sizes_agree_with_gguf_py() {
+        let table: [(u32, usize, usize); 34] = [
+            (0, 1, 4),
+            (1, 1, 2),
+            (2, 32, 18),
+            (3, 32, 20),
+            (6, 32, 22),
+            (7, 32, 24),
+            (8, 32, 34),
+            (9, 32, 36),
+            (10, 256, 84),
+            (11, 256, 110),
+            (12, 256, 144),
+            (13, 256, 176),
+            (14, 256, 210),
+            (15, 256, 292),
+            (16, 256, 66),
+            (17, 256, 74),
+            (18, 256, 98),
+            (19, 256, 50),
+            (20, 32, 18),
+            (21, 256, 110),
+            (22, 256, 82),
+            (23, 256, 136),
+            (24, 1, 1),
+            (25, 1, 2),
+            (26, 1, 4),
+            (27, 1, 8),
+            (28, 1, 8),
+            (29, 256, 56),
+            (30, 1, 2),
+            (34, 256, 54),
+            (35, 256, 66),
+            (39, 32, 17),
+            (40, 64, 36),
+            (41, 128, 18),
+        ];
+        for (id, block, bytes) in table {
+            let t = GgmlType::from_id(id).unwrap();
+            assert_eq!((t.block_size(), t.type_size()), (block, bytes), "{t}");
+        }
     }
 
     /// The byte sizes candle's block structs have must agree with ours, or the extent checks

@@ -161,7 +161,8 @@ pub(super) fn build(gguf: &GgufFile) -> Result<TokenizerBundle> {
         return Err(FormatError::tokenizer(
             path,
             format!(
-                "unsupported tokenizer.ggml.model `{model}` (pare builds byte-level BPE, `gpt2`, only)"
+                "unsupported tokenizer.ggml.model `{model}`: pare builds byte-level BPE vocabularies \
+                 (`gpt2`) only, not SentencePiece (`llama`) or others"
             ),
         ));
     }
@@ -219,27 +220,15 @@ pub(super) fn build(gguf: &GgufFile) -> Result<TokenizerBundle> {
         .add_special_tokens(named)
         .map_err(|e| FormatError::tokenizer(path, format!("cannot add tokens: {e}")))?;
 
-    let add_bos = optional_bool(gguf, "tokenizer.ggml.add_bos_token")?.unwrap_or(false)
-        && bos_token.is_some();
-    let add_eos = optional_bool(gguf, "tokenizer.ggml.add_eos_token")?.unwrap_or(false)
-        && eos_token.is_some();
     let bos_token_id = bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
     let eos_token_id = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
-    let post = template_post_processor(
-        add_bos.then(|| {
-            (
-                bos_token.clone().unwrap_or_default(),
-                bos_token_id.unwrap_or(0),
-            )
-        }),
-        add_eos.then(|| {
-            (
-                eos_token.clone().unwrap_or_default(),
-                eos_token_id.unwrap_or(0),
-            )
-        }),
-    )
-    .map_err(|e| FormatError::tokenizer(path, e))?;
+    // BOS/EOS are added only when asked for and named, as in `update_post_processor`.
+    let add_bos = optional_bool(gguf, "tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    let add_eos = optional_bool(gguf, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let bos = bos_token.clone().zip(bos_token_id).filter(|_| add_bos);
+    let eos = eos_token.clone().zip(eos_token_id).filter(|_| add_eos);
+    let (add_bos, add_eos) = (bos.is_some(), eos.is_some());
+    let post = template_post_processor(bos, eos).map_err(|e| FormatError::tokenizer(path, e))?;
     tokenizer.with_post_processor(Some(post));
 
     // Generation stops at end of turn as well as end of text where the file names both.

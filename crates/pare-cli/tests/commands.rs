@@ -1,0 +1,112 @@
+//! Each command end to end through the binary, with its --json output checked.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn pare_json(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pare")).args(args).arg("--json").output().expect("run pare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pare {args:?} failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+    assert_eq!(stdout.trim().lines().count(), 1, "--json prints one object: {stdout}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn generate_names_paris() {
+    let v = pare_json(&["generate", "--model", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "8"]);
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 8);
+    assert_eq!(v["prompt_tokens"], 5);
+    assert_eq!(v["finish_reason"], "length");
+    assert!(v["timings"]["decode_tok_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn generate_streams_the_same_text_it_reports() {
+    let args = ["generate", "--model", "smollm2-135m", "--prompt", "Rust is a", "--max-new-tokens", "12"];
+    let json = pare_json(&args);
+    let out = Command::new(env!("CARGO_BIN_EXE_pare")).args(args).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end_matches('\n'), json["text"].as_str().unwrap());
+}
+
+#[test]
+fn chat_generation_stops_at_end_of_turn() {
+    let v = pare_json(&["generate", "--chat", "--prompt", "Say hello.", "--max-new-tokens", "60"]);
+    assert_eq!(v["finish_reason"], "eos", "{v}");
+    assert_eq!(*v["tokens"].as_array().unwrap().last().unwrap(), 2, "SmolLM2's <|im_end|> is id 2");
+}
+
+#[test]
+fn score_reports_sorted_logprobs() {
+    let v = pare_json(&["score", "--prompt", "The capital of France is", "--top-k", "5"]);
+    let top = v["top"].as_array().unwrap();
+    assert_eq!(top.len(), 5);
+    assert_eq!(top[0]["token"], " Paris");
+    let lps: Vec<f64> = top.iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+    assert!(lps.windows(2).all(|w| w[0] >= w[1]));
+    assert!(lps[0] < 0.0);
+}
+
+#[test]
+fn eval_ppl_on_the_tiny_gpt_neox() {
+    let model = repo().join("tests/fixtures/gptneox-tiny/model");
+    let text = repo().join("assets/texts/wiki.utf8");
+    let v = pare_json(&[
+        "eval", "ppl", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(),
+        "--ctx", "128", "--stride", "64", "--max-tokens", "1024",
+    ]);
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/gptneox-tiny/ppl.json")).unwrap()).unwrap();
+    let case = fixture["cases"].as_array().unwrap().iter().find(|c| c["stride"] == 64).expect("stride 64 case");
+    assert_eq!(v["tokens"], 1024);
+    assert_eq!(v["scored_tokens"], case["scored_tokens"]);
+    let (pare, hf) = (v["ppl"].as_f64().unwrap(), case["ppl"].as_f64().unwrap());
+    assert!((pare / hf - 1.0).abs() < 1e-3, "pare {pare} vs hf {hf}");
+}
+
+#[test]
+fn inspect_counts_parameters() {
+    let v = pare_json(&["inspect", "--model", "smollm2-135m"]);
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["config"]["num_layers"], 30);
+    assert_eq!(v["config"]["hidden_size"], 576);
+    assert_eq!(v["layers"].as_array().unwrap().len(), 30);
+    assert_eq!(v["layers"][0]["heads"], 9);
+    assert_eq!(v["layers"][0]["kv_heads"], 3);
+    // SmolLM2-135M: 134,515,008 parameters (tied embeddings), as HF's num_parameters() reports.
+    assert_eq!(v["parameters"]["total"], 134_515_008);
+}
+
+#[test]
+fn bench_reports_speed_and_cache_bytes() {
+    let v = pare_json(&["bench", "--prompt-len", "16", "--gen-len", "4", "--batch", "2"]);
+    assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    // 30 layers × (K and V) × 3 kv heads × 64 dims × 4 bytes × (16 + 4 tokens) × 2 rows
+    assert_eq!(v["kv_cache_bytes"], 30 * 2 * 3 * 64 * 4 * 20 * 2);
+}
+
+#[test]
+fn convert_writes_an_hf_directory_pare_loads_identically() {
+    let out = std::env::temp_dir().join(format!("pare-convert-{}", std::process::id()));
+    let v = pare_json(&["convert", "--model", "smollm2-135m", "--out", out.to_str().unwrap()]);
+    assert_eq!(v["parameters"], 134_515_008);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let from_gguf = pare_json(&["score", "--prompt", "The capital of France is", "--top-k", "10"]);
+    let from_dir = pare_json(&["score", "--model", out.to_str().unwrap(), "--prompt", "The capital of France is", "--top-k", "10"]);
+    for (a, b) in from_gguf["top"].as_array().unwrap().iter().zip(from_dir["top"].as_array().unwrap()) {
+        assert_eq!(a["id"], b["id"]);
+        assert!((a["logprob"].as_f64().unwrap() - b["logprob"].as_f64().unwrap()).abs() < 1e-5);
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
