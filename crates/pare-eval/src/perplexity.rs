@@ -87,19 +87,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_score_every_token_but_the_first_once() {
-        for (n, ctx, stride) in [(10, 4, 4), (10, 4, 2), (11, 5, 3), (3, 8, 8), (9, 3, 1)] {
+    fn windows_score_each_token_at_most_once() {
+        for (n, ctx, stride) in [(10, 4, 4), (10, 4, 2), (11, 5, 3), (3, 8, 8), (9, 3, 1), (11, 5, 5)] {
             let ws = windows(n, ctx, stride).unwrap();
             let mut scored = vec![0; n];
             for w in &ws {
                 assert!(w.end - w.begin <= ctx);
-                for t in w.score_from..w.end {
-                    scored[t] += 1;
+                for count in &mut scored[w.score_from..w.end] {
+                    *count += 1;
                 }
             }
-            assert_eq!(scored[0], 0);
-            assert!(scored[1..].iter().all(|&c| c == 1), "{n} {ctx} {stride}: {scored:?}");
+            assert_eq!(scored[0], 0, "the first token has no context");
+            assert!(scored.iter().all(|&c| c <= 1), "{n} {ctx} {stride}: {scored:?}");
+            if stride < ctx {
+                // Overlapping windows give every later token context: all are scored.
+                assert!(scored[1..].iter().all(|&c| c == 1), "{n} {ctx} {stride}: {scored:?}");
+            } else {
+                // Disjoint windows leave each window's first token unscored.
+                let unscored: Vec<usize> = (0..n).filter(|&t| scored[t] == 0).collect();
+                assert_eq!(unscored, ws.iter().map(|w| w.begin).collect::<Vec<_>>());
+            }
         }
+    }
+
+    #[test]
+    fn non_overlapping_windows_skip_each_first_token() {
+        // HF's guide with stride = ctx: 4096 tokens, ctx 512 → 8 windows, 8 unscored tokens.
+        let ws = windows(4096, 512, 512).unwrap();
+        let scored: usize = ws.iter().map(|w| w.end - w.score_from).sum();
+        assert_eq!((ws.len(), scored), (8, 4088));
     }
 
     #[test]

@@ -149,6 +149,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let up = self.up.forward(x)?;
         let hidden = match &self.gate {
+            Some(gate) if self.activation == Activation::Silu => crate::ops::swiglu(&gate.forward(x)?, &up)?,
             Some(gate) => (activate(&gate.forward(x)?, self.activation)? * up)?,
             None => activate(&up, self.activation)?,
         };

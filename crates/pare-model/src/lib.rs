@@ -12,6 +12,7 @@ pub mod export;
 pub mod layers;
 pub mod loader;
 pub mod model;
+pub mod ops;
 pub mod rope;
 pub mod weights;
 
