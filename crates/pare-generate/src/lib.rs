@@ -1,6 +1,8 @@
 //! The generation loop: prefill the prompts once, then decode one token per step over the KV cache
 //! until every row stops.
 
+pub mod processors;
+
 use std::time::Instant;
 
 use candle_core::Tensor;
