@@ -128,8 +128,9 @@ impl LayerKv {
     fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         if let Some((k, v)) = self.kv()? {
             let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), k.device())?;
-            self.keys = Some(k.index_select(&idx, 0)?.contiguous()?);
-            self.values = Some(v.index_select(&idx, 0)?.contiguous()?);
+            // The used slots are a strided view of the growth buffer; gather from a compact copy.
+            self.keys = Some(k.contiguous()?.index_select(&idx, 0)?);
+            self.values = Some(v.contiguous()?.index_select(&idx, 0)?);
         }
         self.positions = rows.iter().map(|&r| self.positions[r].clone()).collect();
         Ok(())

@@ -42,7 +42,7 @@ pub fn run(args: Args) -> Result<()> {
 
     for _ in 0..args.warmup {
         let (logits, mut cache) = model.prefill(&prompts[..1].iter().map(|p| p[..p.len().min(16)].to_vec()).collect::<Vec<_>>())?;
-        let next = pare_generate::argmax_rows(&logits)?;
+        let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
         model.decode(&mut cache, &next)?;
     }
 
@@ -51,7 +51,7 @@ pub fn run(args: Args) -> Result<()> {
     let prefill_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..args.gen_len {
-        let next = pare_generate::argmax_rows(&logits)?;
+        let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
         logits = model.decode(&mut cache, &next)?;
     }
     let decode_s = start.elapsed().as_secs_f64();

@@ -1,95 +1,131 @@
-//! `pare generate`: greedy generation, streamed to stdout.
+//! `pare generate`: greedy, sampling or beam search; streams text for a single sequence.
 
 use std::io::Write;
+use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use pare_generate::{generate_greedy, GenerateOptions};
+use anyhow::{bail, Context, Result};
+use pare_generate::Generator;
 use serde_json::json;
 
 use crate::common::{encode_prompt, print_json, ModelArgs};
+use crate::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt text.
-    #[arg(long, short = 'p')]
-    pub prompt: String,
-    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long, short = 'p', required_unless_present = "prompts_file")]
+    pub prompt: Option<String>,
+    /// Many prompts, run as one left-padded batch: one per line, or JSONL with a "prompt" field.
+    #[arg(long, conflicts_with = "prompt")]
+    pub prompts_file: Option<PathBuf>,
+    /// Wrap each prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let prompts_text = match (&args.prompt, &args.prompts_file) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(file)) => read_prompts(file)?,
+        (None, None) => bail!("give --prompt or --prompts-file"),
+    };
     let loaded = args.model.load()?;
+    let config = args.sampling.generation_config(&loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;
-    let prompt = encode_prompt(&loaded, &args.prompt, args.chat)?;
-    let ctx = loaded.model.config.max_position_embeddings;
-    if prompt.len() + args.max_new_tokens > ctx {
-        bail!(
-            "the prompt ({} tokens) plus --max-new-tokens {} exceeds the model's context of {ctx}",
-            prompt.len(),
-            args.max_new_tokens
-        );
-    }
-    let options = GenerateOptions { max_new_tokens: args.max_new_tokens, eos_token_ids: loaded.eos_token_ids() };
+    let prompts = prompts_text.iter().map(|p| encode_prompt(&loaded, p, args.chat)).collect::<Result<Vec<_>>>()?;
+    let generator = Generator::new(config.clone(), Some(tok))?;
 
-    let mut stream = TextStream::default();
+    // Stream only when exactly one sequence is produced token by token.
+    let streaming = !args.json && prompts.len() == 1 && config.num_return_sequences() == 1 && config.num_beams() == 1;
+    let holdback = config.stop.iter().flatten().map(String::len).max().unwrap_or(1).saturating_sub(1);
+    let stops = config.stop.clone().unwrap_or_default();
+    let mut streamed = String::new();
+    let mut tokens = Vec::new();
     let mut stdout = std::io::stdout();
-    let (generations, timings) = generate_greedy(&loaded.model, std::slice::from_ref(&prompt), &options, |_, token| {
-        if !args.json {
-            if let Some(piece) = stream.push(tok, token) {
-                let _ = write!(stdout, "{piece}");
+    let output = generator.generate(&loaded.model, &prompts, |_, token| {
+        if streaming {
+            tokens.push(token);
+            let mut text = tok.decode(&tokens, true).unwrap_or_default();
+            if let Some(cut) = pare_generate::stopping::find_stop(&text, &stops) {
+                text.truncate(cut);
+            }
+            // Hold back an incomplete character and anything a stop string could still cover.
+            let safe = text.len().saturating_sub(holdback);
+            if !text.ends_with('\u{FFFD}') && safe > streamed.len() && text.is_char_boundary(safe) && text.starts_with(&streamed) {
+                let _ = write!(stdout, "{}", &text[streamed.len()..safe]);
                 let _ = stdout.flush();
+                streamed = text[..safe].to_string();
             }
         }
     })?;
-    let generation = &generations[0];
-    let text = tok.decode(&generation.tokens, true)?;
+
     if args.json {
+        let sequences: Vec<_> = output
+            .sequences
+            .iter()
+            .map(|s| {
+                json!({"prompt_index": s.prompt_index, "text": s.text, "tokens": s.tokens, "logprobs": s.logprobs,
+                       "score": s.score, "finish_reason": s.finish_reason})
+            })
+            .collect();
+        let first = &output.sequences[0];
         print_json(&json!({
-            "text": text,
-            "tokens": generation.tokens,
-            "prompt_tokens": prompt.len(),
-            "finish_reason": generation.finish_reason,
-            "timings": timings,
+            "text": first.text,
+            "tokens": first.tokens,
+            "finish_reason": first.finish_reason,
+            "prompt_tokens": prompts[0].len(),
+            "sequences": sequences,
+            "timings": output.timings,
         }))?;
-    } else {
-        println!();
-        eprintln!(
-            "[{} prompt tokens, {} new: prefill {:.1} tok/s, decode {:.1} tok/s, {:?}]",
-            prompt.len(),
-            generation.tokens.len(),
-            timings.prefill_tok_s,
-            timings.decode_tok_s,
-            generation.finish_reason
-        );
+        return Ok(());
     }
+    if streaming {
+        let text = &output.sequences[0].text;
+        if let Some(rest) = text.strip_prefix(streamed.as_str()) {
+            print!("{rest}");
+        }
+        println!();
+    } else {
+        for s in &output.sequences {
+            println!("--- prompt {} · score {:.4} · {:?}", s.prompt_index, s.score, s.finish_reason);
+            println!("{}", s.text);
+        }
+    }
+    let t = &output.timings;
+    eprintln!(
+        "[{} prompt tokens, {} generated: prefill {:.1} tok/s, decode {:.1} tok/s]",
+        t.prompt_tokens, t.generated_tokens, t.prefill_tok_s, t.decode_tok_s
+    );
     Ok(())
 }
 
-/// Turns a growing token sequence into printable text pieces, holding back bytes of a character
-/// that is not complete yet.
-#[derive(Default)]
-struct TextStream {
-    tokens: Vec<u32>,
-    printed: usize,
-}
-
-impl TextStream {
-    fn push(&mut self, tok: &pare_formats::TokenizerBundle, token: u32) -> Option<String> {
-        self.tokens.push(token);
-        let text = tok.decode(&self.tokens, true).ok()?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
-            return None;
+fn read_prompts(path: &PathBuf) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
         }
-        let piece = text[self.printed..].to_string();
-        self.printed = text.len();
-        Some(piece)
+        if line.trim_start().starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let p = v.get("prompt").and_then(|p| p.as_str());
+            prompts.push(p.with_context(|| format!("{}:{}: no \"prompt\" string", path.display(), i + 1))?.to_string());
+        } else {
+            prompts.push(line.to_string());
+        }
     }
+    if prompts.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(prompts)
 }

@@ -1,11 +1,16 @@
-//! `pare score`: the next-token distribution after a prompt.
+//! `pare score`: the next-token distribution after a prompt, raw and as the sampler would see it.
 
 use anyhow::Result;
 use candle_core::D;
+use pare_generate::processors::ProcessContext;
+use pare_generate::sampling::softmax;
+use pare_generate::Generator;
+use rand::SeedableRng;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::common::{encode_prompt, print_json, ModelArgs};
+use crate::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -15,9 +20,10 @@ pub struct Args {
     pub prompt: String,
     #[arg(long)]
     pub chat: bool,
-    /// How many of the most likely tokens to show.
-    #[arg(long, default_value_t = 10)]
-    pub top_k: usize,
+    /// Processor flags: the distribution after them is reported as "processed". `--top-k` also
+    /// sets how many raw entries are shown (default 10).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -29,27 +35,63 @@ struct Entry {
     logprob: f32,
 }
 
+#[derive(Serialize)]
+struct Processed {
+    id: u32,
+    token: String,
+    prob: f64,
+}
+
 pub fn run(args: Args) -> Result<()> {
     let loaded = args.model.load()?;
     let tok = loaded.tokenizer()?;
     let prompt = encode_prompt(&loaded, &args.prompt, args.chat)?;
+    let config = args.sampling.generation_config(&loaded, 1)?;
+    let generator = Generator::new(config.clone(), Some(tok))?;
     let (logits, _) = loaded.model.prefill(std::slice::from_ref(&prompt))?;
-    let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?.to_vec1()?;
+    let logits = logits.squeeze(0)?;
+    let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1()?;
+    let shown = args.sampling.top_k.map_or(10, |k| k.max(1) as usize);
+    let token_text = |id: u32| tok.decode(&[id], false).unwrap_or_default();
     let mut order: Vec<usize> = (0..logprobs.len()).collect();
     order.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
     let top: Vec<Entry> = order
         .iter()
-        .take(args.top_k)
-        .map(|&i| Entry { id: i as u32, token: tok.decode(&[i as u32], false).unwrap_or_default(), logprob: logprobs[i] })
+        .take(shown)
+        .map(|&i| Entry { id: i as u32, token: token_text(i as u32), logprob: logprobs[i] })
         .collect();
-    if args.json {
-        print_json(&json!({ "prompt_tokens": prompt.len(), "top": top }))?;
+
+    // The processed distribution: the chain the sampler would apply at the first step.
+    let mut scores: Vec<f32> = logits.to_vec1()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed.unwrap_or(0));
+    let mut chain = generator.chain()?;
+    chain.process(&mut ProcessContext { input_ids: &prompt, prompt_len: prompt.len(), rng: &mut rng }, &mut scores);
+    // Greedy decoding draws nothing: all mass sits on the argmax of the processed scores.
+    let probs = if config.do_sample() {
+        softmax(&scores)
     } else {
-        println!("{:>4}  {:>8}  {:>9}  {:>7}  token", "rank", "id", "logprob", "prob");
-        for (rank, e) in top.iter().enumerate() {
-            println!("{:>4}  {:>8}  {:>9.4}  {:>7.4}  {:?}", rank + 1, e.id, e.logprob, e.logprob.exp(), e.token);
+        let best = pare_generate::sampling::argmax(&scores) as usize;
+        (0..scores.len()).map(|i| if i == best { 1.0 } else { 0.0 }).collect()
+    };
+    let mut kept: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+    kept.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    let processed: Vec<Processed> =
+        kept.iter().map(|&i| Processed { id: i as u32, token: token_text(i as u32), prob: probs[i] }).collect();
+
+    if args.json {
+        return print_json(&json!({
+            "prompt_tokens": prompt.len(), "top": top, "processed": processed, "processors": chain.names(),
+        }));
+    }
+    println!("{:>4}  {:>8}  {:>9}  {:>7}  token", "rank", "id", "logprob", "prob");
+    for (rank, e) in top.iter().enumerate() {
+        println!("{:>4}  {:>8}  {:>9.4}  {:>7.4}  {:?}", rank + 1, e.id, e.logprob, e.logprob.exp(), e.token);
+    }
+    if !chain.is_empty() {
+        println!("after {}: {} tokens possible", chain.names().join(" → "), processed.len());
+        for e in processed.iter().take(shown) {
+            println!("      {:>8}  {:>9.4}  {:?}", e.id, e.prob, e.token);
         }
     }
     Ok(())
 }
-

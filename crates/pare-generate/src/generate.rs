@@ -1,0 +1,253 @@
+//! The generation loop: prefill the prompts once, then one decode step per token over the KV
+//! cache, each row processed, chosen and stopped on its own.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pare_formats::TokenizerBundle;
+use pare_model::Model;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::beam::{beam_search, BeamConfig};
+use crate::config::GenerationConfig;
+use crate::processors::chain::ProcessorChain;
+use crate::processors::ProcessContext;
+use crate::sampling::{argmax, logprob, sample};
+use crate::stopping::find_stop;
+use crate::{GenerateError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// max_new_tokens reached.
+    Length,
+    /// An EOS token was produced (it is the last of `tokens`).
+    Eos,
+    /// A stop string appeared; `text` ends before it.
+    Stop,
+    /// max_time ran out.
+    Time,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sequence {
+    /// Which prompt this continues.
+    pub prompt_index: usize,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    /// log p(token) under the model's own (unprocessed) distribution, per generated token.
+    pub logprobs: Vec<f32>,
+    /// Sum of `logprobs`, or HF's length-normalized beam score for beam search.
+    pub score: f32,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub prefill_tok_s: f64,
+    /// Tokens per second of decode, counting every row's token of each step.
+    pub decode_tok_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationOutput {
+    pub sequences: Vec<Sequence>,
+    pub timings: Timings,
+}
+
+/// Everything the loop needs that is not the model: settings and the tokenizer for text-level
+/// options (stop strings, bad words, DRY breakers).
+pub struct Generator<'a> {
+    pub config: GenerationConfig,
+    pub tokenizer: Option<&'a TokenizerBundle>,
+    vocab_texts: Option<Arc<Vec<String>>>,
+    bad_words_ids: Vec<Vec<u32>>,
+}
+
+impl<'a> Generator<'a> {
+    pub fn new(config: GenerationConfig, tokenizer: Option<&'a TokenizerBundle>) -> Result<Self> {
+        config.validate().map_err(GenerateError::Config)?;
+        let needs_tokenizer = config.stop.as_ref().is_some_and(|s| !s.is_empty())
+            || config.bad_words.as_ref().is_some_and(|b| !b.is_empty())
+            || config.dry_multiplier.is_some_and(|m| m > 0.0);
+        if needs_tokenizer && tokenizer.is_none() {
+            return Err(GenerateError::Config("stop strings, bad words and DRY need a tokenizer".into()));
+        }
+        let mut bad_words_ids = Vec::new();
+        for word in config.bad_words.iter().flatten() {
+            let ids = tokenizer.expect("checked").encode(word, false).map_err(|e| GenerateError::Config(e.to_string()))?;
+            if ids.is_empty() {
+                return Err(GenerateError::Config(format!("bad word {word:?} encodes to no tokens")));
+            }
+            bad_words_ids.push(ids);
+        }
+        let vocab_texts = match (tokenizer, config.dry_multiplier) {
+            (Some(t), Some(m)) if m > 0.0 => {
+                Some(Arc::new((0..t.vocab_size() as u32).map(|id| t.decode(&[id], false).unwrap_or_default()).collect()))
+            }
+            _ => None,
+        };
+        let generator = Generator { config, tokenizer, vocab_texts, bad_words_ids };
+        generator.chain()?; // validates the processor settings once, up front
+        Ok(generator)
+    }
+
+    /// A fresh processor chain (one per row: some processors keep state).
+    pub fn chain(&self) -> Result<ProcessorChain> {
+        let cfg = self.config.processor_config(&self.bad_words_ids).map_err(GenerateError::Config)?;
+        ProcessorChain::new(&cfg, self.vocab_texts.clone()).map_err(GenerateError::Config)
+    }
+
+    fn decode(&self, tokens: &[u32]) -> String {
+        self.tokenizer.and_then(|t| t.decode(tokens, true).ok()).unwrap_or_default()
+    }
+
+    /// Generate for every prompt: `num_return_sequences` sequences each, best first for beams.
+    /// `on_token(row, token)` sees each sampled/greedy token as it is chosen.
+    pub fn generate(&self, model: &Model, prompts: &[Vec<u32>], on_token: impl FnMut(usize, u32)) -> Result<GenerationOutput> {
+        let ctx = model.config.max_position_embeddings;
+        let max_new = self.config.max_new_tokens();
+        if let Some(p) = prompts.iter().find(|p| p.len() + max_new > ctx) {
+            return Err(GenerateError::Config(format!(
+                "the prompt ({} tokens) plus max_new_tokens {max_new} exceeds the model's context of {ctx}",
+                p.len()
+            )));
+        }
+        if self.config.num_beams() > 1 {
+            self.beam(model, prompts)
+        } else {
+            self.sample(model, prompts, on_token)
+        }
+    }
+
+    fn sample(&self, model: &Model, prompts: &[Vec<u32>], mut on_token: impl FnMut(usize, u32)) -> Result<GenerationOutput> {
+        let n = self.config.num_return_sequences();
+        // Rows are prompt 0 × n, prompt 1 × n, ... as HF's repeat_interleave.
+        let rows: Vec<usize> = (0..prompts.len()).flat_map(|p| std::iter::repeat_n(p, n)).collect();
+        let inputs: Vec<Vec<u32>> = rows.iter().map(|&p| prompts[p].clone()).collect();
+        let eos = self.config.eos_token_id.clone().unwrap_or_default();
+        let stops = self.config.stop.clone().unwrap_or_default();
+        let max_new = self.config.max_new_tokens();
+        let mut rng = StdRng::seed_from_u64(self.config.seed.unwrap_or(0));
+        let mut chains = rows.iter().map(|_| self.chain()).collect::<Result<Vec<_>>>()?;
+        let mut seqs: Vec<Sequence> = rows
+            .iter()
+            .map(|&p| Sequence { prompt_index: p, tokens: vec![], text: String::new(), logprobs: vec![], score: 0.0, finish_reason: FinishReason::Length })
+            .collect();
+        let mut timings = Timings { prompt_tokens: inputs.iter().map(Vec::len).sum(), ..Timings::default() };
+        let mut done = vec![max_new == 0; rows.len()];
+        let start = Instant::now();
+        if max_new == 0 {
+            return Ok(GenerationOutput { sequences: seqs, timings });
+        }
+        let (mut logits, mut cache) = model.prefill(&inputs)?;
+        timings.prefill_s = start.elapsed().as_secs_f64();
+        let decode_start = Instant::now();
+        let mut steps = 0usize;
+        loop {
+            let raw: Vec<Vec<f32>> = logits.to_vec2()?;
+            let mut next = vec![0u32; rows.len()];
+            for (row, scores) in raw.into_iter().enumerate() {
+                if done[row] {
+                    next[row] = *seqs[row].tokens.last().unwrap_or(&0);
+                    continue;
+                }
+                let mut ids = inputs[row].clone();
+                ids.extend_from_slice(&seqs[row].tokens);
+                let mut processed = scores.clone();
+                let mut pctx = ProcessContext { input_ids: &ids, prompt_len: inputs[row].len(), rng: &mut rng };
+                chains[row].process(&mut pctx, &mut processed);
+                let token = if self.config.do_sample() { sample(&processed, &mut rng) } else { argmax(&processed) };
+                chains[row].accept(token, &processed);
+                next[row] = token;
+                let seq = &mut seqs[row];
+                seq.tokens.push(token);
+                let lp = logprob(&scores, token) as f32;
+                seq.logprobs.push(lp);
+                seq.score += lp;
+                timings.generated_tokens += 1;
+                on_token(row, token);
+                if eos.contains(&token) {
+                    (seq.finish_reason, done[row]) = (FinishReason::Eos, true);
+                } else if !stops.is_empty() && find_stop(&self.decode(&seq.tokens), &stops).is_some() {
+                    (seq.finish_reason, done[row]) = (FinishReason::Stop, true);
+                } else if seq.tokens.len() >= max_new {
+                    done[row] = true;
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            if self.config.max_time.is_some_and(|t| start.elapsed().as_secs_f64() >= t) {
+                for (row, d) in done.iter_mut().enumerate() {
+                    if !*d {
+                        seqs[row].finish_reason = FinishReason::Time;
+                    }
+                }
+                break;
+            }
+            // Finished rows keep stepping with their last token; their outputs are discarded.
+            logits = model.decode(&mut cache, &next)?;
+            steps += 1;
+        }
+        timings.decode_s = decode_start.elapsed().as_secs_f64();
+        timings.prefill_tok_s = rate(timings.prompt_tokens, timings.prefill_s);
+        timings.decode_tok_s = rate(steps * rows.len(), timings.decode_s);
+        for seq in &mut seqs {
+            seq.text = self.decode(&seq.tokens);
+            if seq.finish_reason == FinishReason::Stop {
+                if let Some(cut) = find_stop(&seq.text, &stops) {
+                    seq.text.truncate(cut);
+                }
+            }
+        }
+        Ok(GenerationOutput { sequences: seqs, timings })
+    }
+
+    fn beam(&self, model: &Model, prompts: &[Vec<u32>]) -> Result<GenerationOutput> {
+        let cfg = BeamConfig {
+            num_beams: self.config.num_beams(),
+            length_penalty: self.config.length_penalty.unwrap_or(1.0),
+            early_stopping: self.config.early_stopping.unwrap_or_default(),
+            num_return_sequences: self.config.num_return_sequences(),
+            max_new_tokens: self.config.max_new_tokens(),
+            eos_token_ids: self.config.eos_token_id.clone().unwrap_or_default(),
+        };
+        let mut timings = Timings { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Timings::default() };
+        let start = Instant::now();
+        let mut sequences = Vec::new();
+        let mut rng = StdRng::seed_from_u64(self.config.seed.unwrap_or(0));
+        for (p, prompt) in prompts.iter().enumerate() {
+            let mut chains = (0..cfg.num_beams).map(|_| self.chain()).collect::<Result<Vec<_>>>()?;
+            let mut process = |beam: usize, ids: &[u32], prompt_len: usize, scores: &mut [f32]| {
+                let mut pctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng };
+                chains[beam].process(&mut pctx, scores);
+            };
+            for hyp in beam_search(model, prompt, &cfg, &mut process)? {
+                timings.generated_tokens += hyp.tokens.len();
+                let finish_reason = if hyp.finished_by_eos { FinishReason::Eos } else { FinishReason::Length };
+                sequences.push(Sequence {
+                    prompt_index: p,
+                    text: self.decode(&hyp.tokens),
+                    logprobs: hyp.token_logprobs.clone(),
+                    score: hyp.score,
+                    tokens: hyp.tokens,
+                    finish_reason,
+                });
+            }
+        }
+        timings.decode_s = start.elapsed().as_secs_f64();
+        timings.decode_tok_s = rate(timings.generated_tokens, timings.decode_s);
+        Ok(GenerationOutput { sequences, timings })
+    }
+}
+
+fn rate(count: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 { count as f64 / seconds } else { 0.0 }
+}
