@@ -258,3 +258,27 @@ fn bad_dtype_and_device() {
     expect(&["score", "--prompt", "hi", "--dtype", "f8"], "--dtype");
     expect(&["score", "--prompt", "hi", "--device", "tpu"], "--device");
 }
+
+#[test]
+fn bad_decoding_parameters() {
+    let base = ["generate", "--prompt", "x"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--temperature", "-1"], "temperature"),
+        (&["--do-sample", "--top-p", "0"], "top_p"),
+        (&["--do-sample", "--top-p", "1.5"], "top_p"),
+        (&["--do-sample", "--top-k", "-2"], "top_k"),
+        (&["--do-sample", "--min-p", "1.5"], "min_p"),
+        (&["--num-beams", "0"], "num_beams"),
+        (&["--num-beams", "2", "--num-return-sequences", "3"], "num_return_sequences"),
+        (&["--repetition-penalty", "0"], "repetition_penalty"),
+        (&["--stop-token", "<|no such token|>"], "stop-token"),
+        (&["--early-stopping", "sometimes"], "early-stopping"),
+        (&["--logit-bias", "5"], "logit-bias"),
+        (&["--logit-bias", "999999=1"], "vocabulary"),
+        (&["--config", "/nonexistent.json"], "nonexistent"),
+    ];
+    for (extra, needle) in cases {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        expect(&args, needle);
+    }
+}

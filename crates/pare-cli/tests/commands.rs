@@ -110,3 +110,64 @@ fn convert_writes_an_hf_directory_pare_loads_identically() {
     }
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let run = |seed: &str| {
+        pare_json(&["generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--do-sample", "--temperature", "0.9", "--seed", seed])
+    };
+    let (a, b, c) = (run("7"), run("7"), run("8"));
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert_ne!(a["tokens"], c["tokens"]);
+}
+
+#[test]
+fn prompts_file_runs_as_one_batch_with_each_row_as_alone() {
+    let file = std::env::temp_dir().join(format!("pare-prompts-{}.txt", std::process::id()));
+    std::fs::write(&file, "The capital of France is\n{\"prompt\": \"def fibonacci(n):\"}\nHi\n").unwrap();
+    let batch = pare_json(&["generate", "--prompts-file", file.to_str().unwrap(), "--max-new-tokens", "10"]);
+    let seqs = batch["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), 3);
+    for (i, prompt) in ["The capital of France is", "def fibonacci(n):", "Hi"].iter().enumerate() {
+        let alone = pare_json(&["generate", "--prompt", prompt, "--max-new-tokens", "10"]);
+        assert_eq!(seqs[i]["prompt_index"], i);
+        assert_eq!(seqs[i]["tokens"], alone["tokens"], "row {i} ({prompt})");
+    }
+}
+
+#[test]
+fn beam_search_returns_scored_sequences() {
+    let v = pare_json(&["generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--num-beams", "3", "--num-return-sequences", "2"]);
+    let seqs = v["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), 2);
+    assert!(seqs[0]["score"].as_f64().unwrap() >= seqs[1]["score"].as_f64().unwrap());
+    assert_ne!(seqs[0]["tokens"], seqs[1]["tokens"]);
+}
+
+#[test]
+fn score_reports_the_processed_distribution() {
+    let v = pare_json(&["score", "--prompt", "The capital of France is", "--do-sample", "--top-k", "4", "--temperature", "0.5"]);
+    let processed = v["processed"].as_array().unwrap();
+    assert_eq!(processed.len(), 4, "top-k 4 leaves 4 tokens");
+    let total: f64 = processed.iter().map(|e| e["prob"].as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-9);
+    assert_eq!(processed[0]["id"], v["top"][0]["id"]);
+    // Temperature 0.5 sharpens: the best token gains mass over its raw probability.
+    assert!(processed[0]["prob"].as_f64().unwrap() > v["top"][0]["logprob"].as_f64().unwrap().exp());
+}
+
+#[test]
+fn config_file_sets_the_same_names_as_flags() {
+    let file = std::env::temp_dir().join(format!("pare-gen-config-{}.json", std::process::id()));
+    std::fs::write(&file, r#"{"do_sample": true, "temperature": 0.9, "seed": 7}"#).unwrap();
+    let from_file = pare_json(&["generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--config", file.to_str().unwrap()]);
+    let from_flags = pare_json(&["generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--do-sample", "--temperature", "0.9", "--seed", "7"]);
+    assert_eq!(from_file["tokens"], from_flags["tokens"]);
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_cut() {
+    let v = pare_json(&["generate", "--chat", "--prompt", "List three colors.", "--max-new-tokens", "40", "--stop", "2."]);
+    assert_eq!(v["finish_reason"], "stop");
+    assert!(!v["text"].as_str().unwrap().contains("2."));
+}
