@@ -171,3 +171,19 @@ fn stop_strings_end_generation_and_are_cut() {
     assert_eq!(v["finish_reason"], "stop");
     assert!(!v["text"].as_str().unwrap().contains("2."));
 }
+
+#[test]
+fn quantized_weights_stay_close_to_exact_f32() {
+    let exact = pare_json(&["score", "--prompt", "The capital of France is", "--top-k", "5"]);
+    let quant = pare_json(&["score", "--prompt", "The capital of France is", "--top-k", "5", "--dtype", "q"]);
+    assert_eq!(exact["top"][0]["id"], quant["top"][0]["id"]);
+    for (e, q) in exact["top"].as_array().unwrap().iter().zip(quant["top"].as_array().unwrap()) {
+        // Q8_0 re-encoding and 8-bit activations in the dot products cost a little precision.
+        let (e, q) = (e["logprob"].as_f64().unwrap(), q["logprob"].as_f64().unwrap());
+        assert!((e - q).abs() < 0.3, "logprob {e} vs {q}");
+    }
+    // Prefill of many rows takes the dense path: same prompt, batch of a long prompt.
+    let long = "The capital of France is Paris. ".repeat(8);
+    let v = pare_json(&["generate", "--prompt", &long, "--max-new-tokens", "4", "--dtype", "q"]);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 4);
+}

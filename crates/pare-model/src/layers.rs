@@ -6,6 +6,9 @@ use candle_core::{DType, Module, Tensor, D};
 use crate::config::Activation;
 use crate::error::Result;
 
+/// From this many rows on, a quantized layer runs as a dense GEMM (see `forward`).
+const DENSE_ROWS: usize = 32;
+
 /// y = x Wᵀ + b, with W dense (out, in) or kept quantized for candle's QMatMul (`--dtype q`).
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -24,6 +27,12 @@ impl Linear {
                 let mut out_dims = dims;
                 *out_dims.last_mut().expect("rank ≥ 1") = weight.dim(0)?;
                 y.reshape(out_dims)?
+            }
+            // Many rows (prefill): a dense GEMM on the dequantized weight beats candle's
+            // row-by-row quantized dot products; one row (decode) reads the compact blocks.
+            Linear::Quantized { weight: QMatMul::QTensor(q), .. } if x.elem_count() / x.dim(D::Minus1)? >= DENSE_ROWS => {
+                let dense = Linear::Dense { weight: q.dequantize(&q.device())?, bias: None };
+                dense.forward(x)?
             }
             Linear::Quantized { weight, .. } => weight.forward(x)?,
         };
