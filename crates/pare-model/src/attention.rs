@@ -52,11 +52,7 @@ impl Attention {
         let q = q.reshape((batch, kvh, group * seq, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(&mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(values.dtype())?;
+        let probs = crate::ops::masked_softmax(&scores, mask.as_ref())?.to_dtype(values.dtype())?;
         let out = probs.matmul(&values)?; // (batch, kvh, group*seq, d)
         let out = out.reshape((batch, h, seq, d))?.transpose(1, 2)?.reshape((batch, seq, h * d))?;
         self.o.forward(&out)
