@@ -167,7 +167,7 @@ impl SamplingArgs {
                 bail!("token id {id} is outside the vocabulary ({vocab})");
             }
         }
-        config.validate().map_err(|e| anyhow::anyhow!(e))?;
+        // Validated where it is used: `Generator::new`.
         Ok(config)
     }
 }

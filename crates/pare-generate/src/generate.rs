@@ -93,9 +93,7 @@ impl<'a> Generator<'a> {
             }
             _ => None,
         };
-        let generator = Generator { config, tokenizer, vocab_texts, bad_words_ids };
-        generator.chain()?; // validates the processor settings once, up front
-        Ok(generator)
+        Ok(Generator { config, tokenizer, vocab_texts, bad_words_ids })
     }
 
     /// A fresh processor chain (one per row: some processors keep state).
@@ -141,11 +139,13 @@ impl<'a> Generator<'a> {
             .map(|&p| Sequence { prompt_index: p, tokens: vec![], text: String::new(), logprobs: vec![], score: 0.0, finish_reason: FinishReason::Length })
             .collect();
         let mut timings = Timings { prompt_tokens: inputs.iter().map(Vec::len).sum(), ..Timings::default() };
-        let mut done = vec![max_new == 0; rows.len()];
-        let start = Instant::now();
         if max_new == 0 {
             return Ok(GenerationOutput { sequences: seqs, timings });
         }
+        // Each row's whole sequence (prompt, then generated), as the processors see it.
+        let mut sequences = inputs.clone();
+        let mut done = vec![false; rows.len()];
+        let start = Instant::now();
         let (mut logits, mut cache) = model.prefill(&inputs)?;
         timings.prefill_s = start.elapsed().as_secs_f64();
         let decode_start = Instant::now();
@@ -158,14 +158,13 @@ impl<'a> Generator<'a> {
                     next[row] = *seqs[row].tokens.last().unwrap_or(&0);
                     continue;
                 }
-                let mut ids = inputs[row].clone();
-                ids.extend_from_slice(&seqs[row].tokens);
                 let mut processed = scores.clone();
-                let mut pctx = ProcessContext { input_ids: &ids, prompt_len: inputs[row].len(), rng: &mut rng };
+                let mut pctx = ProcessContext { input_ids: &sequences[row], prompt_len: inputs[row].len(), rng: &mut rng };
                 chains[row].process(&mut pctx, &mut processed);
                 let token = if self.config.do_sample() { sample(&processed, &mut rng) } else { argmax(&processed) };
                 chains[row].accept(token, &processed);
                 next[row] = token;
+                sequences[row].push(token);
                 let seq = &mut seqs[row];
                 seq.tokens.push(token);
                 let lp = logprob(&scores, token) as f32;

@@ -243,3 +243,47 @@ impl MaskCache {
         Ok(mask)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(batch: usize, n: usize, offset: f32) -> Tensor {
+        let data: Vec<f32> = (0..batch * 2 * n * 3).map(|i| i as f32 + offset).collect();
+        Tensor::from_vec(data, (batch, 2, n, 3), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn append_grows_in_place_and_keeps_positions() {
+        let mut kv = LayerKv::new(2);
+        kv.append(&entries(2, 20, 0.0), &entries(2, 20, 0.5), &[(0..20).collect(), (0..20).collect()]).unwrap();
+        kv.append(&entries(2, 1, 1000.0), &entries(2, 1, 1000.5), &[vec![20], vec![20]]).unwrap();
+        assert_eq!(kv.len(), 21);
+        let (k, _) = kv.kv().unwrap().unwrap();
+        assert_eq!(k.dims(), &[2, 2, 21, 3]);
+        assert_eq!(k.get(1).unwrap().get(1).unwrap().get(20).unwrap().to_vec1::<f32>().unwrap(), vec![1009.0, 1010.0, 1011.0]);
+        assert_eq!(kv.positions[1].last(), Some(&20));
+        assert_eq!(kv.bytes(), 2 * 2 * 2 * 21 * 3 * 4);
+    }
+
+    #[test]
+    fn retain_and_select_rows_move_entries_with_their_positions() {
+        let mut cache = KvCache::new(1, 2);
+        let layer = &mut cache.layers[0];
+        layer.append(&entries(2, 4, 0.0), &entries(2, 4, 0.5), &[vec![0, 1, 2, 3], vec![-1, 0, 1, 2]]).unwrap();
+        let before = layer.kv().unwrap().unwrap().0;
+        layer.retain(&[vec![0, 3], vec![1, 2]]).unwrap();
+        let (k, _) = layer.kv().unwrap().unwrap();
+        assert_eq!(layer.positions, vec![vec![0, 3], vec![0, 1]]);
+        let row1_head0 = |t: &Tensor, i: usize| t.get(1).unwrap().get(0).unwrap().get(i).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row1_head0(&k, 1), row1_head0(&before, 2));
+        assert!(layer.retain(&[vec![0], vec![7]]).is_err());
+
+        cache.select_rows(&[1, 1, 0]).unwrap();
+        assert_eq!(cache.batch(), 3);
+        assert_eq!(cache.layers[0].positions, vec![vec![0, 1], vec![0, 1], vec![0, 3]]);
+        let (k2, _) = cache.layers[0].kv().unwrap().unwrap();
+        assert_eq!(k2.get(0).unwrap().to_vec3::<f32>().unwrap(), k.get(1).unwrap().to_vec3::<f32>().unwrap());
+        assert!(cache.select_rows(&[3]).is_err());
+    }
+}
