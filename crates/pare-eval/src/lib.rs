@@ -2,4 +2,4 @@
 
 pub mod perplexity;
 
-pub use perplexity::{perplexity, PerplexityResult, Window};
+pub use perplexity::{perplexity, perplexity_stream, perplexity_with, PerplexityResult, StreamResult, Window};

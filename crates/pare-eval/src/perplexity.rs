@@ -4,8 +4,8 @@
 //! tokens no earlier window scored, and never its own first token (it has no context), so each
 //! token is scored once, with as much context as its window gives. PPL = exp(ΣNLL / scored).
 
-use candle_core::{DType, D};
-use pare_model::{Model, ModelError, Result};
+use candle_core::{DType, Tensor, D};
+use pare_model::{CachePress, Logits, Model, ModelError, Result};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,7 +50,22 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Result<Vec<Window>> {
 }
 
 /// Perplexity of `tokens`; `progress(done, total)` is called after each window.
-pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, stride: usize, mut progress: impl FnMut(usize, usize)) -> Result<PerplexityResult> {
+pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, stride: usize, progress: impl FnMut(usize, usize)) -> Result<PerplexityResult> {
+    perplexity_with(model, tokens, ctx, stride, None, progress)
+}
+
+/// [`perplexity`] where each window's context (the tokens before its first scored token) is
+/// prefilled into a cache compressed by `press`, and the scored tokens then run over that cache:
+/// the quality of a continuation after a compressed context. Without a press the two forwards
+/// give exactly the one-forward logits.
+pub fn perplexity_with(
+    model: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+    press: Option<&dyn CachePress>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PerplexityResult> {
     if tokens.len() < 2 {
         return Err(ModelError::input(format!("perplexity needs at least 2 tokens, the text has {}", tokens.len())));
     }
@@ -65,22 +80,74 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, stride: usize, mut 
     let mut scored = 0usize;
     for (i, w) in windows.iter().enumerate() {
         if w.score_from < w.end {
-            let logits = model.logits_all(&tokens[w.begin..w.end])?;
-            // Logits at position p predict token p+1.
-            let first = w.score_from - w.begin - 1;
-            let count = w.end - w.score_from;
-            let logprobs = candle_nn::ops::log_softmax(&logits.narrow(0, first, count)?.to_dtype(DType::F32)?, D::Minus1)?;
-            let rows: Vec<Vec<f32>> = logprobs.to_vec2()?;
-            for (j, row) in rows.iter().enumerate() {
-                nll_sum -= row[tokens[w.score_from + j] as usize] as f64;
-            }
-            scored += count;
+            // Logits predicting tokens score_from..end, one row each.
+            let logits = match press {
+                None => {
+                    let all = model.logits_all(&tokens[w.begin..w.end])?;
+                    all.narrow(0, w.score_from - w.begin - 1, w.end - w.score_from)?
+                }
+                Some(press) => {
+                    let (first, mut cache) = model.prefill_with(&[tokens[w.begin..w.score_from].to_vec()], Some(press))?;
+                    let rest = &tokens[w.score_from..w.end - 1];
+                    if rest.is_empty() {
+                        first
+                    } else {
+                        let start = cache.next_position[0];
+                        let positions = vec![(start..start + rest.len() as i64).collect::<Vec<_>>()];
+                        let more = model.forward(&[rest.to_vec()], &positions, &mut cache, Logits::All)?.squeeze(0)?;
+                        Tensor::cat(&[&first, &more], 0)?
+                    }
+                }
+            };
+            nll_sum += nll(&logits, &tokens[w.score_from..w.end])?;
+            scored += w.end - w.score_from;
         }
         progress(i + 1, windows.len());
     }
     Ok(PerplexityResult { ppl: (nll_sum / scored as f64).exp(), nll_sum, scored_tokens: scored, tokens: tokens.len() })
 }
 
+/// Summed negative log-likelihood of `targets` under logits (targets, vocab).
+fn nll(logits: &Tensor, targets: &[u32]) -> Result<f64> {
+    let logprobs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let rows: Vec<Vec<f32>> = logprobs.to_vec2()?;
+    Ok(-rows.iter().zip(targets).map(|(row, &t)| row[t as usize] as f64).sum::<f64>())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamResult {
+    pub ppl: f64,
+    pub scored_tokens: usize,
+    /// The most bytes the KV cache held (keys and values in use) at any step.
+    pub kv_bytes_peak: usize,
+}
+
+/// StreamingLLM's evaluation: the text runs token by token from its first token, one forward
+/// per token over one cache (compressed by `press` as it defines), each token scored from the
+/// previous step's logits.
+pub fn perplexity_stream(
+    model: &Model,
+    tokens: &[u32],
+    press: Option<&dyn CachePress>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<StreamResult> {
+    if tokens.len() < 2 {
+        return Err(ModelError::input(format!("perplexity needs at least 2 tokens, the text has {}", tokens.len())));
+    }
+    let (mut logits, mut cache) = model.prefill_with(&[vec![tokens[0]]], press)?;
+    let mut nll_sum = 0.0;
+    let mut peak = cache.bytes();
+    let steps = tokens.len() - 1;
+    for (i, &target) in tokens[1..].iter().enumerate() {
+        nll_sum += nll(&logits, &[target])?;
+        if i + 1 < steps {
+            logits = model.decode(&mut cache, &[target])?;
+            peak = peak.max(cache.bytes());
+        }
+        progress(i + 1, steps);
+    }
+    Ok(StreamResult { ppl: (nll_sum / steps as f64).exp(), scored_tokens: steps, kv_bytes_peak: peak })
+}
 
 #[cfg(test)]
 mod tests {

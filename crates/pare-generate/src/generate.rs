@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pare_formats::TokenizerBundle;
-use pare_model::Model;
+use pare_model::{CachePress, Model};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use crate::beam::{beam_search, BeamConfig};
+use crate::beam::{beam_search_with, BeamConfig};
 use crate::config::GenerationConfig;
 use crate::processors::chain::ProcessorChain;
 use crate::processors::ProcessContext;
@@ -55,10 +55,23 @@ pub struct Timings {
     pub decode_tok_s: f64,
 }
 
+/// KV-cache bytes in use: what a press saved.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CacheStats {
+    /// Right after prefill.
+    pub kv_bytes_prefill: usize,
+    /// At the end of generation.
+    pub kv_bytes_final: usize,
+    /// At the end, had nothing been evicted.
+    pub kv_bytes_uncompressed: usize,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationOutput {
     pub sequences: Vec<Sequence>,
     pub timings: Timings,
+    /// None for beam search (each prompt runs its own cache).
+    pub cache: Option<CacheStats>,
 }
 
 /// Everything the loop needs that is not the model: settings and the tokenizer for text-level
@@ -68,6 +81,8 @@ pub struct Generator<'a> {
     pub tokenizer: Option<&'a TokenizerBundle>,
     vocab_texts: Option<Arc<Vec<String>>>,
     bad_words_ids: Vec<Vec<u32>>,
+    /// KV-cache compression: every generation's cache gets a fresh copy.
+    press: Option<Box<dyn CachePress>>,
 }
 
 impl<'a> Generator<'a> {
@@ -93,7 +108,13 @@ impl<'a> Generator<'a> {
             }
             _ => None,
         };
-        Ok(Generator { config, tokenizer, vocab_texts, bad_words_ids })
+        Ok(Generator { config, tokenizer, vocab_texts, bad_words_ids, press: None })
+    }
+
+    /// Compress every generation's KV cache with `press`.
+    pub fn with_press(mut self, press: Option<Box<dyn CachePress>>) -> Self {
+        self.press = press;
+        self
     }
 
     /// A fresh processor chain (one per row: some processors keep state).
@@ -140,14 +161,15 @@ impl<'a> Generator<'a> {
             .collect();
         let mut timings = Timings { prompt_tokens: inputs.iter().map(Vec::len).sum(), ..Timings::default() };
         if max_new == 0 {
-            return Ok(GenerationOutput { sequences: seqs, timings });
+            return Ok(GenerationOutput { sequences: seqs, timings, cache: None });
         }
         // Each row's whole sequence (prompt, then generated), as the processors see it.
         let mut sequences = inputs.clone();
         let mut done = vec![false; rows.len()];
         let start = Instant::now();
-        let (mut logits, mut cache) = model.prefill(&inputs)?;
+        let (mut logits, mut cache) = model.prefill_with(&inputs, self.press.as_deref())?;
         timings.prefill_s = start.elapsed().as_secs_f64();
+        let mut stats = CacheStats { kv_bytes_prefill: cache.bytes(), ..CacheStats::default() };
         let decode_start = Instant::now();
         let mut steps = 0usize;
         loop {
@@ -198,6 +220,8 @@ impl<'a> Generator<'a> {
         timings.decode_s = decode_start.elapsed().as_secs_f64();
         timings.prefill_tok_s = rate(timings.prompt_tokens, timings.prefill_s);
         timings.decode_tok_s = rate(steps * rows.len(), timings.decode_s);
+        stats.kv_bytes_final = cache.bytes();
+        stats.kv_bytes_uncompressed = cache.uncompressed_bytes();
         for seq in &mut seqs {
             seq.text = self.decode(&seq.tokens);
             if seq.finish_reason == FinishReason::Stop {
@@ -206,7 +230,7 @@ impl<'a> Generator<'a> {
                 }
             }
         }
-        Ok(GenerationOutput { sequences: seqs, timings })
+        Ok(GenerationOutput { sequences: seqs, timings, cache: Some(stats) })
     }
 
     fn beam(&self, model: &Model, prompts: &[Vec<u32>]) -> Result<GenerationOutput> {
@@ -228,7 +252,7 @@ impl<'a> Generator<'a> {
                 let mut pctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng };
                 chains[beam].process(&mut pctx, scores);
             };
-            for hyp in beam_search(model, prompt, &cfg, &mut process)? {
+            for hyp in beam_search_with(model, prompt, &cfg, self.press.as_deref(), &mut process)? {
                 timings.generated_tokens += hyp.tokens.len();
                 let finish_reason = if hyp.finished_by_eos { FinishReason::Eos } else { FinishReason::Length };
                 sequences.push(Sequence {
@@ -243,7 +267,7 @@ impl<'a> Generator<'a> {
         }
         timings.decode_s = start.elapsed().as_secs_f64();
         timings.decode_tok_s = rate(timings.generated_tokens, timings.decode_s);
-        Ok(GenerationOutput { sequences, timings })
+        Ok(GenerationOutput { sequences, timings, cache: None })
     }
 }
 

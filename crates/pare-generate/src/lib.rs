@@ -9,7 +9,8 @@ pub mod sampling;
 pub mod stopping;
 
 pub use config::GenerationConfig;
-pub use generate::{FinishReason, GenerationOutput, Generator, Sequence, Timings};
+pub use beam::beam_search_with;
+pub use generate::{CacheStats, FinishReason, GenerationOutput, Generator, Sequence, Timings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {

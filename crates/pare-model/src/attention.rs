@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::cache::LayerKv;
+use crate::press::{CachePress, LayerContext};
 use crate::error::Result;
 use crate::layers::Linear;
 use crate::rope::Rope;
@@ -28,34 +29,102 @@ pub struct AttentionInputs<'a> {
     pub positions: &'a [Vec<i64>],
     pub sliding_window: Option<usize>,
     pub masks: &'a crate::cache::MaskCache,
+    pub num_layers: usize,
 }
 
 impl Attention {
-    /// x: (batch, seq, hidden) → (batch, seq, hidden). Appends this step's keys and values to `kv`.
-    pub fn forward(&self, x: &Tensor, inputs: &AttentionInputs, kv: &mut LayerKv) -> Result<Tensor> {
+    /// x: (batch, seq, hidden) → (batch, seq, hidden). Appends this step's keys and values to
+    /// `kv`; the press, if any, acts on `kv` before the append and after attending.
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+        kv: &mut LayerKv,
+        press: Option<&mut Box<dyn CachePress>>,
+    ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split_heads(self.q.forward(x)?, h)?;
+        let q_prerope = split_heads(self.q.forward(x)?, h)?;
         let k = split_heads(self.k.forward(x)?, kvh)?;
         let v = split_heads(self.v.forward(x)?, kvh)?;
-        let q = inputs.rope.apply(&q, inputs.cos, inputs.sin)?;
+        let q = inputs.rope.apply(&q_prerope, inputs.cos, inputs.sin)?;
         let k = inputs.rope.apply(&k, inputs.cos, inputs.sin)?;
 
+        let ctx = LayerContext {
+            layer,
+            num_layers: inputs.num_layers,
+            attention: self,
+            rope: inputs.rope,
+            queries: &q_prerope,
+            positions: inputs.positions,
+            prefill: kv.is_empty(),
+        };
+        let mut press = press;
+        if let Some(p) = press.as_deref_mut() {
+            p.before_attention(&ctx, kv)?;
+        }
         kv.append(&k, &v, inputs.positions)?;
-        let (keys, values) = kv.kv()?.expect("entries were just appended");
-        // Group the query heads that share a KV head so K and V are read once, never repeated.
-        let group = h / kvh;
-        let mask = inputs.masks.get(inputs.positions, &kv.positions, inputs.sliding_window, group, x.device())?;
-        let q = q.reshape((batch, kvh, group * seq, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let probs = crate::ops::masked_softmax(&scores, mask.as_ref())?.to_dtype(values.dtype())?;
-        let out = probs.matmul(&values)?; // (batch, kvh, group*seq, d)
-        let out = out.reshape((batch, h, seq, d))?.transpose(1, 2)?.reshape((batch, seq, h * d))?;
+        let out = match kv.row_positions() {
+            Some(rows) => self.attend_batched(&q, kv, &rows, inputs)?,
+            None => self.attend_per_head(&q, kv, inputs)?,
+        };
+        if let Some(p) = press {
+            p.after_attention(&ctx, kv)?;
+        }
+        let out = out.transpose(1, 2)?.reshape((batch, seq, h * d))?;
         self.o.forward(&out)
+    }
+
+    /// Every head of a row holds the same entries: one batched product over all rows and heads.
+    /// Query heads that share a KV head are grouped so K and V are read once, never repeated.
+    fn attend_batched(&self, q: &Tensor, kv: &LayerKv, entry_positions: &[&[i64]], inputs: &AttentionInputs) -> Result<Tensor> {
+        let (batch, h, seq, d) = q.dims4()?;
+        let kvh = self.num_kv_heads;
+        let group = h / kvh;
+        let (keys, values) = kv.kv()?.expect("entries were just appended");
+        let query_positions: Vec<&[i64]> = inputs.positions.iter().map(Vec::as_slice).collect();
+        let mask = inputs.masks.get(&query_positions, entry_positions, inputs.sliding_window, group, q.device())?;
+        let q = q.reshape((batch, kvh, group * seq, d))?;
+        let out = self.attend(&q, &keys, &values, mask.as_ref())?; // (batch, kvh, group*seq, d)
+        Ok(out.reshape((batch, h, seq, d))?)
+    }
+
+    /// Heads hold different entries (a press chose them per head, or budgets differ): attend
+    /// (row, KV head) by (row, KV head), each over exactly what it keeps.
+    fn attend_per_head(&self, q: &Tensor, kv: &LayerKv, inputs: &AttentionInputs) -> Result<Tensor> {
+        let (batch, h, seq, d) = q.dims4()?;
+        let kvh = self.num_kv_heads;
+        let group = h / kvh;
+        let mut outs = Vec::with_capacity(batch * kvh);
+        for b in 0..batch {
+            let qb = q.get(b)?;
+            for head in 0..kvh {
+                let (keys, values) = kv.head_kv(b, head)?.expect("entries were just appended");
+                let mask = crate::cache::attention_mask(
+                    &[inputs.positions[b].as_slice()],
+                    &[kv.positions(b, head)],
+                    inputs.sliding_window,
+                    group,
+                    q.device(),
+                )?;
+                let qh = qb.narrow(0, head * group, group)?.reshape((1, 1, group * seq, d))?;
+                let out = self.attend(&qh, &keys.unsqueeze(0)?.unsqueeze(0)?, &values.unsqueeze(0)?.unsqueeze(0)?, mask.as_ref())?;
+                outs.push(out.reshape((group, seq, d))?);
+            }
+        }
+        Ok(Tensor::cat(&outs, 0)?.reshape((batch, h, seq, d))?)
+    }
+
+    /// softmax(q·kᵀ/√d + mask)·v for (b, kv_heads, rows, d) queries over (b, kv_heads, entries, d).
+    fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let probs = crate::ops::masked_softmax(&scores, mask)?.to_dtype(values.dtype())?;
+        Ok(probs.matmul(values)?)
     }
 
     pub fn param_count(&self) -> usize {

@@ -1,153 +1,407 @@
-//! The KV cache: per layer, post-RoPE keys and values plus each entry's original position.
+//! The KV cache: per layer and per (batch row, KV head), post-RoPE keys and values plus each
+//! entry's original position.
 //!
 //! Keys are cached after RoPE, so an entry's position is baked into its key; the cache keeps the
 //! position explicitly too, because masking is decided by positions (causal, sliding window,
-//! padding) rather than by slot index. That is what lets later stages evict or prune entries
-//! without breaking attention. Storage grows by doubling and new entries are written in place.
+//! padding) rather than by slot index. That is what lets presses evict entries and token pruning
+//! drop them without breaking attention.
+//!
+//! Storage has two shapes. While every (row, head) holds the same number of entries, one
+//! (batch, kv_heads, capacity, head_dim) buffer pair serves the whole layer and attention runs
+//! batched. Once budgets differ between rows or heads (per-head presses, per-sequence budgets),
+//! each (row, head) gets its own buffers sized to what it keeps: the memory really is freed.
+//! New entries are written in place into spare capacity in both shapes.
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::press::CachePress;
+use crate::rope::Rope;
 
 /// Position of a padding slot: never attended to.
 pub const PAD_POSITION: i64 = -1;
 
 #[derive(Debug)]
+enum Storage {
+    Empty,
+    /// Every (row, head) holds `len` entries: (batch, kv_heads, capacity, head_dim) buffers.
+    Uniform { keys: Tensor, values: Tensor, len: usize },
+    /// (row, head) `i = row * kv_heads + head` holds `lens[i]` entries in its own (capacity, head_dim) buffers.
+    Ragged { keys: Vec<Tensor>, values: Vec<Tensor>, lens: Vec<usize> },
+}
+
+#[derive(Debug)]
 pub struct LayerKv {
-    /// (batch, kv_heads, capacity, head_dim) buffers; the first `len` slots are used.
-    keys: Option<Tensor>,
-    values: Option<Tensor>,
-    len: usize,
-    /// positions[b][i]: original position of entry i of row b, or PAD_POSITION.
-    pub positions: Vec<Vec<i64>>,
+    batch: usize,
+    kv_heads: usize,
+    storage: Storage,
+    /// positions[row * kv_heads + head]: original position of each entry, or PAD_POSITION.
+    positions: Vec<Vec<i64>>,
+    /// Every head of a row holds the same entries (nothing was selected per head), so one mask
+    /// per row serves all its heads.
+    heads_aligned: bool,
+    /// Bytes every entry ever appended would take uncompressed (the baseline for savings).
+    appended_bytes: usize,
 }
 
 /// A deep copy: new entries are written in place, so a clone must never share buffers.
 impl Clone for LayerKv {
     fn clone(&self) -> Self {
-        let copy = |t: &Option<Tensor>| t.as_ref().map(|t| t.copy().expect("copying a cache buffer"));
-        LayerKv { keys: copy(&self.keys), values: copy(&self.values), len: self.len, positions: self.positions.clone() }
+        let copy = |t: &Tensor| t.copy().expect("copying a cache buffer");
+        let storage = match &self.storage {
+            Storage::Empty => Storage::Empty,
+            Storage::Uniform { keys, values, len } => Storage::Uniform { keys: copy(keys), values: copy(values), len: *len },
+            Storage::Ragged { keys, values, lens } => Storage::Ragged {
+                keys: keys.iter().map(copy).collect(),
+                values: values.iter().map(copy).collect(),
+                lens: lens.clone(),
+            },
+        };
+        LayerKv { storage, positions: self.positions.clone(), ..*self }
     }
 }
 
+/// cos and sin (1, n, rotary_dim / 2) of rotations by `deltas` positions (negative moves back).
+fn rotation_by(rope: &Rope, deltas: &[i64], dtype: candle_core::DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv_freq = rope.inv_freq();
+    let angles: Vec<f32> = deltas.iter().flat_map(|&d| inv_freq.iter().map(move |&f| d as f32 * f)).collect();
+    let shape = (1, deltas.len(), inv_freq.len());
+    let cos = Tensor::from_vec(angles.iter().map(|a| a.cos()).collect::<Vec<_>>(), shape, device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), shape, device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Per-(row, head) (n, head_dim) tensors, row-major → one (batch, kv_heads, n, head_dim) tensor.
+fn stack_heads(per_head: &[Tensor], kv_heads: usize) -> Result<Tensor> {
+    let rows = per_head.chunks(kv_heads).map(|heads| Tensor::stack(heads, 0)).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Capacity after growth: a quarter of headroom keeps appends amortized without holding twice
+/// the memory a compressed cache needs.
+fn grown_capacity(needed: usize, capacity: usize) -> usize {
+    needed.max(capacity + capacity / 4).max(16)
+}
+
 impl LayerKv {
-    fn new(batch: usize) -> Self {
-        LayerKv { keys: None, values: None, len: 0, positions: vec![Vec::new(); batch] }
+    pub fn new(batch: usize, kv_heads: usize) -> Self {
+        LayerKv {
+            batch,
+            kv_heads,
+            storage: Storage::Empty,
+            positions: vec![Vec::new(); batch * kv_heads],
+            heads_aligned: true,
+            appended_bytes: 0,
+        }
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    /// Entries of (row, head).
+    pub fn entries(&self, row: usize, head: usize) -> usize {
+        self.positions[row * self.kv_heads + head].len()
+    }
+
+    /// The largest number of entries any (row, head) holds.
+    pub fn max_entries(&self) -> usize {
+        self.positions.iter().map(Vec::len).max().unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.max_entries() == 0
     }
 
-    /// The used part of the cache: keys and values of shape (batch, kv_heads, len, head_dim).
+    /// Entries per (row, head), row-major.
+    pub fn entry_counts(&self) -> Vec<usize> {
+        self.positions.iter().map(Vec::len).collect()
+    }
+
+    /// Original positions of the entries of (row, head).
+    pub fn positions(&self, row: usize, head: usize) -> &[i64] {
+        &self.positions[row * self.kv_heads + head]
+    }
+
+    /// Positions per (row, head), row-major.
+    pub fn all_positions(&self) -> &[Vec<i64>] {
+        &self.positions
+    }
+
+    /// When every head of every row holds the same entries in the same slots: the positions per
+    /// row, which then describe the whole layer. None once a press chose entries per head.
+    pub fn row_positions(&self) -> Option<Vec<&[i64]>> {
+        if !self.heads_aligned || !matches!(self.storage, Storage::Uniform { .. } | Storage::Empty) {
+            return None;
+        }
+        Some((0..self.batch).map(|b| self.positions(b, 0)).collect())
+    }
+
+    /// The used part of a uniform cache: keys and values of shape (batch, kv_heads, len, head_dim).
+    /// None when empty or ragged (then read it head by head with [`LayerKv::head_kv`]).
     pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
-        match (&self.keys, &self.values) {
-            (Some(k), Some(v)) => Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?))),
+        match &self.storage {
+            Storage::Uniform { keys, values, len } => Ok(Some((keys.narrow(2, 0, *len)?, values.narrow(2, 0, *len)?))),
             _ => Ok(None),
         }
     }
 
-    /// Append new entries (batch, kv_heads, n, head_dim) with their positions (batch × n).
+    /// Keys and values of (row, head): (entries, head_dim) each.
+    pub fn head_kv(&self, row: usize, head: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let i = row * self.kv_heads + head;
+        match &self.storage {
+            Storage::Empty => Ok(None),
+            Storage::Uniform { keys, values, len } => {
+                Ok(Some((keys.get(row)?.get(head)?.narrow(0, 0, *len)?, values.get(row)?.get(head)?.narrow(0, 0, *len)?)))
+            }
+            Storage::Ragged { keys, values, lens } => Ok(Some((keys[i].narrow(0, 0, lens[i])?, values[i].narrow(0, 0, lens[i])?))),
+        }
+    }
+
+    /// Append new entries (batch, kv_heads, n, head_dim) with their positions (batch × n); every
+    /// head of a row gets the new entries.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, positions: &[Vec<i64>]) -> Result<()> {
         let (batch, heads, n, dim) = k.dims4()?;
+        if batch != self.batch || heads != self.kv_heads {
+            return Err(ModelError::input(format!(
+                "cache append: {batch} rows × {heads} KV heads for a cache of {} × {}",
+                self.batch, self.kv_heads
+            )));
+        }
         if positions.len() != batch || positions.iter().any(|p| p.len() != n) {
             return Err(ModelError::input("cache append: positions do not match the new entries"));
         }
-        let needed = self.len + n;
-        let capacity = self.keys.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
-        if needed > capacity {
-            let new_capacity = needed.max(capacity * 2).max(16);
-            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-                let buf = Tensor::zeros((batch, heads, new_capacity, dim), k.dtype(), k.device())?;
-                if let Some(old) = old {
-                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+        match &mut self.storage {
+            Storage::Empty | Storage::Uniform { .. } => {
+                let (old_len, capacity) = match &self.storage {
+                    Storage::Uniform { keys, len, .. } => (*len, keys.dim(2)?),
+                    _ => (0, 0),
+                };
+                let needed = old_len + n;
+                if needed > capacity {
+                    let new_capacity = grown_capacity(needed, capacity);
+                    let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                        let buf = Tensor::zeros((batch, heads, new_capacity, dim), k.dtype(), k.device())?;
+                        if let Some(old) = old {
+                            buf.slice_set(&old.narrow(2, 0, old_len)?.contiguous()?, 2, 0)?;
+                        }
+                        Ok(buf)
+                    };
+                    self.storage = match &self.storage {
+                        Storage::Uniform { keys, values, .. } => {
+                            Storage::Uniform { keys: grow(Some(keys))?, values: grow(Some(values))?, len: old_len }
+                        }
+                        _ => Storage::Uniform { keys: grow(None)?, values: grow(None)?, len: 0 },
+                    };
                 }
-                Ok(buf)
-            };
-            self.keys = Some(grow(&self.keys)?);
-            self.values = Some(grow(&self.values)?);
+                let Storage::Uniform { keys, values, len } = &mut self.storage else { unreachable!("just made uniform") };
+                keys.slice_set(&k.contiguous()?, 2, *len)?;
+                values.slice_set(&v.contiguous()?, 2, *len)?;
+                *len = needed;
+            }
+            Storage::Ragged { keys, values, lens } => {
+                for b in 0..batch {
+                    let (kb, vb) = (k.get(b)?, v.get(b)?);
+                    for h in 0..heads {
+                        let i = b * heads + h;
+                        let needed = lens[i] + n;
+                        let capacity = keys[i].dim(0)?;
+                        if needed > capacity {
+                            let new_capacity = grown_capacity(needed, capacity);
+                            for buf in [&mut keys[i], &mut values[i]] {
+                                let grown = Tensor::zeros((new_capacity, dim), buf.dtype(), buf.device())?;
+                                grown.slice_set(&buf.narrow(0, 0, lens[i])?.contiguous()?, 0, 0)?;
+                                *buf = grown;
+                            }
+                        }
+                        keys[i].slice_set(&kb.get(h)?.contiguous()?, 0, lens[i])?;
+                        values[i].slice_set(&vb.get(h)?.contiguous()?, 0, lens[i])?;
+                        lens[i] = needed;
+                    }
+                }
+            }
         }
-        let (keys, values) = (self.keys.as_ref().expect("allocated"), self.values.as_ref().expect("allocated"));
-        keys.slice_set(&k.contiguous()?, 2, self.len)?;
-        values.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len = needed;
-        for (row, new) in self.positions.iter_mut().zip(positions) {
-            row.extend_from_slice(new);
+        self.appended_bytes += 2 * batch * heads * n * dim * k.dtype().size_in_bytes();
+        for (b, new) in positions.iter().enumerate() {
+            for h in 0..heads {
+                self.positions[b * heads + h].extend_from_slice(new);
+            }
         }
         Ok(())
     }
 
-    /// Keep, for every row, the entries at `keep[b]` (same count for every row), in that order.
-    pub fn retain(&mut self, keep: &[Vec<usize>]) -> Result<()> {
-        let Some((k, v)) = self.kv()? else { return Ok(()) };
-        let n = keep.first().map_or(0, Vec::len);
-        if keep.len() != self.positions.len() || keep.iter().any(|r| r.len() != n || r.iter().any(|&i| i >= self.len)) {
-            return Err(ModelError::input("cache retain: bad entry indices"));
+    /// Keep, for every (row, head) `i = row * kv_heads + head`, the entries at `keep[i]`, in that
+    /// order. Counts may differ between rows and heads; the storage then becomes ragged and only
+    /// what is kept stays allocated.
+    pub fn keep(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        if keep.len() != self.positions.len()
+            || keep.iter().zip(&self.positions).any(|(idx, pos)| idx.iter().any(|&i| i >= pos.len()))
+        {
+            return Err(ModelError::input("cache keep: bad entry indices"));
         }
-        let device = k.device().clone();
-        let gather = |t: &Tensor| -> Result<Tensor> {
-            let rows = keep
-                .iter()
-                .enumerate()
-                .map(|(b, idx)| {
-                    let idx = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), &device)?;
-                    Ok(t.get(b)?.index_select(&idx, 1)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Tensor::stack(&rows, 0)?.contiguous()?)
+        if matches!(self.storage, Storage::Empty) {
+            return Ok(());
+        }
+        let aligned = self.heads_aligned
+            && (0..self.batch).all(|b| (1..self.kv_heads).all(|h| keep[b * self.kv_heads + h] == keep[b * self.kv_heads]));
+        let uniform = keep.iter().all(|idx| idx.len() == keep[0].len());
+        let mut new_keys = Vec::with_capacity(keep.len());
+        let mut new_values = Vec::with_capacity(keep.len());
+        for (i, idx) in keep.iter().enumerate() {
+            let (b, h) = (i / self.kv_heads, i % self.kv_heads);
+            let (k, v) = self.head_kv(b, h)?.expect("storage is not empty");
+            let ids = Tensor::from_vec(idx.iter().map(|&j| j as u32).collect::<Vec<_>>(), idx.len(), k.device())?;
+            new_keys.push(k.contiguous()?.index_select(&ids, 0)?);
+            new_values.push(v.contiguous()?.index_select(&ids, 0)?);
+        }
+        self.storage = if uniform {
+            Storage::Uniform { keys: stack_heads(&new_keys, self.kv_heads)?, values: stack_heads(&new_values, self.kv_heads)?, len: keep[0].len() }
+        } else {
+            Storage::Ragged { keys: new_keys, values: new_values, lens: keep.iter().map(Vec::len).collect() }
         };
-        self.keys = Some(gather(&k)?);
-        self.values = Some(gather(&v)?);
-        self.len = n;
-        for (row, idx) in self.positions.iter_mut().zip(keep) {
-            *row = idx.iter().map(|&i| row[i]).collect();
+        for (pos, idx) in self.positions.iter_mut().zip(keep) {
+            *pos = idx.iter().map(|&j| pos[j]).collect();
+        }
+        self.heads_aligned = aligned;
+        Ok(())
+    }
+
+    /// Keep, for every row, the entries at `keep[row]` in every head (same slots in all heads).
+    pub fn keep_rows(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        if keep.len() != self.batch {
+            return Err(ModelError::input("cache keep_rows: one index list per row expected"));
+        }
+        if !self.heads_aligned {
+            return Err(ModelError::input("cache keep_rows: heads hold different entries; select per head"));
+        }
+        let per_head: Vec<Vec<usize>> = keep.iter().flat_map(|idx| std::iter::repeat_n(idx.clone(), self.kv_heads)).collect();
+        self.keep(&per_head)
+    }
+
+    /// Move every kept entry of (row, head) to a new position, re-rotating its key by the change
+    /// (RoPE rotations compose: R(new) = R(new − old)·R(old)). The StreamingLLM paper's policy:
+    /// positions inside the cache become contiguous.
+    pub fn reposition(&mut self, new_positions: &[Vec<i64>], rope: &Rope) -> Result<()> {
+        if new_positions.len() != self.positions.len() || new_positions.iter().zip(&self.positions).any(|(n, o)| n.len() != o.len()) {
+            return Err(ModelError::input("cache reposition: one new position per entry expected"));
+        }
+        let mut rotated_keys = Vec::with_capacity(self.positions.len());
+        let mut values = Vec::with_capacity(self.positions.len());
+        for (i, (new, old)) in new_positions.iter().zip(&self.positions).enumerate() {
+            let (k, v) = self.head_kv(i / self.kv_heads, i % self.kv_heads)?.expect("positions imply entries");
+            let delta: Vec<i64> = new.iter().zip(old).map(|(&n, &o)| if o == PAD_POSITION { 0 } else { n - o }).collect();
+            let (cos, sin) = rotation_by(rope, &delta, k.dtype(), k.device())?;
+            let k4 = k.unsqueeze(0)?.unsqueeze(0)?;
+            rotated_keys.push(rope.apply(&k4, &cos, &sin)?.squeeze(0)?.squeeze(0)?);
+            values.push(v.contiguous()?);
+        }
+        let lens: Vec<usize> = self.positions.iter().map(Vec::len).collect();
+        self.storage = if lens.iter().all(|&l| l == lens[0]) {
+            Storage::Uniform { keys: stack_heads(&rotated_keys, self.kv_heads)?, values: stack_heads(&values, self.kv_heads)?, len: lens[0] }
+        } else {
+            Storage::Ragged { keys: rotated_keys, values, lens }
+        };
+        for (pos, new) in self.positions.iter_mut().zip(new_positions) {
+            for (p, &n) in pos.iter_mut().zip(new) {
+                if *p != PAD_POSITION {
+                    *p = n;
+                }
+            }
         }
         Ok(())
     }
 
     /// Bytes held by the used entries (keys and values).
     pub fn bytes(&self) -> usize {
-        match &self.keys {
-            Some(k) => {
-                let (b, h, _, d) = k.dims4().unwrap_or((0, 0, 0, 0));
-                2 * b * h * self.len * d * k.dtype().size_in_bytes()
-            }
-            None => 0,
+        let per_entry = |t: &Tensor| 2 * t.dims().last().copied().unwrap_or(0) * t.dtype().size_in_bytes();
+        match &self.storage {
+            Storage::Empty => 0,
+            Storage::Uniform { keys, len, .. } => self.batch * self.kv_heads * len * per_entry(keys),
+            Storage::Ragged { keys, lens, .. } => keys.iter().zip(lens).map(|(k, l)| l * per_entry(k)).sum(),
         }
+    }
+
+    /// Bytes the layer would hold had nothing been evicted (every appended entry).
+    pub fn uncompressed_bytes(&self) -> usize {
+        self.appended_bytes
     }
 
     /// Bytes allocated, including the spare capacity kept for growth.
     pub fn allocated_bytes(&self) -> usize {
-        self.keys.as_ref().map_or(0, |k| 2 * k.elem_count() * k.dtype().size_in_bytes())
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match &self.storage {
+            Storage::Empty => 0,
+            Storage::Uniform { keys, values, .. } => bytes(keys) + bytes(values),
+            Storage::Ragged { keys, values, .. } => keys.iter().chain(values).map(bytes).sum(),
+        }
     }
 
     fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        if let Some((k, v)) = self.kv()? {
-            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), k.device())?;
-            // The used slots are a strided view of the growth buffer; gather from a compact copy.
-            self.keys = Some(k.contiguous()?.index_select(&idx, 0)?);
-            self.values = Some(v.contiguous()?.index_select(&idx, 0)?);
-        }
-        self.positions = rows.iter().map(|&r| self.positions[r].clone()).collect();
+        let heads = self.kv_heads;
+        self.storage = match &self.storage {
+            Storage::Empty => Storage::Empty,
+            Storage::Uniform { keys, values, len } => {
+                let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), keys.device())?;
+                // The used slots are a strided view of the growth buffer; gather from a compact copy.
+                let pick = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, *len)?.contiguous()?.index_select(&idx, 0)?) };
+                Storage::Uniform { keys: pick(keys)?, values: pick(values)?, len: *len }
+            }
+            Storage::Ragged { keys, values, lens } => {
+                // Each new row gets its own copy: appends write in place, so rows must not share buffers.
+                let pick = |t: &[Tensor]| -> Result<Vec<Tensor>> {
+                    rows.iter()
+                        .flat_map(|&r| (0..heads).map(move |h| r * heads + h))
+                        .map(|i| Ok(t[i].narrow(0, 0, lens[i])?.copy()?))
+                        .collect()
+                };
+                let new_lens = rows.iter().flat_map(|&r| (0..heads).map(move |h| lens[r * heads + h])).collect();
+                Storage::Ragged { keys: pick(keys)?, values: pick(values)?, lens: new_lens }
+            }
+        };
+        self.positions = rows.iter().flat_map(|&r| (0..heads).map(move |h| r * heads + h)).map(|i| self.positions[i].clone()).collect();
+        self.appended_bytes = self.appended_bytes / self.batch.max(1) * rows.len();
+        self.batch = rows.len();
         Ok(())
     }
 }
 
-/// The whole model's cache: one [`LayerKv`] per layer and the next position of every row.
-#[derive(Debug, Clone)]
+/// The whole model's cache: one [`LayerKv`] per layer, the next position of every row, and the
+/// press (if any) that decides what the cache keeps.
+#[derive(Debug)]
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
     /// The position the next token of each row will take.
     pub next_position: Vec<i64>,
+    pub press: Option<Box<dyn CachePress>>,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        KvCache {
+            layers: self.layers.clone(),
+            next_position: self.next_position.clone(),
+            press: self.press.as_ref().map(|p| p.box_clone()),
+        }
+    }
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize, batch: usize) -> Self {
-        KvCache { layers: (0..num_layers).map(|_| LayerKv::new(batch)).collect(), next_position: vec![0; batch] }
+    /// An empty cache for `batch` rows over layers with the given KV head counts.
+    pub fn new(kv_heads_per_layer: &[usize], batch: usize) -> Self {
+        KvCache {
+            layers: kv_heads_per_layer.iter().map(|&h| LayerKv::new(batch, h)).collect(),
+            next_position: vec![0; batch],
+            press: None,
+        }
+    }
+
+    pub fn with_press(mut self, press: Option<Box<dyn CachePress>>) -> Self {
+        self.press = press;
+        self
     }
 
     pub fn batch(&self) -> usize {
@@ -163,6 +417,16 @@ impl KvCache {
         self.layers.iter().map(LayerKv::allocated_bytes).sum()
     }
 
+    /// Bytes the cache would hold had nothing been evicted.
+    pub fn uncompressed_bytes(&self) -> usize {
+        self.layers.iter().map(LayerKv::uncompressed_bytes).sum()
+    }
+
+    /// Entries held, summed over layers, rows and heads.
+    pub fn total_entries(&self) -> usize {
+        self.layers.iter().map(|l| l.entry_counts().iter().sum::<usize>()).sum()
+    }
+
     /// Reorder or duplicate batch rows (beam search): row i of the result is row `rows[i]` now.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         if rows.iter().any(|&r| r >= self.batch()) {
@@ -172,26 +436,29 @@ impl KvCache {
             layer.select_rows(rows)?;
         }
         self.next_position = rows.iter().map(|&r| self.next_position[r]).collect();
+        if let Some(press) = &mut self.press {
+            press.select_rows(rows)?;
+        }
         Ok(())
     }
 }
 
 /// Additive attention mask in f32 of shape (batch, 1, group·queries, entries): the (queries,
 /// entries) mask tiled `group` times, matching scores laid out as (batch, kv_heads, group·queries,
-/// entries) so it broadcasts over KV heads only. None when every query may see every entry.
+/// entries) so it broadcasts over KV heads. None when every query may see every entry.
 ///
 /// An entry is visible to a query when it is not padding, not in the query's future, and (with a
 /// sliding window) fewer than `window` positions back.
 pub fn attention_mask(
-    query_positions: &[Vec<i64>],
-    entry_positions: &[Vec<i64>],
+    query_positions: &[&[i64]],
+    entry_positions: &[&[i64]],
     window: Option<usize>,
     group: usize,
     device: &Device,
 ) -> Result<Option<Tensor>> {
     let batch = query_positions.len();
-    let queries = query_positions.first().map_or(0, Vec::len);
-    let entries = entry_positions.first().map_or(0, Vec::len);
+    let queries = query_positions.first().map_or(0, |q| q.len());
+    let entries = entry_positions.first().map_or(0, |e| e.len());
     let visible = |q: i64, e: i64| e != PAD_POSITION && e <= q && window.is_none_or(|w| q - e < w as i64);
     let all_visible = query_positions
         .iter()
@@ -203,7 +470,7 @@ pub fn attention_mask(
     let mut mask = Vec::with_capacity(batch * group * queries * entries);
     for (qs, es) in query_positions.iter().zip(entry_positions) {
         let start = mask.len();
-        for &q in qs {
+        for &q in qs.iter() {
             // f32::MIN rather than -inf: a fully masked (padding) query then gets a uniform
             // distribution instead of NaN, as in HF's eager attention.
             mask.extend(es.iter().map(|&e| if visible(q, e) { 0.0 } else { f32::MIN }));
@@ -226,20 +493,20 @@ pub struct MaskCache {
 impl MaskCache {
     pub fn get(
         &self,
-        query_positions: &[Vec<i64>],
-        entry_positions: &[Vec<i64>],
+        query_positions: &[&[i64]],
+        entry_positions: &[&[i64]],
         window: Option<usize>,
         group: usize,
         device: &Device,
     ) -> Result<Option<Tensor>> {
         let mut last = self.last.borrow_mut();
         if let Some((positions, g, mask)) = last.as_ref() {
-            if *g == group && positions.as_slice() == entry_positions {
+            if *g == group && positions.len() == entry_positions.len() && positions.iter().zip(entry_positions).all(|(a, b)| a == b) {
                 return Ok(mask.clone());
             }
         }
         let mask = attention_mask(query_positions, entry_positions, window, group, device)?;
-        *last = Some((entry_positions.to_vec(), group, mask.clone()));
+        *last = Some((entry_positions.iter().map(|p| p.to_vec()).collect(), group, mask.clone()));
         Ok(mask)
     }
 }
@@ -253,37 +520,81 @@ mod tests {
         Tensor::from_vec(data, (batch, 2, n, 3), &Device::Cpu).unwrap()
     }
 
+    fn row_head(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2::<f32>().unwrap()
+    }
+
     #[test]
     fn append_grows_in_place_and_keeps_positions() {
-        let mut kv = LayerKv::new(2);
+        let mut kv = LayerKv::new(2, 2);
         kv.append(&entries(2, 20, 0.0), &entries(2, 20, 0.5), &[(0..20).collect(), (0..20).collect()]).unwrap();
         kv.append(&entries(2, 1, 1000.0), &entries(2, 1, 1000.5), &[vec![20], vec![20]]).unwrap();
-        assert_eq!(kv.len(), 21);
+        assert_eq!(kv.max_entries(), 21);
         let (k, _) = kv.kv().unwrap().unwrap();
         assert_eq!(k.dims(), &[2, 2, 21, 3]);
         assert_eq!(k.get(1).unwrap().get(1).unwrap().get(20).unwrap().to_vec1::<f32>().unwrap(), vec![1009.0, 1010.0, 1011.0]);
-        assert_eq!(kv.positions[1].last(), Some(&20));
+        assert_eq!(kv.positions(1, 1).last(), Some(&20));
         assert_eq!(kv.bytes(), 2 * 2 * 2 * 21 * 3 * 4);
     }
 
     #[test]
-    fn retain_and_select_rows_move_entries_with_their_positions() {
-        let mut cache = KvCache::new(1, 2);
+    fn keep_per_head_goes_ragged_frees_memory_and_still_appends() {
+        let mut kv = LayerKv::new(1, 2);
+        kv.append(&entries(1, 8, 0.0), &entries(1, 8, 0.5), &[(0..8).collect()]).unwrap();
+        let before = kv.kv().unwrap().unwrap().0;
+        kv.keep(&[vec![0, 5, 7], vec![2]]).unwrap();
+        assert_eq!(kv.entry_counts(), vec![3, 1]);
+        assert!(kv.row_positions().is_none());
+        assert_eq!(kv.positions(0, 0), &[0, 5, 7]);
+        assert_eq!(kv.positions(0, 1), &[2]);
+        assert_eq!(kv.bytes(), (3 + 1) * 2 * 3 * 4);
+        assert_eq!(kv.allocated_bytes(), kv.bytes());
+        let (k1, _) = kv.head_kv(0, 1).unwrap().unwrap();
+        assert_eq!(row_head(&k1)[0], before.get(0).unwrap().get(1).unwrap().get(2).unwrap().to_vec1::<f32>().unwrap());
+
+        kv.append(&entries(1, 1, 100.0), &entries(1, 1, 100.5), &[vec![8]]).unwrap();
+        assert_eq!(kv.entry_counts(), vec![4, 2]);
+        let (k0, _) = kv.head_kv(0, 0).unwrap().unwrap();
+        assert_eq!(row_head(&k0)[3], vec![100.0, 101.0, 102.0]);
+        let (k1, _) = kv.head_kv(0, 1).unwrap().unwrap();
+        assert_eq!(row_head(&k1)[1], vec![103.0, 104.0, 105.0]);
+        assert_eq!(kv.positions(0, 1), &[2, 8]);
+        assert!(kv.keep(&[vec![9], vec![0]]).is_err());
+    }
+
+    #[test]
+    fn keep_rows_and_select_rows_move_entries_with_their_positions() {
+        let mut cache = KvCache::new(&[2], 2);
         let layer = &mut cache.layers[0];
         layer.append(&entries(2, 4, 0.0), &entries(2, 4, 0.5), &[vec![0, 1, 2, 3], vec![-1, 0, 1, 2]]).unwrap();
         let before = layer.kv().unwrap().unwrap().0;
-        layer.retain(&[vec![0, 3], vec![1, 2]]).unwrap();
+        layer.keep_rows(&[vec![0, 3], vec![1, 2]]).unwrap();
         let (k, _) = layer.kv().unwrap().unwrap();
-        assert_eq!(layer.positions, vec![vec![0, 3], vec![0, 1]]);
+        assert_eq!(layer.row_positions().unwrap(), vec![&[0i64, 3][..], &[0, 1][..]]);
         let row1_head0 = |t: &Tensor, i: usize| t.get(1).unwrap().get(0).unwrap().get(i).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(row1_head0(&k, 1), row1_head0(&before, 2));
-        assert!(layer.retain(&[vec![0], vec![7]]).is_err());
+        assert!(layer.keep_rows(&[vec![0], vec![7]]).is_err());
 
         cache.select_rows(&[1, 1, 0]).unwrap();
         assert_eq!(cache.batch(), 3);
-        assert_eq!(cache.layers[0].positions, vec![vec![0, 1], vec![0, 1], vec![0, 3]]);
+        assert_eq!(cache.layers[0].positions(2, 1), &[0, 3]);
+        assert_eq!(cache.layers[0].positions(0, 0), &[0, 1]);
         let (k2, _) = cache.layers[0].kv().unwrap().unwrap();
         assert_eq!(k2.get(0).unwrap().to_vec3::<f32>().unwrap(), k.get(1).unwrap().to_vec3::<f32>().unwrap());
         assert!(cache.select_rows(&[3]).is_err());
+    }
+
+    #[test]
+    fn ragged_rows_are_copied_when_duplicated() {
+        let mut cache = KvCache::new(&[2], 1);
+        cache.layers[0].append(&entries(1, 4, 0.0), &entries(1, 4, 0.5), &[(0..4).collect()]).unwrap();
+        cache.layers[0].keep(&[vec![0, 1, 2], vec![3]]).unwrap();
+        cache.select_rows(&[0, 0]).unwrap();
+        cache.layers[0].append(&entries(2, 1, 50.0), &entries(2, 1, 50.5), &[vec![4], vec![4]]).unwrap();
+        let (a, _) = cache.layers[0].head_kv(0, 0).unwrap().unwrap();
+        let (b, _) = cache.layers[0].head_kv(1, 0).unwrap().unwrap();
+        // Row 1 got different new entries than row 0: the rows do not share a buffer.
+        assert_ne!(row_head(&a)[3], row_head(&b)[3]);
+        assert_eq!(row_head(&a)[..3], row_head(&b)[..3]);
     }
 }

@@ -13,6 +13,7 @@ pub mod layers;
 pub mod loader;
 pub mod model;
 pub mod ops;
+pub mod press;
 pub mod rope;
 pub mod weights;
 
@@ -21,4 +22,5 @@ pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};
 pub use loader::{load, LoadedModel};
 pub use model::{Logits, Model};
+pub use press::{CachePress, LayerContext};
 pub use weights::WeightDType;

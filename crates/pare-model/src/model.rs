@@ -8,6 +8,7 @@ use crate::cache::{KvCache, PAD_POSITION};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Mlp, Norm};
+use crate::press::CachePress;
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -19,8 +20,16 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, inputs: &AttentionInputs, kv: &mut crate::cache::LayerKv, parallel_residual: bool) -> Result<Tensor> {
-        let attn_out = self.attn.forward(&self.attn_norm.forward(x)?, inputs, kv)?;
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+        kv: &mut crate::cache::LayerKv,
+        press: Option<&mut Box<dyn CachePress>>,
+        parallel_residual: bool,
+    ) -> Result<Tensor> {
+        let attn_out = self.attn.forward(layer, &self.attn_norm.forward(x)?, inputs, kv, press)?;
         if parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             let mlp_out = self.mlp.forward(&self.mlp_norm.forward(x)?)?;
@@ -72,19 +81,46 @@ impl Model {
             + head
     }
 
+    /// An empty cache for `batch` rows, compressed by `press` if given.
     pub fn new_cache(&self, batch: usize) -> KvCache {
-        KvCache::new(self.num_layers(), batch)
+        let kv_heads: Vec<usize> = self.blocks.iter().map(|b| b.attn.num_kv_heads).collect();
+        KvCache::new(&kv_heads, batch)
     }
 
-    /// Run `tokens` (batch × seq, already padded) at `positions` through the model, extending the cache.
-    pub fn forward(&self, tokens: &[Vec<u32>], positions: &[Vec<i64>], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+    /// Token embeddings (batch, seq, hidden) of a (batch × seq) grid of ids.
+    pub fn embed(&self, tokens: &[Vec<u32>]) -> Result<Tensor> {
         let batch = tokens.len();
         let seq = tokens.first().map_or(0, Vec::len);
         if batch == 0 || seq == 0 {
             return Err(ModelError::input("empty input: no tokens to run"));
         }
-        if tokens.iter().any(|t| t.len() != seq) || positions.len() != batch || positions.iter().any(|p| p.len() != seq) {
-            return Err(ModelError::input("tokens and positions must form a (batch, seq) grid"));
+        if tokens.iter().any(|t| t.len() != seq) {
+            return Err(ModelError::input("tokens must form a (batch, seq) grid"));
+        }
+        let vocab = self.embed_tokens.dim(0)?;
+        if let Some(&bad) = tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        let flat_ids: Vec<u32> = tokens.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat_ids, batch * seq, &self.device)?;
+        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((batch, seq, self.config.hidden_size))?)
+    }
+
+    /// Run `tokens` (batch × seq, already padded) at `positions` through the model, extending the cache.
+    pub fn forward(&self, tokens: &[Vec<u32>], positions: &[Vec<i64>], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let x = self.embed(tokens)?;
+        self.forward_embeds(x, positions, cache, logits)
+    }
+
+    /// Run input embeddings x (batch, seq, hidden) at `positions` through the decoder layers,
+    /// extending the cache. Multimodal models enter here with image features in place.
+    pub fn forward_embeds(&self, x: Tensor, positions: &[Vec<i64>], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        if batch == 0 || seq == 0 {
+            return Err(ModelError::input("empty input: no tokens to run"));
+        }
+        if positions.len() != batch || positions.iter().any(|p| p.len() != seq) {
+            return Err(ModelError::input("positions must form the input's (batch, seq) grid"));
         }
         if cache.batch() != batch || cache.layers.len() != self.num_layers() {
             return Err(ModelError::input(format!(
@@ -92,10 +128,6 @@ impl Model {
                 cache.batch(),
                 cache.layers.len()
             )));
-        }
-        let vocab = self.embed_tokens.dim(0)?;
-        if let Some(&bad) = tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
         }
         let max_pos = positions.iter().flatten().copied().max().unwrap_or(0);
         if max_pos as usize >= self.config.max_position_embeddings {
@@ -105,10 +137,7 @@ impl Model {
             )));
         }
 
-        let flat_ids: Vec<u32> = tokens.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat_ids, batch * seq, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((batch, seq, self.config.hidden_size))?;
-
+        let mut x = x;
         let flat_pos: Vec<i64> = positions.iter().flatten().copied().collect();
         let (cos, sin) = self.rope.cos_sin(&flat_pos, batch, seq, self.dtype, &self.device)?;
         let masks = crate::cache::MaskCache::default();
@@ -119,15 +148,19 @@ impl Model {
             positions,
             sliding_window: self.config.sliding_window,
             masks: &masks,
+            num_layers: self.num_layers(),
         };
-        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, &inputs, kv, self.config.parallel_residual)?;
+        for (layer, (block, kv)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+            x = block.forward(layer, &x, &inputs, kv, cache.press.as_mut(), self.config.parallel_residual)?;
         }
 
         for (next, row) in cache.next_position.iter_mut().zip(positions) {
             if let Some(&last) = row.iter().filter(|&&p| p != PAD_POSITION).max() {
                 *next = (*next).max(last + 1);
             }
+        }
+        if let Some(press) = &cache.press {
+            cache.next_position = press.next_positions(&cache.layers, &cache.next_position);
         }
         let x = match logits {
             Logits::Last => x.narrow(1, seq - 1, 1)?.contiguous()?,
@@ -144,8 +177,13 @@ impl Model {
     /// logits (batch, vocab) in f32 with the filled cache. Positions count from 0 at each row's
     /// first real token, as HF `generate` does with an attention mask.
     pub fn prefill(&self, prompts: &[Vec<u32>]) -> Result<(Tensor, KvCache)> {
+        self.prefill_with(prompts, None)
+    }
+
+    /// [`Model::prefill`] into a cache compressed by (a fresh copy of) `press`.
+    pub fn prefill_with(&self, prompts: &[Vec<u32>], press: Option<&dyn CachePress>) -> Result<(Tensor, KvCache)> {
         let (tokens, positions) = left_pad(prompts)?;
-        let mut cache = self.new_cache(prompts.len());
+        let mut cache = self.new_cache(prompts.len()).with_press(press.map(|p| p.box_clone()));
         let logits = self.forward(&tokens, &positions, &mut cache, Logits::Last)?;
         Ok((logits, cache))
     }

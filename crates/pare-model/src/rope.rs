@@ -43,6 +43,11 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// Inverse frequencies of the rotated channel pairs (re-rotating cached keys needs them).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     pub fn rotary_dim(&self) -> usize {
         self.inv_freq.len() * 2
     }

@@ -8,12 +8,15 @@ use pare_generate::Generator;
 use serde_json::json;
 
 use crate::common::{encode_prompt, print_json, ModelArgs};
+use crate::press_args::{human_bytes, PressArgs};
 use crate::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub press: PressArgs,
     /// The prompt text.
     #[arg(long, short = 'p', required_unless_present = "prompts_file")]
     pub prompt: Option<String>,
@@ -38,11 +41,12 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(file)) => read_prompts(file)?,
         (None, None) => bail!("give --prompt or --prompts-file"),
     };
+    let press = args.press.build()?;
     let loaded = args.model.load()?;
     let config = args.sampling.generation_config(&loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;
     let prompts = prompts_text.iter().map(|p| encode_prompt(&loaded, p, args.chat)).collect::<Result<Vec<_>>>()?;
-    let generator = Generator::new(config.clone(), Some(tok))?;
+    let generator = Generator::new(config.clone(), Some(tok))?.with_press(press);
 
     // Stream only when exactly one sequence is produced token by token.
     let streaming = !args.json && prompts.len() == 1 && config.num_return_sequences() == 1 && config.num_beams() == 1;
@@ -85,6 +89,7 @@ pub fn run(args: Args) -> Result<()> {
             "prompt_tokens": prompts[0].len(),
             "sequences": sequences,
             "timings": output.timings,
+            "cache": output.cache,
         }))?;
         return Ok(());
     }
@@ -105,6 +110,15 @@ pub fn run(args: Args) -> Result<()> {
         "[{} prompt tokens, {} generated: prefill {:.1} tok/s, decode {:.1} tok/s]",
         t.prompt_tokens, t.generated_tokens, t.prefill_tok_s, t.decode_tok_s
     );
+    if let (Some(c), Some(_)) = (&output.cache, &args.press.press) {
+        eprintln!(
+            "[KV cache: {} after prefill, {} at the end, {} uncompressed ({:.1}× smaller)]",
+            human_bytes(c.kv_bytes_prefill),
+            human_bytes(c.kv_bytes_final),
+            human_bytes(c.kv_bytes_uncompressed),
+            c.kv_bytes_uncompressed as f64 / c.kv_bytes_final.max(1) as f64
+        );
+    }
     Ok(())
 }
 

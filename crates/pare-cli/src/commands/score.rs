@@ -10,12 +10,18 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::common::{encode_prompt, print_json, ModelArgs};
+use crate::press_args::PressArgs;
 use crate::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub press: PressArgs,
+    /// Score the next token after this continuation, which runs over the (compressed) cache of the prompt.
+    #[arg(long)]
+    pub then: Option<String>,
     #[arg(long, short = 'p')]
     pub prompt: String,
     #[arg(long)]
@@ -43,12 +49,22 @@ struct Processed {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let press = args.press.build()?;
     let loaded = args.model.load()?;
     let tok = loaded.tokenizer()?;
     let prompt = encode_prompt(&loaded, &args.prompt, args.chat)?;
     let config = args.sampling.generation_config(&loaded, 1)?;
     let generator = Generator::new(config.clone(), Some(tok))?;
-    let (logits, _) = loaded.model.prefill(std::slice::from_ref(&prompt))?;
+    let (mut logits, mut cache) = loaded.model.prefill_with(std::slice::from_ref(&prompt), press.as_deref())?;
+    let kv_bytes_prefill = cache.bytes();
+    let mut context = prompt.clone();
+    if let Some(then) = &args.then {
+        // A compressed prompt only matters to what comes after it: score after a continuation.
+        for token in tok.encode(then, false)? {
+            logits = loaded.model.decode(&mut cache, &[token])?;
+            context.push(token);
+        }
+    }
     let logits = logits.squeeze(0)?;
     let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1()?;
     let shown = args.sampling.top_k.map_or(10, |k| k.max(1) as usize);
@@ -65,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut scores: Vec<f32> = logits.to_vec1()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed.unwrap_or(0));
     let mut chain = generator.chain()?;
-    chain.process(&mut ProcessContext { input_ids: &prompt, prompt_len: prompt.len(), rng: &mut rng }, &mut scores);
+    chain.process(&mut ProcessContext { input_ids: &context, prompt_len: prompt.len(), rng: &mut rng }, &mut scores);
     // Greedy decoding draws nothing: all mass sits on the argmax of the processed scores.
     let probs = if config.do_sample() {
         softmax(&scores)
@@ -81,6 +97,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         return print_json(&json!({
             "prompt_tokens": prompt.len(), "top": top, "processed": processed, "processors": chain.names(),
+            "kv_bytes_prefill": kv_bytes_prefill, "kv_bytes": cache.bytes(), "kv_bytes_uncompressed": cache.uncompressed_bytes(),
         }));
     }
     println!("{:>4}  {:>8}  {:>9}  {:>7}  token", "rank", "id", "logprob", "prob");

@@ -1,0 +1,154 @@
+//! The machinery every press shares: observe a row, score it, keep what the selector chose, and
+//! apply the position policy.
+
+use candle_core::{DType, Tensor};
+use pare_model::cache::{LayerKv, PAD_POSITION};
+use pare_model::rope::Rope;
+
+use crate::budget::Budget;
+use crate::error::Result;
+use crate::observation::Observation;
+use crate::select::Selector;
+
+/// Where kept entries sit after a compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PositionPolicy {
+    /// Keys stay rotated at their original positions and new tokens continue at theirs
+    /// (seed 001, kvpress).
+    #[default]
+    Original,
+    /// Positions inside the cache become contiguous from 0, keys re-rotated; new tokens continue
+    /// right after the cache (StreamingLLM paper).
+    Rerotate,
+}
+
+/// The observed queries of one row: (heads, n, head_dim) f32 before RoPE, and their positions.
+pub struct RowQueries {
+    pub queries: Tensor,
+    pub positions: Vec<i64>,
+}
+
+impl RowQueries {
+    /// Row `b` of this call's queries (batch, heads, seq, head_dim), padding dropped.
+    pub fn from_call(queries: &Tensor, positions: &[Vec<i64>], b: usize) -> Result<Self> {
+        let row = &positions[b];
+        let first_real = row.iter().position(|&p| p != PAD_POSITION).unwrap_or(row.len());
+        let q = queries.get(b)?.narrow(1, first_real, row.len() - first_real)?.to_dtype(DType::F32)?;
+        Ok(RowQueries { queries: q, positions: row[first_real..].to_vec() })
+    }
+}
+
+/// Layer facts a compression needs.
+pub struct LayerInfo<'a> {
+    pub layer: usize,
+    pub num_layers: usize,
+    pub group: usize,
+    pub head_dim: usize,
+    pub rope: &'a Rope,
+}
+
+/// Score and compress one layer, row by row, down to `budget` (each row its own budget).
+/// Padding entries are always dropped. Returns whether anything was removed.
+pub fn compress_layer(
+    kv: &mut LayerKv,
+    info: &LayerInfo,
+    rows: &[RowQueries],
+    selector: &dyn Selector,
+    budget: Budget,
+    policy: PositionPolicy,
+) -> Result<bool> {
+    if budget.is_noop() || kv.is_empty() {
+        return Ok(false);
+    }
+    let heads = kv.kv_heads();
+    let mut keep: Vec<Vec<usize>> = Vec::with_capacity(kv.batch() * heads);
+    let mut removed = false;
+    for (b, row) in rows.iter().enumerate() {
+        // Slots of the real entries of each head.
+        let slots: Vec<Vec<usize>> =
+            (0..heads).map(|h| kv.positions(b, h).iter().enumerate().filter(|(_, &p)| p != PAD_POSITION).map(|(i, _)| i).collect()).collect();
+        if slots.iter().all(Vec::is_empty) || row.positions.is_empty() {
+            keep.extend(slots);
+            continue;
+        }
+        let mut keys = Vec::with_capacity(heads);
+        let mut values = Vec::with_capacity(heads);
+        for (h, s) in slots.iter().enumerate() {
+            let (k, v) = kv.head_kv(b, h)?.expect("the layer holds entries");
+            let (k, v) = if s.len() == kv.entries(b, h) {
+                (k, v)
+            } else {
+                let idx = Tensor::from_vec(s.iter().map(|&i| i as u32).collect::<Vec<_>>(), s.len(), k.device())?;
+                (k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)
+            };
+            keys.push(k.to_dtype(DType::F32)?);
+            values.push(v.to_dtype(DType::F32)?);
+        }
+        let obs = Observation {
+            layer: info.layer,
+            num_layers: info.num_layers,
+            group: info.group,
+            head_dim: info.head_dim,
+            keys,
+            values,
+            positions: slots.iter().enumerate().map(|(h, s)| s.iter().map(|&i| kv.positions(b, h)[i]).collect()).collect(),
+            queries: row.queries.clone(),
+            query_positions: row.positions.clone(),
+            rope: info.rope,
+        };
+        let scores = selector.scorer().score(&obs)?;
+        let chosen = selector.select(&obs, &scores, budget)?;
+        for (h, chosen) in chosen.into_iter().enumerate() {
+            let mut kept: Vec<usize> = chosen.into_iter().map(|i| slots[h][i]).collect();
+            kept.sort_unstable();
+            removed |= kept.len() < kv.entries(b, h);
+            keep.push(kept);
+        }
+    }
+    if removed {
+        kv.keep(&keep)?;
+        if policy == PositionPolicy::Rerotate {
+            make_contiguous(kv, info.rope)?;
+        }
+    }
+    Ok(removed)
+}
+
+/// Keep, in every (row, head), the entries at `keep(row, head, positions)`.
+pub fn keep_where(kv: &mut LayerKv, keep: impl Fn(usize, usize, &[i64]) -> Vec<usize>) -> Result<()> {
+    let heads = kv.kv_heads();
+    let lists: Vec<Vec<usize>> = (0..kv.batch() * heads).map(|i| keep(i / heads, i % heads, kv.positions(i / heads, i % heads))).collect();
+    kv.keep(&lists)?;
+    Ok(())
+}
+
+/// Re-rotate every (row, head)'s entries to positions 0, 1, ... in cache order.
+pub fn make_contiguous(kv: &mut LayerKv, rope: &Rope) -> Result<()> {
+    let new: Vec<Vec<i64>> = kv.all_positions().iter().map(|p| (0..p.len() as i64).collect()).collect();
+    if new.as_slice() != kv.all_positions() {
+        kv.reposition(&new, rope)?;
+    }
+    Ok(())
+}
+
+/// After a forward under the rerotate policy: each row continues right after the newest
+/// position any layer holds for it.
+pub fn next_after_cache(layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
+    (0..next.len())
+        .map(|b| {
+            layers
+                .iter()
+                .flat_map(|l| (0..l.kv_heads()).flat_map(move |h| l.positions(b, h).iter().copied()))
+                .max()
+                .map_or(next[b], |p| p + 1)
+        })
+        .collect()
+}
+
+/// Indices of the `k` largest scores (ties: the earlier entry first).
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}

@@ -1,0 +1,112 @@
+//! What a scorer sees: one batch row of one layer — its cached entries per KV head and the
+//! queries observed so far.
+
+use candle_core::{DType, Tensor, D};
+use pare_model::rope::Rope;
+
+use crate::error::Result;
+
+/// One row of one layer, ready to be scored. Padding entries and padding queries are left out.
+pub struct Observation<'a> {
+    pub layer: usize,
+    pub num_layers: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    pub head_dim: usize,
+    /// Per KV head: keys (after RoPE) and values of the entries, (entries, head_dim) in f32,
+    /// in cache order (oldest first).
+    pub keys: Vec<Tensor>,
+    pub values: Vec<Tensor>,
+    /// Per KV head: original positions of those entries.
+    pub positions: Vec<Vec<i64>>,
+    /// (heads, observed, head_dim) f32: queries before RoPE of the observed tokens — the prompt
+    /// at the end of prefill, the buffered recent steps while decoding.
+    pub queries: Tensor,
+    pub query_positions: Vec<i64>,
+    pub rope: &'a Rope,
+}
+
+impl Observation<'_> {
+    pub fn kv_heads(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn observed(&self) -> usize {
+        self.query_positions.len()
+    }
+
+    /// Every KV head holds the same entries (nothing was chosen per head yet).
+    pub fn heads_share_entries(&self) -> bool {
+        self.positions.windows(2).all(|w| w[0] == w[1])
+    }
+
+    /// The first position after everything observed: where future queries start.
+    pub fn next_position(&self) -> i64 {
+        let last_query = self.query_positions.iter().copied().max();
+        let last_entry = self.positions.iter().flatten().copied().max();
+        last_query.max(last_entry).map_or(0, |p| p + 1)
+    }
+
+    /// Queries of the last `last` observed tokens, RoPE applied at their positions: (heads, last, head_dim).
+    pub fn rotated_queries(&self, last: usize) -> Result<Tensor> {
+        let n = self.observed();
+        let last = last.min(n);
+        let q = self.queries.narrow(1, n - last, last)?;
+        let positions = &self.query_positions[n - last..];
+        let (cos, sin) = self.rope.cos_sin(positions, 1, last, DType::F32, q.device())?;
+        Ok(self.rope.apply(&q.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?)
+    }
+
+    /// Attention weights of the last `last` observed queries of the query heads of KV head
+    /// `head` over that head's entries: (group, last, entries), softmax over the entries a query
+    /// may see (causal by position), computed in f32 for these queries only.
+    pub fn attention(&self, head: usize, last: usize) -> Result<Tensor> {
+        let q = self.rotated_queries(last)?.narrow(0, head * self.group, self.group)?;
+        self.attention_of(&q, head, &self.query_positions[self.observed() - q.dim(1)?..])
+    }
+
+    /// Attention weights of rotated queries q (group, n, head_dim) at `positions` over KV head `head`.
+    pub fn attention_of(&self, q: &Tensor, head: usize, positions: &[i64]) -> Result<Tensor> {
+        let keys = &self.keys[head];
+        let scores = (q.broadcast_matmul(&keys.t()?)? / (self.head_dim as f64).sqrt())?;
+        let entries = &self.positions[head];
+        let mask: Vec<f32> = positions
+            .iter()
+            .flat_map(|&qp| entries.iter().map(move |&e| if e <= qp { 0.0 } else { f32::MIN }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, positions.len(), entries.len()), q.device())?;
+        Ok(softmax_last_dim(&scores.broadcast_add(&mask)?)?)
+    }
+
+    /// Column sums of the attention weights of all observed queries (query heads of KV head
+    /// `head`), with how many queries could see each entry: (group, entries) and a count per
+    /// entry. Queries go in chunks so long prompts never hold a full attention matrix.
+    pub fn attention_sums(&self, head: usize) -> Result<(Tensor, Vec<usize>)> {
+        const CHUNK: usize = 256;
+        let n = self.observed();
+        let entries = &self.positions[head];
+        let mut sums = Tensor::zeros((self.group, entries.len()), DType::F32, self.queries.device())?;
+        let rotated = self.rotated_queries(n)?.narrow(0, head * self.group, self.group)?;
+        for start in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - start);
+            let q = rotated.narrow(1, start, len)?;
+            let weights = self.attention_of(&q, head, &self.query_positions[start..start + len])?;
+            sums = (sums + weights.sum(1)?)?;
+        }
+        let seen_by = entries.iter().map(|&e| self.query_positions.iter().filter(|&&q| q >= e).count()).collect();
+        Ok((sums, seen_by))
+    }
+}
+
+/// Softmax over the last dimension, in f32. Masked entries carry f32::MIN, so a query that sees
+/// no entry at all gets a uniform row rather than NaN.
+fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// A tensor's values, flattened, as f32.
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}

@@ -1,0 +1,47 @@
+//! AdaKVPress (arXiv 2407.11550): per-head budgets. The row's budget (heads × kept) is spent on
+//! the best entries across all its KV heads, each head first guaranteed `alpha_safeguard` of its
+//! share. kvpress only masks the evicted keys; here each head keeps exactly its entries and the
+//! cache becomes ragged, so the memory is really freed.
+
+use crate::budget::Budget;
+use crate::compress::top_k;
+use crate::error::Result;
+use crate::observation::Observation;
+use crate::scorer::Scorer;
+use crate::select::Selector;
+
+#[derive(Debug)]
+pub struct AdaKv {
+    pub scorer: Box<dyn Scorer>,
+    pub alpha_safeguard: f64,
+}
+
+impl Selector for AdaKv {
+    fn scorer(&self) -> &dyn Scorer {
+        self.scorer.as_ref()
+    }
+
+    fn select(&self, _obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
+        // Safeguarded entries first, then the best of the rest across heads.
+        let mut candidates: Vec<(bool, f32, usize, usize)> = Vec::new();
+        let mut total_kept = 0;
+        for (h, s) in scores.iter().enumerate() {
+            let kept = budget.kept(s.len());
+            total_kept += kept;
+            let safe = top_k(s, (kept as f64 * self.alpha_safeguard) as usize);
+            let mut is_safe = vec![false; s.len()];
+            safe.iter().for_each(|&i| is_safe[i] = true);
+            candidates.extend(s.iter().enumerate().map(|(i, &v)| (is_safe[i], v, h, i)));
+        }
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then((a.2, a.3).cmp(&(b.2, b.3))));
+        let mut chosen = vec![Vec::new(); scores.len()];
+        for &(_, _, h, i) in candidates.iter().take(total_kept) {
+            chosen[h].push(i);
+        }
+        Ok(chosen)
+    }
+
+    fn box_clone(&self) -> Box<dyn Selector> {
+        Box::new(AdaKv { scorer: self.scorer.box_clone(), alpha_safeguard: self.alpha_safeguard })
+    }
+}

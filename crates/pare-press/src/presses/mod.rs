@@ -1,0 +1,16 @@
+//! Presses: what runs when (prefill, decoding, before every forward) and how scores become
+//! budgets (per layer, per head, per chunk). Each wraps a scorer or another selector.
+
+pub mod adakv;
+pub mod chunkkv;
+pub mod decoding;
+pub mod prefill;
+pub mod pyramidkv;
+pub mod streaming;
+
+pub use adakv::AdaKv;
+pub use chunkkv::ChunkKv;
+pub use decoding::DecodingPress;
+pub use prefill::PrefillPress;
+pub use pyramidkv::PyramidKv;
+pub use streaming::StreamingPress;

@@ -1,0 +1,32 @@
+//! A scorer press only computes a score per cache entry; the press around it decides what to
+//! keep (kvpress's ScorerPress split).
+
+use crate::error::Result;
+use crate::observation::Observation;
+
+pub trait Scorer: std::fmt::Debug + Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// One score per entry of every KV head of one row, in cache order: higher is kept first.
+    fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>>;
+
+    fn box_clone(&self) -> Box<dyn Scorer>;
+}
+
+/// Give `protected` entries a score above every other score of the row (kvpress pads them with
+/// `max + 1`), so a budget never removes them before the rest.
+pub(crate) fn protect(scores: &mut [Vec<f32>], protected: impl Fn(usize, usize) -> bool) {
+    let max = scores
+        .iter()
+        .enumerate()
+        .flat_map(|(h, s)| s.iter().enumerate().filter(|&(i, _)| !protected(h, i)).map(|(_, &v)| v).collect::<Vec<_>>())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let top = if max.is_finite() { max + 1.0 } else { 1.0 };
+    for (h, s) in scores.iter_mut().enumerate() {
+        for (i, v) in s.iter_mut().enumerate() {
+            if protected(h, i) {
+                *v = top;
+            }
+        }
+    }
+}

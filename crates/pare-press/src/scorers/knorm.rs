@@ -1,0 +1,23 @@
+//! KnormPress (arXiv 2406.11430): keys with a small L2 norm draw the most attention, so the
+//! score is the negated key norm.
+
+use crate::error::Result;
+use crate::observation::{to_vec, Observation};
+use crate::scorer::Scorer;
+
+#[derive(Debug, Clone, Default)]
+pub struct Knorm;
+
+impl Scorer for Knorm {
+    fn name(&self) -> &'static str {
+        "knorm"
+    }
+
+    fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
+        obs.keys.iter().map(|k| Ok(to_vec(&k.sqr()?.sum(1)?.sqrt()?.neg()?)?)).collect()
+    }
+
+    fn box_clone(&self) -> Box<dyn Scorer> {
+        Box::new(self.clone())
+    }
+}

@@ -1,0 +1,17 @@
+//! One file per scorer press. Names, defaults and scoring follow NVIDIA kvpress.
+
+pub mod expected_attention;
+pub mod knorm;
+pub mod observed_attention;
+pub mod random;
+pub mod snapkv;
+pub mod streaming;
+pub mod tova;
+
+pub use expected_attention::ExpectedAttention;
+pub use knorm::Knorm;
+pub use observed_attention::ObservedAttention;
+pub use random::Random;
+pub use snapkv::SnapKv;
+pub use streaming::StreamingScorer;
+pub use tova::Tova;

@@ -1,0 +1,68 @@
+//! SnapKVPress (arXiv 2404.14469): the attention that the last `window` queries pay to each
+//! older entry, averaged over those queries, smoothed by average pooling, averaged over the
+//! query heads of each KV head. The window's own entries are always kept.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::observation::{to_vec, Observation};
+use crate::scorer::{protect, Scorer};
+
+#[derive(Debug, Clone)]
+pub struct SnapKv {
+    pub window: usize,
+    pub kernel: usize,
+}
+
+impl Default for SnapKv {
+    fn default() -> Self {
+        SnapKv { window: 64, kernel: 5 }
+    }
+}
+
+impl Scorer for SnapKv {
+    fn name(&self) -> &'static str {
+        "snapkv"
+    }
+
+    fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
+        let window = self.window.min(obs.observed());
+        let window_start = obs.query_positions[obs.observed() - window];
+        let in_window = |h: usize, i: usize| obs.positions[h][i] >= window_start;
+        let mut scores = Vec::with_capacity(obs.kv_heads());
+        for head in 0..obs.kv_heads() {
+            let n = obs.positions[head].len();
+            // Pooling runs over the older entries only, as kvpress slices the window off first.
+            let older: Vec<usize> = (0..n).filter(|&i| !in_window(head, i)).collect();
+            let mut s = vec![0f32; n];
+            if !older.is_empty() {
+                let mean = obs.attention(head, window)?.mean(1)?; // (group, entries)
+                let idx = Tensor::from_vec(older.iter().map(|&i| i as u32).collect::<Vec<_>>(), older.len(), mean.device())?;
+                let pooled = to_vec(&avg_pool(&mean.index_select(&idx, 1)?, self.kernel)?.mean(0)?)?;
+                for (&i, v) in older.iter().zip(pooled) {
+                    s[i] = v;
+                }
+            }
+            scores.push(s);
+        }
+        protect(&mut scores, in_window);
+        Ok(scores)
+    }
+
+    fn box_clone(&self) -> Box<dyn Scorer> {
+        Box::new(self.clone())
+    }
+}
+
+/// avg_pool1d over the last dim with stride 1 and zero padding kernel/2, dividing by the kernel
+/// size (PyTorch's count_include_pad default): (rows, n) → (rows, n).
+pub(crate) fn avg_pool(x: &Tensor, kernel: usize) -> Result<Tensor> {
+    let n = x.dim(1)?;
+    let pad = kernel / 2;
+    let padded = x.pad_with_zeros(1, pad, pad)?;
+    let mut sum = padded.narrow(1, 0, n)?;
+    for k in 1..kernel {
+        sum = (sum + padded.narrow(1, k, n)?)?;
+    }
+    Ok((sum / kernel as f64)?)
+}

@@ -1,0 +1,37 @@
+//! TOVAPress (arXiv 2401.06104): the attention the last query pays to each entry, averaged over
+//! all query heads (so every KV head ranks entries alike). The last entry is always kept.
+
+use crate::error::Result;
+use crate::observation::{to_vec, Observation};
+use crate::scorer::{protect, Scorer};
+
+#[derive(Debug, Clone, Default)]
+pub struct Tova;
+
+impl Scorer for Tova {
+    fn name(&self) -> &'static str {
+        "tova"
+    }
+
+    fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
+        let last = *obs.query_positions.last().expect("at least one observed query");
+        let per_head: Vec<Vec<f32>> = (0..obs.kv_heads())
+            .map(|h| Ok(to_vec(&obs.attention(h, 1)?.mean(0)?)?))
+            .collect::<Result<_>>()?;
+        let mut scores = if obs.heads_share_entries() {
+            // kvpress averages over every query head; heads hold the same entries here.
+            let n = per_head[0].len();
+            let mean: Vec<f32> = (0..n).map(|i| per_head.iter().map(|s| s[i]).sum::<f32>() / per_head.len() as f32).collect();
+            vec![mean; obs.kv_heads()]
+        } else {
+            // Heads chose different entries earlier: each KV head's own query heads vote.
+            per_head
+        };
+        protect(&mut scores, |h, i| obs.positions[h][i] >= last);
+        Ok(scores)
+    }
+
+    fn box_clone(&self) -> Box<dyn Scorer> {
+        Box::new(self.clone())
+    }
+}

@@ -1,0 +1,38 @@
+//! Selectors turn scores into the entries a row keeps. The default keeps each KV head's top
+//! entries under the budget (kvpress's ScorerPress); wrappers in `presses/` change the rule
+//! (per-layer budgets, per-head budgets, chunks) around any scorer.
+
+use crate::budget::Budget;
+use crate::compress::top_k;
+use crate::error::Result;
+use crate::observation::Observation;
+use crate::scorer::Scorer;
+
+pub trait Selector: std::fmt::Debug + Send + Sync {
+    fn scorer(&self) -> &dyn Scorer;
+
+    /// Per KV head, indices (into that head's scores) of the entries to keep.
+    fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>>;
+
+    fn box_clone(&self) -> Box<dyn Selector>;
+}
+
+/// kvpress's ScorerPress: each KV head keeps its own top `budget.kept(n)` entries.
+#[derive(Debug)]
+pub struct TopK {
+    pub scorer: Box<dyn Scorer>,
+}
+
+impl Selector for TopK {
+    fn scorer(&self) -> &dyn Scorer {
+        self.scorer.as_ref()
+    }
+
+    fn select(&self, _obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
+        Ok(scores.iter().map(|s| top_k(s, budget.kept(s.len()))).collect())
+    }
+
+    fn box_clone(&self) -> Box<dyn Selector> {
+        Box::new(TopK { scorer: self.scorer.box_clone() })
+    }
+}
