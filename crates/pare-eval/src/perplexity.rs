@@ -14,6 +14,11 @@ pub struct PerplexityResult {
     pub nll_sum: f64,
     pub scored_tokens: usize,
     pub tokens: usize,
+    /// The most KV-cache bytes in use in any window.
+    pub kv_bytes_peak: usize,
+    /// With a press: the most bytes a compressed window context held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_bytes_context: Option<usize>,
 }
 
 /// One window: tokens `begin..end` run through the model, targets `score_from..end` scored.
@@ -78,16 +83,21 @@ pub fn perplexity_with(
     let windows = windows(tokens.len(), ctx, stride)?;
     let mut nll_sum = 0.0f64;
     let mut scored = 0usize;
+    let (mut kv_bytes_peak, mut kv_bytes_context) = (0usize, 0usize);
     for (i, w) in windows.iter().enumerate() {
         if w.score_from < w.end {
             // Logits predicting tokens score_from..end, one row each.
             let logits = match press {
                 None => {
-                    let all = model.logits_all(&tokens[w.begin..w.end])?;
+                    let mut cache = model.new_cache(1);
+                    let positions = vec![(0..(w.end - w.begin) as i64).collect::<Vec<_>>()];
+                    let all = model.forward(&[tokens[w.begin..w.end].to_vec()], &positions, &mut cache, Logits::All)?.squeeze(0)?;
+                    kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
                     all.narrow(0, w.score_from - w.begin - 1, w.end - w.score_from)?
                 }
                 Some(press) => {
                     let (first, mut cache) = model.prefill_with(&[tokens[w.begin..w.score_from].to_vec()], Some(press))?;
+                    kv_bytes_context = kv_bytes_context.max(cache.bytes());
                     let rest = &tokens[w.score_from..w.end - 1];
                     if rest.is_empty() {
                         first
@@ -95,6 +105,7 @@ pub fn perplexity_with(
                         let start = cache.next_position[0];
                         let positions = vec![(start..start + rest.len() as i64).collect::<Vec<_>>()];
                         let more = model.forward(&[rest.to_vec()], &positions, &mut cache, Logits::All)?.squeeze(0)?;
+                        kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
                         Tensor::cat(&[&first, &more], 0)?
                     }
                 }
@@ -104,7 +115,14 @@ pub fn perplexity_with(
         }
         progress(i + 1, windows.len());
     }
-    Ok(PerplexityResult { ppl: (nll_sum / scored as f64).exp(), nll_sum, scored_tokens: scored, tokens: tokens.len() })
+    Ok(PerplexityResult {
+        ppl: (nll_sum / scored as f64).exp(),
+        nll_sum,
+        scored_tokens: scored,
+        tokens: tokens.len(),
+        kv_bytes_peak: kv_bytes_peak.max(kv_bytes_context),
+        kv_bytes_context: press.map(|_| kv_bytes_context),
+    })
 }
 
 /// Summed negative log-likelihood of `targets` under logits (targets, vocab).

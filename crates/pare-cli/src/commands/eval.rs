@@ -1,16 +1,21 @@
 //! `pare eval`: quality measurements.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
+use crate::press_args::{human_bytes, PressArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
-    /// Perplexity of a text file by the sliding-window method.
+    /// Perplexity of a text file by the sliding-window method (or token by token with --stream).
     Ppl(PplArgs),
+    /// Needle-in-a-haystack retrieval accuracy over long contexts.
+    Needle(NeedleArgs),
+    /// Quality against KV-cache compression: presses × ratios, one table and an SVG plot.
+    Compare(CompareArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -29,6 +34,72 @@ pub struct PplArgs {
     /// Keep only the first T tokens of the text.
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// Score the text token by token from its first token, one forward per token over one
+    /// cache, as StreamingLLM evaluates (the press acts as it defines).
+    #[arg(long)]
+    pub stream: bool,
+    #[command(flatten)]
+    pub press: PressArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NeedleArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory of .txt essays (default: the Paul Graham essays in assets/).
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
+    /// Context lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096")]
+    pub ctx: Vec<usize>,
+    /// Needle depths in percent of the context.
+    #[arg(long, value_delimiter = ',', default_value = "0,25,50,75,100")]
+    pub depths: Vec<f64>,
+    /// Trials per cell, each with its own needle.
+    #[arg(long, default_value_t = 1)]
+    pub trials: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub press: PressArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Presses to compare (each may be a `+` chain).
+    #[arg(long, value_delimiter = ',', default_value = "knorm,snapkv,streaming,expected-attention")]
+    pub presses: Vec<String>,
+    /// Compression ratios (fractions removed).
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
+    pub ratios: Vec<f64>,
+    /// Text whose continuations are scored after a compressed context.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Window length: the compressed context plus the scored continuation.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Continuation scored per window, after ctx − continuation tokens of compressed context.
+    #[arg(long, default_value_t = 128)]
+    pub continuation: usize,
+    /// Keep only the first T tokens of the text.
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens: usize,
+    /// Needle contexts (tokens); an empty list skips the needle test.
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    pub needle_ctx: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "10,50,90")]
+    pub needle_depths: Vec<f64>,
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
+    /// Where the plot goes.
+    #[arg(long, default_value = "compare.svg")]
+    pub plot: PathBuf,
     #[arg(long)]
     pub json: bool,
 }
@@ -36,7 +107,18 @@ pub struct PplArgs {
 pub fn run(command: EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Ppl(args) => ppl(args),
+        EvalCommand::Needle(args) => needle(args),
+        EvalCommand::Compare(args) => compare(args),
     }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))?;
+    if text.trim().is_empty() {
+        bail!("{}: the text is empty", path.display());
+    }
+    Ok(text)
 }
 
 fn ppl(args: PplArgs) -> Result<()> {
@@ -45,21 +127,34 @@ fn ppl(args: PplArgs) -> Result<()> {
     if args.max_tokens == Some(0) {
         bail!("--max-tokens must be at least 2");
     }
-    let bytes = std::fs::read(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", args.text.display()))?;
-    if text.trim().is_empty() {
-        bail!("{}: the text is empty", args.text.display());
-    }
+    let press = args.press.build()?;
+    let text = read_text(&args.text)?;
     let loaded = args.model.load()?;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
     }
     let bar = progress_bar(0, "perplexity");
-    let result = pare_eval::perplexity(&loaded.model, &tokens, args.ctx, args.stride, |done, total| {
+    let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
+    };
+    if args.stream {
+        let result = pare_eval::perplexity_stream(&loaded.model, &tokens, press.as_deref(), progress)?;
+        bar.finish_and_clear();
+        if args.json {
+            print_json(&result)?;
+        } else {
+            println!(
+                "ppl {:.4} over {} tokens, token by token; KV cache peak {}",
+                result.ppl,
+                result.scored_tokens,
+                human_bytes(result.kv_bytes_peak)
+            );
+        }
+        return Ok(());
+    }
+    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, args.stride, press.as_deref(), progress)?;
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
@@ -69,5 +164,194 @@ fn ppl(args: PplArgs) -> Result<()> {
             result.ppl, result.scored_tokens, result.tokens, args.ctx, args.stride
         );
     }
+    Ok(())
+}
+
+fn haystack_dir(given: &Option<PathBuf>) -> PathBuf {
+    given.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("PaulGrahamEssays"))
+}
+
+fn check_needle_args(ctx: &[usize], depths: &[f64]) -> Result<()> {
+    if let Some(d) = depths.iter().find(|d| !(0.0..=100.0).contains(*d)) {
+        bail!("--depths are percentages in [0, 100], got {d}");
+    }
+    if ctx.contains(&0) {
+        bail!("--ctx lengths must be positive");
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct NeedleCell {
+    ctx: usize,
+    depth_percent: f64,
+    accuracy: f64,
+    trials: Vec<pare_eval::needle::NeedleTrial>,
+}
+
+/// Every (ctx, depth) cell of the grid, `trials` needles each.
+fn needle_grid(
+    loaded: &pare_model::LoadedModel,
+    haystack: &str,
+    ctx: &[usize],
+    depths: &[f64],
+    trials: usize,
+    seed: u64,
+    press: Option<&dyn pare_press::CachePress>,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<NeedleCell>> {
+    let tok = loaded.tokenizer()?;
+    let mut cells = Vec::new();
+    for &c in ctx {
+        for &d in depths {
+            let mut runs = Vec::new();
+            for t in 0..trials {
+                let trial_seed = seed ^ (c as u64) << 20 ^ (d as u64) << 8 ^ t as u64;
+                runs.push(pare_eval::needle::needle_trial(&loaded.model, tok, haystack, c, d, trial_seed, press)?);
+                bar.inc(1);
+            }
+            let accuracy = runs.iter().filter(|r| r.found).count() as f64 / runs.len() as f64;
+            cells.push(NeedleCell { ctx: c, depth_percent: d, accuracy, trials: runs });
+        }
+    }
+    Ok(cells)
+}
+
+fn needle(args: NeedleArgs) -> Result<()> {
+    check_needle_args(&args.ctx, &args.depths)?;
+    if args.trials == 0 {
+        bail!("--trials must be at least 1");
+    }
+    let press = args.press.build()?;
+    let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
+    let loaded = args.model.load()?;
+    let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
+    let cells = needle_grid(&loaded, &haystack, &args.ctx, &args.depths, args.trials, args.seed, press.as_deref(), &bar)?;
+    bar.finish_and_clear();
+    let overall = cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64;
+    if args.json {
+        return print_json(&serde_json::json!({ "accuracy": overall, "cells": cells }));
+    }
+    print!("{:>8}", "ctx");
+    for d in &args.depths {
+        print!("  {:>7}", format!("{d}%"));
+    }
+    println!();
+    for c in &args.ctx {
+        print!("{c:>8}");
+        for cell in cells.iter().filter(|cell| cell.ctx == *c) {
+            print!("  {:>7.2}", cell.accuracy);
+        }
+        println!();
+    }
+    println!("accuracy {overall:.3}");
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct CompareRow {
+    press: String,
+    ratio: f64,
+    ppl: f64,
+    kv_bytes: usize,
+    needle_accuracy: Option<f64>,
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    if args.presses.is_empty() || args.ratios.is_empty() {
+        bail!("give at least one press and one ratio");
+    }
+    if args.continuation == 0 || args.continuation >= args.ctx {
+        bail!("--continuation must be between 1 and --ctx − 1 (the rest of each window is the compressed context)");
+    }
+    check_needle_args(&args.needle_ctx, &args.needle_depths)?;
+    // Every press and ratio is checked before the long run starts.
+    for press in &args.presses {
+        for &ratio in &args.ratios {
+            PressArgs { press: Some(press.clone()), ratio: Some(ratio), ..PressArgs::default() }.build()?;
+        }
+    }
+    let text = read_text(&args.text)?;
+    let haystack = if args.needle_ctx.is_empty() { None } else { Some(pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?) };
+    let loaded = args.model.load()?;
+    let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
+    tokens.truncate(args.max_tokens);
+    if tokens.len() <= args.ctx {
+        bail!("{}: {} tokens, fewer than one window of --ctx {}", args.text.display(), tokens.len(), args.ctx);
+    }
+    let stride = args.continuation;
+    let runs: Vec<(String, f64)> = std::iter::once(("none".to_string(), 0.0))
+        .chain(args.presses.iter().flat_map(|p| args.ratios.iter().map(move |&r| (p.clone(), r))))
+        .collect();
+    let windows = pare_eval::perplexity::windows(tokens.len(), args.ctx, stride)?.len() as u64;
+    let needle_runs = (args.needle_ctx.len() * args.needle_depths.len()) as u64;
+    let bar = progress_bar(runs.len() as u64 * (windows + needle_runs), "compare");
+    let mut rows = Vec::new();
+    for (name, ratio) in &runs {
+        let press = if name == "none" {
+            None
+        } else {
+            PressArgs { press: Some(name.clone()), ratio: Some(*ratio), ..PressArgs::default() }.build()?
+        };
+        bar.set_message(format!("{name} {ratio}"));
+        let start = bar.position();
+        let ppl = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, press.as_deref(), |done, _| {
+            bar.set_position(start + done as u64)
+        })?;
+        let needle_accuracy = match &haystack {
+            Some(h) => {
+                let cells = needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, press.as_deref(), &bar)?;
+                Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
+            }
+            None => None,
+        };
+        rows.push(CompareRow {
+            press: name.clone(),
+            ratio: *ratio,
+            ppl: ppl.ppl,
+            kv_bytes: ppl.kv_bytes_context.unwrap_or(ppl.kv_bytes_peak),
+            needle_accuracy,
+        });
+    }
+    bar.finish_and_clear();
+
+    let baseline = &rows[0];
+    let series = |value: &dyn Fn(&CompareRow) -> Option<f64>| -> Vec<pare_eval::plot::Series> {
+        args.presses
+            .iter()
+            .map(|p| pare_eval::plot::Series {
+                name: p.clone(),
+                points: std::iter::once(baseline)
+                    .chain(rows.iter().filter(|r| &r.press == p))
+                    .filter_map(|r| value(r).map(|v| (r.ratio, v)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let mut panels = vec![pare_eval::plot::Panel {
+        title: format!("Perplexity of a {}-token continuation", args.continuation),
+        x_label: "compression ratio (fraction of KV entries removed)".into(),
+        y_label: "perplexity".into(),
+        series: series(&|r| Some(r.ppl)),
+    }];
+    if haystack.is_some() {
+        panels.push(pare_eval::plot::Panel {
+            title: "Needle-in-a-haystack accuracy".into(),
+            x_label: "compression ratio".into(),
+            y_label: "accuracy".into(),
+            series: series(&|r| r.needle_accuracy),
+        });
+    }
+    std::fs::write(&args.plot, pare_eval::plot::svg(&panels)).with_context(|| format!("cannot write {}", args.plot.display()))?;
+
+    if args.json {
+        return print_json(&serde_json::json!({ "rows": rows, "plot": args.plot }));
+    }
+    println!("{:<24} {:>6} {:>10} {:>12} {:>8}", "press", "ratio", "ppl", "KV context", "needle");
+    for r in &rows {
+        let needle = r.needle_accuracy.map_or("-".to_string(), |a| format!("{a:.2}"));
+        println!("{:<24} {:>6.2} {:>10.4} {:>12} {:>8}", r.press, r.ratio, r.ppl, human_bytes(r.kv_bytes), needle);
+    }
+    println!("plot: {}", args.plot.display());
     Ok(())
 }
