@@ -33,6 +33,10 @@ impl Selector for AdaKv {
             safe.iter().for_each(|&i| is_safe[i] = true);
             candidates.extend(s.iter().enumerate().map(|(i, &v)| (is_safe[i], v, h, i)));
         }
+        if let Budget::Entries(k) = budget {
+            // An entry budget is per head on average: heads that kept less earlier may grow.
+            total_kept = (k * scores.len()).min(scores.iter().map(Vec::len).sum());
+        }
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then((a.2, a.3).cmp(&(b.2, b.3))));
         let mut chosen = vec![Vec::new(); scores.len()];
         for &(_, _, h, i) in candidates.iter().take(total_kept) {

@@ -1,0 +1,239 @@
+//! Presses on real models: exactness at ratio 0, budgets that really shrink the cache, batches
+//! where every row keeps its own budget, every architecture, beam search, and position policies.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use pare_model::{CachePress, KvCache, LoadedModel, Model, WeightDType};
+use pare_press::{build, PositionPolicy, PressOptions};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn load(path: PathBuf) -> LoadedModel {
+    pare_model::load(path.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+fn smollm2() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| load(repo().join("assets/SmolLM2-135M-Instruct.Q4_1.gguf")))
+}
+
+fn text_tokens(n: usize) -> Vec<u32> {
+    let text = std::fs::read_to_string(repo().join("assets/texts/wiki.utf8")).expect("make assets");
+    let mut ids = smollm2().tokenizer().unwrap().encode(&text, true).unwrap();
+    ids.truncate(n);
+    ids
+}
+
+fn press(spec: &str, opts: PressOptions) -> Box<dyn CachePress> {
+    build(spec, &opts).unwrap_or_else(|e| panic!("{spec}: {e}"))
+}
+
+fn ratio(r: f64) -> PressOptions {
+    PressOptions { ratio: Some(r), ..PressOptions::default() }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Prefill, then `steps` greedy decode steps; the logits of every step.
+fn run(model: &Model, prompts: &[Vec<u32>], press: Option<&dyn CachePress>, steps: usize) -> (Vec<Tensor>, KvCache) {
+    let (mut logits, mut cache) = model.prefill_with(prompts, press).unwrap();
+    let mut all = vec![logits.clone()];
+    for _ in 0..steps {
+        let next: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+        logits = model.decode(&mut cache, &next).unwrap();
+        all.push(logits.clone());
+    }
+    (all, cache)
+}
+
+const ALL_PRESSES: &[&str] = &[
+    "knorm",
+    "snapkv",
+    "tova",
+    "observed-attention",
+    "expected-attention",
+    "random",
+    "streaming",
+    "pyramidkv",
+    "adakv+snapkv",
+    "chunkkv+knorm",
+];
+
+#[test]
+fn ratio_zero_gives_exactly_the_uncompressed_logits() {
+    let model = &smollm2().model;
+    let prompt = vec![text_tokens(80)];
+    let (reference, _) = run(model, &prompt, None, 3);
+    for spec in ALL_PRESSES {
+        let p = press(spec, ratio(0.0));
+        let (got, cache) = run(model, &prompt, Some(p.as_ref()), 3);
+        for (a, b) in reference.iter().zip(&got) {
+            assert_eq!(max_diff(a, b), 0.0, "{spec}");
+        }
+        assert_eq!(cache.bytes(), cache.uncompressed_bytes(), "{spec}");
+    }
+    // The streaming rule with room for everything, and a decoding press that never fires.
+    let streaming = press("streaming", PressOptions { capacity: Some(1000), ..PressOptions::default() });
+    let decoding = press("decoding+knorm", PressOptions { budget: Some(1000), interval: Some(2), ..PressOptions::default() });
+    for p in [streaming, decoding] {
+        let (got, _) = run(model, &prompt, Some(p.as_ref()), 3);
+        for (a, b) in reference.iter().zip(&got) {
+            assert_eq!(max_diff(a, b), 0.0, "{p:?}");
+        }
+    }
+}
+
+#[test]
+fn budgets_shrink_the_cache_in_proportion_per_head_budgets_included() {
+    let model = &smollm2().model;
+    let prompt = vec![text_tokens(200)];
+    for (spec, r) in [("knorm", 0.5), ("snapkv", 0.75), ("adakv+snapkv", 0.5), ("adakv+expected-attention", 0.75)] {
+        let (_, cache) = model.prefill_with(&prompt, Some(press(spec, ratio(r)).as_ref())).unwrap();
+        let kept_per_head = (200.0 * (1.0 - r)) as usize;
+        for layer in &cache.layers {
+            let counts = layer.entry_counts();
+            assert_eq!(counts.iter().sum::<usize>(), 3 * kept_per_head, "{spec}: the row's budget is spent exactly");
+        }
+        assert_eq!(cache.bytes(), cache.uncompressed_bytes() / 200 * kept_per_head, "{spec}");
+        // What is allocated is what is kept: per-head budgets free memory for real.
+        assert_eq!(cache.allocated_bytes(), cache.bytes(), "{spec}");
+        if spec.starts_with("adakv") {
+            let ragged = cache.layers.iter().any(|l| l.entry_counts().windows(2).any(|w| w[0] != w[1]));
+            assert!(ragged, "{spec}: heads should get different budgets");
+        }
+    }
+    let (_, cache) = model.prefill_with(&prompt, Some(press("pyramidkv", ratio(0.5)).as_ref())).unwrap();
+    let per_layer: Vec<usize> = cache.layers.iter().map(|l| l.entries(0, 0)).collect();
+    assert!(per_layer.windows(2).all(|w| w[0] >= w[1]) && per_layer[0] > per_layer[29], "pyramid: {per_layer:?}");
+    let total: usize = per_layer.iter().sum();
+    assert!((total as f64 / (30.0 * 100.0) - 1.0).abs() < 0.02, "pyramid keeps the uniform total: {total}");
+}
+
+#[test]
+fn each_row_of_a_batch_keeps_its_own_budget_and_matches_running_alone() {
+    let model = &smollm2().model;
+    let long = text_tokens(120);
+    let short = long[30..100].to_vec();
+    for spec in ["snapkv", "adakv+knorm", "expected-attention"] {
+        let p = press(spec, ratio(0.5));
+        let (batch, cache) = run(model, &[long.clone(), short.clone()], Some(p.as_ref()), 2);
+        assert_eq!(cache.layers[0].entries(0, 0) + cache.layers[0].entries(0, 1) + cache.layers[0].entries(0, 2), 3 * 60 + 3 * 2);
+        assert_eq!(cache.layers[0].entries(1, 0) + cache.layers[0].entries(1, 1) + cache.layers[0].entries(1, 2), 3 * 35 + 3 * 2);
+        for (row, prompt) in [long.clone(), short.clone()].into_iter().enumerate() {
+            let (alone, _) = run(model, &[prompt], Some(p.as_ref()), 2);
+            for (step, (a, b)) in alone.iter().zip(&batch).enumerate() {
+                let d = max_diff(&a.get(0).unwrap(), &b.get(row).unwrap());
+                assert!(d < 2e-3, "{spec} row {row} step {step}: {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn streaming_rule_keeps_sinks_and_the_newest_entries() {
+    let model = &smollm2().model;
+    let tokens = text_tokens(60);
+    let p = press("streaming", PressOptions { sinks: Some(4), capacity: Some(16), ..PressOptions::default() });
+    let (mut logits, mut cache) = model.prefill_with(&[tokens[..1].to_vec()], Some(p.as_ref())).unwrap();
+    for &t in &tokens[1..] {
+        logits = model.decode(&mut cache, &[t]).unwrap();
+    }
+    assert!(logits.dims() == [1, 49152]);
+    // Cut to 16 before the last token came in, which then added one.
+    let expected: Vec<i64> = (0..4).chain(47..60).collect();
+    for layer in &cache.layers {
+        for h in 0..3 {
+            assert_eq!(layer.positions(0, h), expected.as_slice());
+        }
+    }
+    // Rerotate: the cache holds contiguous positions and the next token continues right after.
+    let opts = PressOptions { sinks: Some(4), capacity: Some(16), positions: PositionPolicy::Rerotate, ..PressOptions::default() };
+    let p = press("streaming", opts);
+    let (_, mut cache) = model.prefill_with(&[tokens[..1].to_vec()], Some(p.as_ref())).unwrap();
+    for &t in &tokens[1..] {
+        model.decode(&mut cache, &[t]).unwrap();
+    }
+    assert_eq!(cache.layers[5].positions(0, 1), (0..17).collect::<Vec<i64>>().as_slice());
+    assert_eq!(cache.next_position, vec![16]);
+}
+
+#[test]
+fn rerotated_keys_equal_keys_rotated_at_the_new_positions() {
+    // A knorm prefill with rerotate must equal computing the kept tokens' keys at 0..n directly:
+    // check through the logits of a follow-up token against a fresh prefill of the kept tokens
+    // in layer 0, whose keys depend only on token and position.
+    let model = &smollm2().model;
+    let tokens = text_tokens(40);
+    let opts = PressOptions { ratio: Some(0.5), positions: PositionPolicy::Rerotate, ..PressOptions::default() };
+    let (_, cache) = model.prefill_with(&[tokens.clone()], Some(press("streaming", opts).as_ref())).unwrap();
+    let layer0 = &cache.layers[0];
+    let kept: Vec<i64> = (0..4).chain(24..40).collect();
+    assert_eq!(layer0.positions(0, 0), (0..20).collect::<Vec<i64>>().as_slice());
+    let kept_tokens: Vec<u32> = kept.iter().map(|&p| tokens[p as usize]).collect();
+    let (_, fresh) = model.prefill(&[kept_tokens]).unwrap();
+    let (k_rot, _) = layer0.head_kv(0, 2).unwrap().unwrap();
+    let (k_fresh, _) = fresh.layers[0].head_kv(0, 2).unwrap().unwrap();
+    let d = max_diff(&k_rot, &k_fresh);
+    assert!(d < 1e-3, "re-rotated keys differ by {d}");
+    assert_eq!(cache.next_position, vec![20]);
+}
+
+#[test]
+fn presses_run_on_gpt_neox_and_other_architectures() {
+    for name in ["gptneox-tiny", "mistral-tiny", "qwen2-tiny", "llama-tiny"] {
+        let loaded = load(repo().join("tests/fixtures").join(name).join("model"));
+        let model = &loaded.model;
+        let prompt: Vec<u32> = (0..48u32).map(|i| (i * 37 + 5) % 200).collect();
+        let (reference, _) = run(model, &[prompt.clone()], None, 2);
+        for spec in ["snapkv", "expected-attention", "adakv+tova", "observed-attention"] {
+            let (zero, _) = run(model, &[prompt.clone()], Some(press(spec, ratio(0.0)).as_ref()), 2);
+            assert_eq!(max_diff(&zero[2], &reference[2]), 0.0, "{name} {spec}");
+            let (got, cache) = run(model, &[prompt.clone()], Some(press(spec, ratio(0.5)).as_ref()), 2);
+            assert!(got.iter().all(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())), "{name} {spec}");
+            assert_eq!(cache.total_entries() * 2, cache.layers.iter().map(|l| l.kv_heads()).sum::<usize>() * (48 + 4), "{name} {spec}");
+        }
+    }
+}
+
+#[test]
+fn decoding_press_compresses_back_to_the_budget_every_interval() {
+    let model = &smollm2().model;
+    let prompt = vec![text_tokens(50)];
+    let opts = PressOptions { budget: Some(32), interval: Some(8), buffer: Some(8), ..PressOptions::default() };
+    for spec in ["decoding+snapkv", "decoding+adakv+knorm", "decoding+expected-attention"] {
+        let p = press(spec, opts.clone());
+        let (_, mut cache) = model.prefill_with(&prompt, Some(p.as_ref())).unwrap();
+        assert_eq!(cache.layers[3].entries(0, 0), 50, "{spec}: no compression at prefill");
+        let mut sizes = Vec::new();
+        for step in 0..16u32 {
+            model.decode(&mut cache, &[100 + step]).unwrap();
+            sizes.push(cache.layers[3].entry_counts().iter().sum::<usize>());
+        }
+        // Steps 1..7 grow, step 8 compresses to 32 per head, then grows again to step 16.
+        assert_eq!(sizes[7], 3 * 32, "{spec}: {sizes:?}");
+        assert_eq!(sizes[15], 3 * 32, "{spec}: {sizes:?}");
+        assert_eq!(sizes[8], 3 * 33, "{spec}: {sizes:?}");
+    }
+}
+
+#[test]
+fn beam_search_runs_over_a_compressed_cache() {
+    let loaded = smollm2();
+    let prompt = text_tokens(60);
+    let cfg = pare_generate::beam::BeamConfig::new(3, 6, vec![2]);
+    let plain = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, None, &mut |_, _, _, _| {}).unwrap();
+    let zero = press("snapkv", ratio(0.0));
+    let same = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(zero.as_ref()), &mut |_, _, _, _| {}).unwrap();
+    assert_eq!(plain.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>(), same.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>());
+    let decoding = press("decoding+adakv+snapkv", PressOptions { budget: Some(40), interval: Some(2), ..PressOptions::default() });
+    let hyps = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(decoding.as_ref()), &mut |_, _, _, _| {}).unwrap();
+    assert_eq!(hyps.len(), 1);
+    assert_eq!(hyps[0].tokens.len(), 6);
+}
