@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use crate::common::{peak_rss_bytes, print_json, ModelArgs};
+use crate::press_args::PressArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -23,6 +24,8 @@ pub struct Args {
     /// Prefill is timed this many times; the median is reported (single runs vary by several %).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    #[command(flatten)]
+    pub press: PressArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -31,6 +34,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt_len == 0 || args.batch == 0 {
         bail!("--prompt-len and --batch must be at least 1");
     }
+    let press = args.press.build()?;
     let loaded = args.model.load()?;
     let model = &loaded.model;
     let ctx = model.config.max_position_embeddings;
@@ -53,12 +57,13 @@ pub fn run(args: Args) -> Result<()> {
     let mut filled = None;
     for _ in 0..args.repeat.max(1) {
         let start = Instant::now();
-        filled = Some(model.prefill(&prompts)?);
+        filled = Some(model.prefill_with(&prompts, press.as_deref())?);
         prefill_times.push(start.elapsed().as_secs_f64());
     }
     prefill_times.sort_by(f64::total_cmp);
     let prefill_s = prefill_times[prefill_times.len() / 2];
     let (mut logits, mut cache) = filled.expect("at least one prefill");
+    let kv_bytes_prefill = cache.bytes();
     let start = Instant::now();
     for _ in 0..args.gen_len {
         let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
@@ -76,6 +81,8 @@ pub fn run(args: Args) -> Result<()> {
             "prefill_s": prefill_s, "decode_s": decode_s,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
             "kv_cache_bytes": kv_bytes, "kv_cache_allocated_bytes": cache.allocated_bytes(),
+            "kv_cache_bytes_prefill": kv_bytes_prefill, "kv_cache_uncompressed_bytes": cache.uncompressed_bytes(),
+            "press": args.press.press,
             "peak_rss_bytes": peak,
         }))?;
     } else {
@@ -83,7 +90,11 @@ pub fn run(args: Args) -> Result<()> {
         println!("shape      batch {} × prompt {} + {} new", args.batch, args.prompt_len, args.gen_len);
         println!("prefill    {prefill_tok_s:.1} tok/s ({prefill_s:.3} s)");
         println!("decode     {decode_tok_s:.1} tok/s ({decode_s:.3} s)");
-        println!("kv cache   {:.2} MiB", kv_bytes as f64 / (1 << 20) as f64);
+        println!(
+            "kv cache   {:.2} MiB ({:.2} MiB uncompressed)",
+            kv_bytes as f64 / (1 << 20) as f64,
+            cache.uncompressed_bytes() as f64 / (1 << 20) as f64
+        );
         if let Some(p) = peak {
             println!("peak rss   {:.1} MiB", p as f64 / (1 << 20) as f64);
         }
