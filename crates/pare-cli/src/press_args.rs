@@ -12,7 +12,7 @@ pub struct PressArgs {
     #[arg(long, help_heading = "KV-cache compression")]
     pub press: Option<String>,
     /// Fraction of the cache entries removed, in [0, 1) (with decoding: of the prompt, at prefill).
-    #[arg(long, help_heading = "KV-cache compression")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "KV-cache compression")]
     pub ratio: Option<f64>,
     /// Entries kept per layer and KV head (with decoding: the target while decoding).
     #[arg(long, help_heading = "KV-cache compression")]

@@ -282,3 +282,29 @@ fn bad_decoding_parameters() {
         expect(&args, needle);
     }
 }
+
+#[test]
+fn bad_press_settings_are_one_line_errors() {
+    let gen = |extra: &[&str]| -> Vec<String> {
+        ["generate", "--prompt", "Hello", "--max-new-tokens", "2"].iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let check = |extra: &[&str], needle: &str| {
+        let args = gen(extra);
+        expect(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    };
+    check(&["--press", "knorm", "--ratio", "1.0"], "--ratio must be in [0, 1)");
+    check(&["--press", "knorm", "--ratio", "-0.2"], "--ratio must be in [0, 1)");
+    check(&["--press", "streaming", "--sinks", "8", "--capacity", "4"], "must be at least --sinks");
+    check(&["--press", "knorm", "--budget", "0"], "--budget must be at least 1");
+    check(&["--press", "squeeze", "--ratio", "0.5"], "unknown press");
+    check(&["--press", "knorm", "--ratio", "0.5", "--window", "32"], "--window does not apply");
+    check(&["--press", "snapkv", "--ratio", "0.5", "--chunk-length", "8"], "--chunk-length does not apply");
+    check(&["--ratio", "0.5"], "--ratio needs --press");
+    check(&["--press", "knorm"], "needs --ratio");
+    check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");
+    check(&["--press", "knorm+snapkv", "--ratio", "0.5"], "not a wrapper");
+    check(&["--press", "decoding+knorm"], "decoding needs --budget");
+    expect(&["eval", "ppl", "--text", "README.md", "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
+    expect(&["eval", "needle", "--depths", "150"], "percentages in [0, 100]");
+    expect(&["eval", "compare", "--text", "README.md", "--ctx", "64", "--continuation", "64"], "--continuation must be between");
+}

@@ -187,3 +187,64 @@ fn quantized_weights_stay_close_to_exact_f32() {
     let v = pare_json(&["generate", "--prompt", &long, "--max-new-tokens", "4", "--dtype", "q"]);
     assert_eq!(v["tokens"].as_array().unwrap().len(), 4);
 }
+
+fn wiki() -> String {
+    repo().join("assets/texts/wiki.utf8").to_str().unwrap().to_string()
+}
+
+#[test]
+fn presses_shrink_the_cache_in_generate_and_score() {
+    let plain = pare_json(&["score", "--prompt", &"The capital of France is Paris. ".repeat(6), "--then", " The capital"]);
+    let pressed = pare_json(&["score", "--prompt", &"The capital of France is Paris. ".repeat(6), "--then", " The capital", "--press", "snapkv", "--ratio", "0.5", "--window", "8"]);
+    let (full, half) = (plain["kv_bytes_prefill"].as_u64().unwrap(), pressed["kv_bytes_prefill"].as_u64().unwrap());
+    // Half the entries, rounded down: 30 layers × 3 KV heads × 64 dims × K and V × 4 bytes each.
+    let entry = 30 * 3 * 64 * 2 * 4;
+    assert_eq!(half / entry, full / entry / 2, "bytes {half} vs {full}");
+    assert_eq!(pressed["kv_bytes_uncompressed"], plain["kv_bytes"]);
+    let v = pare_json(&["generate", "--prompt", &"Paris is in France. ".repeat(8), "--max-new-tokens", "4", "--press", "adakv+expected-attention", "--ratio", "0.75"]);
+    let cache = &v["cache"];
+    assert!(cache["kv_bytes_final"].as_u64().unwrap() * 2 < cache["kv_bytes_uncompressed"].as_u64().unwrap());
+}
+
+#[test]
+fn eval_ppl_streams_token_by_token_and_reports_peak_cache() {
+    let full = pare_json(&["eval", "ppl", "--text", &wiki(), "--max-tokens", "80", "--stream"]);
+    let capped = pare_json(&["eval", "ppl", "--text", &wiki(), "--max-tokens", "80", "--stream", "--press", "streaming", "--sinks", "4", "--capacity", "32"]);
+    assert_eq!(full["scored_tokens"], 79);
+    let (a, b) = (full["kv_bytes_peak"].as_u64().unwrap(), capped["kv_bytes_peak"].as_u64().unwrap());
+    // 79 entries at most uncompressed; 33 (capacity plus the token being processed) with the press.
+    assert_eq!(a / 79, b / 33);
+    assert!(capped["ppl"].as_f64().unwrap() > full["ppl"].as_f64().unwrap() * 0.9);
+    // Sliding-window PPL with a press: the continuation after a compressed context.
+    let w = pare_json(&["eval", "ppl", "--text", &wiki(), "--max-tokens", "200", "--ctx", "100", "--stride", "50", "--press", "knorm", "--ratio", "0.5"]);
+    assert_eq!(w["scored_tokens"], 199);
+    assert!(w["kv_bytes_context"].as_u64().unwrap() < w["kv_bytes_peak"].as_u64().unwrap());
+}
+
+#[test]
+fn eval_compare_writes_a_table_and_a_plot() {
+    let plot = std::env::temp_dir().join(format!("pare-compare-{}.svg", std::process::id()));
+    let v = pare_json(&[
+        "eval", "compare", "--text", &wiki(), "--max-tokens", "260", "--ctx", "128", "--continuation", "64",
+        "--presses", "knorm,streaming", "--ratios", "0.5", "--needle-ctx", "200", "--needle-depths", "50",
+        "--plot", plot.to_str().unwrap(),
+    ]);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "baseline plus one row per press and ratio");
+    assert_eq!(rows[0]["press"], "none");
+    assert!(rows[1]["kv_bytes"].as_u64().unwrap() * 2 <= rows[0]["kv_bytes"].as_u64().unwrap() + 46080);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 4);
+}
+
+#[test]
+fn eval_needle_reports_accuracy_per_cell() {
+    let v = pare_json(&["eval", "needle", "--ctx", "300", "--depths", "0,100", "--press", "knorm", "--ratio", "0.25"]);
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    for c in cells {
+        let trial = &c["trials"][0];
+        assert!(trial["prompt_tokens"].as_u64().unwrap() <= 300);
+        assert!(trial["needle"].as_str().unwrap().starts_with("The special magic number is"));
+    }
+}
