@@ -102,12 +102,11 @@ fn insert_needle(context: &str, needle: &str, depth_percent: f64) -> String {
     while at > 0 && !context.is_char_boundary(at) {
         at -= 1;
     }
-    // Back up to the end of the previous sentence so the needle does not split one.
-    if let Some(dot) = context[..at].rfind(". ") {
-        at = dot + 2;
-    } else if depth_percent < 100.0 {
-        at = 0;
+    if at == context.len() {
+        return format!("{context} {needle}");
     }
+    // Back up to the end of the previous sentence so the needle does not split one.
+    at = context[..at].rfind(". ").map_or(0, |dot| dot + 2);
     format!("{}{} {}", &context[..at], needle, &context[at..])
 }
 
@@ -134,7 +133,7 @@ mod tests {
     fn needle_lands_at_sentence_boundaries() {
         let ctx = "One. Two two. Three three three. Four.";
         assert!(insert_needle(ctx, "N.", 0.0).starts_with("N. One."));
-        assert!(insert_needle(ctx, "N.", 100.0).ends_with("N. "));
+        assert!(insert_needle(ctx, "N.", 100.0).ends_with("Four. N."));
         let mid = insert_needle(ctx, "N.", 50.0);
         assert!(mid.contains(". N. "), "{mid}");
     }
