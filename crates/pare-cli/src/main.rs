@@ -3,6 +3,7 @@
 mod commands;
 mod common;
 mod press_args;
+mod prune_args;
 mod sampling_args;
 
 use clap::{Parser, Subcommand};

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, D};
 use pare_formats::{ChatMessage, TokenizerBundle};
-use pare_model::{CachePress, Model, ModelError, Result};
+use pare_model::{CachePress, Model, ModelError, Result, TokenPruner};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -54,6 +54,7 @@ pub fn needle_trial(
     depth_percent: f64,
     seed: u64,
     press: Option<&dyn CachePress>,
+    pruner: Option<&dyn TokenPruner>,
 ) -> Result<NeedleTrial> {
     if !(0.0..=100.0).contains(&depth_percent) {
         return Err(ModelError::input(format!("--depths are percentages in [0, 100], got {depth_percent}")));
@@ -80,7 +81,7 @@ pub fn needle_trial(
         }
         budget -= (prompt.len() + ANSWER_TOKENS - ctx).max(8);
     };
-    let (mut logits, mut cache) = model.prefill_with(std::slice::from_ref(&prompt), press)?;
+    let (mut logits, mut cache) = model.prefill_pruned(std::slice::from_ref(&prompt), press, pruner)?;
     let kv_bytes = cache.bytes();
     let mut answer_ids = Vec::new();
     for _ in 0..ANSWER_TOKENS {

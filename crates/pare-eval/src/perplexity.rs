@@ -5,7 +5,7 @@
 //! token is scored once, with as much context as its window gives. PPL = exp(ΣNLL / scored).
 
 use candle_core::{DType, Tensor, D};
-use pare_model::{CachePress, Logits, Model, ModelError, Result};
+use pare_model::{CachePress, Logits, Model, ModelError, Result, TokenPruner};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,19 +56,20 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Result<Vec<Window>> {
 
 /// Perplexity of `tokens`; `progress(done, total)` is called after each window.
 pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, stride: usize, progress: impl FnMut(usize, usize)) -> Result<PerplexityResult> {
-    perplexity_with(model, tokens, ctx, stride, None, progress)
+    perplexity_with(model, tokens, ctx, stride, None, None, progress)
 }
 
 /// [`perplexity`] where each window's context (the tokens before its first scored token) is
 /// prefilled into a cache compressed by `press`, and the scored tokens then run over that cache:
-/// the quality of a continuation after a compressed context. Without a press the two forwards
-/// give exactly the one-forward logits.
+/// the quality of a continuation after a compressed context. `pruner` likewise prunes the
+/// context's tokens inside its prefill.
 pub fn perplexity_with(
     model: &Model,
     tokens: &[u32],
     ctx: usize,
     stride: usize,
     press: Option<&dyn CachePress>,
+    pruner: Option<&dyn TokenPruner>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<PerplexityResult> {
     if tokens.len() < 2 {
@@ -87,16 +88,16 @@ pub fn perplexity_with(
     for (i, w) in windows.iter().enumerate() {
         if w.score_from < w.end {
             // Logits predicting tokens score_from..end, one row each.
-            let logits = match press {
-                None => {
+            let logits = match (press, pruner) {
+                (None, None) => {
                     let mut cache = model.new_cache(1);
                     let positions = vec![(0..(w.end - w.begin) as i64).collect::<Vec<_>>()];
                     let all = model.forward(&[tokens[w.begin..w.end].to_vec()], &positions, &mut cache, Logits::All)?.squeeze(0)?;
                     kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
                     all.narrow(0, w.score_from - w.begin - 1, w.end - w.score_from)?
                 }
-                Some(press) => {
-                    let (first, mut cache) = model.prefill_with(&[tokens[w.begin..w.score_from].to_vec()], Some(press))?;
+                _ => {
+                    let (first, mut cache) = model.prefill_pruned(&[tokens[w.begin..w.score_from].to_vec()], press, pruner)?;
                     kv_bytes_context = kv_bytes_context.max(cache.bytes());
                     let rest = &tokens[w.score_from..w.end - 1];
                     if rest.is_empty() {
@@ -121,7 +122,7 @@ pub fn perplexity_with(
         scored_tokens: scored,
         tokens: tokens.len(),
         kv_bytes_peak: kv_bytes_peak.max(kv_bytes_context),
-        kv_bytes_context: press.map(|_| kv_bytes_context),
+        kv_bytes_context: (press.is_some() || pruner.is_some()).then_some(kv_bytes_context),
     })
 }
 

@@ -36,7 +36,7 @@
 //! per token against torch's vectorized one, which adds up in the unnormalized scores.
 
 use candle_core::DType;
-use pare_model::{CachePress, Model, ModelError, Result};
+use pare_model::{CachePress, Model, ModelError, Result, TokenPruner};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// HF's `early_stopping`: `true`, `false` or `"never"`.
@@ -153,16 +153,18 @@ struct Candidate {
 /// `process` is called once per beam and step with the beam's whole sequence (see
 /// [`BeamProcess`]); pass `&mut |_, _, _, _| {}` for plain beam search.
 pub fn beam_search(model: &Model, prompt: &[u32], cfg: &BeamConfig, process: &mut BeamProcess) -> Result<Vec<BeamHypothesis>> {
-    beam_search_with(model, prompt, cfg, None, process)
+    beam_search_with(model, prompt, cfg, None, None, process)
 }
 
-/// [`beam_search`] over a cache compressed by `press`: every beam row carries its own budget,
-/// and reordering beams reorders the press's per-row state with the cache.
+/// [`beam_search`] over a cache compressed by `press` (every beam row carries its own budget,
+/// and reordering beams reorders the press's per-row state with the cache), after a prefill
+/// whose prompt tokens `pruner` may prune.
 pub fn beam_search_with(
     model: &Model,
     prompt: &[u32],
     cfg: &BeamConfig,
     press: Option<&dyn CachePress>,
+    pruner: Option<&dyn TokenPruner>,
     process: &mut BeamProcess,
 ) -> Result<Vec<BeamHypothesis>> {
     let nb = cfg.num_beams;
@@ -184,7 +186,7 @@ pub fn beam_search_with(
     let lp = cfg.length_penalty as f64;
     let keep = 2.max(1 + cfg.eos_token_ids.len()) * nb;
 
-    let (mut logits, mut cache) = model.prefill_with(&[prompt.to_vec()], press)?;
+    let (mut logits, mut cache) = model.prefill_pruned(&[prompt.to_vec()], press, pruner)?;
     let mut running: Vec<Beam> = (0..nb)
         .map(|i| Beam { tokens: Vec::new(), logprobs: Vec::new(), score: if i == 0 { 0.0 } else { NEG } })
         .collect();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pare_formats::TokenizerBundle;
-use pare_model::{CachePress, Model};
+use pare_model::{CachePress, Model, TokenPruner};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -83,6 +83,8 @@ pub struct Generator<'a> {
     bad_words_ids: Vec<Vec<u32>>,
     /// KV-cache compression: every generation's cache gets a fresh copy.
     press: Option<Box<dyn CachePress>>,
+    /// Prefill token pruning.
+    pruner: Option<Box<dyn TokenPruner>>,
 }
 
 impl<'a> Generator<'a> {
@@ -108,12 +110,18 @@ impl<'a> Generator<'a> {
             }
             _ => None,
         };
-        Ok(Generator { config, tokenizer, vocab_texts, bad_words_ids, press: None })
+        Ok(Generator { config, tokenizer, vocab_texts, bad_words_ids, press: None, pruner: None })
     }
 
     /// Compress every generation's KV cache with `press`.
     pub fn with_press(mut self, press: Option<Box<dyn CachePress>>) -> Self {
         self.press = press;
+        self
+    }
+
+    /// Prune prompt tokens inside the prefill with `pruner`.
+    pub fn with_pruner(mut self, pruner: Option<Box<dyn TokenPruner>>) -> Self {
+        self.pruner = pruner;
         self
     }
 
@@ -167,7 +175,7 @@ impl<'a> Generator<'a> {
         let mut sequences = inputs.clone();
         let mut done = vec![false; rows.len()];
         let start = Instant::now();
-        let (mut logits, mut cache) = model.prefill_with(&inputs, self.press.as_deref())?;
+        let (mut logits, mut cache) = model.prefill_pruned(&inputs, self.press.as_deref(), self.pruner.as_deref())?;
         timings.prefill_s = start.elapsed().as_secs_f64();
         let mut stats = CacheStats { kv_bytes_prefill: cache.bytes(), ..CacheStats::default() };
         let decode_start = Instant::now();
@@ -252,7 +260,7 @@ impl<'a> Generator<'a> {
                 let mut pctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng };
                 chains[beam].process(&mut pctx, scores);
             };
-            for hyp in beam_search_with(model, prompt, &cfg, self.press.as_deref(), &mut process)? {
+            for hyp in beam_search_with(model, prompt, &cfg, self.press.as_deref(), self.pruner.as_deref(), &mut process)? {
                 timings.generated_tokens += hyp.tokens.len();
                 let finish_reason = if hyp.finished_by_eos { FinishReason::Eos } else { FinishReason::Length };
                 sequences.push(Sequence {

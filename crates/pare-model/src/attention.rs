@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::cache::LayerKv;
-use crate::press::{CachePress, LayerContext};
+use crate::press::{CachePress, LayerContext, TokenPruner};
 use crate::error::Result;
 use crate::layers::Linear;
 use crate::rope::Rope;
@@ -30,6 +30,9 @@ pub struct AttentionInputs<'a> {
     pub sliding_window: Option<usize>,
     pub masks: &'a crate::cache::MaskCache,
     pub num_layers: usize,
+    /// Prefill token pruning: its decision for this layer, if it cuts here, lands in `pruned`.
+    pub pruner: Option<&'a dyn TokenPruner>,
+    pub pruned: &'a std::cell::RefCell<Option<Vec<Vec<usize>>>>,
 }
 
 impl Attention {
@@ -72,6 +75,12 @@ impl Attention {
             Some(rows) => self.attend_batched(&q, kv, &rows, inputs)?,
             None => self.attend_per_head(&q, kv, inputs)?,
         };
+        // Token pruning scores the full layer, before a press shrinks its cache.
+        if let (Some(pruner), true) = (inputs.pruner, ctx.prefill) {
+            if let Some(keep) = pruner.after_attention(&ctx, kv)? {
+                *inputs.pruned.borrow_mut() = Some(keep);
+            }
+        }
         if let Some(p) = press {
             p.after_attention(&ctx, kv)?;
         }

@@ -22,5 +22,5 @@ pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};
 pub use loader::{load, LoadedModel};
 pub use model::{Logits, Model};
-pub use press::{CachePress, LayerContext};
+pub use press::{CachePress, LayerContext, TokenPruner};
 pub use weights::WeightDType;

@@ -8,7 +8,7 @@ use crate::cache::{KvCache, PAD_POSITION};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Mlp, Norm};
-use crate::press::CachePress;
+use crate::press::{CachePress, TokenPruner};
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -115,6 +115,20 @@ impl Model {
     /// Run input embeddings x (batch, seq, hidden) at `positions` through the decoder layers,
     /// extending the cache. Multimodal models enter here with image features in place.
     pub fn forward_embeds(&self, x: Tensor, positions: &[Vec<i64>], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        self.forward_embeds_pruned(x, positions, cache, logits, None)
+    }
+
+    /// [`Model::forward_embeds`] with prefill token pruning: after a layer where `pruner` cuts,
+    /// the following layers run on the kept tokens only (rows that keep fewer are left-padded).
+    /// With `Logits::All` the logits are those of the tokens that reached the last layer.
+    pub fn forward_embeds_pruned(
+        &self,
+        x: Tensor,
+        positions: &[Vec<i64>],
+        cache: &mut KvCache,
+        logits: Logits,
+        pruner: Option<&dyn TokenPruner>,
+    ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
         if batch == 0 || seq == 0 {
             return Err(ModelError::input("empty input: no tokens to run"));
@@ -138,21 +152,33 @@ impl Model {
         }
 
         let mut x = x;
-        let flat_pos: Vec<i64> = positions.iter().flatten().copied().collect();
-        let (cos, sin) = self.rope.cos_sin(&flat_pos, batch, seq, self.dtype, &self.device)?;
-        let masks = crate::cache::MaskCache::default();
-        let inputs = AttentionInputs {
-            rope: &self.rope,
-            cos: &cos,
-            sin: &sin,
-            positions,
-            sliding_window: self.config.sliding_window,
-            masks: &masks,
-            num_layers: self.num_layers(),
-        };
+        let mut current: Vec<Vec<i64>> = positions.to_vec();
+        let masks_slot = std::cell::RefCell::new(crate::cache::MaskCache::default());
+        let pruned = std::cell::RefCell::new(None);
+        let (mut cos, mut sin) = self.rope_for(&current)?;
         for (layer, (block, kv)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let masks = masks_slot.borrow();
+            let inputs = AttentionInputs {
+                rope: &self.rope,
+                cos: &cos,
+                sin: &sin,
+                positions: &current,
+                sliding_window: self.config.sliding_window,
+                masks: &masks,
+                num_layers: self.num_layers(),
+                pruner,
+                pruned: &pruned,
+            };
             x = block.forward(layer, &x, &inputs, kv, cache.press.as_mut(), self.config.parallel_residual)?;
+            drop(masks);
+            if let Some(keep) = pruned.borrow_mut().take() {
+                (x, current) = keep_tokens(&x, &current, &keep)?;
+                (cos, sin) = self.rope_for(&current)?;
+                // Later layers see other positions: their masks are built afresh.
+                *masks_slot.borrow_mut() = crate::cache::MaskCache::default();
+            }
         }
+        let seq = x.dim(1)?;
 
         for (next, row) in cache.next_position.iter_mut().zip(positions) {
             if let Some(&last) = row.iter().filter(|&&p| p != PAD_POSITION).max() {
@@ -171,6 +197,27 @@ impl Model {
             Logits::Last => out.squeeze(1)?,
             Logits::All => out,
         })
+    }
+
+    /// cos and sin for a (batch × seq) grid of positions.
+    fn rope_for(&self, positions: &[Vec<i64>]) -> Result<(Tensor, Tensor)> {
+        let (batch, seq) = (positions.len(), positions.first().map_or(0, Vec::len));
+        let flat: Vec<i64> = positions.iter().flatten().copied().collect();
+        self.rope.cos_sin(&flat, batch, seq, self.dtype, &self.device)
+    }
+
+    /// [`Model::prefill_with`] plus prefill token pruning.
+    pub fn prefill_pruned(
+        &self,
+        prompts: &[Vec<u32>],
+        press: Option<&dyn CachePress>,
+        pruner: Option<&dyn TokenPruner>,
+    ) -> Result<(Tensor, KvCache)> {
+        let (tokens, positions) = left_pad(prompts)?;
+        let mut cache = self.new_cache(prompts.len()).with_press(press.map(|p| p.box_clone()));
+        let x = self.embed(&tokens)?;
+        let logits = self.forward_embeds_pruned(x, &positions, &mut cache, Logits::Last, pruner)?;
+        Ok((logits, cache))
     }
 
     /// Prefill a batch of prompts of any lengths: left-pads them, and returns the last position's
@@ -224,4 +271,24 @@ pub fn left_pad(prompts: &[Vec<u32>]) -> Result<(Vec<Vec<u32>>, Vec<Vec<i64>>)> 
         positions.push(std::iter::repeat_n(PAD_POSITION, pad).chain(0..p.len() as i64).collect());
     }
     Ok((tokens, positions))
+}
+
+/// Keep, per row, the tokens at `keep[row]` of x (batch, seq, hidden) and their positions. Rows
+/// that keep fewer tokens are left-padded (zero states at PAD_POSITION, masked everywhere).
+fn keep_tokens(x: &Tensor, positions: &[Vec<i64>], keep: &[Vec<usize>]) -> Result<(Tensor, Vec<Vec<i64>>)> {
+    let (batch, seq, hidden) = x.dims3()?;
+    if keep.len() != batch || keep.iter().any(|k| k.is_empty() || k.iter().any(|&i| i >= seq) || k.windows(2).any(|w| w[0] >= w[1])) {
+        return Err(ModelError::input("token pruning: kept indices must be ascending, in range, and at least one per row"));
+    }
+    let width = keep.iter().map(Vec::len).max().unwrap_or(0);
+    let mut rows = Vec::with_capacity(batch);
+    let mut new_positions = Vec::with_capacity(batch);
+    for (b, idx) in keep.iter().enumerate() {
+        let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), x.device())?;
+        let kept = x.get(b)?.index_select(&ids, 0)?;
+        let pad = width - idx.len();
+        rows.push(if pad > 0 { Tensor::cat(&[&Tensor::zeros((pad, hidden), x.dtype(), x.device())?, &kept], 0)? } else { kept });
+        new_positions.push(std::iter::repeat_n(PAD_POSITION, pad).chain(idx.iter().map(|&i| positions[b][i])).collect());
+    }
+    Ok((Tensor::stack(&rows, 0)?, new_positions))
 }

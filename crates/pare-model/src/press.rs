@@ -53,3 +53,13 @@ pub trait CachePress: std::fmt::Debug + Send + Sync {
     /// A fresh copy carrying the same settings and state (caches are cloned with their press).
     fn box_clone(&self) -> Box<dyn CachePress>;
 }
+
+/// The forward pass's extension point for prefill token pruning (FastV and relatives): at chosen
+/// layers the pruner scores this call's tokens from the layer's attention and names the tokens
+/// later layers keep. Layers up to the cut run on every token; the ones after it, and their KV
+/// caches, only on the kept tokens, which keep their original positions.
+pub trait TokenPruner: std::fmt::Debug + Send + Sync {
+    /// Called after layer `ctx.layer` attended during a prefill. Some(kept) — per row, indices
+    /// into this call's tokens, ascending — drops the others from every later layer.
+    fn after_attention(&self, ctx: &LayerContext, kv: &LayerKv) -> Result<Option<Vec<Vec<usize>>>>;
+}

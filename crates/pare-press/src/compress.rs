@@ -64,37 +64,9 @@ pub fn compress_layer(
     let mut keep: Vec<Vec<usize>> = Vec::with_capacity(kv.batch() * heads);
     let mut removed = false;
     for (b, row) in rows.iter().enumerate() {
-        // Slots of the real entries of each head.
-        let slots: Vec<Vec<usize>> =
-            (0..heads).map(|h| kv.positions(b, h).iter().enumerate().filter(|(_, &p)| p != PAD_POSITION).map(|(i, _)| i).collect()).collect();
-        if slots.iter().all(Vec::is_empty) || row.positions.is_empty() {
-            keep.extend(slots);
+        let Some((obs, slots)) = observe(kv, b, info, row)? else {
+            keep.extend((0..heads).map(|h| real_slots(kv, b, h)));
             continue;
-        }
-        let mut keys = Vec::with_capacity(heads);
-        let mut values = Vec::with_capacity(heads);
-        for (h, s) in slots.iter().enumerate() {
-            let (k, v) = kv.head_kv(b, h)?.expect("the layer holds entries");
-            let (k, v) = if s.len() == kv.entries(b, h) {
-                (k, v)
-            } else {
-                let idx = Tensor::from_vec(s.iter().map(|&i| i as u32).collect::<Vec<_>>(), s.len(), k.device())?;
-                (k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)
-            };
-            keys.push(k.to_dtype(DType::F32)?);
-            values.push(v.to_dtype(DType::F32)?);
-        }
-        let obs = Observation {
-            layer: info.layer,
-            num_layers: info.num_layers,
-            group: info.group,
-            head_dim: info.head_dim,
-            keys,
-            values,
-            positions: slots.iter().enumerate().map(|(h, s)| s.iter().map(|&i| kv.positions(b, h)[i]).collect()).collect(),
-            queries: row.queries.clone(),
-            query_positions: row.positions.clone(),
-            rope: info.rope,
         };
         let scores = selector.scorer().score(&obs)?;
         let chosen = selector.select(&obs, &scores, budget)?;
@@ -112,6 +84,47 @@ pub fn compress_layer(
         }
     }
     Ok(removed)
+}
+
+/// Slots of the non-padding entries of (row, head).
+fn real_slots(kv: &LayerKv, b: usize, h: usize) -> Vec<usize> {
+    kv.positions(b, h).iter().enumerate().filter(|(_, &p)| p != PAD_POSITION).map(|(i, _)| i).collect()
+}
+
+/// Row `b` of a layer as a scorer sees it, with the cache slot of each observed entry per head.
+/// None when the row holds no real entries or observed no queries.
+pub fn observe<'a>(kv: &LayerKv, b: usize, info: &LayerInfo<'a>, row: &RowQueries) -> Result<Option<(Observation<'a>, Vec<Vec<usize>>)>> {
+    let heads = kv.kv_heads();
+    let slots: Vec<Vec<usize>> = (0..heads).map(|h| real_slots(kv, b, h)).collect();
+    if slots.iter().all(Vec::is_empty) || row.positions.is_empty() {
+        return Ok(None);
+    }
+    let mut keys = Vec::with_capacity(heads);
+    let mut values = Vec::with_capacity(heads);
+    for (h, s) in slots.iter().enumerate() {
+        let (k, v) = kv.head_kv(b, h)?.expect("the layer holds entries");
+        let (k, v) = if s.len() == kv.entries(b, h) {
+            (k, v)
+        } else {
+            let idx = Tensor::from_vec(s.iter().map(|&i| i as u32).collect::<Vec<_>>(), s.len(), k.device())?;
+            (k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)
+        };
+        keys.push(k.to_dtype(DType::F32)?);
+        values.push(v.to_dtype(DType::F32)?);
+    }
+    let obs = Observation {
+        layer: info.layer,
+        num_layers: info.num_layers,
+        group: info.group,
+        head_dim: info.head_dim,
+        keys,
+        values,
+        positions: slots.iter().enumerate().map(|(h, s)| s.iter().map(|&i| kv.positions(b, h)[i]).collect()).collect(),
+        queries: row.queries.clone(),
+        query_positions: row.positions.clone(),
+        rope: info.rope,
+    };
+    Ok(Some((obs, slots)))
 }
 
 /// Keep, in every (row, head), the entries at `keep(row, head, positions)`.

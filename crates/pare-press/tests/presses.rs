@@ -228,12 +228,12 @@ fn beam_search_runs_over_a_compressed_cache() {
     let loaded = smollm2();
     let prompt = text_tokens(60);
     let cfg = pare_generate::beam::BeamConfig::new(3, 6, vec![2]);
-    let plain = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, None, &mut |_, _, _, _| {}).unwrap();
+    let plain = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, None, None, &mut |_, _, _, _| {}).unwrap();
     let zero = press("snapkv", ratio(0.0));
-    let same = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(zero.as_ref()), &mut |_, _, _, _| {}).unwrap();
+    let same = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(zero.as_ref()), None, &mut |_, _, _, _| {}).unwrap();
     assert_eq!(plain.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>(), same.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>());
     let decoding = press("decoding+adakv+snapkv", PressOptions { budget: Some(40), interval: Some(2), ..PressOptions::default() });
-    let hyps = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(decoding.as_ref()), &mut |_, _, _, _| {}).unwrap();
+    let hyps = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(decoding.as_ref()), None, &mut |_, _, _, _| {}).unwrap();
     assert_eq!(hyps.len(), 1);
     assert_eq!(hyps[0].tokens.len(), 6);
 }

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::common::{peak_rss_bytes, print_json, ModelArgs};
 use crate::press_args::PressArgs;
+use crate::prune_args::PruneArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -26,6 +27,8 @@ pub struct Args {
     pub repeat: usize,
     #[command(flatten)]
     pub press: PressArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -35,8 +38,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--prompt-len and --batch must be at least 1");
     }
     let press = args.press.build()?;
+    args.prune.check()?;
     let loaded = args.model.load()?;
     let model = &loaded.model;
+    let pruner = args.prune.build(model.num_layers())?;
     let ctx = model.config.max_position_embeddings;
     if args.prompt_len + args.gen_len > ctx {
         bail!("--prompt-len + --gen-len exceeds the model's context of {ctx}");
@@ -57,7 +62,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut filled = None;
     for _ in 0..args.repeat.max(1) {
         let start = Instant::now();
-        filled = Some(model.prefill_with(&prompts, press.as_deref())?);
+        filled = Some(model.prefill_pruned(&prompts, press.as_deref(), pruner.as_deref())?);
         prefill_times.push(start.elapsed().as_secs_f64());
     }
     prefill_times.sort_by(f64::total_cmp);

@@ -7,6 +7,7 @@ use clap::Subcommand;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
 use crate::press_args::{human_bytes, PressArgs};
+use crate::prune_args::PruneArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -40,6 +41,8 @@ pub struct PplArgs {
     pub stream: bool,
     #[command(flatten)]
     pub press: PressArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -64,6 +67,8 @@ pub struct NeedleArgs {
     pub seed: u64,
     #[command(flatten)]
     pub press: PressArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -128,8 +133,13 @@ fn ppl(args: PplArgs) -> Result<()> {
         bail!("--max-tokens must be at least 2");
     }
     let press = args.press.build()?;
+    args.prune.check()?;
+    if args.stream && args.prune.prune_tokens.is_some() {
+        bail!("--stream runs one token per forward: there is no prompt to prune (drop --prune-tokens)");
+    }
     let text = read_text(&args.text)?;
     let loaded = args.model.load()?;
+    let pruner = args.prune.build(loaded.model.num_layers())?;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
@@ -154,7 +164,7 @@ fn ppl(args: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, args.stride, press.as_deref(), progress)?;
+    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, args.stride, press.as_deref(), pruner.as_deref(), progress)?;
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
@@ -198,6 +208,7 @@ fn needle_grid(
     trials: usize,
     seed: u64,
     press: Option<&dyn pare_press::CachePress>,
+    pruner: Option<&dyn pare_model::TokenPruner>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<NeedleCell>> {
     let tok = loaded.tokenizer()?;
@@ -207,7 +218,7 @@ fn needle_grid(
             let mut runs = Vec::new();
             for t in 0..trials {
                 let trial_seed = seed ^ (c as u64) << 20 ^ (d as u64) << 8 ^ t as u64;
-                runs.push(pare_eval::needle::needle_trial(&loaded.model, tok, haystack, c, d, trial_seed, press)?);
+                runs.push(pare_eval::needle::needle_trial(&loaded.model, tok, haystack, c, d, trial_seed, press, pruner)?);
                 bar.inc(1);
             }
             let accuracy = runs.iter().filter(|r| r.found).count() as f64 / runs.len() as f64;
@@ -223,10 +234,12 @@ fn needle(args: NeedleArgs) -> Result<()> {
         bail!("--trials must be at least 1");
     }
     let press = args.press.build()?;
+    args.prune.check()?;
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
     let loaded = args.model.load()?;
+    let pruner = args.prune.build(loaded.model.num_layers())?;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
-    let cells = needle_grid(&loaded, &haystack, &args.ctx, &args.depths, args.trials, args.seed, press.as_deref(), &bar)?;
+    let cells = needle_grid(&loaded, &haystack, &args.ctx, &args.depths, args.trials, args.seed, press.as_deref(), pruner.as_deref(), &bar)?;
     bar.finish_and_clear();
     let overall = cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64;
     if args.json {
@@ -295,12 +308,12 @@ fn compare(args: CompareArgs) -> Result<()> {
         };
         bar.set_message(format!("{name} {ratio}"));
         let start = bar.position();
-        let ppl = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, press.as_deref(), |done, _| {
+        let ppl = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, press.as_deref(), None, |done, _| {
             bar.set_position(start + done as u64)
         })?;
         let needle_accuracy = match &haystack {
             Some(h) => {
-                let cells = needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, press.as_deref(), &bar)?;
+                let cells = needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, press.as_deref(), None, &bar)?;
                 Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
             }
             None => None,

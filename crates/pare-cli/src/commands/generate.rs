@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::common::{encode_prompt, print_json, ModelArgs};
 use crate::press_args::{human_bytes, PressArgs};
+use crate::prune_args::PruneArgs;
 use crate::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
@@ -17,6 +18,8 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub press: PressArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
     /// The prompt text.
     #[arg(long, short = 'p', required_unless_present = "prompts_file")]
     pub prompt: Option<String>,
@@ -42,11 +45,13 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => bail!("give --prompt or --prompts-file"),
     };
     let press = args.press.build()?;
+    args.prune.check()?;
     let loaded = args.model.load()?;
+    let pruner = args.prune.build(loaded.model.num_layers())?;
     let config = args.sampling.generation_config(&loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;
     let prompts = prompts_text.iter().map(|p| encode_prompt(&loaded, p, args.chat)).collect::<Result<Vec<_>>>()?;
-    let generator = Generator::new(config.clone(), Some(tok))?.with_press(press);
+    let generator = Generator::new(config.clone(), Some(tok))?.with_press(press).with_pruner(pruner);
 
     // Stream only when exactly one sequence is produced token by token.
     let streaming = !args.json && prompts.len() == 1 && config.num_return_sequences() == 1 && config.num_beams() == 1;
@@ -110,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
         "[{} prompt tokens, {} generated: prefill {:.1} tok/s, decode {:.1} tok/s]",
         t.prompt_tokens, t.generated_tokens, t.prefill_tok_s, t.decode_tok_s
     );
-    if let (Some(c), Some(_)) = (&output.cache, &args.press.press) {
+    if let (Some(c), true) = (&output.cache, args.press.press.is_some() || args.prune.prune_tokens.is_some()) {
         eprintln!(
             "[KV cache: {} after prefill, {} at the end, {} uncompressed ({:.1}× smaller)]",
             human_bytes(c.kv_bytes_prefill),

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::common::{encode_prompt, print_json, ModelArgs};
 use crate::press_args::PressArgs;
+use crate::prune_args::PruneArgs;
 use crate::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
@@ -19,6 +20,8 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub press: PressArgs,
+    #[command(flatten)]
+    pub prune: PruneArgs,
     /// Score the next token after this continuation, which runs over the (compressed) cache of the prompt.
     #[arg(long)]
     pub then: Option<String>,
@@ -50,12 +53,14 @@ struct Processed {
 
 pub fn run(args: Args) -> Result<()> {
     let press = args.press.build()?;
+    args.prune.check()?;
     let loaded = args.model.load()?;
+    let pruner = args.prune.build(loaded.model.num_layers())?;
     let tok = loaded.tokenizer()?;
     let prompt = encode_prompt(&loaded, &args.prompt, args.chat)?;
     let config = args.sampling.generation_config(&loaded, 1)?;
     let generator = Generator::new(config.clone(), Some(tok))?;
-    let (mut logits, mut cache) = loaded.model.prefill_with(std::slice::from_ref(&prompt), press.as_deref())?;
+    let (mut logits, mut cache) = loaded.model.prefill_pruned(std::slice::from_ref(&prompt), press.as_deref(), pruner.as_deref())?;
     let kv_bytes_prefill = cache.bytes();
     let mut context = prompt.clone();
     if let Some(then) = &args.then {

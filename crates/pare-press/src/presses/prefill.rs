@@ -15,7 +15,8 @@ pub struct PrefillPress {
     pub positions: PositionPolicy,
 }
 
-pub(crate) fn layer_info<'a>(ctx: &LayerContext<'a>) -> LayerInfo<'a> {
+/// The layer facts of a hook call.
+pub fn layer_info<'a>(ctx: &LayerContext<'a>) -> LayerInfo<'a> {
     LayerInfo {
         layer: ctx.layer,
         num_layers: ctx.num_layers,
@@ -25,7 +26,8 @@ pub(crate) fn layer_info<'a>(ctx: &LayerContext<'a>) -> LayerInfo<'a> {
     }
 }
 
-pub(crate) fn call_queries(ctx: &LayerContext) -> pare_model::Result<Vec<RowQueries>> {
+/// Every row's queries of a hook call, padding dropped.
+pub fn call_queries(ctx: &LayerContext) -> pare_model::Result<Vec<RowQueries>> {
     (0..ctx.positions.len()).map(|b| Ok(RowQueries::from_call(ctx.queries, ctx.positions, b)?)).collect()
 }
 

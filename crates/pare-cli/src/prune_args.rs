@@ -1,0 +1,55 @@
+//! `--prune-tokens` and its options: prefill token pruning, shared by generate, score, eval, bench.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use pare_model::TokenPruner;
+use pare_token_prune::{PruneSchedule, Pruner, Span};
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct PruneArgs {
+    /// Drop prompt tokens inside the prefill: LAYER:KEEP[,LAYER:KEEP...] — layers from LAYER on
+    /// run on the kept tokens; KEEP is a fraction (0.5) or a count (276) of the span.
+    #[arg(long, help_heading = "Token pruning")]
+    pub prune_tokens: Option<String>,
+    /// Which tokens may go: `prompt` (all but the last --protect-last), `image` (a VLM's image
+    /// tokens), or a position range START..END.
+    #[arg(long, default_value = "prompt", help_heading = "Token pruning")]
+    pub prune_span: String,
+    /// With --prune-span prompt: the last N prompt tokens are never dropped.
+    #[arg(long, default_value_t = 8, help_heading = "Token pruning")]
+    pub protect_last: usize,
+    /// Token scores: last-attn (FastV), mean-attn, knorm, random.
+    #[arg(long, default_value = "last-attn", help_heading = "Token pruning")]
+    pub prune_score: String,
+}
+
+impl PruneArgs {
+    /// The pruner the flags describe for a model of `num_layers` layers; None without --prune-tokens.
+    pub fn build(&self, num_layers: usize) -> Result<Option<Box<dyn TokenPruner>>> {
+        let Some(spec) = &self.prune_tokens else { return Ok(None) };
+        let schedule = PruneSchedule::parse(spec)?;
+        schedule.check(num_layers)?;
+        let span = match self.prune_span.as_str() {
+            "prompt" => Span::Prompt { protect_last: self.protect_last },
+            "image" => bail!("--prune-span image needs a vision-language model (LLaVA); this model has no image tokens"),
+            range => {
+                let parsed = range.split_once("..").and_then(|(a, b)| Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?)));
+                match parsed {
+                    Some((a, b)) if 0 <= a && a < b => Span::Range(a, b),
+                    _ => bail!("--prune-span must be prompt, image or START..END with START < END, got {range:?}"),
+                }
+            }
+        };
+        let scorer = pare_token_prune::scorer(&self.prune_score, 0)?;
+        Ok(Some(Box::new(Pruner { schedule, span, scorer })))
+    }
+
+    /// Checks that need no model (run before loading one).
+    pub fn check(&self) -> Result<()> {
+        if let Some(spec) = &self.prune_tokens {
+            PruneSchedule::parse(spec)?;
+            pare_token_prune::scorer(&self.prune_score, 0)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! The token pruner: at each scheduled cut, score the span's tokens on the last full layer's
+//! attention and keep the best; everything outside the span is kept.
+
+use pare_model::cache::{LayerKv, PAD_POSITION};
+use pare_model::press::{LayerContext, TokenPruner};
+use pare_press::compress::{observe, RowQueries};
+use pare_press::presses::prefill::layer_info;
+use pare_press::scorer::Scorer;
+
+use crate::error::{PruneError, Result};
+use crate::schedule::PruneSchedule;
+
+/// Which tokens may be dropped, by original position.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Span {
+    /// Given positions per row (a VLM's image tokens).
+    Positions(Vec<Vec<i64>>),
+    /// The whole prompt except its last `protect_last` tokens.
+    Prompt { protect_last: usize },
+    /// Positions in [start, end).
+    Range(i64, i64),
+}
+
+#[derive(Debug)]
+pub struct Pruner {
+    pub schedule: PruneSchedule,
+    pub span: Span,
+    pub scorer: Box<dyn Scorer>,
+}
+
+/// The scorers a pruner can use, by CLI name, all from the press scorer API: FastV's last-token
+/// attention is TOVA's score, mean attention is H2O's.
+pub fn scorer(name: &str, seed: u64) -> Result<Box<dyn Scorer>> {
+    Ok(match name {
+        "last-attn" => Box::new(pare_press::scorers::Tova),
+        "mean-attn" => Box::new(pare_press::scorers::ObservedAttention),
+        "knorm" => Box::new(pare_press::scorers::Knorm),
+        "random" => Box::new(pare_press::scorers::Random { seed }),
+        other => return Err(PruneError::config(format!("unknown --prune-score {other:?} (last-attn, mean-attn, knorm, random)"))),
+    })
+}
+
+impl Pruner {
+    /// Per row, the kept tokens of this call (indices ascending), for a cut after `ctx.layer`.
+    fn choose(&self, ctx: &LayerContext, kv: &LayerKv) -> Result<Option<Vec<Vec<usize>>>> {
+        let Some(stage) = self.schedule.stage_after(ctx.layer) else { return Ok(None) };
+        let info = layer_info(ctx);
+        let mut kept_rows = Vec::with_capacity(ctx.positions.len());
+        for (b, positions) in ctx.positions.iter().enumerate() {
+            let real: Vec<usize> = (0..positions.len()).filter(|&i| positions[i] != PAD_POSITION).collect();
+            // Under the prompt span, the last `protect_last` real tokens are never dropped.
+            let protected_from = match &self.span {
+                Span::Prompt { protect_last } => real.get(real.len().saturating_sub(*protect_last)).copied().unwrap_or(usize::MAX),
+                _ => usize::MAX,
+            };
+            let last = real.last().copied();
+            let in_span = |i: usize| -> bool {
+                // The last token's logits are the prefill's output: it always stays.
+                if Some(i) == last {
+                    return false;
+                }
+                let p = positions[i];
+                match &self.span {
+                    Span::Positions(rows) => rows.get(b).is_some_and(|r| r.contains(&p)),
+                    Span::Prompt { .. } => i < protected_from,
+                    Span::Range(start, end) => (*start..*end).contains(&p),
+                }
+            };
+            let span: Vec<usize> = real.iter().copied().filter(|&i| in_span(i)).collect();
+            let keep_n = stage.keep.of(span.len());
+            let mut kept: Vec<usize> = real.iter().copied().filter(|&i| !in_span(i)).collect();
+            if keep_n < span.len() {
+                let row = RowQueries::from_call(ctx.queries, ctx.positions, b)?;
+                let (obs, slots) = observe(kv, b, &info, &row)?.ok_or_else(|| PruneError::config("token pruning: an empty row"))?;
+                let per_head = self.scorer.score(&obs)?;
+                // Cache slot i holds this call's token i (the cache was empty before the prefill).
+                let mut score_of = vec![0f64; positions.len()];
+                for (h, scores) in per_head.iter().enumerate() {
+                    for (&slot, &s) in slots[h].iter().zip(scores) {
+                        score_of[slot] += s as f64 / per_head.len() as f64;
+                    }
+                }
+                let mut ranked = span.clone();
+                ranked.sort_by(|&a, &b| score_of[b].total_cmp(&score_of[a]).then(a.cmp(&b)));
+                kept.extend(&ranked[..keep_n]);
+            } else {
+                kept.extend(&span);
+            }
+            kept.sort_unstable();
+            kept_rows.push(kept);
+        }
+        Ok(Some(kept_rows))
+    }
+}
+
+impl TokenPruner for Pruner {
+    fn after_attention(&self, ctx: &LayerContext, kv: &LayerKv) -> pare_model::Result<Option<Vec<Vec<usize>>>> {
+        Ok(self.choose(ctx, kv)?)
+    }
+}

@@ -1,0 +1,101 @@
+//! `--prune-tokens LAYER:KEEP[,LAYER:KEEP...]`: after which layers tokens are dropped, and how
+//! many of the span each cut keeps (a fraction of the span, or a count).
+
+use crate::error::{PruneError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Keep {
+    Fraction(f64),
+    Count(usize),
+}
+
+impl Keep {
+    /// Span tokens kept out of `n` (at least one).
+    pub fn of(&self, n: usize) -> usize {
+        match *self {
+            Keep::Fraction(f) => ((n as f64 * f).round() as usize).clamp(1, n.max(1)),
+            Keep::Count(c) => c.clamp(1, n.max(1)),
+        }
+    }
+}
+
+/// One cut: layers `layer..` run on the kept tokens; layers before it see every token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stage {
+    pub layer: usize,
+    pub keep: Keep,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruneSchedule {
+    pub stages: Vec<Stage>,
+}
+
+impl PruneSchedule {
+    /// Parse `2:0.5` or `8:0.5,16:0.5,24:0.5` or `10:276`. A KEEP with a dot is a fraction in
+    /// (0, 1]; otherwise a token count ≥ 1. Layers must increase.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut stages = Vec::new();
+        for part in spec.split(',').map(str::trim) {
+            let (layer, keep) = part
+                .split_once(':')
+                .ok_or_else(|| PruneError::config(format!("--prune-tokens: {part:?} is not LAYER:KEEP (e.g. 2:0.5 or 10:276)")))?;
+            let layer: usize =
+                layer.trim().parse().map_err(|_| PruneError::config(format!("--prune-tokens: layer {layer:?} is not a number")))?;
+            let keep = keep.trim();
+            let keep = if keep.contains('.') {
+                let f: f64 = keep.parse().map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(PruneError::config(format!("--prune-tokens: a kept fraction must be in (0, 1], got {f}")));
+                }
+                Keep::Fraction(f)
+            } else {
+                let c: usize = keep.parse().map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                if c == 0 {
+                    return Err(PruneError::config("--prune-tokens: keep at least one token"));
+                }
+                Keep::Count(c)
+            };
+            if layer == 0 {
+                return Err(PruneError::config("--prune-tokens: layer 0 has no attention to score with; cut after layer 1 or later"));
+            }
+            if stages.last().is_some_and(|s: &Stage| s.layer >= layer) {
+                return Err(PruneError::config("--prune-tokens: layers must increase"));
+            }
+            stages.push(Stage { layer, keep });
+        }
+        Ok(PruneSchedule { stages })
+    }
+
+    /// Check the cuts fit a model of `num_layers` layers.
+    pub fn check(&self, num_layers: usize) -> Result<()> {
+        if let Some(s) = self.stages.iter().find(|s| s.layer >= num_layers) {
+            return Err(PruneError::config(format!("--prune-tokens: layer {} is beyond the model's {num_layers} layers", s.layer)));
+        }
+        Ok(())
+    }
+
+    /// The stage whose cut follows layer `layer` (scores come from the last full layer, `layer`).
+    pub fn stage_after(&self, layer: usize) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.layer == layer + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fractions_counts_and_several_stages() {
+        let s = PruneSchedule::parse("8:0.5, 16:0.5,24:100").unwrap();
+        assert_eq!(s.stages.len(), 3);
+        assert_eq!(s.stages[2].keep, Keep::Count(100));
+        assert_eq!(Keep::Fraction(0.5).of(576), 288);
+        assert_eq!(Keep::Count(300).of(200), 200);
+        assert!(s.stage_after(7).is_some() && s.stage_after(8).is_none());
+        for bad in ["8", "x:0.5", "8:1.5", "8:0", "8:0.5,4:0.5", "0:0.5", "8:abc"] {
+            assert!(PruneSchedule::parse(bad).is_err(), "{bad}");
+        }
+        assert!(PruneSchedule::parse("30:0.5").unwrap().check(30).is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! Prefill token pruning on SmolLM2: exactness when nothing is dropped, caches that hold only the
+//! kept tokens after a cut, original positions, batches whose rows keep different counts.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use pare_model::{LoadedModel, TokenPruner, WeightDType};
+use pare_token_prune::{scorer, PruneSchedule, Pruner, Span};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn smollm2() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = repo().join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
+        pare_model::load(path.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu).unwrap()
+    })
+}
+
+fn text_tokens(n: usize) -> Vec<u32> {
+    let text = std::fs::read_to_string(repo().join("assets/texts/wiki.utf8")).expect("make assets");
+    let mut ids = smollm2().tokenizer().unwrap().encode(&text, true).unwrap();
+    ids.truncate(n);
+    ids
+}
+
+fn pruner(spec: &str, span: Span, score: &str) -> Box<dyn TokenPruner> {
+    Box::new(Pruner { schedule: PruneSchedule::parse(spec).unwrap(), span, scorer: scorer(score, 0).unwrap() })
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn keeping_everything_gives_exactly_the_unpruned_logits() {
+    let model = &smollm2().model;
+    let prompt = vec![text_tokens(90)];
+    let (reference, ref_cache) = model.prefill(&prompt).unwrap();
+    for score in ["last-attn", "mean-attn", "knorm", "random"] {
+        let p = pruner("2:1.0,10:1.0", Span::Prompt { protect_last: 4 }, score);
+        let (logits, mut cache) = model.prefill_pruned(&prompt, None, Some(p.as_ref())).unwrap();
+        assert_eq!(max_diff(&reference, &logits), 0.0, "{score}");
+        let a = model.decode(&mut cache, &[42]).unwrap();
+        let b = model.decode(&mut ref_cache.clone(), &[42]).unwrap();
+        assert_eq!(max_diff(&a, &b), 0.0, "{score}");
+    }
+}
+
+#[test]
+fn layers_after_the_cut_hold_only_kept_tokens_at_their_original_positions() {
+    let model = &smollm2().model;
+    let prompt = text_tokens(100);
+    let p = pruner("3:0.5,20:10", Span::Prompt { protect_last: 8 }, "last-attn");
+    let (_, mut cache) = model.prefill_pruned(&[prompt.clone()], None, Some(p.as_ref())).unwrap();
+    // Span = the first 92 tokens; 46 kept after layer 2, then 10 of those after layer 19.
+    assert_eq!(cache.layers[2].entries(0, 0), 100);
+    assert_eq!(cache.layers[3].entries(0, 1), 46 + 8);
+    assert_eq!(cache.layers[19].entries(0, 2), 46 + 8);
+    assert_eq!(cache.layers[20].entries(0, 0), 10 + 8);
+    let kept = cache.layers[20].positions(0, 0).to_vec();
+    assert!(kept.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(&kept[kept.len() - 8..], &(92..100).collect::<Vec<i64>>()[..], "protected tail kept");
+    assert!(kept.iter().all(|p| cache.layers[3].positions(0, 0).contains(p)), "later cuts choose among earlier survivors");
+    // Decoding continues at the next original position over the shorter caches.
+    assert_eq!(cache.next_position, vec![100]);
+    let logits = model.decode(&mut cache, &[42]).unwrap();
+    assert_eq!(logits.dims(), &[1, 49152]);
+    assert_eq!(cache.layers[20].positions(0, 0).last(), Some(&100));
+}
+
+#[test]
+fn rows_keeping_different_counts_match_running_alone() {
+    let model = &smollm2().model;
+    let long = text_tokens(110);
+    let short = long[20..80].to_vec();
+    let p = pruner("4:0.4", Span::Prompt { protect_last: 6 }, "last-attn");
+    let (batch, mut cache) = model.prefill_pruned(&[long.clone(), short.clone()], None, Some(p.as_ref())).unwrap();
+    let next = [7u32, 9];
+    let batch_step = model.decode(&mut cache, &next).unwrap();
+    for (row, prompt) in [long, short].into_iter().enumerate() {
+        let (alone, mut c) = model.prefill_pruned(&[prompt], None, Some(p.as_ref())).unwrap();
+        let d = max_diff(&alone.get(0).unwrap(), &batch.get(row).unwrap());
+        assert!(d < 2e-3, "row {row}: {d}");
+        let step = model.decode(&mut c, &[next[row]]).unwrap();
+        let d = max_diff(&step.get(0).unwrap(), &batch_step.get(row).unwrap());
+        assert!(d < 2e-3, "row {row} after a decode step: {d}");
+    }
+}
+
+#[test]
+fn range_span_only_touches_its_positions() {
+    let model = &smollm2().model;
+    let prompt = text_tokens(80);
+    let p = pruner("6:5", Span::Range(10, 50), "knorm");
+    let (_, cache) = model.prefill_pruned(&[prompt], None, Some(p.as_ref())).unwrap();
+    let kept = cache.layers[6].positions(0, 0);
+    assert_eq!(kept.len(), 80 - 40 + 5);
+    assert_eq!(kept.iter().filter(|&&p| (10..50).contains(&p)).count(), 5);
+    assert!((0..10).chain(50..80).all(|p| kept.contains(&p)));
+}
