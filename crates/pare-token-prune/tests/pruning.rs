@@ -102,3 +102,27 @@ fn range_span_only_touches_its_positions() {
     assert_eq!(kept.iter().filter(|&&p| (10..50).contains(&p)).count(), 5);
     assert!((0..10).chain(50..80).all(|p| kept.contains(&p)));
 }
+
+/// tools/reference/make_token_prune_fixtures.py: the same rule written out over HF's layers.
+#[test]
+fn pruned_prefill_matches_the_python_reference() {
+    let model = &smollm2().model;
+    for name in ["fastv_k3_half", "pyramid_two_stages"] {
+        let path = repo().join("tests/fixtures/token-prune").join(format!("{name}.json"));
+        let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let ids: Vec<u32> = f["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let protect = f["protect_last"].as_u64().unwrap() as usize;
+        let p = pruner(f["prune_tokens"].as_str().unwrap(), Span::Prompt { protect_last: protect }, "last-attn");
+        let (logits, cache) = model.prefill_pruned(&[ids], None, Some(p.as_ref())).unwrap();
+        for (layer, kept) in f["kept_positions"].as_object().unwrap() {
+            let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+            let layer: usize = layer.parse().unwrap();
+            assert_eq!(cache.layers[layer].positions(0, 0), expected.as_slice(), "{name}: kept after layer {layer}");
+        }
+        let logprobs = candle_nn::ops::log_softmax(&logits.get(0).unwrap(), 0).unwrap().to_vec1::<f32>().unwrap();
+        for pair in f["top20_last"].as_array().unwrap() {
+            let (id, lp) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+            assert!((logprobs[id] - lp).abs() < 1e-3, "{name}: token {id}: {} vs {lp}", logprobs[id]);
+        }
+    }
+}
