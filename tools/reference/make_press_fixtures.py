@@ -1,0 +1,518 @@
+"""Write kvpress reference fixtures for pare's KV-cache presses: tests/fixtures/presses/<name>_r<ratio>.json.
+
+    tools/reference/.venv/bin/pip install --no-deps kvpress==0.5.5     # once
+    tools/reference/.venv/bin/python tools/reference/make_press_fixtures.py [NAME...]
+
+Runs NVIDIA kvpress's own press classes on SmolLM2-135M-Instruct (assets/SmolLM2-135M-Instruct.Q4_1.gguf,
+dequantised by HF, float32) over the first PROMPT_TOKENS tokens of assets/texts/wiki.utf8, batch 1:
+
+    with press(model): model(input_ids, past_key_values=DynamicCache(), cache_position=arange(T))
+
+and reads back what kvpress kept. Each press's `score` is wrapped to capture its raw scores
+(batch, kv_heads, T) per layer; the kept set is recomputed from them the way kvpress selects
+(ScorerPress: per-head topk of int(T * (1 - ratio)); PyramidKV: its per-layer budget; AdaKV: its
+global selection with alpha_safeguard; ChunkKV: its chunk selection) and checked against what
+kvpress left behind: the rows of the compressed cache (keys and values, matched exactly to rows of
+the uncompressed ones) or, for AdaKV, each attention module's masked_key_indices.
+
+kvpress 0.5.5 pins transformers < 5.3 and reads kwargs["cache_position"] in its forward hook;
+transformers 5.x no longer passes cache_position, so the prefill passes it explicitly
+(torch.arange(T)); it reaches the hook through the attention kwargs and nothing else reads it.
+kvpress's optional dependencies that are not in the venv (cachetools, datasets, fire: used only by
+presses not run here) are stubbed before the import.
+
+For knorm, snapkv and expected_attention at ratio 0.5 the fixture also records a 16-token greedy
+continuation the way kvpress's pipeline decodes (generate_answer): no compression while decoding,
+the i-th generated token fed at position T + i (explicit position_ids; the cache holds fewer entries).
+"""
+
+import argparse
+import datetime
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(2)
+
+
+def _stub_missing(name, **attrs):
+    try:
+        __import__(name)
+    except ImportError:
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+
+
+def _unavailable(*args, **kwargs):
+    raise RuntimeError("stubbed: not installed in the reference venv")
+
+
+# kvpress/__init__ imports every press; these three are only used by presses not run here.
+_stub_missing("cachetools", LRUCache=lambda *a, **k: None, cached=lambda *a, **k: (lambda f: f))
+_stub_missing("datasets", load_dataset=_unavailable)
+_stub_missing("fire", Fire=_unavailable)
+
+import kvpress  # noqa: E402
+import transformers  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+from kvpress import (  # noqa: E402
+    AdaKVPress,
+    ChunkKVPress,
+    ExpectedAttentionPress,
+    KnormPress,
+    ObservedAttentionPress,
+    PyramidKVPress,
+    ScorerPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
+from kvpress.utils import compute_n_kept  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fixtures import sha256, to_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI = "assets/texts/wiki.utf8"
+OUT = ROOT / "tests" / "fixtures" / "presses"
+
+PROMPT_TOKENS = 300
+SAMPLE_LAYER, SAMPLE_HEAD = 5, 1
+GREEDY_TOKENS = 16
+GREEDY_STEP = 8
+TOP = 5
+DIGITS = 6  # decimals of log-probabilities
+NEAR_TOL = 1e-4  # relative: scores this close to the kept/dropped boundary are listed in near_boundary
+
+SNAP = dict(window_size=64, kernel_size=5)
+EXPECTED = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
+
+# name -> (kind, inner press name or None, params, ratios, attention implementation, greedy?)
+# kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "chunkkv"
+INNER = {
+    "knorm": (KnormPress, {}),
+    "snapkv": (SnapKVPress, SNAP),
+    "tova": (TOVAPress, {}),
+    "observed_attention": (ObservedAttentionPress, {}),
+    "expected_attention": (ExpectedAttentionPress, EXPECTED),
+    "streaming_llm": (StreamingLLMPress, dict(n_sink=4)),
+    "pyramidkv": (PyramidKVPress, dict(SNAP, beta=20)),
+}
+CASES = {
+    "knorm": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
+    "snapkv": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
+    "tova": dict(kind="scorer", ratios=[0.5]),
+    # ObservedAttentionPress needs the attention weights: eager attention.
+    "observed_attention": dict(kind="scorer", ratios=[0.5], attn="eager"),
+    "expected_attention": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
+    "streaming_llm": dict(kind="scorer", ratios=[0.5]),
+    "pyramidkv": dict(kind="pyramid", ratios=[0.5]),
+    "adakv_snapkv": dict(kind="adakv", inner="snapkv", params=dict(alpha_safeguard=0.2), ratios=[0.5]),
+    "adakv_expected_attention": dict(
+        kind="adakv", inner="expected_attention", params=dict(alpha_safeguard=0.2), ratios=[0.5]
+    ),
+    "chunkkv_knorm": dict(kind="chunkkv", inner="knorm", params=dict(chunk_length=20), ratios=[0.5]),
+    "chunkkv_snapkv": dict(kind="chunkkv", inner="snapkv", params=dict(chunk_length=20), ratios=[0.5]),
+}
+
+SCORE_NOTES = {
+    "knorm": "-||k||_2 of the cached (post-RoPE) key, float32.",
+    "snapkv": "mean over the last 64 queries (recomputed from the attention input with q_proj + RoPE, softmax over "
+    "all T keys, causal inside the window) of the attention to keys 0..T-65, avg_pool1d(kernel 5, stride 1, "
+    "padding 2, count_include_pad) along keys, mean over the 3 query heads of each kv head; the last 64 entries "
+    "are padded with max+1, the max taken over all kv heads of the layer.",
+    "tova": "attention of the last query to keys 0..T-2, averaged over all 9 query heads (the same for every kv "
+    "head); the last entry is padded with max+1.",
+    "observed_attention": "sum over all queries of the (eager, causal) attention to each key divided by the number "
+    "of queries that see it (T - j), mean over the 3 query heads of each kv head. No padding.",
+    "expected_attention": "keys n_sink.. only: softmax over them of mu.k/sqrt(d) + k^T Sigma k/(2d), with mu/Sigma "
+    "the mean/covariance of the pre-RoPE queries of positions n_sink..T-1 (covariance divided by their count), "
+    "rotated by R = mean over positions T..T+511 of the RoPE matrix; mean over the 3 query heads, times ||v||_2; "
+    "the first n_sink entries are padded with max+1 (max over all kv heads of the layer).",
+    "streaming_llm": "1 for kept, 0 for positions n_sink..n_sink+n_pruned-1 (n_pruned = T - int(T*(1-ratio))).",
+    "pyramidkv": "same as snapkv (last 64 entries padded with max+1).",
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def f32(x):
+    """A float32 value as the shortest decimal that round-trips float32."""
+    return float(f"{float(x):.9g}")
+
+
+def top(logits_row):
+    lp = torch.log_softmax(logits_row.float(), dim=-1)
+    values, indices = torch.topk(lp, TOP)
+    return [dict(id=int(i), logprob=round(float(v), DIGITS)) for v, i in zip(values, indices)]
+
+
+def load():
+    path = ROOT / "assets" / GGUF
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert next(model.parameters()).dtype == torch.float32
+    return model, tokenizer
+
+
+def set_attn(model, name):
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name
+
+
+def prompt_ids(tokenizer):
+    # make_fixtures.py conventions: tokenizer(text).input_ids, no BOS added for SmolLM2.
+    ids = tokenizer((ROOT / WIKI).read_text(encoding="utf-8")).input_ids[:PROMPT_TOKENS]
+    assert len(ids) == PROMPT_TOKENS and ids[0] != tokenizer.bos_token_id
+    return ids
+
+
+def attn_modules(model):
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def build(name, ratio):
+    case = CASES[name]
+    if case["kind"] in ("scorer", "pyramid"):
+        cls, params = INNER[name]
+        return cls(compression_ratio=ratio, **params), None
+    cls, inner_params = INNER[case["inner"]]
+    inner = cls(compression_ratio=ratio, **inner_params)
+    outer = AdaKVPress if case["kind"] == "adakv" else ChunkKVPress
+    return outer(press=inner, **case["params"]), inner
+
+
+# ---------------------------------------------------------------- capture
+
+
+class Capture:
+    """Wraps a press's score (the scorer) and compress (the press kvpress's hook calls) per instance."""
+
+    def __init__(self, press, scorer):
+        self.scores, self.keys_in, self.values_in, self.keys_out, self.values_out = {}, {}, {}, {}, {}
+        orig_score, orig_compress = scorer.score, press.compress
+
+        def score(module, *args, **kwargs):
+            s = orig_score(module, *args, **kwargs)
+            assert module.layer_idx not in self.scores
+            self.scores[module.layer_idx] = s.detach().clone()  # AdaKV scatters into s in place
+            return s
+
+        def compress(module, hidden_states, keys, values, attentions, kwargs):
+            i = module.layer_idx
+            self.keys_in[i], self.values_in[i] = keys.detach().clone(), values.detach().clone()
+            k, v = orig_compress(module, hidden_states, keys, values, attentions, kwargs)
+            self.keys_out[i], self.values_out[i] = k.detach().clone(), v.detach().clone()
+            return k, v
+
+        scorer.score = score
+        press.compress = compress
+
+
+def rows_taken(out, inp):
+    """Index in inp (seq, d) of each row of out (n, d): exact equality, exactly one match each."""
+    eq = (out[:, None, :] == inp[None, :, :]).all(-1)
+    assert (eq.sum(1) == 1).all(), "a compressed row matches no (or several) uncompressed rows"
+    return eq.float().argmax(1).tolist()
+
+
+# ---------------------------------------------------------------- selection as kvpress does it
+
+
+def pyramid_budget(press, module, q_len):
+    """PyramidKVPress.get_layer_budget, restated (checked against kvpress's own)."""
+    r, w, beta = press.compression_ratio, press.window_size, press.beta
+    max_capacity_prompt = w + q_len * (1 - r)
+    min_num = (max_capacity_prompt - w) / beta
+    max_num = (max_capacity_prompt - w) * 2 - min_num
+    if max_num >= q_len - w:
+        max_num = q_len - w
+        min_num = (max_capacity_prompt - w) * 2 - max_num
+    if not (q_len >= max_num >= min_num >= w):
+        return max(1, round(q_len * (1 - r)))
+    n_layers = module.config.num_hidden_layers
+    steps = (max_num - min_num) / (n_layers - 1) if n_layers > 1 else 0.0
+    return round(max_num - module.layer_idx * steps)
+
+
+def near(values, hi, lo):
+    """Indices of values within NEAR_TOL (relative) of the boundary between the last kept (hi) and the first
+    dropped (lo) score: entries that a float-level difference in the scores could move across it."""
+    b = (hi + lo) / 2
+    return torch.nonzero((values - b).abs() <= NEAR_TOL * b.abs()).flatten().tolist()
+
+
+def select_topk(scores, n_kept):
+    """Per-head kept sets (sorted) and near-boundary (head, position) pairs."""
+    kept, close = [], []
+    for h in range(scores.shape[1]):
+        s = scores[0, h]
+        kept.append(sorted(s.topk(n_kept).indices.tolist()))
+        if n_kept < s.numel():
+            ordered = s.sort(descending=True).values
+            close += [[h, j] for j in near(s, ordered[n_kept - 1], ordered[n_kept])]
+    return kept, close
+
+
+def select_adakv(scores, ratio, alpha):
+    """AdaKVPress.compress restated: protect each head's n_safe best, prune the n_pruned lowest over all heads."""
+    s = scores.clone()
+    _, n_heads, k_len = s.shape
+    n_kept = compute_n_kept(k_len, ratio)
+    n_safe = int(n_kept * alpha)
+    if alpha > 0:
+        n_safe = max(1, n_safe) if n_kept > 0 else 0
+    s.scatter_(-1, torch.topk(s, n_safe, dim=-1).indices, torch.finfo(s.dtype).max)
+    n_pruned = n_heads * (k_len - n_kept)
+    flat = -s.reshape(-1)
+    pruned = torch.topk(flat, n_pruned).indices
+    ordered = flat.sort(descending=True).values
+    close = [[i // k_len, i % k_len] for i in near(flat, ordered[n_pruned], ordered[n_pruned - 1])]
+    pruned_sets = [set() for _ in range(n_heads)]
+    for i in pruned.tolist():
+        pruned_sets[i // k_len].add(i % k_len)
+    kept = [sorted(set(range(k_len)) - p) for p in pruned_sets]
+    return kept, close, dict(n_kept_mean=n_kept, n_safe=n_safe, n_pruned_total=n_pruned)
+
+
+def chunk_scores_of(scores, chunk_length):
+    """ChunkKVPress.compress's chunk scores: sum over kv heads, mean over each chunk (the remainder is one chunk)."""
+    k_len = scores.shape[-1]
+    n_full, rem = k_len // chunk_length, k_len % chunk_length
+    assert n_full > 0
+    main = scores[..., : n_full * chunk_length].sum(dim=1).view(-1, n_full, chunk_length).mean(dim=-1)
+    if rem:
+        main = torch.cat([main, scores[..., -rem:].sum(dim=1).mean(dim=-1, keepdim=True)], dim=-1)
+    return main[0], n_full, rem
+
+
+def select_chunks(scores, ratio, chunk_length):
+    """Kept positions (the same for every head), near-boundary chunk indices, chunk scores, chunks kept."""
+    k_len = scores.shape[-1]
+    cs, n_full, rem = chunk_scores_of(scores, chunk_length)
+    n_chunks_kept = max(1, int((n_full + (rem > 0)) * (1 - ratio)))
+    chosen = cs.topk(n_chunks_kept).indices.tolist()
+    ordered = cs.sort(descending=True).values
+    close = [[c] for c in near(cs, ordered[n_chunks_kept - 1], ordered[n_chunks_kept])] if n_chunks_kept < len(cs) else []
+    kept = sorted(j for c in chosen for j in range(c * chunk_length, min((c + 1) * chunk_length, k_len)))
+    return [kept] * scores.shape[1], close, cs, n_chunks_kept
+
+
+# ---------------------------------------------------------------- one fixture
+
+
+def run_press(model, tokenizer, ids, name, ratio):
+    case = CASES[name]
+    attn = case.get("attn", "sdpa")
+    set_attn(model, attn)
+    press, inner = build(name, ratio)
+    scorer = inner if inner is not None else press
+    cap = Capture(press, scorer)
+    x = torch.tensor([ids])
+    T = len(ids)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        out = model(input_ids=x, past_key_values=cache, cache_position=torch.arange(T))
+    modules = attn_modules(model)
+    n_layers = len(modules)
+    assert sorted(cap.scores) == list(range(n_layers))
+
+    kept_all, close_all, extra = [], [], {}
+    budgets = []
+    for i, module in enumerate(modules):
+        scores = cap.scores[i]
+        assert scores.shape == (1, model.config.num_key_value_heads, T) and scores.dtype == torch.float32
+        if case["kind"] == "scorer":
+            kept, close = select_topk(scores, compute_n_kept(T, ratio))
+        elif case["kind"] == "pyramid":
+            budget = pyramid_budget(press, module, T)
+            assert budget == press.get_layer_budget(module, T)
+            budgets.append(budget)
+            kept, close = select_topk(scores, budget)
+        elif case["kind"] == "adakv":
+            kept, close, info = select_adakv(scores, ratio, press.alpha_safeguard)
+            extra["adakv"] = info
+        else:
+            kept, close, cs, n_chunks_kept = select_chunks(scores, ratio, press.chunk_length)
+            if i == SAMPLE_LAYER:
+                extra["chunk_scores"] = [f32(v) for v in cs.tolist()]
+                extra["n_chunks_kept"] = n_chunks_kept
+        close_all += [[i] + c for c in close]
+
+        # What kvpress actually left behind.
+        if case["kind"] == "adakv":
+            assert cache.layers[i].keys.shape[2] == T  # AdaKV masks, it does not shrink
+            b, h, s = module.masked_key_indices
+            assert (b == 0).all()
+            pruned = [set() for _ in kept]
+            for hh, ss in zip(h.tolist(), s.tolist()):
+                pruned[hh].add(ss)
+            actual = [sorted(set(range(T)) - p) for p in pruned]
+            assert actual == kept, f"{name} layer {i}: masked_key_indices differ from the recomputed selection"
+        else:
+            assert torch.equal(cache.layers[i].keys, cap.keys_out[i])
+            for h in range(len(kept)):
+                taken_k = rows_taken(cap.keys_out[i][0, h], cap.keys_in[i][0, h])
+                # values carry no RoPE: a token repeated in the prompt repeats its layer-0 value row
+                assert torch.equal(cap.values_out[i][0, h], cap.values_in[i][0, h][taken_k])
+                assert sorted(taken_k) == kept[h], f"{name} layer {i} head {h}: cache rows differ from the recomputed kept set"
+        kept_all.append(kept)
+
+    inner_name = case.get("inner", name)
+    params = dict(INNER[inner_name][1]) if case["kind"] in ("scorer", "pyramid") else dict(
+        case["params"], inner=inner_name, inner_params=dict(INNER[inner_name][1])
+    )
+    sample = cap.scores[SAMPLE_LAYER][0, SAMPLE_HEAD]
+    fixture = dict(
+        made_by=None,  # filled in by main
+        press=case["kind"] if case["kind"] in ("adakv", "chunkkv") else name,
+        params=params,
+        ratio=ratio,
+        attn_implementation=attn,
+        seq_len=T,
+        prompt_ids=ids,
+        kept=kept_all,
+        scores_sample=dict(
+            layer=SAMPLE_LAYER,
+            head=SAMPLE_HEAD,
+            note=("raw scores of the inner press (before AdaKV's safeguard) " if case["kind"] == "adakv" else "")
+            + SCORE_NOTES[inner_name],
+            scores=[f32(v) for v in sample.tolist()],
+        ),
+        near_boundary=dict(
+            rel_tol=NEAR_TOL,
+            note=("[layer, chunk]: chunks" if case["kind"] == "chunkkv" else "[layer, head, position]: entries")
+            + " whose score is within rel_tol of the midpoint between the last kept and the first dropped score "
+            "(for adakv: over the layer's flattened, safeguarded scores); float-level score differences may swap them",
+            entries=close_all,
+        ),
+    )
+    if budgets:
+        fixture["layer_budgets"] = budgets
+    if "adakv" in extra:
+        fixture["adakv"] = extra["adakv"]
+    if "chunk_scores" in extra:
+        fixture["scores_sample"]["chunk_scores"] = extra["chunk_scores"]
+        fixture["scores_sample"]["n_chunks_kept"] = extra["n_chunks_kept"]
+    if case.get("greedy") and ratio == 0.5:
+        fixture["greedy"] = greedy(model, cache, out.logits[0, -1], T)
+        check_with_pipeline(model, tokenizer, ids, name, ratio, fixture["greedy"]["tokens"])
+    return fixture, cap
+
+
+def check_with_pipeline(model, tokenizer, ids, name, ratio, tokens):
+    """kvpress's own KVPressTextGenerationPipeline.generate_answer, given tokens[0] as the 'question' after the
+    compressed prompt, must generate tokens[1:]."""
+    from kvpress.pipeline import KVPressTextGenerationPipeline
+
+    press, _ = build(name, ratio)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, cache_position=torch.arange(len(ids)))
+    fake = types.SimpleNamespace(model=model, tokenizer=tokenizer)
+    with torch.no_grad():
+        answer = KVPressTextGenerationPipeline.generate_answer(
+            fake, question_ids=torch.tensor([tokens[:1]]), cache=cache, context_length=len(ids),
+            max_new_tokens=len(tokens) - 1,
+        )
+    expected = tokenizer.decode(tokens[1:], skip_special_tokens=True)
+    assert answer == expected, (name, answer, expected)
+
+
+def greedy(model, cache, first_logits, T):
+    """kvpress pipeline decoding (generate_answer): no press, token i at position T + i, argmax."""
+    tokens, tops = [], {}
+    logits = first_logits
+    tops[0] = top(logits)
+    with torch.no_grad():
+        for i in range(GREEDY_TOKENS):
+            tokens.append(int(logits.argmax()))
+            if i == GREEDY_TOKENS - 1:
+                break
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, position_ids=torch.tensor([[T + i]]))
+            logits = out.logits[0, -1]
+            tops[i + 1] = top(logits)
+    return dict(
+        positions=f"generated token i is fed at position {T} + i (kvpress generate_answer); "
+        f"top5_first: logits of the prefill's last position; top5_stepK: logits after feeding generated "
+        "tokens 0..K-1 (they predict tokens[K])",
+        tokens=tokens,
+        top5_first=tops[0],
+        top5_step1=tops[1],
+        top5_step8=tops[GREEDY_STEP],
+    )
+
+
+def uncompressed(model, ids):
+    """Last-position logits and greedy tokens with no press (same decode loop)."""
+    set_attn(model, "sdpa")
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache)
+    return out.logits[0, -1], greedy(model, cache, out.logits[0, -1], len(ids))
+
+
+# ---------------------------------------------------------------- main
+
+
+def file_name(name, ratio):
+    return f"{name}_r{ratio:g}.json"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", metavar="NAME", help=", ".join(CASES) + " (default: all)")
+    args = ap.parse_args()
+    names = args.names or list(CASES)
+    if set(names) - set(CASES):
+        ap.error(f"names among {', '.join(CASES)}")
+
+    model, tokenizer = load()
+    ids = prompt_ids(tokenizer)
+    gguf = ROOT / "assets" / GGUF
+    made_by = (
+        f"tools/reference/make_press_fixtures.py; kvpress {version('kvpress')}, transformers {transformers.__version__}, "
+        f"torch {torch.__version__}; assets/{GGUF} (sha256 {sha256(gguf)[:16]}) dequantised by HF, float32; "
+        f"{datetime.date.today().isoformat()}"
+    )
+    OUT.mkdir(parents=True, exist_ok=True)
+    base_logits, base_greedy = uncompressed(model, ids)
+    snap_eager_check = {}
+    for name in names:
+        for ratio in CASES[name]["ratios"]:
+            fixture, cap = run_press(model, tokenizer, ids, name, ratio)
+            fixture["made_by"] = made_by
+            if "greedy" in fixture:
+                g = fixture["greedy"]
+                # kvpress compresses each layer after its attention ran: the prefill logits are the uncompressed ones.
+                assert g["top5_first"] == base_greedy["top5_first"]
+                g["tokens_uncompressed"] = base_greedy["tokens"]
+            path = OUT / file_name(name, ratio)
+            path.write_text(to_json(fixture) + "\n", encoding="utf-8")
+            print(f"  {path.relative_to(ROOT)} ({path.stat().st_size / 1e3:.1f} kB) near_boundary={len(fixture['near_boundary']['entries'])}"
+                  + (f" greedy differs from uncompressed at {next((i for i, (a, b) in enumerate(zip(fixture['greedy']['tokens'], base_greedy['tokens'])) if a != b), None)}" if "greedy" in fixture else ""))
+            if name in ("snapkv", "tova") and ratio == 0.5:
+                snap_eager_check[name] = fixture
+
+    # SnapKV and TOVA recompute the window attention themselves under sdpa; under eager they take the model's
+    # attention weights instead. Both must select the same entries.
+    for name, fixture in snap_eager_check.items():
+        CASES[name]["attn"] = "eager"
+        eager, _ = run_press(model, tokenizer, ids, name, 0.5)
+        CASES[name].pop("attn")
+        same = sum(a == b for la, lb in zip(eager["kept"], fixture["kept"]) for a, b in zip(la, lb))
+        print(f"  {name}: eager-attention path keeps the same set in {same}/{3 * len(fixture['kept'])} (layer, head)s")
+        assert same == 3 * len(fixture["kept"])
+
+
+if __name__ == "__main__":
+    main()
