@@ -34,6 +34,8 @@ fixtures: assets assets-extra assets-eval
 	tools/reference/.venv/bin/python tools/reference/make_processor_fixtures.py
 	tools/reference/.venv/bin/python tools/reference/make_beam_fixtures.py
 	tools/reference/.venv/bin/python tools/reference/make_token_prune_fixtures.py
+	tools/reference/.venv/bin/python tools/reference/make_press_fixtures.py
+	tools/reference/.venv/bin/python tools/reference/streaming_reference.py
 
 ## CPU benchmark: pare against HF transformers, side by side.
 bench: assets build

@@ -12,4 +12,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$here/requirements.txt"
+# kvpress pins transformers < 5.3; its presses run fine on 5.23 (make_press_fixtures.py adapts the
+# hook's inputs), so it goes in without its dependency pins.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps kvpress==0.5.5
 "$venv/bin/python" -c 'import torch, transformers, gguf, safetensors; print("torch", torch.__version__, "transformers", transformers.__version__)'
