@@ -11,17 +11,28 @@ pub struct ModelArgs {
     /// A GGUF file, an HF checkpoint directory, or an alias (smollm2-135m, qwen2.5-coder-0.5b).
     #[arg(long, short = 'm', default_value = "smollm2-135m")]
     pub model: String,
-    /// Weight and activation dtype: f32, bf16, f16, or q (GGUF weights stay quantized; CPU matmuls through QMatMul).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Device: cpu.
+    /// Weight and activation dtype: f32, bf16, f16, or q (GGUF weights stay quantized; CPU matmuls
+    /// through QMatMul). Default: f32 on cpu, bf16 on cuda.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Device: cpu, cuda (GPU 0) or cuda:N (CUDA builds, scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
 impl ModelArgs {
+    /// The dtype's name as given, or the device's default (bf16 on a GPU: half the bytes per token
+    /// and the tensor cores' native type; f32 on CPU, where bf16 matmuls are slow).
+    pub fn dtype_name(&self) -> &str {
+        match &self.dtype {
+            Some(d) => d,
+            None if self.device.starts_with("cuda") => "bf16",
+            None => "f32",
+        }
+    }
+
     pub fn weight_dtype(&self) -> Result<WeightDType> {
-        Ok(match self.dtype.as_str() {
+        Ok(match self.dtype_name() {
             "f32" | "float32" => WeightDType::Float(DType::F32),
             "bf16" | "bfloat16" => WeightDType::Float(DType::BF16),
             "f16" | "float16" => WeightDType::Float(DType::F16),
@@ -31,10 +42,7 @@ impl ModelArgs {
     }
 
     pub fn device(&self) -> Result<Device> {
-        match self.device.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            other => bail!("unknown --device {other:?} (this build supports cpu)"),
-        }
+        parse_device(&self.device)
     }
 
     pub fn load(&self) -> Result<LoadedModel> {
@@ -68,6 +76,22 @@ pub fn encode_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<V
     Ok(ids)
 }
 
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("unknown --device {other:?} (expected cpu, cuda or cuda:N)"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        bail!("--device {spec}: this build of pare has no CUDA support (build it with scripts/build-cuda.sh)");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: cannot open CUDA device {ordinal}"))
+}
+
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
@@ -83,6 +107,25 @@ pub fn progress_bar(total: u64, label: &str) -> indicatif::ProgressBar {
     );
     bar.set_message(label.to_string());
     bar
+}
+
+/// GPU memory figures on a CUDA device (None elsewhere, and in builds without CUDA).
+pub fn gpu_memory(device: &Device) -> Option<pare_kernels::GpuMemory> {
+    #[cfg(feature = "cuda")]
+    return pare_kernels::gpu_memory(device);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// Start a new GPU peak-memory measurement (nothing to do off CUDA).
+pub fn reset_gpu_memory_peak(device: &Device) {
+    #[cfg(feature = "cuda")]
+    pare_kernels::reset_gpu_memory_peak(device);
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// Peak resident memory of this process in bytes (Linux VmHWM), if known.

@@ -30,6 +30,12 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Convert a GGUF model into a dequantized HF directory.
     Convert(commands::convert::Args),
+    /// Write an HF checkpoint with a real model's shapes and random weights (benchmarks).
+    InitRandom(commands::init_random::Args),
+    /// Structured pruning (LLM-Pruner style): remove heads and MLP channels, export HF / GGUF.
+    Prune(commands::prune::Args),
+    /// Prefill and decode FLOPs by component and KV-cache bytes, against the unpruned run.
+    Flops(commands::flops::Args),
 }
 
 fn main() {
@@ -41,6 +47,9 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::InitRandom(a) => commands::init_random::run(a),
+        Command::Prune(a) => commands::prune::run(a),
+        Command::Flops(a) => commands::flops::run(a),
     };
     if let Err(e) = result {
         // One line, whatever the chain of causes.

@@ -116,6 +116,47 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// GPT-NeoX: attention and MLP both read the block input and are added to it together.
     pub parallel_residual: bool,
+    /// Per-layer shapes of a non-uniformly pruned checkpoint, when its config states them
+    /// (config.json `*_per_layer` keys, GGUF per-layer arrays); the loader checks the weights
+    /// against them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_shapes: Option<LayerShapes>,
+}
+
+/// Head counts and MLP widths per layer (structured pruning makes them differ).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerShapes {
+    pub num_heads: Vec<usize>,
+    pub num_kv_heads: Vec<usize>,
+    pub intermediate_size: Vec<usize>,
+}
+
+impl LayerShapes {
+    /// config.json keys pare writes for non-uniform models (transformers ignores them).
+    pub const HF_KEYS: [&'static str; 3] =
+        ["num_attention_heads_per_layer", "num_key_value_heads_per_layer", "intermediate_size_per_layer"];
+
+    /// Per-layer values from `per_layer` lists where given, the uniform value elsewhere.
+    fn build(num_layers: usize, uniform: [usize; 3], per_layer: [Option<Vec<usize>>; 3]) -> std::result::Result<Option<Self>, String> {
+        if per_layer.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut lists = Vec::with_capacity(3);
+        for ((list, value), key) in per_layer.into_iter().zip(uniform).zip(Self::HF_KEYS) {
+            let list = list.unwrap_or_else(|| vec![value; num_layers]);
+            if list.len() != num_layers {
+                return Err(format!("{key} has {} entries for {num_layers} layers", list.len()));
+            }
+            lists.push(list);
+        }
+        let shapes = LayerShapes { intermediate_size: lists.pop().unwrap(), num_kv_heads: lists.pop().unwrap(), num_heads: lists.pop().unwrap() };
+        for (i, ((&h, &kv), &w)) in shapes.num_heads.iter().zip(&shapes.num_kv_heads).zip(&shapes.intermediate_size).enumerate() {
+            if kv == 0 || h == 0 || h % kv != 0 || w == 0 {
+                return Err(format!("layer {i}: {h} heads, {kv} KV heads, MLP width {w} (heads must be a positive multiple of KV heads)"));
+            }
+        }
+        Ok(Some(shapes))
+    }
 }
 
 impl ModelConfig {
@@ -146,7 +187,9 @@ impl ModelConfig {
         let opt_f64 = |key: &str| json.get(key).and_then(Value::as_f64);
         let hidden_size = usize_key("hidden_size")?;
         let num_heads = usize_key("num_attention_heads")?;
-        if num_heads == 0 || hidden_size % num_heads != 0 {
+        // Pruned heads leave hidden_size ≠ heads × head_dim; head_dim is then stated.
+        let explicit_head_dim = json.get("head_dim").and_then(Value::as_u64).is_some();
+        if num_heads == 0 || (!explicit_head_dim && hidden_size % num_heads != 0) {
             return Err(err(format!("hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}")));
         }
         let num_kv_heads = json
@@ -190,12 +233,32 @@ impl ModelConfig {
             }
             _ => None,
         };
+        let num_layers = usize_key("num_hidden_layers")?;
+        let intermediate_size = usize_key("intermediate_size")?;
+        let per_layer = |key: &str| -> Result<Option<Vec<usize>>> {
+            match json.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| err(format!("{key} must hold non-negative integers"))))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some),
+                Some(_) => Err(err(format!("{key} must be a list"))),
+            }
+        };
+        let [h_key, kv_key, w_key] = LayerShapes::HF_KEYS;
+        let layer_shapes = LayerShapes::build(
+            num_layers,
+            [num_heads, num_kv_heads, intermediate_size],
+            [per_layer(h_key)?, per_layer(kv_key)?, per_layer(w_key)?],
+        )
+        .map_err(err)?;
         let cfg = ModelConfig {
             arch,
             vocab_size: usize_key("vocab_size")?,
             hidden_size,
-            intermediate_size: usize_key("intermediate_size")?,
-            num_layers: usize_key("num_hidden_layers")?,
+            intermediate_size,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -209,6 +272,7 @@ impl ModelConfig {
             sliding_window,
             parallel_residual: arch == Arch::GptNeoX
                 && json.get("use_parallel_residual").and_then(Value::as_bool).unwrap_or(true),
+            layer_shapes,
         };
         cfg.validate().map_err(err)?;
         Ok(cfg)
@@ -227,12 +291,43 @@ impl ModelConfig {
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let get = |k: &str| -> Result<usize> { Ok(gguf.get_u64(&key(k))? as usize) };
+        let num_layers = get("block_count")?;
+        // llama.cpp allows per-layer arrays for these three (structurally pruned models).
+        let per_layer = |k: &str| -> Result<Option<Vec<usize>>> {
+            match gguf.get(&key(k)).and_then(|v| v.as_array()) {
+                None => Ok(None),
+                Some(items) => items
+                    .iter()
+                    .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| err(format!("{} must hold non-negative integers", key(k)))))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some),
+            }
+        };
+        let (heads_list, kv_list, ffn_list) =
+            (per_layer("attention.head_count")?, per_layer("attention.head_count_kv")?, per_layer("feed_forward_length")?);
+        let uniform = |k: &str, list: &Option<Vec<usize>>| -> Result<usize> {
+            match list {
+                Some(l) => Ok(l.iter().copied().max().unwrap_or(0)),
+                None => get(k),
+            }
+        };
         let hidden_size = get("embedding_length")?;
-        let num_heads = get("attention.head_count")?;
-        if num_heads == 0 || hidden_size % num_heads != 0 {
+        let num_heads = uniform("attention.head_count", &heads_list)?;
+        let explicit_head_dim = gguf.get(&key("attention.key_length")).is_some();
+        if num_heads == 0 || (!explicit_head_dim && hidden_size % num_heads != 0) {
             return Err(err(format!("embedding_length {hidden_size} is not a multiple of head_count {num_heads}")));
         }
-        let num_kv_heads = gguf.get_u64(&key("attention.head_count_kv")).map(|v| v as usize).unwrap_or(num_heads);
+        let num_kv_heads = match &kv_list {
+            Some(l) => l.iter().copied().max().unwrap_or(0),
+            None => gguf.get_u64(&key("attention.head_count_kv")).map(|v| v as usize).unwrap_or(num_heads),
+        };
+        let intermediate_size = uniform("feed_forward_length", &ffn_list)?;
+        let layer_shapes = LayerShapes::build(
+            num_layers,
+            [num_heads, num_kv_heads, intermediate_size],
+            [heads_list.clone(), kv_list.clone().or_else(|| heads_list.as_ref().filter(|_| gguf.get(&key("attention.head_count_kv")).is_none()).cloned()), ffn_list],
+        )
+        .map_err(err)?;
         let head_dim = gguf.get_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden_size / num_heads);
         let rotary_dim = gguf.get_u64(&key("rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim);
         let norm_eps = match arch {
@@ -256,8 +351,8 @@ impl ModelConfig {
             arch,
             vocab_size,
             hidden_size,
-            intermediate_size: get("feed_forward_length")?,
-            num_layers: get("block_count")?,
+            intermediate_size,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -271,13 +366,15 @@ impl ModelConfig {
             sliding_window: None,
             parallel_residual: arch == Arch::GptNeoX
                 && gguf.get(&key("use_parallel_residual")).and_then(|v| v.as_bool()).unwrap_or(true),
+            layer_shapes,
         };
         cfg.validate().map_err(err)?;
         Ok(cfg)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        // Per-layer shapes were checked layer by layer; their maxima need not divide.
+        if self.layer_shapes.is_none() && (self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
@@ -308,6 +405,15 @@ impl ModelConfig {
             "torch_dtype": "float32",
         });
         let o = j.as_object_mut().expect("json object");
+        if let Some(shapes) = &self.layer_shapes {
+            for (key, list) in LayerShapes::HF_KEYS.iter().zip([&shapes.num_heads, &shapes.num_kv_heads, &shapes.intermediate_size]) {
+                o.insert(key.to_string(), list.iter().map(|&v| Value::from(v)).collect());
+            }
+        }
+        if self.arch == Arch::GptNeoX && self.num_heads * self.head_dim != self.hidden_size {
+            // Pruned heads: pare reads head_dim back (transformers cannot run this shape).
+            o.insert("head_dim".into(), self.head_dim.into());
+        }
         let rope = match self.rope_scaling {
             RopeScaling::Default => Value::Null,
             RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),

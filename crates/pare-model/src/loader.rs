@@ -97,7 +97,8 @@ pub fn load(spec: &str, dtype: WeightDType, device: &Device) -> Result<LoadedMod
 pub fn load_gguf(path: &Path, dtype: WeightDType, device: &Device) -> Result<LoadedModel> {
     let gguf = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&gguf)?;
-    let tokenizer = Some(TokenizerBundle::from_gguf(&gguf)?);
+    // A GGUF without tokenizer keys (e.g. exported from an id-only checkpoint) still runs on ids.
+    let tokenizer = if gguf.get("tokenizer.ggml.model").is_some() { Some(TokenizerBundle::from_gguf(&gguf)?) } else { None };
     let source = WeightSource::Gguf(gguf);
     let model = build(&config, &Weights { source: &source, config: &config, dtype, device })?;
     Ok(LoadedModel { model, tokenizer, generation_config: None, path: path.to_path_buf(), format: "gguf" })
@@ -133,6 +134,9 @@ fn build(config: &ModelConfig, w: &Weights) -> Result<Model> {
     let blocks = (0..config.num_layers)
         .map(|i| build_block(config, w, &format!("{layer_prefix}.{i}")))
         .collect::<Result<Vec<_>>>()?;
+    if let Some(shapes) = &config.layer_shapes {
+        check_layer_shapes(shapes, &blocks)?;
+    }
     let final_norm = norm(config, w, norm_prefix)?;
     let lm_head = if w.contains(head_name) {
         w.linear(head_name.trim_end_matches(".weight"))?
@@ -158,6 +162,22 @@ fn build(config: &ModelConfig, w: &Weights) -> Result<Model> {
         dtype: w.dtype.activation_dtype(),
         device: w.device.clone(),
     })
+}
+
+/// A pruned checkpoint's config states per-layer shapes; the weights must have them.
+fn check_layer_shapes(shapes: &crate::config::LayerShapes, blocks: &[Block]) -> Result<()> {
+    for (i, b) in blocks.iter().enumerate() {
+        let stated = (shapes.num_heads[i], shapes.num_kv_heads[i], shapes.intermediate_size[i]);
+        let actual = (b.attn.num_heads, b.attn.num_kv_heads, b.mlp.width());
+        if stated != actual {
+            return Err(ModelError::WeightShape {
+                name: format!("layer {i} (heads, kv heads, MLP width)"),
+                actual: vec![actual.0, actual.1, actual.2],
+                expected: format!("{stated:?} as the config states"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Tied embeddings: the LM head reuses the embedding matrix (quantized too under `--dtype q`).

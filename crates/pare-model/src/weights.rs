@@ -76,14 +76,13 @@ impl Weights<'_> {
     }
 
     /// llama.cpp permutes Llama's q/k rows; returns the head count to undo it with, if needed.
-    fn permuted_heads(&self, hf: &str) -> Option<usize> {
+    /// Heads are counted from the tensor's own rows, as pruned layers hold fewer.
+    fn permuted_heads(&self, hf: &str, rows: usize) -> Option<usize> {
         if !matches!(self.source, WeightSource::Gguf(_)) || self.config.arch != Arch::Llama {
             return None;
         }
-        if hf.contains("self_attn.q_proj.") {
-            Some(self.config.num_heads)
-        } else if hf.contains("self_attn.k_proj.") {
-            Some(self.config.num_kv_heads)
+        if hf.contains("self_attn.q_proj.") || hf.contains("self_attn.k_proj.") {
+            Some(rows / self.config.head_dim.max(1))
         } else {
             None
         }
@@ -114,7 +113,7 @@ impl Weights<'_> {
                 s.load(hf, dtype, self.device)?
             }
         };
-        match self.permuted_heads(hf) {
+        match self.permuted_heads(hf, t.dims().first().copied().unwrap_or(0)) {
             Some(heads) => {
                 let order = unpermute_rows(t.dim(0)?, heads)?;
                 let idx = Tensor::from_vec(order.iter().map(|&i| i as u32).collect::<Vec<_>>(), order.len(), self.device)?;
@@ -144,7 +143,7 @@ impl Weights<'_> {
                     return Err(ModelError::MissingWeight(format!("{weight_name} (GGUF {name})")));
                 }
                 let q = g.qtensor(&name, self.device)?;
-                let q = match self.permuted_heads(&weight_name) {
+                let q = match self.permuted_heads(&weight_name, q.shape().dims().first().copied().unwrap_or(0)) {
                     Some(heads) => permute_quantized_rows(&q, &unpermute_rows(q.shape().dims()[0], heads)?)?,
                     None => q,
                 };

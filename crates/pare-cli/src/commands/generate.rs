@@ -36,9 +36,15 @@ pub struct Args {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// An image for a LLaVA model (PNG or JPEG); `<image>` in the prompt marks its place.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(image) = &args.image {
+        return super::generate_image::run(&args, image);
+    }
     let prompts_text = match (&args.prompt, &args.prompts_file) {
         (Some(p), _) => vec![p.clone()],
         (None, Some(file)) => read_prompts(file)?,

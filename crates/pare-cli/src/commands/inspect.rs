@@ -52,7 +52,7 @@ pub fn run(args: Args) -> Result<()> {
         "architecture": cfg.arch,
         "config": cfg,
         "dtype": format!("{:?}", m.dtype).to_lowercase(),
-        "weights": args.model.dtype,
+        "weights": args.model.dtype_name(),
         "parameters": {"total": m.param_count(), "embedding": embed, "attention": attention, "mlp": mlp, "norms": norms, "lm_head": lm_head},
         "weight_bytes": weight_bytes,
         "kv_cache_bytes_per_token": kv_bytes_per_token,
@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
     for (name, n) in [("embedding", embed), ("attention", attention), ("mlp", mlp), ("norms", norms), ("lm_head", lm_head)] {
         println!("  {name:<10} {:>12}  ({:.1} %)", n, 100.0 * n as f64 / m.param_count() as f64);
     }
-    println!("weights in memory {:.1} MiB ({})", mib(weight_bytes), args.model.dtype);
+    println!("weights in memory {:.1} MiB ({})", mib(weight_bytes), args.model.dtype_name());
     println!("kv cache {:.1} KiB per token", kv_bytes_per_token as f64 / 1024.0);
     let uniform = m.blocks.windows(2).all(|w| w[0].attn.num_heads == w[1].attn.num_heads && w[0].mlp.width() == w[1].mlp.width());
     if uniform {

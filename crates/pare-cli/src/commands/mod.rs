@@ -1,6 +1,10 @@
 pub mod bench;
 pub mod convert;
 pub mod eval;
+pub mod flops;
 pub mod generate;
+pub mod generate_image;
+pub mod init_random;
 pub mod inspect;
+pub mod prune;
 pub mod score;
