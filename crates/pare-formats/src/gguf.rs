@@ -7,6 +7,7 @@
 
 mod ggml_type;
 mod parse;
+mod write;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -19,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
 pub use ggml_type::GgmlType;
+pub use write::{write_gguf, GgufTensorData};
 
 use crate::error::{FormatError, Result};
 

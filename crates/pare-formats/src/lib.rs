@@ -16,6 +16,6 @@ pub mod tokenizer;
 
 pub use chat::{render_chat, ChatMessage};
 pub use error::{FormatError, Result};
-pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
+pub use gguf::{write_gguf, GgmlType, GgufFile, GgufTensorData, GgufTensorInfo, GgufValue};
 pub use safetensors_store::{save_safetensors, SafetensorsStore};
 pub use tokenizer::TokenizerBundle;

@@ -1,12 +1,13 @@
-//! Writing a model as an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
+//! Writing a model as an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads,
+//! or as a GGUF file for llama.cpp-style runtimes.
 
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use pare_formats::{save_safetensors, TokenizerBundle};
+use pare_formats::{save_safetensors, write_gguf, GgmlType, GgufTensorData, GgufValue, TokenizerBundle};
 use serde_json::{json, Value};
 
-use crate::config::Arch;
+use crate::config::{Arch, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Norm};
 use crate::model::Model;
@@ -116,4 +117,153 @@ fn eos_json(ids: &[u32]) -> Value {
         [one] => (*one).into(),
         many => many.iter().map(|&i| Value::from(i)).collect(),
     }
+}
+
+/// Why a model cannot be written as GGUF for llama.cpp, if it cannot.
+pub fn gguf_unsupported(model: &Model) -> Option<String> {
+    let cfg = &model.config;
+    if matches!(cfg.rope_scaling, RopeScaling::Llama3 { .. }) {
+        return Some("llama3 RoPE scaling is stored by llama.cpp as a rope_freqs tensor, which pare does not write".into());
+    }
+    if cfg.sliding_window.is_some() {
+        return Some("llama.cpp's llama architecture has no sliding-window attention (Mistral)".into());
+    }
+    None
+}
+
+/// llama.cpp's q/k row order for its interleaved RoPE (`permute` in convert_hf_to_gguf.py): row
+/// `h·d + 2i + j` holds HF row `h·d + j·d/2 + i`. The inverse of `weights::unpermute_rows`.
+fn permute_for_llama_cpp(t: &Tensor, head_dim: usize) -> Result<Tensor> {
+    let rows = t.dim(0)?;
+    if head_dim % 2 != 0 || rows % head_dim != 0 {
+        return Err(ModelError::input(format!("cannot permute {rows} rows into heads of {head_dim}")));
+    }
+    let half = head_dim / 2;
+    let order: Vec<u32> = (0..rows)
+        .map(|r| {
+            let (h, within) = (r / head_dim, r % head_dim);
+            (h * head_dim + (within % 2) * half + within / 2) as u32
+        })
+        .collect();
+    let idx = Tensor::from_vec(order, rows, t.device())?;
+    Ok(t.index_select(&idx, 0)?)
+}
+
+/// Write `model` as a GGUF file: `{arch}.*` hyper-parameters (per-layer arrays for head counts
+/// and MLP widths when layers differ, as llama.cpp accepts), `tokenizer_metadata` (the
+/// `tokenizer.*` keys, e.g. copied from the source GGUF), matrices in `dtype` (F16 or F32) and
+/// 1-D tensors (norms, biases) in F32, as llama.cpp's converter stores them.
+pub fn export_gguf(model: &Model, tokenizer_metadata: &[(String, GgufValue)], dtype: GgmlType, path: &Path) -> Result<()> {
+    if let Some(why) = gguf_unsupported(model) {
+        return Err(ModelError::input(format!("cannot write GGUF: {why}")));
+    }
+    if !matches!(dtype, GgmlType::F16 | GgmlType::F32) {
+        return Err(ModelError::input(format!("GGUF export writes F16 or F32, not {dtype}")));
+    }
+    let cfg = &model.config;
+    let arch = match cfg.arch {
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::GptNeoX => "gptneox",
+    };
+    let k = |name: &str| format!("{arch}.{name}");
+    let heads: Vec<usize> = model.blocks.iter().map(|b| b.attn.num_heads).collect();
+    let kv_heads: Vec<usize> = model.blocks.iter().map(|b| b.attn.num_kv_heads).collect();
+    let widths: Vec<usize> = model.blocks.iter().map(|b| b.mlp.width()).collect();
+    // One value when every layer agrees, a per-layer array otherwise.
+    let per_layer = |values: &[usize]| -> GgufValue {
+        if values.windows(2).all(|w| w[0] == w[1]) {
+            GgufValue::U32(values[0] as u32)
+        } else {
+            GgufValue::Array(values.iter().map(|&v| GgufValue::I32(v as i32)).collect())
+        }
+    };
+    let mut meta: Vec<(String, GgufValue)> = vec![
+        ("general.architecture".into(), GgufValue::Str(arch.into())),
+        ("general.name".into(), GgufValue::Str("pare export".into())),
+        // llama.cpp's LLAMA_FTYPE: 0 all F32, 1 mostly F16.
+        ("general.file_type".into(), GgufValue::U32(if dtype == GgmlType::F16 { 1 } else { 0 })),
+        (k("context_length"), GgufValue::U32(cfg.max_position_embeddings as u32)),
+        (k("embedding_length"), GgufValue::U32(cfg.hidden_size as u32)),
+        (k("block_count"), GgufValue::U32(model.blocks.len() as u32)),
+        (k("feed_forward_length"), per_layer(&widths)),
+        (k("attention.head_count"), per_layer(&heads)),
+        (k("attention.head_count_kv"), per_layer(&kv_heads)),
+        (k("attention.key_length"), GgufValue::U32(cfg.head_dim as u32)),
+        (k("attention.value_length"), GgufValue::U32(cfg.head_dim as u32)),
+        (k("rope.dimension_count"), GgufValue::U32(cfg.rotary_dim as u32)),
+        (k("rope.freq_base"), GgufValue::F32(cfg.rope_theta)),
+        (k("vocab_size"), GgufValue::U32(cfg.vocab_size as u32)),
+    ];
+    if cfg.arch == Arch::GptNeoX {
+        meta.push((k("attention.layer_norm_epsilon"), GgufValue::F32(cfg.norm_eps as f32)));
+        meta.push((k("use_parallel_residual"), GgufValue::Bool(cfg.parallel_residual)));
+    } else {
+        meta.push((k("attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.norm_eps as f32)));
+    }
+    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+        meta.push((k("rope.scaling.type"), GgufValue::Str("linear".into())));
+        meta.push((k("rope.scaling.factor"), GgufValue::F32(factor)));
+    }
+    meta.extend(tokenizer_metadata.iter().filter(|(key, _)| key.starts_with("tokenizer.")).cloned());
+
+    let mut tensors = Vec::new();
+    let mut push = |name: String, t: &Tensor| -> Result<()> {
+        let ty = if t.rank() == 1 { GgmlType::F32 } else { dtype };
+        tensors.push(GgufTensorData::from_tensor(name, t, ty)?);
+        Ok(())
+    };
+    let push_norm = |push: &mut dyn FnMut(String, &Tensor) -> Result<()>, name: &str, n: &Norm| -> Result<()> {
+        push(format!("{name}.weight"), n.weight())?;
+        if let Norm::Layer { bias, .. } = n {
+            push(format!("{name}.bias"), bias)?;
+        }
+        Ok(())
+    };
+    let f32w = |l: &Linear| l.dense_weight(DType::F32);
+    push("token_embd.weight".into(), &model.embed_tokens.to_dtype(DType::F32)?)?;
+    for (i, b) in model.blocks.iter().enumerate() {
+        let p = format!("blk.{i}");
+        let a = &b.attn;
+        push_norm(&mut push, &format!("{p}.attn_norm"), &b.attn_norm)?;
+        push_norm(&mut push, &format!("{p}.ffn_norm"), &b.mlp_norm)?;
+        if cfg.arch == Arch::GptNeoX {
+            // llama.cpp's GPT-NeoX keeps q, k, v fused as [all q; all k; all v].
+            let w = Tensor::cat(&[&f32w(&a.q)?, &f32w(&a.k)?, &f32w(&a.v)?], 0)?;
+            push(format!("{p}.attn_qkv.weight"), &w)?;
+            if let (Some(q), Some(kb), Some(v)) = (a.q.bias(), a.k.bias(), a.v.bias()) {
+                push(format!("{p}.attn_qkv.bias"), &Tensor::cat(&[q, kb, v], 0)?)?;
+            }
+        } else {
+            for (name, l) in [("attn_q", &a.q), ("attn_k", &a.k), ("attn_v", &a.v)] {
+                let permute = cfg.arch != Arch::Qwen2 && name != "attn_v";
+                let w = f32w(l)?;
+                let w = if permute { permute_for_llama_cpp(&w, a.head_dim)? } else { w };
+                push(format!("{p}.{name}.weight"), &w)?;
+                if let Some(bias) = l.bias() {
+                    let bias = if permute { permute_for_llama_cpp(bias, a.head_dim)? } else { bias.clone() };
+                    push(format!("{p}.{name}.bias"), &bias)?;
+                }
+            }
+        }
+        let mut linear = |name: String, l: &Linear| -> Result<()> {
+            push(format!("{name}.weight"), &f32w(l)?)?;
+            if let Some(bias) = l.bias() {
+                push(format!("{name}.bias"), bias)?;
+            }
+            Ok(())
+        };
+        linear(format!("{p}.attn_output"), &a.o)?;
+        if let Some(gate) = &b.mlp.gate {
+            linear(format!("{p}.ffn_gate"), gate)?;
+        }
+        linear(format!("{p}.ffn_up"), &b.mlp.up)?;
+        linear(format!("{p}.ffn_down"), &b.mlp.down)?;
+    }
+    push_norm(&mut push, "output_norm", &model.final_norm)?;
+    if !cfg.tie_word_embeddings {
+        push("output.weight".into(), &f32w(&model.lm_head)?)?;
+    }
+    write_gguf(path, &meta, &tensors)?;
+    Ok(())
 }

@@ -1,0 +1,177 @@
+//! `pare init-random`: an HF checkpoint directory with a real model's shapes and random weights,
+//! for benchmarks at sizes whose weights cannot be shipped (Llama-3-8B: 16 GB). Speed does not
+//! depend on the values; HF transformers loads the same directory for the baseline.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::common::print_json;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The architecture to copy: llama3-8b (Llama-3.1-8B), qwen2.5-0.5b, smollm2-135m.
+    #[arg(long)]
+    pub like: String,
+    /// Output directory (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Keep only this many layers (smaller test models of the same width).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Weight dtype: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// HF config.json of each architecture (the published models' own values).
+fn preset(name: &str) -> Option<Value> {
+    Some(match name {
+        "llama3-8b" => json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192},
+            "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+            "bos_token_id": 128000, "eos_token_id": 128001,
+        }),
+        "qwen2.5-0.5b" => json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true, "use_sliding_window": false,
+            "bos_token_id": 151643, "eos_token_id": 151645,
+        }),
+        "smollm2-135m" => json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+            "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true, "attention_bias": false, "mlp_bias": false,
+            "bos_token_id": 1, "eos_token_id": 2,
+        }),
+        _ => return None,
+    })
+}
+
+/// Counter-based random numbers (SplitMix64): every element depends only on the seed, the tensor
+/// and its index, so filling runs on all cores and still gives the same weights everywhere.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Uniform values with standard deviation `std` (HF's initializer_range, 0.02), never all zero:
+/// zeros would make kernels look faster than on real weights.
+fn random_tensor(shape: &[usize], std: f32, stream: u64, dtype: DType) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let half_width = std * 3f32.sqrt();
+    let key = splitmix(stream);
+    let data: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let u = (splitmix(key ^ i as u64) >> 40) as f32 / (1u64 << 24) as f32;
+            (2.0 * u - 1.0) * half_width
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Some(mut config) = preset(&args.like) else {
+        bail!("unknown --like {:?} (expected llama3-8b, qwen2.5-0.5b or smollm2-135m)", args.like);
+    };
+    let dtype = match args.dtype.as_str() {
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        "f32" | "float32" => DType::F32,
+        other => bail!("unknown --dtype {other:?} (expected bf16, f16 or f32)"),
+    };
+    let torch_dtype = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    config["torch_dtype"] = torch_dtype.into();
+    if let Some(layers) = args.layers {
+        if layers == 0 {
+            bail!("--layers must be at least 1");
+        }
+        config["num_hidden_layers"] = layers.into();
+    }
+    let get = |k: &str| config[k].as_u64().expect("preset field") as usize;
+    let (hidden, inter, layers, heads, kv_heads, vocab) = (
+        get("hidden_size"),
+        get("intermediate_size"),
+        get("num_hidden_layers"),
+        get("num_attention_heads"),
+        get("num_key_value_heads"),
+        get("vocab_size"),
+    );
+    let head_dim = config.get("head_dim").and_then(Value::as_u64).map_or(hidden / heads, |d| d as usize);
+    let qkv_bias = config["model_type"] == "qwen2";
+    let tied = config["tie_word_embeddings"] == true;
+
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![vocab, hidden])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
+        for (name, rows) in [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)] {
+            shapes.push((format!("{p}.self_attn.{name}.weight"), vec![rows, hidden]));
+            if qkv_bias {
+                shapes.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
+            }
+        }
+        shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![hidden, heads * head_dim]));
+        shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]));
+        shapes.push((format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]));
+        shapes.push((format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]));
+    }
+    shapes.push(("model.norm.weight".into(), vec![hidden]));
+    if !tied {
+        shapes.push(("lm_head.weight".into(), vec![vocab, hidden]));
+    }
+
+    let mut tensors = Vec::with_capacity(shapes.len());
+    let mut params = 0usize;
+    for (i, (name, shape)) in shapes.into_iter().enumerate() {
+        params += shape.iter().product::<usize>();
+        let t = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+            // Norm weights near 1, as trained models have them.
+            (random_tensor(&shape, 0.02, args.seed.wrapping_mul(1_000_003) ^ i as u64, DType::F32)? + 1.0)?.to_dtype(dtype)?
+        } else {
+            random_tensor(&shape, 0.02, args.seed.wrapping_mul(1_000_003) ^ i as u64, dtype)?
+        };
+        tensors.push((name, t));
+    }
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let write = |name: &str, v: &Value| -> Result<()> {
+        let path = args.out.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("writing {}", path.display()))
+    };
+    write("config.json", &config)?;
+    write("generation_config.json", &json!({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))?;
+    pare_formats::save_safetensors(&args.out.join("model.safetensors"), &tensors, None)?;
+    let bytes = params * dtype.size_in_bytes();
+    if args.json {
+        print_json(&json!({"out": args.out.display().to_string(), "like": args.like, "layers": layers,
+                           "parameters": params, "dtype": torch_dtype, "bytes": bytes}))
+    } else {
+        println!("wrote {} ({} layers, {params} parameters, {:.2} GB {torch_dtype})", args.out.display(), layers, bytes as f64 / 1e9);
+        Ok(())
+    }
+}

@@ -1,0 +1,398 @@
+//! `pare prune`: structured pruning (LLM-Pruner style) of heads and MLP channels, exported as an
+//! HF directory (+ GGUF) with the pruning plan, parameters and perplexity before and after.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use pare_formats::{GgmlType, GgufFile, GgufValue};
+use pare_model::config::Arch;
+use pare_model::{Model, WeightDType};
+use pare_prune::report::{layer_shapes, LayerShape, ParamCounts};
+use pare_prune::{GqaMode, Importance, PerLayerRatios, PruneSettings, PruningPlan, RatioMode, Reduction};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::common::{print_json, progress_bar, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Fraction of each pruned layer's units to remove (KV heads, query heads per KV group, MLP channels).
+    #[arg(long, default_value_t = 0.25)]
+    pub ratio: f64,
+    /// random, l1, l2, taylor or wanda-sp.
+    #[arg(long, default_value = "taylor")]
+    pub importance: String,
+    /// Taylor variant: param_first (Σ|w·g|), vectorize (|Σw·g|), param_second (diagonal Fisher), param_mix.
+    #[arg(long, default_value = "param_first")]
+    pub taylor: String,
+    /// How a group's tensors combine: sum, mean or max.
+    #[arg(long, default_value = "sum")]
+    pub reduction: String,
+    /// Attention units: kv-groups (a KV head with its query heads) or query-heads (KV heads kept).
+    #[arg(long, default_value = "kv-groups")]
+    pub gqa: String,
+    /// Layers whose attention is pruned, start..end (end exclusive) [default: 3..30, clipped to the model].
+    #[arg(long)]
+    pub attn_layers: Option<String>,
+    /// Layers whose MLP is pruned, start..end (end exclusive) [default: 3..30, clipped to the model].
+    #[arg(long)]
+    pub mlp_layers: Option<String>,
+    /// local, global, per-layer:FILE.json ({"attn": {"3": 0.25}, "mlp": {...}}) or block-influence.
+    #[arg(long, default_value = "local")]
+    pub mode: String,
+    /// block-influence: how far per-layer ratios move from --ratio (0 = uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub bi_strength: f64,
+    /// Keep pruned widths (q_proj rows, MLP channels) multiples of N.
+    #[arg(long)]
+    pub round_to: Option<usize>,
+    /// Seed of --importance random.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Calibration text for taylor, wanda-sp and block-influence [default: assets/texts/c4.utf8].
+    #[arg(long)]
+    pub calib_text: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    pub calib_samples: usize,
+    /// Tokens per calibration sample.
+    #[arg(long, default_value_t = 64)]
+    pub calib_len: usize,
+    /// Re-apply a pruning_plan.json instead of choosing.
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Write the pruned model here: an HF directory with pruning_plan.json.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write OUT/model.gguf.
+    #[arg(long)]
+    pub gguf: bool,
+    /// GGUF matrix type: f16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub gguf_dtype: String,
+    /// Perplexity before and after (ctx --ppl-ctx, non-overlapping windows, first --ppl-tokens tokens of --ppl-text).
+    #[arg(long)]
+    pub eval_ppl: bool,
+    /// [default: assets/texts/wiki.utf8]
+    #[arg(long)]
+    pub ppl_text: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    pub ppl_ctx: usize,
+    #[arg(long, default_value_t = 8192)]
+    pub ppl_tokens: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `a..b` (end exclusive).
+fn parse_range(flag: &str, s: &str) -> Result<std::ops::Range<usize>> {
+    let (a, b) = s.split_once("..").with_context(|| format!("{flag} {s:?}: expected start..end, e.g. 3..30"))?;
+    let (a, b): (usize, usize) = (
+        a.trim().parse().with_context(|| format!("{flag} {s:?}: start is not a number"))?,
+        b.trim().parse().with_context(|| format!("{flag} {s:?}: end is not a number"))?,
+    );
+    if a > b {
+        bail!("{flag} {s:?}: start is after end");
+    }
+    Ok(a..b)
+}
+
+fn read_text(path: &Path, what: &str) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))
+}
+
+#[derive(Serialize)]
+struct PplReport {
+    text: String,
+    ctx: usize,
+    tokens: usize,
+    before: f64,
+    after: f64,
+}
+
+#[derive(Serialize)]
+struct ExportReport {
+    dir: String,
+    plan: String,
+    /// Whether transformers can load the directory (uniform shapes it can express).
+    hf_loadable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hf_note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gguf: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gguf_note: Option<String>,
+}
+
+/// Why transformers cannot load the pruned model as an HF directory, if it cannot.
+fn hf_limit(model: &Model) -> Option<String> {
+    if model.config.layer_shapes.is_some() {
+        return Some(
+            "layers differ in head count or MLP width; config.json carries per-layer shapes \
+             (num_attention_heads_per_layer, num_key_value_heads_per_layer, intermediate_size_per_layer) \
+             that pare loads but transformers cannot"
+                .into(),
+        );
+    }
+    let c = &model.config;
+    if c.arch == Arch::GptNeoX && c.num_heads * c.head_dim != c.hidden_size {
+        return Some("GPT-NeoX in transformers derives head_dim from hidden_size, so pruned heads load in pare only".into());
+    }
+    None
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if let Some(d) = args.model.dtype.as_deref().filter(|d| !matches!(*d, "f32" | "float32")) {
+        bail!("pare prune works on float32 weights (gradients and exports); drop --dtype {d}");
+    }
+    let gguf_type = match args.gguf_dtype.as_str() {
+        "f16" => GgmlType::F16,
+        "f32" => GgmlType::F32,
+        other => bail!("--gguf-dtype {other:?}: expected f16 or f32"),
+    };
+    if args.gguf && args.out.is_none() {
+        bail!("--gguf writes OUT/model.gguf: give --out DIR");
+    }
+    if args.eval_ppl && (args.ppl_ctx == 0 || args.ppl_tokens < 2) {
+        bail!("--ppl-ctx must be positive and --ppl-tokens at least 2");
+    }
+    let plan_file = match &args.plan {
+        Some(p) => Some(PruningPlan::from_json(&read_text(p, "plan")?, &p.display().to_string())?),
+        None => None,
+    };
+    let settings = if plan_file.is_none() { Some(settings(&args)?) } else { None };
+
+    let device = args.model.device()?;
+    let loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
+    let model = &loaded.model;
+    let n = model.num_layers();
+
+    let mut stage = String::new();
+    let mut bar = progress_bar(0, "");
+    let mut progress = |label: &str, done: usize, total: usize| {
+        if label != stage {
+            bar.finish_and_clear();
+            bar = progress_bar(total as u64, label);
+            stage = label.to_string();
+        }
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+
+    let (plan, calibration_loss) = match (plan_file, settings) {
+        (Some(plan), _) => (plan, None),
+        (None, Some(settings)) => {
+            let settings = settings.resolve(n)?;
+            let calibration = if settings.needs_calibration() {
+                let path = args.calib_text.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("texts/c4.utf8"));
+                let text = read_text(&path, "calibration text")?;
+                let tok = loaded.tokenizer().context("calibration text needs the model's tokenizer")?;
+                Some(pare_prune::calibration::from_text(tok, &text, args.calib_samples, args.calib_len, &path.display().to_string())?)
+            } else {
+                None
+            };
+            let outcome = pare_prune::make_plan(model, &settings, calibration.as_ref(), &mut progress)?;
+            (outcome.plan, outcome.scores.calibration_loss)
+        }
+        (None, None) => bail!("no pruning settings and no --plan"),
+    };
+    let pruned = pare_prune::apply(model, &plan)?;
+    drop(progress);
+    bar.finish_and_clear();
+
+    let ppl = if args.eval_ppl { Some(perplexity(&args, &loaded, model, &pruned)?) } else { None };
+
+    let export = match &args.out {
+        Some(dir) => Some(export(&args, &loaded, &pruned, &plan, dir, gguf_type)?),
+        None => None,
+    };
+
+    let before = ParamCounts::of(model);
+    let after = ParamCounts::of(&pruned);
+    let shapes_before = layer_shapes(model);
+    let shapes_after = layer_shapes(&pruned);
+    if args.json {
+        return print_json(&json!({
+            "model": loaded.path.display().to_string(),
+            "method": plan.method,
+            "data": plan.data,
+            "calibration_loss": calibration_loss,
+            "parameters": {"before": before, "after": after, "kept_fraction": after.total as f64 / before.total as f64},
+            "layers": shapes_before.iter().zip(&shapes_after).map(|(b, a)| json!({"layer": b.layer, "before": b, "after": a})).collect::<Vec<_>>(),
+            "perplexity": ppl,
+            "export": export,
+        }));
+    }
+    print_report(&loaded.path, &plan, &before, &after, &shapes_before, &shapes_after, ppl.as_ref(), export.as_ref());
+    Ok(())
+}
+
+/// Settings from flags; ranges are resolved against the model once it is loaded.
+struct Flags {
+    importance: Importance,
+    reduction: Reduction,
+    gqa: GqaMode,
+    attn: Option<std::ops::Range<usize>>,
+    mlp: Option<std::ops::Range<usize>>,
+    ratio: f64,
+    mode: RatioMode,
+    round_to: Option<usize>,
+    seed: u64,
+}
+
+impl Flags {
+    fn resolve(self, n: usize) -> Result<PruneSettings> {
+        let default = || 3.min(n)..30.min(n);
+        Ok(PruneSettings {
+            importance: self.importance,
+            reduction: self.reduction,
+            gqa: self.gqa,
+            attn_layers: self.attn.unwrap_or_else(default),
+            mlp_layers: self.mlp.unwrap_or_else(default),
+            ratio: self.ratio,
+            mode: self.mode,
+            round_to: self.round_to,
+            seed: self.seed,
+        })
+    }
+}
+
+fn settings(args: &Args) -> Result<Flags> {
+    if !(0.0..=1.0).contains(&args.ratio) {
+        bail!("--ratio must be in [0, 1], got {}", args.ratio);
+    }
+    let mode = match args.mode.as_str() {
+        "local" => RatioMode::Local,
+        "global" => RatioMode::Global,
+        "block-influence" => RatioMode::BlockInfluence { strength: args.bi_strength },
+        m if m.starts_with("per-layer:") => {
+            let path = &m["per-layer:".len()..];
+            let text = read_text(Path::new(path), "per-layer ratios")?;
+            RatioMode::PerLayer(PerLayerRatios::from_json(&text, path)?)
+        }
+        other => bail!("unknown --mode {other:?} (expected local, global, per-layer:FILE.json or block-influence)"),
+    };
+    if !args.bi_strength.is_finite() || args.bi_strength < 0.0 {
+        bail!("--bi-strength must be a non-negative number");
+    }
+    Ok(Flags {
+        importance: Importance::parse(&args.importance, &args.taylor)?,
+        reduction: Reduction::parse(&args.reduction)?,
+        gqa: GqaMode::parse(&args.gqa)?,
+        attn: args.attn_layers.as_deref().map(|s| parse_range("--attn-layers", s)).transpose()?,
+        mlp: args.mlp_layers.as_deref().map(|s| parse_range("--mlp-layers", s)).transpose()?,
+        ratio: args.ratio,
+        mode,
+        round_to: args.round_to,
+        seed: args.seed,
+    })
+}
+
+fn perplexity(args: &Args, loaded: &pare_model::LoadedModel, before: &Model, after: &Model) -> Result<PplReport> {
+    let path = args.ppl_text.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("texts/wiki.utf8"));
+    let text = read_text(&path, "perplexity text")?;
+    let mut tokens = loaded.tokenizer().context("--eval-ppl needs the model's tokenizer")?.encode(&text, true)?;
+    tokens.truncate(args.ppl_tokens);
+    let ctx = args.ppl_ctx.min(before.config.max_position_embeddings);
+    let run = |model: &Model, label: &str| -> Result<f64> {
+        let bar = progress_bar(0, label);
+        let r = pare_eval::perplexity(model, &tokens, ctx, ctx, |d, t| {
+            bar.set_length(t as u64);
+            bar.set_position(d as u64);
+        })?;
+        bar.finish_and_clear();
+        Ok(r.ppl)
+    };
+    let b = run(before, "perplexity before")?;
+    let a = run(after, "perplexity after")?;
+    Ok(PplReport { text: path.display().to_string(), ctx, tokens: tokens.len(), before: b, after: a })
+}
+
+/// The source GGUF's tokenizer keys, so the exported GGUF tokenizes as the original did.
+fn gguf_tokenizer_keys(loaded: &pare_model::LoadedModel) -> Result<Option<Vec<(String, GgufValue)>>> {
+    if loaded.format != "gguf" {
+        return Ok(None);
+    }
+    let src = GgufFile::open(&loaded.path)?;
+    let keys: Vec<(String, GgufValue)> = src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    Ok(Some(keys))
+}
+
+fn export(args: &Args, loaded: &pare_model::LoadedModel, pruned: &Model, plan: &PruningPlan, dir: &Path, gguf_type: GgmlType) -> Result<ExportReport> {
+    pare_model::export::export_hf_dir(pruned, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), dir)?;
+    let plan_path = dir.join("pruning_plan.json");
+    std::fs::write(&plan_path, plan.to_json()).with_context(|| format!("cannot write {}", plan_path.display()))?;
+    let hf_note = hf_limit(pruned);
+    let (mut gguf, mut gguf_note) = (None, None);
+    if args.gguf {
+        let path = dir.join("model.gguf");
+        let keys = gguf_tokenizer_keys(loaded)?;
+        if keys.is_none() && loaded.tokenizer.is_some() {
+            gguf_note = Some("the source is not a GGUF, so model.gguf carries no tokenizer; use the directory's tokenizer files".into());
+        }
+        pare_model::export::export_gguf(pruned, keys.as_deref().unwrap_or(&[]), gguf_type, &path)?;
+        gguf = Some(path.display().to_string());
+    }
+    Ok(ExportReport {
+        dir: dir.display().to_string(),
+        plan: plan_path.display().to_string(),
+        hf_loadable: hf_note.is_none(),
+        hf_note,
+        gguf,
+        gguf_note,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_report(
+    path: &Path,
+    plan: &PruningPlan,
+    before: &ParamCounts,
+    after: &ParamCounts,
+    shapes_before: &[LayerShape],
+    shapes_after: &[LayerShape],
+    ppl: Option<&PplReport>,
+    export: Option<&ExportReport>,
+) {
+    println!("{}", path.display());
+    if let Some(m) = &plan.method {
+        let taylor = m.taylor.as_deref().map(|t| format!(" ({t})")).unwrap_or_default();
+        println!(
+            "{}{taylor}, reduction {}, {}, {} ratio {}, attention layers {}..{}, MLP layers {}..{}",
+            m.importance, m.reduction, m.gqa.name(), m.mode, m.ratio, m.attn_layers[0], m.attn_layers[1], m.mlp_layers[0], m.mlp_layers[1]
+        );
+    }
+    if let Some(d) = &plan.data {
+        println!("calibration: {} × {} tokens from {}", d.samples, d.tokens_per_sample, d.source);
+    }
+    println!("{:<8} {:>12} {:>12} {:>8}", "params", "before", "after", "kept");
+    for ((name, b), (_, a)) in before.rows().iter().zip(after.rows()) {
+        let kept = if *b > 0 { format!("{:.1} %", 100.0 * a as f64 / *b as f64) } else { "-".into() };
+        println!("{name:<8} {b:>12} {a:>12} {kept:>8}");
+    }
+    let changed: Vec<_> = shapes_before.iter().zip(shapes_after).filter(|(b, a)| b != a).collect();
+    if !changed.is_empty() {
+        println!("layer  heads  kv     mlp_width");
+        for (b, a) in changed {
+            println!("{:>5}  {:>2}→{:<2}  {}→{}  {}→{}", b.layer, b.heads, a.heads, b.kv_heads, a.kv_heads, b.mlp_width, a.mlp_width);
+        }
+    }
+    if let Some(p) = ppl {
+        println!("perplexity {:.4} → {:.4} ({}, ctx {}, {} tokens)", p.before, p.after, p.text, p.ctx, p.tokens);
+    }
+    if let Some(e) = export {
+        println!("wrote {} (plan {})", e.dir, e.plan);
+        if let Some(note) = &e.hf_note {
+            println!("note: {note}");
+        }
+        if let Some(g) = &e.gguf {
+            println!("wrote {g}");
+        }
+        if let Some(note) = &e.gguf_note {
+            println!("note: {note}");
+        }
+    }
+}

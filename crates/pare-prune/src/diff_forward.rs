@@ -1,0 +1,384 @@
+//! A differentiable forward pass over a [`Model`]'s dense weights, for gradients (Taylor
+//! importance) and for calibration statistics (activation norms, block influence).
+//!
+//! candle's fused kernels (softmax, rms_norm, rope, pare's own SwiGLU and masked softmax) record
+//! no gradient, so this pass composes them from elementary ops that do. It runs one sequence at
+//! a time from position 0, with a causal mask: the same mathematics as the engine's prefill
+//! (`tests` check the logits agree), in the dtype asked for (f64 for finite-difference checks).
+//! Only the tensors asked for become [`Var`]s; everything else is a constant.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use pare_model::config::Activation;
+use pare_model::layers::{Linear, Norm};
+use pare_model::Model;
+
+use crate::error::{PruneError, Result};
+use crate::groups::{AttnShape, Role};
+
+/// y = x Wᵀ + b, W either a trainable [`Var`] or a constant.
+pub struct DiffLinear {
+    pub weight: Tensor,
+    pub var: Option<Var>,
+    pub bias: Option<Tensor>,
+}
+
+impl DiffLinear {
+    fn new(l: &Linear, dtype: DType, trainable: bool) -> Result<Self> {
+        let w = l.dense_weight(dtype)?;
+        let (weight, var) = if trainable {
+            let var = Var::from_tensor(&w)?;
+            (var.as_tensor().clone(), Some(var))
+        } else {
+            (w, None)
+        };
+        Ok(DiffLinear { weight, var, bias: l.bias().map(|b| b.to_dtype(dtype)).transpose()? })
+    }
+
+    /// x: (rows, in) → (rows, out).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// RMSNorm / LayerNorm from elementary ops, as HF computes them.
+pub enum DiffNorm {
+    Rms { weight: Tensor, eps: f64 },
+    Layer { weight: Tensor, bias: Tensor, eps: f64 },
+}
+
+impl DiffNorm {
+    fn new(n: &Norm, dtype: DType) -> Result<Self> {
+        Ok(match n {
+            Norm::Rms { weight, eps } => DiffNorm::Rms { weight: weight.to_dtype(dtype)?, eps: *eps as f64 },
+            Norm::Layer { weight, bias, eps } => {
+                DiffNorm::Layer { weight: weight.to_dtype(dtype)?, bias: bias.to_dtype(dtype)?, eps: *eps as f64 }
+            }
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            DiffNorm::Rms { weight, eps } => {
+                let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_mul(&(var + *eps)?.sqrt()?.recip()?)?.broadcast_mul(weight)?
+            }
+            DiffNorm::Layer { weight, bias, eps } => {
+                let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                centered.broadcast_mul(&(var + *eps)?.sqrt()?.recip()?)?.broadcast_mul(weight)?.broadcast_add(bias)?
+            }
+        })
+    }
+}
+
+pub struct DiffLayer {
+    pub attn_norm: DiffNorm,
+    pub q: DiffLinear,
+    pub k: DiffLinear,
+    pub v: DiffLinear,
+    pub o: DiffLinear,
+    pub shape: AttnShape,
+    pub mlp_norm: DiffNorm,
+    pub gate: Option<DiffLinear>,
+    pub up: DiffLinear,
+    pub down: DiffLinear,
+}
+
+impl DiffLayer {
+    pub fn linear(&self, role: Role) -> Option<&DiffLinear> {
+        match role {
+            Role::Q => Some(&self.q),
+            Role::K => Some(&self.k),
+            Role::V => Some(&self.v),
+            Role::O => Some(&self.o),
+            Role::Gate => self.gate.as_ref(),
+            Role::Up => Some(&self.up),
+            Role::Down => Some(&self.down),
+        }
+    }
+}
+
+/// What a forward call records besides the logits.
+#[derive(Default)]
+pub struct Probe {
+    /// Record the residual stream entering every layer and leaving the last: `hidden[l]`, (seq, hidden).
+    pub record_hidden: bool,
+    pub hidden: Vec<Tensor>,
+    /// Accumulate Σ x² over tokens, per input feature, of each linear map's input: keyed by
+    /// (layer, role) for Q (the input q, k, v share), O, Gate (gate and up share; Up without a
+    /// gate) and Down.
+    pub record_inputs: bool,
+    pub input_sq_sums: HashMap<(usize, Role), Tensor>,
+    pub input_tokens: usize,
+}
+
+impl Probe {
+    fn add_input(&mut self, layer: usize, role: Role, x: &Tensor) -> Result<()> {
+        if !self.record_inputs {
+            return Ok(());
+        }
+        let sq = x.detach().to_dtype(DType::F64)?.sqr()?.sum(0)?;
+        let entry = self.input_sq_sums.entry((layer, role));
+        match entry {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let sum = (e.get() + sq)?;
+                e.insert(sum);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(sq);
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct DiffModel {
+    pub layers: Vec<DiffLayer>,
+    embed: Tensor,
+    final_norm: DiffNorm,
+    lm_head: DiffLinear,
+    inv_freq: Vec<f32>,
+    activation: Activation,
+    parallel_residual: bool,
+    max_positions: usize,
+    pub dtype: DType,
+    device: Device,
+}
+
+impl DiffModel {
+    /// The model's weights in `dtype`; the tensors for which `trainable(layer, role)` holds
+    /// become variables whose gradients [`Tensor::backward`] returns.
+    pub fn new(model: &Model, dtype: DType, trainable: impl Fn(usize, Role) -> bool) -> Result<Self> {
+        let layers = model
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, b)| {
+                let a = &b.attn;
+                Ok(DiffLayer {
+                    attn_norm: DiffNorm::new(&b.attn_norm, dtype)?,
+                    q: DiffLinear::new(&a.q, dtype, trainable(l, Role::Q))?,
+                    k: DiffLinear::new(&a.k, dtype, trainable(l, Role::K))?,
+                    v: DiffLinear::new(&a.v, dtype, trainable(l, Role::V))?,
+                    o: DiffLinear::new(&a.o, dtype, trainable(l, Role::O))?,
+                    shape: AttnShape { num_heads: a.num_heads, num_kv_heads: a.num_kv_heads, head_dim: a.head_dim },
+                    mlp_norm: DiffNorm::new(&b.mlp_norm, dtype)?,
+                    gate: b.mlp.gate.as_ref().map(|g| DiffLinear::new(g, dtype, trainable(l, Role::Gate))).transpose()?,
+                    up: DiffLinear::new(&b.mlp.up, dtype, trainable(l, Role::Up))?,
+                    down: DiffLinear::new(&b.mlp.down, dtype, trainable(l, Role::Down))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DiffModel {
+            layers,
+            embed: model.embed_tokens.to_dtype(dtype)?,
+            final_norm: DiffNorm::new(&model.final_norm, dtype)?,
+            lm_head: DiffLinear::new(&model.lm_head, dtype, false)?,
+            inv_freq: model.rope.inv_freq().to_vec(),
+            activation: model.config.activation,
+            parallel_residual: model.config.parallel_residual,
+            max_positions: model.config.max_position_embeddings,
+            dtype,
+            device: model.device.clone(),
+        })
+    }
+
+    /// Every variable, with its layer and role.
+    pub fn vars(&self) -> Vec<(usize, Role, &Var)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for role in [Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down] {
+                if let Some(var) = layer.linear(role).and_then(|lin| lin.var.as_ref()) {
+                    out.push((l, role, var));
+                }
+            }
+        }
+        out
+    }
+
+    /// cos and sin (seq, rotary_dim) for positions 0..seq, halves repeated (HF's rotate_half form).
+    fn cos_sin(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        // f32 angles and cos/sin, as HF computes them whatever the model dtype.
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(seq * 2 * half);
+        for p in 0..seq {
+            for _ in 0..2 {
+                angles.extend(self.inv_freq.iter().map(|&f| p as f32 * f));
+            }
+        }
+        let angles = Tensor::from_vec(angles, (seq, 2 * half), &self.device)?;
+        Ok((angles.cos()?.to_dtype(self.dtype)?, angles.sin()?.to_dtype(self.dtype)?))
+    }
+
+    /// x (heads, seq, d): rotate the first rotary_dim channels.
+    fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        let rot = cos.dim(1)?;
+        let xr = x.narrow(2, 0, rot)?;
+        let (x1, x2) = (xr.narrow(2, 0, rot / 2)?, xr.narrow(2, rot / 2, rot / 2)?);
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 2)?;
+        let out = (xr.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+        if rot == d {
+            Ok(out)
+        } else {
+            Ok(Tensor::cat(&[&out, &x.narrow(2, rot, d - rot)?], 2)?)
+        }
+    }
+
+    fn attention(&self, l: usize, layer: &DiffLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, probe: &mut Probe) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        let AttnShape { num_heads: h, num_kv_heads: kvh, head_dim: d } = layer.shape;
+        let g = h / kvh;
+        probe.add_input(l, Role::Q, x)?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((seq, n, d))?.transpose(0, 1)?.contiguous()?) };
+        let q = Self::rope(&heads(layer.q.forward(x)?, h)?, cos, sin)?;
+        let k = Self::rope(&heads(layer.k.forward(x)?, kvh)?, cos, sin)?;
+        let v = heads(layer.v.forward(x)?, kvh)?;
+        // Query heads h·g..(h+1)·g read KV head h: group them so K and V are used as they are.
+        let q = q.reshape((kvh, g * seq, d))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = scores.reshape((kvh, g, seq, seq))?.broadcast_add(mask)?;
+        // Softmax from elementary ops; the max is a constant shift (no gradient needed through it).
+        let max = scores.max_keepdim(D::Minus1)?.detach();
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let out = probs.reshape((kvh, g * seq, seq))?.matmul(&v)?; // (kvh, g·seq, d)
+        let out = out.reshape((h, seq, d))?.transpose(0, 1)?.reshape((seq, h * d))?;
+        probe.add_input(l, Role::O, &out)?;
+        layer.o.forward(&out)
+    }
+
+    fn mlp(&self, l: usize, layer: &DiffLayer, x: &Tensor, probe: &mut Probe) -> Result<Tensor> {
+        probe.add_input(l, if layer.gate.is_some() { Role::Gate } else { Role::Up }, x)?;
+        let up = layer.up.forward(x)?;
+        let hidden = match &layer.gate {
+            Some(gate) => (pare_model::layers::activate(&gate.forward(x)?, self.activation)? * up)?,
+            None => pare_model::layers::activate(&up, self.activation)?,
+        };
+        probe.add_input(l, Role::Down, &hidden)?;
+        layer.down.forward(&hidden)
+    }
+
+    /// Logits (seq, vocab) of one sequence at positions 0..seq.
+    pub fn forward(&self, ids: &[u32], probe: &mut Probe) -> Result<Tensor> {
+        let seq = ids.len();
+        if seq == 0 || seq > self.max_positions {
+            return Err(PruneError::input(format!("a calibration sample must hold 1 to {} tokens, got {seq}", self.max_positions)));
+        }
+        let vocab = self.embed.dim(0)?;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(PruneError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
+        let mut x = self.embed.index_select(&idx, 0)?;
+        let (cos, sin) = self.cos_sin(seq)?;
+        let mask: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
+        let mask = Tensor::from_vec(mask, (seq, seq), &self.device)?.to_dtype(self.dtype)?;
+        probe.input_tokens += seq;
+        for (l, layer) in self.layers.iter().enumerate() {
+            if probe.record_hidden {
+                probe.hidden.push(x.detach());
+            }
+            let attn = self.attention(l, layer, &layer.attn_norm.forward(&x)?, &cos, &sin, &mask, probe)?;
+            x = if self.parallel_residual {
+                let mlp = self.mlp(l, layer, &layer.mlp_norm.forward(&x)?, probe)?;
+                ((x + attn)? + mlp)?
+            } else {
+                let h = (x + attn)?;
+                let mlp = self.mlp(l, layer, &layer.mlp_norm.forward(&h)?, probe)?;
+                (h + mlp)?
+            };
+        }
+        if probe.record_hidden {
+            probe.hidden.push(x.detach());
+        }
+        self.lm_head.forward(&self.final_norm.forward(&x)?)
+    }
+
+    /// Mean next-token cross-entropy of one sequence (HF's `model(ids, labels=ids).loss`).
+    pub fn loss(&self, ids: &[u32], probe: &mut Probe) -> Result<Tensor> {
+        if ids.len() < 2 {
+            return Err(PruneError::input("a calibration sample needs at least 2 tokens"));
+        }
+        let logits = self.forward(ids, probe)?;
+        let n = ids.len() - 1;
+        // The log-sum-exp runs over the whole vocabulary: in f64, so that a long f32 sum does not
+        // put ~1e-5 relative noise into every gradient.
+        let logits = logits.narrow(0, 0, n)?.to_dtype(DType::F64)?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let targets = Tensor::from_vec(ids[1..].to_vec(), (n, 1), &self.device)?;
+        let picked = shifted.gather(&targets, 1)?;
+        Ok((log_z - picked)?.mean_all()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::tiny_model;
+
+    #[test]
+    fn logits_match_the_engine() {
+        let model = tiny_model(&Device::Cpu, 2, 8, 2, 1);
+        let ids: Vec<u32> = (0..23).map(|i| (i * 37 % 200) as u32 + 3).collect();
+        let engine = model.logits_all(&ids).unwrap();
+        let diff = DiffModel::new(&model, DType::F32, |_, _| false).unwrap();
+        let ours = diff.forward(&ids, &mut Probe::default()).unwrap();
+        let delta = (engine - ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(delta < 1e-4, "max |Δlogit| = {delta}");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        // f64 so that central differences are accurate to ~1e-9.
+        let model = tiny_model(&Device::Cpu, 2, 8, 2, 3);
+        let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 250) as u32 + 1).collect();
+        let diff = DiffModel::new(&model, DType::F64, |l, _| l == 1 || l == 0).unwrap();
+        let loss = diff.loss(&ids, &mut Probe::default()).unwrap();
+        let grads = loss.backward().unwrap();
+        let eps = 1e-5;
+        let mut checked = 0;
+        for (l, role, var) in diff.vars() {
+            let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let w0 = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            // A few elements per tensor, spread over it.
+            for &i in &[0, w0.len() / 3, w0.len() / 2 + 1, w0.len() - 1] {
+                let at = |delta: f64| -> f64 {
+                    let mut w = w0.clone();
+                    w[i] += delta;
+                    var.set(&Tensor::from_vec(w, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+                    diff.loss(&ids, &mut Probe::default()).unwrap().to_scalar::<f64>().unwrap()
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                var.set(&Tensor::from_vec(w0.clone(), var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+                let tol = 1e-9 + 1e-7 * fd.abs().max(g[i].abs());
+                assert!((fd - g[i]).abs() < tol, "layer {l} {role:?}[{i}]: autograd {} vs finite difference {fd}", g[i]);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2 * 7 * 4);
+    }
+
+    #[test]
+    fn probe_records_hidden_states_and_input_norms() {
+        let model = tiny_model(&Device::Cpu, 3, 4, 2, 5);
+        let diff = DiffModel::new(&model, DType::F32, |_, _| false).unwrap();
+        let mut probe = Probe { record_hidden: true, record_inputs: true, ..Probe::default() };
+        diff.forward(&[5, 6, 7, 8], &mut probe).unwrap();
+        assert_eq!(probe.hidden.len(), 4);
+        assert_eq!(probe.input_tokens, 4);
+        assert_eq!(probe.input_sq_sums.len(), 3 * 4);
+        let q_in = &probe.input_sq_sums[&(0, Role::Q)];
+        assert_eq!(q_in.dims(), &[model.config.hidden_size]);
+        let down_in = &probe.input_sq_sums[&(2, Role::Down)];
+        assert_eq!(down_in.dims(), &[model.blocks[2].mlp.width()]);
+    }
+}

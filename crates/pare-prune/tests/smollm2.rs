@@ -1,0 +1,99 @@
+//! SmolLM2-135M against the LLM-Pruner-equivalent torch reference: the seed's configuration
+//! (Taylor param_first, sum, layers 3..30, ratio 0.25, 10 × 64 calibration tokens) gives the
+//! same scores and the same pruned channels; the uniformly pruned model runs, and its HF and
+//! GGUF exports reload with the logits and perplexity transformers gave for the same pruning.
+
+mod common;
+
+use candle_core::{DType, Device, D};
+use common::*;
+use pare_model::{Model, WeightDType};
+use pare_prune::calibration;
+use serde_json::Value;
+
+fn smollm2() -> pare_model::LoadedModel {
+    pare_model::load("smollm2-135m", WeightDType::Float(DType::F32), &Device::Cpu).expect("run `make assets` for SmolLM2")
+}
+
+fn calibration_from_c4(loaded: &pare_model::LoadedModel, fx: &Value) -> calibration::Calibration {
+    let path = pare_model::loader::assets_dir().join("texts/c4.utf8");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let calib = calibration::from_text(loaded.tokenizer().unwrap(), &text, 10, 64, "c4").unwrap();
+    // pare's tokenizer cuts the same samples as transformers'.
+    assert_eq!(calib.ids, ids_of(&fx["calibration_ids"]));
+    calib
+}
+
+#[test]
+fn seed_configuration_matches_the_reference() {
+    let fx = load_json("smollm2.json");
+    let loaded = smollm2();
+    let calib = calibration_from_c4(&loaded, &fx);
+    for case in fx["cases"].as_array().unwrap() {
+        let worst = check_case(&loaded.model, case, &calib);
+        eprintln!("{} {} {}: worst relative score error {worst:.2e}", case["importance"], case["taylor"], case["gqa"]);
+    }
+}
+
+fn top20(logprobs: &[f32]) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = logprobs.iter().enumerate().map(|(i, &p)| (i as u32, p)).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.truncate(20);
+    v
+}
+
+fn check_logprobs(model: &Model, exp: &Value, what: &str) {
+    let ids: Vec<u32> = usizes(&exp["ids"]).into_iter().map(|i| i as u32).collect();
+    let lp = candle_nn::ops::log_softmax(&model.logits_all(&ids).unwrap(), D::Minus1).unwrap().to_vec2::<f32>().unwrap();
+    let want = exp["last_positions_top20"].as_array().unwrap();
+    for (row, want_row) in lp[lp.len() - want.len()..].iter().zip(want) {
+        let got = top20(row);
+        for (k, w) in want_row.as_array().unwrap().iter().enumerate() {
+            let (id, p) = (w["id"].as_u64().unwrap() as u32, w["logprob"].as_f64().unwrap());
+            assert!((row[id as usize] as f64 - p).abs() < 2e-4, "{what}: logprob of {id} is {} vs {p}", row[id as usize]);
+            if k < 5 {
+                assert_eq!(got[k].0, id, "{what}: rank {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn uniform_pruning_exports_and_matches_transformers() {
+    let fx = load_json("smollm2.json");
+    let exp = &fx["export"];
+    let loaded = smollm2();
+    let settings = settings_of(&exp["config"]);
+    let out = pare_prune::make_plan(&loaded.model, &settings, None, &mut |_, _, _| {}).unwrap();
+    let pruned = pare_prune::apply(&loaded.model, &out.plan).unwrap();
+    let b = &pruned.blocks[10];
+    assert_eq!((b.attn.num_heads, b.attn.num_kv_heads, b.mlp.width()), (6, 3, 1536 - 523));
+    assert_eq!(pruned.config.layer_shapes, None);
+    check_logprobs(&pruned, exp, "pruned in memory");
+
+    let dir = tempfile::tempdir().unwrap();
+    pare_model::export::export_hf_dir(&pruned, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), dir.path()).unwrap();
+    let reloaded = pare_model::load(dir.path().to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).unwrap();
+    check_logprobs(&reloaded.model, exp, "HF directory");
+
+    // Perplexity with the fixed protocol (ctx 512, non-overlapping windows) on wiki.utf8.
+    let ppl = &exp["ppl"];
+    let text = std::fs::read_to_string(pare_model::loader::assets_dir().join("texts/wiki.utf8")).unwrap();
+    let mut tokens = reloaded.tokenizer().unwrap().encode(&text, true).unwrap();
+    tokens.truncate(ppl["tokens"].as_u64().unwrap() as usize);
+    let got = pare_eval::perplexity(&reloaded.model, &tokens, 512, 512, |_, _| {}).unwrap().ppl;
+    let want = ppl["ppl"].as_f64().unwrap();
+    assert!((got - want).abs() / want < 1e-4, "ppl {got} vs transformers {want}");
+
+    // GGUF, tokenizer keys copied from the source: pare loads it with the directory's logits.
+    let src = pare_formats::GgufFile::open(&loaded.path).unwrap();
+    let keys: Vec<_> = src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let gguf = dir.path().join("model.gguf");
+    pare_model::export::export_gguf(&pruned, &keys, pare_formats::GgmlType::F32, &gguf).unwrap();
+    let from_gguf = pare_model::load(gguf.to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).unwrap();
+    let probe: Vec<u32> = from_gguf.tokenizer().unwrap().encode("Structured pruning removes whole heads.", true).unwrap();
+    assert_eq!(probe, reloaded.tokenizer().unwrap().encode("Structured pruning removes whole heads.", true).unwrap());
+    let (a, b) = (from_gguf.model.logits_all(&probe).unwrap(), reloaded.model.logits_all(&probe).unwrap());
+    let worst = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(worst < 1e-3, "GGUF vs HF directory: max |Δlogit| {worst}");
+}
