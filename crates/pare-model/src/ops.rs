@@ -1,13 +1,17 @@
-//! CPU kernels that candle runs single-threaded, where that dominates a forward pass.
+//! Fused kernels where candle's op-by-op path is slow: multi-threaded CPU passes here, and on
+//! CUDA the kernels of pare-kernels.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
 
-/// silu(gate) ⊙ up, the SwiGLU gate. One fused, multi-threaded pass on CPU for contiguous f32;
-/// candle's separate ops elsewhere.
+/// silu(gate) ⊙ up, the SwiGLU gate. One fused, multi-threaded pass on CPU for contiguous f32,
+/// one kernel on CUDA; candle's separate ops elsewhere.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cuda() && gate.dtype() == up.dtype() && gate.shape() == up.shape() {
+        return Ok(pare_kernels::swiglu(gate, up)?);
+    }
     let fused = gate.device().is_cpu()
         && gate.dtype() == DType::F32
         && up.dtype() == DType::F32

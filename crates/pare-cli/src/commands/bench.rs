@@ -1,11 +1,12 @@
-//! `pare bench`: prefill and decode throughput, KV-cache bytes and peak memory.
+//! `pare bench`: prefill and decode throughput, KV-cache bytes and peak memory (host, and GPU on
+//! CUDA). Decode is greedy with the argmax taken on the device, so only token ids cross to the host.
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use crate::common::{peak_rss_bytes, print_json, ModelArgs};
+use crate::common::{gpu_memory, peak_rss_bytes, print_json, reset_gpu_memory_peak, ModelArgs};
 use crate::press_args::PressArgs;
 use crate::prune_args::PruneArgs;
 
@@ -15,7 +16,8 @@ pub struct Args {
     pub model: ModelArgs,
     #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
-    #[arg(long, default_value_t = 64)]
+    /// New tokens decoded after the prompt.
+    #[arg(long, alias = "new-tokens", default_value_t = 64)]
     pub gen_len: usize,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -52,17 +54,27 @@ pub fn run(args: Args) -> Result<()> {
         .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
         .collect();
 
+    let device = model.device.clone();
     for _ in 0..args.warmup {
-        let (logits, mut cache) = model.prefill(&prompts[..1].iter().map(|p| p[..p.len().min(16)].to_vec()).collect::<Vec<_>>())?;
-        let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        model.decode(&mut cache, &next)?;
+        // A few steps: on a GPU the first launches load kernels and pick GEMM algorithms.
+        let (mut logits, mut cache) = model.prefill(&prompts[..1].iter().map(|p| p[..p.len().min(16)].to_vec()).collect::<Vec<_>>())?;
+        for _ in 0..3 {
+            let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            logits = model.decode(&mut cache, &next)?;
+        }
     }
+    device.synchronize()?;
+    reset_gpu_memory_peak(&device);
 
     let mut prefill_times = Vec::new();
     let mut filled = None;
     for _ in 0..args.repeat.max(1) {
+        // Free the last run's cache first: two caches at once would inflate peak memory.
+        drop(filled.take());
         let start = Instant::now();
         filled = Some(model.prefill_pruned(&prompts, press.as_deref(), pruner.as_deref())?);
+        // GPU work is asynchronous: stop the clock when it is done, not when it is queued.
+        device.synchronize()?;
         prefill_times.push(start.elapsed().as_secs_f64());
     }
     prefill_times.sort_by(f64::total_cmp);
@@ -74,24 +86,36 @@ pub fn run(args: Args) -> Result<()> {
         let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
         logits = model.decode(&mut cache, &next)?;
     }
+    device.synchronize()?;
     let decode_s = start.elapsed().as_secs_f64();
     let prefill_tok_s = (args.batch * args.prompt_len) as f64 / prefill_s;
     let decode_tok_s = if args.gen_len > 0 { (args.batch * args.gen_len) as f64 / decode_s } else { 0.0 };
     let kv_bytes = cache.bytes();
     let peak = peak_rss_bytes();
+    let gpu = gpu_memory(&device);
+    // Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
+    // matrix once; an untied embedding table only a row per token.
+    let weight_bytes: usize = model.blocks.iter().map(|b| {
+        let a = &b.attn;
+        let m = &b.mlp;
+        [&a.q, &a.k, &a.v, &a.o, &m.up, &m.down].iter().map(|l| l.storage_bytes()).sum::<usize>()
+            + m.gate.as_ref().map_or(0, |g| g.storage_bytes())
+    }).sum::<usize>() + model.lm_head.storage_bytes();
     if args.json {
         print_json(&json!({
-            "model": args.model.model, "dtype": args.model.dtype, "device": args.model.device,
+            "model": args.model.model, "dtype": args.model.dtype_name(), "device": args.model.device,
             "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "prefill_s": prefill_s, "decode_s": decode_s,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
             "kv_cache_bytes": kv_bytes, "kv_cache_allocated_bytes": cache.allocated_bytes(),
             "kv_cache_bytes_prefill": kv_bytes_prefill, "kv_cache_uncompressed_bytes": cache.uncompressed_bytes(),
             "press": args.press.press,
-            "peak_rss_bytes": peak,
+            "peak_rss_bytes": peak, "decode_weight_bytes": weight_bytes,
+            "gpu_mem_peak_bytes": gpu.map(|g| g.peak), "gpu_mem_used_bytes": gpu.map(|g| g.used),
+            "gpu_mem_total_bytes": gpu.map(|g| g.total),
         }))?;
     } else {
-        println!("model      {} ({}, {})", args.model.model, args.model.dtype, args.model.device);
+        println!("model      {} ({}, {})", args.model.model, args.model.dtype_name(), args.model.device);
         println!("shape      batch {} × prompt {} + {} new", args.batch, args.prompt_len, args.gen_len);
         println!("prefill    {prefill_tok_s:.1} tok/s ({prefill_s:.3} s)");
         println!("decode     {decode_tok_s:.1} tok/s ({decode_s:.3} s)");
@@ -102,6 +126,9 @@ pub fn run(args: Args) -> Result<()> {
         );
         if let Some(p) = peak {
             println!("peak rss   {:.1} MiB", p as f64 / (1 << 20) as f64);
+        }
+        if let Some(g) = gpu {
+            println!("gpu memory {:.1} MiB peak in tensors, {:.1} MiB in use on the device", g.peak as f64 / (1 << 20) as f64, g.used as f64 / (1 << 20) as f64);
         }
     }
     Ok(())

@@ -1,0 +1,375 @@
+//! Launching kernels/pare.cu on candle's CUDA stream.
+//!
+//! Kernels take raw device addresses: inputs may be views (a layout offset into a larger buffer)
+//! and decode attention takes a variable number of caches, which candle's CustomOp traits cannot
+//! express. Everything runs on the tensors' device stream, so launches are ordered after the ops
+//! that produced their inputs and before any later free of them (stream-ordered allocation).
+
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::GpuMemory;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pare.ptx"));
+const MODULE: &str = "pare-kernels";
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("pare-kernels: no kernel for {other:?}"),
+    })
+}
+
+fn device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        other => candle_core::bail!("pare-kernels: expected a CUDA tensor, got one on {other:?}"),
+    }
+}
+
+fn slice_address<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
+    // Everything runs on one stream, so the read event the guard records orders nothing.
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = s.device_ptr(&stream);
+    ptr
+}
+
+/// Device address of the first element of `t`'s layout (views included).
+fn address(t: &Tensor) -> Result<u64> {
+    let dev = device(t)?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else { candle_core::bail!("pare-kernels: tensor storage is not CUDA") };
+    let base = match t.dtype() {
+        DType::F32 => slice_address(cs.as_cuda_slice::<f32>()?, &dev),
+        DType::BF16 => slice_address(cs.as_cuda_slice::<bf16>()?, &dev),
+        DType::F16 => slice_address(cs.as_cuda_slice::<f16>()?, &dev),
+        other => candle_core::bail!("pare-kernels: no kernel for {other:?}"),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+/// A fresh (uninitialized) output buffer; every kernel writes all of its output.
+struct Out {
+    storage: CudaStorage,
+    address: u64,
+}
+
+impl Out {
+    fn new(dev: &CudaDevice, dtype: DType, elems: usize) -> Result<Out> {
+        let elems = elems.max(1);
+        // SAFETY: the launch that follows writes every element before anything reads them.
+        let storage = unsafe {
+            match dtype {
+                DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(elems)?, dev.clone()),
+                DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<bf16>(elems)?, dev.clone()),
+                DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<f16>(elems)?, dev.clone()),
+                other => candle_core::bail!("pare-kernels: no kernel for {other:?}"),
+            }
+        };
+        let address = match dtype {
+            DType::F32 => slice_address(storage.as_cuda_slice::<f32>()?, dev),
+            DType::BF16 => slice_address(storage.as_cuda_slice::<bf16>()?, dev),
+            _ => slice_address(storage.as_cuda_slice::<f16>()?, dev),
+        };
+        Ok(Out { storage, address })
+    }
+
+    fn tensor<S: Into<Shape>>(self, shape: S) -> Tensor {
+        Tensor::from_storage(Storage::Cuda(self.storage), shape, BackpropOp::none(), false)
+    }
+}
+
+fn multiprocessors(dev: &CudaDevice) -> usize {
+    static SMS: OnceLock<usize> = OnceLock::new();
+    *SMS.get_or_init(|| {
+        dev.cuda_stream()
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(132, |n| n.max(1) as usize)
+    })
+}
+
+/// Launch kernel `$name` of kernels/pare.cu with the listed arguments (references to values).
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )+
+        // SAFETY: each call passes the argument list its kernel declares, with addresses of live
+        // buffers of the sizes the grid covers.
+        unsafe { builder.launch($cfg) }.w()?;
+    }};
+}
+
+fn contiguous_same_dtype(tensors: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let dtype = tensors[0].dtype();
+    if tensors.iter().any(|t| t.dtype() != dtype) {
+        candle_core::bail!("pare-kernels: inputs of different dtypes");
+    }
+    tensors.iter().map(|t| t.contiguous()).collect()
+}
+
+pub fn rms_norm(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let dev = device(x)?;
+    let dim = x.dim(candle_core::D::Minus1)?;
+    if weight.elem_count() != dim || residual.is_some_and(|r| r.dims() != x.dims()) {
+        candle_core::bail!("rms_norm: x {:?}, weight {:?}, residual {:?}", x.dims(), weight.dims(), residual.map(|r| r.dims().to_vec()));
+    }
+    let mut inputs = vec![x, weight];
+    inputs.extend(residual);
+    let inputs = contiguous_same_dtype(&inputs)?;
+    let rows = x.elem_count() / dim;
+    let sfx = suffix(x.dtype())?;
+    let out = Out::new(&dev, x.dtype(), x.elem_count())?;
+    let threads = (dim / 8).next_power_of_two().clamp(32, 1024) as u32;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let (xa, wa) = (address(&inputs[0])?, address(&inputs[1])?);
+    let dim_i = dim as i32;
+    if residual.is_some() {
+        let sum = Out::new(&dev, x.dtype(), x.elem_count())?;
+        let ra = address(&inputs[2])?;
+        launch!(&dev, &format!("add_rms_norm_{sfx}"), cfg, &xa, &ra, &wa, &sum.address, &out.address, &dim_i, &eps);
+        Ok((sum.tensor(x.shape()), out.tensor(x.shape())))
+    } else {
+        launch!(&dev, &format!("rms_norm_{sfx}"), cfg, &xa, &wa, &out.address, &dim_i, &eps);
+        Ok((x.clone(), out.tensor(x.shape())))
+    }
+}
+
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
+    }
+    let dev = device(gate)?;
+    let inputs = contiguous_same_dtype(&[gate, up])?;
+    let n = gate.elem_count();
+    let out = Out::new(&dev, gate.dtype(), n)?;
+    let blocks = n.div_ceil(256).clamp(1, multiprocessors(&dev) * 16) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (ga, ua, n64) = (address(&inputs[0])?, address(&inputs[1])?, n as u64);
+    launch!(&dev, &format!("swiglu_{}", suffix(gate.dtype())?), cfg, &ga, &ua, &out.address, &n64);
+    Ok(out.tensor(gate.shape()))
+}
+
+/// Warps the GEMV aims to keep busy per multiprocessor: enough 16-byte loads in flight to cover
+/// HBM latency.
+const GEMV_WARPS_PER_SM: usize = 16;
+
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let ((rows, k), (n, _)) = (x.dims2()?, w.dims2()?);
+    let dtype = x.dtype();
+    if !crate::gemv_fused(dtype, rows, k) || w.dtype() != dtype {
+        candle_core::bail!("gemv: no kernel for {rows} rows of {k} in {dtype:?} (weights {:?})", w.dtype());
+    }
+    let dev = device(x)?;
+    let x = if x.stride()[1] == 1 && x.stride()[0] % 8 == 0 { x.clone() } else { x.contiguous()? };
+    let w = w.contiguous()?;
+    let (xa, wa) = (address(&x)?, address(&w)?);
+    if xa % 16 != 0 || wa % 16 != 0 {
+        candle_core::bail!("gemv: operands must be 16-byte aligned");
+    }
+    let x_stride = if rows > 1 { x.stride()[0] as i64 } else { k as i64 };
+    let target = multiprocessors(&dev) * GEMV_WARPS_PER_SM;
+    let wpr = if n >= target { 1 } else { target.div_ceil(n).next_power_of_two().min(8) };
+    let rows_per_block = 8 / wpr;
+    let out = Out::new(&dev, dtype, rows * n)?;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (n_i, k_i, wpr_i) = (n as i32, k as i32, wpr as i32);
+    launch!(&dev, &format!("gemv_{}_b{rows}", suffix(dtype)?), cfg, &xa, &x_stride, &wa, &out.address, &n_i, &k_i, &wpr_i);
+    Ok(out.tensor((rows, n)))
+}
+
+pub fn rope_split_heads(x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (batch, seq, width) = x.dims3()?;
+    let half = cos.dim(2)?;
+    if width < heads * head_dim || 2 * half > head_dim || head_dim % 2 != 0 || cos.dims() != [batch, seq, half] || sin.dims() != cos.dims() {
+        candle_core::bail!("rope: x {:?}, {heads} heads of {head_dim}, cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims());
+    }
+    let dev = device(x)?;
+    // Rows may be a slice of a wider (fused) projection: equally spaced, channels contiguous.
+    let stride = x.stride();
+    let x = if stride[2] == 1 && stride[0] == seq * stride[1] { x.clone() } else { x.contiguous()? };
+    let in_stride = x.stride()[1] as i64;
+    let tables = contiguous_same_dtype(&[&x, cos, sin])?;
+    let out = Out::new(&dev, x.dtype(), batch * heads * seq * head_dim)?;
+    let cfg = LaunchConfig { grid_dim: ((batch * seq) as u32, heads as u32, 1), block_dim: ((head_dim / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    let (xa, ca, sa) = (address(&x)?, address(&tables[1])?, address(&tables[2])?);
+    let (seq_i, heads_i, d_i, rot_i) = (seq as i32, heads as i32, head_dim as i32, 2 * half as i32);
+    launch!(&dev, &format!("rope_{}", suffix(x.dtype())?), cfg, &xa, &ca, &sa, &out.address, &seq_i, &heads_i, &d_i, &rot_i, &in_stride);
+    Ok(out.tensor((batch, heads, seq, head_dim)))
+}
+
+/// kernels/pare.cu's HeadTable: where each (row, KV head) of one launch keeps its cache.
+const MAX_TABLE: usize = 64;
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HeadTable {
+    k: [u64; MAX_TABLE],
+    v: [u64; MAX_TABLE],
+    len: [i32; MAX_TABLE],
+    skip: [i32; MAX_TABLE],
+}
+// SAFETY: plain old data with the kernel's layout (repr(C), 8-byte aligned like the C struct).
+unsafe impl DeviceRepr for HeadTable {}
+
+/// Blocks per multiprocessor the split targets: enough loads in flight to cover HBM latency.
+const DECODE_BLOCKS_PER_SM: usize = 4;
+/// Entries a block reads at least: fewer and merging the splits costs more than it saves.
+const MIN_CHUNK: usize = 64;
+
+pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize], scale: f32) -> Result<Tensor> {
+    let (batch, heads, d) = q.dims3()?;
+    let n = keys.len();
+    let kv_heads = n / batch;
+    if !crate::attention_decode_fused(d, heads, kv_heads) {
+        candle_core::bail!("attention_decode: no kernel for head_dim {d} with {heads} query heads over {kv_heads} KV heads");
+    }
+    let group = heads / kv_heads;
+    let dev = device(q)?;
+    let dtype = q.dtype();
+    let sfx = suffix(dtype)?;
+    let q = q.contiguous()?;
+    let qa = address(&q)?;
+    let mut ks = Vec::with_capacity(n);
+    let mut vs = Vec::with_capacity(n);
+    for (k, v) in keys.iter().zip(values) {
+        for t in [k, v] {
+            if t.dtype() != dtype || (t.dim(0)? > 1 && t.stride() != [d, 1]) {
+                candle_core::bail!("attention_decode: caches must be {dtype:?} with contiguous rows (got {:?}, strides {:?})", t.dtype(), t.stride());
+            }
+        }
+        let (ka, va) = (address(k)?, address(v)?);
+        if ka % 16 != 0 || va % 16 != 0 || qa % 16 != 0 {
+            candle_core::bail!("attention_decode: caches and queries must be 16-byte aligned");
+        }
+        ks.push(ka);
+        vs.push(va);
+    }
+    let visible: Vec<usize> = keys.iter().zip(skip).map(|(k, &s)| k.dim(0).map(|len| len - s)).collect::<Result<_>>()?;
+    let longest = visible.iter().copied().max().unwrap_or(0);
+    let wanted_splits = (multiprocessors(&dev) * DECODE_BLOCKS_PER_SM).div_ceil(n).max(1);
+    let chunk = longest.div_ceil(wanted_splits).max(MIN_CHUNK).next_multiple_of(32);
+    let splits = longest.div_ceil(chunk).max(1);
+
+    let out = Out::new(&dev, dtype, batch * heads * d)?;
+    let partial = if splits > 1 {
+        Some((Out::new(&dev, DType::F32, batch * heads * splits * d)?, Out::new(&dev, DType::F32, batch * heads * splits * 2)?))
+    } else {
+        None
+    };
+    let (acc_a, ml_a) = partial.as_ref().map_or((0, 0), |(a, m)| (a.address, m.address));
+    let name = format!("attn_decode_{sfx}_d{d}_g{group}");
+    let (heads_i, kvh_i, splits_i, chunk_i) = (heads as i32, kv_heads as i32, splits as i32, chunk as i32);
+    for first in (0..n).step_by(MAX_TABLE) {
+        let count = (n - first).min(MAX_TABLE);
+        let mut table = HeadTable { k: [0; MAX_TABLE], v: [0; MAX_TABLE], len: [0; MAX_TABLE], skip: [0; MAX_TABLE] };
+        for j in 0..count {
+            table.k[j] = ks[first + j];
+            table.v[j] = vs[first + j];
+            table.len[j] = keys[first + j].dim(0)? as i32;
+            table.skip[j] = skip[first + j] as i32;
+        }
+        let first_i = first as i32;
+        let cfg = LaunchConfig { grid_dim: (splits as u32, count as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        launch!(&dev, &name, cfg, &table, &first_i, &qa, &out.address, &acc_a, &ml_a, &heads_i, &kvh_i, &splits_i, &chunk_i, &scale);
+    }
+    if splits > 1 {
+        let cfg = LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        let d_i = d as i32;
+        launch!(&dev, &format!("attn_decode_combine_{sfx}"), cfg, &acc_a, &ml_a, &out.address, &splits_i, &d_i);
+    }
+    // The partial buffers are freed here, stream-ordered after the kernels that use them.
+    drop(partial);
+    Ok(out.tensor((batch, heads, d)))
+}
+
+pub fn attention_prefill(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    query_positions: &[&[i64]],
+    entry_positions: &[&[i64]],
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Tensor> {
+    let (batch, heads, sq, d) = q.dims4()?;
+    let (_, kv_heads, n, _) = keys.dims4()?;
+    let dtype = q.dtype();
+    if !crate::attention_prefill_fused(dtype, d) || keys.dtype() != dtype || values.dtype() != dtype {
+        candle_core::bail!("attention_prefill: no kernel for {dtype:?} with head_dim {d}");
+    }
+    for t in [keys, values] {
+        if t.stride()[2..] != [d, 1] && n > 1 {
+            candle_core::bail!("attention_prefill: cache rows must be contiguous (strides {:?})", t.stride());
+        }
+    }
+    let dev = device(q)?;
+    let q = q.contiguous()?;
+    // The kernel reads int32; the bits travel in a u32 tensor (padding's -1 as 0xffff_ffff).
+    let to_i32 = |rows: &[&[i64]]| -> Result<Tensor> {
+        let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().map(|&p| p.clamp(-1, i32::MAX as i64) as i32 as u32)).collect();
+        Tensor::from_vec(flat, rows.len() * rows.first().map_or(0, |r| r.len()), q.device())
+    };
+    let (qpos, epos) = (to_i32(query_positions)?, to_i32(entry_positions)?);
+    let (qa, ka, va) = (address(&q)?, address(keys)?, address(values)?);
+    let (qpa, epa) = (address_u32(&qpos)?, address_u32(&epos)?);
+    let out = Out::new(&dev, dtype, q.elem_count())?;
+    let (ks, vs) = (keys.stride(), values.stride());
+    let (krs, khs, vrs, vhs) = (ks[0] as i64, ks[1] as i64, vs[0] as i64, vs[1] as i64);
+    let (heads_i, kvh_i, sq_i, n_i) = (heads as i32, kv_heads as i32, sq as i32, n as i32);
+    let window_i = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let cfg = LaunchConfig { grid_dim: (sq.div_ceil(64) as u32, heads as u32, batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    launch!(&dev, &format!("flash_prefill_{}_d{d}", suffix(dtype)?), cfg, &qa, &ka, &va, &krs, &khs, &vrs, &vhs, &qpa, &epa, &out.address, &heads_i, &kvh_i, &sq_i, &n_i, &window_i, &scale_log2);
+    Ok(out.tensor((batch, heads, sq, d)))
+}
+
+fn address_u32(t: &Tensor) -> Result<u64> {
+    let dev = device(t)?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else { candle_core::bail!("pare-kernels: tensor storage is not CUDA") };
+    Ok(slice_address(cs.as_cuda_slice::<u32>()?, &dev) + (layout.start_offset() * 4) as u64)
+}
+
+fn default_pool(dev: &CudaDevice) -> Option<sys::CUmemoryPool> {
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().ok()?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a plain query on a live context; `pool` is a valid out-pointer.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result().ok()?;
+    Some(pool)
+}
+
+/// Memory figures of a CUDA device; None on other devices or if the driver will not say.
+pub fn gpu_memory(device: &Device) -> Option<GpuMemory> {
+    let Device::Cuda(dev) = device else { return None };
+    let pool = default_pool(dev)?;
+    let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
+    let mut peak = 0u64;
+    // SAFETY: USED_MEM_HIGH is a u64 attribute; `peak` is a valid out-pointer.
+    unsafe {
+        sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut peak as *mut u64).cast())
+    }
+    .result()
+    .ok()?;
+    Some(GpuMemory { used: (total - free) as u64, total: total as u64, peak })
+}
+
+/// Start a new peak-memory measurement (the high mark drops to what is in use now).
+pub fn reset_gpu_memory_peak(device: &Device) {
+    let Device::Cuda(dev) = device else { return };
+    if let Some(pool) = default_pool(dev) {
+        let mut zero = 0u64;
+        // SAFETY: setting USED_MEM_HIGH to zero is the documented way to reset it.
+        let _ = unsafe {
+            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast())
+        };
+    }
+}

@@ -1,0 +1,197 @@
+//! Every CUDA kernel against its CPU reference, on fresh random inputs. Built only with the `cuda`
+//! feature; CI has no GPU, so scripts/gpu-check.sh runs this test binary on the GPU machine.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use pare_kernels::cpu;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+fn randn(shape: &[usize], std: f32, dtype: DType, dev: &Device) -> Tensor {
+    Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(dev).unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖ over all elements, in f64; NaN anywhere makes it NaN (and every check fail).
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (a, b) = (host(a), host(b));
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Storage rounding allows a flipped last bit here and there; f32 allows reordered sums.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        _ => 4e-3,
+    }
+}
+
+#[test]
+fn rms_norm_and_add_rms_norm() {
+    let dev = gpu();
+    for (dtype, rows, dim) in [(DType::BF16, 5, 4096), (DType::F32, 3, 576), (DType::F16, 1, 896), (DType::BF16, 7, 100)] {
+        let x = randn(&[rows, dim], 3.0, dtype, &dev);
+        let r = randn(&[rows, dim], 1.0, dtype, &dev);
+        let w = (randn(&[dim], 0.1, dtype, &dev) + 1.0).unwrap();
+        let y = pare_kernels::rms_norm(&x, &w, 1e-5).unwrap();
+        let (_, y_ref) = cpu::rms_norm(&x, None, &w, 1e-5).unwrap();
+        let e = rel_err(&y, &y_ref);
+        assert!(e <= tol(dtype), "rms_norm {dtype:?} {rows}×{dim}: {e}");
+        let (h, y) = pare_kernels::add_rms_norm(&x, &r, &w, 1e-6).unwrap();
+        let (h_ref, y_ref) = cpu::rms_norm(&x, Some(&r), &w, 1e-6).unwrap();
+        assert_eq!(rel_err(&h, &h_ref), 0.0, "the residual sum is one rounding, exactly");
+        let e = rel_err(&y, &y_ref);
+        assert!(e <= tol(dtype), "add_rms_norm {dtype:?}: {e}");
+    }
+}
+
+#[test]
+fn swiglu() {
+    let dev = gpu();
+    for (dtype, n) in [(DType::BF16, 8 * 14336), (DType::F32, 1001), (DType::F16, 4864)] {
+        let g = randn(&[n], 3.0, dtype, &dev);
+        let u = randn(&[n], 1.0, dtype, &dev);
+        let e = rel_err(&pare_kernels::swiglu(&g, &u).unwrap(), &cpu::swiglu(&g, &u).unwrap());
+        assert!(e <= tol(dtype), "swiglu {dtype:?} {n}: {e}");
+    }
+}
+
+#[test]
+fn rope_split_heads() {
+    let dev = gpu();
+    // (dtype, batch, seq, heads, head_dim, rot, row width): full rotary from a fused projection's
+    // slice, partial rotary (GPT-NeoX), a decode step.
+    for (dtype, b, s, h, d, rot, width) in
+        [(DType::BF16, 2, 7, 4, 128, 128, 1024), (DType::F32, 1, 5, 3, 64, 16, 192), (DType::BF16, 8, 1, 32, 128, 128, 4096)]
+    {
+        let wide = randn(&[b, s, width + 64], 1.0, dtype, &dev);
+        let x = wide.narrow(2, 32, width).unwrap();
+        let angles = Tensor::rand(0f32, 100.0, (b, s, rot / 2), &Device::Cpu).unwrap();
+        let cos = angles.cos().unwrap().to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+        let sin = angles.sin().unwrap().to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+        let out = pare_kernels::rope_split_heads(&x, h, d, &cos, &sin).unwrap();
+        let e = rel_err(&out, &cpu::rope_split_heads(&x, h, d, &cos, &sin).unwrap());
+        assert!(e <= tol(dtype), "rope {dtype:?} b{b} s{s} h{h} d{d} rot{rot}: {e}");
+    }
+}
+
+/// Per-(row, KV head) caches as views into one (batch, kv_heads, capacity, d) buffer, the shape
+/// of an uncompressed cache with spare room.
+fn uniform_views(buf: &Tensor, len: usize) -> Vec<Tensor> {
+    let (b, kvh, _, _) = buf.dims4().unwrap();
+    (0..b * kvh).map(|i| buf.get(i / kvh).unwrap().get(i % kvh).unwrap().narrow(0, 0, len).unwrap()).collect()
+}
+
+#[test]
+fn attention_decode_uniform_caches() {
+    let dev = gpu();
+    // (dtype, batch, heads, kv_heads, d, entries): Llama-3-8B (4 per group) short and long enough to
+    // split, SmolLM2 (3), Qwen2.5-0.5B (7), and more (row, head) pairs than one launch's table holds.
+    for (dtype, b, h, kvh, d, len) in [
+        (DType::BF16, 1, 32, 8, 128, 512),
+        (DType::BF16, 2, 32, 8, 128, 9000),
+        (DType::F32, 3, 9, 3, 64, 700),
+        (DType::BF16, 1, 14, 2, 64, 4097),
+        (DType::F16, 9, 16, 8, 128, 130),
+    ] {
+        let cap = len + 37;
+        let kb = randn(&[b, kvh, cap, d], 1.0, dtype, &dev);
+        let vb = randn(&[b, kvh, cap, d], 1.0, dtype, &dev);
+        let q = randn(&[b, h, d], 1.0, dtype, &dev);
+        let (keys, values) = (uniform_views(&kb, len), uniform_views(&vb, len));
+        // Left padding: row r skips r leading entries.
+        let skip: Vec<usize> = (0..b * kvh).map(|i| i / kvh).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = pare_kernels::attention_decode(&q, &keys, &values, &skip, scale).unwrap();
+        let e = rel_err(&out, &cpu::attention_decode(&q, &keys, &values, &skip, scale).unwrap());
+        assert!(e <= tol(dtype), "attention {dtype:?} b{b} h{h} kvh{kvh} d{d} len{len}: {e}");
+    }
+}
+
+#[test]
+fn attention_decode_ragged_caches() {
+    let dev = gpu();
+    // What per-head presses leave: every (row, KV head) its own buffer and length, one empty after
+    // its skip, one with a single entry, one long enough to be split.
+    let (dtype, b, h, kvh, d) = (DType::BF16, 2, 32, 8, 128);
+    let lens: Vec<usize> = (0..b * kvh).map(|i| [1, 3000, 64, 17, 5, 700, 2, 129][i % 8] + i).collect();
+    // (row 0, head 5) skips everything: its query heads get zeros.
+    let skip: Vec<usize> = lens.iter().enumerate().map(|(i, &l)| if i == 5 { l } else { (i % 3).min(l - 1) }).collect();
+    let keys: Vec<Tensor> = lens.iter().map(|&n| randn(&[n + 8, d], 1.0, dtype, &dev).narrow(0, 0, n).unwrap()).collect();
+    let values: Vec<Tensor> = lens.iter().map(|&n| randn(&[n, d], 1.0, dtype, &dev)).collect();
+    let q = randn(&[b, h, d], 1.0, dtype, &dev);
+    let out = pare_kernels::attention_decode(&q, &keys, &values, &skip, 0.088).unwrap();
+    let reference = cpu::attention_decode(&q, &keys, &values, &skip, 0.088).unwrap();
+    let e = rel_err(&out, &reference);
+    assert!(e <= tol(dtype), "ragged attention: {e}");
+}
+
+#[test]
+fn gpu_memory_is_reported() {
+    let dev = gpu();
+    pare_kernels::reset_gpu_memory_peak(&dev);
+    let t = Tensor::zeros((64, 1 << 20), DType::F32, &dev).unwrap();
+    dev.synchronize().unwrap();
+    let m = pare_kernels::gpu_memory(&dev).expect("memory figures on a CUDA device");
+    assert!(m.peak >= 256 << 20, "{m:?}");
+    assert!(m.used >= m.peak && m.total > m.used, "{m:?}");
+    drop(t);
+}
+
+#[test]
+fn attention_prefill_flash() {
+    let dev = gpu();
+    // (dtype, batch, heads, kv_heads, d, queries, entries, window): a causal prefill with a
+    // left-padded row; queries after a cached prefix (chunked prefill); a sliding window.
+    for (dtype, b, h, kvh, d, sq, n, window) in [
+        (DType::BF16, 2, 32, 8, 128, 300, 300, None),
+        (DType::F16, 1, 9, 3, 64, 70, 200, None),
+        (DType::BF16, 1, 14, 2, 64, 257, 257, Some(100)),
+        (DType::BF16, 1, 8, 8, 128, 1000, 1000, None),
+    ] {
+        let cap = n + 19;
+        let kb = randn(&[b, kvh, cap, d], 1.0, dtype, &dev);
+        let vb = randn(&[b, kvh, cap, d], 1.0, dtype, &dev);
+        let (keys, values) = (kb.narrow(2, 0, n).unwrap(), vb.narrow(2, 0, n).unwrap());
+        let q = randn(&[b, h, sq, d], 1.0, dtype, &dev);
+        // Row r is left-padded by 5·r entries; its queries are the last sq entries' positions.
+        let entry_pos: Vec<Vec<i64>> = (0..b).map(|r| (0..n as i64).map(|e| if e < 5 * r as i64 { -1 } else { e - 5 * r as i64 }).collect()).collect();
+        let query_pos: Vec<Vec<i64>> = entry_pos.iter().map(|p| p[n - sq..].to_vec()).collect();
+        let (qp, ep): (Vec<&[i64]>, Vec<&[i64]>) = (query_pos.iter().map(Vec::as_slice).collect(), entry_pos.iter().map(Vec::as_slice).collect());
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = pare_kernels::attention_prefill(&q, &keys, &values, &qp, &ep, window, scale).unwrap();
+        let reference = cpu::attention_prefill(&q, &keys, &values, &qp, &ep, window, scale).unwrap();
+        let e = rel_err(&out, &reference);
+        // P is rounded to 16 bits before P·V, as in every flash attention.
+        assert!(e <= 8e-3, "flash prefill {dtype:?} b{b} h{h} kvh{kvh} d{d} sq{sq} n{n} window {window:?}: {e}");
+    }
+}
+
+#[test]
+fn gemv_decode_products() {
+    let dev = gpu();
+    // Llama-3-8B's k/v (few rows: warps share them), o, down and LM-head shapes; odd sizes.
+    for (dtype, rows, n, k) in [
+        (DType::BF16, 1, 1024, 4096),
+        (DType::BF16, 8, 4096, 14336),
+        (DType::BF16, 3, 32001, 576),
+        (DType::F16, 5, 896, 4864),
+        (DType::BF16, 1, 100, 8),
+    ] {
+        let x = randn(&[rows, k], 1.0, dtype, &dev);
+        let w = randn(&[n, k], 0.02, dtype, &dev);
+        let e = rel_err(&pare_kernels::gemv(&x, &w).unwrap(), &cpu::gemv(&x, &w).unwrap());
+        assert!(e <= tol(dtype), "gemv {dtype:?} {rows}×{k} · ({n}×{k})ᵀ: {e}");
+    }
+    // Rows of x a view into a wider tensor (a slice of the last position of each sequence).
+    let wide = randn(&[4, 4096 + 64], 1.0, DType::BF16, &dev);
+    let x = wide.narrow(1, 64, 4096).unwrap();
+    let w = randn(&[512, 4096], 0.02, DType::BF16, &dev);
+    let e = rel_err(&pare_kernels::gemv(&x, &w).unwrap(), &cpu::gemv(&x, &w).unwrap());
+    assert!(e <= tol(DType::BF16), "gemv on a strided x: {e}");
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Correctness of the CUDA backend, on the GPU machine (CI has no GPU):
+#  1. every fused kernel against its CPU reference (dist/pare-kernels-gpu-tests, if shipped);
+#  2. SmolLM2 on the GPU in bf16 and f32 against the CPU in f32: next-token log-probs within
+#     tolerance (bf16: 0.3 nats, f32: 2e-3) and the first 16 greedy tokens identical.
+# Usage: scripts/gpu-check.sh [MODEL]   (default: the SmolLM2-135M GGUF in assets/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/gpu-env.sh
+MODEL=${1:-assets/SmolLM2-135M-Instruct.Q4_1.gguf}
+echo "# gpu-check on $GPU_NAME, $(date -u +%F), $($PARE --version)"
+status=0
+
+if [[ -x dist/pare-kernels-gpu-tests ]]; then
+  echo "## kernels vs CPU references"
+  dist/pare-kernels-gpu-tests --test-threads=1 2>&1 | grep -E "^test |test result" || status=1
+fi
+
+echo "## $MODEL: GPU vs CPU f32"
+PROMPTS=("The capital of France is" "def fibonacci(n):" "Once upon a time, in a small village by the sea," "The three primary colors are")
+for p in "${PROMPTS[@]}"; do
+  ref_score=$($PARE score -m "$MODEL" --device cpu --dtype f32 --top-k 20 --json -p "$p")
+  ref_gen=$($PARE generate -m "$MODEL" --device cpu --dtype f32 --max-new-tokens 16 --json -p "$p")
+  for dtype in bf16 f32; do
+    score=$($PARE score -m "$MODEL" --device cuda --dtype $dtype --top-k 20 --json -p "$p")
+    gen=$($PARE generate -m "$MODEL" --device cuda --dtype $dtype --max-new-tokens 16 --json -p "$p")
+    python3 - "$p" "$dtype" "$ref_score" "$score" "$ref_gen" "$gen" <<'PY' || status=1
+import json, sys
+prompt, dtype = sys.argv[1], sys.argv[2]
+ref, got, ref_gen, gen = (json.loads(a) for a in sys.argv[3:7])
+mine = {e["id"]: e["logprob"] for e in got["top"]}
+# Compare on the reference's top 10; an id missing from the GPU's top 20 is a failure.
+diffs = [abs(e["logprob"] - mine[e["id"]]) if e["id"] in mine else float("inf") for e in ref["top"][:10]]
+tol = 0.3 if dtype == "bf16" else 2e-3
+same = ref_gen["tokens"] == gen["tokens"]
+ok = max(diffs) <= tol and same and ref["top"][0]["id"] == got["top"][0]["id"]
+print(f"{'ok  ' if ok else 'FAIL'} {dtype:4} max|Δlogprob| top-10 {max(diffs):.4f} (tol {tol}), "
+      f"greedy {len(gen['tokens'])} tokens {'identical' if same else 'DIFFER'}: {prompt!r} → {gen['text']!r}")
+sys.exit(0 if ok else 1)
+PY
+  done
+done
+[[ $status == 0 ]] && echo "gpu-check: all passed" || echo "gpu-check: FAILED"
+exit $status
