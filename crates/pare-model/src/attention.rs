@@ -51,18 +51,19 @@ impl Attention {
         let split_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q_prerope = split_heads(self.q.forward(x)?, h)?;
-        let k = split_heads(self.k.forward(x)?, kvh)?;
+        let (q_proj, k_proj) = (self.q.forward(x)?, self.k.forward(x)?);
         let v = split_heads(self.v.forward(x)?, kvh)?;
-        let q = inputs.rope.apply(&q_prerope, inputs.cos, inputs.sin)?;
-        let k = inputs.rope.apply(&k, inputs.cos, inputs.sin)?;
+        let q = inputs.rope.apply_split_heads(&q_proj, h, d, inputs.cos, inputs.sin)?;
+        let k = inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?;
+        // Pre-RoPE queries are read only by a press or a pruner: split them out only for those.
+        let q_prerope = if press.is_some() || inputs.pruner.is_some() { Some(split_heads(q_proj, h)?) } else { None };
 
         let ctx = LayerContext {
             layer,
             num_layers: inputs.num_layers,
             attention: self,
             rope: inputs.rope,
-            queries: &q_prerope,
+            queries: q_prerope.as_ref().unwrap_or(&q),
             positions: inputs.positions,
             prefill: kv.is_empty(),
         };
@@ -71,9 +72,12 @@ impl Attention {
             p.before_attention(&ctx, kv)?;
         }
         kv.append(&k, &v, inputs.positions)?;
-        let out = match kv.row_positions() {
-            Some(rows) => self.attend_batched(&q, kv, &rows, inputs)?,
-            None => self.attend_per_head(&q, kv, inputs)?,
+        let out = match self.attend_fused(&q, kv, inputs)? {
+            Some(out) => out,
+            None => match kv.row_positions() {
+                Some(rows) => self.attend_batched(&q, kv, &rows, inputs)?,
+                None => self.attend_per_head(&q, kv, inputs)?,
+            },
         };
         // Token pruning scores the full layer, before a press shrinks its cache.
         if let (Some(pruner), true) = (inputs.pruner, ctx.prefill) {
@@ -86,6 +90,47 @@ impl Attention {
         }
         let out = out.transpose(1, 2)?.reshape((batch, seq, h * d))?;
         self.o.forward(&out)
+    }
+
+    /// On CUDA, pare-kernels' fused attention where it applies: a decode step over the caches as
+    /// they are (uniform or ragged per head, never gathered into one tensor), and a flash-style
+    /// prefill that never materializes the scores. None where the kernels do not apply.
+    fn attend_fused(&self, q: &Tensor, kv: &LayerKv, inputs: &AttentionInputs) -> Result<Option<Tensor>> {
+        let (batch, h, seq, d) = q.dims4()?;
+        let kvh = self.num_kv_heads;
+        if !q.device().is_cuda() {
+            return Ok(None);
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        if seq == 1 && pare_kernels::attention_decode_fused(d, h, kvh) {
+            let (mut keys, mut values, mut skip) = (Vec::new(), Vec::new(), Vec::new());
+            for b in 0..batch {
+                let query_pos = inputs.positions[b][0];
+                for head in 0..kvh {
+                    let positions = kv.positions(b, head);
+                    let visible = |p: i64| p >= 0 && p <= query_pos && inputs.sliding_window.map_or(true, |w| query_pos - p < w as i64);
+                    // The kernel skips a prefix (padding, or what left the window); anything else
+                    // invisible needs the masked path.
+                    let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
+                    if !positions[hidden..].iter().all(|&p| visible(p)) {
+                        return Ok(None);
+                    }
+                    let (k, v) = kv.head_kv(b, head)?.expect("entries were just appended");
+                    keys.push(k);
+                    values.push(v);
+                    skip.push(hidden);
+                }
+            }
+            let out = pare_kernels::attention_decode(&q.squeeze(2)?, &keys, &values, &skip, scale)?;
+            return Ok(Some(out.unsqueeze(2)?));
+        }
+        if let (Some(rows), true) = (kv.row_positions(), pare_kernels::attention_prefill_fused(q.dtype(), d)) {
+            let (keys, values) = kv.kv()?.expect("entries were just appended");
+            let query_positions: Vec<&[i64]> = inputs.positions.iter().map(Vec::as_slice).collect();
+            let out = pare_kernels::attention_prefill(q, &keys, &values, &query_positions, &rows, inputs.sliding_window, scale)?;
+            return Ok(Some(out));
+        }
+        Ok(None)
     }
 
     /// Every head of a row holds the same entries: one batched product over all rows and heads.

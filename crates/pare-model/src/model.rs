@@ -35,8 +35,8 @@ impl Block {
             let mlp_out = self.mlp.forward(&self.mlp_norm.forward(x)?)?;
             Ok(((x + attn_out)? + mlp_out)?)
         } else {
-            let h = (x + attn_out)?;
-            let mlp_out = self.mlp.forward(&self.mlp_norm.forward(&h)?)?;
+            let (h, normed) = self.mlp_norm.forward_residual(&attn_out, x)?;
+            let mlp_out = self.mlp.forward(&normed)?;
             Ok((h + mlp_out)?)
         }
     }

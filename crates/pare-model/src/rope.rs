@@ -107,7 +107,8 @@ mod tests {
     fn kernel_reference_matches_the_cpu_path() {
         let cfg = ModelConfig::from_hf_json(
             &serde_json::json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
-                "intermediate_size": 128, "num_hidden_layers": 1, "vocab_size": 10, "rope_theta": 10000.0}),
+                "intermediate_size": 128, "num_hidden_layers": 1, "vocab_size": 10, "rope_theta": 10000.0,
+                "max_position_embeddings": 64}),
             "test",
         )
         .unwrap();
