@@ -65,6 +65,7 @@ impl Attention {
             rope: inputs.rope,
             queries: q_prerope.as_ref().unwrap_or(&q),
             positions: inputs.positions,
+            hidden: x,
             prefill: kv.is_empty(),
         };
         let mut press = press;

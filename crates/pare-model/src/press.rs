@@ -23,6 +23,9 @@ pub struct LayerContext<'a> {
     pub queries: &'a Tensor,
     /// (batch × seq): positions of this call's tokens (PAD_POSITION for padding).
     pub positions: &'a [Vec<i64>],
+    /// (batch, seq, hidden): the layer's attention input (the residual stream after its norm),
+    /// for scorers that read the tokens themselves rather than their attention.
+    pub hidden: &'a Tensor,
     /// The cache held nothing before this call: the call is a prefill.
     pub prefill: bool,
 }
