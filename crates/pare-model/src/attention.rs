@@ -18,6 +18,8 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// q, k and v stacked (see [`crate::layers::fuse`]); q, k and v are then views of its weight.
+    pub qkv: Option<Linear>,
 }
 
 /// What every layer's attention shares during one forward call.
@@ -51,8 +53,14 @@ impl Attention {
         let split_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let (q_proj, k_proj) = (self.q.forward(x)?, self.k.forward(x)?);
-        let v = split_heads(self.v.forward(x)?, kvh)?;
+        let (q_proj, k_proj, v_proj) = match &self.qkv {
+            Some(qkv) => {
+                let y = qkv.forward(x)?;
+                (y.narrow(2, 0, h * d)?, y.narrow(2, h * d, kvh * d)?, y.narrow(2, (h + kvh) * d, kvh * d)?)
+            }
+            None => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
+        };
+        let v = split_heads(v_proj, kvh)?;
         let q = inputs.rope.apply_split_heads(&q_proj, h, d, inputs.cos, inputs.sin)?;
         let k = inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?;
         // Pre-RoPE queries are read only by a press or a pruner: split them out only for those.
@@ -180,6 +188,15 @@ impl Attention {
         let scores = (q.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
         let probs = crate::ops::masked_softmax(&scores, mask)?.to_dtype(values.dtype())?;
         Ok(probs.matmul(values)?)
+    }
+
+    /// Stack q, k and v into one map (dense weights; otherwise unchanged).
+    pub fn fuse_qkv(&mut self) -> Result<()> {
+        if let Some((fused, views)) = crate::layers::fuse(&[&self.q, &self.k, &self.v])? {
+            let [q, k, v]: [Linear; 3] = views.try_into().expect("three parts");
+            (self.q, self.k, self.v, self.qkv) = (q, k, v, Some(fused));
+        }
+        Ok(())
     }
 
     pub fn param_count(&self) -> usize {

@@ -97,6 +97,50 @@ impl Linear {
     }
 }
 
+/// Stack dense maps that read the same input into one (q, k, v; gate, up): one pass over the
+/// weights and one launch per decode step instead of several. Returns the fused map and the parts
+/// as row views of its weight, so no weight is held twice. None unless all parts are dense in
+/// one dtype.
+pub fn fuse(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
+    let mut weights = Vec::with_capacity(parts.len());
+    for p in parts {
+        match p {
+            Linear::Dense { weight, .. } => weights.push(weight.clone()),
+            Linear::Quantized { .. } => return Ok(None),
+        }
+    }
+    if weights.windows(2).any(|w| w[0].dtype() != w[1].dtype() || w[0].dim(1).ok() != w[1].dim(1).ok()) {
+        return Ok(None);
+    }
+    let weight = Tensor::cat(&weights, 0)?;
+    // A part without a bias gets zeros, so the fused map adds one bias vector.
+    let bias = if parts.iter().any(|p| p.bias().is_some()) {
+        let biases = parts
+            .iter()
+            .zip(&weights)
+            .map(|(p, w)| match p.bias() {
+                Some(b) => Ok(b.to_dtype(w.dtype())?),
+                None => Ok(Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&biases, 0)?)
+    } else {
+        None
+    };
+    let mut views = Vec::with_capacity(parts.len());
+    let mut start = 0;
+    for (p, w) in parts.iter().zip(&weights) {
+        let n = w.dim(0)?;
+        let view_bias = match (&bias, p.bias()) {
+            (Some(b), Some(_)) => Some(b.narrow(0, start, n)?),
+            _ => None,
+        };
+        views.push(Linear::Dense { weight: weight.narrow(0, start, n)?, bias: view_bias });
+        start += n;
+    }
+    Ok(Some((Linear::Dense { weight, bias }, views)))
+}
+
 /// RMSNorm (Llama family) or LayerNorm with bias (GPT-NeoX).
 #[derive(Debug, Clone)]
 pub enum Norm {
@@ -178,10 +222,18 @@ pub struct Mlp {
     pub up: Linear,
     pub down: Linear,
     pub activation: Activation,
+    /// gate and up stacked (see [`fuse`]); gate and up are then views of its weight.
+    pub gate_up: Option<Linear>,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(gate_up), true) = (&self.gate_up, self.activation == Activation::Silu) {
+            let width = self.width();
+            let y = gate_up.forward(x)?;
+            let hidden = crate::ops::swiglu(&y.narrow(D::Minus1, 0, width)?, &y.narrow(D::Minus1, width, width)?)?;
+            return self.down.forward(&hidden);
+        }
         let up = self.up.forward(x)?;
         let hidden = match &self.gate {
             Some(gate) if self.activation == Activation::Silu => crate::ops::swiglu(&gate.forward(x)?, &up)?,
@@ -189,6 +241,16 @@ impl Mlp {
             None => activate(&up, self.activation)?,
         };
         self.down.forward(&hidden)
+    }
+
+    /// Stack gate and up into one map (a SwiGLU MLP with dense weights; otherwise unchanged).
+    pub fn fuse_gate_up(&mut self) -> Result<()> {
+        let Some(gate) = &self.gate else { return Ok(()) };
+        if let Some((fused, views)) = fuse(&[gate, &self.up])? {
+            let [gate, up]: [Linear; 2] = views.try_into().expect("two parts");
+            (self.gate, self.up, self.gate_up) = (Some(gate), up, Some(fused));
+        }
+        Ok(())
     }
 
     /// The intermediate width (differs per layer after structured pruning).

@@ -152,7 +152,7 @@ fn build(config: &ModelConfig, w: &Weights) -> Result<Model> {
             expected: format!("[{}, {}]", config.vocab_size, config.hidden_size),
         });
     }
-    Ok(Model {
+    let mut model = Model {
         config: config.clone(),
         embed_tokens,
         blocks,
@@ -161,7 +161,13 @@ fn build(config: &ModelConfig, w: &Weights) -> Result<Model> {
         rope: Rope::new(config),
         dtype: w.dtype.activation_dtype(),
         device: w.device.clone(),
-    })
+    };
+    // On a GPU a decode step is a pass over the weights: fewer, larger products run nearer the
+    // memory bandwidth. On CPU the separate products are as fast and keep the weights simple.
+    if model.device.is_cuda() {
+        model.fuse_projections()?;
+    }
+    Ok(model)
 }
 
 /// A pruned checkpoint's config states per-layer shapes; the weights must have them.
@@ -217,12 +223,14 @@ fn build_block(config: &ModelConfig, w: &Weights, prefix: &str) -> Result<Block>
             up: w.linear(&format!("{prefix}.mlp.dense_h_to_4h"))?,
             down: w.linear(&format!("{prefix}.mlp.dense_4h_to_h"))?,
             activation: config.activation,
+            gate_up: None,
         },
         _ => Mlp {
             gate: Some(w.linear(&format!("{prefix}.mlp.gate_proj"))?),
             up: w.linear(&format!("{prefix}.mlp.up_proj"))?,
             down: w.linear(&format!("{prefix}.mlp.down_proj"))?,
             activation: config.activation,
+            gate_up: None,
         },
     };
     if mlp.up.in_features() != config.hidden_size
@@ -253,7 +261,7 @@ fn attention_from(config: &ModelConfig, prefix: &str, q: Linear, k: Linear, v: L
     if v.out_features() != k.out_features() || o.in_features() != q.out_features() || [q.in_features(), k.in_features(), v.in_features(), o.out_features()].iter().any(|&x| x != hidden) {
         return Err(bad("shapes"));
     }
-    Ok(Attention { q, k, v, o, num_heads, num_kv_heads, head_dim: d })
+    Ok(Attention { q, k, v, o, num_heads, num_kv_heads, head_dim: d, qkv: None })
 }
 
 /// GPT-NeoX fuses q, k, v per head as rows [h0: q k v, h1: q k v, ...] (HF layout) or, in GGUF,

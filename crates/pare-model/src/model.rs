@@ -81,6 +81,16 @@ impl Model {
             + head
     }
 
+    /// Stack each layer's q, k, v and its gate and up projections into single maps (the loader does
+    /// this on CUDA). The separate maps stay readable as views of the stacked weights.
+    pub fn fuse_projections(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            block.attn.fuse_qkv()?;
+            block.mlp.fuse_gate_up()?;
+        }
+        Ok(())
+    }
+
     /// An empty cache for `batch` rows, compressed by `press` if given.
     pub fn new_cache(&self, batch: usize) -> KvCache {
         let kv_heads: Vec<usize> = self.blocks.iter().map(|b| b.attn.num_kv_heads).collect();

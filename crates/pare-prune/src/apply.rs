@@ -39,6 +39,7 @@ pub fn apply(model: &Model, plan: &PruningPlan) -> Result<Model> {
         if let Some(a) = &lp.attn {
             let (q_rows, kv_rows) = attn_kept_channels(attn_shape(block), &a.kept_heads, &a.kept_kv_heads);
             let attn = &mut block.attn;
+            attn.qkv = None;
             attn.q = keep_rows(&attn.q, &q_rows, model)?;
             attn.k = keep_rows(&attn.k, &kv_rows, model)?;
             attn.v = keep_rows(&attn.v, &kv_rows, model)?;
@@ -48,6 +49,7 @@ pub fn apply(model: &Model, plan: &PruningPlan) -> Result<Model> {
         }
         if let Some(m) = &lp.mlp {
             let mlp = &mut block.mlp;
+            mlp.gate_up = None;
             if let Some(gate) = &mlp.gate {
                 mlp.gate = Some(keep_rows(gate, &m.kept_channels, model)?);
             }

@@ -208,14 +208,14 @@ fn build_language(cfg: &ModelConfig, w: &Weights, prefix: &str, lm_head: Option<
             }
             .into());
         }
-        let mlp = Mlp { gate: Some(lin("mlp.gate_proj")?), up: lin("mlp.up_proj")?, down: lin("mlp.down_proj")?, activation: cfg.activation };
+        let mlp = Mlp { gate: Some(lin("mlp.gate_proj")?), up: lin("mlp.up_proj")?, down: lin("mlp.down_proj")?, activation: cfg.activation, gate_up: None };
         let width = mlp.width();
         if mlp.up.in_features() != h || mlp.down.out_features() != h || mlp.down.in_features() != width || mlp.gate.as_ref().is_some_and(|g| g.out_features() != width || g.in_features() != h) {
             return Err(ModelError::WeightShape { name: format!("{l}.mlp"), actual: vec![width], expected: "consistent MLP widths".into() }.into());
         }
         blocks.push(Block {
             attn_norm: rms(format!("{l}.input_layernorm.weight"))?,
-            attn: Attention { q, k, v, o, num_heads: heads, num_kv_heads: kv_heads, head_dim: d },
+            attn: Attention { q, k, v, o, num_heads: heads, num_kv_heads: kv_heads, head_dim: d, qkv: None },
             mlp_norm: rms(format!("{l}.post_attention_layernorm.weight"))?,
             mlp,
         });
