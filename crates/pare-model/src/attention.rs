@@ -54,11 +54,11 @@ impl Attention {
             Ok(t.reshape((batch, seq, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
         let (q_proj, k_proj, v_proj) = match &self.qkv {
-            Some(qkv) => {
+            Some(qkv) if crate::layers::few_rows(x)? => {
                 let y = qkv.forward(x)?;
                 (y.narrow(2, 0, h * d)?, y.narrow(2, h * d, kvh * d)?, y.narrow(2, (h + kvh) * d, kvh * d)?)
             }
-            None => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
+            _ => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
         };
         let v = split_heads(v_proj, kvh)?;
         let q = inputs.rope.apply_split_heads(&q_proj, h, d, inputs.cos, inputs.sin)?;

@@ -97,6 +97,12 @@ impl Linear {
     }
 }
 
+/// Whether x holds few enough rows for a decode-style pass over the weights (the GEMV regime).
+pub fn few_rows(x: &Tensor) -> Result<bool> {
+    let width = x.dim(D::Minus1)?;
+    Ok(x.elem_count() / width.max(1) <= 8)
+}
+
 /// Stack dense maps that read the same input into one (q, k, v; gate, up): one pass over the
 /// weights and one launch per decode step instead of several. Returns the fused map and the parts
 /// as row views of its weight, so no weight is held twice. None unless all parts are dense in
@@ -228,7 +234,9 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(gate_up), true) = (&self.gate_up, self.activation == Activation::Silu) {
+        // Stacked only for a few rows (decode): over many rows the halves of the stacked output
+        // would need strided copies, and GEMMs of either shape run at the same rate.
+        if let (Some(gate_up), true, true) = (&self.gate_up, self.activation == Activation::Silu, few_rows(x)?) {
             let width = self.width();
             let y = gate_up.forward(x)?;
             let hidden = crate::ops::swiglu(&y.narrow(D::Minus1, 0, width)?, &y.narrow(D::Minus1, width, width)?)?;
