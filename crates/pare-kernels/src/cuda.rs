@@ -160,7 +160,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// Warps the GEMV aims to keep busy per multiprocessor: enough 16-byte loads in flight to cover
 /// HBM latency.
-const GEMV_WARPS_PER_SM: usize = 48;
+const GEMV_WARPS_PER_SM: usize = 16;
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let ((rows, k), (n, _)) = (x.dims2()?, w.dims2()?);
