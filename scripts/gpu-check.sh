@@ -2,9 +2,11 @@
 # Correctness of the CUDA backend, on the GPU machine (CI has no GPU):
 #  1. every fused kernel against its CPU reference (dist/pare-kernels-gpu-tests, if shipped);
 #  2. SmolLM2 on the GPU in bf16 and f32 against the CPU in f32: next-token log-probs within
-#     tolerance (bf16: 0.3 nats, f32: 2e-3); the first 16 greedy tokens identical to the CPU's in
-#     f32, and in bf16 identical to HF transformers' own bf16 run (tests/fixtures/smollm2/
-#     greedy_dtypes.json): bf16 rounding may flip a near-tie within 16 steps, in HF as in pare.
+#     tolerance (bf16: 0.3 nats, f32: 2e-3) and, in f32, the first 16 greedy tokens identical.
+#     In bf16 the greedy tokens are compared with the CPU's f32 run and with HF transformers' own
+#     bf16 run (tests/fixtures/smollm2/greedy_dtypes.json) and reported; they do not decide the
+#     exit status: bf16 rounding flips near-ties within 16 steps in HF too (HF bf16 differs from
+#     HF f32 on 2 of these 4 prompts), and any change of summation order flips different ones.
 # Usage: scripts/gpu-check.sh [MODEL]   (default: the SmolLM2-135M GGUF in assets/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,15 +37,18 @@ mine = {e["id"]: e["logprob"] for e in got["top"]}
 diffs = [abs(e["logprob"] - mine[e["id"]]) if e["id"] in mine else float("inf") for e in ref["top"][:10]]
 tol = 0.3 if dtype == "bf16" else 2e-3
 hf = {c["prompt"]: c for c in json.load(open("tests/fixtures/smollm2/greedy_dtypes.json"))["cases"]}
-if dtype == "bf16" and prompt in hf:
-    expected, anchor = hf[prompt]["bf16"]["tokens"], "HF bf16"
+same_cpu = gen["tokens"] == ref_gen["tokens"]
+if dtype == "f32":
+    greedy = f"greedy {len(gen['tokens'])} tokens {'identical to' if same_cpu else 'DIFFER from'} CPU f32"
+    same = same_cpu
 else:
-    expected, anchor = ref_gen["tokens"], "CPU f32"
-same = gen["tokens"] == expected
+    same_hf = prompt in hf and gen["tokens"] == hf[prompt]["bf16"]["tokens"]
+    first = next((i for i, (a, b) in enumerate(zip(gen["tokens"], ref_gen["tokens"])) if a != b), None)
+    greedy = (f"greedy {len(gen['tokens'])} tokens: {'=' if same_cpu else '≠'} CPU f32"
+              + ("" if first is None else f" (from token {first})") + f", {'=' if same_hf else '≠'} HF bf16")
+    same = True
 ok = max(diffs) <= tol and same and ref["top"][0]["id"] == got["top"][0]["id"]
-vs_cpu = "" if dtype == "f32" else f" ({'same as' if gen['tokens'] == ref_gen['tokens'] else 'unlike'} CPU f32)"
-print(f"{'ok  ' if ok else 'FAIL'} {dtype:4} max|Δlogprob| top-10 {max(diffs):.4f} (tol {tol}), "
-      f"greedy {len(gen['tokens'])} tokens {'identical to' if same else 'DIFFER from'} {anchor}{vs_cpu}: {prompt!r} → {gen['text']!r}")
+print(f"{'ok  ' if ok else 'FAIL'} {dtype:4} max|Δlogprob| top-10 {max(diffs):.4f} (tol {tol}), {greedy}: {prompt!r} → {gen['text']!r}")
 sys.exit(0 if ok else 1)
 PY
   done
