@@ -37,6 +37,7 @@ fixtures: assets assets-extra assets-eval
 	tools/reference/.venv/bin/python tools/reference/make_press_fixtures.py
 	tools/reference/.venv/bin/python tools/reference/streaming_reference.py
 	tools/reference/.venv/bin/python tools/reference/make_llava_fixtures.py
+	tools/reference/.venv/bin/python tools/reference/make_llava_prune_fixtures.py
 	tools/reference/.venv/bin/python tools/reference/make_flops_fixtures.py
 	$(CARGO) build --release --locked -p pare-cli
 	tools/reference/.venv/bin/python tools/reference/make_prune_fixtures.py --pare $(PARE)
