@@ -33,7 +33,7 @@ CASES = [
 
 def keep_count(keep, n):
     if isinstance(keep, float):
-        return min(max(round(n * keep), 1), max(n, 1))
+        return min(max(math.floor(n * keep + 0.5), 1), max(n, 1))
     return min(max(keep, 1), max(n, 1))
 
 
