@@ -36,6 +36,8 @@ enum Command {
     Prune(commands::prune::Args),
     /// Prefill and decode FLOPs by component and KV-cache bytes, against the unpruned run.
     Flops(commands::flops::Args),
+    /// Train a learned token scorer for prefill token pruning (`--prune-score learned:FILE`).
+    TrainScorer(commands::train_scorer::Args),
 }
 
 fn main() {
@@ -50,6 +52,7 @@ fn main() {
         Command::InitRandom(a) => commands::init_random::run(a),
         Command::Prune(a) => commands::prune::run(a),
         Command::Flops(a) => commands::flops::run(a),
+        Command::TrainScorer(a) => commands::train_scorer::run(a),
     };
     if let Err(e) = result {
         // One line, whatever the chain of causes.

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use pare_model::TokenPruner;
-use pare_token_prune::{PruneSchedule, Pruner, Span};
+use pare_token_prune::{PruneSchedule, Pruner, Span, TokenScorer};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct PruneArgs {
@@ -18,7 +18,8 @@ pub struct PruneArgs {
     /// With --prune-span prompt: the last N prompt tokens are never dropped.
     #[arg(long, default_value_t = 8, help_heading = "Token pruning")]
     pub protect_last: usize,
-    /// Token scores: last-attn (FastV), mean-attn, knorm, random.
+    /// Token scores: last-attn (FastV), mean-attn, knorm, random, or learned:FILE.safetensors
+    /// (a scorer written by `pare train-scorer`, reading the tokens' hidden states at the cut).
     #[arg(long, default_value = "last-attn", help_heading = "Token pruning")]
     pub prune_score: String,
 }
@@ -41,6 +42,15 @@ impl PruneArgs {
             }
         };
         let scorer = pare_token_prune::scorer(&self.prune_score, 0)?;
+        if let TokenScorer::Learned(learned) = &scorer {
+            let trained = learned.info.cut_layer;
+            if trained > 0 && !schedule.stages.iter().any(|s| s.layer == trained) {
+                eprintln!(
+                    "note: {} was trained for a cut at layer {trained} (--prune-tokens {trained}:KEEP); it scores other cuts too, untested",
+                    learned.path
+                );
+            }
+        }
         Ok(Some(Box::new(Pruner { schedule, span, scorer })))
     }
 

@@ -271,21 +271,27 @@ impl DiffModel {
         if seq == 0 || seq > self.max_positions {
             return Err(PruneError::input(format!("a calibration sample must hold 1 to {} tokens, got {seq}", self.max_positions)));
         }
-        let vocab = self.embed.dim(0)?;
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(PruneError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
-        }
+        self.check_ids(ids)?;
         let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
-        let mut x = self.embed.index_select(&idx, 0)?;
+        let x = self.embed.index_select(&idx, 0)?;
         let (cos, sin) = self.cos_sin(seq)?;
-        let mask: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
-        let mask = Tensor::from_vec(mask, (seq, seq), &self.device)?.to_dtype(self.dtype)?;
+        let mask = self.causal_mask(seq)?;
         probe.input_tokens += seq;
-        for (l, layer) in self.layers.iter().enumerate() {
+        let x = self.run_layers(0..self.layers.len(), x, &cos, &sin, &mask, probe)?;
+        if probe.record_hidden {
+            probe.hidden.push(x.detach());
+        }
+        self.lm_head.forward(&self.final_norm.forward(&x)?)
+    }
+
+    /// Layers `range` on the residual stream x (seq, hidden); records what `probe` asks for.
+    fn run_layers(&self, range: std::ops::Range<usize>, mut x: Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, probe: &mut Probe) -> Result<Tensor> {
+        for l in range {
+            let layer = &self.layers[l];
             if probe.record_hidden {
                 probe.hidden.push(x.detach());
             }
-            let attn = self.attention(l, layer, &layer.attn_norm.forward(&x)?, &cos, &sin, &mask, probe)?;
+            let attn = self.attention(l, layer, &layer.attn_norm.forward(&x)?, cos, sin, mask, probe)?;
             x = if self.parallel_residual {
                 let mlp = self.mlp(l, layer, &layer.mlp_norm.forward(&x)?, probe)?;
                 ((x + attn)? + mlp)?
@@ -295,9 +301,72 @@ impl DiffModel {
                 (h + mlp)?
             };
         }
-        if probe.record_hidden {
-            probe.hidden.push(x.detach());
+        Ok(x)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let seq = ids.len();
+        if seq == 0 || seq > self.max_positions {
+            return Err(PruneError::input(format!("a sample must hold 1 to {} tokens, got {seq}", self.max_positions)));
         }
+        let vocab = self.embed.dim(0)?;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(PruneError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        Ok(())
+    }
+
+    fn causal_mask(&self, seq: usize) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
+        Ok(Tensor::from_vec(mask, (seq, seq), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// The residual streams entering layers 0..=`upto` of one sequence at positions 0..seq
+    /// (seq, hidden) each, as constants: the frozen prefix a learned token scorer trains over.
+    pub fn hidden_until(&self, ids: &[u32], upto: usize) -> Result<Vec<Tensor>> {
+        self.check_ids(ids)?;
+        if upto > self.layers.len() {
+            return Err(PruneError::input(format!("layer {upto} is beyond the model's {} layers", self.layers.len())));
+        }
+        let seq = ids.len();
+        let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
+        let x = self.embed.index_select(&idx, 0)?;
+        let (cos, sin) = self.cos_sin(seq)?;
+        let mask = self.causal_mask(seq)?;
+        let mut probe = Probe { record_hidden: true, ..Probe::default() };
+        let x = self.run_layers(0..upto, x, &cos, &sin, &mask, &mut probe)?;
+        probe.hidden.push(x.detach());
+        Ok(probe.hidden)
+    }
+
+    /// Layer `layer`'s attention input (its norm applied to the residual stream x): what the
+    /// engine shows a token pruner as `LayerContext::hidden`.
+    pub fn attention_input(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
+        let l = self.layers.get(layer).ok_or_else(|| PruneError::input(format!("no layer {layer}")))?;
+        l.attn_norm.forward(x)
+    }
+
+    /// Run layers `layer..` on the residual stream x (seq, hidden) entering `layer`, at positions
+    /// 0..seq, with `key_bias` (seq,) added to every query's attention score for each key in
+    /// those layers (on top of the causal mask): a soft version of dropping keys from them.
+    /// Returns the logits (seq − `from_row`, vocab) of rows `from_row..`. Gradients flow to
+    /// x and key_bias.
+    pub fn forward_from(&self, layer: usize, x: &Tensor, key_bias: &Tensor, from_row: usize) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        if layer > self.layers.len() || seq == 0 || seq > self.max_positions || from_row >= seq {
+            return Err(PruneError::input(format!(
+                "forward_from: layer {layer} of {}, {seq} tokens (at most {}), rows from {from_row}",
+                self.layers.len(),
+                self.max_positions
+            )));
+        }
+        if key_bias.dims() != [seq] {
+            return Err(PruneError::input(format!("forward_from: key bias of shape {:?} for {seq} tokens", key_bias.dims())));
+        }
+        let (cos, sin) = self.cos_sin(seq)?;
+        let mask = self.causal_mask(seq)?.broadcast_add(&key_bias.to_dtype(self.dtype)?.unsqueeze(0)?)?;
+        let x = self.run_layers(layer..self.layers.len(), x.to_dtype(self.dtype)?, &cos, &sin, &mask, &mut Probe::default())?;
+        let x = x.narrow(0, from_row, seq - from_row)?;
         self.lm_head.forward(&self.final_norm.forward(&x)?)
     }
 
@@ -365,6 +434,29 @@ mod tests {
             }
         }
         assert_eq!(checked, 2 * 7 * 4);
+    }
+
+    #[test]
+    fn forward_from_a_layer_continues_the_full_forward() {
+        let model = tiny_model(&Device::Cpu, 3, 4, 2, 7);
+        let diff = DiffModel::new(&model, DType::F32, |_, _| false).unwrap();
+        let ids: Vec<u32> = (0..10).map(|i| (i * 29 % 240) as u32 + 2).collect();
+        let full = diff.forward(&ids, &mut Probe::default()).unwrap();
+        let hidden = diff.hidden_until(&ids, 2).unwrap();
+        assert_eq!(hidden.len(), 3);
+        let zero = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
+        let tail = diff.forward_from(2, &hidden[2], &zero, 4).unwrap();
+        let delta = (full.narrow(0, 4, 6).unwrap() - tail).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(delta < 1e-5, "{delta}");
+        // A bias on a key changes later rows only.
+        let mut bias = vec![0f32; 10];
+        bias[5] = -30.0;
+        let biased = diff.forward_from(2, &hidden[2], &Tensor::new(bias, &Device::Cpu).unwrap(), 0).unwrap();
+        let rows = |t: &Tensor, a: usize, n: usize| t.narrow(0, a, n).unwrap();
+        let same = (rows(&full, 0, 5) - rows(&biased, 0, 5)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let moved = (rows(&full, 6, 4) - rows(&biased, 6, 4)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(same < 1e-5 && moved > 1e-3, "{same} {moved}");
+        assert!(diff.forward_from(2, &hidden[2], &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(), 0).is_err());
     }
 
     #[test]

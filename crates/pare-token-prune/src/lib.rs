@@ -3,12 +3,17 @@
 //!
 //! Layers up to a cut see every token; later layers and their KV caches only the kept ones, which
 //! keep their original positions. Decoding then runs unchanged over the shorter cache. Scores come
-//! from the press scorer API (`pare-press`), computed for the queries they need only.
+//! from the press scorer API (`pare-press`), computed for the queries they need only, or from a
+//! small learned network over the tokens' hidden states ([`learned`], trained by [`train`] on the
+//! model's own next-token loss with a soft mask).
 
 pub mod error;
+pub mod learned;
 pub mod pruner;
 pub mod schedule;
+pub mod train;
 
 pub use error::{PruneError, Result};
-pub use pruner::{scorer, Pruner, Span};
+pub use learned::{LearnedScorer, ScorerInfo, ScorerNet, ScorerShape};
+pub use pruner::{scorer, Pruner, Span, TokenScorer};
 pub use schedule::{Keep, PruneSchedule, Stage};

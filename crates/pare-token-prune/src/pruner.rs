@@ -1,5 +1,6 @@
 //! The token pruner: at each scheduled cut, score the span's tokens on the last full layer's
-//! attention and keep the best; everything outside the span is kept.
+//! attention (or with a learned scorer over its hidden states) and keep the best; everything
+//! outside the span is kept.
 
 use pare_model::cache::{LayerKv, PAD_POSITION};
 use pare_model::press::{LayerContext, TokenPruner};
@@ -8,6 +9,7 @@ use pare_press::presses::prefill::layer_info;
 use pare_press::scorer::Scorer;
 
 use crate::error::{PruneError, Result};
+use crate::learned::LearnedScorer;
 use crate::schedule::PruneSchedule;
 
 /// Which tokens may be dropped, by original position.
@@ -25,19 +27,46 @@ pub enum Span {
 pub struct Pruner {
     pub schedule: PruneSchedule,
     pub span: Span,
-    pub scorer: Box<dyn Scorer>,
+    pub scorer: TokenScorer,
 }
 
-/// The scorers a pruner can use, by CLI name, all from the press scorer API: FastV's last-token
-/// attention is TOVA's score, mean attention is H2O's.
-pub fn scorer(name: &str, seed: u64) -> Result<Box<dyn Scorer>> {
-    Ok(match name {
+/// How a pruner ranks the span's tokens.
+#[derive(Debug)]
+pub enum TokenScorer {
+    /// A press scorer over the last full layer's attention (or keys).
+    Attention(Box<dyn Scorer>),
+    /// A trained network over the tokens' hidden states at the cut (`learned:FILE`).
+    Learned(Box<LearnedScorer>),
+}
+
+impl From<Box<dyn Scorer>> for TokenScorer {
+    fn from(s: Box<dyn Scorer>) -> Self {
+        TokenScorer::Attention(s)
+    }
+}
+
+/// The scorers a pruner can use, by CLI name: from the press scorer API (FastV's last-token
+/// attention is TOVA's score, mean attention is H2O's), or `learned:FILE.safetensors`, a scorer
+/// written by `pare train-scorer`.
+pub fn scorer(name: &str, seed: u64) -> Result<TokenScorer> {
+    if let Some(path) = name.strip_prefix("learned:") {
+        if path.is_empty() {
+            return Err(PruneError::config("--prune-score learned:FILE needs the scorer's file (from `pare train-scorer`)"));
+        }
+        return Ok(TokenScorer::Learned(Box::new(LearnedScorer::load(path)?)));
+    }
+    let s: Box<dyn Scorer> = match name {
         "last-attn" => Box::new(pare_press::scorers::Tova),
         "mean-attn" => Box::new(pare_press::scorers::ObservedAttention),
         "knorm" => Box::new(pare_press::scorers::Knorm),
         "random" => Box::new(pare_press::scorers::Random { seed }),
-        other => return Err(PruneError::config(format!("unknown --prune-score {other:?} (last-attn, mean-attn, knorm, random)"))),
-    })
+        other => {
+            return Err(PruneError::config(format!(
+                "unknown --prune-score {other:?} (last-attn, mean-attn, knorm, random, learned:FILE.safetensors)"
+            )))
+        }
+    };
+    Ok(TokenScorer::Attention(s))
 }
 
 impl Pruner {
@@ -70,14 +99,25 @@ impl Pruner {
             let keep_n = stage.keep.of(span.len());
             let mut kept: Vec<usize> = real.iter().copied().filter(|&i| !in_span(i)).collect();
             if keep_n < span.len() {
-                let row = RowQueries::from_call(ctx.queries, ctx.positions, b)?;
-                let (obs, slots) = observe(kv, b, &info, &row)?.ok_or_else(|| PruneError::config("token pruning: an empty row"))?;
-                let per_head = self.scorer.score(&obs)?;
-                // Cache slot i holds this call's token i (the cache was empty before the prefill).
                 let mut score_of = vec![0f64; positions.len()];
-                for (h, scores) in per_head.iter().enumerate() {
-                    for (&slot, &s) in slots[h].iter().zip(scores) {
-                        score_of[slot] += s as f64 / per_head.len() as f64;
+                match &self.scorer {
+                    TokenScorer::Attention(scorer) => {
+                        let row = RowQueries::from_call(ctx.queries, ctx.positions, b)?;
+                        let (obs, slots) = observe(kv, b, &info, &row)?.ok_or_else(|| PruneError::config("token pruning: an empty row"))?;
+                        let per_head = scorer.score(&obs)?;
+                        // Cache slot i holds this call's token i (the cache was empty before the prefill).
+                        for (h, scores) in per_head.iter().enumerate() {
+                            for (&slot, &s) in slots[h].iter().zip(scores) {
+                                score_of[slot] += s as f64 / per_head.len() as f64;
+                            }
+                        }
+                    }
+                    TokenScorer::Learned(learned) => {
+                        let others: Vec<usize> = real.iter().copied().filter(|&i| !in_span(i)).collect();
+                        let logits = learned.scores(&ctx.hidden.get(b)?, &span, &others)?;
+                        for (&i, &s) in span.iter().zip(&logits) {
+                            score_of[i] = s as f64;
+                        }
                     }
                 }
                 let mut ranked = span.clone();

@@ -8,3 +8,4 @@ pub mod init_random;
 pub mod inspect;
 pub mod prune;
 pub mod score;
+pub mod train_scorer;
