@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::beam::{beam_search_with, BeamConfig};
 use crate::config::GenerationConfig;
-use crate::processors::chain::ProcessorChain;
+use crate::processors::chain::{ProcessorChain, ProcessorConfig};
 use crate::processors::ProcessContext;
 use crate::sampling::{argmax, logprob, sample};
 use crate::stopping::find_stop;
@@ -180,24 +180,27 @@ impl<'a> Generator<'a> {
         let mut stats = CacheStats { kv_bytes_prefill: cache.bytes(), ..CacheStats::default() };
         let decode_start = Instant::now();
         let mut steps = 0usize;
+        let cfg = self.config.processor_config(&self.bad_words_ids).map_err(GenerateError::Config)?;
+        let candidates = chains.first().and_then(|c| candidate_count(&cfg, c));
         loop {
-            let raw: Vec<Vec<f32>> = logits.to_vec2()?;
+            let raw = step_scores(&logits, candidates)?;
             let mut next = vec![0u32; rows.len()];
             for (row, scores) in raw.into_iter().enumerate() {
                 if done[row] {
                     next[row] = *seqs[row].tokens.last().unwrap_or(&0);
                     continue;
                 }
-                let mut processed = scores.clone();
+                let mut processed = scores.logits.clone();
                 let mut pctx = ProcessContext { input_ids: &sequences[row], prompt_len: inputs[row].len(), rng: &mut rng };
                 chains[row].process(&mut pctx, &mut processed);
-                let token = if self.config.do_sample() { sample(&processed, &mut rng) } else { argmax(&processed) };
+                let chosen = if self.config.do_sample() { sample(&processed, &mut rng) } else { argmax(&processed) };
+                let token = scores.token(chosen);
                 chains[row].accept(token, &processed);
                 next[row] = token;
                 sequences[row].push(token);
                 let seq = &mut seqs[row];
                 seq.tokens.push(token);
-                let lp = logprob(&scores, token) as f32;
+                let lp = scores.logprob(chosen) as f32;
                 seq.logprobs.push(lp);
                 seq.score += lp;
                 timings.generated_tokens += 1;
@@ -281,4 +284,131 @@ impl<'a> Generator<'a> {
 
 fn rate(count: usize, seconds: f64) -> f64 {
     if seconds > 0.0 { count as f64 / seconds } else { 0.0 }
+}
+
+/// When every token the chain can keep is among the top `k` scores at temperature `t`, `(k, t)`:
+/// greedy decoding without processors, or sampling whose processors are temperature, top-k,
+/// top-p and min-p with top-k on (top-p and min-p only remove what top-k kept). Steps then read
+/// only those candidates (see [`step_scores`]).
+fn candidate_count(cfg: &ProcessorConfig, chain: &ProcessorChain) -> Option<(usize, f32)> {
+    let names = chain.names();
+    if !cfg.do_sample {
+        return names.is_empty().then_some((1, 1.0));
+    }
+    if !names.iter().all(|n| matches!(*n, "temperature" | "top_k" | "top_p" | "min_p")) {
+        return None;
+    }
+    let t = cfg.temperature.unwrap_or(1.0);
+    if t == 0.0 {
+        return Some((1, 1.0));
+    }
+    let k = cfg.top_k.filter(|&k| k > 0)?.max(cfg.min_tokens_to_keep);
+    (k <= MAX_CANDIDATES).then_some((k, t))
+}
+
+/// Above this top-k, a step reads whole rows: selection stops paying for itself.
+const MAX_CANDIDATES: usize = 1024;
+
+/// One row's scores as the processors see them: the whole vocabulary, or only the candidates
+/// that can survive the chain (token ids increasing, so ties break as over the whole row).
+struct RowScores {
+    logits: Vec<f32>,
+    ids: Option<Vec<u32>>,
+    lse: f64,
+}
+
+impl RowScores {
+    fn token(&self, chosen: u32) -> u32 {
+        self.ids.as_ref().map_or(chosen, |ids| ids[chosen as usize])
+    }
+
+    /// log p(token) under the unprocessed distribution.
+    fn logprob(&self, chosen: u32) -> f64 {
+        match self.ids {
+            Some(_) => self.logits[chosen as usize] as f64 - self.lse,
+            None => logprob(&self.logits, chosen),
+        }
+    }
+}
+
+/// The step's rows. With `candidates = (k, t)` only the top-k at temperature t (ties kept) leave
+/// the device — on CUDA a few kilobytes instead of the vocabulary's logits — and a row with more
+/// ties than fit is read whole. Processors see candidates in token order and with the rest of
+/// the row at -inf they would have left no other token, so the choice is the whole row's.
+fn step_scores(logits: &candle_core::Tensor, candidates: Option<(usize, f32)>) -> Result<Vec<RowScores>> {
+    let whole = |row: Vec<f32>| RowScores { logits: row, ids: None, lse: 0.0 };
+    let Some((k, t)) = candidates else {
+        return Ok(logits.to_vec2::<f32>()?.into_iter().map(whole).collect());
+    };
+    pare_kernels::top_candidates(logits, k, t)?
+        .into_iter()
+        .enumerate()
+        .map(|(r, c)| match c {
+            Some(c) => Ok(RowScores { logits: c.logits, ids: Some(c.ids), lse: c.lse }),
+            None => Ok(whole(logits.get(r)?.to_vec1::<f32>()?)),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use rand::Rng;
+
+    /// Choose a token from every row both ways — whole rows, and the candidates — with one seed.
+    fn choose(cfg: &ProcessorConfig, logits: &Tensor, candidates: Option<(usize, f32)>, seed: u64) -> Vec<(u32, f64)> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut chain = ProcessorChain::new(cfg, None).unwrap();
+        let ids = [1u32, 2, 3];
+        step_scores(logits, candidates)
+            .unwrap()
+            .into_iter()
+            .map(|scores| {
+                let mut processed = scores.logits.clone();
+                chain.process(&mut ProcessContext { input_ids: &ids, prompt_len: 3, rng: &mut rng }, &mut processed);
+                let chosen = if cfg.do_sample { sample(&processed, &mut rng) } else { argmax(&processed) };
+                (scores.token(chosen), scores.logprob(chosen))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn candidates_choose_what_whole_rows_choose() {
+        let configs = [
+            ProcessorConfig::default(),
+            ProcessorConfig { do_sample: true, top_k: Some(50), ..Default::default() },
+            ProcessorConfig { do_sample: true, temperature: Some(0.7), top_k: Some(40), top_p: Some(0.9), ..Default::default() },
+            ProcessorConfig { do_sample: true, temperature: Some(1.6), top_k: Some(20), min_p: Some(0.1), ..Default::default() },
+            ProcessorConfig { do_sample: true, temperature: Some(0.0), top_k: Some(50), ..Default::default() },
+            ProcessorConfig { do_sample: true, top_k: Some(3), top_p: Some(0.5), min_tokens_to_keep: 5, ..Default::default() },
+        ];
+        let mut rng = StdRng::seed_from_u64(3);
+        for (c, cfg) in configs.iter().enumerate() {
+            let k = candidate_count(cfg, &ProcessorChain::new(cfg, None).unwrap());
+            assert!(k.is_some(), "config {c} reads candidates");
+            for trial in 0..40 {
+                // bf16-rounded logits: many exact ties, some at the k-th score.
+                let scale = [0.5f32, 2.0, 6.0][trial % 3];
+                let data: Vec<f32> = (0..4 * 3000).map(|_| rng.random::<f32>() * scale * 4.0 - scale).collect();
+                let logits = Tensor::from_vec(data, (4, 3000), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+                let whole = choose(cfg, &logits, None, trial as u64);
+                let fast = choose(cfg, &logits, k, trial as u64);
+                for ((tw, lw), (tf, lf)) in whole.iter().zip(&fast) {
+                    assert_eq!(tw, tf, "config {c} trial {trial}");
+                    assert!((lw - lf).abs() < 1e-12, "config {c}: log-prob {lw} vs {lf}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_processors_read_whole_rows() {
+        let on = |cfg: ProcessorConfig| candidate_count(&cfg, &ProcessorChain::new(&cfg, None).unwrap());
+        assert_eq!(on(ProcessorConfig { repetition_penalty: Some(1.2), ..Default::default() }), None);
+        assert_eq!(on(ProcessorConfig { do_sample: true, top_p: Some(0.9), ..Default::default() }), None, "no top-k");
+        assert_eq!(on(ProcessorConfig { do_sample: true, top_k: Some(50), typical_p: Some(0.9), ..Default::default() }), None);
+        assert_eq!(on(ProcessorConfig { do_sample: true, top_k: Some(5000), ..Default::default() }), None);
+        assert_eq!(on(ProcessorConfig { do_sample: true, temperature: Some(0.5), top_k: Some(8), ..Default::default() }), Some((8, 0.5)));
+    }
 }

@@ -623,3 +623,96 @@ __device__ void gemv_impl(const T* x, long long x_stride, const T* w, T* y, int 
                         GEMV(T, NAME, 5) GEMV(T, NAME, 6) GEMV(T, NAME, 7) GEMV(T, NAME, 8)
 GEMV_B(bf16, bf16)
 GEMV_B(f16, f16)
+
+// ---------------------------------------------------------------------------------------------
+// Sampling candidates. Per row of logits (V values): every token whose score s = l / T is at least
+// the k-th largest score (ties kept, as HF's top-k), written unordered (raw logit, token id), their
+// count (which may exceed `cap`: the caller then falls back to the whole row), and the row's
+// log-sum-exp of the raw logits for log-probs. The k-th largest is found by an MSB-first radix
+// select over order-preserving 32-bit keys: four histogram passes, no sort. One block per row.
+__device__ __forceinline__ unsigned order_key(float s) {
+    s += 0.f;  // -0 → +0: the two compare equal, so they must share a key
+    unsigned u = __float_as_uint(s);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+template <typename T>
+__device__ void top_candidates_impl(const T* logits, int vocab, int k, float temperature, int cap, float* out_logit,
+                                    unsigned* out_id, unsigned* out_count, double* out_lse) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned s_prefix, s_remaining, s_count;
+    __shared__ float s_max[32];
+    __shared__ double s_sum[32];
+    const size_t row = blockIdx.x;
+    logits += row * vocab;
+    out_logit += row * cap;
+    out_id += row * cap;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+
+    // log-sum-exp of the raw logits, accumulated in f64.
+    float mx = -INFINITY;
+    for (int i = tid; i < vocab; i += blockDim.x) mx = fmaxf(mx, to_f(logits[i]));
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+    if (lane == 0) s_max[warp] = mx;
+    __syncthreads();
+    mx = -INFINITY;
+    for (int w = 0; w < warps; w++) mx = fmaxf(mx, s_max[w]);
+    double se = 0.0;
+    if (mx > -INFINITY)
+        for (int i = tid; i < vocab; i += blockDim.x) se += exp((double)to_f(logits[i]) - (double)mx);
+    for (int o = 16; o > 0; o >>= 1) se += __shfl_xor_sync(0xffffffff, se, o);
+    if (lane == 0) s_sum[warp] = se;
+
+    // Radix select of the k-th largest key.
+    unsigned prefix = 0, mask = 0, remaining = (unsigned)min(k, vocab);
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = tid; d < 256; d += blockDim.x) hist[d] = 0;
+        __syncthreads();
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            unsigned key = order_key(__fdiv_rn(to_f(logits[i]), temperature));
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned above = 0;
+            int d = 255;
+            for (; d > 0 && above + hist[d] < remaining; d--) above += hist[d];
+            s_prefix = prefix | ((unsigned)d << shift);
+            s_remaining = remaining - above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        remaining = s_remaining;
+        mask |= 255u << shift;
+    }
+
+    if (tid == 0) s_count = 0;
+    __syncthreads();
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        float l = to_f(logits[i]);
+        if (order_key(__fdiv_rn(l, temperature)) >= prefix) {
+            unsigned pos = atomicAdd(&s_count, 1u);
+            if (pos < (unsigned)cap) {
+                out_logit[pos] = l;
+                out_id[pos] = i;
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        double total = 0.0;
+        for (int w = 0; w < warps; w++) total += s_sum[w];
+        out_count[row] = s_count;
+        out_lse[row] = mx > -INFINITY ? (double)mx + log(total) : -INFINITY;
+    }
+}
+
+#define TOP_CANDIDATES(T, NAME)                                                                            \
+    extern "C" __global__ void top_candidates_##NAME(const T* logits, int vocab, int k, float temperature,  \
+                                                     int cap, float* out_logit, unsigned* out_id,          \
+                                                     unsigned* out_count, double* out_lse) {               \
+        top_candidates_impl<T>(logits, vocab, k, temperature, cap, out_logit, out_id, out_count, out_lse); \
+    }
+TOP_CANDIDATES(float, f32)
+TOP_CANDIDATES(bf16, bf16)
+TOP_CANDIDATES(f16, f16)

@@ -4,6 +4,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::{Candidates, CANDIDATE_CAP};
+
 /// The value a tensor of `dtype` would hold for `x`.
 pub fn round(x: f32, dtype: DType) -> f32 {
     match dtype {
@@ -166,6 +168,33 @@ pub fn attention_prefill(
     tensor(out, q.dims(), q.dtype())
 }
 
+/// Reference for [`crate::top_candidates`]: the k-th largest score by selection, then every token
+/// at or above it; the log-sum-exp in f64 over the row in index order.
+pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec<Option<Candidates>>> {
+    let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            // + 0.0 turns -0 into +0: equal scores, one key.
+            let scores: Vec<f32> = row.iter().map(|&l| l / temperature + 0.0).collect();
+            let mut sorted = scores.clone();
+            let k = k.min(sorted.len());
+            let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let kth = *kth;
+            let ids: Vec<u32> = (0..row.len() as u32).filter(|&i| scores[i as usize].total_cmp(&kth).is_ge()).collect();
+            (ids.len() <= CANDIDATE_CAP).then(|| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = if max == f64::NEG_INFINITY {
+                    max
+                } else {
+                    row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max
+                };
+                Candidates { logits: ids.iter().map(|&i| row[i as usize]).collect(), ids, lse }
+            })
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     //! The references against candle's own ops (and plain softmax attention), so that what the
@@ -301,5 +330,23 @@ mod tests {
     fn softmax_rows(x: &Tensor) -> Tensor {
         let e = x.broadcast_sub(&x.max_keepdim(1).unwrap()).unwrap().exp().unwrap();
         e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn top_candidates_keep_every_tie_of_the_kth_score() {
+        // Scores at temperature 2: 1.5, 1, 0.5, 1.5, 1, -0 (= 0), 0, -inf.
+        let row = [3.0f32, 2.0, 1.0, 3.0, 2.0, -0.0, 0.0, f32::NEG_INFINITY];
+        let logits = Tensor::new(&[row], &Device::Cpu).unwrap();
+        let ids = |k| top_candidates(&logits, k, 2.0).unwrap()[0].clone().unwrap().ids;
+        assert_eq!(ids(1), [0, 3], "both maxima");
+        assert_eq!(ids(3), [0, 1, 3, 4], "the 3rd largest ties with the 4th");
+        assert_eq!(ids(6), [0, 1, 2, 3, 4, 5, 6], "-0 and +0 are one score");
+        assert_eq!(ids(100).len(), 8);
+        let c = top_candidates(&logits, 2, 1.0).unwrap()[0].clone().unwrap();
+        assert_eq!(c.logits, [3.0, 3.0]);
+        let lse = row.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        assert!((c.lse - lse).abs() < 1e-12);
+        let tied = Tensor::zeros((1, CANDIDATE_CAP + 1), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(top_candidates(&tied, 1, 1.0).unwrap()[0], None, "more ties than the cap");
     }
 }

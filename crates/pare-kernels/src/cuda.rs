@@ -13,7 +13,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use crate::GpuMemory;
+use crate::{Candidates, GpuMemory, CANDIDATE_CAP};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pare.ptx"));
 const MODULE: &str = "pare-kernels";
@@ -70,13 +70,17 @@ impl Out {
                 DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(elems)?, dev.clone()),
                 DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<bf16>(elems)?, dev.clone()),
                 DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<f16>(elems)?, dev.clone()),
+                DType::F64 => CudaStorage::wrap_cuda_slice(dev.alloc::<f64>(elems)?, dev.clone()),
+                DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(elems)?, dev.clone()),
                 other => candle_core::bail!("pare-kernels: no kernel for {other:?}"),
             }
         };
         let address = match dtype {
             DType::F32 => slice_address(storage.as_cuda_slice::<f32>()?, dev),
             DType::BF16 => slice_address(storage.as_cuda_slice::<bf16>()?, dev),
-            _ => slice_address(storage.as_cuda_slice::<f16>()?, dev),
+            DType::F16 => slice_address(storage.as_cuda_slice::<f16>()?, dev),
+            DType::F64 => slice_address(storage.as_cuda_slice::<f64>()?, dev),
+            _ => slice_address(storage.as_cuda_slice::<u32>()?, dev),
         };
         Ok(Out { storage, address })
     }
@@ -329,6 +333,37 @@ pub fn attention_prefill(
     let cfg = LaunchConfig { grid_dim: (sq.div_ceil(64) as u32, heads as u32, batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     launch!(&dev, &format!("flash_prefill_{}_d{d}", suffix(dtype)?), cfg, &qa, &ka, &va, &krs, &khs, &vrs, &vhs, &qpa, &epa, &out.address, &heads_i, &kvh_i, &sq_i, &n_i, &window_i, &scale_log2);
     Ok(out.tensor((batch, heads, sq, d)))
+}
+
+pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec<Option<Candidates>>> {
+    let (rows, vocab) = logits.dims2()?;
+    let dev = device(logits)?;
+    let logits = logits.contiguous()?;
+    let cap = CANDIDATE_CAP;
+    let values = Out::new(&dev, DType::F32, rows * cap)?;
+    let ids = Out::new(&dev, DType::U32, rows * cap)?;
+    let counts = Out::new(&dev, DType::U32, rows)?;
+    let lse = Out::new(&dev, DType::F64, rows)?;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let (la, vocab_i, k_i, cap_i) = (address(&logits)?, vocab as i32, k.min(vocab) as i32, cap as i32);
+    let name = format!("top_candidates_{}", suffix(logits.dtype())?);
+    launch!(&dev, &name, cfg, &la, &vocab_i, &k_i, &temperature, &cap_i, &values.address, &ids.address, &counts.address, &lse.address);
+    let counts: Vec<u32> = counts.tensor(rows).to_vec1()?;
+    let lse: Vec<f64> = lse.tensor(rows).to_vec1()?;
+    let values: Vec<Vec<f32>> = values.tensor((rows, cap)).to_vec2()?;
+    let ids: Vec<Vec<u32>> = ids.tensor((rows, cap)).to_vec2()?;
+    Ok((0..rows)
+        .map(|r| {
+            let n = counts[r] as usize;
+            (n <= cap).then(|| {
+                // Written in arrival order; callers get them by token id.
+                let mut pairs: Vec<(u32, f32)> = ids[r][..n].iter().copied().zip(values[r][..n].iter().copied()).collect();
+                pairs.sort_unstable_by_key(|p| p.0);
+                let (ids, logits) = pairs.into_iter().unzip();
+                Candidates { ids, logits, lse: lse[r] }
+            })
+        })
+        .collect())
 }
 
 fn address_u32(t: &Tensor) -> Result<u64> {

@@ -144,6 +144,35 @@ pub fn attention_prefill_fused(dtype: candle_core::DType, head_dim: usize) -> bo
     matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) && matches!(head_dim, 64 | 128)
 }
 
+/// Tokens kept by [`top_candidates`] beyond this many (ties at the k-th score) make a row fall back.
+pub const CANDIDATE_CAP: usize = 2048;
+
+/// One row's sampling candidates: token ids in increasing order, their raw logits, and the row's
+/// log-sum-exp over the whole vocabulary (for log-probs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    pub ids: Vec<u32>,
+    pub logits: Vec<f32>,
+    pub lse: f64,
+}
+
+/// For each row of `logits` (rows, vocab): the tokens whose score `logit / temperature` (f32
+/// division) is at least the row's k-th largest score, ties all kept as HF's top-k keeps them.
+/// A row gets `None` when more than [`CANDIDATE_CAP`] tokens qualify. Decoding with top-k (and
+/// what follows it) or greedily needs only these, so on CUDA a step moves kilobytes instead of
+/// the vocabulary's logits, and the host's processors run over a short row.
+pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec<Option<Candidates>>> {
+    let (_, vocab) = logits.dims2()?;
+    if k == 0 || vocab == 0 || !(temperature > 0.0) {
+        candle_core::bail!("top_candidates: k {k} of {vocab} at temperature {temperature}");
+    }
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return cuda::top_candidates(logits, k, temperature);
+    }
+    cpu::top_candidates(logits, k, temperature)
+}
+
 fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize]) -> Result<()> {
     let (batch, heads, d) = q.dims3()?;
     let n = keys.len();

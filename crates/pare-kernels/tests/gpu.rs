@@ -195,3 +195,29 @@ fn gemv_decode_products() {
     let e = rel_err(&pare_kernels::gemv(&x, &w).unwrap(), &cpu::gemv(&x, &w).unwrap());
     assert!(e <= tol(DType::BF16), "gemv on a strided x: {e}");
 }
+
+#[test]
+fn top_candidates_select_the_same_tokens() {
+    let dev = gpu();
+    // Llama-3's and SmolLM2's vocabularies; bf16 logits carry many exact ties.
+    for (dtype, rows, vocab, k, temperature) in [
+        (DType::F32, 4, 128256, 50, 1.0),
+        (DType::F32, 2, 49152, 1, 0.7),
+        (DType::BF16, 8, 49152, 40, 1.3),
+        (DType::F32, 1, 1000, 1000, 1.0),
+        (DType::F32, 3, 151936, 1024, 0.9),
+    ] {
+        let logits = randn(&[rows, vocab], 3.0, dtype, &dev);
+        let got = pare_kernels::top_candidates(&logits, k, temperature).unwrap();
+        let want = cpu::top_candidates(&logits, k, temperature).unwrap();
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            let (g, w) = (g.as_ref().expect("within the cap"), w.as_ref().expect("within the cap"));
+            assert_eq!(g.ids, w.ids, "{dtype:?} row {r} k {k}: candidate ids");
+            assert_eq!(g.logits, w.logits, "{dtype:?} row {r}: candidate logits");
+            assert!((g.lse - w.lse).abs() < 1e-9 * w.lse.abs().max(1.0), "{dtype:?} row {r}: lse {} vs {}", g.lse, w.lse);
+        }
+    }
+    // All tied: more than the cap qualify, so the row falls back.
+    let flat = Tensor::zeros((2, 5000), DType::F32, &dev).unwrap();
+    assert!(pare_kernels::top_candidates(&flat, 10, 1.0).unwrap().iter().all(Option::is_none));
+}
