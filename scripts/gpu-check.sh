@@ -7,6 +7,9 @@
 #     bf16 run (tests/fixtures/smollm2/greedy_dtypes.json) and reported; they do not decide the
 #     exit status: bf16 rounding flips near-ties within 16 steps in HF too (HF bf16 differs from
 #     HF f32 on 2 of these 4 prompts), and any change of summation order flips different ones.
+#  3. decoding through the device's sampling candidates against whole rows on the GPU: greedy,
+#     top-k, and temperature + top-k + top-p sampling give identical tokens and log-probs (a
+#     neutral --logit-bias puts a processor that needs whole rows in the chain).
 # Usage: scripts/gpu-check.sh [MODEL]   (default: the SmolLM2-135M GGUF in assets/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +55,21 @@ print(f"{'ok  ' if ok else 'FAIL'} {dtype:4} max|Δlogprob| top-10 {max(diffs):.
 sys.exit(0 if ok else 1)
 PY
   done
+done
+echo "## $MODEL: sampling candidates vs whole rows (GPU)"
+for mode in "" "--do-sample --top-k 50 --seed 11" "--do-sample --temperature 0.7 --top-k 40 --top-p 0.9 --seed 5"; do
+  fast=$($PARE generate -m "$MODEL" --device cuda --max-new-tokens 24 --json -p "${PROMPTS[0]}" $mode)
+  whole=$($PARE generate -m "$MODEL" --device cuda --max-new-tokens 24 --json -p "${PROMPTS[0]}" $mode --logit-bias 5=0)
+  python3 - "$mode" "$fast" "$whole" <<'PY' || status=1
+import json, sys
+mode, fast, whole = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+lp = lambda d: d["sequences"][0]["logprobs"]
+ok = fast["tokens"] == whole["tokens"] and all(abs(a - b) < 1e-4 for a, b in zip(lp(fast), lp(whole)))
+rate = lambda d: d["timings"]["decode_tok_s"]
+print(f"{'ok  ' if ok else 'FAIL'} [{mode or 'greedy'}]: {len(fast['tokens'])} tokens {'identical' if ok else 'DIFFER'}; "
+      f"decode {rate(fast):.1f} tok/s with candidates, {rate(whole):.1f} with whole rows")
+sys.exit(0 if ok else 1)
+PY
 done
 [[ $status == 0 ]] && echo "gpu-check: all passed" || echo "gpu-check: FAILED"
 exit $status
