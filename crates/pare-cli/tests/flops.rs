@@ -1,34 +1,11 @@
 //! `pare flops`: the seed example from a config alone, the measured cache against the theory on
 //! the tiny LLaVA, and one-line errors for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
+use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn pare(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pare")).args(args).current_dir(repo()).output().expect("run pare")
-}
-
-fn json(args: &[&str]) -> Value {
-    let out = pare(args);
-    assert!(out.status.success(), "pare {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
-
-fn one_line_error(args: &[&str], needle: &str) {
-    let out = pare(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "pare {args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr:?} should mention {needle:?}");
-}
+use common::{json, one_line_error, pare};
 
 /// llava-hf/llava-1.5-7b-hf's config.json alone: `pare flops` reads no weights.
 fn llava_7b_config() -> PathBuf {

@@ -1,42 +1,13 @@
 //! `pare prune` end to end on the tiny GQA Llama (8 heads, 2 KV heads, 4 layers): export, inspect,
 //! re-apply the plan, GGUF, and one-line errors for settings that cannot be carried out.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
+use std::path::PathBuf;
+
+use common::{json, one_line_error, repo};
 
 const TINY: &str = "tests/fixtures/prune/llama-gqa-tiny/model";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn pare(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pare")).args(args).current_dir(repo()).output().expect("run pare")
-}
-
-fn json(args: &[&str]) -> Value {
-    let out = pare(args);
-    assert!(out.status.success(), "pare {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
-
-fn one_line_error(args: &[&str], needle: &str) {
-    let out = pare(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "pare {args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr:?} should mention {needle:?}");
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pare-prune-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 /// Logits of a fixed token sequence at every position (the tiny model has no tokenizer).
 fn logits(model: &str) -> Vec<f32> {
@@ -114,4 +85,8 @@ fn calibration_text_shorter_than_asked_is_a_one_line_error() {
         "fewer than the 10 × 64",
     );
     std::fs::remove_file(&short).unwrap();
+}
+
+fn scratch(name: &str) -> PathBuf {
+    common::scratch("prune", name)
 }

@@ -2,44 +2,15 @@
 //! write the scorer and its loss curve, `--json` reports them, and `pare eval ppl --prune-score
 //! learned:FILE` prunes with it; bad inputs fail in one line.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::PathBuf;
+
+use common::{json, one_line_error, pare};
 use serde_json::Value;
 
 const TINY: &str = "tests/fixtures/gptneox-tiny/model";
 const TEXT: &str = "assets/texts/tiny.utf8";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn pare(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pare")).args(args).current_dir(repo()).output().expect("run pare")
-}
-
-fn json(args: &[&str]) -> Value {
-    let out = pare(args);
-    assert!(out.status.success(), "pare {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
-
-fn one_line_error(args: &[&str], needle: &str) {
-    let out = pare(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "pare {args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr:?} should mention {needle:?}");
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pare-train-scorer-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 #[test]
 fn train_scorer_writes_the_scorer_and_its_curve_and_eval_uses_it() {
@@ -207,4 +178,10 @@ fn bad_train_scorer_and_learned_scorer_inputs_fail_in_one_line() {
     ]);
     run(ppl(&format!("learned:{o}"), "assets/SmolLM2-135M-Instruct.Q4_1.gguf"), "trained for hidden size 32");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = common::scratch("train-scorer", name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
