@@ -29,7 +29,9 @@ fn main() {
             .arg(&ptx)
             .arg(&src)
             .status()
-            .unwrap_or_else(|e| panic!("running {nvcc}: {e} (set NVCC or put nvcc on PATH; scripts/build-cuda.sh does)"));
+            .unwrap_or_else(|e| {
+                panic!("running {nvcc}: {e} (set NVCC or put nvcc on PATH; scripts/build-cuda.sh does)")
+            });
         assert!(status.success(), "nvcc failed on {}", src.display());
     }
 }

@@ -61,7 +61,8 @@ pub fn encode_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<V
     let ids = if chat {
         let template = tok.chat_template.as_deref().context("--chat: the model has no chat template")?;
         let messages = [pare_formats::ChatMessage { role: "user".into(), content: prompt.into() }];
-        let text = pare_formats::render_chat(template, &messages, true, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+        let text =
+            pare_formats::render_chat(template, &messages, true, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
         tok.encode(&text, false)?
     } else {
         tok.encode(prompt, true)?

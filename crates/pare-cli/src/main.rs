@@ -9,7 +9,11 @@ mod sampling_args;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pare", version, about = "Lean LLM inference: one engine for KV-cache compression, token pruning and structured pruning")]
+#[command(
+    name = "pare",
+    version,
+    about = "Lean LLM inference: one engine for KV-cache compression, token pruning and structured pruning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -112,7 +112,6 @@ impl PressArgs {
         };
         Ok(Some(pare_press::build(name, &self.options())?))
     }
-
 }
 
 /// 1536 → "1.5 KiB": cache sizes for people.

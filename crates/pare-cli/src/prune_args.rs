@@ -32,9 +32,13 @@ impl PruneArgs {
         schedule.check(num_layers)?;
         let span = match self.prune_span.as_str() {
             "prompt" => Span::Prompt { protect_last: self.protect_last },
-            "image" => bail!("--prune-span image needs a vision-language model (LLaVA); this model has no image tokens"),
+            "image" => {
+                bail!("--prune-span image needs a vision-language model (LLaVA); this model has no image tokens")
+            }
             range => {
-                let parsed = range.split_once("..").and_then(|(a, b)| Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?)));
+                let parsed = range
+                    .split_once("..")
+                    .and_then(|(a, b)| Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?)));
                 match parsed {
                     Some((a, b)) if 0 <= a && a < b => Span::Range(a, b),
                     _ => bail!("--prune-span must be prompt, image or START..END with START < END, got {range:?}"),

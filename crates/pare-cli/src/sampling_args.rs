@@ -96,12 +96,14 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// HF defaults ← the model's generation config ← --config FILE ← flags.
     pub fn generation_config(&self, loaded: &LoadedModel, max_new_tokens: usize) -> Result<GenerationConfig> {
-        let mut config = loaded.generation_config.as_ref().map(GenerationConfig::from_model_defaults).unwrap_or_default();
+        let mut config =
+            loaded.generation_config.as_ref().map(GenerationConfig::from_model_defaults).unwrap_or_default();
         config.eos_token_id = Some(loaded.eos_token_ids());
         config.max_new_tokens = Some(max_new_tokens);
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let file = GenerationConfig::from_json_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let file =
+                GenerationConfig::from_json_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             config.merge(&file);
         }
         let mut flags = GenerationConfig {
@@ -142,7 +144,8 @@ impl SamplingArgs {
         if !self.logit_bias.is_empty() {
             let mut map = std::collections::BTreeMap::new();
             for entry in &self.logit_bias {
-                let (id, bias) = entry.split_once('=').with_context(|| format!("--logit-bias {entry:?}: expected ID=BIAS"))?;
+                let (id, bias) =
+                    entry.split_once('=').with_context(|| format!("--logit-bias {entry:?}: expected ID=BIAS"))?;
                 let id: u32 = id.trim().parse().with_context(|| format!("--logit-bias {entry:?}: bad token id"))?;
                 let bias: f32 = bias.trim().parse().with_context(|| format!("--logit-bias {entry:?}: bad bias"))?;
                 map.insert(id, bias);
@@ -161,7 +164,11 @@ impl SamplingArgs {
             }
         }
         let vocab = loaded.model.config.vocab_size as u32;
-        let ids = config.logit_bias.iter().flat_map(|m| m.keys().copied()).chain(config.suppress_tokens.iter().flatten().copied());
+        let ids = config
+            .logit_bias
+            .iter()
+            .flat_map(|m| m.keys().copied())
+            .chain(config.suppress_tokens.iter().flatten().copied());
         for id in ids {
             if id >= vocab {
                 bail!("token id {id} is outside the vocabulary ({vocab})");

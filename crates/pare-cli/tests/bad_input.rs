@@ -306,5 +306,8 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "decoding+knorm"], "decoding needs --budget");
     expect(&["eval", "ppl", "--text", "README.md", "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
     expect(&["eval", "needle", "--depths", "150"], "percentages in [0, 100]");
-    expect(&["eval", "compare", "--text", "README.md", "--ctx", "64", "--continuation", "64"], "--continuation must be between");
+    expect(
+        &["eval", "compare", "--text", "README.md", "--ctx", "64", "--continuation", "64"],
+        "--continuation must be between",
+    );
 }

@@ -20,7 +20,15 @@ fn pare_json(args: &[&str]) -> Value {
 
 #[test]
 fn generate_names_paris() {
-    let v = pare_json(&["generate", "--model", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "8"]);
+    let v = pare_json(&[
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
     assert_eq!(v["tokens"].as_array().unwrap().len(), 8);
     assert_eq!(v["prompt_tokens"], 5);
@@ -60,11 +68,22 @@ fn eval_ppl_on_the_tiny_gpt_neox() {
     let model = repo().join("tests/fixtures/gptneox-tiny/model");
     let text = repo().join("assets/texts/wiki.utf8");
     let v = pare_json(&[
-        "eval", "ppl", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(),
-        "--ctx", "128", "--stride", "64", "--max-tokens", "1024",
+        "eval",
+        "ppl",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--stride",
+        "64",
+        "--max-tokens",
+        "1024",
     ]);
     let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/gptneox-tiny/ppl.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/gptneox-tiny/ppl.json")).unwrap())
+            .unwrap();
     let case = fixture["cases"].as_array().unwrap().iter().find(|c| c["stride"] == 64).expect("stride 64 case");
     assert_eq!(v["tokens"], 1024);
     assert_eq!(v["scored_tokens"], case["scored_tokens"]);
@@ -103,7 +122,15 @@ fn convert_writes_an_hf_directory_pare_loads_identically() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let from_gguf = pare_json(&["score", "--prompt", "The capital of France is", "--top-k", "10"]);
-    let from_dir = pare_json(&["score", "--model", out.to_str().unwrap(), "--prompt", "The capital of France is", "--top-k", "10"]);
+    let from_dir = pare_json(&[
+        "score",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--top-k",
+        "10",
+    ]);
     for (a, b) in from_gguf["top"].as_array().unwrap().iter().zip(from_dir["top"].as_array().unwrap()) {
         assert_eq!(a["id"], b["id"]);
         assert!((a["logprob"].as_f64().unwrap() - b["logprob"].as_f64().unwrap()).abs() < 1e-5);
@@ -114,7 +141,18 @@ fn convert_writes_an_hf_directory_pare_loads_identically() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let run = |seed: &str| {
-        pare_json(&["generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--do-sample", "--temperature", "0.9", "--seed", seed])
+        pare_json(&[
+            "generate",
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--do-sample",
+            "--temperature",
+            "0.9",
+            "--seed",
+            seed,
+        ])
     };
     let (a, b, c) = (run("7"), run("7"), run("8"));
     assert_eq!(a["tokens"], b["tokens"]);
@@ -137,7 +175,17 @@ fn prompts_file_runs_as_one_batch_with_each_row_as_alone() {
 
 #[test]
 fn beam_search_returns_scored_sequences() {
-    let v = pare_json(&["generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--num-beams", "3", "--num-return-sequences", "2"]);
+    let v = pare_json(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--num-beams",
+        "3",
+        "--num-return-sequences",
+        "2",
+    ]);
     let seqs = v["sequences"].as_array().unwrap();
     assert_eq!(seqs.len(), 2);
     assert!(seqs[0]["score"].as_f64().unwrap() >= seqs[1]["score"].as_f64().unwrap());
@@ -146,7 +194,16 @@ fn beam_search_returns_scored_sequences() {
 
 #[test]
 fn score_reports_the_processed_distribution() {
-    let v = pare_json(&["score", "--prompt", "The capital of France is", "--do-sample", "--top-k", "4", "--temperature", "0.5"]);
+    let v = pare_json(&[
+        "score",
+        "--prompt",
+        "The capital of France is",
+        "--do-sample",
+        "--top-k",
+        "4",
+        "--temperature",
+        "0.5",
+    ]);
     let processed = v["processed"].as_array().unwrap();
     assert_eq!(processed.len(), 4, "top-k 4 leaves 4 tokens");
     let total: f64 = processed.iter().map(|e| e["prob"].as_f64().unwrap()).sum();
@@ -160,14 +217,34 @@ fn score_reports_the_processed_distribution() {
 fn config_file_sets_the_same_names_as_flags() {
     let file = std::env::temp_dir().join(format!("pare-gen-config-{}.json", std::process::id()));
     std::fs::write(&file, r#"{"do_sample": true, "temperature": 0.9, "seed": 7}"#).unwrap();
-    let from_file = pare_json(&["generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--config", file.to_str().unwrap()]);
-    let from_flags = pare_json(&["generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--do-sample", "--temperature", "0.9", "--seed", "7"]);
+    let from_file = pare_json(&[
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "12",
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let from_flags = pare_json(&[
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "12",
+        "--do-sample",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "7",
+    ]);
     assert_eq!(from_file["tokens"], from_flags["tokens"]);
 }
 
 #[test]
 fn stop_strings_end_generation_and_are_cut() {
-    let v = pare_json(&["generate", "--chat", "--prompt", "List three colors.", "--max-new-tokens", "40", "--stop", "2."]);
+    let v =
+        pare_json(&["generate", "--chat", "--prompt", "List three colors.", "--max-new-tokens", "40", "--stop", "2."]);
     assert_eq!(v["finish_reason"], "stop");
     assert!(!v["text"].as_str().unwrap().contains("2."));
 }
@@ -194,14 +271,37 @@ fn wiki() -> String {
 
 #[test]
 fn presses_shrink_the_cache_in_generate_and_score() {
-    let plain = pare_json(&["score", "--prompt", &"The capital of France is Paris. ".repeat(6), "--then", " The capital"]);
-    let pressed = pare_json(&["score", "--prompt", &"The capital of France is Paris. ".repeat(6), "--then", " The capital", "--press", "snapkv", "--ratio", "0.5", "--window", "8"]);
+    let plain =
+        pare_json(&["score", "--prompt", &"The capital of France is Paris. ".repeat(6), "--then", " The capital"]);
+    let pressed = pare_json(&[
+        "score",
+        "--prompt",
+        &"The capital of France is Paris. ".repeat(6),
+        "--then",
+        " The capital",
+        "--press",
+        "snapkv",
+        "--ratio",
+        "0.5",
+        "--window",
+        "8",
+    ]);
     let (full, half) = (plain["kv_bytes_prefill"].as_u64().unwrap(), pressed["kv_bytes_prefill"].as_u64().unwrap());
     // Half the entries, rounded down: 30 layers × 3 KV heads × 64 dims × K and V × 4 bytes each.
     let entry = 30 * 3 * 64 * 2 * 4;
     assert_eq!(half / entry, full / entry / 2, "bytes {half} vs {full}");
     assert_eq!(pressed["kv_bytes_uncompressed"], plain["kv_bytes"]);
-    let v = pare_json(&["generate", "--prompt", &"Paris is in France. ".repeat(8), "--max-new-tokens", "4", "--press", "adakv+expected-attention", "--ratio", "0.75"]);
+    let v = pare_json(&[
+        "generate",
+        "--prompt",
+        &"Paris is in France. ".repeat(8),
+        "--max-new-tokens",
+        "4",
+        "--press",
+        "adakv+expected-attention",
+        "--ratio",
+        "0.75",
+    ]);
     let cache = &v["cache"];
     assert!(cache["kv_bytes_final"].as_u64().unwrap() * 2 < cache["kv_bytes_uncompressed"].as_u64().unwrap());
 }
@@ -209,14 +309,43 @@ fn presses_shrink_the_cache_in_generate_and_score() {
 #[test]
 fn eval_ppl_streams_token_by_token_and_reports_peak_cache() {
     let full = pare_json(&["eval", "ppl", "--text", &wiki(), "--max-tokens", "80", "--stream"]);
-    let capped = pare_json(&["eval", "ppl", "--text", &wiki(), "--max-tokens", "80", "--stream", "--press", "streaming", "--sinks", "4", "--capacity", "32"]);
+    let capped = pare_json(&[
+        "eval",
+        "ppl",
+        "--text",
+        &wiki(),
+        "--max-tokens",
+        "80",
+        "--stream",
+        "--press",
+        "streaming",
+        "--sinks",
+        "4",
+        "--capacity",
+        "32",
+    ]);
     assert_eq!(full["scored_tokens"], 79);
     let (a, b) = (full["kv_bytes_peak"].as_u64().unwrap(), capped["kv_bytes_peak"].as_u64().unwrap());
     // 79 entries at most uncompressed; 33 (capacity plus the token being processed) with the press.
     assert_eq!(a / 79, b / 33);
     assert!(capped["ppl"].as_f64().unwrap() > full["ppl"].as_f64().unwrap() * 0.9);
     // Sliding-window PPL with a press: the continuation after a compressed context.
-    let w = pare_json(&["eval", "ppl", "--text", &wiki(), "--max-tokens", "200", "--ctx", "100", "--stride", "50", "--press", "knorm", "--ratio", "0.5"]);
+    let w = pare_json(&[
+        "eval",
+        "ppl",
+        "--text",
+        &wiki(),
+        "--max-tokens",
+        "200",
+        "--ctx",
+        "100",
+        "--stride",
+        "50",
+        "--press",
+        "knorm",
+        "--ratio",
+        "0.5",
+    ]);
     assert_eq!(w["scored_tokens"], 199);
     assert!(w["kv_bytes_context"].as_u64().unwrap() < w["kv_bytes_peak"].as_u64().unwrap());
 }
@@ -225,9 +354,26 @@ fn eval_ppl_streams_token_by_token_and_reports_peak_cache() {
 fn eval_compare_writes_a_table_and_a_plot() {
     let plot = std::env::temp_dir().join(format!("pare-compare-{}.svg", std::process::id()));
     let v = pare_json(&[
-        "eval", "compare", "--text", &wiki(), "--max-tokens", "260", "--ctx", "128", "--continuation", "64",
-        "--presses", "knorm,streaming", "--ratios", "0.5", "--needle-ctx", "200", "--needle-depths", "50",
-        "--plot", plot.to_str().unwrap(),
+        "eval",
+        "compare",
+        "--text",
+        &wiki(),
+        "--max-tokens",
+        "260",
+        "--ctx",
+        "128",
+        "--continuation",
+        "64",
+        "--presses",
+        "knorm,streaming",
+        "--ratios",
+        "0.5",
+        "--needle-ctx",
+        "200",
+        "--needle-depths",
+        "50",
+        "--plot",
+        plot.to_str().unwrap(),
     ]);
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3, "baseline plus one row per press and ratio");

@@ -30,7 +30,22 @@ fn llava_7b_config() -> PathBuf {
 fn seed_example_on_llava_1_5_7b_from_its_config() {
     let dir = llava_7b_config();
     let m = dir.to_str().unwrap();
-    let r = json(&["flops", "-m", m, "--prompt-len", "100", "--gen-len", "1", "--prune-tokens", "10:276", "--prune-span", "image", "--formula", "seed", "--json"]);
+    let r = json(&[
+        "flops",
+        "-m",
+        m,
+        "--prompt-len",
+        "100",
+        "--gen-len",
+        "1",
+        "--prune-tokens",
+        "10:276",
+        "--prune-span",
+        "image",
+        "--formula",
+        "seed",
+        "--json",
+    ]);
     // A LLaVA model brings its 576 image tokens and the vision tower's FLOPs.
     assert_eq!(r["scenario"]["image_tokens"], 576);
     assert!(r["run"]["prefill"]["vision"].as_u64().unwrap() > 0);
@@ -52,8 +67,21 @@ fn seed_example_on_llava_1_5_7b_from_its_config() {
 #[test]
 fn measured_cache_bytes_equal_the_theory_on_tiny_llava() {
     let r = json(&[
-        "flops", "-m", "tests/fixtures/llava-tiny/model", "--prompt-len", "7", "--gen-len", "4", "--prune-tokens", "1:4",
-        "--prune-span", "image", "--measure", "--repeats", "1", "--json",
+        "flops",
+        "-m",
+        "tests/fixtures/llava-tiny/model",
+        "--prompt-len",
+        "7",
+        "--gen-len",
+        "4",
+        "--prune-tokens",
+        "1:4",
+        "--prune-span",
+        "image",
+        "--measure",
+        "--repeats",
+        "1",
+        "--json",
     ]);
     let m = &r["measured"];
     assert_eq!(m["pruned"]["kv_bytes_after_prefill"], r["run"]["kv_bytes_after_prefill"]);
@@ -68,8 +96,21 @@ fn measured_cache_bytes_equal_the_theory_on_tiny_llava() {
 #[test]
 fn measured_cache_bytes_equal_the_theory_with_a_press() {
     let r = json(&[
-        "flops", "-m", "tests/fixtures/llama-tiny/model", "--prompt-len", "64", "--gen-len", "5", "--press", "knorm", "--ratio", "0.5",
-        "--measure", "--repeats", "1", "--json",
+        "flops",
+        "-m",
+        "tests/fixtures/llama-tiny/model",
+        "--prompt-len",
+        "64",
+        "--gen-len",
+        "5",
+        "--press",
+        "knorm",
+        "--ratio",
+        "0.5",
+        "--measure",
+        "--repeats",
+        "1",
+        "--json",
     ]);
     assert_eq!(r["measured"]["pruned"]["kv_bytes_after_prefill"], r["run"]["kv_bytes_after_prefill"]);
     assert_eq!(r["measured"]["pruned"]["kv_bytes_final"], r["run"]["kv_bytes_final"]);
@@ -78,7 +119,19 @@ fn measured_cache_bytes_equal_the_theory_with_a_press() {
 
 #[test]
 fn text_report_names_components_and_savings() {
-    let out = pare(&["flops", "-m", "tests/fixtures/llama-tiny/model", "--prompt-len", "50", "--gen-len", "3", "--prune-tokens", "1:0.5", "--formula", "lecture"]);
+    let out = pare(&[
+        "flops",
+        "-m",
+        "tests/fixtures/llama-tiny/model",
+        "--prompt-len",
+        "50",
+        "--gen-len",
+        "3",
+        "--prune-tokens",
+        "1:0.5",
+        "--formula",
+        "lecture",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     for needle in ["projections", "attention", "mlp", "lm_head", "saved", "KV", "formula lecture"] {
@@ -89,11 +142,48 @@ fn text_report_names_components_and_savings() {
 #[test]
 fn bad_input_is_one_line() {
     let m = "tests/fixtures/llama-tiny/model";
-    one_line_error(&["flops", "-m", m, "--prompt-len", "10", "--gen-len", "1", "--formula", "cubic"], "unknown --formula");
-    one_line_error(&["flops", "-m", m, "--prompt-len", "100", "--gen-len", "1", "--prune-tokens", "1:500"], "more than the 92");
-    one_line_error(&["flops", "-m", m, "--prompt-len", "100", "--gen-len", "1", "--prune-tokens", "5:0.5"], "beyond the model's 2 layers");
-    one_line_error(&["flops", "-m", m, "--prompt-len", "100", "--gen-len", "1", "--prune-tokens", "1:0.5", "--prune-span", "image"], "no image tokens");
+    one_line_error(
+        &["flops", "-m", m, "--prompt-len", "10", "--gen-len", "1", "--formula", "cubic"],
+        "unknown --formula",
+    );
+    one_line_error(
+        &["flops", "-m", m, "--prompt-len", "100", "--gen-len", "1", "--prune-tokens", "1:500"],
+        "more than the 92",
+    );
+    one_line_error(
+        &["flops", "-m", m, "--prompt-len", "100", "--gen-len", "1", "--prune-tokens", "5:0.5"],
+        "beyond the model's 2 layers",
+    );
+    one_line_error(
+        &[
+            "flops",
+            "-m",
+            m,
+            "--prompt-len",
+            "100",
+            "--gen-len",
+            "1",
+            "--prune-tokens",
+            "1:0.5",
+            "--prune-span",
+            "image",
+        ],
+        "no image tokens",
+    );
     one_line_error(&["flops", "-m", m, "--prompt-len", "0", "--gen-len", "1"], "at least one token");
     one_line_error(&["flops", "-m", m, "--prompt-len", "10", "--gen-len", "1", "--press", "nope"], "unknown press");
-    one_line_error(&["flops", "-m", "tests/fixtures/llava-tiny/model", "--prompt-len", "5", "--gen-len", "1", "--image-tokens", "20"], "whole number of images");
+    one_line_error(
+        &[
+            "flops",
+            "-m",
+            "tests/fixtures/llava-tiny/model",
+            "--prompt-len",
+            "5",
+            "--gen-len",
+            "1",
+            "--image-tokens",
+            "20",
+        ],
+        "whole number of images",
+    );
 }

@@ -18,7 +18,8 @@ fn pare(args: &[&str]) -> std::process::Output {
 
 fn generate(image: &str, prompt: &str, extra: &[&str]) -> Value {
     let image = format!("tests/fixtures/llava-tiny/images/{image}");
-    let mut args = vec!["generate", "-m", MODEL, "--image", &image, "--prompt", prompt, "--max-new-tokens", "8", "--json"];
+    let mut args =
+        vec!["generate", "-m", MODEL, "--image", &image, "--prompt", prompt, "--max-new-tokens", "8", "--json"];
     args.extend(extra);
     let out = pare(&args);
     assert!(out.status.success(), "pare {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -27,7 +28,9 @@ fn generate(image: &str, prompt: &str, extra: &[&str]) -> Value {
 
 #[test]
 fn greedy_tokens_match_hf_generate() {
-    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/llava-tiny/logits.json")).unwrap()).unwrap();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/llava-tiny/logits.json")).unwrap())
+            .unwrap();
     for case in fixture["cases"].as_array().unwrap() {
         let r = generate(case["image"].as_str().unwrap(), case["prompt"].as_str().unwrap(), &[]);
         assert_eq!(r["tokens"], case["greedy"], "{}", case["prompt"]);
@@ -52,10 +55,48 @@ fn pruning_image_tokens_shrinks_the_cache() {
 fn bad_input_is_one_line() {
     let cases: [(&[&str], &str); 5] = [
         (&["generate", "-m", MODEL, "--image", "nope.png", "-p", "hi"], "no such file"),
-        (&["generate", "-m", "tests/fixtures/llama-tiny/model", "--image", "tests/fixtures/llava-tiny/images/rgb_45x31.png", "-p", "hi"], "LLaVA checkpoint"),
-        (&["generate", "-m", MODEL, "--image", "tests/fixtures/llava-tiny/model/config.json", "-p", "hi"], "cannot read the image"),
-        (&["generate", "-m", MODEL, "--image", "tests/fixtures/llava-tiny/images/rgb_45x31.png", "-p", "<image> <image>"], "one image per prompt"),
-        (&["generate", "-m", MODEL, "--image", "tests/fixtures/llava-tiny/images/rgb_45x31.png", "-p", "hi", "--num-beams", "2"], "no --num-beams"),
+        (
+            &[
+                "generate",
+                "-m",
+                "tests/fixtures/llama-tiny/model",
+                "--image",
+                "tests/fixtures/llava-tiny/images/rgb_45x31.png",
+                "-p",
+                "hi",
+            ],
+            "LLaVA checkpoint",
+        ),
+        (
+            &["generate", "-m", MODEL, "--image", "tests/fixtures/llava-tiny/model/config.json", "-p", "hi"],
+            "cannot read the image",
+        ),
+        (
+            &[
+                "generate",
+                "-m",
+                MODEL,
+                "--image",
+                "tests/fixtures/llava-tiny/images/rgb_45x31.png",
+                "-p",
+                "<image> <image>",
+            ],
+            "one image per prompt",
+        ),
+        (
+            &[
+                "generate",
+                "-m",
+                MODEL,
+                "--image",
+                "tests/fixtures/llava-tiny/images/rgb_45x31.png",
+                "-p",
+                "hi",
+                "--num-beams",
+                "2",
+            ],
+            "no --num-beams",
+        ),
     ];
     for (args, needle) in cases {
         let out = pare(args);
@@ -63,6 +104,9 @@ fn bad_input_is_one_line() {
         assert!(!out.status.success() && !stderr.contains("panicked"), "{args:?}: {stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
-        assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {stderr:?} should mention {needle:?}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{args:?}: {stderr:?} should mention {needle:?}"
+        );
     }
 }

@@ -62,7 +62,21 @@ fn train_scorer_writes_the_scorer_and_its_curve_and_eval_uses_it() {
     // The scorer prunes an evaluation: prefills of 40 tokens drop half of their first 32.
     let score = format!("learned:{}", out.display());
     let ppl = |extra: &[&str]| -> Value {
-        let mut args = vec!["eval", "ppl", "-m", TINY, "--text", TEXT, "--max-tokens", "300", "--ctx", "48", "--stride", "8", "--json"];
+        let mut args = vec![
+            "eval",
+            "ppl",
+            "-m",
+            TINY,
+            "--text",
+            TEXT,
+            "--max-tokens",
+            "300",
+            "--ctx",
+            "48",
+            "--stride",
+            "8",
+            "--json",
+        ];
         args.extend_from_slice(extra);
         json(&args)
     };
@@ -115,7 +129,8 @@ fn bad_train_scorer_and_learned_scorer_inputs_fail_in_one_line() {
     let o = out.to_str().unwrap();
     let base = ["train-scorer", "-m", TINY, "--text", TEXT, "--out", o];
     let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
-    let run = |args: Vec<String>, needle: &str| one_line_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    let run =
+        |args: Vec<String>, needle: &str| one_line_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
     run(with(&["--layer", "2"]), "--layer must be between 1 and 1");
     run(with(&["--layer", "0"]), "--layer must be between 1 and 1");
     run(with(&["--layer", "1", "--keep", "1.5"]), "--keep must be in (0, 1)");
@@ -123,9 +138,18 @@ fn bad_train_scorer_and_learned_scorer_inputs_fail_in_one_line() {
     run(with(&["--layer", "1", "--mask", "hard"]), "unknown --mask");
     run(with(&["--layer", "1", "--d", "10", "--heads", "4"]), "multiple of --heads");
     run(with(&["--layer", "1", "--seq-len", "4096", "--protect-last", "8"]), "exceeds the model's context");
-    run(with(&["--layer", "1", "--max-tokens", "40", "--seq-len", "48", "--protect-last", "8"]), "fewer than 9 samples of --seq-len 48 (8 held out)");
-    one_line_error(&["train-scorer", "-m", TINY, "--layer", "1", "--text", "/nonexistent.txt"], "cannot read /nonexistent.txt");
-    one_line_error(&["train-scorer", "-m", "tests/fixtures/prune/llama-gqa-tiny/model", "--layer", "1", "--text", TEXT], "tokenizer");
+    run(
+        with(&["--layer", "1", "--max-tokens", "40", "--seq-len", "48", "--protect-last", "8"]),
+        "fewer than 9 samples of --seq-len 48 (8 held out)",
+    );
+    one_line_error(
+        &["train-scorer", "-m", TINY, "--layer", "1", "--text", "/nonexistent.txt"],
+        "cannot read /nonexistent.txt",
+    );
+    one_line_error(
+        &["train-scorer", "-m", "tests/fixtures/prune/llama-gqa-tiny/model", "--layer", "1", "--text", TEXT],
+        "tokenizer",
+    );
 
     // A missing scorer file, and a scorer trained on another hidden size.
     let ppl = |score: &str, model: &str| -> Vec<String> {

@@ -27,7 +27,9 @@ pub fn load_haystack(dir: &Path) -> Result<String> {
     }
     let mut text = String::new();
     for f in files {
-        text.push_str(&std::fs::read_to_string(&f).map_err(|e| ModelError::Io { path: f.display().to_string(), source: e })?);
+        text.push_str(
+            &std::fs::read_to_string(&f).map_err(|e| ModelError::Io { path: f.display().to_string(), source: e })?,
+        );
         text.push('\n');
     }
     Ok(text)
@@ -60,7 +62,10 @@ pub fn needle_trial(
         return Err(ModelError::input(format!("--depths are percentages in [0, 100], got {depth_percent}")));
     }
     if ctx + ANSWER_TOKENS > model.config.max_position_embeddings {
-        return Err(ModelError::input(format!("--ctx {ctx} exceeds the model's context of {}", model.config.max_position_embeddings)));
+        return Err(ModelError::input(format!(
+            "--ctx {ctx} exceeds the model's context of {}",
+            model.config.max_position_embeddings
+        )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let number = rng.random_range(1_000_000..10_000_000u32).to_string();
@@ -68,7 +73,9 @@ pub fn needle_trial(
     let hay_tokens = tokenizer.encode(haystack, false)?;
     let overhead = tokenizer.encode(&build_prompt(tokenizer, "", &needle)?, false)?.len() + ANSWER_TOKENS;
     if ctx <= overhead + 16 {
-        return Err(ModelError::input(format!("--ctx {ctx} is too short for a haystack (the needle and question take {overhead})")));
+        return Err(ModelError::input(format!(
+            "--ctx {ctx} is too short for a haystack (the needle and question take {overhead})"
+        )));
     }
     // Trim the haystack until the whole prompt fits the context.
     let mut budget = (ctx - overhead).min(hay_tokens.len());
@@ -93,7 +100,15 @@ pub fn needle_trial(
         logits = model.decode(&mut cache, &[next])?;
     }
     let answer = tokenizer.decode(&answer_ids, true)?;
-    Ok(NeedleTrial { ctx, depth_percent, prompt_tokens: prompt.len(), found: answer.contains(&number), needle, answer, kv_bytes })
+    Ok(NeedleTrial {
+        ctx,
+        depth_percent,
+        prompt_tokens: prompt.len(),
+        found: answer.contains(&number),
+        needle,
+        answer,
+        kv_bytes,
+    })
 }
 
 /// The context with the needle at a sentence boundary near `depth_percent` of its length.

@@ -55,7 +55,13 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Result<Vec<Window>> {
 }
 
 /// Perplexity of `tokens`; `progress(done, total)` is called after each window.
-pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, stride: usize, progress: impl FnMut(usize, usize)) -> Result<PerplexityResult> {
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<PerplexityResult> {
     perplexity_with(model, tokens, ctx, stride, None, None, progress)
 }
 
@@ -92,12 +98,15 @@ pub fn perplexity_with(
                 (None, None) => {
                     let mut cache = model.new_cache(1);
                     let positions = vec![(0..(w.end - w.begin) as i64).collect::<Vec<_>>()];
-                    let all = model.forward(&[tokens[w.begin..w.end].to_vec()], &positions, &mut cache, Logits::All)?.squeeze(0)?;
+                    let all = model
+                        .forward(&[tokens[w.begin..w.end].to_vec()], &positions, &mut cache, Logits::All)?
+                        .squeeze(0)?;
                     kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
                     all.narrow(0, w.score_from - w.begin - 1, w.end - w.score_from)?
                 }
                 _ => {
-                    let (first, mut cache) = model.prefill_pruned(&[tokens[w.begin..w.score_from].to_vec()], press, pruner)?;
+                    let (first, mut cache) =
+                        model.prefill_pruned(&[tokens[w.begin..w.score_from].to_vec()], press, pruner)?;
                     kv_bytes_context = kv_bytes_context.max(cache.bytes());
                     let rest = &tokens[w.score_from..w.end - 1];
                     if rest.is_empty() {

@@ -17,7 +17,8 @@ pub struct Panel {
 const PANEL_W: f64 = 460.0;
 const PANEL_H: f64 = 340.0;
 const MARGIN: (f64, f64, f64, f64) = (60.0, 20.0, 40.0, 50.0); // left, right, top, bottom
-const COLORS: &[&str] = &["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+const COLORS: &[&str] =
+    &["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 
 /// Panels side by side, sharing one legend (series are matched by name and colour).
 pub fn svg(panels: &[Panel]) -> String {
@@ -58,9 +59,16 @@ pub fn svg(panels: &[Panel]) -> String {
 }
 
 fn draw_panel(out: &mut String, panel: &Panel, x0: f64, names: &[&str]) {
-    let points: Vec<(f64, f64)> = panel.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
-    let (mut xmin, mut xmax) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (mut ymin, mut ymax) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let points: Vec<(f64, f64)> = panel
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    let (mut xmin, mut xmax) =
+        points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut ymin, mut ymax) =
+        points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if points.is_empty() {
         (xmin, xmax, ymin, ymax) = (0.0, 1.0, 0.0, 1.0);
     }
@@ -75,8 +83,18 @@ fn draw_panel(out: &mut String, panel: &Panel, x0: f64, names: &[&str]) {
     let (left, right, top, bottom) = (x0 + MARGIN.0, x0 + PANEL_W - MARGIN.1, MARGIN.2, PANEL_H - MARGIN.3);
     let sx = |x: f64| left + (x - xmin) / (xmax - xmin) * (right - left);
     let sy = |y: f64| bottom - (y - ymin) / (ymax - ymin) * (bottom - top);
-    let _ = writeln!(out, r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#, (left + right) / 2.0, escape(&panel.title));
-    let _ = writeln!(out, r##"<rect x="{left}" y="{top}" width="{}" height="{}" fill="none" stroke="#444"/>"##, right - left, bottom - top);
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
+        (left + right) / 2.0,
+        escape(&panel.title)
+    );
+    let _ = writeln!(
+        out,
+        r##"<rect x="{left}" y="{top}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
+        right - left,
+        bottom - top
+    );
     for t in 0..=4 {
         let f = t as f64 / 4.0;
         let (xv, yv) = (xmin + f * (xmax - xmin), ymin + f * (ymax - ymin));
@@ -92,7 +110,13 @@ fn draw_panel(out: &mut String, panel: &Panel, x0: f64, names: &[&str]) {
             tick(yv)
         );
     }
-    let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (left + right) / 2.0, PANEL_H - 14.0, escape(&panel.x_label));
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        (left + right) / 2.0,
+        PANEL_H - 14.0,
+        escape(&panel.x_label)
+    );
     let _ = writeln!(
         out,
         r#"<text x="{0}" y="{1}" text-anchor="middle" transform="rotate(-90 {0} {1})">{2}</text>"#,
@@ -102,10 +126,12 @@ fn draw_panel(out: &mut String, panel: &Panel, x0: f64, names: &[&str]) {
     );
     for s in &panel.series {
         let color = COLORS[names.iter().position(|n| *n == s.name).unwrap_or(0) % COLORS.len()];
-        let mut pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        let mut pts: Vec<(f64, f64)> =
+            s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
-        let _ = writeln!(out, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, path.join(" "));
+        let _ =
+            writeln!(out, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, path.join(" "));
         for &(x, y) in &pts {
             let _ = writeln!(out, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, sx(x), sy(y));
         }

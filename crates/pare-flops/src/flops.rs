@@ -38,11 +38,21 @@ impl TextShapes {
     pub fn from_config(cfg: &ModelConfig) -> Self {
         let layers = (0..cfg.num_layers)
             .map(|i| match &cfg.layer_shapes {
-                Some(s) => LayerShape { heads: s.num_heads[i], kv_heads: s.num_kv_heads[i], mlp_width: s.intermediate_size[i] },
-                None => LayerShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, mlp_width: cfg.intermediate_size },
+                Some(s) => {
+                    LayerShape { heads: s.num_heads[i], kv_heads: s.num_kv_heads[i], mlp_width: s.intermediate_size[i] }
+                }
+                None => {
+                    LayerShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, mlp_width: cfg.intermediate_size }
+                }
             })
             .collect();
-        TextShapes { hidden: cfg.hidden_size, head_dim: cfg.head_dim, vocab: cfg.vocab_size, gated_mlp: cfg.gated_mlp(), layers }
+        TextShapes {
+            hidden: cfg.hidden_size,
+            head_dim: cfg.head_dim,
+            vocab: cfg.vocab_size,
+            gated_mlp: cfg.gated_mlp(),
+            layers,
+        }
     }
 
     /// From loaded weights, which are the truth for a pruned checkpoint.
@@ -63,7 +73,10 @@ impl TextShapes {
         let per_layer: u64 = self
             .layers
             .iter()
-            .map(|l| h * d * (2 * l.heads as u64 + 2 * l.kv_heads as u64) + (if self.gated_mlp { 3 } else { 2 }) * h * l.mlp_width as u64)
+            .map(|l| {
+                h * d * (2 * l.heads as u64 + 2 * l.kv_heads as u64)
+                    + (if self.gated_mlp { 3 } else { 2 }) * h * l.mlp_width as u64
+            })
             .sum();
         per_layer + h * self.vocab as u64
     }
@@ -220,7 +233,9 @@ fn span_len(sc: &Scenario) -> Result<usize> {
     Ok(match sc.span {
         SpanKind::Image => {
             if sc.image_tokens == 0 {
-                return Err(FlopsError::input("--prune-span image: the run has no image tokens (give --image-tokens or a LLaVA model)"));
+                return Err(FlopsError::input(
+                    "--prune-span image: the run has no image tokens (give --image-tokens or a LLaVA model)",
+                ));
             }
             sc.image_tokens
         }
@@ -239,7 +254,10 @@ pub fn seq_per_layer(num_layers: usize, sc: &Scenario) -> Result<Vec<usize>> {
     let mut span = span_len(sc)?;
     for stage in &schedule.stages {
         if span == 0 {
-            return Err(FlopsError::input(format!("--prune-tokens: nothing left to cut at layer {}: the span is empty", stage.layer)));
+            return Err(FlopsError::input(format!(
+                "--prune-tokens: nothing left to cut at layer {}: the span is empty",
+                stage.layer
+            )));
         }
         if let Keep::Count(c) = stage.keep {
             if c > span {
@@ -267,12 +285,7 @@ fn dense(shapes: &TextShapes, l: &LayerShape, tokens: u64) -> (u64, u64) {
 }
 
 fn kv_bytes(shapes: &TextShapes, entries: &[usize], per_value: usize) -> u64 {
-    shapes
-        .layers
-        .iter()
-        .zip(entries)
-        .map(|(l, &e)| 2 * (l.kv_heads * shapes.head_dim * e * per_value) as u64)
-        .sum()
+    shapes.layers.iter().zip(entries).map(|(l, &e)| 2 * (l.kv_heads * shapes.head_dim * e * per_value) as u64).sum()
 }
 
 /// Count the prefill and decode of `sc` on a model of `shapes`.
@@ -292,7 +305,12 @@ pub fn analyze(shapes: &TextShapes, sc: &Scenario) -> Result<Analysis> {
     for (l, &s) in shapes.layers.iter().zip(&seq) {
         let s = s as u64;
         let (projections, mlp) = dense(shapes, l, s);
-        prefill.add(&Components { projections, mlp, attention: 4 * s * s * l.heads as u64 * d, ..Components::default() });
+        prefill.add(&Components {
+            projections,
+            mlp,
+            attention: 4 * s * s * l.heads as u64 * d,
+            ..Components::default()
+        });
     }
     prefill.lm_head = 2 * h * shapes.vocab as u64;
     if let (Some(v), true) = (&sc.vision, sc.image_tokens > 0) {

@@ -9,7 +9,9 @@ pub mod formulas;
 pub mod report;
 
 pub use error::{FlopsError, Result};
-pub use flops::{analyze, seq_per_layer, Analysis, Components, KvPolicy, LayerShape, Scenario, SpanKind, TextShapes, VisionShapes};
+pub use flops::{
+    analyze, seq_per_layer, Analysis, Components, KvPolicy, LayerShape, Scenario, SpanKind, TextShapes, VisionShapes,
+};
 pub use formulas::Formula;
 pub use pare_token_prune::PruneSchedule;
 pub use report::{FlopsReport, Measured, MeasuredRun, ModelSummary, ScenarioSummary};

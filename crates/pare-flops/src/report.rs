@@ -29,7 +29,8 @@ pub struct ModelSummary {
 
 impl ModelSummary {
     pub fn new(name: &str, arch: &str, shapes: &TextShapes) -> Self {
-        let first = shapes.layers.first().copied().unwrap_or(crate::flops::LayerShape { heads: 0, kv_heads: 0, mlp_width: 0 });
+        let first =
+            shapes.layers.first().copied().unwrap_or(crate::flops::LayerShape { heads: 0, kv_heads: 0, mlp_width: 0 });
         ModelSummary {
             name: name.to_string(),
             arch: arch.to_string(),
@@ -202,12 +203,24 @@ fn runs(per_layer: &[usize]) -> Vec<LayerRun> {
 
 impl FlopsReport {
     /// Count `sc` and its unpruned baseline on `shapes`, with `formula`'s estimate beside them.
-    pub fn build(model: ModelSummary, shapes: &TextShapes, sc: &Scenario, summary: ScenarioSummary, formula: Formula) -> Result<Self> {
+    pub fn build(
+        model: ModelSummary,
+        shapes: &TextShapes,
+        sc: &Scenario,
+        summary: ScenarioSummary,
+        formula: Formula,
+    ) -> Result<Self> {
         let run = analyze(shapes, sc)?;
         let base = analyze(shapes, &sc.unpruned())?;
         let formula = formula.prefill(shapes, &base.seq_per_layer).map(|baseline| {
             let pruned = formula.prefill(shapes, &run.seq_per_layer).unwrap_or(0);
-            FormulaReport { formula, expression: formula.expression(), baseline, pruned, reduction: saved(baseline, pruned) }
+            FormulaReport {
+                formula,
+                expression: formula.expression(),
+                baseline,
+                pruned,
+                reduction: saved(baseline, pruned),
+            }
         });
         Ok(FlopsReport {
             model,
@@ -234,7 +247,8 @@ impl FlopsReport {
         let m = &self.model;
         let s = &self.scenario;
         let mut out = String::new();
-        let gqa = if m.kv_heads != m.heads { format!("GQA {}/{}", m.heads, m.kv_heads) } else { format!("{}", m.heads) };
+        let gqa =
+            if m.kv_heads != m.heads { format!("GQA {}/{}", m.heads, m.kv_heads) } else { format!("{}", m.heads) };
         let _ = writeln!(
             out,
             "model   {} ({}, {} layers, hidden {}, {gqa} heads × {}, {} MLP {}{}, vocab {}, {} matrix params)",
@@ -250,17 +264,28 @@ impl FlopsReport {
             human(m.matrix_params as f64)
         );
         let image = if s.image_tokens > 0 { format!(" + {} image tokens", s.image_tokens) } else { String::new() };
-        let prune = s.prune_tokens.as_ref().map(|p| format!("; prune {p} ({})", span_name(&s.span))).unwrap_or_default();
+        let prune =
+            s.prune_tokens.as_ref().map(|p| format!("; prune {p} ({})", span_name(&s.span))).unwrap_or_default();
         let press = s.press.as_ref().map(|p| format!("; press {p}")).unwrap_or_default();
         let _ = writeln!(out, "run     prompt {}{image}, {} generated{prune}{press}", s.prompt_len, s.gen_len);
         let layers: Vec<String> = self
             .tokens_per_layer
             .iter()
-            .map(|r| if r.first_layer == r.last_layer { format!("layer {}: {}", r.first_layer, r.tokens) } else { format!("layers {}-{}: {}", r.first_layer, r.last_layer, r.tokens) })
+            .map(|r| {
+                if r.first_layer == r.last_layer {
+                    format!("layer {}: {}", r.first_layer, r.tokens)
+                } else {
+                    format!("layers {}-{}: {}", r.first_layer, r.last_layer, r.tokens)
+                }
+            })
             .collect();
         let _ = writeln!(out, "tokens  {}", layers.join(", "));
         let _ = writeln!(out);
-        let _ = writeln!(out, "FLOPs            {:>12} {:>12} {:>12} {:>12}", "prefill", "decode", "unpruned pf", "unpruned dec");
+        let _ = writeln!(
+            out,
+            "FLOPs            {:>12} {:>12} {:>12} {:>12}",
+            "prefill", "decode", "unpruned pf", "unpruned dec"
+        );
         let (r, b) = (&self.run, &self.baseline);
         type Row = (&'static str, fn(&Components) -> u64);
         let rows: [Row; 5] = [
@@ -274,8 +299,20 @@ impl FlopsReport {
             if name == "vision" && get(&b.prefill.components) == 0 {
                 continue;
             }
-            let cells = [get(&r.prefill.components), get(&r.decode.components), get(&b.prefill.components), get(&b.decode.components)];
-            let _ = writeln!(out, "  {name:<14} {:>12} {:>12} {:>12} {:>12}", flops(cells[0]), flops(cells[1]), flops(cells[2]), flops(cells[3]));
+            let cells = [
+                get(&r.prefill.components),
+                get(&r.decode.components),
+                get(&b.prefill.components),
+                get(&b.decode.components),
+            ];
+            let _ = writeln!(
+                out,
+                "  {name:<14} {:>12} {:>12} {:>12} {:>12}",
+                flops(cells[0]),
+                flops(cells[1]),
+                flops(cells[2]),
+                flops(cells[3])
+            );
         }
         let _ = writeln!(
             out,
@@ -385,7 +422,13 @@ pub fn human(v: f64) -> String {
         v /= 1000.0;
         i += 1;
     }
-    let digits = if i == 0 || v.abs() >= 100.0 { 0 } else if v.abs() >= 10.0 { 1 } else { 2 };
+    let digits = if i == 0 || v.abs() >= 100.0 {
+        0
+    } else if v.abs() >= 10.0 {
+        1
+    } else {
+        2
+    };
     let sep = if i == 0 { "" } else { " " };
     format!("{v:.digits$}{sep}{}", prefixes[i])
 }

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use pare_flops::{analyze, seq_per_layer, Formula, KvPolicy, PruneSchedule, Scenario, SpanKind, TextShapes, VisionShapes};
+use pare_flops::{
+    analyze, seq_per_layer, Formula, KvPolicy, PruneSchedule, Scenario, SpanKind, TextShapes, VisionShapes,
+};
 use pare_model::ModelConfig;
 use serde_json::Value;
 
@@ -72,7 +74,11 @@ fn prefill_agrees_with_two_flops_per_parameter_per_token_plus_attention() {
             let independent = 2.0 * n * s + 2.0 * head + 4.0 * s * s * q_width;
             let exact = analyze(&shapes, &text_run(s as usize, 1)).unwrap().prefill.total() as f64;
             let rel = (exact - independent).abs() / exact;
-            assert!(rel < 0.05, "{name} at {s} tokens: exact {exact}, 2·params rule {independent} ({:.2} %)", rel * 100.0);
+            assert!(
+                rel < 0.05,
+                "{name} at {s} tokens: exact {exact}, 2·params rule {independent} ({:.2} %)",
+                rel * 100.0
+            );
         }
     }
 }
@@ -81,7 +87,9 @@ fn prefill_agrees_with_two_flops_per_parameter_per_token_plus_attention() {
 fn llava_vision_projector_and_decoder_match_hf_per_module() {
     let data = flops_fixture();
     let hf = &data["llava"];
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("llava-tiny/model/config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("llava-tiny/model/config.json")).unwrap())
+            .unwrap();
     let cfg = ModelConfig::from_hf_json(&config["text_config"], "text_config").unwrap();
     let vision = VisionShapes {
         hidden: 32,
@@ -132,7 +140,8 @@ fn seed_formula_reproduces_seed_000s_calculation() {
     let seq = seq_per_layer(32, &sc).unwrap();
     assert_eq!((seq[9], seq[10], seq[31]), (676, 376, 376));
     let base = seq_per_layer(32, &sc.unpruned()).unwrap();
-    let (before, after) = (Formula::Seed.prefill(&shapes, &base).unwrap(), Formula::Seed.prefill(&shapes, &seq).unwrap());
+    let (before, after) =
+        (Formula::Seed.prefill(&shapes, &base).unwrap(), Formula::Seed.prefill(&shapes, &seq).unwrap());
     // calculate_flops_reduction() of seed 000, term by term.
     let h = 4096u64;
     assert_eq!(before, 32 * 4 * 676 * 676 * h);
@@ -159,7 +168,9 @@ fn lecture_and_fastv_formulas_count_the_whole_layer() {
     let exact = analyze(&shapes, &sc).unwrap();
     let exact_base = analyze(&shapes, &sc.unpruned()).unwrap();
     let saved = 1.0 - exact.prefill.total() as f64 / exact_base.prefill.total() as f64;
-    let saved_fastv = 1.0 - Formula::Fastv.prefill(&shapes, &seq).unwrap() as f64 / Formula::Fastv.prefill(&shapes, &base).unwrap() as f64;
+    let saved_fastv = 1.0
+        - Formula::Fastv.prefill(&shapes, &seq).unwrap() as f64
+            / Formula::Fastv.prefill(&shapes, &base).unwrap() as f64;
     assert!((0.29..0.33).contains(&saved) && (saved - saved_fastv).abs() < 0.01, "exact {saved}, fastv {saved_fastv}");
     assert_eq!(Formula::Exact.prefill(&shapes, &seq), None);
 }
@@ -186,7 +197,11 @@ fn prompt_spans_and_several_stages() {
     let sc = Scenario { prune: Some(PruneSchedule::parse("4:0.5,12:20").unwrap()), ..text_run(120, 1) };
     let seq = seq_per_layer(32, &sc).unwrap();
     assert_eq!((seq[3], seq[4], seq[11], seq[12]), (120, 64, 64, 28));
-    let range = Scenario { span: SpanKind::Range { start: 10, end: 50 }, prune: Some(PruneSchedule::parse("2:10").unwrap()), ..text_run(120, 1) };
+    let range = Scenario {
+        span: SpanKind::Range { start: 10, end: 50 },
+        prune: Some(PruneSchedule::parse("2:10").unwrap()),
+        ..text_run(120, 1)
+    };
     assert_eq!(seq_per_layer(32, &range).unwrap()[2], 90);
 }
 
@@ -215,7 +230,8 @@ fn bad_inputs_are_one_line_errors() {
     assert!(keep_too_many.contains("keeps 700 tokens, more than the 576"), "{keep_too_many}");
     let beyond = err(Scenario { prune: Some(PruneSchedule::parse("40:0.5").unwrap()), ..seed_example() });
     assert!(beyond.contains("beyond the model's 32 layers"), "{beyond}");
-    let no_image = err(Scenario { span: SpanKind::Image, prune: Some(PruneSchedule::parse("2:0.5").unwrap()), ..text_run(50, 1) });
+    let no_image =
+        err(Scenario { span: SpanKind::Image, prune: Some(PruneSchedule::parse("2:0.5").unwrap()), ..text_run(50, 1) });
     assert!(no_image.contains("no image tokens"), "{no_image}");
     assert!(err(text_run(0, 1)).contains("at least one token"));
     let formula = "quadratic".parse::<Formula>().unwrap_err().to_string();

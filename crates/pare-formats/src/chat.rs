@@ -26,10 +26,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -61,9 +58,7 @@ pub fn render_chat(
     eos_token: Option<&str>,
 ) -> Result<String> {
     let env = environment();
-    let compiled = env
-        .template_from_str(template)
-        .map_err(|e| FormatError::Template(describe(&e)))?;
+    let compiled = env.template_from_str(template).map_err(|e| FormatError::Template(describe(&e)))?;
     let mut ctx = context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -76,9 +71,7 @@ pub fn render_chat(
     if let Some(eos) = eos_token {
         ctx = context! { eos_token => eos, ..ctx };
     }
-    compiled
-        .render(ctx)
-        .map_err(|e| FormatError::Template(describe(&e)))
+    compiled.render(ctx).map_err(|e| FormatError::Template(describe(&e)))
 }
 
 /// One line: the error, where it happened, and what caused it.

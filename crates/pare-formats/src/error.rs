@@ -29,12 +29,7 @@ pub enum FormatError {
 
     /// A GGUF metadata key holds a value of another type than the caller needs.
     #[error("{}: metadata key `{key}` is {found}, expected {expected}", path.display())]
-    WrongType {
-        path: PathBuf,
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { path: PathBuf, key: String, expected: &'static str, found: String },
 
     /// No tensor of that name exists in the checkpoint.
     #[error("{}: no tensor named `{name}`", path.display())]
@@ -42,11 +37,7 @@ pub enum FormatError {
 
     /// The tensor exists but its element type cannot be turned into a candle tensor.
     #[error("{}: tensor `{name}` has unsupported type {dtype}", path.display())]
-    UnsupportedTensorType {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    UnsupportedTensorType { path: PathBuf, name: String, dtype: String },
 
     /// A GGUF tensor is stored in a ggml type candle cannot read (the i-quants, ternary and FP4
     /// types), or, for `qtensor`, in a plain type candle's quantized tensors cannot hold.
@@ -54,11 +45,7 @@ pub enum FormatError {
         "{}: tensor `{name}`: unsupported ggml type {} ({ggml_type})",
         path.display(), ggml_type.id()
     )]
-    UnsupportedGgmlType {
-        path: PathBuf,
-        name: String,
-        ggml_type: GgmlType,
-    },
+    UnsupportedGgmlType { path: PathBuf, name: String, ggml_type: GgmlType },
 
     /// A safetensors file (or shard index) is malformed.
     #[error("{}: {source}", path.display())]
@@ -103,24 +90,15 @@ pub type Result<T> = std::result::Result<T, FormatError>;
 impl FormatError {
     /// Shorthand for the most common failure: a file whose contents are malformed.
     pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
-        FormatError::Corrupt {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        FormatError::Corrupt { path: path.to_path_buf(), reason: reason.into() }
     }
 
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        FormatError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        FormatError::Io { path: path.to_path_buf(), source }
     }
 
     pub(crate) fn tokenizer(path: &Path, reason: impl Into<String>) -> Self {
-        FormatError::Tokenizer {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        FormatError::Tokenizer { path: path.to_path_buf(), reason: reason.into() }
     }
 
     /// Wraps a candle error without the backtrace candle attaches when `RUST_BACKTRACE` is set,
@@ -129,9 +107,6 @@ impl FormatError {
         while let candle_core::Error::WithBacktrace { inner, .. } = source {
             source = *inner;
         }
-        FormatError::Candle {
-            context: context.into(),
-            source,
-        }
+        FormatError::Candle { context: context.into(), source }
     }
 }

@@ -175,12 +175,7 @@ impl GgufFile {
         // memory-mapped reader (llama.cpp, candle) defends against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
         let header = parse::parse(path, &mmap)?;
-        let by_name = header
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {
             path: path.to_path_buf(),
             version: header.version,
@@ -196,39 +191,28 @@ impl GgufFile {
     }
 
     fn require(&self, key: &str) -> Result<&GgufValue> {
-        self.get(key).ok_or_else(|| FormatError::MissingKey {
-            path: self.path.clone(),
-            key: key.to_string(),
-        })
+        self.get(key).ok_or_else(|| FormatError::MissingKey { path: self.path.clone(), key: key.to_string() })
     }
 
     fn wrong_type(&self, key: &str, expected: &'static str, found: &GgufValue) -> FormatError {
-        FormatError::WrongType {
-            path: self.path.clone(),
-            key: key.to_string(),
-            expected,
-            found: found.describe(),
-        }
+        FormatError::WrongType { path: self.path.clone(), key: key.to_string(), expected, found: found.describe() }
     }
 
     /// A non-negative integer of any stored width.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_u64()
-            .ok_or_else(|| self.wrong_type(key, "a non-negative integer", v))
+        v.as_u64().ok_or_else(|| self.wrong_type(key, "a non-negative integer", v))
     }
 
     /// A float (or an integer, read as a float).
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let v = self.require(key)?;
-        v.as_f64()
-            .ok_or_else(|| self.wrong_type(key, "a number", v))
+        v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v))
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.require(key)?;
-        v.as_str()
-            .ok_or_else(|| self.wrong_type(key, "a string", v))
+        v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
     pub fn get_bool(&self, key: &str) -> Result<bool> {
@@ -238,8 +222,7 @@ impl GgufFile {
 
     pub fn get_array(&self, key: &str) -> Result<&[GgufValue]> {
         let v = self.require(key)?;
-        v.as_array()
-            .ok_or_else(|| self.wrong_type(key, "an array", v))
+        v.as_array().ok_or_else(|| self.wrong_type(key, "an array", v))
     }
 
     /// `general.architecture`, e.g. `llama` or `qwen2`; the prefix of the model's own keys.
@@ -253,10 +236,7 @@ impl GgufFile {
 
     fn require_tensor(&self, name: &str) -> Result<&GgufTensorInfo> {
         self.tensor_info(name)
-            .ok_or_else(|| FormatError::TensorNotFound {
-                path: self.path.clone(),
-                name: name.to_string(),
-            })
+            .ok_or_else(|| FormatError::TensorNotFound { path: self.path.clone(), name: name.to_string() })
     }
 
     /// The tensor's raw bytes, exactly as stored (blocks for quantized types).
@@ -283,26 +263,19 @@ impl GgufFile {
             Tensor::from_raw_buffer(self.bytes_of(info), plain, &info.shape, device)
                 .map_err(|e| FormatError::candle(ctx(), e))?
         } else {
-            self.qtensor(name, device)?
-                .dequantize(device)
-                .map_err(|e| FormatError::candle(ctx(), e))?
+            self.qtensor(name, device)?.dequantize(device).map_err(|e| FormatError::candle(ctx(), e))?
         };
-        dense
-            .to_dtype(dtype)
-            .map_err(|e| FormatError::candle(ctx(), e))
+        dense.to_dtype(dtype).map_err(|e| FormatError::candle(ctx(), e))
     }
 
     /// The tensor still quantized, for candle's `QMatMul`; its shape is `info.shape`.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let info = self.require_tensor(name)?;
-        let ggml_dtype =
-            info.ggml_type
-                .candle_dtype()
-                .ok_or_else(|| FormatError::UnsupportedGgmlType {
-                    path: self.path.clone(),
-                    name: name.to_string(),
-                    ggml_type: info.ggml_type,
-                })?;
+        let ggml_dtype = info.ggml_type.candle_dtype().ok_or_else(|| FormatError::UnsupportedGgmlType {
+            path: self.path.clone(),
+            name: name.to_string(),
+            ggml_type: info.ggml_type,
+        })?;
         let bytes = self.bytes_of(info);
         // candle reinterprets the bytes as block structs, which needs their alignment; the
         // mapped data is aligned unless the file chose a `general.alignment` below 8.
@@ -317,7 +290,6 @@ impl GgufFile {
         };
         let storage = QStorage::from_data(Cow::Borrowed(bytes), device, ggml_dtype)
             .map_err(|e| FormatError::candle(self.context(name), e))?;
-        QTensor::new(storage, info.shape.as_slice())
-            .map_err(|e| FormatError::candle(self.context(name), e))
+        QTensor::new(storage, info.shape.as_slice()).map_err(|e| FormatError::candle(self.context(name), e))
     }
 }

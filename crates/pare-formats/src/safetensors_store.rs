@@ -39,10 +39,7 @@ struct Entry {
 impl std::fmt::Debug for SafetensorsStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SafetensorsStore")
-            .field(
-                "shards",
-                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
-            )
+            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
             .field("tensors", &self.tensors.len())
             .finish()
     }
@@ -74,11 +71,8 @@ impl SafetensorsStore {
 
     fn open_index(index_path: &Path) -> Result<Self> {
         let text = fs::read_to_string(index_path).map_err(|e| FormatError::io(index_path, e))?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| FormatError::Json {
-                path: index_path.to_path_buf(),
-                source,
-            })?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|source| FormatError::Json { path: index_path.to_path_buf(), source })?;
         let weight_map = index
             .get("weight_map")
             .and_then(serde_json::Value::as_object)
@@ -86,12 +80,9 @@ impl SafetensorsStore {
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut wanted: Vec<(&str, &str)> = Vec::with_capacity(weight_map.len());
         for (name, file) in weight_map {
-            let file = file.as_str().ok_or_else(|| {
-                FormatError::corrupt(
-                    index_path,
-                    format!("weight_map[`{name}`] is not a file name"),
-                )
-            })?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| FormatError::corrupt(index_path, format!("weight_map[`{name}`] is not a file name")))?;
             wanted.push((name, file));
         }
         let files: BTreeSet<&str> = wanted.iter().map(|&(_, f)| f).collect();
@@ -101,10 +92,7 @@ impl SafetensorsStore {
             if !path.is_file() {
                 return Err(FormatError::corrupt(
                     index_path,
-                    format!(
-                        "weight_map names shard `{file}`, which does not exist ({})",
-                        path.display()
-                    ),
+                    format!("weight_map names shard `{file}`, which does not exist ({})", path.display()),
                 ));
             }
             paths.push(path);
@@ -131,11 +119,8 @@ impl SafetensorsStore {
             // SAFETY: read-only map of a checkpoint nobody writes while it is open; see
             // `GgufFile::open`.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|source| FormatError::Safetensors {
-                    path: path.clone(),
-                    source,
-                })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+                .map_err(|source| FormatError::Safetensors { path: path.clone(), source })?;
             for (name, info) in metadata.tensors() {
                 if let Some(previous) = tensors.get(&name).map(|e: &Entry| e.shard) {
                     return Err(FormatError::corrupt(
@@ -143,19 +128,9 @@ impl SafetensorsStore {
                         format!("tensor `{name}` is also in {}", paths[previous].display()),
                     ));
                 }
-                tensors.insert(
-                    name,
-                    Entry {
-                        shard: index,
-                        info: info.clone(),
-                    },
-                );
+                tensors.insert(name, Entry { shard: index, info: info.clone() });
             }
-            shards.push(Shard {
-                path: path.clone(),
-                mmap,
-                data_start: 8 + header_len,
-            });
+            shards.push(Shard { path: path.clone(), mmap, data_start: 8 + header_len });
         }
         Ok(SafetensorsStore { shards, tensors })
     }
@@ -172,16 +147,10 @@ impl SafetensorsStore {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| FormatError::TensorNotFound {
-                path: self
-                    .shards
-                    .first()
-                    .map(|s| s.path.clone())
-                    .unwrap_or_default(),
-                name: name.to_string(),
-            })
+        self.tensors.get(name).ok_or_else(|| FormatError::TensorNotFound {
+            path: self.shards.first().map(|s| s.path.clone()).unwrap_or_default(),
+            name: name.to_string(),
+        })
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
@@ -195,12 +164,11 @@ impl SafetensorsStore {
         let (start, end) = entry.info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
         let context = || format!("{}: tensor `{name}`", shard.path.display());
-        let stored =
-            candle_dtype(entry.info.dtype).ok_or_else(|| FormatError::UnsupportedTensorType {
-                path: shard.path.clone(),
-                name: name.to_string(),
-                dtype: format!("{:?}", entry.info.dtype),
-            })?;
+        let stored = candle_dtype(entry.info.dtype).ok_or_else(|| FormatError::UnsupportedTensorType {
+            path: shard.path.clone(),
+            name: name.to_string(),
+            dtype: format!("{:?}", entry.info.dtype),
+        })?;
         Tensor::from_raw_buffer(bytes, stored, &entry.info.shape, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| FormatError::candle(context(), e))
@@ -293,35 +261,18 @@ pub fn save_safetensors(
     let mut seen = std::collections::HashSet::new();
     for (name, tensor) in tensors {
         if !seen.insert(name.as_str()) {
-            return Err(FormatError::corrupt(
-                path,
-                format!("tensor `{name}` given twice"),
-            ));
+            return Err(FormatError::corrupt(path, format!("tensor `{name}` given twice")));
         }
-        let dtype = safetensors_dtype(tensor.dtype()).ok_or_else(|| {
-            FormatError::UnsupportedTensorType {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                dtype: format!("{:?}", tensor.dtype()),
-            }
-        })?;
-        let bytes = host_bytes(tensor)
-            .map_err(|e| FormatError::candle(format!("{}: tensor `{name}`", path.display()), e))?;
-        host.push((
-            name.as_str(),
-            HostTensor {
-                dtype,
-                shape: tensor.dims().to_vec(),
-                bytes,
-            },
-        ));
-    }
-    let metadata =
-        metadata.unwrap_or_else(|| HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::serialize_to_file(host.iter().map(|(n, t)| (*n, t)), Some(metadata), path).map_err(
-        |source| FormatError::Safetensors {
+        let dtype = safetensors_dtype(tensor.dtype()).ok_or_else(|| FormatError::UnsupportedTensorType {
             path: path.to_path_buf(),
-            source,
-        },
-    )
+            name: name.clone(),
+            dtype: format!("{:?}", tensor.dtype()),
+        })?;
+        let bytes =
+            host_bytes(tensor).map_err(|e| FormatError::candle(format!("{}: tensor `{name}`", path.display()), e))?;
+        host.push((name.as_str(), HostTensor { dtype, shape: tensor.dims().to_vec(), bytes }));
+    }
+    let metadata = metadata.unwrap_or_else(|| HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(host.iter().map(|(n, t)| (*n, t)), Some(metadata), path)
+        .map_err(|source| FormatError::Safetensors { path: path.to_path_buf(), source })
 }

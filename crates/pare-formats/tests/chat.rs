@@ -29,12 +29,7 @@ fn real_templates_match_transformers() {
             )
             .unwrap();
             assert_eq!(text, case["text"].as_str().unwrap(), "{tag} {name}");
-            let ids: Vec<u32> = case["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             assert_eq!(tok.encode(&text, false).unwrap(), ids, "{tag} {name}");
         }
     }
@@ -44,27 +39,13 @@ fn real_templates_match_transformers() {
 fn one_user_message_hardcoded() {
     let data = read_json("hf_chat.json");
     let msgs = [ChatMessage::new("user", "What is the capital of France?")];
-    let qwen = render_chat(
-        data["qwen2"]["template"].as_str().unwrap(),
-        &msgs,
-        true,
-        None,
-        None,
-    )
-    .unwrap();
+    let qwen = render_chat(data["qwen2"]["template"].as_str().unwrap(), &msgs, true, None, None).unwrap();
     assert_eq!(
         qwen,
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
          <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     );
-    let smol = render_chat(
-        data["smollm2"]["template"].as_str().unwrap(),
-        &msgs,
-        true,
-        None,
-        None,
-    )
-    .unwrap();
+    let smol = render_chat(data["smollm2"]["template"].as_str().unwrap(), &msgs, true, None, None).unwrap();
     assert_eq!(
         smol,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -76,10 +57,7 @@ fn one_user_message_hardcoded() {
 /// strings were rendered by its `_compile_jinja_template`.
 #[test]
 fn jinja_environment_matches_transformers() {
-    let msgs = [
-        ChatMessage::new("user", "héllo \"q\" <b>&'\n\t"),
-        ChatMessage::new("assistant", "x"),
-    ];
+    let msgs = [ChatMessage::new("user", "héllo \"q\" <b>&'\n\t"), ChatMessage::new("assistant", "x")];
     let t1 = "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ {'b': [1, 2.5, none, true], 'a': {}} | tojson }}|{{ [] | tojson(indent=2) }}|{{ 'é' | tojson(ensure_ascii=True) }}|{{ {'z':1,'y':2} | tojson(sort_keys=True, separators=(',', ':')) }}|{{ 1e20 | tojson }}|{{ 0.5 | tojson }}";
     assert_eq!(
         render_chat(t1, &msgs, false, None, None).unwrap(),
@@ -91,16 +69,10 @@ fn jinja_environment_matches_transformers() {
         "[H\u{c9}LLO \"Q\" <B>&']no toolsTrue|a-b|<s>|</s>"
     );
     let t3 = "{{ none }} {{ false }} {{ [1, 'a', none, 2.0] }} {{ {'k': true} }} {{ add_generation_prompt }}";
-    assert_eq!(
-        render_chat(t3, &msgs, true, None, None).unwrap(),
-        "None False [1, 'a', None, 2.0] {'k': True} True"
-    );
+    assert_eq!(render_chat(t3, &msgs, true, None, None).unwrap(), "None False [1, 'a', None, 2.0] {'k': True} True");
     // Python's strftime through a date-shaped result.
     let date = render_chat("{{ strftime_now('%Y-%m-%d') }}", &msgs, false, None, None).unwrap();
-    assert!(
-        date.len() == 10 && date.as_bytes()[4] == b'-' && date.starts_with("20"),
-        "{date}"
-    );
+    assert!(date.len() == 10 && date.as_bytes()[4] == b'-' && date.starts_with("20"), "{date}");
 }
 
 #[test]
@@ -116,10 +88,7 @@ fn template_errors() {
     .unwrap_err();
     assert!(matches!(err, FormatError::Template(_)));
     let msg = err.to_string();
-    assert!(
-        msg.starts_with("chat template: ") && msg.contains("System role not supported"),
-        "{msg}"
-    );
+    assert!(msg.starts_with("chat template: ") && msg.contains("System role not supported"), "{msg}");
     assert!(!msg.contains('\n'), "{msg}");
 
     let err = render_chat("{% for m in messages %}", &msgs, true, None, None).unwrap_err();

@@ -57,10 +57,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -136,21 +133,12 @@ fn check(f: &GgufFile, name: &str, expected: GgmlType, n_blocks: usize) {
         let want = reference(expected)(&raw[blk * ts..(blk + 1) * ts]);
         let got = &values[blk * bs..(blk + 1) * bs];
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
-                "{name} block {blk} elem {i}: {g} vs {w}"
-            );
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "{name} block {blk} elem {i}: {g} vs {w}");
         }
     }
     let q = f.qtensor(name, &Device::Cpu).unwrap();
     assert_eq!(q.shape().dims(), info.shape.as_slice());
-    let again = q
-        .dequantize(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let again = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(again == values, "{name}: qtensor and dequantize disagree");
 }
 
@@ -167,14 +155,7 @@ fn qwen2_k_quants_q5_0_q8_0() {
     let f = GgufFile::open(&qwen2_path()).unwrap();
     for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::Q8_0] {
         // The smallest tensor of each type keeps the test light.
-        let name = f
-            .tensors
-            .iter()
-            .filter(|t| t.ggml_type == ty)
-            .min_by_key(|t| t.n_bytes)
-            .unwrap()
-            .name
-            .clone();
+        let name = f.tensors.iter().filter(|t| t.ggml_type == ty).min_by_key(|t| t.n_bytes).unwrap().name.clone();
         check(&f, &name, ty, 16);
     }
 }
@@ -182,21 +163,10 @@ fn qwen2_k_quants_q5_0_q8_0() {
 #[test]
 fn f32_tensors_are_bit_exact() {
     let f = GgufFile::open(&qwen2_path()).unwrap();
-    for name in [
-        "blk.0.attn_norm.weight",
-        "blk.0.attn_q.bias",
-        "output_norm.weight",
-    ] {
+    for name in ["blk.0.attn_norm.weight", "blk.0.attn_q.bias", "output_norm.weight"] {
         let raw = f.tensor_bytes(name).unwrap();
-        let want: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let got = f
-            .dequantize(name, DType::F32, &Device::Cpu)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let want: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let got = f.dequantize(name, DType::F32, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(got, want, "{name}");
         let bf = f.dequantize(name, DType::BF16, &Device::Cpu).unwrap();
         assert_eq!(bf.dtype(), DType::BF16);
@@ -210,8 +180,7 @@ fn qmatmul_matches_dequantized() {
     let f = GgufFile::open(&smollm2_path()).unwrap();
     let name = "blk.0.attn_k.weight";
     let w = f.dequantize(name, DType::F32, &Device::Cpu).unwrap();
-    let q = candle_core::quantized::QMatMul::from_qtensor(f.qtensor(name, &Device::Cpu).unwrap())
-        .unwrap();
+    let q = candle_core::quantized::QMatMul::from_qtensor(f.qtensor(name, &Device::Cpu).unwrap()).unwrap();
     let x = Tensor::arange(0f32, 576.0, &Device::Cpu)
         .unwrap()
         .affine(1.0 / 576.0, -0.5)
@@ -219,16 +188,8 @@ fn qmatmul_matches_dequantized() {
         .reshape((1, 576))
         .unwrap();
     let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
-    let got = candle_core::Module::forward(&q, &x)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let err: f32 = got[0]
-        .iter()
-        .zip(&want[0])
-        .map(|(g, w)| (g - w).powi(2))
-        .sum::<f32>()
-        .sqrt();
+    let got = candle_core::Module::forward(&q, &x).unwrap().to_vec2::<f32>().unwrap();
+    let err: f32 = got[0].iter().zip(&want[0]).map(|(g, w)| (g - w).powi(2)).sum::<f32>().sqrt();
     let norm: f32 = want[0].iter().map(|w| w * w).sum::<f32>().sqrt();
     assert!(err / norm < 0.02, "relative error {}", err / norm);
 }

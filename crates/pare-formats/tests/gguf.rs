@@ -26,20 +26,12 @@ fn valid() -> GgufBuilder {
         .kv(kv_f32("llama.rope.freq_base", 10000.0))
         .kv(kv_bool("tokenizer.ggml.add_bos_token", true))
         .kv(kv_str_array("tokenizer.ggml.tokens", &["a", "b", "c"]))
-        .tensor(tensor(
-            "w",
-            &[4, 2],
-            0,
-            f32_bytes(&[0., 1., 2., 3., 4., 5., 6., 7.]),
-        ))
+        .tensor(tensor("w", &[4, 2], 0, f32_bytes(&[0., 1., 2., 3., 4., 5., 6., 7.])))
         .tensor(tensor(
             "h",
             &[3],
             1,
-            [1.5f32, -2.0, 0.25]
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
+            [1.5f32, -2.0, 0.25].iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
         ))
 }
 
@@ -61,11 +53,9 @@ fn empty_file_and_bad_magic() {
 
 #[test]
 fn versions() {
-    for (v, expect) in [
-        (1, "version 1 is not supported"),
-        (4, "unsupported GGUF version 4"),
-        (0x0300_0000, "big-endian"),
-    ] {
+    for (v, expect) in
+        [(1, "version 1 is not supported"), (4, "unsupported GGUF version 4"), (0x0300_0000, "big-endian")]
+    {
         let mut b = valid();
         b.version = v;
         let msg = open_err(b.bytes(), "version.gguf");
@@ -92,10 +82,7 @@ fn every_truncation_is_an_error() {
     let path = dir.join("prefix.gguf");
     for len in 0..bytes.len() {
         std::fs::write(&path, &bytes[..len]).unwrap();
-        assert!(
-            GgufFile::open(&path).is_err(),
-            "prefix of {len} bytes opened"
-        );
+        assert!(GgufFile::open(&path).is_err(), "prefix of {len} bytes opened");
     }
     std::fs::write(&path, &bytes).unwrap();
     GgufFile::open(&path).unwrap();
@@ -130,10 +117,7 @@ fn huge_string_length() {
     // The first key's length field follows magic, version and the two counts.
     b[24..32].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
     let msg = open_err(b, "strlen.gguf");
-    assert!(
-        msg.contains("string length") && msg.contains("exceeds"),
-        "{msg}"
-    );
+    assert!(msg.contains("string length") && msg.contains("exceeds"), "{msg}");
 }
 
 #[test]
@@ -150,38 +134,17 @@ fn huge_counts() {
 
     let mut arr = 8u32.to_le_bytes().to_vec();
     arr.extend_from_slice(&(1u64 << 50).to_le_bytes());
-    let b = GgufBuilder::default()
-        .kv(Kv {
-            key: "big".into(),
-            ty: 9,
-            payload: arr,
-        })
-        .bytes();
+    let b = GgufBuilder::default().kv(Kv { key: "big".into(), ty: 9, payload: arr }).bytes();
     let msg = open_err(b, "arraycount.gguf");
-    assert!(
-        msg.contains("`big`") && msg.contains("array element count"),
-        "{msg}"
-    );
+    assert!(msg.contains("`big`") && msg.contains("array element count"), "{msg}");
 }
 
 #[test]
 fn bad_metadata_values() {
-    let b = GgufBuilder::default()
-        .kv(Kv {
-            key: "k".into(),
-            ty: 13,
-            payload: vec![0; 8],
-        })
-        .bytes();
+    let b = GgufBuilder::default().kv(Kv { key: "k".into(), ty: 13, payload: vec![0; 8] }).bytes();
     assert!(open_err(b, "vtype.gguf").contains("unknown type id 13"));
 
-    let b = GgufBuilder::default()
-        .kv(Kv {
-            key: "flag".into(),
-            ty: 7,
-            payload: vec![2],
-        })
-        .bytes();
+    let b = GgufBuilder::default().kv(Kv { key: "flag".into(), ty: 7, payload: vec![2] }).bytes();
     assert!(open_err(b, "bool.gguf").contains("expected 0 or 1"));
 
     let b = GgufBuilder::default()
@@ -197,10 +160,7 @@ fn bad_metadata_values() {
         .bytes();
     assert!(open_err(b, "utf8.gguf").contains("not valid UTF-8"));
 
-    let b = GgufBuilder::default()
-        .kv(kv_u32("k", 1))
-        .kv(kv_u32("k", 2))
-        .bytes();
+    let b = GgufBuilder::default().kv(kv_u32("k", 1)).kv(kv_u32("k", 2)).bytes();
     assert!(open_err(b, "dupkey.gguf").contains("`k` appears twice"));
 
     // Arrays of arrays of ... beyond the nesting limit.
@@ -211,56 +171,26 @@ fn bad_metadata_values() {
     }
     payload.extend_from_slice(&4u32.to_le_bytes());
     payload.extend_from_slice(&0u64.to_le_bytes());
-    let b = GgufBuilder::default()
-        .kv(Kv {
-            key: "deep".into(),
-            ty: 9,
-            payload,
-        })
-        .bytes();
+    let b = GgufBuilder::default().kv(Kv { key: "deep".into(), ty: 9, payload }).bytes();
     assert!(open_err(b, "deep.gguf").contains("nested deeper"));
 }
 
 #[test]
 fn bad_tensor_infos() {
-    let msg = open_err(
-        valid().tensor(tensor("x", &[32], 99, vec![0; 18])).bytes(),
-        "type.gguf",
-    );
+    let msg = open_err(valid().tensor(tensor("x", &[32], 99, vec![0; 18])).bytes(), "type.gguf");
     assert!(msg.contains("tensor `x` has unknown ggml type 99"), "{msg}");
 
-    let msg = open_err(
-        valid()
-            .tensor(tensor("x", &[1, 1, 1, 1, 1], 0, vec![0; 4]))
-            .bytes(),
-        "dims.gguf",
-    );
+    let msg = open_err(valid().tensor(tensor("x", &[1, 1, 1, 1, 1], 0, vec![0; 4])).bytes(), "dims.gguf");
     assert!(msg.contains("5 dimensions"), "{msg}");
 
-    let msg = open_err(
-        valid().tensor(tensor("x", &[4, 0], 0, vec![])).bytes(),
-        "zero.gguf",
-    );
+    let msg = open_err(valid().tensor(tensor("x", &[4, 0], 0, vec![])).bytes(), "zero.gguf");
     assert!(msg.contains("size 0"), "{msg}");
 
     // Q4_0 rows must hold whole 32-element blocks.
-    let msg = open_err(
-        valid()
-            .tensor(tensor("q", &[30, 2], 2, vec![0; 36]))
-            .bytes(),
-        "block.gguf",
-    );
-    assert!(
-        msg.contains("not a multiple of the Q4_0 block size 32"),
-        "{msg}"
-    );
+    let msg = open_err(valid().tensor(tensor("q", &[30, 2], 2, vec![0; 36])).bytes(), "block.gguf");
+    assert!(msg.contains("not a multiple of the Q4_0 block size 32"), "{msg}");
 
-    let msg = open_err(
-        valid()
-            .tensor(tensor("x", &[u64::MAX, 4], 0, vec![]))
-            .bytes(),
-        "overflow.gguf",
-    );
+    let msg = open_err(valid().tensor(tensor("x", &[u64::MAX, 4], 0, vec![])).bytes(), "overflow.gguf");
     assert!(msg.contains("overflows"), "{msg}");
 
     let b = valid().tensor(tensor("w", &[1], 0, vec![0; 4]));
@@ -272,27 +202,20 @@ fn tensor_data_past_end_of_file() {
     let mut t = tensor("far", &[8], 0, vec![]);
     t.offset = Some(1 << 20);
     let msg = open_err(valid().tensor(t).bytes(), "eof.gguf");
-    assert!(
-        msg.contains("tensor `far` data [") && msg.contains("lies past the end of the file (size"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor `far` data [") && msg.contains("lies past the end of the file (size"), "{msg}");
 
     // The data of the last tensor cut short.
     let mut bytes = valid().bytes();
     bytes.truncate(bytes.len() - 1);
     let msg = open_err(bytes, "short.gguf");
-    assert!(
-        msg.contains("tensor `h` data") && msg.contains("past the end"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor `h` data") && msg.contains("past the end"), "{msg}");
 }
 
 #[test]
 fn misaligned_and_overlapping_offsets() {
     let mut t = tensor("odd", &[1], 0, vec![0; 4]);
     t.offset = Some(64 + 4);
-    assert!(open_err(valid().tensor(t).bytes(), "align.gguf")
-        .contains("not a multiple of the alignment 32"));
+    assert!(open_err(valid().tensor(t).bytes(), "align.gguf").contains("not a multiple of the alignment 32"));
 
     let mut t = tensor("overlap", &[8], 0, vec![0; 32]);
     t.offset = Some(0);
@@ -302,32 +225,17 @@ fn misaligned_and_overlapping_offsets() {
 
 #[test]
 fn general_alignment() {
-    let msg = open_err(
-        valid().kv(kv_u32("general.alignment", 3)).bytes(),
-        "galign.gguf",
-    );
+    let msg = open_err(valid().kv(kv_u32("general.alignment", 3)).bytes(), "galign.gguf");
     assert!(msg.contains("general.alignment"), "{msg}");
 
     // A small alignment leaves data unaligned for candle's block structs; it must still load.
-    let mut b = GgufBuilder {
-        alignment: 1,
-        ..Default::default()
-    }
-    .kv(kv_u32("general.alignment", 1));
+    let mut b = GgufBuilder { alignment: 1, ..Default::default() }.kv(kv_u32("general.alignment", 1));
     b = b.tensor(tensor("pad", &[1], 24, vec![7]));
-    let q: Vec<u8> = [
-        half::f16::from_f32(0.5).to_le_bytes().to_vec(),
-        (0u8..16).collect(),
-    ]
-    .concat();
+    let q: Vec<u8> = [half::f16::from_f32(0.5).to_le_bytes().to_vec(), (0u8..16).collect()].concat();
     b = b.tensor(tensor("q", &[32], 2, q));
     let dir = scratch_dir("align1");
     let f = GgufFile::open(&b.write(&dir, "a1.gguf")).unwrap();
-    let t = f
-        .dequantize("q", DType::F32, &Device::Cpu)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let t = f.dequantize("q", DType::F32, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(t[1], (1.0 - 8.0) * 0.5);
     assert_eq!(t[17], (0.0 - 8.0) * 0.5);
 }
@@ -341,28 +249,13 @@ fn metadata_accessors() {
     assert_eq!(f.get_f64("llama.rope.freq_base").unwrap(), 10000.0);
     assert_eq!(f.get_f64("llama.block_count").unwrap(), 2.0);
     assert!(f.get_bool("tokenizer.ggml.add_bos_token").unwrap());
-    assert_eq!(
-        f.get("tokenizer.ggml.tokens")
-            .and_then(GgufValue::as_array)
-            .map(|a| a.len()),
-        Some(3)
-    );
+    assert_eq!(f.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map(|a| a.len()), Some(3));
 
     let err = f.get_u64("llama.context_length").unwrap_err();
     assert!(matches!(err, FormatError::MissingKey { .. }));
-    assert_eq!(
-        err.to_string(),
-        format!(
-            "{}: metadata key `llama.context_length` is missing",
-            f.path.display()
-        )
-    );
+    assert_eq!(err.to_string(), format!("{}: metadata key `llama.context_length` is missing", f.path.display()));
     let err = f.get_str("llama.block_count").unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("`llama.block_count` is a u32, expected a string"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`llama.block_count` is a u32, expected a string"), "{err}");
     assert!(f.get_bool("general.architecture").is_err());
 
     let err = f.dequantize("nope", DType::F32, &Device::Cpu).unwrap_err();
@@ -385,10 +278,7 @@ fn plain_tensors_are_exact() {
     assert_eq!((w.ggml_type, w.n_bytes), (GgmlType::F32, 32));
     let t = f.dequantize("w", DType::F32, &Device::Cpu).unwrap();
     assert_eq!(t.dims(), &[2, 4]);
-    assert_eq!(
-        t.to_vec2::<f32>().unwrap(),
-        vec![vec![0., 1., 2., 3.], vec![4., 5., 6., 7.]]
-    );
+    assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![0., 1., 2., 3.], vec![4., 5., 6., 7.]]);
     let h = f.dequantize("h", DType::F32, &Device::Cpu).unwrap();
     assert_eq!(h.to_vec1::<f32>().unwrap(), vec![1.5, -2.0, 0.25]);
     let h16 = f.dequantize("h", DType::F16, &Device::Cpu).unwrap();
@@ -402,20 +292,12 @@ fn plain_tensors_are_exact() {
 #[test]
 fn scalar_tensor() {
     let dir = scratch_dir("scalar");
-    let f = GgufFile::open(
-        &valid()
-            .tensor(tensor("s", &[], 0, f32_bytes(&[2.5])))
-            .write(&dir, "scalar.gguf"),
-    )
-    .unwrap();
+    let f = GgufFile::open(&valid().tensor(tensor("s", &[], 0, f32_bytes(&[2.5]))).write(&dir, "scalar.gguf")).unwrap();
     assert_eq!(f.tensor_info("s").unwrap().shape, Vec::<usize>::new());
     let t = f.dequantize("s", DType::F32, &Device::Cpu).unwrap();
     assert_eq!(t.to_scalar::<f32>().unwrap(), 2.5);
     let msg = f.qtensor("s", &Device::Cpu).unwrap_err().to_string();
-    assert!(
-        msg.contains("scalar.gguf: tensor `s`: ") && !msg.contains('\n'),
-        "{msg}"
-    );
+    assert!(msg.contains("scalar.gguf: tensor `s`: ") && !msg.contains('\n'), "{msg}");
 }
 
 /// Types ggml defines but candle cannot dequantize open fine and fail by name on use.
@@ -429,15 +311,11 @@ fn unsupported_ggml_type() {
     assert_eq!(info.ggml_type, GgmlType::IQ2Xxs);
     assert_eq!(info.ggml_type.to_string(), "IQ2_XXS");
     for err in [
-        f.dequantize("blk.0.attn_q.weight", DType::F32, &Device::Cpu)
-            .unwrap_err(),
+        f.dequantize("blk.0.attn_q.weight", DType::F32, &Device::Cpu).unwrap_err(),
         f.qtensor("blk.0.attn_q.weight", &Device::Cpu).unwrap_err(),
     ] {
         let msg = err.to_string();
-        assert!(
-            msg.contains("iq.gguf") && msg.contains("blk.0.attn_q.weight"),
-            "{msg}"
-        );
+        assert!(msg.contains("iq.gguf") && msg.contains("blk.0.attn_q.weight"), "{msg}");
         assert!(msg.contains("unsupported ggml type 16 (IQ2_XXS)"), "{msg}");
     }
 }
@@ -453,26 +331,14 @@ fn real_files_parse() {
     assert_eq!(smol.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
     assert_eq!(smol.tensors.len(), 272);
     let emb = smol.tensor_info("token_embd.weight").unwrap();
-    assert_eq!(
-        (emb.shape.clone(), emb.ggml_type),
-        (vec![49152, 576], GgmlType::Q8_0)
-    );
-    assert_eq!(
-        smol.tensor_info("blk.0.attn_k.weight").unwrap().shape,
-        vec![192, 576]
-    );
+    assert_eq!((emb.shape.clone(), emb.ggml_type), (vec![49152, 576], GgmlType::Q8_0));
+    assert_eq!(smol.tensor_info("blk.0.attn_k.weight").unwrap().shape, vec![192, 576]);
 
     let qwen = GgufFile::open(&qwen2_path()).unwrap();
     assert_eq!(qwen.architecture().unwrap(), "qwen2");
     assert_eq!(qwen.get_u64("qwen2.block_count").unwrap(), 24);
     assert_eq!(qwen.tensors.len(), 291);
-    assert_eq!(
-        qwen.tensor_info("blk.0.attn_k.bias").unwrap().shape,
-        vec![128]
-    );
+    assert_eq!(qwen.tensor_info("blk.0.attn_k.bias").unwrap().shape, vec![128]);
     let down = qwen.tensor_info("blk.0.ffn_down.weight").unwrap();
-    assert_eq!(
-        (down.shape.clone(), down.ggml_type),
-        (vec![896, 4864], GgmlType::Q6K)
-    );
+    assert_eq!((down.shape.clone(), down.ggml_type), (vec![896, 4864], GgmlType::Q6K));
 }

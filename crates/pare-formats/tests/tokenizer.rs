@@ -21,34 +21,13 @@ fn check_cases(tok: &TokenizerBundle, tag: &str) {
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let ids = |key: &str| -> Vec<u32> {
-            case[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
+            case[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
         };
-        assert_eq!(
-            tok.encode(text, true).unwrap(),
-            ids("ids"),
-            "{tag}: {text:?}"
-        );
-        assert_eq!(
-            tok.encode(text, false).unwrap(),
-            ids("ids_no_special"),
-            "{tag}: {text:?}"
-        );
+        assert_eq!(tok.encode(text, true).unwrap(), ids("ids"), "{tag}: {text:?}");
+        assert_eq!(tok.encode(text, false).unwrap(), ids("ids_no_special"), "{tag}: {text:?}");
         let hf_ids = ids("ids");
-        assert_eq!(
-            tok.decode(&hf_ids, false).unwrap(),
-            case["decoded"].as_str().unwrap(),
-            "{tag}: {text:?}"
-        );
-        assert_eq!(
-            tok.decode(&hf_ids, true).unwrap(),
-            case["decoded_skip"].as_str().unwrap(),
-            "{tag}: {text:?}"
-        );
+        assert_eq!(tok.decode(&hf_ids, false).unwrap(), case["decoded"].as_str().unwrap(), "{tag}: {text:?}");
+        assert_eq!(tok.decode(&hf_ids, true).unwrap(), case["decoded_skip"].as_str().unwrap(), "{tag}: {text:?}");
     }
 }
 
@@ -60,28 +39,11 @@ fn check_texts(tok: &TokenizerBundle, tag: &str) {
     for (file, want) in digests {
         let text = std::fs::read_to_string(assets().join("texts").join(file)).unwrap();
         let ids = tok.encode(&text, true).unwrap();
-        let first: Vec<u32> = want["first"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let first: Vec<u32> = want["first"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(&ids[..first.len()], first.as_slice(), "{tag} {file}");
-        assert_eq!(
-            ids.len() as u64,
-            want["n_ids"].as_u64().unwrap(),
-            "{tag} {file}"
-        );
-        assert_eq!(
-            format!("{:016x}", fnv1a64(&ids)),
-            want["fnv1a64"].as_str().unwrap(),
-            "{tag} {file}"
-        );
-        assert_eq!(
-            tok.decode(&ids, false).unwrap(),
-            text,
-            "{tag} {file} round trip"
-        );
+        assert_eq!(ids.len() as u64, want["n_ids"].as_u64().unwrap(), "{tag} {file}");
+        assert_eq!(format!("{:016x}", fnv1a64(&ids)), want["fnv1a64"].as_str().unwrap(), "{tag} {file}");
+        assert_eq!(tok.decode(&ids, false).unwrap(), text, "{tag} {file} round trip");
     }
 }
 
@@ -95,11 +57,7 @@ fn smollm2_matches_transformers() {
     assert_eq!(tok.eos_token.as_deref(), Some("<|im_end|>"));
     assert_eq!(tok.unk_token.as_deref(), Some("<|endoftext|>"));
     assert!(!tok.add_bos && !tok.add_eos);
-    assert!(tok
-        .chat_template
-        .as_deref()
-        .unwrap()
-        .contains("<|im_start|>"));
+    assert!(tok.chat_template.as_deref().unwrap().contains("<|im_start|>"));
     assert_eq!(tok.token_str(19556).as_deref(), Some("Hello"));
     assert_eq!(tok.token_str(905).as_deref(), Some("Ġworld"));
     assert_eq!(tok.token_id("<|im_end|>"), Some(2));
@@ -171,9 +129,7 @@ fn byte_symbol(b: u8) -> char {
     if matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF) {
         return char::from(b);
     }
-    let n = (0..b)
-        .filter(|&x| !matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF))
-        .count() as u32;
+    let n = (0..b).filter(|&x| !matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)).count() as u32;
     char::from_u32(256 + n).unwrap()
 }
 
@@ -200,63 +156,27 @@ fn synthetic_vocab_specials_and_bos() {
 fn tokenizer_metadata_errors() {
     let err = tiny(tiny_vocab(Some("mystery"), "gpt2"), "pre.gguf").unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("pre.gguf") && msg.contains("unsupported tokenizer.ggml.pre `mystery`"),
-        "{msg}"
-    );
+    assert!(msg.contains("pre.gguf") && msg.contains("unsupported tokenizer.ggml.pre `mystery`"), "{msg}");
 
-    let err = tiny(tiny_vocab(None, "bert"), "model.gguf")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("model.gguf") && err.contains("unsupported tokenizer.ggml.model `bert`"),
-        "{err}"
-    );
+    let err = tiny(tiny_vocab(None, "bert"), "model.gguf").unwrap_err().to_string();
+    assert!(err.contains("model.gguf") && err.contains("unsupported tokenizer.ggml.model `bert`"), "{err}");
 
-    let err = tiny(
-        GgufBuilder::default().kv(kv_str("tokenizer.ggml.model", "gpt2")),
-        "notokens.gguf",
-    )
-    .unwrap_err();
-    assert!(
-        matches!(err, FormatError::MissingKey { ref key, .. } if key == "tokenizer.ggml.tokens"),
-        "{err}"
-    );
+    let err = tiny(GgufBuilder::default().kv(kv_str("tokenizer.ggml.model", "gpt2")), "notokens.gguf").unwrap_err();
+    assert!(matches!(err, FormatError::MissingKey { ref key, .. } if key == "tokenizer.ggml.tokens"), "{err}");
 
-    let err = tiny(
-        tiny_vocab(None, "gpt2").kv(kv_u32("tokenizer.ggml.padding_token_id", 5000)),
-        "range.gguf",
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("tokenizer.ggml.padding_token_id"),
-        "{err}"
-    );
+    let err =
+        tiny(tiny_vocab(None, "gpt2").kv(kv_u32("tokenizer.ggml.padding_token_id", 5000)), "range.gguf").unwrap_err();
+    assert!(err.to_string().contains("tokenizer.ggml.padding_token_id"), "{err}");
 
     let mut b = tiny_vocab(None, "gpt2");
     b.kvs.retain(|kv| kv.key != "tokenizer.ggml.merges");
-    let err = tiny(
-        b.kv(kv_str_array("tokenizer.ggml.merges", &["abc"])),
-        "merge.gguf",
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("tokenizer.ggml.merges[0]"),
-        "{err}"
-    );
+    let err = tiny(b.kv(kv_str_array("tokenizer.ggml.merges", &["abc"])), "merge.gguf").unwrap_err();
+    assert!(err.to_string().contains("tokenizer.ggml.merges[0]"), "{err}");
 
     let mut b = tiny_vocab(None, "gpt2");
     b.kvs.retain(|kv| kv.key != "tokenizer.ggml.token_type");
-    let err = tiny(
-        b.kv(kv_i32_array("tokenizer.ggml.token_type", &[1, 1])),
-        "types.gguf",
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("has 2 entries but there are 259 tokens"),
-        "{err}"
-    );
+    let err = tiny(b.kv(kv_i32_array("tokenizer.ggml.token_type", &[1, 1])), "types.gguf").unwrap_err();
+    assert!(err.to_string().contains("has 2 entries but there are 259 tokens"), "{err}");
 }
 
 /// An HF directory's config decides the special tokens, BOS policy and template.
@@ -272,36 +192,21 @@ fn hf_dir_config_variants() {
         "chat_template": [{"name": "default", "template": "{{ messages[0].content }}"}, {"name": "tool_use", "template": "x"}],
     });
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-    std::fs::write(
-        dir.join("generation_config.json"),
-        r#"{"eos_token_id": [2, 0]}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
     let t = TokenizerBundle::from_hf_dir(&dir).unwrap();
     assert!(t.add_bos && !t.add_eos);
     assert_eq!(t.encode("Hello", true).unwrap(), vec![1, 19556]);
     assert_eq!(t.eos_token_ids, vec![2, 0]);
-    assert_eq!(
-        t.chat_template.as_deref(),
-        Some("{{ messages[0].content }}")
-    );
+    assert_eq!(t.chat_template.as_deref(), Some("{{ messages[0].content }}"));
     assert_eq!(t.pad_token, None);
 
     std::fs::write(dir.join("chat_template.jinja"), "from file").unwrap();
-    assert_eq!(
-        TokenizerBundle::from_hf_dir(&dir)
-            .unwrap()
-            .chat_template
-            .as_deref(),
-        Some("from file")
-    );
+    assert_eq!(TokenizerBundle::from_hf_dir(&dir).unwrap().chat_template.as_deref(), Some("from file"));
 
     std::fs::write(dir.join("tokenizer_config.json"), "{not json").unwrap();
     let err = TokenizerBundle::from_hf_dir(&dir).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json"), "{err}");
 
-    let err = TokenizerBundle::from_hf_dir(&scratch_dir("empty"))
-        .unwrap_err()
-        .to_string();
+    let err = TokenizerBundle::from_hf_dir(&scratch_dir("empty")).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
 }

@@ -75,9 +75,9 @@ impl<'de> Deserialize<'de> for EarlyStopping {
             Raw::Bool(true) => Ok(EarlyStopping::True),
             Raw::Bool(false) => Ok(EarlyStopping::False),
             Raw::Str(s) if s == "never" => Ok(EarlyStopping::Never),
-            Raw::Str(s) => Err(serde::de::Error::custom(format!(
-                "early_stopping must be true, false or \"never\", not {s:?}"
-            ))),
+            Raw::Str(s) => {
+                Err(serde::de::Error::custom(format!("early_stopping must be true, false or \"never\", not {s:?}")))
+            }
         }
     }
 }
@@ -152,7 +152,12 @@ struct Candidate {
 ///
 /// `process` is called once per beam and step with the beam's whole sequence (see
 /// [`BeamProcess`]); pass `&mut |_, _, _, _| {}` for plain beam search.
-pub fn beam_search(model: &Model, prompt: &[u32], cfg: &BeamConfig, process: &mut BeamProcess) -> Result<Vec<BeamHypothesis>> {
+pub fn beam_search(
+    model: &Model,
+    prompt: &[u32],
+    cfg: &BeamConfig,
+    process: &mut BeamProcess,
+) -> Result<Vec<BeamHypothesis>> {
     beam_search_with(model, prompt, cfg, None, None, process)
 }
 
@@ -269,7 +274,8 @@ pub fn beam_search_with(
 
         // f. Stop?
         if improvement_possible {
-            let hyp_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 { cfg.max_new_tokens } else { gen_len };
+            let hyp_len =
+                if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 { cfg.max_new_tokens } else { gen_len };
             let best_possible = running[0].score / (hyp_len as f64).powf(lp) as f32;
             let min_finished = finished.iter().map(|f| f.0.score).fold(f32::INFINITY, f32::min);
             improvement_possible = finished.iter().any(|f| best_possible > if f.1 { min_finished } else { NEG });
@@ -376,7 +382,9 @@ mod tests {
 
     #[test]
     fn early_stopping_serde() {
-        for (v, json) in [(EarlyStopping::True, "true"), (EarlyStopping::False, "false"), (EarlyStopping::Never, "\"never\"")] {
+        for (v, json) in
+            [(EarlyStopping::True, "true"), (EarlyStopping::False, "false"), (EarlyStopping::Never, "\"never\"")]
+        {
             assert_eq!(serde_json::to_string(&v).unwrap(), json);
             assert_eq!(serde_json::from_str::<EarlyStopping>(json).unwrap(), v);
         }
@@ -386,7 +394,10 @@ mod tests {
     #[test]
     fn topk_order() {
         assert_eq!(top_indices(&[1.0, 3.0, 3.0, f32::NEG_INFINITY, 2.0], 4), vec![1, 2, 4, 0]);
-        let running = vec![Beam { tokens: vec![], logprobs: vec![], score: 0.0 }, Beam { tokens: vec![], logprobs: vec![], score: NEG }];
+        let running = vec![
+            Beam { tokens: vec![], logprobs: vec![], score: 0.0 },
+            Beam { tokens: vec![], logprobs: vec![], score: NEG },
+        ];
         let c = top_candidates(&[vec![-1.0, -0.5, -2.0], vec![-0.1, -0.2, -0.3]], &running, 4);
         let got: Vec<(usize, u32)> = c.iter().map(|c| (c.beam, c.token)).collect();
         assert_eq!(got, vec![(0, 1), (0, 0), (0, 2), (1, 0)]);

@@ -98,16 +98,17 @@ impl<'a> Generator<'a> {
         }
         let mut bad_words_ids = Vec::new();
         for word in config.bad_words.iter().flatten() {
-            let ids = tokenizer.expect("checked").encode(word, false).map_err(|e| GenerateError::Config(e.to_string()))?;
+            let ids =
+                tokenizer.expect("checked").encode(word, false).map_err(|e| GenerateError::Config(e.to_string()))?;
             if ids.is_empty() {
                 return Err(GenerateError::Config(format!("bad word {word:?} encodes to no tokens")));
             }
             bad_words_ids.push(ids);
         }
         let vocab_texts = match (tokenizer, config.dry_multiplier) {
-            (Some(t), Some(m)) if m > 0.0 => {
-                Some(Arc::new((0..t.vocab_size() as u32).map(|id| t.decode(&[id], false).unwrap_or_default()).collect()))
-            }
+            (Some(t), Some(m)) if m > 0.0 => Some(Arc::new(
+                (0..t.vocab_size() as u32).map(|id| t.decode(&[id], false).unwrap_or_default()).collect(),
+            )),
             _ => None,
         };
         Ok(Generator { config, tokenizer, vocab_texts, bad_words_ids, press: None, pruner: None })
@@ -137,7 +138,12 @@ impl<'a> Generator<'a> {
 
     /// Generate for every prompt: `num_return_sequences` sequences each, best first for beams.
     /// `on_token(row, token)` sees each sampled/greedy token as it is chosen.
-    pub fn generate(&self, model: &Model, prompts: &[Vec<u32>], on_token: impl FnMut(usize, u32)) -> Result<GenerationOutput> {
+    pub fn generate(
+        &self,
+        model: &Model,
+        prompts: &[Vec<u32>],
+        on_token: impl FnMut(usize, u32),
+    ) -> Result<GenerationOutput> {
         let ctx = model.config.max_position_embeddings;
         let max_new = self.config.max_new_tokens();
         if let Some(p) = prompts.iter().find(|p| p.len() + max_new > ctx) {
@@ -153,7 +159,12 @@ impl<'a> Generator<'a> {
         }
     }
 
-    fn sample(&self, model: &Model, prompts: &[Vec<u32>], mut on_token: impl FnMut(usize, u32)) -> Result<GenerationOutput> {
+    fn sample(
+        &self,
+        model: &Model,
+        prompts: &[Vec<u32>],
+        mut on_token: impl FnMut(usize, u32),
+    ) -> Result<GenerationOutput> {
         let n = self.config.num_return_sequences();
         // Rows are prompt 0 × n, prompt 1 × n, ... as HF's repeat_interleave.
         let rows: Vec<usize> = (0..prompts.len()).flat_map(|p| std::iter::repeat_n(p, n)).collect();
@@ -165,7 +176,14 @@ impl<'a> Generator<'a> {
         let mut chains = rows.iter().map(|_| self.chain()).collect::<Result<Vec<_>>>()?;
         let mut seqs: Vec<Sequence> = rows
             .iter()
-            .map(|&p| Sequence { prompt_index: p, tokens: vec![], text: String::new(), logprobs: vec![], score: 0.0, finish_reason: FinishReason::Length })
+            .map(|&p| Sequence {
+                prompt_index: p,
+                tokens: vec![],
+                text: String::new(),
+                logprobs: vec![],
+                score: 0.0,
+                finish_reason: FinishReason::Length,
+            })
             .collect();
         let mut timings = Timings { prompt_tokens: inputs.iter().map(Vec::len).sum(), ..Timings::default() };
         if max_new == 0 {
@@ -191,7 +209,8 @@ impl<'a> Generator<'a> {
                     continue;
                 }
                 let mut processed = scores.logits.clone();
-                let mut pctx = ProcessContext { input_ids: &sequences[row], prompt_len: inputs[row].len(), rng: &mut rng };
+                let mut pctx =
+                    ProcessContext { input_ids: &sequences[row], prompt_len: inputs[row].len(), rng: &mut rng };
                 chains[row].process(&mut pctx, &mut processed);
                 let chosen = if self.config.do_sample() { sample(&processed, &mut rng) } else { argmax(&processed) };
                 let token = scores.token(chosen);
@@ -263,7 +282,9 @@ impl<'a> Generator<'a> {
                 let mut pctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng };
                 chains[beam].process(&mut pctx, scores);
             };
-            for hyp in beam_search_with(model, prompt, &cfg, self.press.as_deref(), self.pruner.as_deref(), &mut process)? {
+            for hyp in
+                beam_search_with(model, prompt, &cfg, self.press.as_deref(), self.pruner.as_deref(), &mut process)?
+            {
                 timings.generated_tokens += hyp.tokens.len();
                 let finish_reason = if hyp.finished_by_eos { FinishReason::Eos } else { FinishReason::Length };
                 sequences.push(Sequence {
@@ -283,7 +304,11 @@ impl<'a> Generator<'a> {
 }
 
 fn rate(count: usize, seconds: f64) -> f64 {
-    if seconds > 0.0 { count as f64 / seconds } else { 0.0 }
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
 }
 
 /// When every token the chain can keep is among the top `k` scores at temperature `t`, `(k, t)`:
@@ -378,10 +403,28 @@ mod tests {
         let configs = [
             ProcessorConfig::default(),
             ProcessorConfig { do_sample: true, top_k: Some(50), ..Default::default() },
-            ProcessorConfig { do_sample: true, temperature: Some(0.7), top_k: Some(40), top_p: Some(0.9), ..Default::default() },
-            ProcessorConfig { do_sample: true, temperature: Some(1.6), top_k: Some(20), min_p: Some(0.1), ..Default::default() },
+            ProcessorConfig {
+                do_sample: true,
+                temperature: Some(0.7),
+                top_k: Some(40),
+                top_p: Some(0.9),
+                ..Default::default()
+            },
+            ProcessorConfig {
+                do_sample: true,
+                temperature: Some(1.6),
+                top_k: Some(20),
+                min_p: Some(0.1),
+                ..Default::default()
+            },
             ProcessorConfig { do_sample: true, temperature: Some(0.0), top_k: Some(50), ..Default::default() },
-            ProcessorConfig { do_sample: true, top_k: Some(3), top_p: Some(0.5), min_tokens_to_keep: 5, ..Default::default() },
+            ProcessorConfig {
+                do_sample: true,
+                top_k: Some(3),
+                top_p: Some(0.5),
+                min_tokens_to_keep: 5,
+                ..Default::default()
+            },
         ];
         let mut rng = StdRng::seed_from_u64(3);
         for (c, cfg) in configs.iter().enumerate() {
@@ -391,7 +434,12 @@ mod tests {
                 // bf16-rounded logits: many exact ties, some at the k-th score.
                 let scale = [0.5f32, 2.0, 6.0][trial % 3];
                 let data: Vec<f32> = (0..4 * 3000).map(|_| rng.random::<f32>() * scale * 4.0 - scale).collect();
-                let logits = Tensor::from_vec(data, (4, 3000), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+                let logits = Tensor::from_vec(data, (4, 3000), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
                 let whole = choose(cfg, &logits, None, trial as u64);
                 let fast = choose(cfg, &logits, k, trial as u64);
                 for ((tw, lw), (tf, lf)) in whole.iter().zip(&fast) {
@@ -407,8 +455,14 @@ mod tests {
         let on = |cfg: ProcessorConfig| candidate_count(&cfg, &ProcessorChain::new(&cfg, None).unwrap());
         assert_eq!(on(ProcessorConfig { repetition_penalty: Some(1.2), ..Default::default() }), None);
         assert_eq!(on(ProcessorConfig { do_sample: true, top_p: Some(0.9), ..Default::default() }), None, "no top-k");
-        assert_eq!(on(ProcessorConfig { do_sample: true, top_k: Some(50), typical_p: Some(0.9), ..Default::default() }), None);
+        assert_eq!(
+            on(ProcessorConfig { do_sample: true, top_k: Some(50), typical_p: Some(0.9), ..Default::default() }),
+            None
+        );
         assert_eq!(on(ProcessorConfig { do_sample: true, top_k: Some(5000), ..Default::default() }), None);
-        assert_eq!(on(ProcessorConfig { do_sample: true, temperature: Some(0.5), top_k: Some(8), ..Default::default() }), Some((8, 0.5)));
+        assert_eq!(
+            on(ProcessorConfig { do_sample: true, temperature: Some(0.5), top_k: Some(8), ..Default::default() }),
+            Some((8, 0.5))
+        );
     }
 }

@@ -8,8 +8,8 @@ pub mod processors;
 pub mod sampling;
 pub mod stopping;
 
-pub use config::GenerationConfig;
 pub use beam::beam_search_with;
+pub use config::GenerationConfig;
 pub use generate::{CacheStats, FinishReason, GenerationOutput, Generator, Sequence, Timings};
 
 #[derive(Debug, thiserror::Error)]

@@ -175,7 +175,9 @@ fn cache_follows_beams() {
     let mut checked = 0;
     for case in fx["cases"].as_array().unwrap() {
         let c = &case["config"];
-        if !(c["repetition_penalty"].is_null() && c["no_repeat_ngram_size"].is_null()) || c["num_beams"].as_u64() != Some(4) {
+        if !(c["repetition_penalty"].is_null() && c["no_repeat_ngram_size"].is_null())
+            || c["num_beams"].as_u64() != Some(4)
+        {
             continue;
         }
         let (cfg, prompt, hyps) = run_case(case);
@@ -185,11 +187,21 @@ fn cache_follows_beams() {
             let lp: Vec<Vec<f32>> = all.to_vec2::<f32>().unwrap().iter().map(|r| log_softmax(r)).collect();
             for (i, (&tok, &got)) in h.tokens.iter().zip(&h.token_logprobs).enumerate() {
                 let want = lp[prompt.len() - 1 + i][tok as usize];
-                assert!((got - want).abs() < 1e-3, "{}: token {i}: beam logprob {got}, recomputed {want}", describe(case));
+                assert!(
+                    (got - want).abs() < 1e-3,
+                    "{}: token {i}: beam logprob {got}, recomputed {want}",
+                    describe(case)
+                );
             }
             let sum: f32 = h.token_logprobs.iter().sum();
             let norm = (h.tokens.len() as f64).powf(cfg.length_penalty as f64) as f32;
-            assert!((sum / norm - h.score).abs() < 1e-3, "{}: score {} vs sum/len^lp {}", describe(case), h.score, sum / norm);
+            assert!(
+                (sum / norm - h.score).abs() < 1e-3,
+                "{}: score {} vs sum/len^lp {}",
+                describe(case),
+                h.score,
+                sum / norm
+            );
         }
         checked += 1;
         if checked == 3 {
@@ -213,7 +225,10 @@ fn one_beam_is_greedy() {
         assert_eq!(hyps.len(), 1);
         assert_eq!(hyps[0].tokens, ids(&case["new_ids"]), "{}", case["prompt"]);
         let config = pare_generate::GenerationConfig { max_new_tokens: Some(max_new), ..Default::default() };
-        let greedy = pare_generate::Generator::new(config, None).unwrap().generate(model, std::slice::from_ref(&prompt), |_, _| {}).unwrap();
+        let greedy = pare_generate::Generator::new(config, None)
+            .unwrap()
+            .generate(model, std::slice::from_ref(&prompt), |_, _| {})
+            .unwrap();
         assert_eq!(hyps[0].tokens, greedy.sequences[0].tokens);
         assert!(!hyps[0].finished_by_eos);
     }
@@ -229,4 +244,3 @@ fn rejects_bad_configs() {
     assert!(beam_search(model, &[1, 2, 3], &BeamConfig::new(2, 0, vec![2]), &mut |_, _, _, _| {}).is_err());
     assert!(beam_search(model, &[], &BeamConfig::new(2, 4, vec![2]), &mut |_, _, _, _| {}).is_err());
 }
-

@@ -57,7 +57,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
     }
     let dtype = gate.dtype();
-    let out = host(gate)?.iter().zip(host(up)?).map(|(&g, u)| round(round(g / (1.0 + (-g).exp()), dtype) * u, dtype)).collect();
+    let out = host(gate)?
+        .iter()
+        .zip(host(up)?)
+        .map(|(&g, u)| round(round(g / (1.0 + (-g).exp()), dtype) * u, dtype))
+        .collect();
     tensor(out, gate.dims(), dtype)
 }
 
@@ -78,7 +82,12 @@ pub fn rope_split_heads(x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor,
     let half = cos.dim(2)?;
     let rot = 2 * half;
     if width < heads * head_dim || rot > head_dim || cos.dims() != [batch, seq, half] || sin.dims() != cos.dims() {
-        candle_core::bail!("rope: x {:?}, {heads} heads of {head_dim}, cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims());
+        candle_core::bail!(
+            "rope: x {:?}, {heads} heads of {head_dim}, cos {:?}, sin {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
     }
     let (xv, c, s) = (host(x)?, host(cos)?, host(sin)?);
     let dtype = x.dtype();
@@ -114,8 +123,9 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
         for g in 0..group {
             let qh = row * heads + kvh * group + g;
             let qrow = &qv[qh * d..][..d];
-            let scores: Vec<f32> =
-                (skip..len).map(|e| kv[e * d..][..d].iter().zip(qrow).map(|(k, q)| k * q).sum::<f32>() * scale).collect();
+            let scores: Vec<f32> = (skip..len)
+                .map(|e| kv[e * d..][..d].iter().zip(qrow).map(|(k, q)| k * q).sum::<f32>() * scale)
+                .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f32 = weights.iter().sum();
@@ -150,9 +160,12 @@ pub fn attention_prefill(
             let base = ((b * kv_heads + h / group) * n) * d;
             for i in 0..sq {
                 let qrow = &qv[((b * heads + h) * sq + i) * d..][..d];
-                let seen: Vec<usize> = (0..n).filter(|&e| visible(query_positions[b][i], entry_positions[b][e])).collect();
-                let scores: Vec<f32> =
-                    seen.iter().map(|&e| kv[base + e * d..][..d].iter().zip(qrow).map(|(k, q)| k * q).sum::<f32>() * scale).collect();
+                let seen: Vec<usize> =
+                    (0..n).filter(|&e| visible(query_positions[b][i], entry_positions[b][e])).collect();
+                let scores: Vec<f32> = seen
+                    .iter()
+                    .map(|&e| kv[base + e * d..][..d].iter().zip(qrow).map(|(k, q)| k * q).sum::<f32>() * scale)
+                    .collect();
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f32 = weights.iter().sum();
@@ -202,7 +215,16 @@ mod tests {
     use super::*;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -214,10 +236,14 @@ mod tests {
         let (xb, wb) = (x.to_dtype(DType::BF16).unwrap(), w.to_dtype(DType::BF16).unwrap());
         let (_, yb) = rms_norm(&xb, None, &wb, 1e-5).unwrap();
         // HF: weight * normed.to(bf16), both roundings visible.
-        let normed = plain_rms(&xb.to_dtype(DType::F32).unwrap(), &Tensor::ones(64, DType::F32, &Device::Cpu).unwrap(), 1e-5);
+        let normed =
+            plain_rms(&xb.to_dtype(DType::F32).unwrap(), &Tensor::ones(64, DType::F32, &Device::Cpu).unwrap(), 1e-5);
         let hf = normed.to_dtype(DType::BF16).unwrap().broadcast_mul(&wb).unwrap();
         // Sums in another order can flip a rounding now and then; skipping a rounding flips most.
-        let (a, b) = (yb.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), hf.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (a, b) = (
+            yb.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            hf.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
         assert!(differ * 10 <= a.len(), "{differ} of {} differ from HF's bf16 rounding", a.len());
     }
@@ -262,7 +288,8 @@ mod tests {
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         let out = rope_split_heads(&x, 2, 12, &cos, &sin).unwrap();
         assert_eq!(out.dims(), &[2, 2, 3, 12]);
-        let heads = x.narrow(2, 0, 24).unwrap().reshape((2, 3, 2, 12)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let heads =
+            x.narrow(2, 0, 24).unwrap().reshape((2, 3, 2, 12)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
         let (rot, pass) = (heads.narrow(3, 0, 8).unwrap(), heads.narrow(3, 8, 4).unwrap());
         let (x1, x2) = (rot.narrow(3, 0, 4).unwrap(), rot.narrow(3, 4, 4).unwrap());
         let (c, s) = (cos.unsqueeze(1).unwrap(), sin.unsqueeze(1).unwrap());
@@ -280,7 +307,8 @@ mod tests {
         let lens = [5usize, 3, 7, 1];
         let skip = [0usize, 1, 2, 0];
         let keys: Vec<Tensor> = lens.iter().map(|&n| Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap()).collect();
-        let values: Vec<Tensor> = lens.iter().map(|&n| Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap()).collect();
+        let values: Vec<Tensor> =
+            lens.iter().map(|&n| Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap()).collect();
         let out = attention_decode(&q, &keys, &values, &skip, 0.3).unwrap();
         for row in 0..2 {
             for h in 0..4 {
@@ -310,7 +338,12 @@ mod tests {
                     for i in 0..5 {
                         let o = out.get(b).unwrap().get(h).unwrap().get(i).unwrap();
                         let qp = pos[b][i];
-                        let seen: Vec<u32> = (0..5u32).filter(|&e| { let ep = pos[b][e as usize]; ep >= 0 && ep <= qp && window.is_none_or(|w| qp - ep < w as i64) }).collect();
+                        let seen: Vec<u32> = (0..5u32)
+                            .filter(|&e| {
+                                let ep = pos[b][e as usize];
+                                ep >= 0 && ep <= qp && window.is_none_or(|w| qp - ep < w as i64)
+                            })
+                            .collect();
                         if seen.is_empty() {
                             assert_eq!(o.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
                             continue;

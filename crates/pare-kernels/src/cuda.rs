@@ -124,7 +124,12 @@ pub fn rms_norm(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, eps: f32
     let dev = device(x)?;
     let dim = x.dim(candle_core::D::Minus1)?;
     if weight.elem_count() != dim || residual.is_some_and(|r| r.dims() != x.dims()) {
-        candle_core::bail!("rms_norm: x {:?}, weight {:?}, residual {:?}", x.dims(), weight.dims(), residual.map(|r| r.dims().to_vec()));
+        candle_core::bail!(
+            "rms_norm: x {:?}, weight {:?}, residual {:?}",
+            x.dims(),
+            weight.dims(),
+            residual.map(|r| r.dims().to_vec())
+        );
     }
     let mut inputs = vec![x, weight];
     inputs.extend(residual);
@@ -184,17 +189,42 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let wpr = if n >= target { 1 } else { target.div_ceil(n).next_power_of_two().min(8) };
     let rows_per_block = 8 / wpr;
     let out = Out::new(&dev, dtype, rows * n)?;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let (n_i, k_i, wpr_i) = (n as i32, k as i32, wpr as i32);
-    launch!(&dev, &format!("gemv_{}_b{rows}", suffix(dtype)?), cfg, &xa, &x_stride, &wa, &out.address, &n_i, &k_i, &wpr_i);
+    launch!(
+        &dev,
+        &format!("gemv_{}_b{rows}", suffix(dtype)?),
+        cfg,
+        &xa,
+        &x_stride,
+        &wa,
+        &out.address,
+        &n_i,
+        &k_i,
+        &wpr_i
+    );
     Ok(out.tensor((rows, n)))
 }
 
 pub fn rope_split_heads(x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (batch, seq, width) = x.dims3()?;
     let half = cos.dim(2)?;
-    if width < heads * head_dim || 2 * half > head_dim || head_dim % 2 != 0 || cos.dims() != [batch, seq, half] || sin.dims() != cos.dims() {
-        candle_core::bail!("rope: x {:?}, {heads} heads of {head_dim}, cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims());
+    if width < heads * head_dim
+        || 2 * half > head_dim
+        || head_dim % 2 != 0
+        || cos.dims() != [batch, seq, half]
+        || sin.dims() != cos.dims()
+    {
+        candle_core::bail!(
+            "rope: x {:?}, {heads} heads of {head_dim}, cos {:?}, sin {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
     }
     let dev = device(x)?;
     // Rows may be a slice of a wider (fused) projection: equally spaced, channels contiguous.
@@ -203,10 +233,27 @@ pub fn rope_split_heads(x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor,
     let in_stride = x.stride()[1] as i64;
     let tables = contiguous_same_dtype(&[&x, cos, sin])?;
     let out = Out::new(&dev, x.dtype(), batch * heads * seq * head_dim)?;
-    let cfg = LaunchConfig { grid_dim: ((batch * seq) as u32, heads as u32, 1), block_dim: ((head_dim / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * seq) as u32, heads as u32, 1),
+        block_dim: ((head_dim / 2) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let (xa, ca, sa) = (address(&x)?, address(&tables[1])?, address(&tables[2])?);
     let (seq_i, heads_i, d_i, rot_i) = (seq as i32, heads as i32, head_dim as i32, 2 * half as i32);
-    launch!(&dev, &format!("rope_{}", suffix(x.dtype())?), cfg, &xa, &ca, &sa, &out.address, &seq_i, &heads_i, &d_i, &rot_i, &in_stride);
+    launch!(
+        &dev,
+        &format!("rope_{}", suffix(x.dtype())?),
+        cfg,
+        &xa,
+        &ca,
+        &sa,
+        &out.address,
+        &seq_i,
+        &heads_i,
+        &d_i,
+        &rot_i,
+        &in_stride
+    );
     Ok(out.tensor((batch, heads, seq, head_dim)))
 }
 
@@ -233,7 +280,9 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
     let n = keys.len();
     let kv_heads = n / batch;
     if !crate::attention_decode_fused(d, heads, kv_heads) {
-        candle_core::bail!("attention_decode: no kernel for head_dim {d} with {heads} query heads over {kv_heads} KV heads");
+        candle_core::bail!(
+            "attention_decode: no kernel for head_dim {d} with {heads} query heads over {kv_heads} KV heads"
+        );
     }
     let group = heads / kv_heads;
     let dev = device(q)?;
@@ -246,7 +295,11 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
     for (k, v) in keys.iter().zip(values) {
         for t in [k, v] {
             if t.dtype() != dtype || (t.dim(0)? > 1 && t.stride() != [d, 1]) {
-                candle_core::bail!("attention_decode: caches must be {dtype:?} with contiguous rows (got {:?}, strides {:?})", t.dtype(), t.stride());
+                candle_core::bail!(
+                    "attention_decode: caches must be {dtype:?} with contiguous rows (got {:?}, strides {:?})",
+                    t.dtype(),
+                    t.stride()
+                );
             }
         }
         let (ka, va) = (address(k)?, address(v)?);
@@ -256,7 +309,8 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
         ks.push(ka);
         vs.push(va);
     }
-    let visible: Vec<usize> = keys.iter().zip(skip).map(|(k, &s)| k.dim(0).map(|len| len - s)).collect::<Result<_>>()?;
+    let visible: Vec<usize> =
+        keys.iter().zip(skip).map(|(k, &s)| k.dim(0).map(|len| len - s)).collect::<Result<_>>()?;
     let longest = visible.iter().copied().max().unwrap_or(0);
     let wanted_splits = (multiprocessors(&dev) * DECODE_BLOCKS_PER_SM).div_ceil(n).max(1);
     let chunk = longest.div_ceil(wanted_splits).max(MIN_CHUNK).next_multiple_of(32);
@@ -264,7 +318,10 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
 
     let out = Out::new(&dev, dtype, batch * heads * d)?;
     let partial = if splits > 1 {
-        Some((Out::new(&dev, DType::F32, batch * heads * splits * d)?, Out::new(&dev, DType::F32, batch * heads * splits * 2)?))
+        Some((
+            Out::new(&dev, DType::F32, batch * heads * splits * d)?,
+            Out::new(&dev, DType::F32, batch * heads * splits * 2)?,
+        ))
     } else {
         None
     };
@@ -281,11 +338,28 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
             table.skip[j] = skip[first + j] as i32;
         }
         let first_i = first as i32;
-        let cfg = LaunchConfig { grid_dim: (splits as u32, count as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        launch!(&dev, &name, cfg, &table, &first_i, &qa, &out.address, &acc_a, &ml_a, &heads_i, &kvh_i, &splits_i, &chunk_i, &scale);
+        let cfg =
+            LaunchConfig { grid_dim: (splits as u32, count as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        launch!(
+            &dev,
+            &name,
+            cfg,
+            &table,
+            &first_i,
+            &qa,
+            &out.address,
+            &acc_a,
+            &ml_a,
+            &heads_i,
+            &kvh_i,
+            &splits_i,
+            &chunk_i,
+            &scale
+        );
     }
     if splits > 1 {
-        let cfg = LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
         let d_i = d as i32;
         launch!(&dev, &format!("attn_decode_combine_{sfx}"), cfg, &acc_a, &ml_a, &out.address, &splits_i, &d_i);
     }
@@ -318,7 +392,8 @@ pub fn attention_prefill(
     let q = q.contiguous()?;
     // The kernel reads int32; the bits travel in a u32 tensor (padding's -1 as 0xffff_ffff).
     let to_i32 = |rows: &[&[i64]]| -> Result<Tensor> {
-        let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().map(|&p| p.clamp(-1, i32::MAX as i64) as i32 as u32)).collect();
+        let flat: Vec<u32> =
+            rows.iter().flat_map(|r| r.iter().map(|&p| p.clamp(-1, i32::MAX as i64) as i32 as u32)).collect();
         Tensor::from_vec(flat, rows.len() * rows.first().map_or(0, |r| r.len()), q.device())
     };
     let (qpos, epos) = (to_i32(query_positions)?, to_i32(entry_positions)?);
@@ -330,8 +405,32 @@ pub fn attention_prefill(
     let (heads_i, kvh_i, sq_i, n_i) = (heads as i32, kv_heads as i32, sq as i32, n as i32);
     let window_i = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
-    let cfg = LaunchConfig { grid_dim: (sq.div_ceil(64) as u32, heads as u32, batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    launch!(&dev, &format!("flash_prefill_{}_d{d}", suffix(dtype)?), cfg, &qa, &ka, &va, &krs, &khs, &vrs, &vhs, &qpa, &epa, &out.address, &heads_i, &kvh_i, &sq_i, &n_i, &window_i, &scale_log2);
+    let cfg = LaunchConfig {
+        grid_dim: (sq.div_ceil(64) as u32, heads as u32, batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        &dev,
+        &format!("flash_prefill_{}_d{d}", suffix(dtype)?),
+        cfg,
+        &qa,
+        &ka,
+        &va,
+        &krs,
+        &khs,
+        &vrs,
+        &vhs,
+        &qpa,
+        &epa,
+        &out.address,
+        &heads_i,
+        &kvh_i,
+        &sq_i,
+        &n_i,
+        &window_i,
+        &scale_log2
+    );
     Ok(out.tensor((batch, heads, sq, d)))
 }
 
@@ -347,7 +446,20 @@ pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     let (la, vocab_i, k_i, cap_i) = (address(&logits)?, vocab as i32, k.min(vocab) as i32, cap as i32);
     let name = format!("top_candidates_{}", suffix(logits.dtype())?);
-    launch!(&dev, &name, cfg, &la, &vocab_i, &k_i, &temperature, &cap_i, &values.address, &ids.address, &counts.address, &lse.address);
+    launch!(
+        &dev,
+        &name,
+        cfg,
+        &la,
+        &vocab_i,
+        &k_i,
+        &temperature,
+        &cap_i,
+        &values.address,
+        &ids.address,
+        &counts.address,
+        &lse.address
+    );
     let counts: Vec<u32> = counts.tensor(rows).to_vec1()?;
     let lse: Vec<f64> = lse.tensor(rows).to_vec1()?;
     let values: Vec<Vec<f32>> = values.tensor((rows, cap)).to_vec2()?;
@@ -357,7 +469,8 @@ pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec
             let n = counts[r] as usize;
             (n <= cap).then(|| {
                 // Written in arrival order; callers get them by token id.
-                let mut pairs: Vec<(u32, f32)> = ids[r][..n].iter().copied().zip(values[r][..n].iter().copied()).collect();
+                let mut pairs: Vec<(u32, f32)> =
+                    ids[r][..n].iter().copied().zip(values[r][..n].iter().copied()).collect();
                 pairs.sort_unstable_by_key(|p| p.0);
                 let (ids, logits) = pairs.into_iter().unzip();
                 Candidates { ids, logits, lse: lse[r] }
@@ -390,7 +503,11 @@ pub fn gpu_memory(device: &Device) -> Option<GpuMemory> {
     let mut peak = 0u64;
     // SAFETY: USED_MEM_HIGH is a u64 attribute; `peak` is a valid out-pointer.
     unsafe {
-        sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut peak as *mut u64).cast())
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut peak as *mut u64).cast(),
+        )
     }
     .result()
     .ok()?;
@@ -404,7 +521,11 @@ pub fn reset_gpu_memory_peak(device: &Device) {
         let mut zero = 0u64;
         // SAFETY: setting USED_MEM_HIGH to zero is the documented way to reset it.
         let _ = unsafe {
-            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast())
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
         };
     }
 }

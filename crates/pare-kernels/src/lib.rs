@@ -126,8 +126,10 @@ pub fn attention_prefill(
     if kb != batch || kd != d || values.dims() != keys.dims() || kv_heads == 0 || heads % kv_heads != 0 {
         candle_core::bail!("attention_prefill: q {:?}, keys {:?}, values {:?}", q.dims(), keys.dims(), values.dims());
     }
-    if query_positions.len() != batch || entry_positions.len() != batch
-        || query_positions.iter().any(|p| p.len() != sq) || entry_positions.iter().any(|p| p.len() != n)
+    if query_positions.len() != batch
+        || entry_positions.len() != batch
+        || query_positions.iter().any(|p| p.len() != sq)
+        || entry_positions.iter().any(|p| p.len() != n)
     {
         candle_core::bail!("attention_prefill: positions do not match {batch} rows of {sq} queries and {n} entries");
     }
@@ -177,7 +179,11 @@ fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usi
     let (batch, heads, d) = q.dims3()?;
     let n = keys.len();
     if n == 0 || n % batch != 0 || values.len() != n || skip.len() != n {
-        candle_core::bail!("attention_decode: {n} key tensors, {} value tensors, {} skips for {batch} rows", values.len(), skip.len());
+        candle_core::bail!(
+            "attention_decode: {n} key tensors, {} value tensors, {} skips for {batch} rows",
+            values.len(),
+            skip.len()
+        );
     }
     let kv_heads = n / batch;
     if heads % kv_heads != 0 {
@@ -186,7 +192,11 @@ fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usi
     for ((k, v), &s) in keys.iter().zip(values).zip(skip) {
         let (len, kd) = k.dims2()?;
         if v.dims2()? != (len, kd) || kd != d || s > len {
-            candle_core::bail!("attention_decode: keys {:?}, values {:?}, skip {s} for head_dim {d}", k.dims(), v.dims());
+            candle_core::bail!(
+                "attention_decode: keys {:?}, values {:?}, skip {s} for head_dim {d}",
+                k.dims(),
+                v.dims()
+            );
         }
     }
     Ok(())

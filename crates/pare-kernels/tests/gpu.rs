@@ -16,7 +16,16 @@ fn randn(shape: &[usize], std: f32, dtype: DType, dev: &Device) -> Tensor {
 /// ‖a − b‖ / ‖b‖ over all elements, in f64; NaN anywhere makes it NaN (and every check fail).
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     let (a, b) = (host(a), host(b));
     let num: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
@@ -34,7 +43,9 @@ fn tol(dtype: DType) -> f64 {
 #[test]
 fn rms_norm_and_add_rms_norm() {
     let dev = gpu();
-    for (dtype, rows, dim) in [(DType::BF16, 5, 4096), (DType::F32, 3, 576), (DType::F16, 1, 896), (DType::BF16, 7, 100)] {
+    for (dtype, rows, dim) in
+        [(DType::BF16, 5, 4096), (DType::F32, 3, 576), (DType::F16, 1, 896), (DType::BF16, 7, 100)]
+    {
         let x = randn(&[rows, dim], 3.0, dtype, &dev);
         let r = randn(&[rows, dim], 1.0, dtype, &dev);
         let w = (randn(&[dim], 0.1, dtype, &dev) + 1.0).unwrap();
@@ -66,9 +77,11 @@ fn rope_split_heads() {
     let dev = gpu();
     // (dtype, batch, seq, heads, head_dim, rot, row width): full rotary from a fused projection's
     // slice, partial rotary (GPT-NeoX), a decode step.
-    for (dtype, b, s, h, d, rot, width) in
-        [(DType::BF16, 2, 7, 4, 128, 128, 1024), (DType::F32, 1, 5, 3, 64, 16, 192), (DType::BF16, 8, 1, 32, 128, 128, 4096)]
-    {
+    for (dtype, b, s, h, d, rot, width) in [
+        (DType::BF16, 2, 7, 4, 128, 128, 1024),
+        (DType::F32, 1, 5, 3, 64, 16, 192),
+        (DType::BF16, 8, 1, 32, 128, 128, 4096),
+    ] {
         let wide = randn(&[b, s, width + 64], 1.0, dtype, &dev);
         let x = wide.narrow(2, 32, width).unwrap();
         let angles = Tensor::rand(0f32, 100.0, (b, s, rot / 2), &Device::Cpu).unwrap();
@@ -122,7 +135,8 @@ fn attention_decode_ragged_caches() {
     let lens: Vec<usize> = (0..b * kvh).map(|i| [1, 3000, 64, 17, 5, 700, 2, 129][i % 8] + i).collect();
     // (row 0, head 5) skips everything: its query heads get zeros.
     let skip: Vec<usize> = lens.iter().enumerate().map(|(i, &l)| if i == 5 { l } else { (i % 3).min(l - 1) }).collect();
-    let keys: Vec<Tensor> = lens.iter().map(|&n| randn(&[n + 8, d], 1.0, dtype, &dev).narrow(0, 0, n).unwrap()).collect();
+    let keys: Vec<Tensor> =
+        lens.iter().map(|&n| randn(&[n + 8, d], 1.0, dtype, &dev).narrow(0, 0, n).unwrap()).collect();
     let values: Vec<Tensor> = lens.iter().map(|&n| randn(&[n, d], 1.0, dtype, &dev)).collect();
     let q = randn(&[b, h, d], 1.0, dtype, &dev);
     let out = pare_kernels::attention_decode(&q, &keys, &values, &skip, 0.088).unwrap();
@@ -160,9 +174,12 @@ fn attention_prefill_flash() {
         let (keys, values) = (kb.narrow(2, 0, n).unwrap(), vb.narrow(2, 0, n).unwrap());
         let q = randn(&[b, h, sq, d], 1.0, dtype, &dev);
         // Row r is left-padded by 5·r entries; its queries are the last sq entries' positions.
-        let entry_pos: Vec<Vec<i64>> = (0..b).map(|r| (0..n as i64).map(|e| if e < 5 * r as i64 { -1 } else { e - 5 * r as i64 }).collect()).collect();
+        let entry_pos: Vec<Vec<i64>> = (0..b)
+            .map(|r| (0..n as i64).map(|e| if e < 5 * r as i64 { -1 } else { e - 5 * r as i64 }).collect())
+            .collect();
         let query_pos: Vec<Vec<i64>> = entry_pos.iter().map(|p| p[n - sq..].to_vec()).collect();
-        let (qp, ep): (Vec<&[i64]>, Vec<&[i64]>) = (query_pos.iter().map(Vec::as_slice).collect(), entry_pos.iter().map(Vec::as_slice).collect());
+        let (qp, ep): (Vec<&[i64]>, Vec<&[i64]>) =
+            (query_pos.iter().map(Vec::as_slice).collect(), entry_pos.iter().map(Vec::as_slice).collect());
         let scale = 1.0 / (d as f32).sqrt();
         let out = pare_kernels::attention_prefill(&q, &keys, &values, &qp, &ep, window, scale).unwrap();
         let reference = cpu::attention_prefill(&q, &keys, &values, &qp, &ep, window, scale).unwrap();
@@ -214,7 +231,12 @@ fn top_candidates_select_the_same_tokens() {
             let (g, w) = (g.as_ref().expect("within the cap"), w.as_ref().expect("within the cap"));
             assert_eq!(g.ids, w.ids, "{dtype:?} row {r} k {k}: candidate ids");
             assert_eq!(g.logits, w.logits, "{dtype:?} row {r}: candidate logits");
-            assert!((g.lse - w.lse).abs() < 1e-9 * w.lse.abs().max(1.0), "{dtype:?} row {r}: lse {} vs {}", g.lse, w.lse);
+            assert!(
+                (g.lse - w.lse).abs() < 1e-9 * w.lse.abs().max(1.0),
+                "{dtype:?} row {r}: lse {} vs {}",
+                g.lse,
+                w.lse
+            );
         }
     }
     // All tied: more than the cap qualify, so the row falls back.

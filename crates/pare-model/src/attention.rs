@@ -3,9 +3,9 @@
 use candle_core::{DType, Tensor};
 
 use crate::cache::LayerKv;
-use crate::press::{CachePress, LayerContext, TokenPruner};
 use crate::error::Result;
 use crate::layers::Linear;
+use crate::press::{CachePress, LayerContext, TokenPruner};
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -117,7 +117,9 @@ impl Attention {
                 let query_pos = inputs.positions[b][0];
                 for head in 0..kvh {
                     let positions = kv.positions(b, head);
-                    let visible = |p: i64| p >= 0 && p <= query_pos && inputs.sliding_window.map_or(true, |w| query_pos - p < w as i64);
+                    let visible = |p: i64| {
+                        p >= 0 && p <= query_pos && inputs.sliding_window.map_or(true, |w| query_pos - p < w as i64)
+                    };
                     // The kernel skips a prefix (padding, or what left the window); anything else
                     // invisible needs the masked path.
                     let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
@@ -136,7 +138,15 @@ impl Attention {
         if let (Some(rows), true) = (kv.row_positions(), pare_kernels::attention_prefill_fused(q.dtype(), d)) {
             let (keys, values) = kv.kv()?.expect("entries were just appended");
             let query_positions: Vec<&[i64]> = inputs.positions.iter().map(Vec::as_slice).collect();
-            let out = pare_kernels::attention_prefill(q, &keys, &values, &query_positions, &rows, inputs.sliding_window, scale)?;
+            let out = pare_kernels::attention_prefill(
+                q,
+                &keys,
+                &values,
+                &query_positions,
+                &rows,
+                inputs.sliding_window,
+                scale,
+            )?;
             return Ok(Some(out));
         }
         Ok(None)
@@ -144,7 +154,13 @@ impl Attention {
 
     /// Every head of a row holds the same entries: one batched product over all rows and heads.
     /// Query heads that share a KV head are grouped so K and V are read once, never repeated.
-    fn attend_batched(&self, q: &Tensor, kv: &LayerKv, entry_positions: &[&[i64]], inputs: &AttentionInputs) -> Result<Tensor> {
+    fn attend_batched(
+        &self,
+        q: &Tensor,
+        kv: &LayerKv,
+        entry_positions: &[&[i64]],
+        inputs: &AttentionInputs,
+    ) -> Result<Tensor> {
         let (batch, h, seq, d) = q.dims4()?;
         let kvh = self.num_kv_heads;
         let group = h / kvh;
@@ -175,7 +191,12 @@ impl Attention {
                     q.device(),
                 )?;
                 let qh = qb.narrow(0, head * group, group)?.reshape((1, 1, group * seq, d))?;
-                let out = self.attend(&qh, &keys.unsqueeze(0)?.unsqueeze(0)?, &values.unsqueeze(0)?.unsqueeze(0)?, mask.as_ref())?;
+                let out = self.attend(
+                    &qh,
+                    &keys.unsqueeze(0)?.unsqueeze(0)?,
+                    &values.unsqueeze(0)?.unsqueeze(0)?,
+                    mask.as_ref(),
+                )?;
                 outs.push(out.reshape((group, seq, d))?);
             }
         }

@@ -25,9 +25,17 @@ pub const PAD_POSITION: i64 = -1;
 enum Storage {
     Empty,
     /// Every (row, head) holds `len` entries: (batch, kv_heads, capacity, head_dim) buffers.
-    Uniform { keys: Tensor, values: Tensor, len: usize },
+    Uniform {
+        keys: Tensor,
+        values: Tensor,
+        len: usize,
+    },
     /// (row, head) `i = row * kv_heads + head` holds `lens[i]` entries in its own (capacity, head_dim) buffers.
-    Ragged { keys: Vec<Tensor>, values: Vec<Tensor>, lens: Vec<usize> },
+    Ragged {
+        keys: Vec<Tensor>,
+        values: Vec<Tensor>,
+        lens: Vec<usize>,
+    },
 }
 
 #[derive(Debug)]
@@ -50,7 +58,9 @@ impl Clone for LayerKv {
         let copy = |t: &Tensor| t.copy().expect("copying a cache buffer");
         let storage = match &self.storage {
             Storage::Empty => Storage::Empty,
-            Storage::Uniform { keys, values, len } => Storage::Uniform { keys: copy(keys), values: copy(values), len: *len },
+            Storage::Uniform { keys, values, len } => {
+                Storage::Uniform { keys: copy(keys), values: copy(values), len: *len }
+            }
             Storage::Ragged { keys, values, lens } => Storage::Ragged {
                 keys: keys.iter().map(copy).collect(),
                 values: values.iter().map(copy).collect(),
@@ -73,7 +83,8 @@ fn rotation_by(rope: &Rope, deltas: &[i64], dtype: candle_core::DType, device: &
 
 /// Per-(row, head) (n, head_dim) tensors, row-major → one (batch, kv_heads, n, head_dim) tensor.
 fn stack_heads(per_head: &[Tensor], kv_heads: usize) -> Result<Tensor> {
-    let rows = per_head.chunks(kv_heads).map(|heads| Tensor::stack(heads, 0)).collect::<candle_core::Result<Vec<_>>>()?;
+    let rows =
+        per_head.chunks(kv_heads).map(|heads| Tensor::stack(heads, 0)).collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&rows, 0)?)
 }
 
@@ -155,10 +166,13 @@ impl LayerKv {
         let i = row * self.kv_heads + head;
         match &self.storage {
             Storage::Empty => Ok(None),
-            Storage::Uniform { keys, values, len } => {
-                Ok(Some((keys.get(row)?.get(head)?.narrow(0, 0, *len)?, values.get(row)?.get(head)?.narrow(0, 0, *len)?)))
+            Storage::Uniform { keys, values, len } => Ok(Some((
+                keys.get(row)?.get(head)?.narrow(0, 0, *len)?,
+                values.get(row)?.get(head)?.narrow(0, 0, *len)?,
+            ))),
+            Storage::Ragged { keys, values, lens } => {
+                Ok(Some((keys[i].narrow(0, 0, lens[i])?, values[i].narrow(0, 0, lens[i])?)))
             }
-            Storage::Ragged { keys, values, lens } => Ok(Some((keys[i].narrow(0, 0, lens[i])?, values[i].narrow(0, 0, lens[i])?))),
         }
     }
 
@@ -198,7 +212,9 @@ impl LayerKv {
                         _ => Storage::Uniform { keys: grow(None)?, values: grow(None)?, len: 0 },
                     };
                 }
-                let Storage::Uniform { keys, values, len } = &mut self.storage else { unreachable!("just made uniform") };
+                let Storage::Uniform { keys, values, len } = &mut self.storage else {
+                    unreachable!("just made uniform")
+                };
                 keys.slice_set(&k.contiguous()?, 2, *len)?;
                 values.slice_set(&v.contiguous()?, 2, *len)?;
                 *len = needed;
@@ -247,7 +263,8 @@ impl LayerKv {
             return Ok(());
         }
         let aligned = self.heads_aligned
-            && (0..self.batch).all(|b| (1..self.kv_heads).all(|h| keep[b * self.kv_heads + h] == keep[b * self.kv_heads]));
+            && (0..self.batch)
+                .all(|b| (1..self.kv_heads).all(|h| keep[b * self.kv_heads + h] == keep[b * self.kv_heads]));
         let uniform = keep.iter().all(|idx| idx.len() == keep[0].len());
         let mut new_keys = Vec::with_capacity(keep.len());
         let mut new_values = Vec::with_capacity(keep.len());
@@ -259,7 +276,11 @@ impl LayerKv {
             new_values.push(v.contiguous()?.index_select(&ids, 0)?);
         }
         self.storage = if uniform {
-            Storage::Uniform { keys: stack_heads(&new_keys, self.kv_heads)?, values: stack_heads(&new_values, self.kv_heads)?, len: keep[0].len() }
+            Storage::Uniform {
+                keys: stack_heads(&new_keys, self.kv_heads)?,
+                values: stack_heads(&new_values, self.kv_heads)?,
+                len: keep[0].len(),
+            }
         } else {
             Storage::Ragged { keys: new_keys, values: new_values, lens: keep.iter().map(Vec::len).collect() }
         };
@@ -278,7 +299,8 @@ impl LayerKv {
         if !self.heads_aligned {
             return Err(ModelError::input("cache keep_rows: heads hold different entries; select per head"));
         }
-        let per_head: Vec<Vec<usize>> = keep.iter().flat_map(|idx| std::iter::repeat_n(idx.clone(), self.kv_heads)).collect();
+        let per_head: Vec<Vec<usize>> =
+            keep.iter().flat_map(|idx| std::iter::repeat_n(idx.clone(), self.kv_heads)).collect();
         self.keep(&per_head)
     }
 
@@ -286,14 +308,17 @@ impl LayerKv {
     /// (RoPE rotations compose: R(new) = R(new − old)·R(old)). The StreamingLLM paper's policy:
     /// positions inside the cache become contiguous.
     pub fn reposition(&mut self, new_positions: &[Vec<i64>], rope: &Rope) -> Result<()> {
-        if new_positions.len() != self.positions.len() || new_positions.iter().zip(&self.positions).any(|(n, o)| n.len() != o.len()) {
+        if new_positions.len() != self.positions.len()
+            || new_positions.iter().zip(&self.positions).any(|(n, o)| n.len() != o.len())
+        {
             return Err(ModelError::input("cache reposition: one new position per entry expected"));
         }
         let mut rotated_keys = Vec::with_capacity(self.positions.len());
         let mut values = Vec::with_capacity(self.positions.len());
         for (i, (new, old)) in new_positions.iter().zip(&self.positions).enumerate() {
             let (k, v) = self.head_kv(i / self.kv_heads, i % self.kv_heads)?.expect("positions imply entries");
-            let delta: Vec<i64> = new.iter().zip(old).map(|(&n, &o)| if o == PAD_POSITION { 0 } else { n - o }).collect();
+            let delta: Vec<i64> =
+                new.iter().zip(old).map(|(&n, &o)| if o == PAD_POSITION { 0 } else { n - o }).collect();
             let (cos, sin) = rotation_by(rope, &delta, k.dtype(), k.device())?;
             let k4 = k.unsqueeze(0)?.unsqueeze(0)?;
             rotated_keys.push(rope.apply(&k4, &cos, &sin)?.squeeze(0)?.squeeze(0)?);
@@ -301,7 +326,11 @@ impl LayerKv {
         }
         let lens: Vec<usize> = self.positions.iter().map(Vec::len).collect();
         self.storage = if lens.iter().all(|&l| l == lens[0]) {
-            Storage::Uniform { keys: stack_heads(&rotated_keys, self.kv_heads)?, values: stack_heads(&values, self.kv_heads)?, len: lens[0] }
+            Storage::Uniform {
+                keys: stack_heads(&rotated_keys, self.kv_heads)?,
+                values: stack_heads(&values, self.kv_heads)?,
+                len: lens[0],
+            }
         } else {
             Storage::Ragged { keys: rotated_keys, values, lens }
         };
@@ -345,9 +374,11 @@ impl LayerKv {
         self.storage = match &self.storage {
             Storage::Empty => Storage::Empty,
             Storage::Uniform { keys, values, len } => {
-                let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), keys.device())?;
+                let idx =
+                    Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), keys.device())?;
                 // The used slots are a strided view of the growth buffer; gather from a compact copy.
-                let pick = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, *len)?.contiguous()?.index_select(&idx, 0)?) };
+                let pick =
+                    |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, *len)?.contiguous()?.index_select(&idx, 0)?) };
                 Storage::Uniform { keys: pick(keys)?, values: pick(values)?, len: *len }
             }
             Storage::Ragged { keys, values, lens } => {
@@ -362,7 +393,11 @@ impl LayerKv {
                 Storage::Ragged { keys: pick(keys)?, values: pick(values)?, lens: new_lens }
             }
         };
-        self.positions = rows.iter().flat_map(|&r| (0..heads).map(move |h| r * heads + h)).map(|i| self.positions[i].clone()).collect();
+        self.positions = rows
+            .iter()
+            .flat_map(|&r| (0..heads).map(move |h| r * heads + h))
+            .map(|i| self.positions[i].clone())
+            .collect();
         self.appended_bytes = self.appended_bytes / self.batch.max(1) * rows.len();
         self.batch = rows.len();
         Ok(())
@@ -501,7 +536,10 @@ impl MaskCache {
     ) -> Result<Option<Tensor>> {
         let mut last = self.last.borrow_mut();
         if let Some((positions, g, mask)) = last.as_ref() {
-            if *g == group && positions.len() == entry_positions.len() && positions.iter().zip(entry_positions).all(|(a, b)| a == b) {
+            if *g == group
+                && positions.len() == entry_positions.len()
+                && positions.iter().zip(entry_positions).all(|(a, b)| a == b)
+            {
                 return Ok(mask.clone());
             }
         }
@@ -532,7 +570,10 @@ mod tests {
         assert_eq!(kv.max_entries(), 21);
         let (k, _) = kv.kv().unwrap().unwrap();
         assert_eq!(k.dims(), &[2, 2, 21, 3]);
-        assert_eq!(k.get(1).unwrap().get(1).unwrap().get(20).unwrap().to_vec1::<f32>().unwrap(), vec![1009.0, 1010.0, 1011.0]);
+        assert_eq!(
+            k.get(1).unwrap().get(1).unwrap().get(20).unwrap().to_vec1::<f32>().unwrap(),
+            vec![1009.0, 1010.0, 1011.0]
+        );
         assert_eq!(kv.positions(1, 1).last(), Some(&20));
         assert_eq!(kv.bytes(), 2 * 2 * 2 * 21 * 3 * 4);
     }
@@ -571,7 +612,8 @@ mod tests {
         layer.keep_rows(&[vec![0, 3], vec![1, 2]]).unwrap();
         let (k, _) = layer.kv().unwrap().unwrap();
         assert_eq!(layer.row_positions().unwrap(), vec![&[0i64, 3][..], &[0, 1][..]]);
-        let row1_head0 = |t: &Tensor, i: usize| t.get(1).unwrap().get(0).unwrap().get(i).unwrap().to_vec1::<f32>().unwrap();
+        let row1_head0 =
+            |t: &Tensor, i: usize| t.get(1).unwrap().get(0).unwrap().get(i).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(row1_head0(&k, 1), row1_head0(&before, 2));
         assert!(layer.keep_rows(&[vec![0], vec![7]]).is_err());
 

@@ -137,7 +137,11 @@ impl LayerShapes {
         ["num_attention_heads_per_layer", "num_key_value_heads_per_layer", "intermediate_size_per_layer"];
 
     /// Per-layer values from `per_layer` lists where given, the uniform value elsewhere.
-    fn build(num_layers: usize, uniform: [usize; 3], per_layer: [Option<Vec<usize>>; 3]) -> std::result::Result<Option<Self>, String> {
+    fn build(
+        num_layers: usize,
+        uniform: [usize; 3],
+        per_layer: [Option<Vec<usize>>; 3],
+    ) -> std::result::Result<Option<Self>, String> {
         if per_layer.iter().all(Option::is_none) {
             return Ok(None);
         }
@@ -149,8 +153,14 @@ impl LayerShapes {
             }
             lists.push(list);
         }
-        let shapes = LayerShapes { intermediate_size: lists.pop().unwrap(), num_kv_heads: lists.pop().unwrap(), num_heads: lists.pop().unwrap() };
-        for (i, ((&h, &kv), &w)) in shapes.num_heads.iter().zip(&shapes.num_kv_heads).zip(&shapes.intermediate_size).enumerate() {
+        let shapes = LayerShapes {
+            intermediate_size: lists.pop().unwrap(),
+            num_kv_heads: lists.pop().unwrap(),
+            num_heads: lists.pop().unwrap(),
+        };
+        for (i, ((&h, &kv), &w)) in
+            shapes.num_heads.iter().zip(&shapes.num_kv_heads).zip(&shapes.intermediate_size).enumerate()
+        {
             if kv == 0 || h == 0 || h % kv != 0 || w == 0 {
                 return Err(format!("layer {i}: {h} heads, {kv} KV heads, MLP width {w} (heads must be a positive multiple of KV heads)"));
             }
@@ -173,10 +183,7 @@ impl ModelConfig {
     /// Parse an HF `config.json` (transformers 4.x keys and 5.x `rope_parameters` both accepted).
     pub fn from_hf_json(json: &Value, path: &str) -> Result<Self> {
         let err = |message: String| ModelError::Config { path: path.to_string(), message };
-        let model_type = json
-            .get("model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| err("no model_type".into()))?;
+        let model_type = json.get("model_type").and_then(Value::as_str).ok_or_else(|| err("no model_type".into()))?;
         let arch = Arch::from_model_type(model_type)?;
         let usize_key = |key: &str| -> Result<usize> {
             json.get(key)
@@ -192,16 +199,10 @@ impl ModelConfig {
         if num_heads == 0 || (!explicit_head_dim && hidden_size % num_heads != 0) {
             return Err(err(format!("hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}")));
         }
-        let num_kv_heads = json
-            .get("num_key_value_heads")
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .unwrap_or(num_heads);
-        let head_dim = json
-            .get("head_dim")
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .unwrap_or(hidden_size / num_heads);
+        let num_kv_heads =
+            json.get("num_key_value_heads").and_then(Value::as_u64).map(|v| v as usize).unwrap_or(num_heads);
+        let head_dim =
+            json.get("head_dim").and_then(Value::as_u64).map(|v| v as usize).unwrap_or(hidden_size / num_heads);
         let rope_params = json.get("rope_parameters").or_else(|| json.get("rope_scaling")).filter(|v| !v.is_null());
         let rope_theta = rope_params
             .and_then(|p| p.get("rope_theta"))
@@ -223,8 +224,7 @@ impl ModelConfig {
             Arch::GptNeoX => (opt_f64("layer_norm_eps").unwrap_or(1e-5), "gelu"),
             _ => (opt_f64("rms_norm_eps").unwrap_or(1e-6), "silu"),
         };
-        let activation =
-            Activation::from_hf(json.get("hidden_act").and_then(Value::as_str).unwrap_or(default_act))?;
+        let activation = Activation::from_hf(json.get("hidden_act").and_then(Value::as_str).unwrap_or(default_act))?;
         let tie_default = arch == Arch::Qwen2; // HF's per-class defaults
         let sliding_window = match arch {
             Arch::Mistral => json.get("sliding_window").and_then(Value::as_u64).map(|v| v as usize),
@@ -240,7 +240,11 @@ impl ModelConfig {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Array(items)) => items
                     .iter()
-                    .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| err(format!("{key} must hold non-negative integers"))))
+                    .map(|v| {
+                        v.as_u64()
+                            .map(|x| x as usize)
+                            .ok_or_else(|| err(format!("{key} must hold non-negative integers")))
+                    })
                     .collect::<Result<Vec<_>>>()
                     .map(Some),
                 Some(_) => Err(err(format!("{key} must be a list"))),
@@ -298,13 +302,20 @@ impl ModelConfig {
                 None => Ok(None),
                 Some(items) => items
                     .iter()
-                    .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| err(format!("{} must hold non-negative integers", key(k)))))
+                    .map(|v| {
+                        v.as_u64()
+                            .map(|x| x as usize)
+                            .ok_or_else(|| err(format!("{} must hold non-negative integers", key(k))))
+                    })
                     .collect::<Result<Vec<_>>>()
                     .map(Some),
             }
         };
-        let (heads_list, kv_list, ffn_list) =
-            (per_layer("attention.head_count")?, per_layer("attention.head_count_kv")?, per_layer("feed_forward_length")?);
+        let (heads_list, kv_list, ffn_list) = (
+            per_layer("attention.head_count")?,
+            per_layer("attention.head_count_kv")?,
+            per_layer("feed_forward_length")?,
+        );
         let uniform = |k: &str, list: &Option<Vec<usize>>| -> Result<usize> {
             match list {
                 Some(l) => Ok(l.iter().copied().max().unwrap_or(0)),
@@ -325,10 +336,17 @@ impl ModelConfig {
         let layer_shapes = LayerShapes::build(
             num_layers,
             [num_heads, num_kv_heads, intermediate_size],
-            [heads_list.clone(), kv_list.clone().or_else(|| heads_list.as_ref().filter(|_| gguf.get(&key("attention.head_count_kv")).is_none()).cloned()), ffn_list],
+            [
+                heads_list.clone(),
+                kv_list.clone().or_else(|| {
+                    heads_list.as_ref().filter(|_| gguf.get(&key("attention.head_count_kv")).is_none()).cloned()
+                }),
+                ffn_list,
+            ],
         )
         .map_err(err)?;
-        let head_dim = gguf.get_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden_size / num_heads);
+        let head_dim =
+            gguf.get_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden_size / num_heads);
         let rotary_dim = gguf.get_u64(&key("rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim);
         let norm_eps = match arch {
             Arch::GptNeoX => gguf.get_f64(&key("attention.layer_norm_epsilon"))?,
@@ -406,7 +424,9 @@ impl ModelConfig {
         });
         let o = j.as_object_mut().expect("json object");
         if let Some(shapes) = &self.layer_shapes {
-            for (key, list) in LayerShapes::HF_KEYS.iter().zip([&shapes.num_heads, &shapes.num_kv_heads, &shapes.intermediate_size]) {
+            for (key, list) in
+                LayerShapes::HF_KEYS.iter().zip([&shapes.num_heads, &shapes.num_kv_heads, &shapes.intermediate_size])
+            {
                 o.insert(key.to_string(), list.iter().map(|&v| Value::from(v)).collect());
             }
         }
@@ -464,7 +484,8 @@ fn parse_rope_scaling(p: &Value) -> std::result::Result<RopeScaling, String> {
             original_max_position_embeddings: p
                 .get("original_max_position_embeddings")
                 .and_then(Value::as_u64)
-                .ok_or("rope scaling llama3 needs original_max_position_embeddings")? as usize,
+                .ok_or("rope scaling llama3 needs original_max_position_embeddings")?
+                as usize,
         }),
         other => Err(format!("unsupported rope scaling {other:?} (pare supports default, linear, llama3)")),
     }

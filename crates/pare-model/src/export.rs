@@ -57,7 +57,10 @@ pub fn hf_tensors(model: &Model, dtype: DType) -> Result<Vec<(String, Tensor)>> 
             out.push((format!("{p}.attention.query_key_value.weight"), fuse(&|l| l.dense_weight(dtype))?));
             if a.q.bias().is_some() {
                 let bias = |l: &Linear| -> Result<Tensor> {
-                    l.bias().ok_or_else(|| ModelError::input("fused qkv: q has a bias but k or v has none"))?.to_dtype(dtype).map_err(Into::into)
+                    l.bias()
+                        .ok_or_else(|| ModelError::input("fused qkv: q has a bias but k or v has none"))?
+                        .to_dtype(dtype)
+                        .map_err(Into::into)
                 };
                 out.push((format!("{p}.attention.query_key_value.bias"), fuse(&bias)?));
             }
@@ -84,7 +87,12 @@ pub fn hf_tensors(model: &Model, dtype: DType) -> Result<Vec<(String, Tensor)>> 
 }
 
 /// Write config.json, model.safetensors, generation_config.json and the tokenizer files.
-pub fn export_hf_dir(model: &Model, tokenizer: Option<&TokenizerBundle>, eos_token_ids: &[u32], out: &Path) -> Result<()> {
+pub fn export_hf_dir(
+    model: &Model,
+    tokenizer: Option<&TokenizerBundle>,
+    eos_token_ids: &[u32],
+    out: &Path,
+) -> Result<()> {
     let io = |e: std::io::Error| ModelError::Io { path: out.display().to_string(), source: e };
     std::fs::create_dir_all(out).map_err(io)?;
     let mut config = model.config.to_hf_json();
@@ -123,7 +131,9 @@ fn eos_json(ids: &[u32]) -> Value {
 pub fn gguf_unsupported(model: &Model) -> Option<String> {
     let cfg = &model.config;
     if matches!(cfg.rope_scaling, RopeScaling::Llama3 { .. }) {
-        return Some("llama3 RoPE scaling is stored by llama.cpp as a rope_freqs tensor, which pare does not write".into());
+        return Some(
+            "llama3 RoPE scaling is stored by llama.cpp as a rope_freqs tensor, which pare does not write".into(),
+        );
     }
     if cfg.sliding_window.is_some() {
         return Some("llama.cpp's llama architecture has no sliding-window attention (Mistral)".into());
@@ -153,7 +163,12 @@ fn permute_for_llama_cpp(t: &Tensor, head_dim: usize) -> Result<Tensor> {
 /// and MLP widths when layers differ, as llama.cpp accepts), `tokenizer_metadata` (the
 /// `tokenizer.*` keys, e.g. copied from the source GGUF), matrices in `dtype` (F16 or F32) and
 /// 1-D tensors (norms, biases) in F32, as llama.cpp's converter stores them.
-pub fn export_gguf(model: &Model, tokenizer_metadata: &[(String, GgufValue)], dtype: GgmlType, path: &Path) -> Result<()> {
+pub fn export_gguf(
+    model: &Model,
+    tokenizer_metadata: &[(String, GgufValue)],
+    dtype: GgmlType,
+    path: &Path,
+) -> Result<()> {
     if let Some(why) = gguf_unsupported(model) {
         return Err(ModelError::input(format!("cannot write GGUF: {why}")));
     }

@@ -26,7 +26,10 @@ impl Linear {
                 let x2 = x.reshape((rows, in_features))?;
                 // Decode on a GPU: a few rows, so the product is a pass over the weight; a kernel
                 // made for that streams it faster than cuBLAS's GEMM for skinny shapes.
-                let y = if x.device().is_cuda() && weight.dtype() == x.dtype() && pare_kernels::gemv_fused(x.dtype(), rows, in_features) {
+                let y = if x.device().is_cuda()
+                    && weight.dtype() == x.dtype()
+                    && pare_kernels::gemv_fused(x.dtype(), rows, in_features)
+                {
                     pare_kernels::gemv(&x2, weight)?
                 } else {
                     x2.matmul(&weight.t()?)?
@@ -37,7 +40,9 @@ impl Linear {
             }
             // Many rows (prefill): a dense GEMM on the dequantized weight beats candle's
             // row-by-row quantized dot products; one row (decode) reads the compact blocks.
-            Linear::Quantized { weight: QMatMul::QTensor(q), .. } if x.elem_count() / x.dim(D::Minus1)? >= DENSE_ROWS => {
+            Linear::Quantized { weight: QMatMul::QTensor(q), .. }
+                if x.elem_count() / x.dim(D::Minus1)? >= DENSE_ROWS =>
+            {
                 let dense = Linear::Dense { weight: q.dequantize(&q.device())?, bias: None };
                 dense.forward(x)?
             }

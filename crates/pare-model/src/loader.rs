@@ -75,7 +75,11 @@ pub fn assets_dir() -> PathBuf {
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if let Some((_, file)) = ALIASES.iter().find(|(alias, _)| *alias == spec) {
         let path = assets_dir().join(file);
-        return if path.exists() { Ok(path) } else { Err(ModelError::NotFound(format!("{spec} → {}", path.display()))) };
+        return if path.exists() {
+            Ok(path)
+        } else {
+            Err(ModelError::NotFound(format!("{spec} → {}", path.display())))
+        };
     }
     let path = PathBuf::from(spec);
     if path.exists() {
@@ -98,7 +102,8 @@ pub fn load_gguf(path: &Path, dtype: WeightDType, device: &Device) -> Result<Loa
     let gguf = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&gguf)?;
     // A GGUF without tokenizer keys (e.g. exported from an id-only checkpoint) still runs on ids.
-    let tokenizer = if gguf.get("tokenizer.ggml.model").is_some() { Some(TokenizerBundle::from_gguf(&gguf)?) } else { None };
+    let tokenizer =
+        if gguf.get("tokenizer.ggml.model").is_some() { Some(TokenizerBundle::from_gguf(&gguf)?) } else { None };
     let source = WeightSource::Gguf(gguf);
     let model = build(&config, &Weights { source: &source, config: &config, dtype, device })?;
     Ok(LoadedModel { model, tokenizer, generation_config: None, path: path.to_path_buf(), format: "gguf" })
@@ -110,7 +115,8 @@ pub fn load_hf_dir(dir: &Path, dtype: WeightDType, device: &Device) -> Result<Lo
         if !p.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p.display().to_string(), source })?;
+        let text =
+            std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p.display().to_string(), source })?;
         serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| ModelError::Config { path: p.display().to_string(), message: format!("invalid JSON: {e}") })
@@ -121,12 +127,20 @@ pub fn load_hf_dir(dir: &Path, dtype: WeightDType, device: &Device) -> Result<Lo
     let tokenizer = if dir.join("tokenizer.json").exists() { Some(TokenizerBundle::from_hf_dir(dir)?) } else { None };
     let source = WeightSource::Safetensors(SafetensorsStore::open_dir(dir)?);
     let model = build(&config, &Weights { source: &source, config: &config, dtype, device })?;
-    Ok(LoadedModel { model, tokenizer, generation_config: read_json("generation_config.json")?, path: dir.to_path_buf(), format: "safetensors" })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        generation_config: read_json("generation_config.json")?,
+        path: dir.to_path_buf(),
+        format: "safetensors",
+    })
 }
 
 fn build(config: &ModelConfig, w: &Weights) -> Result<Model> {
     let (embed_name, norm_prefix, head_name, layer_prefix) = match config.arch {
-        Arch::GptNeoX => ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", "embed_out.weight", "gpt_neox.layers"),
+        Arch::GptNeoX => {
+            ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", "embed_out.weight", "gpt_neox.layers")
+        }
         _ => ("model.embed_tokens.weight", "model.norm", "lm_head.weight", "model.layers"),
     };
     let embed_tokens = w.tensor(embed_name)?;
@@ -238,7 +252,11 @@ fn build_block(config: &ModelConfig, w: &Weights, prefix: &str) -> Result<Block>
         || mlp.down.in_features() != mlp.width()
         || mlp.gate.as_ref().is_some_and(|g| g.out_features() != mlp.width() || g.in_features() != config.hidden_size)
     {
-        return Err(ModelError::WeightShape { name: format!("{prefix}.mlp"), actual: vec![mlp.width()], expected: "consistent MLP widths".into() });
+        return Err(ModelError::WeightShape {
+            name: format!("{prefix}.mlp"),
+            actual: vec![mlp.width()],
+            expected: "consistent MLP widths".into(),
+        });
     }
     debug_assert!(d > 0);
     Ok(Block {
@@ -253,12 +271,19 @@ fn build_block(config: &ModelConfig, w: &Weights, prefix: &str) -> Result<Block>
 fn attention_from(config: &ModelConfig, prefix: &str, q: Linear, k: Linear, v: Linear, o: Linear) -> Result<Attention> {
     let d = config.head_dim;
     let hidden = config.hidden_size;
-    let bad = |what: &str| ModelError::WeightShape { name: format!("{prefix} attention {what}"), actual: vec![q.out_features(), k.out_features(), v.out_features(), o.in_features()], expected: format!("multiples of head_dim {d}, q heads a multiple of kv heads") };
+    let bad = |what: &str| ModelError::WeightShape {
+        name: format!("{prefix} attention {what}"),
+        actual: vec![q.out_features(), k.out_features(), v.out_features(), o.in_features()],
+        expected: format!("multiples of head_dim {d}, q heads a multiple of kv heads"),
+    };
     let (num_heads, num_kv_heads) = (q.out_features() / d, k.out_features() / d);
     if q.out_features() % d != 0 || k.out_features() % d != 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
         return Err(bad("head counts"));
     }
-    if v.out_features() != k.out_features() || o.in_features() != q.out_features() || [q.in_features(), k.in_features(), v.in_features(), o.out_features()].iter().any(|&x| x != hidden) {
+    if v.out_features() != k.out_features()
+        || o.in_features() != q.out_features()
+        || [q.in_features(), k.in_features(), v.in_features(), o.out_features()].iter().any(|&x| x != hidden)
+    {
         return Err(bad("shapes"));
     }
     Ok(Attention { q, k, v, o, num_heads, num_kv_heads, head_dim: d, qkv: None })
@@ -273,13 +298,19 @@ fn neox_attention(config: &ModelConfig, w: &Weights, prefix: &str) -> Result<Att
     let (rows, _) = weight.dims2()?;
     let d = config.head_dim;
     if rows % (3 * d) != 0 {
-        return Err(ModelError::WeightShape { name, actual: weight.dims().to_vec(), expected: format!("rows a multiple of 3×{d}") });
+        return Err(ModelError::WeightShape {
+            name,
+            actual: weight.dims().to_vec(),
+            expected: format!("rows a multiple of 3×{d}"),
+        });
     }
     let heads = rows / (3 * d);
     let gguf_layout = matches!(w.source, WeightSource::Gguf(_));
     let part = |which: usize| -> Result<Linear> {
         let idx: Vec<u32> = (0..heads)
-            .flat_map(|h| (0..d).map(move |i| if gguf_layout { which * heads * d + h * d + i } else { h * 3 * d + which * d + i }))
+            .flat_map(|h| {
+                (0..d).map(move |i| if gguf_layout { which * heads * d + h * d + i } else { h * 3 * d + which * d + i })
+            })
             .map(|r| r as u32)
             .collect();
         let idx = Tensor::from_vec(idx, heads * d, w.device)?;

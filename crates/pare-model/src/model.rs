@@ -117,14 +117,26 @@ impl Model {
     }
 
     /// Run `tokens` (batch × seq, already padded) at `positions` through the model, extending the cache.
-    pub fn forward(&self, tokens: &[Vec<u32>], positions: &[Vec<i64>], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[Vec<u32>],
+        positions: &[Vec<i64>],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
         let x = self.embed(tokens)?;
         self.forward_embeds(x, positions, cache, logits)
     }
 
     /// Run input embeddings x (batch, seq, hidden) at `positions` through the decoder layers,
     /// extending the cache. Multimodal models enter here with image features in place.
-    pub fn forward_embeds(&self, x: Tensor, positions: &[Vec<i64>], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+    pub fn forward_embeds(
+        &self,
+        x: Tensor,
+        positions: &[Vec<i64>],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
         self.forward_embeds_pruned(x, positions, cache, logits, None)
     }
 
@@ -287,8 +299,12 @@ pub fn left_pad(prompts: &[Vec<u32>]) -> Result<(Vec<Vec<u32>>, Vec<Vec<i64>>)> 
 /// that keep fewer tokens are left-padded (zero states at PAD_POSITION, masked everywhere).
 fn keep_tokens(x: &Tensor, positions: &[Vec<i64>], keep: &[Vec<usize>]) -> Result<(Tensor, Vec<Vec<i64>>)> {
     let (batch, seq, hidden) = x.dims3()?;
-    if keep.len() != batch || keep.iter().any(|k| k.is_empty() || k.iter().any(|&i| i >= seq) || k.windows(2).any(|w| w[0] >= w[1])) {
-        return Err(ModelError::input("token pruning: kept indices must be ascending, in range, and at least one per row"));
+    if keep.len() != batch
+        || keep.iter().any(|k| k.is_empty() || k.iter().any(|&i| i >= seq) || k.windows(2).any(|w| w[0] >= w[1]))
+    {
+        return Err(ModelError::input(
+            "token pruning: kept indices must be ascending, in range, and at least one per row",
+        ));
     }
     let width = keep.iter().map(Vec::len).max().unwrap_or(0);
     let mut rows = Vec::with_capacity(batch);
@@ -297,8 +313,13 @@ fn keep_tokens(x: &Tensor, positions: &[Vec<i64>], keep: &[Vec<usize>]) -> Resul
         let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), x.device())?;
         let kept = x.get(b)?.index_select(&ids, 0)?;
         let pad = width - idx.len();
-        rows.push(if pad > 0 { Tensor::cat(&[&Tensor::zeros((pad, hidden), x.dtype(), x.device())?, &kept], 0)? } else { kept });
-        new_positions.push(std::iter::repeat_n(PAD_POSITION, pad).chain(idx.iter().map(|&i| positions[b][i])).collect());
+        rows.push(if pad > 0 {
+            Tensor::cat(&[&Tensor::zeros((pad, hidden), x.dtype(), x.device())?, &kept], 0)?
+        } else {
+            kept
+        });
+        new_positions
+            .push(std::iter::repeat_n(PAD_POSITION, pad).chain(idx.iter().map(|&i| positions[b][i])).collect());
     }
     Ok((Tensor::stack(&rows, 0)?, new_positions))
 }

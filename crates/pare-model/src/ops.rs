@@ -32,7 +32,13 @@ impl CustomOp2 for SwiGlu {
         "pare-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (s1, s2) else {
             candle_core::bail!("pare-swiglu: f32 inputs expected")
         };
@@ -77,7 +83,13 @@ impl CustomOp2 for MaskedSoftmax {
         "pare-masked-softmax"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (CpuStorage::F32(scores), CpuStorage::F32(mask)) = (s1, s2) else {
             candle_core::bail!("pare-masked-softmax: f32 inputs expected")
         };
@@ -145,7 +157,16 @@ mod tests {
         let mask = Tensor::from_vec(m, (2, 1, 5, 7), &Device::Cpu).unwrap();
         let fused = masked_softmax(&scores, Some(&mask)).unwrap();
         let reference = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
-        let diff = (fused - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (fused - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "max |Δ| = {diff}");
     }
 }

@@ -18,8 +18,7 @@ impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
         let dim = cfg.rotary_dim;
         let base = cfg.rope_theta;
-        let mut inv_freq: Vec<f32> =
-            (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
+        let mut inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
         match cfg.rope_scaling {
             RopeScaling::Default => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
@@ -53,7 +52,14 @@ impl Rope {
     }
 
     /// cos and sin of shape (batch, seq, rotary_dim / 2) for the given positions (row-major batch × seq).
-    pub fn cos_sin(&self, positions: &[i64], batch: usize, seq: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[i64],
+        batch: usize,
+        seq: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -74,12 +80,20 @@ impl Rope {
     /// A projection's output (batch, seq, heads·head_dim) → rotated heads (batch, heads, seq,
     /// head_dim). On CUDA the split, the transpose and the rotation are one kernel (a step's q and
     /// k otherwise cost a copy and a rotation launch each); elsewhere it is [`Rope::apply`].
-    pub fn apply_split_heads(&self, x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub fn apply_split_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        head_dim: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
         if x.device().is_cuda() && cos.dtype() == x.dtype() {
             return Ok(pare_kernels::rope_split_heads(x, heads, head_dim, cos, sin)?);
         }
         let (batch, seq, _) = x.dims3()?;
-        let split = x.narrow(2, 0, heads * head_dim)?.reshape((batch, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+        let split =
+            x.narrow(2, 0, heads * head_dim)?.reshape((batch, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
         self.apply(&split, cos, sin)
     }
 
@@ -118,7 +132,16 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &Device::Cpu).unwrap();
         let ours = rope.apply_split_heads(&x, 2, 32, &cos, &sin).unwrap();
         let reference = pare_kernels::cpu::rope_split_heads(&x, 2, 32, &cos, &sin).unwrap();
-        let diff = (ours - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "max |Δ| = {diff}");
     }
 }

@@ -48,7 +48,9 @@ impl Weights<'_> {
         let arch = self.config.arch;
         let global = match (arch, hf) {
             (Arch::GptNeoX, "gpt_neox.embed_in.weight") | (_, "model.embed_tokens.weight") => Some("token_embd.weight"),
-            (Arch::GptNeoX, "gpt_neox.final_layer_norm.weight") | (_, "model.norm.weight") => Some("output_norm.weight"),
+            (Arch::GptNeoX, "gpt_neox.final_layer_norm.weight") | (_, "model.norm.weight") => {
+                Some("output_norm.weight")
+            }
             (Arch::GptNeoX, "gpt_neox.final_layer_norm.bias") => Some("output_norm.bias"),
             (Arch::GptNeoX, "embed_out.weight") | (_, "lm_head.weight") => Some("output.weight"),
             _ => None,
@@ -116,7 +118,8 @@ impl Weights<'_> {
         match self.permuted_heads(hf, t.dims().first().copied().unwrap_or(0)) {
             Some(heads) => {
                 let order = unpermute_rows(t.dim(0)?, heads)?;
-                let idx = Tensor::from_vec(order.iter().map(|&i| i as u32).collect::<Vec<_>>(), order.len(), self.device)?;
+                let idx =
+                    Tensor::from_vec(order.iter().map(|&i| i as u32).collect::<Vec<_>>(), order.len(), self.device)?;
                 Ok(t.index_select(&idx, 0)?)
             }
             None => Ok(t),
@@ -126,7 +129,11 @@ impl Weights<'_> {
     /// Check a tensor's shape.
     pub fn expect_shape(&self, name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
         if t.dims() != expected {
-            return Err(ModelError::WeightShape { name: name.to_string(), actual: t.dims().to_vec(), expected: format!("{expected:?}") });
+            return Err(ModelError::WeightShape {
+                name: name.to_string(),
+                actual: t.dims().to_vec(),
+                expected: format!("{expected:?}"),
+            });
         }
         Ok(())
     }
@@ -138,7 +145,8 @@ impl Weights<'_> {
         let bias = if self.contains(&bias_name) { Some(self.tensor(&bias_name)?) } else { None };
         match (self.dtype, self.source) {
             (WeightDType::Quantized, WeightSource::Gguf(g)) => {
-                let name = self.gguf_name(&weight_name).ok_or_else(|| ModelError::MissingWeight(weight_name.clone()))?;
+                let name =
+                    self.gguf_name(&weight_name).ok_or_else(|| ModelError::MissingWeight(weight_name.clone()))?;
                 if g.tensor_info(&name).is_none() {
                     return Err(ModelError::MissingWeight(format!("{weight_name} (GGUF {name})")));
                 }
@@ -157,7 +165,11 @@ impl Weights<'_> {
             (WeightDType::Float(_), _) => {
                 let weight = self.tensor(&weight_name)?;
                 if weight.rank() != 2 {
-                    return Err(ModelError::WeightShape { name: weight_name, actual: weight.dims().to_vec(), expected: "(out, in)".into() });
+                    return Err(ModelError::WeightShape {
+                        name: weight_name,
+                        actual: weight.dims().to_vec(),
+                        expected: "(out, in)".into(),
+                    });
                 }
                 Ok(Linear::Dense { weight, bias })
             }

@@ -118,7 +118,8 @@ fn check_chat(model: &str) {
     for case in fx["cases"].as_array().unwrap() {
         let messages: Vec<pare_formats::ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
         let rendered =
-            pare_formats::render_chat(template, &messages, true, tok.bos_token.as_deref(), tok.eos_token.as_deref()).unwrap();
+            pare_formats::render_chat(template, &messages, true, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+                .unwrap();
         assert_eq!(rendered, case["rendered"].as_str().unwrap(), "{model}: rendered chat");
         assert_eq!(tok.encode(&rendered, false).unwrap(), ids(&case["ids"]), "{model}: chat ids");
     }

@@ -93,7 +93,12 @@ fn real_slots(kv: &LayerKv, b: usize, h: usize) -> Vec<usize> {
 
 /// Row `b` of a layer as a scorer sees it, with the cache slot of each observed entry per head.
 /// None when the row holds no real entries or observed no queries.
-pub fn observe<'a>(kv: &LayerKv, b: usize, info: &LayerInfo<'a>, row: &RowQueries) -> Result<Option<(Observation<'a>, Vec<Vec<usize>>)>> {
+pub fn observe<'a>(
+    kv: &LayerKv,
+    b: usize,
+    info: &LayerInfo<'a>,
+    row: &RowQueries,
+) -> Result<Option<(Observation<'a>, Vec<Vec<usize>>)>> {
     let heads = kv.kv_heads();
     let slots: Vec<Vec<usize>> = (0..heads).map(|h| real_slots(kv, b, h)).collect();
     if slots.iter().all(Vec::is_empty) || row.positions.is_empty() {
@@ -130,7 +135,8 @@ pub fn observe<'a>(kv: &LayerKv, b: usize, info: &LayerInfo<'a>, row: &RowQuerie
 /// Keep, in every (row, head), the entries at `keep(row, head, positions)`.
 pub fn keep_where(kv: &mut LayerKv, keep: impl Fn(usize, usize, &[i64]) -> Vec<usize>) -> Result<()> {
     let heads = kv.kv_heads();
-    let lists: Vec<Vec<usize>> = (0..kv.batch() * heads).map(|i| keep(i / heads, i % heads, kv.positions(i / heads, i % heads))).collect();
+    let lists: Vec<Vec<usize>> =
+        (0..kv.batch() * heads).map(|i| keep(i / heads, i % heads, kv.positions(i / heads, i % heads))).collect();
     kv.keep(&lists)?;
     Ok(())
 }

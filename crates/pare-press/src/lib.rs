@@ -29,7 +29,8 @@ use scorer::Scorer;
 use select::{Selector, TopK};
 
 /// Scorer presses, usable alone or inside a wrapper.
-pub const SCORERS: &[&str] = &["knorm", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
+pub const SCORERS: &[&str] =
+    &["knorm", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv"];
 
@@ -98,10 +99,15 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     }
     let (base, wrappers) = chain.split_last().expect("split yields at least one item");
     if let Some(w) = wrappers.iter().find(|w| !WRAPPERS.contains(w)) {
-        return Err(PressError::config(format!("{w:?} is not a wrapper: only {} can wrap another press", WRAPPERS.join(", "))));
+        return Err(PressError::config(format!(
+            "{w:?} is not a wrapper: only {} can wrap another press",
+            WRAPPERS.join(", ")
+        )));
     }
     if WRAPPERS.contains(base) {
-        return Err(PressError::config(format!("{base} wraps a scorer press: write it as {base}+snapkv (or another press)")));
+        return Err(PressError::config(format!(
+            "{base} wraps a scorer press: write it as {base}+snapkv (or another press)"
+        )));
     }
     let decoding = wrappers.first() == Some(&"decoding");
     if wrappers.iter().skip(usize::from(decoding)).any(|&w| w == "decoding") {
@@ -112,7 +118,9 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
             return Err(PressError::config("streaming with --capacity runs on its own; drop the wrappers"));
         }
         if opts.ratio.is_some() || opts.budget.is_some() {
-            return Err(PressError::config("streaming takes either --capacity (seed 001's rule) or --ratio/--budget, not both"));
+            return Err(PressError::config(
+                "streaming takes either --capacity (seed 001's rule) or --ratio/--budget, not both",
+            ));
         }
         return Ok(Box::new(StreamingPress::new(opts.sinks.unwrap_or(4), opts.capacity.unwrap_or(0), opts.positions)?));
     }
@@ -120,7 +128,9 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let mut selector = base_selector(base, opts)?;
     for wrapper in wrappers.iter().rev().filter(|&&w| w != "decoding") {
         if *base == "pyramidkv" {
-            return Err(PressError::config(format!("pyramidkv sets per-layer budgets itself and cannot be wrapped by {wrapper}")));
+            return Err(PressError::config(format!(
+                "pyramidkv sets per-layer budgets itself and cannot be wrapped by {wrapper}"
+            )));
         }
         let scorer = selector.scorer().box_clone();
         selector = match *wrapper {
@@ -142,7 +152,9 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         };
     }
     if decoding {
-        let target = opts.budget.ok_or_else(|| PressError::config("decoding needs --budget N: the entries per head it keeps while decoding"))?;
+        let target = opts.budget.ok_or_else(|| {
+            PressError::config("decoding needs --budget N: the entries per head it keeps while decoding")
+        })?;
         let prefill = opts.ratio.map(Budget::ratio).transpose()?;
         return Ok(Box::new(DecodingPress::new(
             selector,
@@ -157,7 +169,11 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         (Some(r), None) => Budget::ratio(r)?,
         (None, Some(n)) => Budget::entries(n)?,
         (Some(_), Some(_)) => return Err(PressError::config("give either --ratio or --budget, not both")),
-        (None, None) => return Err(PressError::config(format!("press {spec:?} needs --ratio R (fraction removed) or --budget N (entries kept)"))),
+        (None, None) => {
+            return Err(PressError::config(format!(
+                "press {spec:?} needs --ratio R (fraction removed) or --budget N (entries kept)"
+            )))
+        }
     };
     Ok(Box::new(PrefillPress { selector, budget, positions: opts.positions }))
 }

@@ -73,8 +73,13 @@ fn kept_entries_match_kvpress() {
             for (head, kept) in heads.as_array().unwrap().iter().enumerate() {
                 let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
                 let got = cache.layers[layer].positions(0, head);
-                for p in expected.iter().filter(|p| !got.contains(p)).chain(got.iter().filter(|p| !expected.contains(p))) {
-                    assert!(near.contains(&(layer, head, *p)), "{file}: layer {layer} head {head}: position {p} differs and is not near the boundary");
+                for p in
+                    expected.iter().filter(|p| !got.contains(p)).chain(got.iter().filter(|p| !expected.contains(p)))
+                {
+                    assert!(
+                        near.contains(&(layer, head, *p)),
+                        "{file}: layer {layer} head {head}: position {p} differs and is not near the boundary"
+                    );
                     differing += 1;
                 }
             }
@@ -136,7 +141,9 @@ fn scores_match_kvpress_within_1e4_relative() {
 #[test]
 fn greedy_continuations_after_compression_match_kvpress() {
     let model = &smollm2().model;
-    for (file, spec) in [("knorm_r0.5", "knorm"), ("snapkv_r0.5", "snapkv"), ("expected_attention_r0.5", "expected-attention")] {
+    for (file, spec) in
+        [("knorm_r0.5", "knorm"), ("snapkv_r0.5", "snapkv"), ("expected_attention_r0.5", "expected-attention")]
+    {
         let f = fixture(&format!("{file}.json"));
         let g = &f["greedy"];
         let press = build(spec, &PressOptions { ratio: f["ratio"].as_f64(), ..PressOptions::default() }).unwrap();
@@ -144,7 +151,9 @@ fn greedy_continuations_after_compression_match_kvpress() {
         let expected = ids(&g["tokens"]);
         for (step, &token) in expected.iter().enumerate() {
             let lp = candle_nn::ops::log_softmax(&logits.get(0).unwrap(), 0).unwrap().to_vec1::<f32>().unwrap();
-            if let Some(top) = g.get(format!("top5_{}", if step == 0 { "first".to_string() } else { format!("step{step}") })) {
+            if let Some(top) =
+                g.get(format!("top5_{}", if step == 0 { "first".to_string() } else { format!("step{step}") }))
+            {
                 for e in top.as_array().unwrap() {
                     let (id, want) = (e["id"].as_u64().unwrap() as usize, e["logprob"].as_f64().unwrap() as f32);
                     assert!((lp[id] - want).abs() < 1e-3, "{file} step {step} token {id}: {} vs {want}", lp[id]);
@@ -160,7 +169,9 @@ fn greedy_continuations_after_compression_match_kvpress() {
 #[test]
 fn streaming_perplexity_matches_the_seed_001_reference_within_half_a_percent() {
     let model = &smollm2().model;
-    for (file, rerotate) in [("streaming_ppl.json", false), ("streaming_ppl_c128.json", false), ("streaming_ppl_rerotate.json", true)] {
+    for (file, rerotate) in
+        [("streaming_ppl.json", false), ("streaming_ppl_c128.json", false), ("streaming_ppl_rerotate.json", true)]
+    {
         let f = fixture(file);
         let tokens = ids(&f["ids"]);
         let opts = PressOptions {

@@ -81,7 +81,8 @@ fn ratio_zero_gives_exactly_the_uncompressed_logits() {
     }
     // The streaming rule with room for everything, and a decoding press that never fires.
     let streaming = press("streaming", PressOptions { capacity: Some(1000), ..PressOptions::default() });
-    let decoding = press("decoding+knorm", PressOptions { budget: Some(1000), interval: Some(2), ..PressOptions::default() });
+    let decoding =
+        press("decoding+knorm", PressOptions { budget: Some(1000), interval: Some(2), ..PressOptions::default() });
     for p in [streaming, decoding] {
         let (got, _) = run(model, &prompt, Some(p.as_ref()), 3);
         for (a, b) in reference.iter().zip(&got) {
@@ -124,8 +125,14 @@ fn each_row_of_a_batch_keeps_its_own_budget_and_matches_running_alone() {
     for spec in ["snapkv", "adakv+knorm", "expected-attention"] {
         let p = press(spec, ratio(0.5));
         let (batch, cache) = run(model, &[long.clone(), short.clone()], Some(p.as_ref()), 2);
-        assert_eq!(cache.layers[0].entries(0, 0) + cache.layers[0].entries(0, 1) + cache.layers[0].entries(0, 2), 3 * 60 + 3 * 2);
-        assert_eq!(cache.layers[0].entries(1, 0) + cache.layers[0].entries(1, 1) + cache.layers[0].entries(1, 2), 3 * 35 + 3 * 2);
+        assert_eq!(
+            cache.layers[0].entries(0, 0) + cache.layers[0].entries(0, 1) + cache.layers[0].entries(0, 2),
+            3 * 60 + 3 * 2
+        );
+        assert_eq!(
+            cache.layers[0].entries(1, 0) + cache.layers[0].entries(1, 1) + cache.layers[0].entries(1, 2),
+            3 * 35 + 3 * 2
+        );
         for (row, prompt) in [long.clone(), short.clone()].into_iter().enumerate() {
             let (alone, _) = run(model, &[prompt], Some(p.as_ref()), 2);
             for (step, (a, b)) in alone.iter().zip(&batch).enumerate() {
@@ -154,7 +161,12 @@ fn streaming_rule_keeps_sinks_and_the_newest_entries() {
         }
     }
     // Rerotate: the cache holds contiguous positions and the next token continues right after.
-    let opts = PressOptions { sinks: Some(4), capacity: Some(16), positions: PositionPolicy::Rerotate, ..PressOptions::default() };
+    let opts = PressOptions {
+        sinks: Some(4),
+        capacity: Some(16),
+        positions: PositionPolicy::Rerotate,
+        ..PressOptions::default()
+    };
     let p = press("streaming", opts);
     let (_, mut cache) = model.prefill_with(&[tokens[..1].to_vec()], Some(p.as_ref())).unwrap();
     for &t in &tokens[1..] {
@@ -196,8 +208,15 @@ fn presses_run_on_gpt_neox_and_other_architectures() {
             let (zero, _) = run(model, &[prompt.clone()], Some(press(spec, ratio(0.0)).as_ref()), 2);
             assert_eq!(max_diff(&zero[2], &reference[2]), 0.0, "{name} {spec}");
             let (got, cache) = run(model, &[prompt.clone()], Some(press(spec, ratio(0.5)).as_ref()), 2);
-            assert!(got.iter().all(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())), "{name} {spec}");
-            assert_eq!(cache.total_entries() * 2, cache.layers.iter().map(|l| l.kv_heads()).sum::<usize>() * (48 + 4), "{name} {spec}");
+            assert!(
+                got.iter().all(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())),
+                "{name} {spec}"
+            );
+            assert_eq!(
+                cache.total_entries() * 2,
+                cache.layers.iter().map(|l| l.kv_heads()).sum::<usize>() * (48 + 4),
+                "{name} {spec}"
+            );
         }
     }
 }
@@ -228,12 +247,27 @@ fn beam_search_runs_over_a_compressed_cache() {
     let loaded = smollm2();
     let prompt = text_tokens(60);
     let cfg = pare_generate::beam::BeamConfig::new(3, 6, vec![2]);
-    let plain = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, None, None, &mut |_, _, _, _| {}).unwrap();
+    let plain =
+        pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, None, None, &mut |_, _, _, _| {}).unwrap();
     let zero = press("snapkv", ratio(0.0));
-    let same = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(zero.as_ref()), None, &mut |_, _, _, _| {}).unwrap();
-    assert_eq!(plain.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>(), same.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>());
-    let decoding = press("decoding+adakv+snapkv", PressOptions { budget: Some(40), interval: Some(2), ..PressOptions::default() });
-    let hyps = pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(decoding.as_ref()), None, &mut |_, _, _, _| {}).unwrap();
+    let same =
+        pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(zero.as_ref()), None, &mut |_, _, _, _| {})
+            .unwrap();
+    assert_eq!(
+        plain.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>(),
+        same.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>()
+    );
+    let decoding =
+        press("decoding+adakv+snapkv", PressOptions { budget: Some(40), interval: Some(2), ..PressOptions::default() });
+    let hyps = pare_generate::beam_search_with(
+        &loaded.model,
+        &prompt,
+        &cfg,
+        Some(decoding.as_ref()),
+        None,
+        &mut |_, _, _, _| {},
+    )
+    .unwrap();
     assert_eq!(hyps.len(), 1);
     assert_eq!(hyps[0].tokens.len(), 6);
 }

@@ -27,7 +27,10 @@ fn keep_rows(l: &Linear, ids: &[usize], model: &Model) -> Result<Linear> {
 /// Keep columns `ids` of the weight: input channels (the bias, per output, stays).
 fn keep_cols(l: &Linear, ids: &[usize], model: &Model) -> Result<Linear> {
     let idx = index(ids, &model.device)?;
-    Ok(Linear::Dense { weight: l.dense_weight(model.dtype)?.index_select(&idx, 1)?.contiguous()?, bias: l.bias().cloned() })
+    Ok(Linear::Dense {
+        weight: l.dense_weight(model.dtype)?.index_select(&idx, 1)?.contiguous()?,
+        bias: l.bias().cloned(),
+    })
 }
 
 /// The pruned model. The plan is validated against `model` first.

@@ -39,7 +39,13 @@ pub fn from_tokens(tokens: &[u32], samples: usize, len: usize, source: &str) -> 
 }
 
 /// Tokenize `text` with the model's tokenizer and cut the samples.
-pub fn from_text(tokenizer: &pare_formats::TokenizerBundle, text: &str, samples: usize, len: usize, source: &str) -> Result<Calibration> {
+pub fn from_text(
+    tokenizer: &pare_formats::TokenizerBundle,
+    text: &str,
+    samples: usize,
+    len: usize,
+    source: &str,
+) -> Result<Calibration> {
     let tokens = tokenizer.encode(text, true)?;
     from_tokens(&tokens, samples, len, source)
 }

@@ -169,7 +169,12 @@ impl DiffModel {
                     o: DiffLinear::new(&a.o, dtype, trainable(l, Role::O))?,
                     shape: AttnShape { num_heads: a.num_heads, num_kv_heads: a.num_kv_heads, head_dim: a.head_dim },
                     mlp_norm: DiffNorm::new(&b.mlp_norm, dtype)?,
-                    gate: b.mlp.gate.as_ref().map(|g| DiffLinear::new(g, dtype, trainable(l, Role::Gate))).transpose()?,
+                    gate: b
+                        .mlp
+                        .gate
+                        .as_ref()
+                        .map(|g| DiffLinear::new(g, dtype, trainable(l, Role::Gate)))
+                        .transpose()?,
                     up: DiffLinear::new(&b.mlp.up, dtype, trainable(l, Role::Up))?,
                     down: DiffLinear::new(&b.mlp.down, dtype, trainable(l, Role::Down))?,
                 })
@@ -231,12 +236,22 @@ impl DiffModel {
         }
     }
 
-    fn attention(&self, l: usize, layer: &DiffLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, probe: &mut Probe) -> Result<Tensor> {
+    fn attention(
+        &self,
+        l: usize,
+        layer: &DiffLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        probe: &mut Probe,
+    ) -> Result<Tensor> {
         let seq = x.dim(0)?;
         let AttnShape { num_heads: h, num_kv_heads: kvh, head_dim: d } = layer.shape;
         let g = h / kvh;
         probe.add_input(l, Role::Q, x)?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((seq, n, d))?.transpose(0, 1)?.contiguous()?) };
+        let heads =
+            |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((seq, n, d))?.transpose(0, 1)?.contiguous()?) };
         let q = Self::rope(&heads(layer.q.forward(x)?, h)?, cos, sin)?;
         let k = Self::rope(&heads(layer.k.forward(x)?, kvh)?, cos, sin)?;
         let v = heads(layer.v.forward(x)?, kvh)?;
@@ -269,7 +284,10 @@ impl DiffModel {
     pub fn forward(&self, ids: &[u32], probe: &mut Probe) -> Result<Tensor> {
         let seq = ids.len();
         if seq == 0 || seq > self.max_positions {
-            return Err(PruneError::input(format!("a calibration sample must hold 1 to {} tokens, got {seq}", self.max_positions)));
+            return Err(PruneError::input(format!(
+                "a calibration sample must hold 1 to {} tokens, got {seq}",
+                self.max_positions
+            )));
         }
         self.check_ids(ids)?;
         let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
@@ -285,7 +303,15 @@ impl DiffModel {
     }
 
     /// Layers `range` on the residual stream x (seq, hidden); records what `probe` asks for.
-    fn run_layers(&self, range: std::ops::Range<usize>, mut x: Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, probe: &mut Probe) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        range: std::ops::Range<usize>,
+        mut x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        probe: &mut Probe,
+    ) -> Result<Tensor> {
         for l in range {
             let layer = &self.layers[l];
             if probe.record_hidden {
@@ -361,11 +387,21 @@ impl DiffModel {
             )));
         }
         if key_bias.dims() != [seq] {
-            return Err(PruneError::input(format!("forward_from: key bias of shape {:?} for {seq} tokens", key_bias.dims())));
+            return Err(PruneError::input(format!(
+                "forward_from: key bias of shape {:?} for {seq} tokens",
+                key_bias.dims()
+            )));
         }
         let (cos, sin) = self.cos_sin(seq)?;
         let mask = self.causal_mask(seq)?.broadcast_add(&key_bias.to_dtype(self.dtype)?.unsqueeze(0)?)?;
-        let x = self.run_layers(layer..self.layers.len(), x.to_dtype(self.dtype)?, &cos, &sin, &mask, &mut Probe::default())?;
+        let x = self.run_layers(
+            layer..self.layers.len(),
+            x.to_dtype(self.dtype)?,
+            &cos,
+            &sin,
+            &mask,
+            &mut Probe::default(),
+        )?;
         let x = x.narrow(0, from_row, seq - from_row)?;
         self.lm_head.forward(&self.final_norm.forward(&x)?)
     }
@@ -429,7 +465,11 @@ mod tests {
                 let fd = (at(eps) - at(-eps)) / (2.0 * eps);
                 var.set(&Tensor::from_vec(w0.clone(), var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
                 let tol = 1e-9 + 1e-7 * fd.abs().max(g[i].abs());
-                assert!((fd - g[i]).abs() < tol, "layer {l} {role:?}[{i}]: autograd {} vs finite difference {fd}", g[i]);
+                assert!(
+                    (fd - g[i]).abs() < tol,
+                    "layer {l} {role:?}[{i}]: autograd {} vs finite difference {fd}",
+                    g[i]
+                );
                 checked += 1;
             }
         }
@@ -446,15 +486,36 @@ mod tests {
         assert_eq!(hidden.len(), 3);
         let zero = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
         let tail = diff.forward_from(2, &hidden[2], &zero, 4).unwrap();
-        let delta = (full.narrow(0, 4, 6).unwrap() - tail).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let delta = (full.narrow(0, 4, 6).unwrap() - tail)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(delta < 1e-5, "{delta}");
         // A bias on a key changes later rows only.
         let mut bias = vec![0f32; 10];
         bias[5] = -30.0;
         let biased = diff.forward_from(2, &hidden[2], &Tensor::new(bias, &Device::Cpu).unwrap(), 0).unwrap();
         let rows = |t: &Tensor, a: usize, n: usize| t.narrow(0, a, n).unwrap();
-        let same = (rows(&full, 0, 5) - rows(&biased, 0, 5)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let moved = (rows(&full, 6, 4) - rows(&biased, 6, 4)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let same = (rows(&full, 0, 5) - rows(&biased, 0, 5))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let moved = (rows(&full, 6, 4) - rows(&biased, 6, 4))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(same < 1e-5 && moved > 1e-3, "{same} {moved}");
         assert!(diff.forward_from(2, &hidden[2], &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(), 0).is_err());
     }

@@ -122,7 +122,8 @@ const fn m(role: Role, axis: Axis) -> Member {
 
 /// The coupled members of an attention unit. The root (k for KV groups, q for query heads) is first.
 pub fn attn_members(mode: GqaMode) -> &'static [Member] {
-    const KV: [Member; 4] = [m(Role::K, Axis::Rows), m(Role::Q, Axis::Rows), m(Role::V, Axis::Rows), m(Role::O, Axis::Cols)];
+    const KV: [Member; 4] =
+        [m(Role::K, Axis::Rows), m(Role::Q, Axis::Rows), m(Role::V, Axis::Rows), m(Role::O, Axis::Cols)];
     const QH: [Member; 2] = [m(Role::Q, Axis::Rows), m(Role::O, Axis::Cols)];
     match mode {
         GqaMode::KvGroups => &KV,
@@ -164,7 +165,8 @@ pub fn attn_root_of(mode: GqaMode, s: AttnShape, member: Member, c: usize) -> us
 
 /// Kept rows of q (and columns of o) and of k / v for the kept query heads and KV heads.
 pub fn attn_kept_channels(s: AttnShape, kept_heads: &[usize], kept_kv_heads: &[usize]) -> (Vec<usize>, Vec<usize>) {
-    let expand = |heads: &[usize]| -> Vec<usize> { heads.iter().flat_map(|&h| h * s.head_dim..(h + 1) * s.head_dim).collect() };
+    let expand =
+        |heads: &[usize]| -> Vec<usize> { heads.iter().flat_map(|&h| h * s.head_dim..(h + 1) * s.head_dim).collect() };
     (expand(kept_heads), expand(kept_kv_heads))
 }
 
@@ -174,7 +176,10 @@ pub fn attn_kept_channels(s: AttnShape, kept_heads: &[usize], kept_kv_heads: &[u
 pub fn check_attn_keep(s: AttnShape, kept_heads: &[usize], kept_kv_heads: &[usize]) -> std::result::Result<(), String> {
     let ascending = |v: &[usize], n: usize| v.windows(2).all(|w| w[0] < w[1]) && v.iter().all(|&x| x < n);
     if !ascending(kept_heads, s.num_heads) || !ascending(kept_kv_heads, s.num_kv_heads) {
-        return Err(format!("kept heads must be ascending and below {} (KV heads below {})", s.num_heads, s.num_kv_heads));
+        return Err(format!(
+            "kept heads must be ascending and below {} (KV heads below {})",
+            s.num_heads, s.num_kv_heads
+        ));
     }
     if kept_kv_heads.is_empty() {
         return Err("keeps no head".into());
@@ -187,7 +192,10 @@ pub fn check_attn_keep(s: AttnShape, kept_heads: &[usize], kept_kv_heads: &[usiz
     for (kv, &n) in per_kv.iter().enumerate() {
         let kept = kept_kv_heads.contains(&kv);
         if kept != (n > 0) {
-            return Err(format!("KV head {kv} is {} but {n} of its query heads are kept", if kept { "kept" } else { "removed" }));
+            return Err(format!(
+                "KV head {kv} is {} but {n} of its query heads are kept",
+                if kept { "kept" } else { "removed" }
+            ));
         }
     }
     let first = per_kv[kept_kv_heads[0]];

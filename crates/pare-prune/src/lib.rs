@@ -81,7 +81,9 @@ impl PruneSettings {
         if let RatioMode::PerLayer(r) = &self.mode {
             for (kind, map) in [("attn", &r.attn), ("mlp", &r.mlp)] {
                 if let Some(l) = map.keys().find(|&&l| l >= n) {
-                    return Err(PruneError::input(format!("per-layer ratios: {kind} layer {l} is outside the model's {n} layers")));
+                    return Err(PruneError::input(format!(
+                        "per-layer ratios: {kind} layer {l} is outside the model's {n} layers"
+                    )));
                 }
             }
             return Ok((r.attn.keys().copied().collect(), r.mlp.keys().copied().collect()));
@@ -113,7 +115,9 @@ pub struct Outcome {
 fn layer_units(model: &Model, kind: Kind, gqa: GqaMode, layer: usize) -> LayerUnits {
     let b = &model.blocks[layer];
     match kind {
-        Kind::Mlp => LayerUnits { layer, units: b.mlp.width(), root_width: 1, channel_width: 1, unit_name: "MLP channel" },
+        Kind::Mlp => {
+            LayerUnits { layer, units: b.mlp.width(), root_width: 1, channel_width: 1, unit_name: "MLP channel" }
+        }
         Kind::Attn => {
             let s = attn_shape(b);
             match gqa {
@@ -137,7 +141,11 @@ fn layer_units(model: &Model, kind: Kind, gqa: GqaMode, layer: usize) -> LayerUn
 }
 
 /// Block influence of every layer over the calibration samples.
-pub fn measure_block_influence(model: &Model, samples: &[Vec<u32>], progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Vec<f64>> {
+pub fn measure_block_influence(
+    model: &Model,
+    samples: &[Vec<u32>],
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<f64>> {
     let diff = diff_forward::DiffModel::new(model, DType::F32, |_, _| false)?;
     let mut hidden = Vec::with_capacity(samples.len());
     for (i, ids) in samples.iter().enumerate() {
@@ -167,7 +175,11 @@ pub fn make_plan(
         (true, None) => {
             return Err(PruneError::input(format!(
                 "{} needs calibration text (--calib-text)",
-                if settings.importance.needs_calibration() { format!("--importance {}", settings.importance.name()) } else { "--mode block-influence".into() }
+                if settings.importance.needs_calibration() {
+                    format!("--importance {}", settings.importance.name())
+                } else {
+                    "--mode block-influence".into()
+                }
             )))
         }
         (_, c) => c.map(|c| c.ids.as_slice()),
@@ -198,12 +210,16 @@ pub fn make_plan(
             (l, v)
         })
         .collect();
-    let units = |kind: Kind, layers: &[usize]| -> Vec<LayerUnits> { layers.iter().map(|&l| layer_units(model, kind, settings.gqa, l)).collect() };
+    let units = |kind: Kind, layers: &[usize]| -> Vec<LayerUnits> {
+        layers.iter().map(|&l| layer_units(model, kind, settings.gqa, l)).collect()
+    };
     let attn_units = units(Kind::Attn, &attn_layers);
     let mlp_units = units(Kind::Mlp, &mlp_layers);
     let bi = block_influence.as_deref();
-    let attn_counts = ratios::counts(Kind::Attn, &attn_units, &attn_rank, &settings.mode, settings.ratio, bi, settings.round_to)?;
-    let mlp_counts = ratios::counts(Kind::Mlp, &mlp_units, &scores.mlp, &settings.mode, settings.ratio, bi, settings.round_to)?;
+    let attn_counts =
+        ratios::counts(Kind::Attn, &attn_units, &attn_rank, &settings.mode, settings.ratio, bi, settings.round_to)?;
+    let mlp_counts =
+        ratios::counts(Kind::Mlp, &mlp_units, &scores.mlp, &settings.mode, settings.ratio, bi, settings.round_to)?;
 
     let mut layers: BTreeMap<usize, LayerPlan> = BTreeMap::new();
     let mut removed: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
@@ -293,7 +309,8 @@ mod tests {
             let b = &mut m.blocks[lp.layer];
             let zero_cols = |l: &pare_model::layers::Linear, keep: &[usize]| {
                 let w = l.dense_weight(DType::F32).unwrap();
-                let mask: Vec<f32> = (0..w.dim(1).unwrap()).map(|c| if keep.contains(&c) { 1.0 } else { 0.0 }).collect();
+                let mask: Vec<f32> =
+                    (0..w.dim(1).unwrap()).map(|c| if keep.contains(&c) { 1.0 } else { 0.0 }).collect();
                 let mask = Tensor::from_vec(mask, (1, w.dim(1).unwrap()), &Device::Cpu).unwrap();
                 pare_model::layers::Linear::Dense { weight: w.broadcast_mul(&mask).unwrap(), bias: l.bias().cloned() }
             };
@@ -365,14 +382,18 @@ mod tests {
             Importance::Taylor(TaylorVariant::ParamMix),
             Importance::WandaSp,
         ] {
-            let out = make_plan(&model, &settings(imp, GqaMode::QueryHeads, 0.5), Some(&calib), &mut |_, _, _| {}).unwrap();
+            let out =
+                make_plan(&model, &settings(imp, GqaMode::QueryHeads, 0.5), Some(&calib), &mut |_, _, _| {}).unwrap();
             assert!(out.scores.mlp.values().flatten().all(|v| v.is_finite() && *v >= 0.0), "{imp:?}");
             let text = out.plan.to_json();
             let back = PruningPlan::from_json(&text, "plan.json").unwrap();
             assert_eq!(back, out.plan);
             let a = apply(&model, &out.plan).unwrap();
             let b = apply(&model, &back).unwrap();
-            assert_eq!(a.logits_all(&[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap(), b.logits_all(&[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap());
+            assert_eq!(
+                a.logits_all(&[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap(),
+                b.logits_all(&[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap()
+            );
         }
     }
 
@@ -382,7 +403,14 @@ mod tests {
         // mean calibration loss. Check it against central differences in f64.
         let model = tiny_model(&Device::Cpu, 2, 4, 2, 14);
         let calib = samples();
-        let stats = importance::taylor::accumulate(&model, &[(1, groups::Role::Down, groups::Axis::Cols)], TaylorVariant::Vectorize, &calib.ids, |_, _| {}).unwrap();
+        let stats = importance::taylor::accumulate(
+            &model,
+            &[(1, groups::Role::Down, groups::Axis::Cols)],
+            TaylorVariant::Vectorize,
+            &calib.ids,
+            |_, _| {},
+        )
+        .unwrap();
         let w = model.blocks[1].mlp.down.dense_weight(DType::F32).unwrap();
         let taylor = stats.norms(&w, 1, groups::Role::Down, groups::Axis::Cols).unwrap();
         let diff = diff_forward::DiffModel::new(&model, DType::F64, |l, r| l == 1 && r == groups::Role::Down).unwrap();
@@ -390,7 +418,12 @@ mod tests {
         // A copy: a Var's tensor shares storage with it, and `set` writes in place.
         let w0 = var.as_tensor().copy().unwrap();
         let mean_loss = || -> f64 {
-            calib.ids.iter().map(|ids| diff.loss(ids, &mut Default::default()).unwrap().to_scalar::<f64>().unwrap()).sum::<f64>() / calib.ids.len() as f64
+            calib
+                .ids
+                .iter()
+                .map(|ids| diff.loss(ids, &mut Default::default()).unwrap().to_scalar::<f64>().unwrap())
+                .sum::<f64>()
+                / calib.ids.len() as f64
         };
         for c in [0usize, 7, 23] {
             let at = |eps: f64| -> f64 {
@@ -402,7 +435,11 @@ mod tests {
             };
             let h = 1e-4;
             let fd = ((at(h) - at(-h)) / (2.0 * h)).abs();
-            assert!((fd - taylor[c]).abs() < 1e-6 + 1e-3 * fd, "column {c}: Taylor {} vs finite difference {fd}", taylor[c]);
+            assert!(
+                (fd - taylor[c]).abs() < 1e-6 + 1e-3 * fd,
+                "column {c}: Taylor {} vs finite difference {fd}",
+                taylor[c]
+            );
         }
         var.set(&w0).unwrap();
     }
@@ -414,11 +451,18 @@ mod tests {
         s.attn_layers = 2..5;
         let e = make_plan(&model, &s, None, &mut |_, _, _| {}).unwrap_err().to_string();
         assert!(e.contains("--attn-layers 2..5 is outside the model's 3 layers"), "{e}");
-        let e = make_plan(&model, &settings(Importance::L2, GqaMode::KvGroups, 1.0), None, &mut |_, _, _| {}).unwrap_err().to_string();
-        assert!(e.contains("would remove every KV head of layer 0"), "{e}");
-        let e = make_plan(&model, &settings(Importance::Taylor(TaylorVariant::ParamFirst), GqaMode::KvGroups, 0.5), None, &mut |_, _, _| {})
+        let e = make_plan(&model, &settings(Importance::L2, GqaMode::KvGroups, 1.0), None, &mut |_, _, _| {})
             .unwrap_err()
             .to_string();
+        assert!(e.contains("would remove every KV head of layer 0"), "{e}");
+        let e = make_plan(
+            &model,
+            &settings(Importance::Taylor(TaylorVariant::ParamFirst), GqaMode::KvGroups, 0.5),
+            None,
+            &mut |_, _, _| {},
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("needs calibration text"), "{e}");
         let mut s = settings(Importance::L2, GqaMode::KvGroups, 0.5);
         s.round_to = Some(1000);
@@ -426,7 +470,8 @@ mod tests {
         assert!(e.contains("--round-to 1000 is larger than layer 0's"), "{e}");
         // A plan for another model is refused.
         let other = tiny_model(&Device::Cpu, 2, 4, 2, 16);
-        let out = make_plan(&model, &settings(Importance::L2, GqaMode::KvGroups, 0.5), None, &mut |_, _, _| {}).unwrap();
+        let out =
+            make_plan(&model, &settings(Importance::L2, GqaMode::KvGroups, 0.5), None, &mut |_, _, _| {}).unwrap();
         let e = apply(&other, &out.plan).unwrap_err().to_string();
         assert!(e.contains("2 layers, the plan was made for 3"), "{e}");
     }

@@ -137,7 +137,9 @@ pub fn attn_keep(s: AttnShape, mode: GqaMode, unit_scores: &[f64], remove: usize
         GqaMode::QueryHeads => {
             let g = s.group();
             let kept_heads = (0..s.num_kv_heads)
-                .flat_map(|kv| keep_highest(&unit_scores[kv * g..(kv + 1) * g], remove).into_iter().map(move |h| kv * g + h))
+                .flat_map(|kv| {
+                    keep_highest(&unit_scores[kv * g..(kv + 1) * g], remove).into_iter().map(move |h| kv * g + h)
+                })
                 .collect();
             AttnKeep { kept_heads, kept_kv_heads: (0..s.num_kv_heads).collect() }
         }
@@ -152,7 +154,10 @@ impl PruningPlan {
     pub fn from_json(text: &str, source: &str) -> Result<Self> {
         let plan: PruningPlan = serde_json::from_str(text).map_err(|e| PruneError::Plan(format!("{source}: {e}")))?;
         if plan.format != FORMAT || plan.version != VERSION {
-            return Err(PruneError::Plan(format!("{source}: format {:?} version {}, expected {FORMAT:?} version {VERSION}", plan.format, plan.version)));
+            return Err(PruneError::Plan(format!(
+                "{source}: format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+                plan.format, plan.version
+            )));
         }
         Ok(plan)
     }
@@ -164,9 +169,13 @@ impl PruningPlan {
             let what = if actual.num_layers != self.model.num_layers {
                 format!("{} layers, the plan was made for {}", actual.num_layers, self.model.num_layers)
             } else if actual.arch != self.model.arch || actual.hidden_size != self.model.hidden_size {
-                format!("{} with hidden size {}, the plan was made for {} with {}", actual.arch, actual.hidden_size, self.model.arch, self.model.hidden_size)
+                format!(
+                    "{} with hidden size {}, the plan was made for {} with {}",
+                    actual.arch, actual.hidden_size, self.model.arch, self.model.hidden_size
+                )
             } else {
-                "its layer shapes differ from the ones the plan was made for (apply a plan to the unpruned model)".into()
+                "its layer shapes differ from the ones the plan was made for (apply a plan to the unpruned model)"
+                    .into()
             };
             return Err(PruneError::Plan(format!("the model does not match: {what}")));
         }

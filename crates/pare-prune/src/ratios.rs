@@ -16,7 +16,9 @@ pub enum RatioMode {
     PerLayer(PerLayerRatios),
     /// Layers that change the residual stream less (lower block influence) lose more; `strength`
     /// scales how far ratios move from the uniform one.
-    BlockInfluence { strength: f64 },
+    BlockInfluence {
+        strength: f64,
+    },
 }
 
 impl RatioMode {
@@ -44,7 +46,9 @@ pub struct PerLayerRatios {
 impl PerLayerRatios {
     pub fn from_json(text: &str, source: &str) -> Result<Self> {
         let r: PerLayerRatios = serde_json::from_str(text).map_err(|e| {
-            PruneError::input(format!("{source}: {e} (expected {{\"attn\": {{\"3\": 0.25}}, \"mlp\": {{\"3\": 0.25}}}})"))
+            PruneError::input(format!(
+                "{source}: {e} (expected {{\"attn\": {{\"3\": 0.25}}, \"mlp\": {{\"3\": 0.25}}}})"
+            ))
         })?;
         for (kind, map) in [("attn", &r.attn), ("mlp", &r.mlp)] {
             if let Some((l, v)) = map.iter().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
@@ -102,9 +106,10 @@ pub fn counts(
     }
     let mut pruned: BTreeMap<usize, usize> = match mode {
         RatioMode::Local => layers.iter().map(|u| (u.layer, local_count(u.units, u.root_width, ratio))).collect(),
-        RatioMode::PerLayer(r) => {
-            layers.iter().map(|u| (u.layer, local_count(u.units, u.root_width, r.get(kind).get(&u.layer).copied().unwrap_or(0.0)))).collect()
-        }
+        RatioMode::PerLayer(r) => layers
+            .iter()
+            .map(|u| (u.layer, local_count(u.units, u.root_width, r.get(kind).get(&u.layer).copied().unwrap_or(0.0))))
+            .collect(),
         RatioMode::Global => global(layers, scores, ratio)?,
         RatioMode::BlockInfluence { strength } => {
             let bi = influence.ok_or_else(|| PruneError::input("block-influence mode needs calibration text"))?;
@@ -156,8 +161,11 @@ fn block_influence(layers: &[LayerUnits], bi: &[f64], ratio: f64, strength: f64)
     let (lo, hi) = z_raw.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     let z: Vec<f64> = z_raw.iter().map(|&v| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 }).collect();
     let mean_z = z.iter().sum::<f64>() / z.len() as f64;
-    let desired: Vec<f64> =
-        layers.iter().zip(&z).map(|(u, &zl)| u.units as f64 * (ratio * (1.0 + strength * (mean_z - zl))).clamp(0.0, 1.0)).collect();
+    let desired: Vec<f64> = layers
+        .iter()
+        .zip(&z)
+        .map(|(u, &zl)| u.units as f64 * (ratio * (1.0 + strength * (mean_z - zl))).clamp(0.0, 1.0))
+        .collect();
     let sum: f64 = desired.iter().sum();
     let scale = if sum > 0.0 { target as f64 / sum } else { 0.0 };
     let cap: Vec<usize> = layers.iter().map(|u| u.units.saturating_sub(1)).collect();
@@ -215,7 +223,8 @@ pub fn block_influence_of(hidden_per_sample: &[Vec<candle_core::Tensor>]) -> Res
     let mut tokens = 0usize;
     for hidden in hidden_per_sample {
         for (l, s) in sum.iter_mut().enumerate() {
-            let (a, b) = (hidden[l].to_dtype(candle_core::DType::F64)?, hidden[l + 1].to_dtype(candle_core::DType::F64)?);
+            let (a, b) =
+                (hidden[l].to_dtype(candle_core::DType::F64)?, hidden[l + 1].to_dtype(candle_core::DType::F64)?);
             let dot = (&a * &b)?.sum(1)?;
             let norms = (a.sqr()?.sum(1)?.sqrt()? * b.sqr()?.sum(1)?.sqrt()?)?;
             let cos = (dot / norms.clamp(1e-12, f64::INFINITY)?)?;
@@ -263,7 +272,8 @@ mod tests {
     #[test]
     fn removing_everything_is_refused() {
         let layers = [lu(4, 3, 64, 192)];
-        let e = counts(Kind::Attn, &layers, &BTreeMap::new(), &RatioMode::Local, 1.0, None, None).unwrap_err().to_string();
+        let e =
+            counts(Kind::Attn, &layers, &BTreeMap::new(), &RatioMode::Local, 1.0, None, None).unwrap_err().to_string();
         assert!(e.contains("every unit of layer 4"), "{e}");
     }
 
@@ -279,11 +289,29 @@ mod tests {
     fn block_influence_keeps_the_total_and_prunes_quiet_layers_more() {
         let layers = [lu(0, 100, 1, 1), lu(1, 100, 1, 1), lu(2, 100, 1, 1)];
         let bi = [0.5, 0.1, 0.3];
-        let c = counts(Kind::Mlp, &layers, &BTreeMap::new(), &RatioMode::BlockInfluence { strength: 1.0 }, 0.3, Some(&bi), None).unwrap();
+        let c = counts(
+            Kind::Mlp,
+            &layers,
+            &BTreeMap::new(),
+            &RatioMode::BlockInfluence { strength: 1.0 },
+            0.3,
+            Some(&bi),
+            None,
+        )
+        .unwrap();
         assert_eq!(c.values().sum::<usize>(), 90);
         assert!(c[&1] > c[&2] && c[&2] > c[&0], "{c:?}");
         // Equal influence: the local counts.
-        let c = counts(Kind::Mlp, &layers, &BTreeMap::new(), &RatioMode::BlockInfluence { strength: 1.0 }, 0.3, Some(&[0.2; 3]), None).unwrap();
+        let c = counts(
+            Kind::Mlp,
+            &layers,
+            &BTreeMap::new(),
+            &RatioMode::BlockInfluence { strength: 1.0 },
+            0.3,
+            Some(&[0.2; 3]),
+            None,
+        )
+        .unwrap();
         assert_eq!(c, BTreeMap::from([(0, 30), (1, 30), (2, 30)]));
     }
 
@@ -293,7 +321,9 @@ mod tests {
         let c = counts(Kind::Mlp, &layers, &BTreeMap::new(), &RatioMode::Local, 0.3, None, Some(64)).unwrap();
         assert_eq!((1536 - c[&0]) % 64, 0);
         assert_eq!(1536 - c[&0], 1088); // 1075 kept, rounded up to 17 × 64
-        let e = counts(Kind::Mlp, &layers, &BTreeMap::new(), &RatioMode::Local, 0.3, None, Some(2048)).unwrap_err().to_string();
+        let e = counts(Kind::Mlp, &layers, &BTreeMap::new(), &RatioMode::Local, 0.3, None, Some(2048))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("larger than layer 0's MLP width of 1536"), "{e}");
         // Attention: 3 KV groups of 192 q rows; multiples of 128 need an even count.
         let attn = [lu(2, 3, 64, 192)];

@@ -21,7 +21,11 @@ pub struct ParamCounts {
 
 impl ParamCounts {
     pub fn of(model: &Model) -> Self {
-        let mut c = ParamCounts { embed: model.embed_tokens.elem_count(), norm: model.final_norm.param_count(), ..Default::default() };
+        let mut c = ParamCounts {
+            embed: model.embed_tokens.elem_count(),
+            norm: model.final_norm.param_count(),
+            ..Default::default()
+        };
         for b in &model.blocks {
             c.q += b.attn.q.param_count();
             c.k += b.attn.k.param_count();
@@ -71,6 +75,12 @@ pub fn layer_shapes(model: &Model) -> Vec<LayerShape> {
         .blocks
         .iter()
         .enumerate()
-        .map(|(layer, b)| LayerShape { layer, heads: b.attn.num_heads, kv_heads: b.attn.num_kv_heads, mlp_width: b.mlp.width(), params: b.param_count() })
+        .map(|(layer, b)| LayerShape {
+            layer,
+            heads: b.attn.num_heads,
+            kv_heads: b.attn.num_kv_heads,
+            mlp_width: b.mlp.width(),
+            params: b.param_count(),
+        })
         .collect()
 }

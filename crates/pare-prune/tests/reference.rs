@@ -46,7 +46,8 @@ fn tiny_uniform_export_gives_the_transformers_logits() {
     assert_eq!(pruned.config.layer_shapes, None, "every layer pruned alike");
     let dir = tempfile::tempdir().unwrap();
     pare_model::export::export_hf_dir(&pruned, None, &[2], dir.path()).unwrap();
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(config["num_attention_heads"], 4);
     assert_eq!(config["num_key_value_heads"], 2);
     assert_eq!(config["intermediate_size"], 64);
@@ -54,10 +55,16 @@ fn tiny_uniform_export_gives_the_transformers_logits() {
     assert!(config.get("num_attention_heads_per_layer").is_none());
 
     let ids: Vec<u32> = usizes(&exp["ids"]).into_iter().map(|i| i as u32).collect();
-    let want: Vec<Vec<f64>> = exp["logits"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()).collect();
+    let want: Vec<Vec<f64>> = exp["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+        .collect();
     let check = |m: &Model, what: &str| {
         let got = m.logits_all(&ids).unwrap().to_vec2::<f32>().unwrap();
-        let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+        let worst =
+            got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-4, "{what}: max |Δlogit| {worst}");
     };
     check(&pruned, "pruned in memory");
@@ -93,7 +100,8 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
 
     let dir = tempfile::tempdir().unwrap();
     pare_model::export::export_hf_dir(&pruned, None, &[2], dir.path()).unwrap();
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(config["num_attention_heads_per_layer"], serde_json::json!([8, 4, 4, 8]));
     assert_eq!(config["intermediate_size_per_layer"], serde_json::json!([128, 128, 64, 64]));
     let reloaded = load_model(dir.path());
@@ -104,13 +112,17 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     let mut wrong = config.clone();
     wrong["num_attention_heads_per_layer"] = serde_json::json!([8, 8, 4, 8]);
     std::fs::write(dir.path().join("config.json"), wrong.to_string()).unwrap();
-    let err = pare_model::load(dir.path().to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).err().unwrap().to_string();
+    let err = pare_model::load(dir.path().to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("layer 1"), "{err}");
 
     let gguf = dir.path().join("model.gguf");
     pare_model::export::export_gguf(&pruned, &[], pare_formats::GgmlType::F32, &gguf).unwrap();
     let file = pare_formats::GgufFile::open(&gguf).unwrap();
-    let heads: Vec<u64> = file.get_array("llama.attention.head_count").unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let heads: Vec<u64> =
+        file.get_array("llama.attention.head_count").unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(heads, vec![8, 4, 4, 8]);
     let from_gguf = load_model(&gguf);
     assert_eq!(from_gguf.config.layer_shapes, Some(shapes));

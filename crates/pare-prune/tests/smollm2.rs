@@ -12,7 +12,8 @@ use pare_prune::calibration;
 use serde_json::Value;
 
 fn smollm2() -> pare_model::LoadedModel {
-    pare_model::load("smollm2-135m", WeightDType::Float(DType::F32), &Device::Cpu).expect("run `make assets` for SmolLM2")
+    pare_model::load("smollm2-135m", WeightDType::Float(DType::F32), &Device::Cpu)
+        .expect("run `make assets` for SmolLM2")
 }
 
 fn calibration_from_c4(loaded: &pare_model::LoadedModel, fx: &Value) -> calibration::Calibration {
@@ -44,13 +45,18 @@ fn top20(logprobs: &[f32]) -> Vec<(u32, f32)> {
 
 fn check_logprobs(model: &Model, exp: &Value, what: &str) {
     let ids: Vec<u32> = usizes(&exp["ids"]).into_iter().map(|i| i as u32).collect();
-    let lp = candle_nn::ops::log_softmax(&model.logits_all(&ids).unwrap(), D::Minus1).unwrap().to_vec2::<f32>().unwrap();
+    let lp =
+        candle_nn::ops::log_softmax(&model.logits_all(&ids).unwrap(), D::Minus1).unwrap().to_vec2::<f32>().unwrap();
     let want = exp["last_positions_top20"].as_array().unwrap();
     for (row, want_row) in lp[lp.len() - want.len()..].iter().zip(want) {
         let got = top20(row);
         for (k, w) in want_row.as_array().unwrap().iter().enumerate() {
             let (id, p) = (w["id"].as_u64().unwrap() as u32, w["logprob"].as_f64().unwrap());
-            assert!((row[id as usize] as f64 - p).abs() < 2e-4, "{what}: logprob of {id} is {} vs {p}", row[id as usize]);
+            assert!(
+                (row[id as usize] as f64 - p).abs() < 2e-4,
+                "{what}: logprob of {id} is {} vs {p}",
+                row[id as usize]
+            );
             if k < 5 {
                 assert_eq!(got[k].0, id, "{what}: rank {k}");
             }
@@ -73,7 +79,8 @@ fn uniform_pruning_exports_and_matches_transformers() {
 
     let dir = tempfile::tempdir().unwrap();
     pare_model::export::export_hf_dir(&pruned, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), dir.path()).unwrap();
-    let reloaded = pare_model::load(dir.path().to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).unwrap();
+    let reloaded =
+        pare_model::load(dir.path().to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).unwrap();
     check_logprobs(&reloaded.model, exp, "HF directory");
 
     // Perplexity with the fixed protocol (ctx 512, non-overlapping windows) on wiki.utf8.
@@ -87,11 +94,13 @@ fn uniform_pruning_exports_and_matches_transformers() {
 
     // GGUF, tokenizer keys copied from the source: pare loads it with the directory's logits.
     let src = pare_formats::GgufFile::open(&loaded.path).unwrap();
-    let keys: Vec<_> = src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let keys: Vec<_> =
+        src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let gguf = dir.path().join("model.gguf");
     pare_model::export::export_gguf(&pruned, &keys, pare_formats::GgmlType::F32, &gguf).unwrap();
     let from_gguf = pare_model::load(gguf.to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).unwrap();
-    let probe: Vec<u32> = from_gguf.tokenizer().unwrap().encode("Structured pruning removes whole heads.", true).unwrap();
+    let probe: Vec<u32> =
+        from_gguf.tokenizer().unwrap().encode("Structured pruning removes whole heads.", true).unwrap();
     assert_eq!(probe, reloaded.tokenizer().unwrap().encode("Structured pruning removes whole heads.", true).unwrap());
     let (a, b) = (from_gguf.model.logits_all(&probe).unwrap(), reloaded.model.logits_all(&probe).unwrap());
     let worst = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

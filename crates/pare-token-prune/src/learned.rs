@@ -33,7 +33,9 @@ pub struct ScorerShape {
 impl ScorerShape {
     pub fn new(hidden: usize, d: usize, layers: usize, heads: usize) -> Result<Self> {
         if hidden == 0 || d == 0 || heads == 0 || d % heads != 0 {
-            return Err(PruneError::config(format!("scorer: width {d} must be a positive multiple of the head count {heads}")));
+            return Err(PruneError::config(format!(
+                "scorer: width {d} must be a positive multiple of the head count {heads}"
+            )));
         }
         Ok(ScorerShape { hidden, d, layers, heads, ffn: 2 * d })
     }
@@ -187,7 +189,9 @@ impl ScorerNet {
         let heads = self.shape.heads;
         let hd = d / heads;
         let qkv = self.linear(h, &format!("{prefix}.qkv"))?;
-        let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?) };
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(1, i * d, d)?.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?)
+        };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let max = scores.max_keepdim(D::Minus1)?.detach();
@@ -214,7 +218,10 @@ impl ScorerNet {
     pub fn row_logits(&self, hidden: &Tensor, span: &[usize], others: &[usize]) -> Result<Tensor> {
         let (seq, width) = hidden.dims2()?;
         if width != self.shape.hidden {
-            return Err(PruneError::config(format!("the learned scorer was trained for hidden size {}, this model's is {width}", self.shape.hidden)));
+            return Err(PruneError::config(format!(
+                "the learned scorer was trained for hidden size {}, this model's is {width}",
+                self.shape.hidden
+            )));
         }
         if span.is_empty() || span.iter().chain(others).any(|&i| i >= seq) {
             return Err(PruneError::config("learned scorer: span indices out of range"));
@@ -245,8 +252,11 @@ impl ScorerNet {
 
     /// Write the weights (f32) and `info` as safetensors metadata.
     pub fn save(&self, path: &Path, info: &ScorerInfo) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> =
-            self.tensors.iter().map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(DType::F32)?.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+        let tensors: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
         let s = &self.shape;
         let mut meta: HashMap<String, String> = info.extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         meta.extend([
@@ -269,17 +279,30 @@ impl ScorerNet {
     /// Read a scorer written by [`ScorerNet::save`] (f32, on the CPU, not trainable).
     pub fn load(path: &Path) -> Result<(Self, ScorerInfo)> {
         let shown = path.display();
-        let bytes = std::fs::read(path).map_err(|e| PruneError::config(format!("cannot read learned scorer {shown}: {e}")))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| PruneError::config(format!("cannot read learned scorer {shown}: {e}")))?;
         let bad = |why: String| PruneError::config(format!("learned scorer {shown}: {why}"));
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("pare.kind").map(String::as_str) != Some(KIND) {
-            return Err(bad("not a pare token scorer (no pare.kind=token-scorer metadata; write one with `pare train-scorer`)".into()));
+            return Err(bad(
+                "not a pare token scorer (no pare.kind=token-scorer metadata; write one with `pare train-scorer`)"
+                    .into(),
+            ));
         }
         let num = |key: &str| -> Result<usize> {
-            meta.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| bad(format!("metadata {key:?} is missing or not a number")))
+            meta.get(key)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad(format!("metadata {key:?} is missing or not a number")))
         };
-        let shape = ScorerShape { hidden: num("hidden_size")?, d: num("d")?, layers: num("layers")?, heads: num("heads")?, ffn: num("ffn")? };
+        let shape = ScorerShape {
+            hidden: num("hidden_size")?,
+            d: num("d")?,
+            layers: num("layers")?,
+            heads: num("heads")?,
+            ffn: num("ffn")?,
+        };
         if shape.heads == 0 || shape.d % shape.heads != 0 {
             return Err(bad(format!("width {} is not a multiple of {} heads", shape.d, shape.heads)));
         }
@@ -292,14 +315,31 @@ impl ScorerNet {
             }
             tensors.insert(name, t.to_dtype(DType::F32)?);
         }
-        let known = ["pare.kind", "hidden_size", "d", "layers", "heads", "ffn", "model", "cut_layer", "keep", "text", "steps", "format"];
+        let known = [
+            "pare.kind",
+            "hidden_size",
+            "d",
+            "layers",
+            "heads",
+            "ffn",
+            "model",
+            "cut_layer",
+            "keep",
+            "text",
+            "steps",
+            "format",
+        ];
         let info = ScorerInfo {
             model: meta.get("model").cloned().unwrap_or_default(),
             cut_layer: meta.get("cut_layer").and_then(|v| v.parse().ok()).unwrap_or(0),
             keep: meta.get("keep").and_then(|v| v.parse().ok()).unwrap_or(0.0),
             text: meta.get("text").cloned().unwrap_or_default(),
             steps: meta.get("steps").and_then(|v| v.parse().ok()).unwrap_or(0),
-            extra: meta.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            extra: meta
+                .iter()
+                .filter(|(k, _)| !known.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
         Ok((ScorerNet { shape, tensors, vars: Vec::new() }, info))
     }

@@ -51,7 +51,9 @@ impl From<Box<dyn Scorer>> for TokenScorer {
 pub fn scorer(name: &str, seed: u64) -> Result<TokenScorer> {
     if let Some(path) = name.strip_prefix("learned:") {
         if path.is_empty() {
-            return Err(PruneError::config("--prune-score learned:FILE needs the scorer's file (from `pare train-scorer`)"));
+            return Err(PruneError::config(
+                "--prune-score learned:FILE needs the scorer's file (from `pare train-scorer`)",
+            ));
         }
         return Ok(TokenScorer::Learned(Box::new(LearnedScorer::load(path)?)));
     }
@@ -79,7 +81,9 @@ impl Pruner {
             let real: Vec<usize> = (0..positions.len()).filter(|&i| positions[i] != PAD_POSITION).collect();
             // Under the prompt span, the last `protect_last` real tokens are never dropped.
             let protected_from = match &self.span {
-                Span::Prompt { protect_last } => real.get(real.len().saturating_sub(*protect_last)).copied().unwrap_or(usize::MAX),
+                Span::Prompt { protect_last } => {
+                    real.get(real.len().saturating_sub(*protect_last)).copied().unwrap_or(usize::MAX)
+                }
                 _ => usize::MAX,
             };
             let last = real.last().copied();
@@ -103,7 +107,8 @@ impl Pruner {
                 match &self.scorer {
                     TokenScorer::Attention(scorer) => {
                         let row = RowQueries::from_call(ctx.queries, ctx.positions, b)?;
-                        let (obs, slots) = observe(kv, b, &info, &row)?.ok_or_else(|| PruneError::config("token pruning: an empty row"))?;
+                        let (obs, slots) = observe(kv, b, &info, &row)?
+                            .ok_or_else(|| PruneError::config("token pruning: an empty row"))?;
                         let per_head = scorer.score(&obs)?;
                         // Cache slot i holds this call's token i (the cache was empty before the prefill).
                         for (h, scores) in per_head.iter().enumerate() {

@@ -37,27 +37,37 @@ impl PruneSchedule {
     pub fn parse(spec: &str) -> Result<Self> {
         let mut stages = Vec::new();
         for part in spec.split(',').map(str::trim) {
-            let (layer, keep) = part
-                .split_once(':')
-                .ok_or_else(|| PruneError::config(format!("--prune-tokens: {part:?} is not LAYER:KEEP (e.g. 2:0.5 or 10:276)")))?;
-            let layer: usize =
-                layer.trim().parse().map_err(|_| PruneError::config(format!("--prune-tokens: layer {layer:?} is not a number")))?;
+            let (layer, keep) = part.split_once(':').ok_or_else(|| {
+                PruneError::config(format!("--prune-tokens: {part:?} is not LAYER:KEEP (e.g. 2:0.5 or 10:276)"))
+            })?;
+            let layer: usize = layer
+                .trim()
+                .parse()
+                .map_err(|_| PruneError::config(format!("--prune-tokens: layer {layer:?} is not a number")))?;
             let keep = keep.trim();
             let keep = if keep.contains('.') {
-                let f: f64 = keep.parse().map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                let f: f64 = keep
+                    .parse()
+                    .map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
                 if !(f > 0.0 && f <= 1.0) {
-                    return Err(PruneError::config(format!("--prune-tokens: a kept fraction must be in (0, 1], got {f}")));
+                    return Err(PruneError::config(format!(
+                        "--prune-tokens: a kept fraction must be in (0, 1], got {f}"
+                    )));
                 }
                 Keep::Fraction(f)
             } else {
-                let c: usize = keep.parse().map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                let c: usize = keep
+                    .parse()
+                    .map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
                 if c == 0 {
                     return Err(PruneError::config("--prune-tokens: keep at least one token"));
                 }
                 Keep::Count(c)
             };
             if layer == 0 {
-                return Err(PruneError::config("--prune-tokens: layer 0 has no attention to score with; cut after layer 1 or later"));
+                return Err(PruneError::config(
+                    "--prune-tokens: layer 0 has no attention to score with; cut after layer 1 or later",
+                ));
             }
             if stages.last().is_some_and(|s: &Stage| s.layer >= layer) {
                 return Err(PruneError::config("--prune-tokens: layers must increase"));
@@ -70,7 +80,10 @@ impl PruneSchedule {
     /// Check the cuts fit a model of `num_layers` layers.
     pub fn check(&self, num_layers: usize) -> Result<()> {
         if let Some(s) = self.stages.iter().find(|s| s.layer >= num_layers) {
-            return Err(PruneError::config(format!("--prune-tokens: layer {} is beyond the model's {num_layers} layers", s.layer)));
+            return Err(PruneError::config(format!(
+                "--prune-tokens: layer {} is beyond the model's {num_layers} layers",
+                s.layer
+            )));
         }
         Ok(())
     }

@@ -115,7 +115,10 @@ impl TrainSettings {
         }
         self.check_basic()?;
         if self.seq_len > max_positions {
-            return Err(PruneError::config(format!("--seq-len {} exceeds the model's context of {max_positions} tokens", self.seq_len)));
+            return Err(PruneError::config(format!(
+                "--seq-len {} exceeds the model's context of {max_positions} tokens",
+                self.seq_len
+            )));
         }
         Ok(())
     }
@@ -129,7 +132,10 @@ impl TrainSettings {
             return Err(PruneError::config("--protect-last must be at least 2 (the tail carries the loss)"));
         }
         if self.seq_len < self.protect_last + 2 {
-            return Err(PruneError::config(format!("--seq-len {} leaves no span before the {} protected tokens", self.seq_len, self.protect_last)));
+            return Err(PruneError::config(format!(
+                "--seq-len {} leaves no span before the {} protected tokens",
+                self.seq_len, self.protect_last
+            )));
         }
         if self.steps == 0 || self.batch == 0 {
             return Err(PruneError::config("--steps and --batch must be at least 1"));
@@ -141,10 +147,16 @@ impl TrainSettings {
             return Err(PruneError::config("--lambda must be non-negative"));
         }
         if self.eval_samples > 0 && self.eval_every > self.steps {
-            return Err(PruneError::config(format!("--eval-every {} is beyond --steps {}", self.eval_every, self.steps)));
+            return Err(PruneError::config(format!(
+                "--eval-every {} is beyond --steps {}",
+                self.eval_every, self.steps
+            )));
         }
         if self.d == 0 || self.heads == 0 || self.d % self.heads != 0 {
-            return Err(PruneError::config(format!("--d {} must be a positive multiple of --heads {}", self.d, self.heads)));
+            return Err(PruneError::config(format!(
+                "--d {} must be a positive multiple of --heads {}",
+                self.d, self.heads
+            )));
         }
         Ok(())
     }
@@ -216,7 +228,14 @@ impl Frozen {
 
     /// Mean NLL of the tail's next tokens of `ids` under an additive per-key bias (seq,) in
     /// layers `cut..`: rows seq−protect .. seq−2 predict tokens seq−protect+1 .. seq−1.
-    pub fn tail_nll(&self, ids: &[u32], entering_cut: &Tensor, cut: usize, protect: usize, key_bias: &Tensor) -> Result<Tensor> {
+    pub fn tail_nll(
+        &self,
+        ids: &[u32],
+        entering_cut: &Tensor,
+        cut: usize,
+        protect: usize,
+        key_bias: &Tensor,
+    ) -> Result<Tensor> {
         let seq = ids.len();
         let logits = self.diff.forward_from(cut, entering_cut, key_bias, seq - protect).map_err(prune_err)?;
         let n = protect - 1;
@@ -243,7 +262,13 @@ impl Frozen {
 
 /// Loss of one sample: (loss, tail NLL, mean soft mask). `noise` (span,): logistic noise for
 /// [`MaskKind::Gumbel`] and [`MaskKind::StraightThrough`] (None: none).
-pub fn sample_loss(frozen: &Frozen, net: &ScorerNet, ids: &[u32], s: &TrainSettings, noise: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn sample_loss(
+    frozen: &Frozen,
+    net: &ScorerNet,
+    ids: &[u32],
+    s: &TrainSettings,
+    noise: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let seq = ids.len();
     let span = seq - s.protect_last;
     let (x, entering) = frozen.prefix(ids, s.cut_layer)?;
@@ -298,7 +323,12 @@ pub fn initial_net(frozen: &Frozen, s: &TrainSettings) -> Result<ScorerNet> {
 }
 
 /// Train a fresh scorer on `tokens`. `progress` is called after every step.
-pub fn train(frozen: &Frozen, tokens: &[u32], s: &TrainSettings, mut progress: impl FnMut(&StepStats)) -> Result<TrainOutcome> {
+pub fn train(
+    frozen: &Frozen,
+    tokens: &[u32],
+    s: &TrainSettings,
+    mut progress: impl FnMut(&StepStats),
+) -> Result<TrainOutcome> {
     s.check_basic()?;
     let mut all = samples(tokens, s.seq_len);
     if all.len() <= s.eval_samples {
@@ -312,7 +342,8 @@ pub fn train(frozen: &Frozen, tokens: &[u32], s: &TrainSettings, mut progress: i
     }
     let val = all.split_off(all.len() - s.eval_samples);
     let net = initial_net(frozen, s)?;
-    let mut opt = AdamW::new(net.vars().to_vec(), ParamsAdamW { lr: s.lr, weight_decay: 0.0, ..ParamsAdamW::default() })?;
+    let mut opt =
+        AdamW::new(net.vars().to_vec(), ParamsAdamW { lr: s.lr, weight_decay: 0.0, ..ParamsAdamW::default() })?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0x5eed);
     let mut order: Vec<usize> = (0..all.len()).collect();
     order.shuffle(&mut rng);
@@ -372,7 +403,13 @@ pub fn train(frozen: &Frozen, tokens: &[u32], s: &TrainSettings, mut progress: i
             return Err(PruneError::config(format!("training diverged at step {step} (loss {value}); lower --lr")));
         }
         opt.backward_step(&loss)?;
-        let mut stats = StepStats { step, loss: value, nll: nll_sum / s.batch as f64, kept: kept_sum / s.batch as f64, held_out: None };
+        let mut stats = StepStats {
+            step,
+            loss: value,
+            nll: nll_sum / s.batch as f64,
+            kept: kept_sum / s.batch as f64,
+            held_out: None,
+        };
         if let Some(h) = held_out.as_mut().filter(|_| step % every == 0 || step == s.steps) {
             let nll = hard_nll(frozen, Some(&net), &val, s, |_, logits, k| crate::learned::top_keep(logits, k))?;
             h.learned.push((step, nll));

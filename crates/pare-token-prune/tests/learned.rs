@@ -30,7 +30,8 @@ fn marker_model(seed: u64) -> Model {
                     row[0] = if id >= 128 { 3.0 } else { 0.0 };
                 }
             }
-            let layer: Option<usize> = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
+            let layer: Option<usize> =
+                name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
             if layer.is_some_and(|l| l >= 2) && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) {
                 // Dim 3 of every head: the pair (3, 7) has RoPE's lowest frequency.
                 let source = if name.ends_with("q_proj.weight") { 1 } else { 0 };
@@ -52,7 +53,9 @@ fn marker_samples(model: &Model, rows: usize, span: usize, tail: usize, seed: u6
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let spans: Vec<Vec<u32>> = (0..rows)
         .map(|_| {
-            let mut row: Vec<u32> = (0..span).map(|i| if i < span / 4 { rng.random_range(128..256) } else { rng.random_range(3..128) }).collect();
+            let mut row: Vec<u32> = (0..span)
+                .map(|i| if i < span / 4 { rng.random_range(128..256) } else { rng.random_range(3..128) })
+                .collect();
             row.shuffle(&mut rng);
             row
         })
@@ -153,7 +156,14 @@ fn a_saved_scorer_loads_back_with_identical_scores_and_its_metadata() {
     let others: Vec<usize> = (14..20).collect();
     let before = net.row_logits(&hidden, &span, &others).unwrap().to_vec1::<f32>().unwrap();
     let path = scratch("roundtrip");
-    let mut info = ScorerInfo { model: "tiny".into(), cut_layer: 2, keep: 0.5, text: "random".into(), steps: 7, ..Default::default() };
+    let mut info = ScorerInfo {
+        model: "tiny".into(),
+        cut_layer: 2,
+        keep: 0.5,
+        text: "random".into(),
+        steps: 7,
+        ..Default::default()
+    };
     info.extra.insert("seq_len".into(), "40".into());
     net.save(&path, &info).unwrap();
     let loaded = LearnedScorer::load(path.to_str().unwrap()).unwrap();
@@ -173,7 +183,8 @@ fn the_pruned_prefill_keeps_exactly_the_top_logits() {
     net.save(&path, &ScorerInfo::default()).unwrap();
     let scorer = pare_token_prune::scorer(&format!("learned:{}", path.display()), 0).unwrap();
     assert!(matches!(scorer, TokenScorer::Learned(_)));
-    let pruner = Pruner { schedule: PruneSchedule::parse("2:0.5").unwrap(), span: Span::Prompt { protect_last: 6 }, scorer };
+    let pruner =
+        Pruner { schedule: PruneSchedule::parse("2:0.5").unwrap(), span: Span::Prompt { protect_last: 6 }, scorer };
     let ids = random_tokens(46, 9);
     let (engine_logits, cache) = model.prefill_pruned(&[ids.clone()], None, Some(&pruner)).unwrap();
     // Span = the first 40 tokens; 20 kept after layer 1, plus the protected 6.
@@ -199,7 +210,14 @@ fn the_pruned_prefill_keeps_exactly_the_top_logits() {
     // prefill's own output: the soft objective's m = 0 is the drop.
     let bias = frozen.hard_bias(46, 40, &top).unwrap();
     let ours = frozen.diff.forward_from(2, &entering, &bias, 45).unwrap().squeeze(0).unwrap();
-    let delta = (ours - engine_logits.squeeze(0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let delta = (ours - engine_logits.squeeze(0).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(delta < 1e-3, "max |Δlogit| = {delta}");
     // Ties go to earlier tokens.
     assert_eq!(top_keep(&[1.0, 2.0, 2.0, 2.0, 0.0], 2), vec![1, 2]);
@@ -214,15 +232,22 @@ fn gradients_of_the_training_loss_match_finite_differences() {
     (s.seq_len, s.protect_last, s.d, s.layers, s.heads) = (20, 6, 8, 1, 2);
     let net = ScorerNet::new(ScorerShape::new(32, 8, 1, 2).unwrap(), 2, DType::F64, &Device::Cpu).unwrap();
     let ids = random_tokens(20, 4);
-    let noise = Tensor::from_vec((0..14).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), 14, &Device::Cpu).unwrap();
+    let noise =
+        Tensor::from_vec((0..14).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), 14, &Device::Cpu).unwrap();
     let mut checked = 0;
     for (mask, noise) in [(MaskKind::Sigmoid, None), (MaskKind::Gumbel, Some(&noise))] {
         s.mask = mask;
         let (loss, _, _) = sample_loss(&frozen, &net, &ids, &s, noise).unwrap();
         let grads = loss.backward().unwrap();
-        for name in
-            ["head.weight", "head.bias", "in.token.weight", "in.pool.weight", "in.pos.weight", "layers.0.attn.qkv.weight", "layers.0.mlp.up.weight"]
-        {
+        for name in [
+            "head.weight",
+            "head.bias",
+            "in.token.weight",
+            "in.pool.weight",
+            "in.pos.weight",
+            "layers.0.attn.qkv.weight",
+            "layers.0.mlp.up.weight",
+        ] {
             let t = net.tensor(name).unwrap().clone();
             let g = grads.get(&t).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let w0 = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -296,7 +321,8 @@ fn training_lowers_the_loss_and_beats_random_selection() {
         let loss_of = |net: &ScorerNet| -> f64 {
             let mut sum = 0.0;
             for (i, noise) in noises.iter().enumerate() {
-                sum += sample_loss(&frozen, net, fixed[i / 4], &s, noise.as_ref()).unwrap().0.to_scalar::<f64>().unwrap();
+                sum +=
+                    sample_loss(&frozen, net, fixed[i / 4], &s, noise.as_ref()).unwrap().0.to_scalar::<f64>().unwrap();
             }
             sum / noises.len() as f64
         };
@@ -317,7 +343,10 @@ fn training_lowers_the_loss_and_beats_random_selection() {
         eprintln!(
             "{mask:?}: held-out tail NLL: all kept {all:.4}, learned {learned:.4}, random {random:.4}; markers among kept {precision:.2}; train loss {first:.4} → {last:.4}"
         );
-        assert!(learned < random - 0.5 * (random - all), "{mask:?}: learned {learned} vs random {random} (all kept: {all})");
+        assert!(
+            learned < random - 0.5 * (random - all),
+            "{mask:?}: learned {learned} vs random {random} (all kept: {all})"
+        );
         assert!(precision > 0.6, "{mask:?}: {precision} of the kept tokens are markers (random: 0.25)");
     }
 }
@@ -334,15 +363,24 @@ fn bad_scorer_files_give_one_line_errors() {
 
     // Not a scorer: a model checkpoint.
     let path = scratch("notascorer");
-    pare_formats::save_safetensors(&path, &[("w".to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())], None).unwrap();
+    pare_formats::save_safetensors(
+        &path,
+        &[("w".to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())],
+        None,
+    )
+    .unwrap();
     one_line(LearnedScorer::load(path.to_str().unwrap()).unwrap_err().to_string(), "not a pare token scorer");
     std::fs::write(&path, b"garbage").unwrap();
     one_line(LearnedScorer::load(path.to_str().unwrap()).unwrap_err().to_string(), "not a safetensors file");
 
     // A scorer for hidden size 48 on a model of hidden size 32: the prefill fails in one line.
-    ScorerNet::new(ScorerShape::new(48, 8, 1, 2).unwrap(), 0, DType::F32, &Device::Cpu).unwrap().save(&path, &ScorerInfo::default()).unwrap();
+    ScorerNet::new(ScorerShape::new(48, 8, 1, 2).unwrap(), 0, DType::F32, &Device::Cpu)
+        .unwrap()
+        .save(&path, &ScorerInfo::default())
+        .unwrap();
     let scorer = pare_token_prune::scorer(&format!("learned:{}", path.display()), 0).unwrap();
-    let pruner = Pruner { schedule: PruneSchedule::parse("1:0.5").unwrap(), span: Span::Prompt { protect_last: 2 }, scorer };
+    let pruner =
+        Pruner { schedule: PruneSchedule::parse("1:0.5").unwrap(), span: Span::Prompt { protect_last: 2 }, scorer };
     let model = tiny_model(2, 1, DType::F32);
     let err = model.prefill_pruned(&[random_tokens(12, 3)], None, Some(&pruner)).unwrap_err().to_string();
     one_line(err, "trained for hidden size 48");

@@ -64,7 +64,10 @@ fn layers_after_the_cut_hold_only_kept_tokens_at_their_original_positions() {
     let kept = cache.layers[20].positions(0, 0).to_vec();
     assert!(kept.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(&kept[kept.len() - 8..], &(92..100).collect::<Vec<i64>>()[..], "protected tail kept");
-    assert!(kept.iter().all(|p| cache.layers[3].positions(0, 0).contains(p)), "later cuts choose among earlier survivors");
+    assert!(
+        kept.iter().all(|p| cache.layers[3].positions(0, 0).contains(p)),
+        "later cuts choose among earlier survivors"
+    );
     // Decoding continues at the next original position over the shorter caches.
     assert_eq!(cache.next_position, vec![100]);
     let logits = model.decode(&mut cache, &[42]).unwrap();

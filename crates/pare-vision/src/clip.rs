@@ -69,7 +69,11 @@ impl ClipVisionConfig {
         let int = |key: &str, default: usize| -> Result<usize> {
             match json.get(key) {
                 None | Some(Value::Null) => Ok(default),
-                Some(v) => v.as_u64().filter(|&x| x > 0).map(|x| x as usize).ok_or_else(|| err(format!("{key} must be a positive integer"))),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&x| x > 0)
+                    .map(|x| x as usize)
+                    .ok_or_else(|| err(format!("{key} must be a positive integer"))),
             }
         };
         let act_name = json.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu");
@@ -82,13 +86,20 @@ impl ClipVisionConfig {
             image_size: int("image_size", 224)?,
             patch_size: int("patch_size", 32)?,
             layer_norm_eps: json.get("layer_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5),
-            hidden_act: VisionActivation::from_hf(act_name).ok_or_else(|| err(format!("unsupported hidden_act {act_name:?}")))?,
+            hidden_act: VisionActivation::from_hf(act_name)
+                .ok_or_else(|| err(format!("unsupported hidden_act {act_name:?}")))?,
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-            return Err(err(format!("hidden_size {} is not a multiple of num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads)));
+            return Err(err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
         }
         if !cfg.image_size.is_multiple_of(cfg.patch_size) {
-            return Err(err(format!("image_size {} is not a multiple of patch_size {}", cfg.image_size, cfg.patch_size)));
+            return Err(err(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                cfg.image_size, cfg.patch_size
+            )));
         }
         if cfg.num_channels != 3 {
             return Err(err(format!("num_channels {} (pare feeds RGB images)", cfg.num_channels)));

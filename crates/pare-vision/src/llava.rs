@@ -79,9 +79,10 @@ impl LlavaConfig {
             .unwrap_or(32000) as u32;
         let feature_layers = match json.get("vision_feature_layer") {
             None | Some(Value::Null) => vec![-2],
-            Some(Value::Array(a)) if !a.is_empty() => {
-                a.iter().map(|v| v.as_i64().ok_or_else(|| err("vision_feature_layer must hold integers".into()))).collect::<Result<_>>()?
-            }
+            Some(Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|v| v.as_i64().ok_or_else(|| err("vision_feature_layer must hold integers".into())))
+                .collect::<Result<_>>()?,
             Some(v) => vec![v.as_i64().ok_or_else(|| err(format!("vision_feature_layer {v} is not an integer")))?],
         };
         let strategy = match json.get("vision_feature_select_strategy").and_then(Value::as_str).unwrap_or("default") {
@@ -90,7 +91,8 @@ impl LlavaConfig {
             other => return Err(err(format!("vision_feature_select_strategy {other:?} (expected default or full)"))),
         };
         let act = json.get("projector_hidden_act").and_then(Value::as_str).unwrap_or("gelu");
-        let projector_act = VisionActivation::from_hf(act).ok_or_else(|| err(format!("unsupported projector_hidden_act {act:?}")))?;
+        let projector_act =
+            VisionActivation::from_hf(act).ok_or_else(|| err(format!("unsupported projector_hidden_act {act:?}")))?;
         let vision = ClipVisionConfig::from_json(json.get("vision_config").unwrap_or(&Value::Null), path)?;
         let text = ModelConfig::from_hf_json(&text_config_json(json), &format!("{path} (text_config)"))?;
         if text.arch == Arch::GptNeoX {
@@ -102,7 +104,10 @@ impl LlavaConfig {
             return Err(err(format!("vision_feature_layer {bad} is outside the tower's {} hidden states", layers + 1)));
         }
         if image_token_id as usize >= cfg.text.vocab_size {
-            return Err(err(format!("image_token_index {image_token_id} is outside the vocabulary ({})", cfg.text.vocab_size)));
+            return Err(err(format!(
+                "image_token_index {image_token_id} is outside the vocabulary ({})",
+                cfg.text.vocab_size
+            )));
         }
         Ok(cfg)
     }
@@ -157,11 +162,9 @@ struct Prefixes {
 
 fn find_prefixes(store: &SafetensorsStore, path: &str) -> Result<Prefixes> {
     let pick = |candidates: &[&str], probe: &str, what: &str| -> Result<String> {
-        candidates
-            .iter()
-            .find(|p| store.contains(&format!("{p}{probe}")))
-            .map(|p| p.to_string())
-            .ok_or_else(|| VisionError::config(path, format!("no {what} weights (looked for {probe} under {candidates:?})")))
+        candidates.iter().find(|p| store.contains(&format!("{p}{probe}"))).map(|p| p.to_string()).ok_or_else(|| {
+            VisionError::config(path, format!("no {what} weights (looked for {probe} under {candidates:?})"))
+        })
     };
     Ok(Prefixes {
         vision: pick(
@@ -171,7 +174,10 @@ fn find_prefixes(store: &SafetensorsStore, path: &str) -> Result<Prefixes> {
         )?,
         projector: pick(&["model.multi_modal_projector.", "multi_modal_projector."], "linear_1.weight", "projector")?,
         language: pick(&["model.language_model.", "language_model.model."], "embed_tokens.weight", "language model")?,
-        lm_head: ["lm_head.weight", "language_model.lm_head.weight"].iter().find(|n| store.contains(n)).map(|n| n.to_string()),
+        lm_head: ["lm_head.weight", "language_model.lm_head.weight"]
+            .iter()
+            .find(|n| store.contains(n))
+            .map(|n| n.to_string()),
     })
 }
 
@@ -190,7 +196,8 @@ fn build_language(cfg: &ModelConfig, w: &Weights, prefix: &str, lm_head: Option<
     for i in 0..cfg.num_layers {
         let l = format!("{prefix}layers.{i}");
         let lin = |name: &str| w.linear(&format!("{l}.{name}"));
-        let (q, k, v, o) = (lin("self_attn.q_proj")?, lin("self_attn.k_proj")?, lin("self_attn.v_proj")?, lin("self_attn.o_proj")?);
+        let (q, k, v, o) =
+            (lin("self_attn.q_proj")?, lin("self_attn.k_proj")?, lin("self_attn.v_proj")?, lin("self_attn.o_proj")?);
         // Head counts from the weights, as pare's loader does (structurally pruned layers).
         let (heads, kv_heads) = (q.out_features() / d, k.out_features() / d);
         let shapes_ok = q.out_features() % d == 0
@@ -208,10 +215,25 @@ fn build_language(cfg: &ModelConfig, w: &Weights, prefix: &str, lm_head: Option<
             }
             .into());
         }
-        let mlp = Mlp { gate: Some(lin("mlp.gate_proj")?), up: lin("mlp.up_proj")?, down: lin("mlp.down_proj")?, activation: cfg.activation, gate_up: None };
+        let mlp = Mlp {
+            gate: Some(lin("mlp.gate_proj")?),
+            up: lin("mlp.up_proj")?,
+            down: lin("mlp.down_proj")?,
+            activation: cfg.activation,
+            gate_up: None,
+        };
         let width = mlp.width();
-        if mlp.up.in_features() != h || mlp.down.out_features() != h || mlp.down.in_features() != width || mlp.gate.as_ref().is_some_and(|g| g.out_features() != width || g.in_features() != h) {
-            return Err(ModelError::WeightShape { name: format!("{l}.mlp"), actual: vec![width], expected: "consistent MLP widths".into() }.into());
+        if mlp.up.in_features() != h
+            || mlp.down.out_features() != h
+            || mlp.down.in_features() != width
+            || mlp.gate.as_ref().is_some_and(|g| g.out_features() != width || g.in_features() != h)
+        {
+            return Err(ModelError::WeightShape {
+                name: format!("{l}.mlp"),
+                actual: vec![width],
+                expected: "consistent MLP widths".into(),
+            }
+            .into());
         }
         blocks.push(Block {
             attn_norm: rms(format!("{l}.input_layernorm.weight"))?,
@@ -275,11 +297,14 @@ impl LoadedLlava {
     /// Load an HF `LlavaForConditionalGeneration` directory (safetensors, float dtypes).
     pub fn load(dir: &Path, dtype: WeightDType, device: &Device) -> Result<Self> {
         if dtype == WeightDType::Quantized {
-            return Err(VisionError::input("--dtype q keeps GGUF quantization; LLaVA checkpoints are safetensors (use f32, bf16 or f16)"));
+            return Err(VisionError::input(
+                "--dtype q keeps GGUF quantization; LLaVA checkpoints are safetensors (use f32, bf16 or f16)",
+            ));
         }
         let config_path = dir.join("config.json");
         let shown = config_path.display().to_string();
-        let json = read_json(&config_path)?.ok_or_else(|| VisionError::config(dir.display().to_string(), "no config.json"))?;
+        let json =
+            read_json(&config_path)?.ok_or_else(|| VisionError::config(dir.display().to_string(), "no config.json"))?;
         let config = LlavaConfig::from_json(&json, &shown)?;
         let store = SafetensorsStore::open_dir(dir).map_err(ModelError::from)?;
         let prefixes = find_prefixes(&store, &dir.display().to_string())?;
@@ -287,9 +312,17 @@ impl LoadedLlava {
         let w = Weights { source: &source, config: &config.text, dtype, device };
         let vision = ClipVision::load(&config.vision, &w, &prefixes.vision, config.vision_layers_needed())?;
         let p = &prefixes.projector;
-        let projector = Projector { linear_1: w.linear(&format!("{p}linear_1"))?, activation: config.projector_act, linear_2: w.linear(&format!("{p}linear_2"))? };
+        let projector = Projector {
+            linear_1: w.linear(&format!("{p}linear_1"))?,
+            activation: config.projector_act,
+            linear_2: w.linear(&format!("{p}linear_2"))?,
+        };
         let text_h = config.text.hidden_size;
-        if projector.linear_1.in_features() != config.projector_in() || projector.linear_1.out_features() != text_h || projector.linear_2.in_features() != text_h || projector.linear_2.out_features() != text_h {
+        if projector.linear_1.in_features() != config.projector_in()
+            || projector.linear_1.out_features() != text_h
+            || projector.linear_2.in_features() != text_h
+            || projector.linear_2.out_features() != text_h
+        {
             return Err(ModelError::WeightShape {
                 name: format!("{p}linear_1/linear_2"),
                 actual: vec![projector.linear_1.out_features(), projector.linear_1.in_features()],
@@ -298,7 +331,11 @@ impl LoadedLlava {
             .into());
         }
         let language = build_language(&config.text, &w, &prefixes.language, prefixes.lm_head.as_deref())?;
-        let tokenizer = if dir.join("tokenizer.json").exists() { Some(TokenizerBundle::from_hf_dir(dir).map_err(ModelError::from)?) } else { None };
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(TokenizerBundle::from_hf_dir(dir).map_err(ModelError::from)?)
+        } else {
+            None
+        };
         Ok(LoadedLlava {
             model: LlavaModel { config, vision, projector, language },
             processor: ImageProcessor::from_dir(dir)?,
@@ -323,14 +360,19 @@ impl LoadedLlava {
     /// Token ids of a prompt with one image: each `<image>` in the text becomes the image's
     /// placeholder run; a prompt without one gets `<image>\n` in front, as LLaVA's own code does.
     pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
-        let tok = self.tokenizer.as_ref().ok_or_else(|| VisionError::input(format!("{}: the checkpoint has no tokenizer", self.path.display())))?;
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| VisionError::input(format!("{}: the checkpoint has no tokenizer", self.path.display())))?;
         let image_id = self.model.config.image_token_id;
         let marker = tok.token_str(image_id).unwrap_or_else(|| "<image>".into());
         let text = if text.contains(&marker) { text.to_string() } else { format!("{marker}\n{text}") };
         let ids = tok.encode(&text, true).map_err(ModelError::from)?;
         let images = ids.iter().filter(|&&t| t == image_id).count();
         if images != 1 {
-            return Err(VisionError::input(format!("the prompt holds {images} {marker} markers; pare runs one image per prompt")));
+            return Err(VisionError::input(format!(
+                "the prompt holds {images} {marker} markers; pare runs one image per prompt"
+            )));
         }
         Ok(self.model.expand_image_tokens(&ids))
     }

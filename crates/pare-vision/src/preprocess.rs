@@ -30,7 +30,11 @@ pub struct Rgb8 {
 impl Rgb8 {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
         if width == 0 || height == 0 || data.len() != width * height * 3 {
-            return Err(VisionError::input(format!("an RGB image of {width}×{height} needs {} bytes, got {}", width * height * 3, data.len())));
+            return Err(VisionError::input(format!(
+                "an RGB image of {width}×{height} needs {} bytes, got {}",
+                width * height * 3,
+                data.len()
+            )));
         }
         Ok(Rgb8 { width, height, data })
     }
@@ -136,7 +140,10 @@ impl Filter {
 pub enum ResizeTo {
     /// The shorter side becomes this long; the other keeps the aspect ratio (truncated).
     ShortestEdge(usize),
-    Exact { height: usize, width: usize },
+    Exact {
+        height: usize,
+        width: usize,
+    },
 }
 
 /// The settings of a `preprocessor_config.json`.
@@ -200,8 +207,10 @@ impl ImageProcessor {
                 continue;
             }
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(&path).map_err(|source| VisionError::Io { path: shown.clone(), source })?;
-            let json: Value = serde_json::from_str(&text).map_err(|e| VisionError::config(&shown, format!("invalid JSON: {e}")))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| VisionError::Io { path: shown.clone(), source })?;
+            let json: Value =
+                serde_json::from_str(&text).map_err(|e| VisionError::config(&shown, format!("invalid JSON: {e}")))?;
             let section = match key {
                 None => Some(&json),
                 Some(k) => json.get(k),
@@ -210,7 +219,10 @@ impl ImageProcessor {
                 return Self::from_json(section, &shown);
             }
         }
-        Err(VisionError::config(dir.display().to_string(), "no preprocessor_config.json (nor an image_processor in processor_config.json)"))
+        Err(VisionError::config(
+            dir.display().to_string(),
+            "no preprocessor_config.json (nor an image_processor in processor_config.json)",
+        ))
     }
 
     /// Parse HF image-processor settings; missing keys take `CLIPImageProcessor`'s defaults.
@@ -218,7 +230,9 @@ impl ImageProcessor {
         let err = |m: String| VisionError::config(path, m);
         if let Some(kind) = json.get("image_processor_type").and_then(Value::as_str) {
             if !kind.starts_with("CLIPImageProcessor") {
-                return Err(err(format!("image processor {kind:?} is not supported (LLaVA-1.5 uses CLIPImageProcessor)")));
+                return Err(err(format!(
+                    "image processor {kind:?} is not supported (LLaVA-1.5 uses CLIPImageProcessor)"
+                )));
             }
         }
         let mut p = ImageProcessor::default();
@@ -229,7 +243,10 @@ impl ImageProcessor {
         p.do_rescale = flag("do_rescale", p.do_rescale);
         p.do_normalize = flag("do_normalize", p.do_normalize);
         let positive = |v: &Value, what: &str| -> Result<usize> {
-            v.as_u64().filter(|&x| x > 0).map(|x| x as usize).ok_or_else(|| err(format!("{what} must be a positive integer")))
+            v.as_u64()
+                .filter(|&x| x > 0)
+                .map(|x| x as usize)
+                .ok_or_else(|| err(format!("{what} must be a positive integer")))
         };
         if let Some(size) = json.get("size").filter(|v| !v.is_null()) {
             p.size = if size.is_u64() {
@@ -258,8 +275,9 @@ impl ImageProcessor {
         }
         if let Some(r) = json.get("resample").filter(|v| !v.is_null()) {
             let id = r.as_u64().ok_or_else(|| err(format!("resample {r} is not a PIL filter id")))?;
-            p.resample = Filter::from_pil_id(id)
-                .ok_or_else(|| err(format!("resample {id} is not supported (1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)")))?;
+            p.resample = Filter::from_pil_id(id).ok_or_else(|| {
+                err(format!("resample {id} is not supported (1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"))
+            })?;
         }
         if let Some(f) = json.get("rescale_factor").filter(|v| !v.is_null()) {
             p.rescale_factor = f.as_f64().ok_or_else(|| err("rescale_factor must be a number".into()))?;
@@ -368,7 +386,8 @@ impl ImageProcessor {
 pub fn load_image(path: &Path) -> Result<Rgb8> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| VisionError::Io { path: shown.clone(), source })?;
-    let decoded = image::load_from_memory(&bytes).map_err(|e| VisionError::Image { path: shown.clone(), message: e.to_string() })?;
+    let decoded = image::load_from_memory(&bytes)
+        .map_err(|e| VisionError::Image { path: shown.clone(), message: e.to_string() })?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
     if width == 0 || height == 0 {
         return Err(VisionError::Image { path: shown, message: "the image is empty".into() });

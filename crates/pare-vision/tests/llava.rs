@@ -39,7 +39,8 @@ fn preprocessing_matches_hf_clip_image_processor() {
         let image = load_image(&fixtures().join("images").join(case["image"].as_str().unwrap())).unwrap();
         let processor = ImageProcessor::from_json(&case["processor"], "fixture").unwrap();
         let out = processor.preprocess(&image).unwrap();
-        let shape: Vec<usize> = case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(vec![3, out.height, out.width], shape, "{case:?}");
         // The fixture keeps 6 decimals: 1e-5 is a tolerance of a rounding, not of a grey level.
         let diff = max_diff(&out.data, &floats(&case["pixel_values"]));
@@ -61,7 +62,8 @@ fn jpeg_decodes_close_to_its_png_twin() {
     let jpeg = load_image(&fixtures().join("images/rgb_45x31.jpg")).unwrap();
     let png = load_image(&fixtures().join("images/rgb_45x31.png")).unwrap();
     assert_eq!((jpeg.width, jpeg.height), (45, 31));
-    let mean_abs: f64 = jpeg.data.iter().zip(&png.data).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum::<f64>() / png.data.len() as f64;
+    let mean_abs: f64 = jpeg.data.iter().zip(&png.data).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum::<f64>()
+        / png.data.len() as f64;
     assert!(mean_abs < 12.0, "mean abs difference {mean_abs}");
 }
 
@@ -110,7 +112,8 @@ fn pixel_values_from_the_image_file_give_hf_logits() {
     let case = &read("logits.json")["cases"][0];
     let pv = llava.processor.preprocess_file(&fixtures().join("images").join(case["image"].as_str().unwrap())).unwrap();
     assert!(max_diff(&pv.data, &floats(&case["pixel_values"])) < 1e-5);
-    let (logits, _) = llava.model.prefill(&ids(case), &pv.to_tensor(DType::F32, &Device::Cpu).unwrap(), None, None).unwrap();
+    let (logits, _) =
+        llava.model.prefill(&ids(case), &pv.to_tensor(DType::F32, &Device::Cpu).unwrap(), None, None).unwrap();
     let last = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
     let all = floats(&case["logits"]);
     let vocab = last.len();
@@ -192,7 +195,10 @@ fn hub_style_configs_fill_in_hf_defaults() {
     let cfg = pare_vision::LlavaConfig::from_json(&json, "config.json").unwrap();
     assert_eq!(cfg.image_tokens(), 576);
     assert_eq!(cfg.vision_layers_needed(), 23);
-    assert_eq!((cfg.text.hidden_size, cfg.text.num_layers, cfg.text.intermediate_size, cfg.text.vocab_size), (4096, 32, 11008, 32064));
+    assert_eq!(
+        (cfg.text.hidden_size, cfg.text.num_layers, cfg.text.intermediate_size, cfg.text.vocab_size),
+        (4096, 32, 11008, 32064)
+    );
     let mut bad = json.clone();
     bad["vision_feature_layer"] = (-30).into();
     assert!(pare_vision::LlavaConfig::from_json(&bad, "config.json").is_err());

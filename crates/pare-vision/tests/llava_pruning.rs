@@ -34,7 +34,9 @@ fn fastv() -> &'static Value {
 
 fn llava() -> &'static LoadedLlava {
     static M: OnceLock<LoadedLlava> = OnceLock::new();
-    M.get_or_init(|| LoadedLlava::load(&fixtures().join("model"), WeightDType::Float(DType::F32), &Device::Cpu).unwrap())
+    M.get_or_init(|| {
+        LoadedLlava::load(&fixtures().join("model"), WeightDType::Float(DType::F32), &Device::Cpu).unwrap()
+    })
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -99,7 +101,13 @@ fn last_row(logits: &Tensor) -> Vec<f32> {
 fn the_fixture_covers_fastv_counts_and_several_stages_on_both_prompts() {
     let cases = fastv()["cases"].as_array().unwrap();
     let names: Vec<&str> = cases.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    for name in ["fastv_k1_half", "fastv_k1_keep10", "fastv_k2_half_deep", "pyramid_two_stages_deep", "pyramid_three_stages_deep"] {
+    for name in [
+        "fastv_k1_half",
+        "fastv_k1_keep10",
+        "fastv_k2_half_deep",
+        "pyramid_two_stages_deep",
+        "pyramid_three_stages_deep",
+    ] {
         assert_eq!(names.iter().filter(|&&n| n == name).count(), 2, "{name} on both prompts");
     }
     assert_eq!(fastv()["meta"]["prune_span"], "image");
@@ -107,7 +115,10 @@ fn the_fixture_covers_fastv_counts_and_several_stages_on_both_prompts() {
     assert_eq!(fastv()["image_token_id"].as_u64().unwrap() as u32, llava().model.config.image_token_id);
     for (i, p) in fastv()["prompts"].as_array().unwrap().iter().enumerate() {
         let (ids, _) = prompt(i);
-        assert_eq!(llava().model.image_positions(&ids), ints::<u64>(&p["image_positions"]).into_iter().map(|x| x as i64).collect::<Vec<_>>());
+        assert_eq!(
+            llava().model.image_positions(&ids),
+            ints::<u64>(&p["image_positions"]).into_iter().map(|x| x as i64).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -149,13 +160,21 @@ fn pruned_prefill_matches_the_python_fastv_reference() {
             .map(|(l, p)| (l.parse().unwrap(), p.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()))
             .collect();
         let schedule = PruneSchedule::parse(spec).unwrap();
-        assert_eq!(cuts.iter().map(|c| c.0).collect::<Vec<_>>(), schedule.stages.iter().map(|s| s.layer).collect::<Vec<_>>(), "{name}");
+        assert_eq!(
+            cuts.iter().map(|c| c.0).collect::<Vec<_>>(),
+            schedule.stages.iter().map(|s| s.layer).collect::<Vec<_>>(),
+            "{name}"
+        );
         let mut held = ids.len();
         for layer in 0..order.len() {
             if let Some((_, kept)) = cuts.iter().find(|c| c.0 == layer) {
                 held = kept.len();
                 for h in 0..cache.layers[layer].kv_heads() {
-                    assert_eq!(cache.layers[layer].positions(0, h), kept.as_slice(), "{name}: kept after the cut before layer {layer}, head {h}");
+                    assert_eq!(
+                        cache.layers[layer].positions(0, h),
+                        kept.as_slice(),
+                        "{name}: kept after the cut before layer {layer}, head {h}"
+                    );
                 }
             }
             // Before the first cut every token; between cuts the previous cut's survivors.
@@ -163,8 +182,15 @@ fn pruned_prefill_matches_the_python_fastv_reference() {
                 assert_eq!(cache.layers[layer].entries(0, h), held, "{name}: layer {layer} head {h}");
             }
         }
-        assert!(cache.layers[0].positions(0, 0).iter().copied().eq(0..ids.len() as i64), "{name}: layer 0 sees every token");
-        assert_eq!(cache.next_position, vec![ids.len() as i64], "{name}: decoding goes on at the next original position");
+        assert!(
+            cache.layers[0].positions(0, 0).iter().copied().eq(0..ids.len() as i64),
+            "{name}: layer 0 sees every token"
+        );
+        assert_eq!(
+            cache.next_position,
+            vec![ids.len() as i64],
+            "{name}: decoding goes on at the next original position"
+        );
 
         // Every token that reached the last layer: its logits against the reference's 8 largest.
         let (all, _) = prefill_all(&m, &ids, &pv, Some(pruner.as_ref()));
@@ -206,7 +232,11 @@ fn keeping_every_image_token_gives_exactly_the_unpruned_prefill() {
             let (logits, mut cache) = m.prefill(&ids, &pv, None, Some(pruner.as_ref())).unwrap();
             assert_eq!(max_diff(&last_row(&reference), &last_row(&logits)), 0.0, "{spec} prompt {i}");
             for layer in 0..order.len() {
-                assert_eq!(cache.layers[layer].positions(0, 0), ref_cache.layers[layer].positions(0, 0), "{spec} layer {layer}");
+                assert_eq!(
+                    cache.layers[layer].positions(0, 0),
+                    ref_cache.layers[layer].positions(0, 0),
+                    "{spec} layer {layer}"
+                );
             }
             let a = m.language.decode(&mut cache, &[42]).unwrap();
             let b = m.language.decode(&mut ref_cache, &[42]).unwrap();

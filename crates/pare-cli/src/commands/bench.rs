@@ -57,7 +57,8 @@ pub fn run(args: Args) -> Result<()> {
     let device = model.device.clone();
     for _ in 0..args.warmup {
         // A few steps: on a GPU the first launches load kernels and pick GEMM algorithms.
-        let (mut logits, mut cache) = model.prefill(&prompts[..1].iter().map(|p| p[..p.len().min(16)].to_vec()).collect::<Vec<_>>())?;
+        let (mut logits, mut cache) =
+            model.prefill(&prompts[..1].iter().map(|p| p[..p.len().min(16)].to_vec()).collect::<Vec<_>>())?;
         for _ in 0..3 {
             let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
             logits = model.decode(&mut cache, &next)?;
@@ -95,12 +96,17 @@ pub fn run(args: Args) -> Result<()> {
     let gpu = gpu_memory(&device);
     // Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
     // matrix once; an untied embedding table only a row per token.
-    let weight_bytes: usize = model.blocks.iter().map(|b| {
-        let a = &b.attn;
-        let m = &b.mlp;
-        [&a.q, &a.k, &a.v, &a.o, &m.up, &m.down].iter().map(|l| l.storage_bytes()).sum::<usize>()
-            + m.gate.as_ref().map_or(0, |g| g.storage_bytes())
-    }).sum::<usize>() + model.lm_head.storage_bytes();
+    let weight_bytes: usize = model
+        .blocks
+        .iter()
+        .map(|b| {
+            let a = &b.attn;
+            let m = &b.mlp;
+            [&a.q, &a.k, &a.v, &a.o, &m.up, &m.down].iter().map(|l| l.storage_bytes()).sum::<usize>()
+                + m.gate.as_ref().map_or(0, |g| g.storage_bytes())
+        })
+        .sum::<usize>()
+        + model.lm_head.storage_bytes();
     if args.json {
         print_json(&json!({
             "model": args.model.model, "dtype": args.model.dtype_name(), "device": args.model.device,
@@ -128,7 +134,11 @@ pub fn run(args: Args) -> Result<()> {
             println!("peak rss   {:.1} MiB", p as f64 / (1 << 20) as f64);
         }
         if let Some(g) = gpu {
-            println!("gpu memory {:.1} MiB peak in tensors, {:.1} MiB in use on the device", g.peak as f64 / (1 << 20) as f64, g.used as f64 / (1 << 20) as f64);
+            println!(
+                "gpu memory {:.1} MiB peak in tensors, {:.1} MiB in use on the device",
+                g.peak as f64 / (1 << 20) as f64,
+                g.used as f64 / (1 << 20) as f64
+            );
         }
     }
     Ok(())

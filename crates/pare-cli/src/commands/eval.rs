@@ -164,7 +164,15 @@ fn ppl(args: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, args.stride, press.as_deref(), pruner.as_deref(), progress)?;
+    let result = pare_eval::perplexity_with(
+        &loaded.model,
+        &tokens,
+        args.ctx,
+        args.stride,
+        press.as_deref(),
+        pruner.as_deref(),
+        progress,
+    )?;
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
@@ -218,7 +226,16 @@ fn needle_grid(
             let mut runs = Vec::new();
             for t in 0..trials {
                 let trial_seed = seed ^ (c as u64) << 20 ^ (d as u64) << 8 ^ t as u64;
-                runs.push(pare_eval::needle::needle_trial(&loaded.model, tok, haystack, c, d, trial_seed, press, pruner)?);
+                runs.push(pare_eval::needle::needle_trial(
+                    &loaded.model,
+                    tok,
+                    haystack,
+                    c,
+                    d,
+                    trial_seed,
+                    press,
+                    pruner,
+                )?);
                 bar.inc(1);
             }
             let accuracy = runs.iter().filter(|r| r.found).count() as f64 / runs.len() as f64;
@@ -239,7 +256,17 @@ fn needle(args: NeedleArgs) -> Result<()> {
     let loaded = args.model.load()?;
     let pruner = args.prune.build(loaded.model.num_layers())?;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
-    let cells = needle_grid(&loaded, &haystack, &args.ctx, &args.depths, args.trials, args.seed, press.as_deref(), pruner.as_deref(), &bar)?;
+    let cells = needle_grid(
+        &loaded,
+        &haystack,
+        &args.ctx,
+        &args.depths,
+        args.trials,
+        args.seed,
+        press.as_deref(),
+        pruner.as_deref(),
+        &bar,
+    )?;
     bar.finish_and_clear();
     let overall = cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64;
     if args.json {
@@ -285,7 +312,11 @@ fn compare(args: CompareArgs) -> Result<()> {
         }
     }
     let text = read_text(&args.text)?;
-    let haystack = if args.needle_ctx.is_empty() { None } else { Some(pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?) };
+    let haystack = if args.needle_ctx.is_empty() {
+        None
+    } else {
+        Some(pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?)
+    };
     let loaded = args.model.load()?;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     tokens.truncate(args.max_tokens);
@@ -308,12 +339,14 @@ fn compare(args: CompareArgs) -> Result<()> {
         };
         bar.set_message(format!("{name} {ratio}"));
         let start = bar.position();
-        let ppl = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, press.as_deref(), None, |done, _| {
-            bar.set_position(start + done as u64)
-        })?;
+        let ppl =
+            pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, press.as_deref(), None, |done, _| {
+                bar.set_position(start + done as u64)
+            })?;
         let needle_accuracy = match &haystack {
             Some(h) => {
-                let cells = needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, press.as_deref(), None, &bar)?;
+                let cells =
+                    needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, press.as_deref(), None, &bar)?;
                 Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
             }
             None => None,
@@ -355,7 +388,8 @@ fn compare(args: CompareArgs) -> Result<()> {
             series: series(&|r| r.needle_accuracy),
         });
     }
-    std::fs::write(&args.plot, pare_eval::plot::svg(&panels)).with_context(|| format!("cannot write {}", args.plot.display()))?;
+    std::fs::write(&args.plot, pare_eval::plot::svg(&panels))
+        .with_context(|| format!("cannot write {}", args.plot.display()))?;
 
     if args.json {
         return print_json(&serde_json::json!({ "rows": rows, "plot": args.plot }));

@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use pare_flops::{FlopsReport, Formula, KvPolicy, Measured, MeasuredRun, ModelSummary, PruneSchedule, Scenario, ScenarioSummary, SpanKind, TextShapes, VisionShapes};
+use pare_flops::{
+    FlopsReport, Formula, KvPolicy, Measured, MeasuredRun, ModelSummary, PruneSchedule, Scenario, ScenarioSummary,
+    SpanKind, TextShapes, VisionShapes,
+};
 use pare_model::{CachePress, KvCache, Model, ModelConfig, TokenPruner};
 use pare_token_prune::{Pruner, Span};
 use pare_vision::{LlavaConfig, LoadedLlava};
@@ -63,7 +66,8 @@ fn read_shapes(spec: &str) -> Result<Shapes> {
     if path.is_dir() {
         let file = path.join("config.json");
         let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
         let shown = file.display().to_string();
         if pare_vision::is_llava_config(&json) {
             let llava = LlavaConfig::from_json(&json, &shown)?;
@@ -94,7 +98,9 @@ fn span_kind(prune: &PruneArgs) -> Result<SpanKind> {
         "prompt" => SpanKind::Prompt { protect_last: prune.protect_last },
         "image" => SpanKind::Image,
         range => {
-            let parsed = range.split_once("..").and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
+            let parsed = range
+                .split_once("..")
+                .and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
             match parsed {
                 Some((start, end)) if start < end => SpanKind::Range { start, end },
                 _ => bail!("--prune-span must be prompt, image or START..END with START < END, got {range:?}"),
@@ -140,7 +146,11 @@ pub fn run(args: Args) -> Result<()> {
         press: args.press.press.clone(),
         kv_bytes_per_value,
     };
-    let model_summary = ModelSummary::new(&shapes.name, if shapes.llava.is_some() { "llava" } else { shapes.config.arch.model_type() }, &text);
+    let model_summary = ModelSummary::new(
+        &shapes.name,
+        if shapes.llava.is_some() { "llava" } else { shapes.config.arch.model_type() },
+        &text,
+    );
     let mut report = FlopsReport::build(model_summary, &text, &scenario, summary, formula)?;
     if args.measure {
         report.measured = Some(measure(&args, &scenario, shapes.llava.is_some())?);
@@ -167,7 +177,12 @@ impl Runner {
         }
     }
 
-    fn prefill(&self, ids: &[u32], press: Option<&dyn CachePress>, pruner: Option<&dyn TokenPruner>) -> Result<(Tensor, KvCache)> {
+    fn prefill(
+        &self,
+        ids: &[u32],
+        press: Option<&dyn CachePress>,
+        pruner: Option<&dyn TokenPruner>,
+    ) -> Result<(Tensor, KvCache)> {
         Ok(match self {
             Runner::Text(m) => m.prefill_pruned(&[ids.to_vec()], press, pruner)?,
             Runner::Llava(l, pixels) => l.model.prefill(ids, pixels, press, pruner)?,
@@ -218,7 +233,12 @@ fn measure(args: &Args, sc: &Scenario, is_llava: bool) -> Result<Measured> {
     }
     let ids = synthetic_prompt(language.config.vocab_size, sc.prompt_len, sc.image_tokens, image_id);
     if ids.len() + sc.gen_len > language.config.max_position_embeddings {
-        bail!("--measure: {} prompt tokens plus {} generated exceed the model's context of {}", ids.len(), sc.gen_len, language.config.max_position_embeddings);
+        bail!(
+            "--measure: {} prompt tokens plus {} generated exceed the model's context of {}",
+            ids.len(),
+            sc.gen_len,
+            language.config.max_position_embeddings
+        );
     }
     let press = args.press.build()?;
     let pruner: Option<Box<dyn TokenPruner>> = match &sc.prune {
@@ -256,7 +276,14 @@ fn sync(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
 
-fn measure_once(runner: &Runner, ids: &[u32], gen_len: usize, press: Option<&dyn CachePress>, pruner: Option<&dyn TokenPruner>, device: &Device) -> Result<MeasuredRun> {
+fn measure_once(
+    runner: &Runner,
+    ids: &[u32],
+    gen_len: usize,
+    press: Option<&dyn CachePress>,
+    pruner: Option<&dyn TokenPruner>,
+    device: &Device,
+) -> Result<MeasuredRun> {
     let language = runner.language();
     let peak_known = reset_peak_rss() && matches!(device, Device::Cpu);
     sync(device)?;

@@ -75,7 +75,11 @@ pub fn run(args: Args) -> Result<()> {
             }
             // Hold back an incomplete character and anything a stop string could still cover.
             let safe = text.len().saturating_sub(holdback);
-            if !text.ends_with('\u{FFFD}') && safe > streamed.len() && text.is_char_boundary(safe) && text.starts_with(&streamed) {
+            if !text.ends_with('\u{FFFD}')
+                && safe > streamed.len()
+                && text.is_char_boundary(safe)
+                && text.starts_with(&streamed)
+            {
                 let _ = write!(stdout, "{}", &text[streamed.len()..safe]);
                 let _ = stdout.flush();
                 streamed = text[..safe].to_string();

@@ -25,13 +25,20 @@ use crate::common::print_json;
 pub fn load_llava(args: &crate::common::ModelArgs) -> Result<LoadedLlava> {
     let path = pare_model::loader::resolve_model(&args.model)?;
     if !pare_vision::is_llava_dir(&path) {
-        bail!("--image needs a LLaVA checkpoint directory (config.json with model_type \"llava\"); {} is not one", path.display());
+        bail!(
+            "--image needs a LLaVA checkpoint directory (config.json with model_type \"llava\"); {} is not one",
+            path.display()
+        );
     }
     Ok(LoadedLlava::load(&path, args.weight_dtype()?, &args.device()?)?)
 }
 
 /// The token pruner for a LLaVA prompt: `--prune-span image` cuts from its image tokens.
-pub fn llava_pruner(prune: &crate::prune_args::PruneArgs, llava: &LoadedLlava, ids: &[u32]) -> Result<Option<Box<dyn TokenPruner>>> {
+pub fn llava_pruner(
+    prune: &crate::prune_args::PruneArgs,
+    llava: &LoadedLlava,
+    ids: &[u32],
+) -> Result<Option<Box<dyn TokenPruner>>> {
     let Some(spec) = &prune.prune_tokens else { return Ok(None) };
     if prune.prune_span != "image" {
         return prune.build(llava.model.language.num_layers());
@@ -67,7 +74,10 @@ pub fn run(args: &Args, image: &Path) -> Result<()> {
     let max_new = config.max_new_tokens();
     let ctx = llava.model.language.config.max_position_embeddings;
     if ids.len() + max_new > ctx {
-        bail!("the prompt ({} tokens with the image) plus max_new_tokens {max_new} exceeds the model's context of {ctx}", ids.len());
+        bail!(
+            "the prompt ({} tokens with the image) plus max_new_tokens {max_new} exceeds the model's context of {ctx}",
+            ids.len()
+        );
     }
     let pixels = llava
         .processor
@@ -94,14 +104,21 @@ pub fn run(args: &Args, image: &Path) -> Result<()> {
     for step in 0..max_new {
         let scores = logits.squeeze(0)?.to_vec1::<f32>()?;
         let mut processed = scores.clone();
-        chain.process(&mut ProcessContext { input_ids: &sequence, prompt_len: ids.len(), rng: &mut rng }, &mut processed);
+        chain.process(
+            &mut ProcessContext { input_ids: &sequence, prompt_len: ids.len(), rng: &mut rng },
+            &mut processed,
+        );
         let token = if config.do_sample() { sample(&processed, &mut rng) } else { argmax(&processed) };
         chain.accept(token, &processed);
         sequence.push(token);
         tokens.push(token);
         logprobs.push(logprob(&scores, token) as f32);
         let text = tok.decode(&tokens, true).unwrap_or_default();
-        if !args.json && find_stop(&text, &stops).is_none() && !text.ends_with('\u{FFFD}') && text.starts_with(&streamed) {
+        if !args.json
+            && find_stop(&text, &stops).is_none()
+            && !text.ends_with('\u{FFFD}')
+            && text.starts_with(&streamed)
+        {
             // Stream what no stop string can still claim.
             let holdback = stops.iter().map(String::len).max().unwrap_or(1).saturating_sub(1);
             let safe = text.len().saturating_sub(holdback);

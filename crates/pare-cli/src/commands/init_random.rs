@@ -129,7 +129,9 @@ pub fn run(args: Args) -> Result<()> {
         let p = format!("model.layers.{l}");
         shapes.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
         shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
-        for (name, rows) in [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)] {
+        for (name, rows) in
+            [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
+        {
             shapes.push((format!("{p}.self_attn.{name}.weight"), vec![rows, hidden]));
             if qkv_bias {
                 shapes.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
@@ -151,7 +153,8 @@ pub fn run(args: Args) -> Result<()> {
         params += shape.iter().product::<usize>();
         let t = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
             // Norm weights near 1, as trained models have them.
-            (random_tensor(&shape, 0.02, args.seed.wrapping_mul(1_000_003) ^ i as u64, DType::F32)? + 1.0)?.to_dtype(dtype)?
+            (random_tensor(&shape, 0.02, args.seed.wrapping_mul(1_000_003) ^ i as u64, DType::F32)? + 1.0)?
+                .to_dtype(dtype)?
         } else {
             random_tensor(&shape, 0.02, args.seed.wrapping_mul(1_000_003) ^ i as u64, dtype)?
         };
@@ -161,17 +164,26 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let write = |name: &str, v: &Value| -> Result<()> {
         let path = args.out.join(name);
-        std::fs::write(&path, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, serde_json::to_string_pretty(v)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))
     };
     write("config.json", &config)?;
-    write("generation_config.json", &json!({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))?;
+    write(
+        "generation_config.json",
+        &json!({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}),
+    )?;
     pare_formats::save_safetensors(&args.out.join("model.safetensors"), &tensors, None)?;
     let bytes = params * dtype.size_in_bytes();
     if args.json {
         print_json(&json!({"out": args.out.display().to_string(), "like": args.like, "layers": layers,
                            "parameters": params, "dtype": torch_dtype, "bytes": bytes}))
     } else {
-        println!("wrote {} ({} layers, {params} parameters, {:.2} GB {torch_dtype})", args.out.display(), layers, bytes as f64 / 1e9);
+        println!(
+            "wrote {} ({} layers, {params} parameters, {:.2} GB {torch_dtype})",
+            args.out.display(),
+            layers,
+            bytes as f64 / 1e9
+        );
         Ok(())
     }
 }

@@ -29,12 +29,21 @@ pub fn run(args: Args) -> Result<()> {
             .map(|b| {
                 let a = &b.attn;
                 let mlp = &b.mlp;
-                a.q.storage_bytes() + a.k.storage_bytes() + a.v.storage_bytes() + a.o.storage_bytes()
-                    + mlp.gate.as_ref().map_or(0, |g| g.storage_bytes()) + mlp.up.storage_bytes() + mlp.down.storage_bytes()
+                a.q.storage_bytes()
+                    + a.k.storage_bytes()
+                    + a.v.storage_bytes()
+                    + a.o.storage_bytes()
+                    + mlp.gate.as_ref().map_or(0, |g| g.storage_bytes())
+                    + mlp.up.storage_bytes()
+                    + mlp.down.storage_bytes()
                     + (b.attn_norm.param_count() + b.mlp_norm.param_count()) * m.dtype.size_in_bytes()
             })
             .sum::<usize>()
-        + if cfg.tie_word_embeddings && matches!(m.lm_head, pare_model::layers::Linear::Dense { .. }) { 0 } else { m.lm_head.storage_bytes() };
+        + if cfg.tie_word_embeddings && matches!(m.lm_head, pare_model::layers::Linear::Dense { .. }) {
+            0
+        } else {
+            m.lm_head.storage_bytes()
+        };
     let layers: Vec<_> = m
         .blocks
         .iter()
@@ -68,24 +77,47 @@ pub fn run(args: Args) -> Result<()> {
     println!("{} ({}, {})", loaded.path.display(), loaded.format, cfg.arch.model_type());
     println!(
         "hidden {}  layers {}  heads {}/{} kv  head_dim {}  rotary {}  vocab {}  context {}",
-        cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.rotary_dim,
+        cfg.vocab_size,
         cfg.max_position_embeddings
     );
-    println!("rope theta {}  scaling {:?}  norm eps {}  tied embeddings {}", cfg.rope_theta, cfg.rope_scaling, cfg.norm_eps, cfg.tie_word_embeddings);
+    println!(
+        "rope theta {}  scaling {:?}  norm eps {}  tied embeddings {}",
+        cfg.rope_theta, cfg.rope_scaling, cfg.norm_eps, cfg.tie_word_embeddings
+    );
     println!("parameters {:.2} M", m.param_count() as f64 / 1e6);
-    for (name, n) in [("embedding", embed), ("attention", attention), ("mlp", mlp), ("norms", norms), ("lm_head", lm_head)] {
+    for (name, n) in
+        [("embedding", embed), ("attention", attention), ("mlp", mlp), ("norms", norms), ("lm_head", lm_head)]
+    {
         println!("  {name:<10} {:>12}  ({:.1} %)", n, 100.0 * n as f64 / m.param_count() as f64);
     }
     println!("weights in memory {:.1} MiB ({})", mib(weight_bytes), args.model.dtype_name());
     println!("kv cache {:.1} KiB per token", kv_bytes_per_token as f64 / 1024.0);
-    let uniform = m.blocks.windows(2).all(|w| w[0].attn.num_heads == w[1].attn.num_heads && w[0].mlp.width() == w[1].mlp.width());
+    let uniform =
+        m.blocks.windows(2).all(|w| w[0].attn.num_heads == w[1].attn.num_heads && w[0].mlp.width() == w[1].mlp.width());
     if uniform {
         let b = &m.blocks[0];
-        println!("every layer: {} heads, {} kv heads, mlp width {}", b.attn.num_heads, b.attn.num_kv_heads, b.mlp.width());
+        println!(
+            "every layer: {} heads, {} kv heads, mlp width {}",
+            b.attn.num_heads,
+            b.attn.num_kv_heads,
+            b.mlp.width()
+        );
     } else {
         println!("layer  heads  kv  mlp_width  params");
         for (i, b) in m.blocks.iter().enumerate() {
-            println!("{i:>5}  {:>5}  {:>2}  {:>9}  {}", b.attn.num_heads, b.attn.num_kv_heads, b.mlp.width(), b.param_count());
+            println!(
+                "{i:>5}  {:>5}  {:>2}  {:>9}  {}",
+                b.attn.num_heads,
+                b.attn.num_kv_heads,
+                b.mlp.width(),
+                b.param_count()
+            );
         }
     }
     Ok(())

@@ -139,7 +139,9 @@ fn hf_limit(model: &Model) -> Option<String> {
     }
     let c = &model.config;
     if c.arch == Arch::GptNeoX && c.num_heads * c.head_dim != c.hidden_size {
-        return Some("GPT-NeoX in transformers derives head_dim from hidden_size, so pruned heads load in pare only".into());
+        return Some(
+            "GPT-NeoX in transformers derives head_dim from hidden_size, so pruned heads load in pare only".into(),
+        );
     }
     None
 }
@@ -187,10 +189,17 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(settings)) => {
             let settings = settings.resolve(n)?;
             let calibration = if settings.needs_calibration() {
-                let path = args.calib_text.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("texts/c4.utf8"));
+                let path =
+                    args.calib_text.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("texts/c4.utf8"));
                 let text = read_text(&path, "calibration text")?;
                 let tok = loaded.tokenizer().context("calibration text needs the model's tokenizer")?;
-                Some(pare_prune::calibration::from_text(tok, &text, args.calib_samples, args.calib_len, &path.display().to_string())?)
+                Some(pare_prune::calibration::from_text(
+                    tok,
+                    &text,
+                    args.calib_samples,
+                    args.calib_len,
+                    &path.display().to_string(),
+                )?)
             } else {
                 None
             };
@@ -317,11 +326,19 @@ fn gguf_tokenizer_keys(loaded: &pare_model::LoadedModel) -> Result<Option<Vec<(S
         return Ok(None);
     }
     let src = GgufFile::open(&loaded.path)?;
-    let keys: Vec<(String, GgufValue)> = src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let keys: Vec<(String, GgufValue)> =
+        src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     Ok(Some(keys))
 }
 
-fn export(args: &Args, loaded: &pare_model::LoadedModel, pruned: &Model, plan: &PruningPlan, dir: &Path, gguf_type: GgmlType) -> Result<ExportReport> {
+fn export(
+    args: &Args,
+    loaded: &pare_model::LoadedModel,
+    pruned: &Model,
+    plan: &PruningPlan,
+    dir: &Path,
+    gguf_type: GgmlType,
+) -> Result<ExportReport> {
     pare_model::export::export_hf_dir(pruned, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), dir)?;
     let plan_path = dir.join("pruning_plan.json");
     std::fs::write(&plan_path, plan.to_json()).with_context(|| format!("cannot write {}", plan_path.display()))?;
@@ -331,7 +348,10 @@ fn export(args: &Args, loaded: &pare_model::LoadedModel, pruned: &Model, plan: &
         let path = dir.join("model.gguf");
         let keys = gguf_tokenizer_keys(loaded)?;
         if keys.is_none() && loaded.tokenizer.is_some() {
-            gguf_note = Some("the source is not a GGUF, so model.gguf carries no tokenizer; use the directory's tokenizer files".into());
+            gguf_note = Some(
+                "the source is not a GGUF, so model.gguf carries no tokenizer; use the directory's tokenizer files"
+                    .into(),
+            );
         }
         pare_model::export::export_gguf(pruned, keys.as_deref().unwrap_or(&[]), gguf_type, &path)?;
         gguf = Some(path.display().to_string());
@@ -362,7 +382,15 @@ fn print_report(
         let taylor = m.taylor.as_deref().map(|t| format!(" ({t})")).unwrap_or_default();
         println!(
             "{}{taylor}, reduction {}, {}, {} ratio {}, attention layers {}..{}, MLP layers {}..{}",
-            m.importance, m.reduction, m.gqa.name(), m.mode, m.ratio, m.attn_layers[0], m.attn_layers[1], m.mlp_layers[0], m.mlp_layers[1]
+            m.importance,
+            m.reduction,
+            m.gqa.name(),
+            m.mode,
+            m.ratio,
+            m.attn_layers[0],
+            m.attn_layers[1],
+            m.mlp_layers[0],
+            m.mlp_layers[1]
         );
     }
     if let Some(d) = &plan.data {
@@ -377,7 +405,10 @@ fn print_report(
     if !changed.is_empty() {
         println!("layer  heads  kv     mlp_width");
         for (b, a) in changed {
-            println!("{:>5}  {:>2}→{:<2}  {}→{}  {}→{}", b.layer, b.heads, a.heads, b.kv_heads, a.kv_heads, b.mlp_width, a.mlp_width);
+            println!(
+                "{:>5}  {:>2}→{:<2}  {}→{}  {}→{}",
+                b.layer, b.heads, a.heads, b.kv_heads, a.kv_heads, b.mlp_width, a.mlp_width
+            );
         }
     }
     if let Some(p) = ppl {

@@ -60,7 +60,8 @@ pub fn run(args: Args) -> Result<()> {
     let prompt = encode_prompt(&loaded, &args.prompt, args.chat)?;
     let config = args.sampling.generation_config(&loaded, 1)?;
     let generator = Generator::new(config.clone(), Some(tok))?;
-    let (mut logits, mut cache) = loaded.model.prefill_pruned(std::slice::from_ref(&prompt), press.as_deref(), pruner.as_deref())?;
+    let (mut logits, mut cache) =
+        loaded.model.prefill_pruned(std::slice::from_ref(&prompt), press.as_deref(), pruner.as_deref())?;
     let kv_bytes_prefill = cache.bytes();
     let mut context = prompt.clone();
     if let Some(then) = &args.then {

@@ -119,7 +119,10 @@ fn curve_svg(curve: &[StepStats], held_out: Option<&HeldOut>, title: &str) -> St
             title: "mean soft mask".into(),
             x_label: "step".into(),
             y_label: "kept share".into(),
-            series: vec![Series { name: "kept share".into(), points: curve.iter().map(|c| (c.step as f64, c.kept)).collect() }],
+            series: vec![Series {
+                name: "kept share".into(),
+                points: curve.iter().map(|c| (c.step as f64, c.kept)).collect(),
+            }],
         },
     ];
     if let Some(h) = held_out {
@@ -172,7 +175,8 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
     let model = &loaded.model;
     settings.check(model.num_layers(), model.config.max_position_embeddings)?;
-    let mut tokens = loaded.tokenizer().context("train-scorer tokenizes --text with the model's tokenizer")?.encode(&text, true)?;
+    let mut tokens =
+        loaded.tokenizer().context("train-scorer tokenizes --text with the model's tokenizer")?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
     }
@@ -225,7 +229,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     outcome.net.save(&args.out, &info)?;
     let title = format!("train-scorer: cut {} keep {} ({} steps)", settings.cut_layer, settings.keep, settings.steps);
-    std::fs::write(&plot, curve_svg(curve, outcome.held_out.as_ref(), &title)).with_context(|| format!("cannot write {}", plot.display()))?;
+    std::fs::write(&plot, curve_svg(curve, outcome.held_out.as_ref(), &title))
+        .with_context(|| format!("cannot write {}", plot.display()))?;
 
     if args.json {
         return print_json(&json!({
@@ -262,7 +267,11 @@ pub fn run(args: Args) -> Result<()> {
         settings.steps,
         outcome.seconds
     );
-    println!("loss {:.4} → {final_loss:.4} (mean of the last {} steps), tail NLL {final_nll:.4}, kept share {kept:.3}", curve[0].loss, tail.len());
+    println!(
+        "loss {:.4} → {final_loss:.4} (mean of the last {} steps), tail NLL {final_nll:.4}, kept share {kept:.3}",
+        curve[0].loss,
+        tail.len()
+    );
     if let Some(h) = &outcome.held_out {
         let (first, last) = (h.learned[0].1, h.learned.last().map(|l| l.1).unwrap_or(f64::NAN));
         println!(
@@ -271,6 +280,11 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     println!("wrote {} and {}", args.out.display(), plot.display());
-    println!("use it: --prune-tokens {}:{} --prune-score learned:{}", settings.cut_layer, settings.keep, args.out.display());
+    println!(
+        "use it: --prune-tokens {}:{} --prune-score learned:{}",
+        settings.cut_layer,
+        settings.keep,
+        args.out.display()
+    );
     Ok(())
 }

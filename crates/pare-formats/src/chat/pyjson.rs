@@ -40,9 +40,7 @@ pub(super) fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) if !v.is_none() => {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
-                    (a.to_string(), b.to_string())
-                }
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (a.to_string(), b.to_string()),
                 _ => return Err(invalid("tojson: separators must be two strings")),
             }
         }
@@ -98,16 +96,9 @@ fn write_value(out: &mut String, value: &Value, o: &Options, depth: usize) -> Re
         }
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
-            write_container(out, '[', ']', items.len(), o, depth, |out, i| {
-                write_value(out, &items[i], o, depth + 1)
-            })?;
+            write_container(out, '[', ']', items.len(), o, depth, |out, i| write_value(out, &items[i], o, depth + 1))?;
         }
-        _ => {
-            return Err(invalid(&format!(
-                "tojson: object of kind {} is not JSON serializable",
-                value.kind()
-            )))
-        }
+        _ => return Err(invalid(&format!("tojson: object of kind {} is not JSON serializable", value.kind()))),
     }
     Ok(())
 }
@@ -154,11 +145,7 @@ fn write_key(out: &mut String, key: &Value, o: &Options) -> Result<(), Error> {
             write_value(&mut text, key, o, 0)?;
             write_string(out, &text, o.ensure_ascii);
         }
-        kind => {
-            return Err(invalid(&format!(
-                "tojson: keys must be str, int, float, bool or None, not {kind}"
-            )))
-        }
+        kind => return Err(invalid(&format!("tojson: keys must be str, int, float, bool or None, not {kind}"))),
     }
     Ok(())
 }

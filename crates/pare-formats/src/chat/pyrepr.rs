@@ -64,11 +64,7 @@ fn repr(out: &mut String, value: &Value) -> Result<(), Error> {
 /// Python's string repr: single quotes unless the text has `'` and no `"`; backslash escapes
 /// for the quote, backslash, and unprintable characters.
 fn repr_str(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {

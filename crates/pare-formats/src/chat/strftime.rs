@@ -21,15 +21,7 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// A broken-down UTC time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,9 +87,7 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 
 /// The current UTC time formatted by `format`.
 pub(super) fn strftime_now(format: String) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     strftime(&format, DateTime::from_unix(secs))
 }
 
@@ -120,21 +110,13 @@ fn strftime(format: &str, t: DateTime) -> String {
                 format!("{n:0width$}")
             }
         };
-        let hour12 = if t.hour.is_multiple_of(12) {
-            12
-        } else {
-            t.hour % 12
-        };
+        let hour12 = if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 };
         match chars.next() {
             Some('Y') => out.push_str(&t.year.to_string()),
             Some('y') => out.push_str(&num(t.year.rem_euclid(100) as u32, 2)),
             Some('m') => out.push_str(&num(t.month, 2)),
             Some('d') => out.push_str(&num(t.day, 2)),
-            Some('e') => out.push_str(&if unpadded {
-                t.day.to_string()
-            } else {
-                format!("{:2}", t.day)
-            }),
+            Some('e') => out.push_str(&if unpadded { t.day.to_string() } else { format!("{:2}", t.day) }),
             Some('j') => out.push_str(&num(t.day_of_year, 3)),
             Some('H') => out.push_str(&num(t.hour, 2)),
             Some('I') => out.push_str(&num(hour12, 2)),
@@ -177,14 +159,8 @@ mod tests {
         // 2024-07-26T13:05:09Z, a Friday, day 208 of a leap year.
         let t = DateTime::from_unix(1_721_999_109);
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(
-            strftime("%A %B %-d, %y %j %H:%M:%S %I%p %%", t),
-            "Friday July 26, 24 208 13:05:09 01PM %"
-        );
-        assert_eq!(
-            strftime("%F %T %a %u %w %q", t),
-            "2024-07-26 13:05:09 Fri 5 5 %q"
-        );
+        assert_eq!(strftime("%A %B %-d, %y %j %H:%M:%S %I%p %%", t), "Friday July 26, 24 208 13:05:09 01PM %");
+        assert_eq!(strftime("%F %T %a %u %w %q", t), "2024-07-26 13:05:09 Fri 5 5 %q");
         let epoch = DateTime::from_unix(0);
         assert_eq!(strftime("%Y-%m-%d %A %j", epoch), "1970-01-01 Thursday 001");
         let feb29 = DateTime::from_unix(951_782_400); // 2000-02-29

@@ -111,8 +111,8 @@ impl GgmlType {
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4Nl | MXFP4 => 32,
             NVFP4 => 64,
             Q1_0 => 128,
-            Q2K | Q3K | Q4K | Q5K | Q6K | Q8K | IQ2Xxs | IQ2Xs | IQ3Xxs | IQ1S | IQ3S | IQ2S
-            | IQ4Xs | IQ1M | TQ1_0 | TQ2_0 => QK_K,
+            Q2K | Q3K | Q4K | Q5K | Q6K | Q8K | IQ2Xxs | IQ2Xs | IQ3Xxs | IQ1S | IQ3S | IQ2S | IQ4Xs | IQ1M | TQ1_0
+            | TQ2_0 => QK_K,
         }
     }
 

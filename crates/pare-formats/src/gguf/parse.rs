@@ -77,9 +77,7 @@ impl<'a> Cursor<'a> {
     /// Checks that `count` items of at least `min_size` bytes each can still fit in the file,
     /// and returns the count as a usize that is safe to pre-allocate for.
     fn count(&self, count: u64, min_size: usize, what: &str) -> Result<usize> {
-        let fits = count
-            .checked_mul(min_size as u64)
-            .is_some_and(|need| need <= self.remaining() as u64);
+        let fits = count.checked_mul(min_size as u64).is_some_and(|need| need <= self.remaining() as u64);
         if !fits {
             return Err(FormatError::corrupt(
                 self.path,
@@ -109,10 +107,9 @@ impl<'a> Cursor<'a> {
         let bytes = self.take(len as usize, what)?;
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(FormatError::corrupt(
-                self.path,
-                format!("{what}: string at offset {start} is not valid UTF-8"),
-            )),
+            Err(_) => {
+                Err(FormatError::corrupt(self.path, format!("{what}: string at offset {start} is not valid UTF-8")))
+            }
         }
     }
 
@@ -149,8 +146,7 @@ impl<'a> Cursor<'a> {
                     ));
                 }
                 let elem_ty = self.u32(what)?;
-                let min =
-                    min_value_size(elem_ty).ok_or_else(|| self.bad_value_type(elem_ty, key))?;
+                let min = min_value_size(elem_ty).ok_or_else(|| self.bad_value_type(elem_ty, key))?;
                 let raw_count = self.u64(what)?;
                 let n = self.count(raw_count, min, &format!("{what}: array element"))?;
                 let mut items = Vec::with_capacity(n);
@@ -167,10 +163,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn bad_value_type(&self, ty: u32, key: &str) -> FormatError {
-        FormatError::corrupt(
-            self.path,
-            format!("metadata value `{key}` has unknown type id {ty}"),
-        )
+        FormatError::corrupt(self.path, format!("metadata value `{key}` has unknown type id {ty}"))
     }
 }
 
@@ -197,24 +190,9 @@ pub(super) fn parse(path: &Path, buf: &[u8]) -> Result<Header> {
     let version = c.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => {
-            return Err(FormatError::corrupt(
-                path,
-                "GGUF version 1 is not supported (only versions 2 and 3)",
-            ))
-        }
-        v if v.swap_bytes() <= 3 => {
-            return Err(FormatError::corrupt(
-                path,
-                "big-endian GGUF files are not supported",
-            ))
-        }
-        v => {
-            return Err(FormatError::corrupt(
-                path,
-                format!("unsupported GGUF version {v} (only versions 2 and 3)"),
-            ))
-        }
+        1 => return Err(FormatError::corrupt(path, "GGUF version 1 is not supported (only versions 2 and 3)")),
+        v if v.swap_bytes() <= 3 => return Err(FormatError::corrupt(path, "big-endian GGUF files are not supported")),
+        v => return Err(FormatError::corrupt(path, format!("unsupported GGUF version {v} (only versions 2 and 3)"))),
     }
 
     let raw_tensors = c.u64("tensor count")?;
@@ -228,10 +206,7 @@ pub(super) fn parse(path: &Path, buf: &[u8]) -> Result<Header> {
         let ty = c.u32(&format!("type of metadata key `{key}`"))?;
         let value = c.value(ty, &key, &format!("metadata value `{key}`"), 0)?;
         if metadata.insert(key.clone(), value).is_some() {
-            return Err(FormatError::corrupt(
-                path,
-                format!("metadata key `{key}` appears twice"),
-            ));
+            return Err(FormatError::corrupt(path, format!("metadata key `{key}` appears twice")));
         }
     }
 
@@ -243,10 +218,7 @@ pub(super) fn parse(path: &Path, buf: &[u8]) -> Result<Header> {
         let name = c.string(&format!("name of tensor #{i}"))?;
         let info = tensor_info(&mut c, name)?;
         if !names.insert(info.0.name.clone()) {
-            return Err(FormatError::corrupt(
-                path,
-                format!("tensor `{}` appears twice", info.0.name),
-            ));
+            return Err(FormatError::corrupt(path, format!("tensor `{}` appears twice", info.0.name)));
         }
         raw.push(info);
     }
@@ -285,11 +257,7 @@ pub(super) fn parse(path: &Path, buf: &[u8]) -> Result<Header> {
     }
     check_overlaps(path, &tensors)?;
 
-    Ok(Header {
-        version,
-        metadata,
-        tensors,
-    })
+    Ok(Header { version, metadata, tensors })
 }
 
 /// `general.alignment`, which must be a power of two when present.
@@ -299,10 +267,7 @@ fn alignment(path: &Path, metadata: &BTreeMap<String, GgufValue>) -> Result<u64>
     };
     match value.as_u64() {
         Some(a) if a.is_power_of_two() && a <= u32::MAX as u64 => Ok(a),
-        _ => Err(FormatError::corrupt(
-            path,
-            format!("general.alignment is {value:?}, expected a power of two"),
-        )),
+        _ => Err(FormatError::corrupt(path, format!("general.alignment is {value:?}, expected a power of two"))),
     }
 }
 
@@ -323,68 +288,34 @@ fn tensor_info(c: &mut Cursor<'_>, name: String) -> Result<(GgufTensorInfo, u64)
     }
     let type_id = c.u32(&format!("type of tensor `{name}`"))?;
     let rel_offset = c.u64(&format!("data offset of tensor `{name}`"))?;
-    let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-        FormatError::corrupt(
-            path,
-            format!("tensor `{name}` has unknown ggml type {type_id}"),
-        )
-    })?;
+    let ggml_type = GgmlType::from_id(type_id)
+        .ok_or_else(|| FormatError::corrupt(path, format!("tensor `{name}` has unknown ggml type {type_id}")))?;
 
     if let Some(d) = ne.iter().position(|&d| d == 0) {
-        return Err(FormatError::corrupt(
-            path,
-            format!("tensor `{name}` has size 0 in dimension {d} (ne {ne:?})"),
-        ));
+        return Err(FormatError::corrupt(path, format!("tensor `{name}` has size 0 in dimension {d} (ne {ne:?})")));
     }
-    let elements = ne
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-        .filter(|&n| n <= i64::MAX as u64)
-        .ok_or_else(|| {
-            FormatError::corrupt(
-                path,
-                format!("tensor `{name}` element count overflows (ne {ne:?})"),
-            )
+    let elements =
+        ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= i64::MAX as u64).ok_or_else(|| {
+            FormatError::corrupt(path, format!("tensor `{name}` element count overflows (ne {ne:?})"))
         })?;
     let block = ggml_type.block_size() as u64;
     let row = ne.first().copied().unwrap_or(1);
     if row % block != 0 {
         return Err(FormatError::corrupt(
             path,
-            format!(
-                "tensor `{name}` has rows of {row} elements, not a multiple of the {ggml_type} block size {block}"
-            ),
+            format!("tensor `{name}` has rows of {row} elements, not a multiple of the {ggml_type} block size {block}"),
         ));
     }
     let n_bytes = (elements / block)
         .checked_mul(ggml_type.type_size() as u64)
-        .ok_or_else(|| {
-            FormatError::corrupt(
-                path,
-                format!("tensor `{name}` byte size overflows (ne {ne:?})"),
-            )
-        })?;
+        .ok_or_else(|| FormatError::corrupt(path, format!("tensor `{name}` byte size overflows (ne {ne:?})")))?;
     let shape = ne
         .iter()
         .rev()
         .map(|&d| usize::try_from(d))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| {
-            FormatError::corrupt(
-                path,
-                format!("tensor `{name}` is too large for this platform"),
-            )
-        })?;
-    Ok((
-        GgufTensorInfo {
-            name,
-            shape,
-            ggml_type,
-            offset: 0,
-            n_bytes,
-        },
-        rel_offset,
-    ))
+        .map_err(|_| FormatError::corrupt(path, format!("tensor `{name}` is too large for this platform")))?;
+    Ok((GgufTensorInfo { name, shape, ggml_type, offset: 0, n_bytes }, rel_offset))
 }
 
 /// Rejects tensors whose data ranges overlap: each tensor must own its bytes.

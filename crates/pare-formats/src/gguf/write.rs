@@ -133,8 +133,17 @@ pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[Gguf
             return Err(bad(format!("tensor `{}` given twice", t.name)));
         }
         let elements: usize = t.shape.iter().product();
-        if t.shape.is_empty() || t.shape.len() > 4 || elements == 0 || elements * t.ggml_type.type_size() / t.ggml_type.block_size() != t.data.len() {
-            return Err(bad(format!("tensor `{}`: shape {:?} does not match its {} data bytes", t.name, t.shape, t.data.len())));
+        if t.shape.is_empty()
+            || t.shape.len() > 4
+            || elements == 0
+            || elements * t.ggml_type.type_size() / t.ggml_type.block_size() != t.data.len()
+        {
+            return Err(bad(format!(
+                "tensor `{}`: shape {:?} does not match its {} data bytes",
+                t.name,
+                t.shape,
+                t.data.len()
+            )));
         }
         put_str(&mut head, &t.name);
         head.extend((t.shape.len() as u32).to_le_bytes());
@@ -181,7 +190,10 @@ mod tests {
             ("llama.attention.head_count".to_string(), GgufValue::Array(vec![GgufValue::I32(4), GgufValue::I32(2)])),
             ("llama.rope.freq_base".to_string(), GgufValue::F32(10000.0)),
             ("flag".to_string(), GgufValue::Bool(true)),
-            ("tokenizer.ggml.tokens".to_string(), GgufValue::Array(vec![GgufValue::Str("a".into()), GgufValue::Str("bc".into())])),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                GgufValue::Array(vec![GgufValue::Str("a".into()), GgufValue::Str("bc".into())]),
+            ),
         ];
         let tensors = vec![
             GgufTensorData::from_tensor("a", &a, GgmlType::F16).unwrap(),
@@ -197,7 +209,10 @@ mod tests {
         assert_eq!(f.tensor_info("a").unwrap().shape, vec![3, 4]);
         assert_eq!(f.tensor_info("a").unwrap().ggml_type, GgmlType::F16);
         let a2 = f.dequantize("a", DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(a2.flatten_all().unwrap().to_vec1::<f32>().unwrap(), a.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a2.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let b2 = f.dequantize("b", DType::F32, &Device::Cpu).unwrap();
         assert_eq!(b2.to_vec1::<f32>().unwrap(), vec![1.5, -2.25, 3.0]);
         assert_eq!(f.tensors[1].offset % 32, 0);

@@ -49,22 +49,14 @@ impl<'a> GgufVocab<'a> {
                 v.as_str().ok_or_else(|| {
                     FormatError::tokenizer(
                         path,
-                        format!(
-                            "tokenizer.ggml.tokens[{i}] is {}, expected a string",
-                            v.describe()
-                        ),
+                        format!("tokenizer.ggml.tokens[{i}] is {}, expected a string", v.describe()),
                     )
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let token_types = match gguf.get("tokenizer.ggml.token_type") {
             None => None,
-            Some(v) => Some(int_array(
-                path,
-                "tokenizer.ggml.token_type",
-                v,
-                tokens.len(),
-            )?),
+            Some(v) => Some(int_array(path, "tokenizer.ggml.token_type", v, tokens.len())?),
         };
         let id = |key: &str| -> Result<Option<u32>> {
             let Some(v) = gguf.get(key) else {
@@ -74,10 +66,7 @@ impl<'a> GgufVocab<'a> {
                 Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
                 _ => Err(FormatError::tokenizer(
                     path,
-                    format!(
-                        "{key} is {v:?}, not the id of one of the {} tokens",
-                        tokens.len()
-                    ),
+                    format!("{key} is {v:?}, not the id of one of the {} tokens", tokens.len()),
                 )),
             }
         };
@@ -99,40 +88,26 @@ impl<'a> GgufVocab<'a> {
     /// Tokens of one llama.cpp type, with their ids, in id order.
     fn of_type(&self, ty: i64) -> impl Iterator<Item = &'a str> + '_ {
         let types = self.token_types.as_deref().unwrap_or(&[]);
-        self.tokens
-            .iter()
-            .zip(types)
-            .filter(move |(_, &t)| t == ty)
-            .map(|(&tok, _)| tok)
+        self.tokens.iter().zip(types).filter(move |(_, &t)| t == ty).map(|(&tok, _)| tok)
     }
 }
 
 /// An array metadata value of exactly `len` integers.
 fn int_array(path: &Path, key: &str, value: &GgufValue, len: usize) -> Result<Vec<i64>> {
-    let items = value.as_array().ok_or_else(|| {
-        FormatError::tokenizer(
-            path,
-            format!("{key} is {}, expected an array", value.describe()),
-        )
-    })?;
+    let items = value
+        .as_array()
+        .ok_or_else(|| FormatError::tokenizer(path, format!("{key} is {}, expected an array", value.describe())))?;
     if items.len() != len {
         return Err(FormatError::tokenizer(
             path,
-            format!(
-                "{key} has {} entries but there are {len} tokens",
-                items.len()
-            ),
+            format!("{key} has {} entries but there are {len} tokens", items.len()),
         ));
     }
     items
         .iter()
         .map(|v| {
-            v.as_i64().ok_or_else(|| {
-                FormatError::tokenizer(
-                    path,
-                    format!("{key} holds {}, expected integers", v.describe()),
-                )
-            })
+            v.as_i64()
+                .ok_or_else(|| FormatError::tokenizer(path, format!("{key} holds {}, expected integers", v.describe())))
         })
         .collect()
 }
@@ -173,10 +148,7 @@ pub(super) fn build(gguf: &GgufFile) -> Result<TokenizerBundle> {
     let split = pretokenize::split_for(pre).ok_or_else(|| {
         FormatError::tokenizer(
             path,
-            format!(
-                "unsupported tokenizer.ggml.pre `{}` (supported: {KNOWN_PRESETS})",
-                pre.unwrap_or_default()
-            ),
+            format!("unsupported tokenizer.ggml.pre `{}` (supported: {KNOWN_PRESETS})", pre.unwrap_or_default()),
         )
     })?;
 
@@ -202,9 +174,7 @@ pub(super) fn build(gguf: &GgufFile) -> Result<TokenizerBundle> {
         .filter(|t| tokenizer.token_to_id(t).is_some())
         .map(|t| AddedToken::from(t, false).normalized(false))
         .collect();
-    tokenizer
-        .add_tokens(user)
-        .map_err(|e| FormatError::tokenizer(path, format!("cannot add tokens: {e}")))?;
+    tokenizer.add_tokens(user).map_err(|e| FormatError::tokenizer(path, format!("cannot add tokens: {e}")))?;
 
     let bos_token = vocab.token(vocab.bos);
     let eos_token = vocab.token(vocab.eos);
@@ -216,9 +186,7 @@ pub(super) fn build(gguf: &GgufFile) -> Result<TokenizerBundle> {
         .flatten()
         .map(|t| AddedToken::from(t.as_str(), true).normalized(false))
         .collect();
-    tokenizer
-        .add_special_tokens(named)
-        .map_err(|e| FormatError::tokenizer(path, format!("cannot add tokens: {e}")))?;
+    tokenizer.add_special_tokens(named).map_err(|e| FormatError::tokenizer(path, format!("cannot add tokens: {e}")))?;
 
     let bos_token_id = bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
     let eos_token_id = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
@@ -313,17 +281,9 @@ fn pre_tokenizer(path: &Path, split: pretokenize::Split) -> Result<PreTokenizerW
     Ok(match split {
         pretokenize::Split::Gpt2 => ByteLevel::new(false, true, true).into(),
         pretokenize::Split::Regex(regex) => {
-            let split = Split::new(
-                SplitPattern::Regex(regex.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| FormatError::tokenizer(path, format!("bad split regex: {e}")))?;
-            Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into()
+            let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| FormatError::tokenizer(path, format!("bad split regex: {e}")))?;
+            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
         }
     })
 }

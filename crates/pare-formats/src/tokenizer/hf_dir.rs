@@ -19,10 +19,7 @@ const NAMED_TOKENS: [&str; 4] = ["bos_token", "eos_token", "unk_token", "pad_tok
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| FormatError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| FormatError::Json { path: path.to_path_buf(), source })
 }
 
 fn read_optional_json(path: &Path) -> Result<Option<Value>> {
@@ -41,8 +38,7 @@ fn added_token(path: &Path, key: &str, value: &Value) -> Result<Option<AddedToke
         Value::String(s) => Some(AddedToken::from(s.as_str(), true).normalized(false)),
         Value::Object(o) => {
             let content = o.get("content").and_then(Value::as_str).ok_or_else(bad)?;
-            let flag =
-                |name: &str, default: bool| o.get(name).and_then(Value::as_bool).unwrap_or(default);
+            let flag = |name: &str, default: bool| o.get(name).and_then(Value::as_bool).unwrap_or(default);
             Some(
                 AddedToken::from(content, true)
                     .single_word(flag("single_word", false))
@@ -62,8 +58,7 @@ fn config_chat_template(path: &Path, value: &Value) -> Result<Option<String>> {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s.clone())),
         Value::Array(items) => Ok(items.iter().find_map(|t| {
-            (t.get("name")?.as_str()? == "default")
-                .then(|| t.get("template")?.as_str().map(str::to_string))?
+            (t.get("name")?.as_str()? == "default").then(|| t.get("template")?.as_str().map(str::to_string))?
         })),
         other => Err(FormatError::tokenizer(
             path,
@@ -76,10 +71,7 @@ fn config_chat_template(path: &Path, value: &Value) -> Result<Option<String>> {
 fn eos_ids(value: Option<&Value>) -> Vec<u32> {
     match value {
         Some(Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|v| v.as_u64().map(|n| n as u32))
-            .collect(),
+        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_u64().map(|n| n as u32)).collect(),
         _ => Vec::new(),
     }
 }
@@ -89,10 +81,7 @@ pub(super) fn load(dir: &Path) -> Result<TokenizerBundle> {
     if !tokenizer_path.is_file() {
         return Err(FormatError::io(
             &tokenizer_path,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no tokenizer.json in the directory",
-            ),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json in the directory"),
         ));
     }
     let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
@@ -125,9 +114,9 @@ pub(super) fn load(dir: &Path) -> Result<TokenizerBundle> {
             }
         }
     }
-    tokenizer.add_special_tokens(to_add).map_err(|e| {
-        FormatError::tokenizer(&config_path, format!("cannot add special tokens: {e}"))
-    })?;
+    tokenizer
+        .add_special_tokens(to_add)
+        .map_err(|e| FormatError::tokenizer(&config_path, format!("cannot add special tokens: {e}")))?;
 
     let [bos_token, eos_token, unk_token, pad_token] =
         [0, 1, 2, 3].map(|i| named[i].as_ref().map(|t| t.content.clone()));
@@ -137,18 +126,10 @@ pub(super) fn load(dir: &Path) -> Result<TokenizerBundle> {
 
     let explicit_bos = config.get("add_bos_token").and_then(Value::as_bool);
     let explicit_eos = config.get("add_eos_token").and_then(Value::as_bool);
-    if explicit_bos.is_some() || explicit_eos.is_some() || tokenizer.get_post_processor().is_none()
-    {
-        let bos = bos_token
-            .clone()
-            .zip(bos_token_id)
-            .filter(|_| explicit_bos.unwrap_or(false));
-        let eos = eos_token
-            .clone()
-            .zip(eos_token_id)
-            .filter(|_| explicit_eos.unwrap_or(false));
-        let post = template_post_processor(bos, eos)
-            .map_err(|e| FormatError::tokenizer(&config_path, e))?;
+    if explicit_bos.is_some() || explicit_eos.is_some() || tokenizer.get_post_processor().is_none() {
+        let bos = bos_token.clone().zip(bos_token_id).filter(|_| explicit_bos.unwrap_or(false));
+        let eos = eos_token.clone().zip(eos_token_id).filter(|_| explicit_eos.unwrap_or(false));
+        let post = template_post_processor(bos, eos).map_err(|e| FormatError::tokenizer(&config_path, e))?;
         tokenizer.with_post_processor(Some(post));
     }
     // What the post-processor adds around an empty text tells the BOS/EOS policy.
@@ -157,9 +138,7 @@ pub(super) fn load(dir: &Path) -> Result<TokenizerBundle> {
         .map_err(|e| FormatError::tokenizer(&tokenizer_path, format!("cannot encode: {e}")))?;
     let framing = framing.get_ids();
     let add_bos = bos_token_id.is_some() && framing.first().copied() == bos_token_id;
-    let add_eos = eos_token_id.is_some()
-        && framing.last().copied() == eos_token_id
-        && (framing.len() > 1 || !add_bos);
+    let add_eos = eos_token_id.is_some() && framing.last().copied() == eos_token_id && (framing.len() > 1 || !add_bos);
 
     let jinja_path = dir.join("chat_template.jinja");
     let chat_template = if jinja_path.is_file() {
@@ -225,11 +204,7 @@ pub(super) fn save(bundle: &TokenizerBundle, dir: &Path) -> Result<()> {
         config.insert("chat_template".into(), json!(template));
     }
     let config_path = dir.join("tokenizer_config.json");
-    let text = serde_json::to_string_pretty(&Value::Object(config)).map_err(|source| {
-        FormatError::Json {
-            path: config_path.clone(),
-            source,
-        }
-    })?;
+    let text = serde_json::to_string_pretty(&Value::Object(config))
+        .map_err(|source| FormatError::Json { path: config_path.clone(), source })?;
     write(config_path, &text)
 }

@@ -18,9 +18,7 @@ pub fn qwen2_path() -> PathBuf {
 }
 
 pub fn test_data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
 
 pub fn read_json(name: &str) -> serde_json::Value {
@@ -38,12 +36,7 @@ impl std::ops::Deref for Scratch {
 }
 
 pub fn scratch_dir(tag: &str) -> Scratch {
-    Scratch(
-        tempfile::Builder::new()
-            .prefix(&format!("pare-formats-{tag}-"))
-            .tempdir()
-            .unwrap(),
-    )
+    Scratch(tempfile::Builder::new().prefix(&format!("pare-formats-{tag}-")).tempdir().unwrap())
 }
 
 /// One metadata value in GGUF's encoding: type id and payload.
@@ -61,35 +54,19 @@ pub fn gguf_string(s: &str) -> Vec<u8> {
 }
 
 pub fn kv_str(key: &str, value: &str) -> Kv {
-    Kv {
-        key: key.into(),
-        ty: 8,
-        payload: gguf_string(value),
-    }
+    Kv { key: key.into(), ty: 8, payload: gguf_string(value) }
 }
 
 pub fn kv_u32(key: &str, value: u32) -> Kv {
-    Kv {
-        key: key.into(),
-        ty: 4,
-        payload: value.to_le_bytes().to_vec(),
-    }
+    Kv { key: key.into(), ty: 4, payload: value.to_le_bytes().to_vec() }
 }
 
 pub fn kv_f32(key: &str, value: f32) -> Kv {
-    Kv {
-        key: key.into(),
-        ty: 6,
-        payload: value.to_le_bytes().to_vec(),
-    }
+    Kv { key: key.into(), ty: 6, payload: value.to_le_bytes().to_vec() }
 }
 
 pub fn kv_bool(key: &str, value: bool) -> Kv {
-    Kv {
-        key: key.into(),
-        ty: 7,
-        payload: vec![value as u8],
-    }
+    Kv { key: key.into(), ty: 7, payload: vec![value as u8] }
 }
 
 pub fn kv_str_array(key: &str, values: &[&str]) -> Kv {
@@ -98,11 +75,7 @@ pub fn kv_str_array(key: &str, values: &[&str]) -> Kv {
     for v in values {
         payload.extend(gguf_string(v));
     }
-    Kv {
-        key: key.into(),
-        ty: 9,
-        payload,
-    }
+    Kv { key: key.into(), ty: 9, payload }
 }
 
 pub fn kv_i32_array(key: &str, values: &[i32]) -> Kv {
@@ -111,11 +84,7 @@ pub fn kv_i32_array(key: &str, values: &[i32]) -> Kv {
     for v in values {
         payload.extend_from_slice(&v.to_le_bytes());
     }
-    Kv {
-        key: key.into(),
-        ty: 9,
-        payload,
-    }
+    Kv { key: key.into(), ty: 9, payload }
 }
 
 /// One tensor: ggml dims (`ne`, fastest first), type id, data bytes, and an optional forced
@@ -130,13 +99,7 @@ pub struct TensorSpec {
 }
 
 pub fn tensor(name: &str, ne: &[u64], ty: u32, data: Vec<u8>) -> TensorSpec {
-    TensorSpec {
-        name: name.into(),
-        ne: ne.to_vec(),
-        ty,
-        data,
-        offset: None,
-    }
+    TensorSpec { name: name.into(), ne: ne.to_vec(), ty, data, offset: None }
 }
 
 /// A GGUF file in memory.
@@ -150,13 +113,7 @@ pub struct GgufBuilder {
 
 impl Default for GgufBuilder {
     fn default() -> Self {
-        GgufBuilder {
-            magic: *b"GGUF",
-            version: 3,
-            kvs: Vec::new(),
-            tensors: Vec::new(),
-            alignment: 32,
-        }
+        GgufBuilder { magic: *b"GGUF", version: 3, kvs: Vec::new(), tensors: Vec::new(), alignment: 32 }
     }
 }
 
@@ -228,10 +185,7 @@ pub struct Lcg(pub u64);
 
 impl Lcg {
     pub fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 }

@@ -22,7 +22,9 @@ impl Selector for ChunkKv {
 
     fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
         if !obs.heads_share_entries() {
-            return Err(PressError::config("chunkkv needs KV heads that hold the same entries (do not combine it after a per-head press)"));
+            return Err(PressError::config(
+                "chunkkv needs KV heads that hold the same entries (do not combine it after a per-head press)",
+            ));
         }
         let n = scores[0].len();
         let ratio = budget.ratio_of(n);
@@ -36,9 +38,11 @@ impl Selector for ChunkKv {
             .map(|c| c * self.chunk_length..(c + 1) * self.chunk_length)
             .chain((n % self.chunk_length > 0).then(|| complete * self.chunk_length..n))
             .collect();
-        let chunk_scores: Vec<f32> = chunks.iter().map(|r| summed[r.clone()].iter().sum::<f32>() / r.len() as f32).collect();
+        let chunk_scores: Vec<f32> =
+            chunks.iter().map(|r| summed[r.clone()].iter().sum::<f32>() / r.len() as f32).collect();
         let kept_chunks = ((chunks.len() as f64 * (1.0 - ratio)) as usize).max(1);
-        let mut kept: Vec<usize> = top_k(&chunk_scores, kept_chunks).into_iter().flat_map(|c| chunks[c].clone()).collect();
+        let mut kept: Vec<usize> =
+            top_k(&chunk_scores, kept_chunks).into_iter().flat_map(|c| chunks[c].clone()).collect();
         kept.sort_unstable();
         Ok(vec![kept; scores.len()])
     }

@@ -34,7 +34,14 @@ pub fn call_queries(ctx: &LayerContext) -> pare_model::Result<Vec<RowQueries>> {
 impl CachePress for PrefillPress {
     fn after_attention(&mut self, ctx: &LayerContext, kv: &mut LayerKv) -> pare_model::Result<()> {
         if ctx.prefill {
-            compress_layer(kv, &layer_info(ctx), &call_queries(ctx)?, self.selector.as_ref(), self.budget, self.positions)?;
+            compress_layer(
+                kv,
+                &layer_info(ctx),
+                &call_queries(ctx)?,
+                self.selector.as_ref(),
+                self.budget,
+                self.positions,
+            )?;
         }
         Ok(())
     }

@@ -52,7 +52,9 @@ impl CachePress for StreamingPress {
         match self.positions {
             PositionPolicy::Original => next.to_vec(),
             // The next forward first cuts the cache to `capacity`, contiguous from 0.
-            PositionPolicy::Rerotate => next_after_cache(layers, next).into_iter().map(|p| p.min(self.capacity as i64)).collect(),
+            PositionPolicy::Rerotate => {
+                next_after_cache(layers, next).into_iter().map(|p| p.min(self.capacity as i64)).collect()
+            }
         }
     }
 

@@ -19,7 +19,9 @@ impl Scorer for Random {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         // Seeded per layer and per cache state, so a run is reproducible and layers differ.
         let state = obs.next_position() as u64;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ (obs.layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state << 32);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            self.seed ^ (obs.layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state << 32,
+        );
         Ok(obs.positions.iter().map(|p| p.iter().map(|_| rng.random::<f32>()).collect()).collect())
     }
 

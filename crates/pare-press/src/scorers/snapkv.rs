@@ -37,7 +37,8 @@ impl Scorer for SnapKv {
             let mut s = vec![0f32; n];
             if !older.is_empty() {
                 let mean = obs.attention(head, window)?.mean(1)?; // (group, entries)
-                let idx = Tensor::from_vec(older.iter().map(|&i| i as u32).collect::<Vec<_>>(), older.len(), mean.device())?;
+                let idx =
+                    Tensor::from_vec(older.iter().map(|&i| i as u32).collect::<Vec<_>>(), older.len(), mean.device())?;
                 let pooled = to_vec(&avg_pool(&mean.index_select(&idx, 1)?, self.kernel)?.mean(0)?)?;
                 for (&i, v) in older.iter().zip(pooled) {
                     s[i] = v;

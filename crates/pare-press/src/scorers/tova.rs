@@ -15,13 +15,13 @@ impl Scorer for Tova {
 
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let last = *obs.query_positions.last().expect("at least one observed query");
-        let per_head: Vec<Vec<f32>> = (0..obs.kv_heads())
-            .map(|h| Ok(to_vec(&obs.attention(h, 1)?.mean(0)?)?))
-            .collect::<Result<_>>()?;
+        let per_head: Vec<Vec<f32>> =
+            (0..obs.kv_heads()).map(|h| Ok(to_vec(&obs.attention(h, 1)?.mean(0)?)?)).collect::<Result<_>>()?;
         let mut scores = if obs.heads_share_entries() {
             // kvpress averages over every query head; heads hold the same entries here.
             let n = per_head[0].len();
-            let mean: Vec<f32> = (0..n).map(|i| per_head.iter().map(|s| s[i]).sum::<f32>() / per_head.len() as f32).collect();
+            let mean: Vec<f32> =
+                (0..n).map(|i| per_head.iter().map(|s| s[i]).sum::<f32>() / per_head.len() as f32).collect();
             vec![mean; obs.kv_heads()]
         } else {
             // Heads chose different entries earlier: each KV head's own query heads vote.

@@ -41,7 +41,9 @@ impl Importance {
             "taylor" => Importance::Taylor(TaylorVariant::parse(taylor)?),
             "wanda-sp" | "wanda_sp" => Importance::WandaSp,
             other => {
-                return Err(PruneError::input(format!("unknown --importance {other:?} (expected random, l1, l2, taylor or wanda-sp)")))
+                return Err(PruneError::input(format!(
+                    "unknown --importance {other:?} (expected random, l1, l2, taylor or wanda-sp)"
+                )))
             }
         })
     }
@@ -120,8 +122,15 @@ fn members(model: &Model, s: &ScoreSettings) -> Vec<(usize, Kind, Member)> {
 
 /// Score every unit of the configured layers. `samples` are the calibration sequences (Taylor,
 /// Wanda-SP); `progress(stage, done, total)` reports each step.
-pub fn score(model: &Model, s: &ScoreSettings, samples: Option<&[Vec<u32>]>, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Scores> {
-    let need_samples = || samples.ok_or_else(|| PruneError::input(format!("--importance {} needs calibration text", s.importance.name())));
+pub fn score(
+    model: &Model,
+    s: &ScoreSettings,
+    samples: Option<&[Vec<u32>]>,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Scores> {
+    let need_samples = || {
+        samples.ok_or_else(|| PruneError::input(format!("--importance {} needs calibration text", s.importance.name())))
+    };
     let mut scores = Scores::default();
     let source = match s.importance {
         Importance::Random => {
@@ -141,15 +150,20 @@ pub fn score(model: &Model, s: &ScoreSettings, samples: Option<&[Vec<u32>]>, pro
         Importance::L1 => Source::Magnitude(1),
         Importance::L2 => Source::Magnitude(2),
         Importance::Taylor(variant) => {
-            let targets: Vec<(usize, Role, Axis)> = members(model, s).iter().map(|&(l, _, m)| (l, m.role, m.axis)).collect();
-            let stats = taylor::accumulate(model, &targets, variant, need_samples()?, |d, t| progress("gradients", d, t))?;
+            let targets: Vec<(usize, Role, Axis)> =
+                members(model, s).iter().map(|&(l, _, m)| (l, m.role, m.axis)).collect();
+            let stats =
+                taylor::accumulate(model, &targets, variant, need_samples()?, |d, t| progress("gradients", d, t))?;
             scores.calibration_loss = Some(stats.mean_loss);
             Source::Taylor(stats)
         }
-        Importance::WandaSp => Source::Wanda(wanda_sp::input_norms(model, need_samples()?, |d, t| progress("activations", d, t))?),
+        Importance::WandaSp => {
+            Source::Wanda(wanda_sp::input_norms(model, need_samples()?, |d, t| progress("activations", d, t))?)
+        }
     };
     let gated = model.config.gated_mlp();
-    let layers: Vec<(usize, Kind)> = s.attn_layers.iter().map(|&l| (l, Kind::Attn)).chain(s.mlp_layers.iter().map(|&l| (l, Kind::Mlp))).collect();
+    let layers: Vec<(usize, Kind)> =
+        s.attn_layers.iter().map(|&l| (l, Kind::Attn)).chain(s.mlp_layers.iter().map(|&l| (l, Kind::Mlp))).collect();
     for (i, &(l, kind)) in layers.iter().enumerate() {
         let block = &model.blocks[l];
         let shape = attn_shape(block);
@@ -159,7 +173,8 @@ pub fn score(model: &Model, s: &ScoreSettings, samples: Option<&[Vec<u32>]>, pro
         };
         let mut aligned = Vec::with_capacity(member_list.len());
         for &m in member_list {
-            let lin = linear(block, m.role).ok_or_else(|| PruneError::input(format!("layer {l} has no {} projection", m.role.name())))?;
+            let lin = linear(block, m.role)
+                .ok_or_else(|| PruneError::input(format!("layer {l} has no {} projection", m.role.name())))?;
             let w: Tensor = lin.dense_weight(DType::F32)?;
             let local = match &source {
                 Source::Magnitude(p) => magnitude::norms(&w, m.axis, *p)?,

@@ -90,7 +90,8 @@ pub fn accumulate(
     }
     let diff = DiffModel::new(model, DType::F32, |l, r| targets.iter().any(|&(tl, tr, _)| tl == l && tr == r))?;
     let n = samples.len() as f64;
-    let mut stats = TaylorStats { variant, grad: HashMap::new(), sq: HashMap::new(), second: HashMap::new(), mean_loss: 0.0 };
+    let mut stats =
+        TaylorStats { variant, grad: HashMap::new(), sq: HashMap::new(), second: HashMap::new(), mean_loss: 0.0 };
     for (i, ids) in samples.iter().enumerate() {
         let loss = diff.loss(ids, &mut Probe::default())?;
         stats.mean_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;

@@ -36,7 +36,13 @@ impl InputNorms {
             Role::Q | Role::K | Role::V => Role::Q,
             Role::O => Role::O,
             Role::Gate => Role::Gate,
-            Role::Up => if gated { Role::Gate } else { Role::Up },
+            Role::Up => {
+                if gated {
+                    Role::Gate
+                } else {
+                    Role::Up
+                }
+            }
             Role::Down => Role::Down,
         }
     }

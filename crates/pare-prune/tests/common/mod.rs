@@ -27,7 +27,11 @@ pub fn range(v: &Value) -> std::ops::Range<usize> {
 
 pub fn settings_of(case: &Value) -> PruneSettings {
     PruneSettings {
-        importance: Importance::parse(case["importance"].as_str().unwrap(), case["taylor"].as_str().unwrap_or("param_first")).unwrap(),
+        importance: Importance::parse(
+            case["importance"].as_str().unwrap(),
+            case["taylor"].as_str().unwrap_or("param_first"),
+        )
+        .unwrap(),
         reduction: Reduction::parse(case["reduction"].as_str().unwrap()).unwrap(),
         gqa: GqaMode::parse(case["gqa"].as_str().unwrap()).unwrap(),
         attn_layers: range(&case["attn_layers"]),
@@ -40,7 +44,11 @@ pub fn settings_of(case: &Value) -> PruneSettings {
 }
 
 pub fn ids_of(v: &Value) -> Vec<Vec<u32>> {
-    v.as_array().unwrap().iter().map(|s| s.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
+        .collect()
 }
 
 pub fn usizes(v: &Value) -> Vec<usize> {
@@ -78,7 +86,9 @@ pub fn check_case(model: &Model, case: &Value, calib: &calibration::Calibration)
                 assert_eq!(a.kept_kv_heads, usizes(&want["kept_kv_heads"]), "{label} layer {l} KV heads");
             }
             (None, None) => {}
-            (a, h) => panic!("{label} layer {l}: attention pruned by pare {} / by the reference {}", a.is_some(), h.is_some()),
+            (a, h) => {
+                panic!("{label} layer {l}: attention pruned by pare {} / by the reference {}", a.is_some(), h.is_some())
+            }
         }
         match (&lp.mlp, want.get("removed_channels")) {
             (Some(m), Some(r)) => {
@@ -87,9 +97,10 @@ pub fn check_case(model: &Model, case: &Value, calib: &calibration::Calibration)
                 assert_eq!(removed, usizes(r), "{label} layer {l} MLP channels");
             }
             (None, None) => {}
-            (m, r) => panic!("{label} layer {l}: MLP pruned by pare {} / by the reference {}", m.is_some(), r.is_some()),
+            (m, r) => {
+                panic!("{label} layer {l}: MLP pruned by pare {} / by the reference {}", m.is_some(), r.is_some())
+            }
         }
     }
     worst
 }
-
