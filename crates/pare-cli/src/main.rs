@@ -5,6 +5,7 @@ mod common;
 mod press_args;
 mod prune_args;
 mod sampling_args;
+mod session;
 
 use clap::{Parser, Subcommand};
 

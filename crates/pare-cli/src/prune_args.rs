@@ -26,15 +26,19 @@ pub struct PruneArgs {
 
 impl PruneArgs {
     /// The pruner the flags describe for a model of `num_layers` layers; None without --prune-tokens.
-    pub fn build(&self, num_layers: usize) -> Result<Option<Box<dyn TokenPruner>>> {
+    /// `image` holds a VLM prompt's image-token positions (what `--prune-span image` names).
+    pub fn build(&self, num_layers: usize, image: Option<Vec<i64>>) -> Result<Option<Box<dyn TokenPruner>>> {
         let Some(spec) = &self.prune_tokens else { return Ok(None) };
         let schedule = PruneSchedule::parse(spec)?;
         schedule.check(num_layers)?;
         let span = match self.prune_span.as_str() {
             "prompt" => Span::Prompt { protect_last: self.protect_last },
-            "image" => {
-                bail!("--prune-span image needs a vision-language model (LLaVA); this model has no image tokens")
-            }
+            "image" => match image {
+                Some(positions) => Span::Positions(vec![positions]),
+                None => {
+                    bail!("--prune-span image needs a vision-language model (LLaVA); this model has no image tokens")
+                }
+            },
             range => {
                 let parsed = range
                     .split_once("..")

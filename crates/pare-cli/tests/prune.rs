@@ -17,7 +17,7 @@ fn logits(model: &str) -> Vec<f32> {
         &candle_core::Device::Cpu,
     )
     .expect("load the pruned model");
-    let logits = loaded.model.logits_all(&[5, 17, 42, 99, 3, 250, 7]).expect("forward");
+    let logits = pare_test_support::logits_all(&loaded.model, &[5, 17, 42, 99, 3, 250, 7]).expect("forward");
     logits.flatten_all().unwrap().to_vec1().unwrap()
 }
 

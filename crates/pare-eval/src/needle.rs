@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, D};
 use pare_formats::{ChatMessage, TokenizerBundle};
-use pare_model::{CachePress, Model, ModelError, Result, TokenPruner};
+use pare_model::{Hooks, Model, ModelError, PrefillInput, Result};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -55,8 +55,7 @@ pub fn needle_trial(
     ctx: usize,
     depth_percent: f64,
     seed: u64,
-    press: Option<&dyn CachePress>,
-    pruner: Option<&dyn TokenPruner>,
+    hooks: &Hooks,
 ) -> Result<NeedleTrial> {
     if !(0.0..=100.0).contains(&depth_percent) {
         return Err(ModelError::input(format!("--depths are percentages in [0, 100], got {depth_percent}")));
@@ -88,7 +87,8 @@ pub fn needle_trial(
         }
         budget -= (prompt.len() + ANSWER_TOKENS - ctx).max(8);
     };
-    let (mut logits, mut cache) = model.prefill_pruned(std::slice::from_ref(&prompt), press, pruner)?;
+    let mut hooks = hooks.clone();
+    let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
     let kv_bytes = cache.bytes();
     let mut answer_ids = Vec::new();
     for _ in 0..ANSWER_TOKENS {
@@ -97,7 +97,7 @@ pub fn needle_trial(
             break;
         }
         answer_ids.push(next);
-        logits = model.decode(&mut cache, &[next])?;
+        logits = model.decode(&mut [(&mut cache, &mut hooks)], &[next])?;
     }
     let answer = tokenizer.decode(&answer_ids, true)?;
     Ok(NeedleTrial {

@@ -5,7 +5,7 @@
 //! token is scored once, with as much context as its window gives. PPL = exp(ΣNLL / scored).
 
 use candle_core::{DType, Tensor, D};
-use pare_model::{CachePress, Logits, Model, ModelError, Result, TokenPruner};
+use pare_model::{Hooks, Logits, Model, ModelError, Phase, PrefillInput, Result};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,20 +62,19 @@ pub fn perplexity(
     stride: usize,
     progress: impl FnMut(usize, usize),
 ) -> Result<PerplexityResult> {
-    perplexity_with(model, tokens, ctx, stride, None, None, progress)
+    perplexity_with(model, tokens, ctx, stride, &Hooks::default(), progress)
 }
 
 /// [`perplexity`] where each window's context (the tokens before its first scored token) is
-/// prefilled into a cache compressed by `press`, and the scored tokens then run over that cache:
-/// the quality of a continuation after a compressed context. `pruner` likewise prunes the
-/// context's tokens inside its prefill.
+/// prefilled with (a fresh copy of) `hooks` — a cache compressed by its press, the context's
+/// tokens pruned by its pruner — and the scored tokens then run over that cache: the quality of a
+/// continuation after a compressed context.
 pub fn perplexity_with(
     model: &Model,
     tokens: &[u32],
     ctx: usize,
     stride: usize,
-    press: Option<&dyn CachePress>,
-    pruner: Option<&dyn TokenPruner>,
+    hooks: &Hooks,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<PerplexityResult> {
     if tokens.len() < 2 {
@@ -94,30 +93,30 @@ pub fn perplexity_with(
     for (i, w) in windows.iter().enumerate() {
         if w.score_from < w.end {
             // Logits predicting tokens score_from..end, one row each.
-            let logits = match (press, pruner) {
-                (None, None) => {
-                    let mut cache = model.new_cache(1);
-                    let positions = vec![(0..(w.end - w.begin) as i64).collect::<Vec<_>>()];
-                    let all = model
-                        .forward(&[tokens[w.begin..w.end].to_vec()], &positions, &mut cache, Logits::All)?
-                        .squeeze(0)?;
+            let mut hooks = hooks.clone();
+            let logits = if hooks.is_empty() {
+                let mut cache = model.new_cache(1);
+                let positions = vec![(0..(w.end - w.begin) as i64).collect::<Vec<_>>()];
+                let x = model.embed(&[tokens[w.begin..w.end].to_vec()])?;
+                let all =
+                    model.forward(x, &positions, &mut cache, &mut hooks, Phase::Prefill, Logits::All)?.squeeze(0)?;
+                kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
+                all.narrow(0, w.score_from - w.begin - 1, w.end - w.score_from)?
+            } else {
+                let context = [tokens[w.begin..w.score_from].to_vec()];
+                let (first, mut cache) = model.prefill(PrefillInput::Tokens(&context), &mut hooks)?;
+                kv_bytes_context = kv_bytes_context.max(cache.bytes());
+                let rest = &tokens[w.score_from..w.end - 1];
+                if rest.is_empty() {
+                    first
+                } else {
+                    let start = cache.next_position[0];
+                    let positions = vec![(start..start + rest.len() as i64).collect::<Vec<_>>()];
+                    let x = model.embed(&[rest.to_vec()])?;
+                    let more =
+                        model.forward(x, &positions, &mut cache, &mut hooks, Phase::Extend, Logits::All)?.squeeze(0)?;
                     kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
-                    all.narrow(0, w.score_from - w.begin - 1, w.end - w.score_from)?
-                }
-                _ => {
-                    let (first, mut cache) =
-                        model.prefill_pruned(&[tokens[w.begin..w.score_from].to_vec()], press, pruner)?;
-                    kv_bytes_context = kv_bytes_context.max(cache.bytes());
-                    let rest = &tokens[w.score_from..w.end - 1];
-                    if rest.is_empty() {
-                        first
-                    } else {
-                        let start = cache.next_position[0];
-                        let positions = vec![(start..start + rest.len() as i64).collect::<Vec<_>>()];
-                        let more = model.forward(&[rest.to_vec()], &positions, &mut cache, Logits::All)?.squeeze(0)?;
-                        kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
-                        Tensor::cat(&[&first, &more], 0)?
-                    }
+                    Tensor::cat(&[&first, &more], 0)?
                 }
             };
             nll_sum += nll(&logits, &tokens[w.score_from..w.end])?;
@@ -131,7 +130,7 @@ pub fn perplexity_with(
         scored_tokens: scored,
         tokens: tokens.len(),
         kv_bytes_peak: kv_bytes_peak.max(kv_bytes_context),
-        kv_bytes_context: (press.is_some() || pruner.is_some()).then_some(kv_bytes_context),
+        kv_bytes_context: (!hooks.is_empty()).then_some(kv_bytes_context),
     })
 }
 
@@ -151,25 +150,26 @@ pub struct StreamResult {
 }
 
 /// StreamingLLM's evaluation: the text runs token by token from its first token, one forward
-/// per token over one cache (compressed by `press` as it defines), each token scored from the
-/// previous step's logits.
+/// per token over one cache (compressed by the hooks' press as it defines), each token scored
+/// from the previous step's logits.
 pub fn perplexity_stream(
     model: &Model,
     tokens: &[u32],
-    press: Option<&dyn CachePress>,
+    hooks: &Hooks,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<StreamResult> {
     if tokens.len() < 2 {
         return Err(ModelError::input(format!("perplexity needs at least 2 tokens, the text has {}", tokens.len())));
     }
-    let (mut logits, mut cache) = model.prefill_with(&[vec![tokens[0]]], press)?;
+    let mut hooks = hooks.clone();
+    let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(&[vec![tokens[0]]]), &mut hooks)?;
     let mut nll_sum = 0.0;
     let mut peak = cache.bytes();
     let steps = tokens.len() - 1;
     for (i, &target) in tokens[1..].iter().enumerate() {
         nll_sum += nll(&logits, &[target])?;
         if i + 1 < steps {
-            logits = model.decode(&mut cache, &[target])?;
+            logits = model.decode(&mut [(&mut cache, &mut hooks)], &[target])?;
             peak = peak.max(cache.bytes());
         }
         progress(i + 1, steps);

@@ -36,7 +36,7 @@
 //! per token against torch's vectorized one, which adds up in the unnormalized scores.
 
 use candle_core::DType;
-use pare_model::{CachePress, Model, ModelError, Result, TokenPruner};
+use pare_model::{Hooks, Model, ModelError, PrefillInput, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// HF's `early_stopping`: `true`, `false` or `"never"`.
@@ -158,18 +158,17 @@ pub fn beam_search(
     cfg: &BeamConfig,
     process: &mut BeamProcess,
 ) -> Result<Vec<BeamHypothesis>> {
-    beam_search_with(model, prompt, cfg, None, None, process)
+    beam_search_with(model, prompt, cfg, Hooks::default(), process)
 }
 
-/// [`beam_search`] over a cache compressed by `press` (every beam row carries its own budget,
-/// and reordering beams reorders the press's per-row state with the cache), after a prefill
-/// whose prompt tokens `pruner` may prune.
+/// [`beam_search`] with hooks: a cache compressed by the press (every beam row carries its own
+/// budget, and reordering beams reorders the press's per-row state with the cache), after a
+/// prefill whose prompt tokens the pruner may prune.
 pub fn beam_search_with(
     model: &Model,
     prompt: &[u32],
     cfg: &BeamConfig,
-    press: Option<&dyn CachePress>,
-    pruner: Option<&dyn TokenPruner>,
+    mut hooks: Hooks,
     process: &mut BeamProcess,
 ) -> Result<Vec<BeamHypothesis>> {
     let nb = cfg.num_beams;
@@ -191,7 +190,7 @@ pub fn beam_search_with(
     let lp = cfg.length_penalty as f64;
     let keep = 2.max(1 + cfg.eos_token_ids.len()) * nb;
 
-    let (mut logits, mut cache) = model.prefill_pruned(&[prompt.to_vec()], press, pruner)?;
+    let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(&[prompt.to_vec()]), &mut hooks)?;
     let mut running: Vec<Beam> = (0..nb)
         .map(|i| Beam { tokens: Vec::new(), logprobs: Vec::new(), score: if i == 0 { 0.0 } else { NEG } })
         .collect();
@@ -286,8 +285,11 @@ pub fn beam_search_with(
             break;
         }
         cache.select_rows(&rows_for_cache)?;
+        if let Some(press) = &mut hooks.press {
+            press.select_rows(&rows_for_cache)?;
+        }
         let next: Vec<u32> = running.iter().map(|b| *b.tokens.last().expect("a running beam has a token")).collect();
-        logits = model.decode(&mut cache, &next)?;
+        logits = model.decode(&mut [(&mut cache, &mut hooks)], &next)?;
     }
 
     Ok(finished

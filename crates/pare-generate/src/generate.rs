@@ -1,21 +1,21 @@
 //! The generation loop: prefill the prompts once, then one decode step per token over the KV
 //! cache, each row processed, chosen and stopped on its own.
 
-use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use pare_formats::TokenizerBundle;
-use pare_model::{CachePress, Model, TokenPruner};
+use pare_model::{Hooks, Model, PrefillInput};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::batch::{Batch, Event, GroupSpec, Settings};
 use crate::beam::{beam_search_with, BeamConfig};
 use crate::config::GenerationConfig;
 use crate::processors::chain::{ProcessorChain, ProcessorConfig};
 use crate::processors::ProcessContext;
-use crate::sampling::{argmax, logprob, sample};
-use crate::stopping::find_stop;
+use crate::sampling::logprob;
 use crate::{GenerateError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -42,6 +42,20 @@ pub struct Sequence {
     /// Sum of `logprobs`, or HF's length-normalized beam score for beam search.
     pub score: f32,
     pub finish_reason: FinishReason,
+}
+
+impl Sequence {
+    /// Nothing generated yet.
+    pub fn empty(prompt_index: usize) -> Self {
+        Sequence {
+            prompt_index,
+            tokens: vec![],
+            text: String::new(),
+            logprobs: vec![],
+            score: 0.0,
+            finish_reason: FinishReason::Length,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -74,222 +88,148 @@ pub struct GenerationOutput {
     pub cache: Option<CacheStats>,
 }
 
-/// Everything the loop needs that is not the model: settings and the tokenizer for text-level
-/// options (stop strings, bad words, DRY breakers).
+/// What a generation starts from: token prompts (a left-padded batch), or one prompt as input
+/// embeddings at their positions (a VLM's merged image and text sequence) with the ids the
+/// processors see.
+pub enum Prompts<'a> {
+    Tokens(&'a [Vec<u32>]),
+    Embeds { x: Tensor, positions: Vec<i64>, ids: Vec<u32> },
+}
+
+impl Prompts<'_> {
+    fn ids(&self) -> Vec<Vec<u32>> {
+        match self {
+            Prompts::Tokens(p) => p.to_vec(),
+            Prompts::Embeds { ids, .. } => vec![ids.clone()],
+        }
+    }
+}
+
+/// A whole generation for the CLI and the evaluations: one group of rows through [`Batch`], or
+/// beam search.
 pub struct Generator<'a> {
-    pub config: GenerationConfig,
+    pub settings: Settings,
     pub tokenizer: Option<&'a TokenizerBundle>,
-    vocab_texts: Option<Arc<Vec<String>>>,
-    bad_words_ids: Vec<Vec<u32>>,
-    /// KV-cache compression: every generation's cache gets a fresh copy.
-    press: Option<Box<dyn CachePress>>,
-    /// Prefill token pruning.
-    pruner: Option<Box<dyn TokenPruner>>,
+    /// Every generation starts from a fresh copy of these.
+    hooks: Hooks,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(config: GenerationConfig, tokenizer: Option<&'a TokenizerBundle>) -> Result<Self> {
-        config.validate().map_err(GenerateError::Config)?;
-        let needs_tokenizer = config.stop.as_ref().is_some_and(|s| !s.is_empty())
-            || config.bad_words.as_ref().is_some_and(|b| !b.is_empty())
-            || config.dry_multiplier.is_some_and(|m| m > 0.0);
-        if needs_tokenizer && tokenizer.is_none() {
-            return Err(GenerateError::Config("stop strings, bad words and DRY need a tokenizer".into()));
-        }
-        let mut bad_words_ids = Vec::new();
-        for word in config.bad_words.iter().flatten() {
-            let ids =
-                tokenizer.expect("checked").encode(word, false).map_err(|e| GenerateError::Config(e.to_string()))?;
-            if ids.is_empty() {
-                return Err(GenerateError::Config(format!("bad word {word:?} encodes to no tokens")));
-            }
-            bad_words_ids.push(ids);
-        }
-        let vocab_texts = match (tokenizer, config.dry_multiplier) {
-            (Some(t), Some(m)) if m > 0.0 => Some(Arc::new(
-                (0..t.vocab_size() as u32).map(|id| t.decode(&[id], false).unwrap_or_default()).collect(),
-            )),
-            _ => None,
-        };
-        Ok(Generator { config, tokenizer, vocab_texts, bad_words_ids, press: None, pruner: None })
+        Ok(Generator { settings: Settings::new(config, tokenizer)?, tokenizer, hooks: Hooks::default() })
     }
 
-    /// Compress every generation's KV cache with `press`.
-    pub fn with_press(mut self, press: Option<Box<dyn CachePress>>) -> Self {
-        self.press = press;
+    /// Compress every generation's KV cache and prune its prompt tokens with these hooks.
+    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
+        self.hooks = hooks;
         self
     }
 
-    /// Prune prompt tokens inside the prefill with `pruner`.
-    pub fn with_pruner(mut self, pruner: Option<Box<dyn TokenPruner>>) -> Self {
-        self.pruner = pruner;
-        self
-    }
-
-    /// A fresh processor chain (one per row: some processors keep state).
-    pub fn chain(&self) -> Result<ProcessorChain> {
-        let cfg = self.config.processor_config(&self.bad_words_ids).map_err(GenerateError::Config)?;
-        ProcessorChain::new(&cfg, self.vocab_texts.clone()).map_err(GenerateError::Config)
-    }
-
-    fn decode(&self, tokens: &[u32]) -> String {
-        self.tokenizer.and_then(|t| t.decode(tokens, true).ok()).unwrap_or_default()
+    pub fn config(&self) -> &GenerationConfig {
+        &self.settings.config
     }
 
     /// Generate for every prompt: `num_return_sequences` sequences each, best first for beams.
-    /// `on_token(row, token)` sees each sampled/greedy token as it is chosen.
+    /// `on_token(row, token, text)` sees each sampled/greedy token as it is chosen, with the text
+    /// that became safe to show.
     pub fn generate(
         &self,
         model: &Model,
-        prompts: &[Vec<u32>],
-        on_token: impl FnMut(usize, u32),
+        prompts: Prompts,
+        mut on_token: impl FnMut(usize, u32, &str),
     ) -> Result<GenerationOutput> {
+        let config = &self.settings.config;
         let ctx = model.config.max_position_embeddings;
-        let max_new = self.config.max_new_tokens();
-        if let Some(p) = prompts.iter().find(|p| p.len() + max_new > ctx) {
+        let max_new = config.max_new_tokens();
+        let ids = prompts.ids();
+        if let Some(p) = ids.iter().find(|p| p.len().saturating_add(max_new) > ctx) {
             return Err(GenerateError::Config(format!(
                 "the prompt ({} tokens) plus max_new_tokens {max_new} exceeds the model's context of {ctx}",
                 p.len()
             )));
         }
-        if self.config.num_beams() > 1 {
-            self.beam(model, prompts)
-        } else {
-            self.sample(model, prompts, on_token)
+        if config.num_beams() > 1 {
+            let Prompts::Tokens(tokens) = prompts else {
+                return Err(GenerateError::Config("beam search needs token prompts".into()));
+            };
+            return self.beam(model, tokens);
         }
-    }
-
-    fn sample(
-        &self,
-        model: &Model,
-        prompts: &[Vec<u32>],
-        mut on_token: impl FnMut(usize, u32),
-    ) -> Result<GenerationOutput> {
-        let n = self.config.num_return_sequences();
-        // Rows are prompt 0 × n, prompt 1 × n, ... as HF's repeat_interleave.
-        let rows: Vec<usize> = (0..prompts.len()).flat_map(|p| std::iter::repeat_n(p, n)).collect();
-        let inputs: Vec<Vec<u32>> = rows.iter().map(|&p| prompts[p].clone()).collect();
-        let eos = self.config.eos_token_id.clone().unwrap_or_default();
-        let stops = self.config.stop.clone().unwrap_or_default();
-        let max_new = self.config.max_new_tokens();
-        let mut rng = StdRng::seed_from_u64(self.config.seed.unwrap_or(0));
-        let mut chains = rows.iter().map(|_| self.chain()).collect::<Result<Vec<_>>>()?;
-        let mut seqs: Vec<Sequence> = rows
-            .iter()
-            .map(|&p| Sequence {
-                prompt_index: p,
-                tokens: vec![],
-                text: String::new(),
-                logprobs: vec![],
-                score: 0.0,
-                finish_reason: FinishReason::Length,
-            })
-            .collect();
-        let mut timings = Timings { prompt_tokens: inputs.iter().map(Vec::len).sum(), ..Timings::default() };
+        let n = config.num_return_sequences();
+        let mut timings = Timings { prompt_tokens: ids.iter().map(Vec::len).sum::<usize>() * n, ..Timings::default() };
         if max_new == 0 {
-            return Ok(GenerationOutput { sequences: seqs, timings, cache: None });
+            let sequences = (0..ids.len() * n).map(|r| Sequence::empty(r / n)).collect();
+            return Ok(GenerationOutput { sequences, timings, cache: None });
         }
-        // Each row's whole sequence (prompt, then generated), as the processors see it.
-        let mut sequences = inputs.clone();
-        let mut done = vec![false; rows.len()];
+        let input = match prompts {
+            Prompts::Tokens(tokens) => PrefillInput::Tokens(tokens),
+            Prompts::Embeds { x, positions, .. } => PrefillInput::Embeds { x, positions: vec![positions] },
+        };
+        let mut batch = Batch::new(model, self.tokenizer);
         let start = Instant::now();
-        let (mut logits, mut cache) = model.prefill_pruned(&inputs, self.press.as_deref(), self.pruner.as_deref())?;
+        let spec = GroupSpec {
+            input,
+            prompt_ids: ids,
+            settings: self.settings.clone(),
+            hooks: self.hooks.clone(),
+            top_logprobs: 0,
+        };
+        let rows = batch.admit(spec)?;
         timings.prefill_s = start.elapsed().as_secs_f64();
-        let mut stats = CacheStats { kv_bytes_prefill: cache.bytes(), ..CacheStats::default() };
+        let mut stats = CacheStats { kv_bytes_prefill: batch.cache_bytes().in_use, ..CacheStats::default() };
         let decode_start = Instant::now();
         let mut steps = 0usize;
-        let cfg = self.config.processor_config(&self.bad_words_ids).map_err(GenerateError::Config)?;
-        let candidates = chains.first().and_then(|c| candidate_count(&cfg, c));
+        let mut sequences: Vec<Option<Sequence>> = vec![None; rows.len()];
         loop {
-            let raw = step_scores(&logits, candidates)?;
-            let mut next = vec![0u32; rows.len()];
-            for (row, scores) in raw.into_iter().enumerate() {
-                if done[row] {
-                    next[row] = *seqs[row].tokens.last().unwrap_or(&0);
-                    continue;
-                }
-                let mut processed = scores.logits.clone();
-                let mut pctx =
-                    ProcessContext { input_ids: &sequences[row], prompt_len: inputs[row].len(), rng: &mut rng };
-                chains[row].process(&mut pctx, &mut processed);
-                let chosen = if self.config.do_sample() { sample(&processed, &mut rng) } else { argmax(&processed) };
-                let token = scores.token(chosen);
-                chains[row].accept(token, &processed);
-                next[row] = token;
-                sequences[row].push(token);
-                let seq = &mut seqs[row];
-                seq.tokens.push(token);
-                let lp = scores.logprob(chosen) as f32;
-                seq.logprobs.push(lp);
-                seq.score += lp;
-                timings.generated_tokens += 1;
-                on_token(row, token);
-                if eos.contains(&token) {
-                    (seq.finish_reason, done[row]) = (FinishReason::Eos, true);
-                } else if !stops.is_empty() && find_stop(&self.decode(&seq.tokens), &stops).is_some() {
-                    (seq.finish_reason, done[row]) = (FinishReason::Stop, true);
-                } else if seq.tokens.len() >= max_new {
-                    done[row] = true;
-                }
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            if self.config.max_time.is_some_and(|t| start.elapsed().as_secs_f64() >= t) {
-                for (row, d) in done.iter_mut().enumerate() {
-                    if !*d {
-                        seqs[row].finish_reason = FinishReason::Time;
+            for event in batch.step()? {
+                match event {
+                    Event::Token { id, token, text, .. } => {
+                        timings.generated_tokens += 1;
+                        on_token(id as usize - rows[0] as usize, token, &text);
                     }
+                    Event::Finished { id, sequence } => sequences[id as usize - rows[0] as usize] = Some(sequence),
                 }
+            }
+            if batch.running() == 0 {
                 break;
             }
-            // Finished rows keep stepping with their last token; their outputs are discarded.
-            logits = model.decode(&mut cache, &next)?;
             steps += 1;
         }
         timings.decode_s = decode_start.elapsed().as_secs_f64();
         timings.prefill_tok_s = rate(timings.prompt_tokens, timings.prefill_s);
         timings.decode_tok_s = rate(steps * rows.len(), timings.decode_s);
-        stats.kv_bytes_final = cache.bytes();
-        stats.kv_bytes_uncompressed = cache.uncompressed_bytes();
-        for seq in &mut seqs {
-            seq.text = self.decode(&seq.tokens);
-            if seq.finish_reason == FinishReason::Stop {
-                if let Some(cut) = find_stop(&seq.text, &stops) {
-                    seq.text.truncate(cut);
-                }
-            }
-        }
-        Ok(GenerationOutput { sequences: seqs, timings, cache: Some(stats) })
+        let bytes = batch.cache_bytes();
+        (stats.kv_bytes_final, stats.kv_bytes_uncompressed) = (bytes.in_use, bytes.uncompressed);
+        let sequences = sequences.into_iter().map(|s| s.expect("every row finishes")).collect();
+        Ok(GenerationOutput { sequences, timings, cache: Some(stats) })
     }
 
     fn beam(&self, model: &Model, prompts: &[Vec<u32>]) -> Result<GenerationOutput> {
+        let config = &self.settings.config;
         let cfg = BeamConfig {
-            num_beams: self.config.num_beams(),
-            length_penalty: self.config.length_penalty.unwrap_or(1.0),
-            early_stopping: self.config.early_stopping.unwrap_or_default(),
-            num_return_sequences: self.config.num_return_sequences(),
-            max_new_tokens: self.config.max_new_tokens(),
-            eos_token_ids: self.config.eos_token_id.clone().unwrap_or_default(),
+            num_beams: config.num_beams(),
+            length_penalty: config.length_penalty.unwrap_or(1.0),
+            early_stopping: config.early_stopping.unwrap_or_default(),
+            num_return_sequences: config.num_return_sequences(),
+            max_new_tokens: config.max_new_tokens(),
+            eos_token_ids: config.eos_token_id.clone().unwrap_or_default(),
         };
         let mut timings = Timings { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Timings::default() };
         let start = Instant::now();
         let mut sequences = Vec::new();
-        let mut rng = StdRng::seed_from_u64(self.config.seed.unwrap_or(0));
+        let mut rng = StdRng::seed_from_u64(config.seed.unwrap_or(0));
+        let decode = |tokens: &[u32]| self.tokenizer.and_then(|t| t.decode(tokens, true).ok()).unwrap_or_default();
         for (p, prompt) in prompts.iter().enumerate() {
-            let mut chains = (0..cfg.num_beams).map(|_| self.chain()).collect::<Result<Vec<_>>>()?;
+            let mut chains = (0..cfg.num_beams).map(|_| self.settings.chain()).collect::<Result<Vec<_>>>()?;
             let mut process = |beam: usize, ids: &[u32], prompt_len: usize, scores: &mut [f32]| {
                 let mut pctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng };
                 chains[beam].process(&mut pctx, scores);
             };
-            for hyp in
-                beam_search_with(model, prompt, &cfg, self.press.as_deref(), self.pruner.as_deref(), &mut process)?
-            {
+            for hyp in beam_search_with(model, prompt, &cfg, self.hooks.clone(), &mut process)? {
                 timings.generated_tokens += hyp.tokens.len();
                 let finish_reason = if hyp.finished_by_eos { FinishReason::Eos } else { FinishReason::Length };
                 sequences.push(Sequence {
                     prompt_index: p,
-                    text: self.decode(&hyp.tokens),
+                    text: decode(&hyp.tokens),
                     logprobs: hyp.token_logprobs.clone(),
                     score: hyp.score,
                     tokens: hyp.tokens,
@@ -315,7 +255,7 @@ fn rate(count: usize, seconds: f64) -> f64 {
 /// greedy decoding without processors, or sampling whose processors are temperature, top-k,
 /// top-p and min-p with top-k on (top-p and min-p only remove what top-k kept). Steps then read
 /// only those candidates (see [`step_scores`]).
-fn candidate_count(cfg: &ProcessorConfig, chain: &ProcessorChain) -> Option<(usize, f32)> {
+pub(crate) fn candidate_count(cfg: &ProcessorConfig, chain: &ProcessorChain) -> Option<(usize, f32)> {
     let names = chain.names();
     if !cfg.do_sample {
         return names.is_empty().then_some((1, 1.0));
@@ -336,19 +276,19 @@ const MAX_CANDIDATES: usize = 1024;
 
 /// One row's scores as the processors see them: the whole vocabulary, or only the candidates
 /// that can survive the chain (token ids increasing, so ties break as over the whole row).
-struct RowScores {
-    logits: Vec<f32>,
+pub(crate) struct RowScores {
+    pub(crate) logits: Vec<f32>,
     ids: Option<Vec<u32>>,
     lse: f64,
 }
 
 impl RowScores {
-    fn token(&self, chosen: u32) -> u32 {
+    pub(crate) fn token(&self, chosen: u32) -> u32 {
         self.ids.as_ref().map_or(chosen, |ids| ids[chosen as usize])
     }
 
     /// log p(token) under the unprocessed distribution.
-    fn logprob(&self, chosen: u32) -> f64 {
+    pub(crate) fn logprob(&self, chosen: u32) -> f64 {
         match self.ids {
             Some(_) => self.logits[chosen as usize] as f64 - self.lse,
             None => logprob(&self.logits, chosen),
@@ -360,7 +300,7 @@ impl RowScores {
 /// the device — on CUDA a few kilobytes instead of the vocabulary's logits — and a row with more
 /// ties than fit is read whole. Processors see candidates in token order and with the rest of
 /// the row at -inf they would have left no other token, so the choice is the whole row's.
-fn step_scores(logits: &candle_core::Tensor, candidates: Option<(usize, f32)>) -> Result<Vec<RowScores>> {
+pub(crate) fn step_scores(logits: &candle_core::Tensor, candidates: Option<(usize, f32)>) -> Result<Vec<RowScores>> {
     let whole = |row: Vec<f32>| RowScores { logits: row, ids: None, lse: 0.0 };
     let Some((k, t)) = candidates else {
         return Ok(logits.to_vec2::<f32>()?.into_iter().map(whole).collect());
@@ -378,6 +318,7 @@ fn step_scores(logits: &candle_core::Tensor, candidates: Option<(usize, f32)>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::{argmax, sample};
     use candle_core::{DType, Device, Tensor};
     use rand::Rng;
 

@@ -1,6 +1,7 @@
 //! Decoding: logits processors (one per file, in HF's order), greedy and seeded sampling, beam
 //! search over a reordered KV cache, and stopping.
 
+pub mod batch;
 pub mod beam;
 pub mod config;
 pub mod generate;
@@ -8,9 +9,10 @@ pub mod processors;
 pub mod sampling;
 pub mod stopping;
 
+pub use batch::{Batch, CacheBytes, Event, GroupSpec, SeqId, Settings};
 pub use beam::beam_search_with;
 pub use config::GenerationConfig;
-pub use generate::{CacheStats, FinishReason, GenerationOutput, Generator, Sequence, Timings};
+pub use generate::{CacheStats, FinishReason, GenerationOutput, Generator, Prompts, Sequence, Timings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {

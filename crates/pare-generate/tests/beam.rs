@@ -183,7 +183,7 @@ fn cache_follows_beams() {
         let (cfg, prompt, hyps) = run_case(case);
         for h in &hyps {
             let seq: Vec<u32> = prompt.iter().chain(&h.tokens).copied().collect();
-            let all = model.logits_all(&seq).unwrap();
+            let all = pare_test_support::logits_all(model, &seq).unwrap();
             let lp: Vec<Vec<f32>> = all.to_vec2::<f32>().unwrap().iter().map(|r| log_softmax(r)).collect();
             for (i, (&tok, &got)) in h.tokens.iter().zip(&h.token_logprobs).enumerate() {
                 let want = lp[prompt.len() - 1 + i][tok as usize];
@@ -227,7 +227,7 @@ fn one_beam_is_greedy() {
         let config = pare_generate::GenerationConfig { max_new_tokens: Some(max_new), ..Default::default() };
         let greedy = pare_generate::Generator::new(config, None)
             .unwrap()
-            .generate(model, std::slice::from_ref(&prompt), |_, _| {})
+            .generate(model, pare_generate::Prompts::Tokens(std::slice::from_ref(&prompt)), |_, _, _| {})
             .unwrap();
         assert_eq!(hyps[0].tokens, greedy.sequences[0].tokens);
         assert!(!hyps[0].finished_by_eos);

@@ -2,10 +2,12 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::cache::LayerKv;
+use std::ops::Range;
+
+use crate::cache::{LayerKv, MaskCache};
 use crate::error::Result;
+use crate::hooks::{CachePress, LayerContext, Phase, TokenPruner};
 use crate::layers::Linear;
-use crate::press::{CachePress, LayerContext, TokenPruner};
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -30,24 +32,38 @@ pub struct AttentionInputs<'a> {
     /// Positions of the new tokens, per batch row.
     pub positions: &'a [Vec<i64>],
     pub sliding_window: Option<usize>,
-    pub masks: &'a crate::cache::MaskCache,
     pub num_layers: usize,
-    /// Prefill token pruning: its decision for this layer, if it cuts here, lands in `pruned`.
-    pub pruner: Option<&'a dyn TokenPruner>,
-    pub pruned: &'a std::cell::RefCell<Option<Vec<Vec<usize>>>>,
+    pub phase: Phase,
+}
+
+/// One cache's share of a forward call's rows: the call's batch may hold several sequences, each
+/// with its own cache, press and masks (continuous batching).
+pub struct KvSlot<'a> {
+    /// The call's rows that belong to this cache.
+    pub rows: Range<usize>,
+    pub kv: &'a mut LayerKv,
+    pub press: Option<&'a mut (dyn CachePress + 'static)>,
+    pub masks: &'a MaskCache,
+}
+
+/// A layer's attention output, and the tokens a pruner keeps if it cut after this layer.
+pub struct AttentionOutput {
+    pub out: Tensor,
+    pub kept: Option<Vec<Vec<usize>>>,
 }
 
 impl Attention {
-    /// x: (batch, seq, hidden) → (batch, seq, hidden). Appends this step's keys and values to
-    /// `kv`; the press, if any, acts on `kv` before the append and after attending.
+    /// x: (batch, seq, hidden) → (batch, seq, hidden). Projects every row at once; then each slot
+    /// appends its rows' keys and values to its cache and attends over it, its press acting
+    /// before the append and after attending. A pruner (prefill, one slot) may cut after it.
     pub fn forward(
         &self,
         layer: usize,
         x: &Tensor,
         inputs: &AttentionInputs,
-        kv: &mut LayerKv,
-        press: Option<&mut Box<dyn CachePress>>,
-    ) -> Result<Tensor> {
+        slots: &mut [KvSlot],
+        pruner: Option<&dyn TokenPruner>,
+    ) -> Result<AttentionOutput> {
         let (batch, seq, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
@@ -64,47 +80,65 @@ impl Attention {
         let q = inputs.rope.apply_split_heads(&q_proj, h, d, inputs.cos, inputs.sin)?;
         let k = inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?;
         // Pre-RoPE queries are read only by a press or a pruner: split them out only for those.
-        let q_prerope = if press.is_some() || inputs.pruner.is_some() { Some(split_heads(q_proj, h)?) } else { None };
+        let hooked = pruner.is_some() || slots.iter().any(|s| s.press.is_some());
+        let q_prerope = if hooked { Some(split_heads(q_proj, h)?) } else { None };
+        if pruner.is_some() && slots.len() != 1 {
+            return Err(crate::ModelError::input("token pruning runs on one cache at a time"));
+        }
 
-        let ctx = LayerContext {
-            layer,
-            num_layers: inputs.num_layers,
-            attention: self,
-            rope: inputs.rope,
-            queries: q_prerope.as_ref().unwrap_or(&q),
-            positions: inputs.positions,
-            hidden: x,
-            prefill: kv.is_empty(),
-        };
-        let mut press = press;
-        if let Some(p) = press.as_deref_mut() {
-            p.before_attention(&ctx, kv)?;
-        }
-        kv.append(&k, &v, inputs.positions)?;
-        let out = match self.attend_fused(&q, kv, inputs)? {
-            Some(out) => out,
-            None => match kv.row_positions() {
-                Some(rows) => self.attend_batched(&q, kv, &rows, inputs)?,
-                None => self.attend_per_head(&q, kv, inputs)?,
-            },
-        };
-        // Token pruning scores the full layer, before a press shrinks its cache.
-        if let (Some(pruner), true) = (inputs.pruner, ctx.prefill) {
-            if let Some(keep) = pruner.after_attention(&ctx, kv)? {
-                *inputs.pruned.borrow_mut() = Some(keep);
+        let mut outs = Vec::with_capacity(slots.len());
+        let mut kept = None;
+        for slot in slots.iter_mut() {
+            let rows = |t: &Tensor| t.narrow(0, slot.rows.start, slot.rows.len());
+            let (q, k, v, x) = (rows(&q)?, rows(&k)?, rows(&v)?, rows(x)?);
+            let q_prerope = q_prerope.as_ref().map(rows).transpose()?;
+            let positions = &inputs.positions[slot.rows.clone()];
+            let ctx = LayerContext {
+                layer,
+                num_layers: inputs.num_layers,
+                attention: self,
+                rope: inputs.rope,
+                queries: q_prerope.as_ref().unwrap_or(&q),
+                positions,
+                hidden: &x,
+                phase: inputs.phase,
+            };
+            if let Some(p) = slot.press.as_deref_mut() {
+                p.before_attention(&ctx, slot.kv)?;
             }
+            slot.kv.append(&k, &v, positions)?;
+            let window = inputs.sliding_window;
+            let out = match self.attend_fused(&q, slot.kv, positions, window)? {
+                Some(out) => out,
+                None => match slot.kv.row_positions() {
+                    Some(entry_rows) => self.attend_batched(&q, slot.kv, &entry_rows, positions, window, slot.masks)?,
+                    None => self.attend_per_head(&q, slot.kv, positions, window)?,
+                },
+            };
+            // Token pruning scores the full layer, before a press shrinks its cache.
+            if let (Some(pruner), Phase::Prefill) = (pruner, inputs.phase) {
+                kept = pruner.after_attention(&ctx, slot.kv)?;
+            }
+            if let Some(p) = slot.press.as_deref_mut() {
+                p.after_attention(&ctx, slot.kv)?;
+            }
+            outs.push(out);
         }
-        if let Some(p) = press {
-            p.after_attention(&ctx, kv)?;
-        }
+        let out = if outs.len() == 1 { outs.pop().expect("one slot") } else { Tensor::cat(&outs, 0)? };
         let out = out.transpose(1, 2)?.reshape((batch, seq, h * d))?;
-        self.o.forward(&out)
+        Ok(AttentionOutput { out: self.o.forward(&out)?, kept })
     }
 
     /// On CUDA, pare-kernels' fused attention where it applies: a decode step over the caches as
     /// they are (uniform or ragged per head, never gathered into one tensor), and a flash-style
     /// prefill that never materializes the scores. None where the kernels do not apply.
-    fn attend_fused(&self, q: &Tensor, kv: &LayerKv, inputs: &AttentionInputs) -> Result<Option<Tensor>> {
+    fn attend_fused(
+        &self,
+        q: &Tensor,
+        kv: &LayerKv,
+        query_positions: &[Vec<i64>],
+        sliding_window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
         let (batch, h, seq, d) = q.dims4()?;
         let kvh = self.num_kv_heads;
         if !q.device().is_cuda() {
@@ -114,12 +148,11 @@ impl Attention {
         if seq == 1 && pare_kernels::attention_decode_fused(d, h, kvh) {
             let (mut keys, mut values, mut skip) = (Vec::new(), Vec::new(), Vec::new());
             for b in 0..batch {
-                let query_pos = inputs.positions[b][0];
+                let query_pos = query_positions[b][0];
                 for head in 0..kvh {
                     let positions = kv.positions(b, head);
-                    let visible = |p: i64| {
-                        p >= 0 && p <= query_pos && inputs.sliding_window.map_or(true, |w| query_pos - p < w as i64)
-                    };
+                    let visible =
+                        |p: i64| p >= 0 && p <= query_pos && sliding_window.map_or(true, |w| query_pos - p < w as i64);
                     // The kernel skips a prefix (padding, or what left the window); anything else
                     // invisible needs the masked path.
                     let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
@@ -137,16 +170,9 @@ impl Attention {
         }
         if let (Some(rows), true) = (kv.row_positions(), pare_kernels::attention_prefill_fused(q.dtype(), d)) {
             let (keys, values) = kv.kv()?.expect("entries were just appended");
-            let query_positions: Vec<&[i64]> = inputs.positions.iter().map(Vec::as_slice).collect();
-            let out = pare_kernels::attention_prefill(
-                q,
-                &keys,
-                &values,
-                &query_positions,
-                &rows,
-                inputs.sliding_window,
-                scale,
-            )?;
+            let query_positions: Vec<&[i64]> = query_positions.iter().map(Vec::as_slice).collect();
+            let out =
+                pare_kernels::attention_prefill(q, &keys, &values, &query_positions, &rows, sliding_window, scale)?;
             return Ok(Some(out));
         }
         Ok(None)
@@ -159,14 +185,16 @@ impl Attention {
         q: &Tensor,
         kv: &LayerKv,
         entry_positions: &[&[i64]],
-        inputs: &AttentionInputs,
+        query_positions: &[Vec<i64>],
+        sliding_window: Option<usize>,
+        masks: &MaskCache,
     ) -> Result<Tensor> {
         let (batch, h, seq, d) = q.dims4()?;
         let kvh = self.num_kv_heads;
         let group = h / kvh;
         let (keys, values) = kv.kv()?.expect("entries were just appended");
-        let query_positions: Vec<&[i64]> = inputs.positions.iter().map(Vec::as_slice).collect();
-        let mask = inputs.masks.get(&query_positions, entry_positions, inputs.sliding_window, group, q.device())?;
+        let query_positions: Vec<&[i64]> = query_positions.iter().map(Vec::as_slice).collect();
+        let mask = masks.get(&query_positions, entry_positions, sliding_window, group, q.device())?;
         let q = q.reshape((batch, kvh, group * seq, d))?;
         let out = self.attend(&q, &keys, &values, mask.as_ref())?; // (batch, kvh, group*seq, d)
         Ok(out.reshape((batch, h, seq, d))?)
@@ -174,7 +202,13 @@ impl Attention {
 
     /// Heads hold different entries (a press chose them per head, or budgets differ): attend
     /// (row, KV head) by (row, KV head), each over exactly what it keeps.
-    fn attend_per_head(&self, q: &Tensor, kv: &LayerKv, inputs: &AttentionInputs) -> Result<Tensor> {
+    fn attend_per_head(
+        &self,
+        q: &Tensor,
+        kv: &LayerKv,
+        query_positions: &[Vec<i64>],
+        sliding_window: Option<usize>,
+    ) -> Result<Tensor> {
         let (batch, h, seq, d) = q.dims4()?;
         let kvh = self.num_kv_heads;
         let group = h / kvh;
@@ -184,9 +218,9 @@ impl Attention {
             for head in 0..kvh {
                 let (keys, values) = kv.head_kv(b, head)?.expect("entries were just appended");
                 let mask = crate::cache::attention_mask(
-                    &[inputs.positions[b].as_slice()],
+                    &[query_positions[b].as_slice()],
                     &[kv.positions(b, head)],
-                    inputs.sliding_window,
+                    sliding_window,
                     group,
                     q.device(),
                 )?;

@@ -15,7 +15,6 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::press::CachePress;
 use crate::rope::Rope;
 
 /// Position of a padding slot: never attended to.
@@ -404,24 +403,13 @@ impl LayerKv {
     }
 }
 
-/// The whole model's cache: one [`LayerKv`] per layer, the next position of every row, and the
-/// press (if any) that decides what the cache keeps.
-#[derive(Debug)]
+/// The whole model's cache: one [`LayerKv`] per layer and the next position of every row. What
+/// it keeps is decided by the press in the sequence's [`Hooks`](crate::Hooks).
+#[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
     /// The position the next token of each row will take.
     pub next_position: Vec<i64>,
-    pub press: Option<Box<dyn CachePress>>,
-}
-
-impl Clone for KvCache {
-    fn clone(&self) -> Self {
-        KvCache {
-            layers: self.layers.clone(),
-            next_position: self.next_position.clone(),
-            press: self.press.as_ref().map(|p| p.box_clone()),
-        }
-    }
 }
 
 impl KvCache {
@@ -430,13 +418,7 @@ impl KvCache {
         KvCache {
             layers: kv_heads_per_layer.iter().map(|&h| LayerKv::new(batch, h)).collect(),
             next_position: vec![0; batch],
-            press: None,
         }
-    }
-
-    pub fn with_press(mut self, press: Option<Box<dyn CachePress>>) -> Self {
-        self.press = press;
-        self
     }
 
     pub fn batch(&self) -> usize {
@@ -471,9 +453,6 @@ impl KvCache {
             layer.select_rows(rows)?;
         }
         self.next_position = rows.iter().map(|&r| self.next_position[r]).collect();
-        if let Some(press) = &mut self.press {
-            press.select_rows(rows)?;
-        }
         Ok(())
     }
 }
@@ -526,6 +505,11 @@ pub struct MaskCache {
 }
 
 impl MaskCache {
+    /// Forget the last mask (the entries' positions changed).
+    pub fn clear(&self) {
+        *self.last.borrow_mut() = None;
+    }
+
     pub fn get(
         &self,
         query_positions: &[&[i64]],

@@ -105,7 +105,8 @@ pub fn load_gguf(path: &Path, dtype: WeightDType, device: &Device) -> Result<Loa
     let tokenizer =
         if gguf.get("tokenizer.ggml.model").is_some() { Some(TokenizerBundle::from_gguf(&gguf)?) } else { None };
     let source = WeightSource::Gguf(gguf);
-    let model = build(&config, &Weights { source: &source, config: &config, dtype, device })?;
+    let model =
+        build(&config, &Weights { source: &source, config: &config, dtype, device }, &DecoderNames::of(config.arch))?;
     Ok(LoadedModel { model, tokenizer, generation_config: None, path: path.to_path_buf(), format: "gguf" })
 }
 
@@ -126,7 +127,8 @@ pub fn load_hf_dir(dir: &Path, dtype: WeightDType, device: &Device) -> Result<Lo
     let config = ModelConfig::from_hf_json(&config_json, &dir.join("config.json").display().to_string())?;
     let tokenizer = if dir.join("tokenizer.json").exists() { Some(TokenizerBundle::from_hf_dir(dir)?) } else { None };
     let source = WeightSource::Safetensors(SafetensorsStore::open_dir(dir)?);
-    let model = build(&config, &Weights { source: &source, config: &config, dtype, device })?;
+    let model =
+        build(&config, &Weights { source: &source, config: &config, dtype, device }, &DecoderNames::of(config.arch))?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -136,13 +138,55 @@ pub fn load_hf_dir(dir: &Path, dtype: WeightDType, device: &Device) -> Result<Lo
     })
 }
 
-fn build(config: &ModelConfig, w: &Weights) -> Result<Model> {
-    let (embed_name, norm_prefix, head_name, layer_prefix) = match config.arch {
-        Arch::GptNeoX => {
-            ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", "embed_out.weight", "gpt_neox.layers")
+/// Where a decoder's weights sit in a checkpoint (HF names; GGUF names are mapped from them).
+#[derive(Debug, Clone)]
+pub struct DecoderNames {
+    pub embed: String,
+    pub final_norm: String,
+    pub lm_head: String,
+    /// Layer i's weights are under `{layers}.{i}`.
+    pub layers: String,
+}
+
+impl DecoderNames {
+    /// A causal LM checkpoint of this architecture.
+    pub fn of(arch: Arch) -> Self {
+        match arch {
+            Arch::GptNeoX => Self::new(
+                "gpt_neox.embed_in.weight",
+                "gpt_neox.final_layer_norm",
+                "embed_out.weight",
+                "gpt_neox.layers",
+            ),
+            _ => Self::llama_under("model.", "lm_head.weight"),
         }
-        _ => ("model.embed_tokens.weight", "model.norm", "lm_head.weight", "model.layers"),
-    };
+    }
+
+    /// A Llama-family decoder under `prefix` (a VLM's language model), its head at `lm_head`.
+    pub fn llama_under(prefix: &str, lm_head: &str) -> Self {
+        Self::new(
+            &format!("{prefix}embed_tokens.weight"),
+            &format!("{prefix}norm"),
+            lm_head,
+            &format!("{prefix}layers"),
+        )
+    }
+
+    fn new(embed: &str, final_norm: &str, lm_head: &str, layers: &str) -> Self {
+        DecoderNames {
+            embed: embed.into(),
+            final_norm: final_norm.into(),
+            lm_head: lm_head.into(),
+            layers: layers.into(),
+        }
+    }
+}
+
+/// The decoder from pare's building blocks: shapes checked against the config, head counts and
+/// MLP widths read from each layer's weights (structurally pruned layers load as they are).
+pub fn build(config: &ModelConfig, w: &Weights, names: &DecoderNames) -> Result<Model> {
+    let (embed_name, norm_prefix, head_name, layer_prefix) =
+        (names.embed.as_str(), names.final_norm.as_str(), names.lm_head.as_str(), names.layers.as_str());
     let embed_tokens = w.tensor(embed_name)?;
     w.expect_shape(embed_name, &embed_tokens, &[config.vocab_size, config.hidden_size])?;
     let blocks = (0..config.num_layers)
@@ -154,9 +198,10 @@ fn build(config: &ModelConfig, w: &Weights) -> Result<Model> {
     let final_norm = norm(config, w, norm_prefix)?;
     let lm_head = if w.contains(head_name) {
         w.linear(head_name.trim_end_matches(".weight"))?
-    } else if config.tie_word_embeddings || !w.contains(head_name) {
+    } else if config.tie_word_embeddings {
         tied_head(w, embed_name, &embed_tokens)?
     } else {
+        // An untied checkpoint without its head is broken, not tied.
         return Err(ModelError::MissingWeight(head_name.to_string()));
     };
     if lm_head.in_features() != config.hidden_size || lm_head.out_features() != config.vocab_size {

@@ -3,12 +3,12 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{Attention, AttentionInputs};
-use crate::cache::{KvCache, PAD_POSITION};
+use crate::attention::{Attention, AttentionInputs, KvSlot};
+use crate::cache::{KvCache, MaskCache, PAD_POSITION};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::hooks::{Hooks, Phase, TokenPruner};
 use crate::layers::{Linear, Mlp, Norm};
-use crate::press::{CachePress, TokenPruner};
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -20,25 +20,26 @@ pub struct Block {
 }
 
 impl Block {
+    /// Returns the block's output and, when a pruner cut after this layer, the kept tokens.
     fn forward(
         &self,
         layer: usize,
         x: &Tensor,
         inputs: &AttentionInputs,
-        kv: &mut crate::cache::LayerKv,
-        press: Option<&mut Box<dyn CachePress>>,
+        slots: &mut [KvSlot],
+        pruner: Option<&dyn TokenPruner>,
         parallel_residual: bool,
-    ) -> Result<Tensor> {
-        let attn_out = self.attn.forward(layer, &self.attn_norm.forward(x)?, inputs, kv, press)?;
-        if parallel_residual {
+    ) -> Result<(Tensor, Option<Vec<Vec<usize>>>)> {
+        let attn = self.attn.forward(layer, &self.attn_norm.forward(x)?, inputs, slots, pruner)?;
+        let out = if parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             let mlp_out = self.mlp.forward(&self.mlp_norm.forward(x)?)?;
-            Ok(((x + attn_out)? + mlp_out)?)
+            ((x + attn.out)? + mlp_out)?
         } else {
-            let (h, normed) = self.mlp_norm.forward_residual(&attn_out, x)?;
-            let mlp_out = self.mlp.forward(&normed)?;
-            Ok((h + mlp_out)?)
-        }
+            let (h, normed) = self.mlp_norm.forward_residual(&attn.out, x)?;
+            (h + self.mlp.forward(&normed)?)?
+        };
+        Ok((out, attn.kept))
     }
 
     pub fn param_count(&self) -> usize {
@@ -91,7 +92,7 @@ impl Model {
         Ok(())
     }
 
-    /// An empty cache for `batch` rows, compressed by `press` if given.
+    /// An empty cache for `batch` rows.
     pub fn new_cache(&self, batch: usize) -> KvCache {
         let kv_heads: Vec<usize> = self.blocks.iter().map(|b| b.attn.num_kv_heads).collect();
         KvCache::new(&kv_heads, batch)
@@ -116,99 +117,118 @@ impl Model {
         Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((batch, seq, self.config.hidden_size))?)
     }
 
-    /// Run `tokens` (batch × seq, already padded) at `positions` through the model, extending the cache.
+    /// Prefill prompts into a fresh cache: the last position's logits (batch, vocab) in f32 and
+    /// the filled cache. Token prompts of any lengths are left-padded, with positions counted
+    /// from 0 at each row's first real token, as HF `generate` does with an attention mask.
+    pub fn prefill(&self, input: PrefillInput, hooks: &mut Hooks) -> Result<(Tensor, KvCache)> {
+        let (x, positions) = match input {
+            PrefillInput::Tokens(prompts) => {
+                let (tokens, positions) = left_pad(prompts)?;
+                (self.embed(&tokens)?, positions)
+            }
+            PrefillInput::Embeds { x, positions } => (x, positions),
+        };
+        let mut cache = self.new_cache(positions.len());
+        let logits = self.forward(x, &positions, &mut cache, hooks, Phase::Prefill, Logits::Last)?;
+        Ok((logits, cache))
+    }
+
+    /// One decode step for many sequences at once, each over its own cache with its own hooks:
+    /// `next_tokens` holds one token per cache row, caches in order. The projections and the MLP
+    /// run once over all rows; attention runs per cache. Returns logits (rows, vocab) in f32.
+    pub fn decode(&self, seqs: &mut [(&mut KvCache, &mut Hooks)], next_tokens: &[u32]) -> Result<Tensor> {
+        let rows: usize = seqs.iter().map(|(c, _)| c.batch()).sum();
+        if next_tokens.len() != rows {
+            return Err(ModelError::input(format!(
+                "decode got {} tokens for caches of {rows} rows",
+                next_tokens.len()
+            )));
+        }
+        let tokens: Vec<Vec<u32>> = next_tokens.iter().map(|&t| vec![t]).collect();
+        let positions: Vec<Vec<i64>> =
+            seqs.iter().flat_map(|(c, _)| c.next_position.iter().map(|&p| vec![p])).collect();
+        self.run(self.embed(&tokens)?, &positions, seqs, Phase::Extend, Logits::Last)
+    }
+
+    /// Run input embeddings x (batch, seq, hidden) at `positions` through the decoder, extending
+    /// the cache, and return the chosen positions' logits in f32. In a prefill the pruner may
+    /// cut: the following layers run on the kept tokens only (rows that keep fewer are
+    /// left-padded), and `Logits::All` gives the logits of the tokens that reached the end.
     pub fn forward(
         &self,
-        tokens: &[Vec<u32>],
-        positions: &[Vec<i64>],
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        let x = self.embed(tokens)?;
-        self.forward_embeds(x, positions, cache, logits)
-    }
-
-    /// Run input embeddings x (batch, seq, hidden) at `positions` through the decoder layers,
-    /// extending the cache. Multimodal models enter here with image features in place.
-    pub fn forward_embeds(
-        &self,
         x: Tensor,
         positions: &[Vec<i64>],
         cache: &mut KvCache,
+        hooks: &mut Hooks,
+        phase: Phase,
         logits: Logits,
     ) -> Result<Tensor> {
-        self.forward_embeds_pruned(x, positions, cache, logits, None)
+        self.run(x, positions, &mut [(cache, hooks)], phase, logits)
     }
 
-    /// [`Model::forward_embeds`] with prefill token pruning: after a layer where `pruner` cuts,
-    /// the following layers run on the kept tokens only (rows that keep fewer are left-padded).
-    /// With `Logits::All` the logits are those of the tokens that reached the last layer.
-    pub fn forward_embeds_pruned(
+    /// embed → blocks → norm → head, over the rows of one or more caches.
+    fn run(
         &self,
         x: Tensor,
         positions: &[Vec<i64>],
-        cache: &mut KvCache,
+        seqs: &mut [(&mut KvCache, &mut Hooks)],
+        phase: Phase,
         logits: Logits,
-        pruner: Option<&dyn TokenPruner>,
     ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
-        if batch == 0 || seq == 0 {
-            return Err(ModelError::input("empty input: no tokens to run"));
-        }
-        if positions.len() != batch || positions.iter().any(|p| p.len() != seq) {
-            return Err(ModelError::input("positions must form the input's (batch, seq) grid"));
-        }
-        if cache.batch() != batch || cache.layers.len() != self.num_layers() {
-            return Err(ModelError::input(format!(
-                "cache holds {} rows for {} layers, input has {batch} rows",
-                cache.batch(),
-                cache.layers.len()
-            )));
-        }
-        let max_pos = positions.iter().flatten().copied().max().unwrap_or(0);
-        if max_pos as usize >= self.config.max_position_embeddings {
-            return Err(ModelError::input(format!(
-                "sequence reaches position {max_pos}, beyond the model's context of {} tokens",
-                self.config.max_position_embeddings
-            )));
-        }
-
+        self.check_input(batch, seq, positions, seqs)?;
+        let pruner = match seqs {
+            [(_, hooks)] if phase == Phase::Prefill => hooks.pruner.clone(),
+            _ => None,
+        };
+        let masks: Vec<MaskCache> = seqs.iter().map(|_| MaskCache::default()).collect();
         let mut x = x;
         let mut current: Vec<Vec<i64>> = positions.to_vec();
-        let masks_slot = std::cell::RefCell::new(crate::cache::MaskCache::default());
-        let pruned = std::cell::RefCell::new(None);
         let (mut cos, mut sin) = self.rope_for(&current)?;
-        for (layer, (block, kv)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let masks = masks_slot.borrow();
+        for (layer, block) in self.blocks.iter().enumerate() {
             let inputs = AttentionInputs {
                 rope: &self.rope,
                 cos: &cos,
                 sin: &sin,
                 positions: &current,
                 sliding_window: self.config.sliding_window,
-                masks: &masks,
                 num_layers: self.num_layers(),
-                pruner,
-                pruned: &pruned,
+                phase,
             };
-            x = block.forward(layer, &x, &inputs, kv, cache.press.as_mut(), self.config.parallel_residual)?;
-            drop(masks);
-            if let Some(keep) = pruned.borrow_mut().take() {
+            let mut start = 0;
+            let mut slots: Vec<KvSlot> = seqs
+                .iter_mut()
+                .zip(&masks)
+                .map(|((cache, hooks), masks)| {
+                    let rows = start..start + cache.batch();
+                    start = rows.end;
+                    KvSlot { rows, kv: &mut cache.layers[layer], press: hooks.press.as_deref_mut(), masks }
+                })
+                .collect();
+            let kept;
+            (x, kept) =
+                block.forward(layer, &x, &inputs, &mut slots, pruner.as_deref(), self.config.parallel_residual)?;
+            if let Some(keep) = kept {
                 (x, current) = keep_tokens(&x, &current, &keep)?;
                 (cos, sin) = self.rope_for(&current)?;
                 // Later layers see other positions: their masks are built afresh.
-                *masks_slot.borrow_mut() = crate::cache::MaskCache::default();
+                masks[0].clear();
             }
         }
         let seq = x.dim(1)?;
 
-        for (next, row) in cache.next_position.iter_mut().zip(positions) {
-            if let Some(&last) = row.iter().filter(|&&p| p != PAD_POSITION).max() {
-                *next = (*next).max(last + 1);
+        let mut start = 0;
+        for (cache, hooks) in seqs.iter_mut() {
+            let rows = &positions[start..start + cache.batch()];
+            start += cache.batch();
+            for (next, row) in cache.next_position.iter_mut().zip(rows) {
+                if let Some(&last) = row.iter().filter(|&&p| p != PAD_POSITION).max() {
+                    *next = (*next).max(last + 1);
+                }
             }
-        }
-        if let Some(press) = &cache.press {
-            cache.next_position = press.next_positions(&cache.layers, &cache.next_position);
+            if let Some(press) = &hooks.press {
+                cache.next_position = press.next_positions(&cache.layers, &cache.next_position);
+            }
         }
         let x = match logits {
             Logits::Last => x.narrow(1, seq - 1, 1)?.contiguous()?,
@@ -221,62 +241,48 @@ impl Model {
         })
     }
 
+    fn check_input(
+        &self,
+        batch: usize,
+        seq: usize,
+        positions: &[Vec<i64>],
+        seqs: &[(&mut KvCache, &mut Hooks)],
+    ) -> Result<()> {
+        if batch == 0 || seq == 0 {
+            return Err(ModelError::input("empty input: no tokens to run"));
+        }
+        if positions.len() != batch || positions.iter().any(|p| p.len() != seq) {
+            return Err(ModelError::input("positions must form the input's (batch, seq) grid"));
+        }
+        let rows: usize = seqs.iter().map(|(c, _)| c.batch()).sum();
+        if rows != batch || seqs.iter().any(|(c, _)| c.layers.len() != self.num_layers()) {
+            return Err(ModelError::input(format!(
+                "caches hold {rows} rows for {} layers, input has {batch} rows",
+                self.num_layers()
+            )));
+        }
+        let max_pos = positions.iter().flatten().copied().max().unwrap_or(0);
+        if max_pos as usize >= self.config.max_position_embeddings {
+            return Err(ModelError::input(format!(
+                "sequence reaches position {max_pos}, beyond the model's context of {} tokens",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
     /// cos and sin for a (batch × seq) grid of positions.
     fn rope_for(&self, positions: &[Vec<i64>]) -> Result<(Tensor, Tensor)> {
         let (batch, seq) = (positions.len(), positions.first().map_or(0, Vec::len));
         let flat: Vec<i64> = positions.iter().flatten().copied().collect();
         self.rope.cos_sin(&flat, batch, seq, self.dtype, &self.device)
     }
+}
 
-    /// [`Model::prefill_with`] plus prefill token pruning.
-    pub fn prefill_pruned(
-        &self,
-        prompts: &[Vec<u32>],
-        press: Option<&dyn CachePress>,
-        pruner: Option<&dyn TokenPruner>,
-    ) -> Result<(Tensor, KvCache)> {
-        let (tokens, positions) = left_pad(prompts)?;
-        let mut cache = self.new_cache(prompts.len()).with_press(press.map(|p| p.box_clone()));
-        let x = self.embed(&tokens)?;
-        let logits = self.forward_embeds_pruned(x, &positions, &mut cache, Logits::Last, pruner)?;
-        Ok((logits, cache))
-    }
-
-    /// Prefill a batch of prompts of any lengths: left-pads them, and returns the last position's
-    /// logits (batch, vocab) in f32 with the filled cache. Positions count from 0 at each row's
-    /// first real token, as HF `generate` does with an attention mask.
-    pub fn prefill(&self, prompts: &[Vec<u32>]) -> Result<(Tensor, KvCache)> {
-        self.prefill_with(prompts, None)
-    }
-
-    /// [`Model::prefill`] into a cache compressed by (a fresh copy of) `press`.
-    pub fn prefill_with(&self, prompts: &[Vec<u32>], press: Option<&dyn CachePress>) -> Result<(Tensor, KvCache)> {
-        let (tokens, positions) = left_pad(prompts)?;
-        let mut cache = self.new_cache(prompts.len()).with_press(press.map(|p| p.box_clone()));
-        let logits = self.forward(&tokens, &positions, &mut cache, Logits::Last)?;
-        Ok((logits, cache))
-    }
-
-    /// One decode step: the next token of every row → logits (batch, vocab) in f32.
-    pub fn decode(&self, cache: &mut KvCache, next_tokens: &[u32]) -> Result<Tensor> {
-        if next_tokens.len() != cache.batch() {
-            return Err(ModelError::input(format!(
-                "decode got {} tokens for a cache of {} rows",
-                next_tokens.len(),
-                cache.batch()
-            )));
-        }
-        let tokens: Vec<Vec<u32>> = next_tokens.iter().map(|&t| vec![t]).collect();
-        let positions: Vec<Vec<i64>> = cache.next_position.iter().map(|&p| vec![p]).collect();
-        self.forward(&tokens, &positions, cache, Logits::Last)
-    }
-
-    /// Logits at every position of one sequence, starting from an empty cache (perplexity).
-    pub fn logits_all(&self, tokens: &[u32]) -> Result<Tensor> {
-        let positions: Vec<i64> = (0..tokens.len() as i64).collect();
-        let mut cache = self.new_cache(1);
-        Ok(self.forward(&[tokens.to_vec()], &[positions], &mut cache, Logits::All)?.squeeze(0)?)
-    }
+/// What a prefill runs: token prompts, or input embeddings (batch, seq, hidden) at positions.
+pub enum PrefillInput<'a> {
+    Tokens(&'a [Vec<u32>]),
+    Embeds { x: Tensor, positions: Vec<Vec<i64>> },
 }
 
 /// Left-pad prompts to a (batch, seq) grid; padding slots get token 0 and PAD_POSITION.

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use pare_model::WeightDType;
+use pare_test_support as ts;
 
 fn check(dir: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir);
@@ -17,12 +18,12 @@ fn check(dir: &str) {
     let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     };
-    let (a, mut cache_a) = plain.prefill(std::slice::from_ref(&prompt)).unwrap();
-    let (b, mut cache_b) = fused.prefill(std::slice::from_ref(&prompt)).unwrap();
+    let (a, mut cache_a) = ts::prefill(&plain, std::slice::from_ref(&prompt)).unwrap();
+    let (b, mut cache_b) = ts::prefill(&fused, std::slice::from_ref(&prompt)).unwrap();
     assert!(max_diff(&a, &b) < 1e-5, "{dir} prefill: {}", max_diff(&a, &b));
     for token in [11u32, 29, 2] {
-        let a = plain.decode(&mut cache_a, &[token]).unwrap();
-        let b = fused.decode(&mut cache_b, &[token]).unwrap();
+        let a = ts::decode(&plain, &mut cache_a, &[token]).unwrap();
+        let b = ts::decode(&fused, &mut cache_b, &[token]).unwrap();
         assert!(max_diff(&a, &b) < 1e-5, "{dir} decode: {}", max_diff(&a, &b));
     }
     // The parts are views of the stacked weights: the parameter count does not change.

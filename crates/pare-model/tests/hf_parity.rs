@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, D};
 use pare_model::{LoadedModel, WeightDType};
+use pare_test_support as ts;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -56,7 +57,7 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn last_logprobs(loaded: &LoadedModel, prompts: &[Vec<u32>]) -> (Vec<Vec<f32>>, pare_model::KvCache) {
-    let (logits, cache) = loaded.model.prefill(prompts).unwrap();
+    let (logits, cache) = ts::prefill(&loaded.model, prompts).unwrap();
     let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().to_vec2().unwrap();
     (lp, cache)
 }
@@ -80,7 +81,7 @@ fn check_top(model: &str, what: &str, pare: &[f32], top: &Value) {
 
 /// A plain greedy loop without EOS stopping (the HF fixtures disable it too).
 fn greedy(loaded: &LoadedModel, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
-    let (mut logits, mut cache) = loaded.model.prefill(prompts).unwrap();
+    let (mut logits, mut cache) = ts::prefill(&loaded.model, prompts).unwrap();
     let mut out = vec![Vec::new(); prompts.len()];
     for step in 0..n {
         let next: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
@@ -88,7 +89,7 @@ fn greedy(loaded: &LoadedModel, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>>
             out[row].push(t);
         }
         if step + 1 < n {
-            logits = loaded.model.decode(&mut cache, &next).unwrap();
+            logits = ts::decode(&loaded.model, &mut cache, &next).unwrap();
         }
     }
     out
@@ -188,7 +189,7 @@ fn pare_eval_ppl(loaded: &LoadedModel, tokens: &[u32], ctx: usize, stride: usize
     while begin < tokens.len() {
         let end = (begin + ctx).min(tokens.len());
         let from = prev_end.max(begin + 1);
-        let logits = loaded.model.logits_all(&tokens[begin..end]).unwrap();
+        let logits = ts::logits_all(&loaded.model, &tokens[begin..end]).unwrap();
         let lp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().to_vec2().unwrap();
         for t in from..end {
             nll -= lp[t - begin - 1][tokens[t] as usize] as f64;

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor};
 use pare_model::cache::{LayerKv, PAD_POSITION};
+use pare_model::hooks::LayerContext;
 use pare_model::rope::Rope;
 
 use crate::budget::Budget;
@@ -45,6 +46,24 @@ pub struct LayerInfo<'a> {
     pub group: usize,
     pub head_dim: usize,
     pub rope: &'a Rope,
+}
+
+impl<'a> LayerInfo<'a> {
+    /// The layer facts of a hook call.
+    pub fn of(ctx: &LayerContext<'a>) -> Self {
+        LayerInfo {
+            layer: ctx.layer,
+            num_layers: ctx.num_layers,
+            group: ctx.attention.num_heads / ctx.attention.num_kv_heads,
+            head_dim: ctx.attention.head_dim,
+            rope: ctx.rope,
+        }
+    }
+}
+
+/// Every row's queries of a hook call, padding dropped.
+pub fn call_queries(ctx: &LayerContext) -> pare_model::Result<Vec<RowQueries>> {
+    (0..ctx.positions.len()).map(|b| Ok(RowQueries::from_call(ctx.queries, ctx.positions, b)?)).collect()
 }
 
 /// Score and compress one layer, row by row, down to `budget` (each row its own budget).

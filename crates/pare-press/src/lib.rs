@@ -22,7 +22,7 @@ pub mod select;
 pub use budget::Budget;
 pub use compress::PositionPolicy;
 pub use error::{PressError, Result};
-pub use pare_model::press::CachePress;
+pub use pare_model::hooks::CachePress;
 
 use presses::{AdaKv, ChunkKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
 use scorer::Scorer;

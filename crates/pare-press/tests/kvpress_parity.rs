@@ -2,34 +2,20 @@
 //! (tools/reference/make_press_fixtures.py), and the streaming rule against a Python reference
 //! of seed 001's hook (tools/reference/streaming_reference.py).
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use candle_core::Device;
 use pare_model::cache::LayerKv;
-use pare_model::press::{CachePress, LayerContext};
-use pare_model::{LoadedModel, WeightDType};
+use pare_model::hooks::{CachePress, LayerContext};
+use pare_model::Hooks;
 use pare_press::compress::observe;
-use pare_press::presses::prefill::{call_queries, layer_info};
+use pare_press::compress::{call_queries, LayerInfo};
 use pare_press::scorer::Scorer;
 use pare_press::{build, scorers, PositionPolicy, PressOptions};
+use pare_test_support::{self as ts, press_hooks, smollm2};
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = repo().join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-        pare_model::load(path.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu).unwrap()
-    })
-}
-
 fn fixture(name: &str) -> Value {
-    let path = repo().join("tests/fixtures/presses").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    ts::fixture(&format!("presses/{name}"))
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -60,7 +46,8 @@ fn kept_entries_match_kvpress() {
     for (file, spec) in CASES {
         let f = fixture(&format!("{file}.json"));
         let press = build(spec, &PressOptions { ratio: f["ratio"].as_f64(), ..PressOptions::default() }).unwrap();
-        let (_, cache) = model.prefill_with(&[ids(&f["prompt_ids"])], Some(press.as_ref())).unwrap();
+        let (_, cache, _) =
+            ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(press.as_ref()))).unwrap();
         // Entries whose kvpress score sits within float noise of the cut may fall either way.
         let near: Vec<(usize, usize, i64)> = f["near_boundary"]["entries"]
             .as_array()
@@ -100,7 +87,8 @@ impl CachePress for Capture {
     fn after_attention(&mut self, ctx: &LayerContext, kv: &mut LayerKv) -> pare_model::Result<()> {
         if ctx.layer == self.layer {
             let rows = call_queries(ctx)?;
-            let (obs, _) = observe(kv, 0, &layer_info(ctx), &rows[0]).map_err(pare_model::ModelError::from)?.unwrap();
+            let (obs, _) =
+                observe(kv, 0, &LayerInfo::of(ctx), &rows[0]).map_err(pare_model::ModelError::from)?.unwrap();
             *self.scores.lock().unwrap() = self.scorer.score(&obs).map_err(pare_model::ModelError::from)?;
         }
         Ok(())
@@ -126,7 +114,7 @@ fn scores_match_kvpress_within_1e4_relative() {
         let sample = &f["scores_sample"];
         let (layer, head) = (sample["layer"].as_u64().unwrap() as usize, sample["head"].as_u64().unwrap() as usize);
         let capture = Capture { layer, scorer, scores: Arc::default() };
-        model.prefill_with(&[ids(&f["prompt_ids"])], Some(&capture)).unwrap();
+        ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(&capture))).unwrap();
         let got = capture.scores.lock().unwrap()[head].clone();
         let expected: Vec<f64> = sample["scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(got.len(), expected.len(), "{file}");
@@ -147,7 +135,8 @@ fn greedy_continuations_after_compression_match_kvpress() {
         let f = fixture(&format!("{file}.json"));
         let g = &f["greedy"];
         let press = build(spec, &PressOptions { ratio: f["ratio"].as_f64(), ..PressOptions::default() }).unwrap();
-        let (mut logits, mut cache) = model.prefill_with(&[ids(&f["prompt_ids"])], Some(press.as_ref())).unwrap();
+        let (mut logits, mut cache, mut hooks) =
+            ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(press.as_ref()))).unwrap();
         let expected = ids(&g["tokens"]);
         for (step, &token) in expected.iter().enumerate() {
             let lp = candle_nn::ops::log_softmax(&logits.get(0).unwrap(), 0).unwrap().to_vec1::<f32>().unwrap();
@@ -161,7 +150,7 @@ fn greedy_continuations_after_compression_match_kvpress() {
             }
             let argmax = lp.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
             assert_eq!(argmax, token, "{file}: greedy token {step}");
-            logits = model.decode(&mut cache, &[token]).unwrap();
+            logits = ts::decode_hooked(model, &mut cache, &mut hooks, &[token]).unwrap();
         }
     }
 }
@@ -181,12 +170,12 @@ fn streaming_perplexity_matches_the_seed_001_reference_within_half_a_percent() {
             ..PressOptions::default()
         };
         let press = build("streaming", &opts).unwrap();
-        let got = pare_eval::perplexity_stream(model, &tokens, Some(press.as_ref()), |_, _| {}).unwrap();
+        let got = pare_eval::perplexity_stream(model, &tokens, &Hooks::new(Some(press), None), |_, _| {}).unwrap();
         let want = f["ppl"].as_f64().unwrap();
         assert!((got.ppl / want - 1.0).abs() < 0.005, "{file}: pare {} vs reference {want}", got.ppl);
         assert_eq!(got.scored_tokens, tokens.len() - 1);
     }
     let f = fixture("streaming_ppl.json");
-    let full = pare_eval::perplexity_stream(model, &ids(&f["ids"]), None, |_, _| {}).unwrap();
+    let full = pare_eval::perplexity_stream(model, &ids(&f["ids"]), &Hooks::default(), |_, _| {}).unwrap();
     assert!((full.ppl / f["ppl_full"].as_f64().unwrap() - 1.0).abs() < 0.005);
 }

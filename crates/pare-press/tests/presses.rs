@@ -1,25 +1,15 @@
 //! Presses on real models: exactness at ratio 0, budgets that really shrink the cache, batches
 //! where every row keeps its own budget, every architecture, beam search, and position policies.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
-use pare_model::{CachePress, KvCache, LoadedModel, Model, WeightDType};
+use candle_core::Tensor;
+use pare_model::{CachePress, Hooks, KvCache, LoadedModel, Model};
 use pare_press::{build, PositionPolicy, PressOptions};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use pare_test_support::{self as ts, press_hooks, repo, smollm2};
 
 fn load(path: PathBuf) -> LoadedModel {
-    pare_model::load(path.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
-}
-
-fn smollm2() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| load(repo().join("assets/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    ts::load_f32(&path)
 }
 
 fn text_tokens(n: usize) -> Vec<u32> {
@@ -43,11 +33,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Prefill, then `steps` greedy decode steps; the logits of every step.
 fn run(model: &Model, prompts: &[Vec<u32>], press: Option<&dyn CachePress>, steps: usize) -> (Vec<Tensor>, KvCache) {
-    let (mut logits, mut cache) = model.prefill_with(prompts, press).unwrap();
+    let (mut logits, mut cache, mut hooks) = ts::prefill_hooked(model, prompts, press_hooks(press)).unwrap();
     let mut all = vec![logits.clone()];
     for _ in 0..steps {
         let next: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
-        logits = model.decode(&mut cache, &next).unwrap();
+        logits = ts::decode_hooked(model, &mut cache, &mut hooks, &next).unwrap();
         all.push(logits.clone());
     }
     (all, cache)
@@ -96,7 +86,8 @@ fn budgets_shrink_the_cache_in_proportion_per_head_budgets_included() {
     let model = &smollm2().model;
     let prompt = vec![text_tokens(200)];
     for (spec, r) in [("knorm", 0.5), ("snapkv", 0.75), ("adakv+snapkv", 0.5), ("adakv+expected-attention", 0.75)] {
-        let (_, cache) = model.prefill_with(&prompt, Some(press(spec, ratio(r)).as_ref())).unwrap();
+        let (_, cache, _) =
+            ts::prefill_hooked(model, &prompt, press_hooks(Some(press(spec, ratio(r)).as_ref()))).unwrap();
         let kept_per_head = (200.0 * (1.0 - r)) as usize;
         for layer in &cache.layers {
             let counts = layer.entry_counts();
@@ -110,7 +101,8 @@ fn budgets_shrink_the_cache_in_proportion_per_head_budgets_included() {
             assert!(ragged, "{spec}: heads should get different budgets");
         }
     }
-    let (_, cache) = model.prefill_with(&prompt, Some(press("pyramidkv", ratio(0.5)).as_ref())).unwrap();
+    let (_, cache, _) =
+        ts::prefill_hooked(model, &prompt, press_hooks(Some(press("pyramidkv", ratio(0.5)).as_ref()))).unwrap();
     let per_layer: Vec<usize> = cache.layers.iter().map(|l| l.entries(0, 0)).collect();
     assert!(per_layer.windows(2).all(|w| w[0] >= w[1]) && per_layer[0] > per_layer[29], "pyramid: {per_layer:?}");
     let total: usize = per_layer.iter().sum();
@@ -148,9 +140,10 @@ fn streaming_rule_keeps_sinks_and_the_newest_entries() {
     let model = &smollm2().model;
     let tokens = text_tokens(60);
     let p = press("streaming", PressOptions { sinks: Some(4), capacity: Some(16), ..PressOptions::default() });
-    let (mut logits, mut cache) = model.prefill_with(&[tokens[..1].to_vec()], Some(p.as_ref())).unwrap();
+    let (mut logits, mut cache, mut hooks) =
+        ts::prefill_hooked(model, &[tokens[..1].to_vec()], press_hooks(Some(p.as_ref()))).unwrap();
     for &t in &tokens[1..] {
-        logits = model.decode(&mut cache, &[t]).unwrap();
+        logits = ts::decode_hooked(model, &mut cache, &mut hooks, &[t]).unwrap();
     }
     assert!(logits.dims() == [1, 49152]);
     // Cut to 16 before the last token came in, which then added one.
@@ -168,9 +161,10 @@ fn streaming_rule_keeps_sinks_and_the_newest_entries() {
         ..PressOptions::default()
     };
     let p = press("streaming", opts);
-    let (_, mut cache) = model.prefill_with(&[tokens[..1].to_vec()], Some(p.as_ref())).unwrap();
+    let (_, mut cache, mut hooks) =
+        ts::prefill_hooked(model, &[tokens[..1].to_vec()], press_hooks(Some(p.as_ref()))).unwrap();
     for &t in &tokens[1..] {
-        model.decode(&mut cache, &[t]).unwrap();
+        ts::decode_hooked(model, &mut cache, &mut hooks, &[t]).unwrap();
     }
     assert_eq!(cache.layers[5].positions(0, 1), (0..17).collect::<Vec<i64>>().as_slice());
     assert_eq!(cache.next_position, vec![16]);
@@ -184,12 +178,13 @@ fn rerotated_keys_equal_keys_rotated_at_the_new_positions() {
     let model = &smollm2().model;
     let tokens = text_tokens(40);
     let opts = PressOptions { ratio: Some(0.5), positions: PositionPolicy::Rerotate, ..PressOptions::default() };
-    let (_, cache) = model.prefill_with(&[tokens.clone()], Some(press("streaming", opts).as_ref())).unwrap();
+    let (_, cache, _) =
+        ts::prefill_hooked(model, &[tokens.clone()], press_hooks(Some(press("streaming", opts).as_ref()))).unwrap();
     let layer0 = &cache.layers[0];
     let kept: Vec<i64> = (0..4).chain(24..40).collect();
     assert_eq!(layer0.positions(0, 0), (0..20).collect::<Vec<i64>>().as_slice());
     let kept_tokens: Vec<u32> = kept.iter().map(|&p| tokens[p as usize]).collect();
-    let (_, fresh) = model.prefill(&[kept_tokens]).unwrap();
+    let (_, fresh) = ts::prefill(model, &[kept_tokens]).unwrap();
     let (k_rot, _) = layer0.head_kv(0, 2).unwrap().unwrap();
     let (k_fresh, _) = fresh.layers[0].head_kv(0, 2).unwrap().unwrap();
     let d = max_diff(&k_rot, &k_fresh);
@@ -228,11 +223,11 @@ fn decoding_press_compresses_back_to_the_budget_every_interval() {
     let opts = PressOptions { budget: Some(32), interval: Some(8), buffer: Some(8), ..PressOptions::default() };
     for spec in ["decoding+snapkv", "decoding+adakv+knorm", "decoding+expected-attention"] {
         let p = press(spec, opts.clone());
-        let (_, mut cache) = model.prefill_with(&prompt, Some(p.as_ref())).unwrap();
+        let (_, mut cache, mut hooks) = ts::prefill_hooked(model, &prompt, press_hooks(Some(p.as_ref()))).unwrap();
         assert_eq!(cache.layers[3].entries(0, 0), 50, "{spec}: no compression at prefill");
         let mut sizes = Vec::new();
         for step in 0..16u32 {
-            model.decode(&mut cache, &[100 + step]).unwrap();
+            ts::decode_hooked(model, &mut cache, &mut hooks, &[100 + step]).unwrap();
             sizes.push(cache.layers[3].entry_counts().iter().sum::<usize>());
         }
         // Steps 1..7 grow, step 8 compresses to 32 per head, then grows again to step 16.
@@ -248,11 +243,16 @@ fn beam_search_runs_over_a_compressed_cache() {
     let prompt = text_tokens(60);
     let cfg = pare_generate::beam::BeamConfig::new(3, 6, vec![2]);
     let plain =
-        pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, None, None, &mut |_, _, _, _| {}).unwrap();
+        pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Hooks::default(), &mut |_, _, _, _| {}).unwrap();
     let zero = press("snapkv", ratio(0.0));
-    let same =
-        pare_generate::beam_search_with(&loaded.model, &prompt, &cfg, Some(zero.as_ref()), None, &mut |_, _, _, _| {})
-            .unwrap();
+    let same = pare_generate::beam_search_with(
+        &loaded.model,
+        &prompt,
+        &cfg,
+        Hooks::new(Some(zero), None),
+        &mut |_, _, _, _| {},
+    )
+    .unwrap();
     assert_eq!(
         plain.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>(),
         same.iter().map(|h| h.tokens.clone()).collect::<Vec<_>>()
@@ -263,8 +263,7 @@ fn beam_search_runs_over_a_compressed_cache() {
         &loaded.model,
         &prompt,
         &cfg,
-        Some(decoding.as_ref()),
-        None,
+        Hooks::new(Some(decoding), None),
         &mut |_, _, _, _| {},
     )
     .unwrap();

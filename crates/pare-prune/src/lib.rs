@@ -343,8 +343,8 @@ mod tests {
                     GqaMode::QueryHeads => assert_eq!((b.attn.num_heads, b.attn.num_kv_heads), (4, 2)),
                 }
             }
-            let got = pruned.logits_all(&ids).unwrap();
-            let want = masked(&model, &out.plan).logits_all(&ids).unwrap();
+            let got = pare_test_support::logits_all(&pruned, &ids).unwrap();
+            let want = pare_test_support::logits_all(&masked(&model, &out.plan), &ids).unwrap();
             assert!(max_diff(&got, &want) < 1e-4, "{gqa:?}: {}", max_diff(&got, &want));
             // Uniform result: the config holds the new shapes, no per-layer lists.
             assert_eq!(pruned.config.layer_shapes, None);
@@ -391,8 +391,8 @@ mod tests {
             let a = apply(&model, &out.plan).unwrap();
             let b = apply(&model, &back).unwrap();
             assert_eq!(
-                a.logits_all(&[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap(),
-                b.logits_all(&[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap()
+                pare_test_support::logits_all(&a, &[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap(),
+                pare_test_support::logits_all(&b, &[3, 4, 5]).unwrap().to_vec2::<f32>().unwrap()
             );
         }
     }

@@ -62,7 +62,7 @@ fn tiny_uniform_export_gives_the_transformers_logits() {
         .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
         .collect();
     let check = |m: &Model, what: &str| {
-        let got = m.logits_all(&ids).unwrap().to_vec2::<f32>().unwrap();
+        let got = pare_test_support::logits_all(&m, &ids).unwrap().to_vec2::<f32>().unwrap();
         let worst =
             got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-4, "{what}: max |Δlogit| {worst}");
@@ -96,7 +96,7 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     assert_eq!(shapes.num_kv_heads, vec![2, 1, 1, 2]);
     assert_eq!(shapes.intermediate_size, vec![128, 128, 64, 64]);
     let ids = [5u32, 9, 200, 17, 3, 88, 41];
-    let want = pruned.logits_all(&ids).unwrap().to_vec2::<f32>().unwrap();
+    let want = pare_test_support::logits_all(&pruned, &ids).unwrap().to_vec2::<f32>().unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     pare_model::export::export_hf_dir(&pruned, None, &[2], dir.path()).unwrap();
@@ -106,7 +106,7 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     assert_eq!(config["intermediate_size_per_layer"], serde_json::json!([128, 128, 64, 64]));
     let reloaded = load_model(dir.path());
     assert_eq!(reloaded.config.layer_shapes, Some(shapes.clone()));
-    assert_eq!(reloaded.logits_all(&ids).unwrap().to_vec2::<f32>().unwrap(), want);
+    assert_eq!(pare_test_support::logits_all(&reloaded, &ids).unwrap().to_vec2::<f32>().unwrap(), want);
 
     // A config that states other shapes than the weights is refused.
     let mut wrong = config.clone();
@@ -126,7 +126,7 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     assert_eq!(heads, vec![8, 4, 4, 8]);
     let from_gguf = load_model(&gguf);
     assert_eq!(from_gguf.config.layer_shapes, Some(shapes));
-    let got = from_gguf.logits_all(&ids).unwrap().to_vec2::<f32>().unwrap();
+    let got = pare_test_support::logits_all(&from_gguf, &ids).unwrap().to_vec2::<f32>().unwrap();
     let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "GGUF logits differ by {worst}");
 }

@@ -45,8 +45,10 @@ fn top20(logprobs: &[f32]) -> Vec<(u32, f32)> {
 
 fn check_logprobs(model: &Model, exp: &Value, what: &str) {
     let ids: Vec<u32> = usizes(&exp["ids"]).into_iter().map(|i| i as u32).collect();
-    let lp =
-        candle_nn::ops::log_softmax(&model.logits_all(&ids).unwrap(), D::Minus1).unwrap().to_vec2::<f32>().unwrap();
+    let lp = candle_nn::ops::log_softmax(&pare_test_support::logits_all(&model, &ids).unwrap(), D::Minus1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let want = exp["last_positions_top20"].as_array().unwrap();
     for (row, want_row) in lp[lp.len() - want.len()..].iter().zip(want) {
         let got = top20(row);
@@ -102,7 +104,10 @@ fn uniform_pruning_exports_and_matches_transformers() {
     let probe: Vec<u32> =
         from_gguf.tokenizer().unwrap().encode("Structured pruning removes whole heads.", true).unwrap();
     assert_eq!(probe, reloaded.tokenizer().unwrap().encode("Structured pruning removes whole heads.", true).unwrap());
-    let (a, b) = (from_gguf.model.logits_all(&probe).unwrap(), reloaded.model.logits_all(&probe).unwrap());
+    let (a, b) = (
+        pare_test_support::logits_all(&from_gguf.model, &probe).unwrap(),
+        pare_test_support::logits_all(&reloaded.model, &probe).unwrap(),
+    );
     let worst = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(worst < 1e-3, "GGUF vs HF directory: max |Δlogit| {worst}");
 }

@@ -3,9 +3,9 @@
 //! outside the span is kept.
 
 use pare_model::cache::{LayerKv, PAD_POSITION};
-use pare_model::press::{LayerContext, TokenPruner};
+use pare_model::hooks::{LayerContext, TokenPruner};
+use pare_press::compress::LayerInfo;
 use pare_press::compress::{observe, RowQueries};
-use pare_press::presses::prefill::layer_info;
 use pare_press::scorer::Scorer;
 
 use crate::error::{PruneError, Result};
@@ -75,7 +75,7 @@ impl Pruner {
     /// Per row, the kept tokens of this call (indices ascending), for a cut after `ctx.layer`.
     fn choose(&self, ctx: &LayerContext, kv: &LayerKv) -> Result<Option<Vec<Vec<usize>>>> {
         let Some(stage) = self.schedule.stage_after(ctx.layer) else { return Ok(None) };
-        let info = layer_info(ctx);
+        let info = LayerInfo::of(ctx);
         let mut kept_rows = Vec::with_capacity(ctx.positions.len());
         for (b, positions) in ctx.positions.iter().enumerate() {
             let real: Vec<usize> = (0..positions.len()).filter(|&i| positions[i] != PAD_POSITION).collect();

@@ -2,8 +2,11 @@
 //! inside the engine's pruned prefill, gradients against finite differences, training that beats
 //! random selection, and one-line errors.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
-use pare_model::{Model, WeightDType};
+use pare_model::{Hooks, Model, PrefillInput, WeightDType};
+use pare_test_support as ts;
 use pare_token_prune::learned::top_keep;
 use pare_token_prune::train::{hard_nll, initial_net, sample_loss, samples, train, Frozen, MaskKind, TrainSettings};
 use pare_token_prune::{LearnedScorer, PruneSchedule, Pruner, ScorerInfo, ScorerNet, ScorerShape, Span, TokenScorer};
@@ -61,14 +64,14 @@ fn marker_samples(model: &Model, rows: usize, span: usize, tail: usize, seed: u6
         })
         .collect();
     let mut seqs = spans.clone();
-    let (mut logits, mut cache) = model.prefill(&spans).unwrap();
+    let (mut logits, mut cache) = ts::prefill(&model, &spans).unwrap();
     for step in 0..tail {
         let next = sample(&logits, &mut rng);
         for (s, &t) in seqs.iter_mut().zip(&next) {
             s.push(t);
         }
         if step + 1 < tail {
-            logits = model.decode(&mut cache, &next).unwrap();
+            logits = ts::decode(&model, &mut cache, &next).unwrap();
         }
     }
     seqs.concat()
@@ -186,7 +189,8 @@ fn the_pruned_prefill_keeps_exactly_the_top_logits() {
     let pruner =
         Pruner { schedule: PruneSchedule::parse("2:0.5").unwrap(), span: Span::Prompt { protect_last: 6 }, scorer };
     let ids = random_tokens(46, 9);
-    let (engine_logits, cache) = model.prefill_pruned(&[ids.clone()], None, Some(&pruner)).unwrap();
+    let (engine_logits, cache) =
+        model.prefill(PrefillInput::Tokens(&[ids.clone()]), &mut Hooks::new(None, Some(Arc::new(pruner)))).unwrap();
     // Span = the first 40 tokens; 20 kept after layer 1, plus the protected 6.
     assert_eq!(cache.layers[1].entries(0, 0), 46);
     assert_eq!(cache.layers[2].entries(0, 0), 20 + 6);
@@ -382,7 +386,10 @@ fn bad_scorer_files_give_one_line_errors() {
     let pruner =
         Pruner { schedule: PruneSchedule::parse("1:0.5").unwrap(), span: Span::Prompt { protect_last: 2 }, scorer };
     let model = tiny_model(2, 1, DType::F32);
-    let err = model.prefill_pruned(&[random_tokens(12, 3)], None, Some(&pruner)).unwrap_err().to_string();
+    let err = model
+        .prefill(PrefillInput::Tokens(&[random_tokens(12, 3)]), &mut Hooks::new(None, Some(Arc::new(pruner))))
+        .unwrap_err()
+        .to_string();
     one_line(err, "trained for hidden size 48");
     std::fs::remove_file(&path).unwrap();
 }

@@ -1,24 +1,12 @@
 //! Prefill token pruning on SmolLM2: exactness when nothing is dropped, caches that hold only the
 //! kept tokens after a cut, original positions, batches whose rows keep different counts.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-use pare_model::{LoadedModel, TokenPruner, WeightDType};
+use candle_core::Tensor;
+use pare_model::{PrefillInput, TokenPruner};
+use pare_test_support::{self as ts, repo, smollm2};
 use pare_token_prune::{scorer, PruneSchedule, Pruner, Span};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = repo().join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-        pare_model::load(path.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu).unwrap()
-    })
-}
 
 fn text_tokens(n: usize) -> Vec<u32> {
     let text = std::fs::read_to_string(repo().join("assets/texts/wiki.utf8")).expect("make assets");
@@ -27,8 +15,8 @@ fn text_tokens(n: usize) -> Vec<u32> {
     ids
 }
 
-fn pruner(spec: &str, span: Span, score: &str) -> Box<dyn TokenPruner> {
-    Box::new(Pruner { schedule: PruneSchedule::parse(spec).unwrap(), span, scorer: scorer(score, 0).unwrap() })
+fn pruner(spec: &str, span: Span, score: &str) -> Arc<dyn TokenPruner> {
+    Arc::new(Pruner { schedule: PruneSchedule::parse(spec).unwrap(), span, scorer: scorer(score, 0).unwrap() })
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -39,13 +27,13 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn keeping_everything_gives_exactly_the_unpruned_logits() {
     let model = &smollm2().model;
     let prompt = vec![text_tokens(90)];
-    let (reference, ref_cache) = model.prefill(&prompt).unwrap();
+    let (reference, ref_cache) = ts::prefill(model, &prompt).unwrap();
     for score in ["last-attn", "mean-attn", "knorm", "random"] {
         let p = pruner("2:1.0,10:1.0", Span::Prompt { protect_last: 4 }, score);
-        let (logits, mut cache) = model.prefill_pruned(&prompt, None, Some(p.as_ref())).unwrap();
+        let (logits, mut cache) = model.prefill(PrefillInput::Tokens(&prompt), &mut ts::pruner_hooks(&p)).unwrap();
         assert_eq!(max_diff(&reference, &logits), 0.0, "{score}");
-        let a = model.decode(&mut cache, &[42]).unwrap();
-        let b = model.decode(&mut ref_cache.clone(), &[42]).unwrap();
+        let a = ts::decode(model, &mut cache, &[42]).unwrap();
+        let b = ts::decode(model, &mut ref_cache.clone(), &[42]).unwrap();
         assert_eq!(max_diff(&a, &b), 0.0, "{score}");
     }
 }
@@ -55,7 +43,7 @@ fn layers_after_the_cut_hold_only_kept_tokens_at_their_original_positions() {
     let model = &smollm2().model;
     let prompt = text_tokens(100);
     let p = pruner("3:0.5,20:10", Span::Prompt { protect_last: 8 }, "last-attn");
-    let (_, mut cache) = model.prefill_pruned(&[prompt.clone()], None, Some(p.as_ref())).unwrap();
+    let (_, mut cache) = model.prefill(PrefillInput::Tokens(&[prompt.clone()]), &mut ts::pruner_hooks(&p)).unwrap();
     // Span = the first 92 tokens; 46 kept after layer 2, then 10 of those after layer 19.
     assert_eq!(cache.layers[2].entries(0, 0), 100);
     assert_eq!(cache.layers[3].entries(0, 1), 46 + 8);
@@ -70,7 +58,7 @@ fn layers_after_the_cut_hold_only_kept_tokens_at_their_original_positions() {
     );
     // Decoding continues at the next original position over the shorter caches.
     assert_eq!(cache.next_position, vec![100]);
-    let logits = model.decode(&mut cache, &[42]).unwrap();
+    let logits = ts::decode(model, &mut cache, &[42]).unwrap();
     assert_eq!(logits.dims(), &[1, 49152]);
     assert_eq!(cache.layers[20].positions(0, 0).last(), Some(&100));
 }
@@ -81,14 +69,15 @@ fn rows_keeping_different_counts_match_running_alone() {
     let long = text_tokens(110);
     let short = long[20..80].to_vec();
     let p = pruner("4:0.4", Span::Prompt { protect_last: 6 }, "last-attn");
-    let (batch, mut cache) = model.prefill_pruned(&[long.clone(), short.clone()], None, Some(p.as_ref())).unwrap();
+    let (batch, mut cache) =
+        model.prefill(PrefillInput::Tokens(&[long.clone(), short.clone()]), &mut ts::pruner_hooks(&p)).unwrap();
     let next = [7u32, 9];
-    let batch_step = model.decode(&mut cache, &next).unwrap();
+    let batch_step = ts::decode(model, &mut cache, &next).unwrap();
     for (row, prompt) in [long, short].into_iter().enumerate() {
-        let (alone, mut c) = model.prefill_pruned(&[prompt], None, Some(p.as_ref())).unwrap();
+        let (alone, mut c) = model.prefill(PrefillInput::Tokens(&[prompt]), &mut ts::pruner_hooks(&p)).unwrap();
         let d = max_diff(&alone.get(0).unwrap(), &batch.get(row).unwrap());
         assert!(d < 2e-3, "row {row}: {d}");
-        let step = model.decode(&mut c, &[next[row]]).unwrap();
+        let step = ts::decode(model, &mut c, &[next[row]]).unwrap();
         let d = max_diff(&step.get(0).unwrap(), &batch_step.get(row).unwrap());
         assert!(d < 2e-3, "row {row} after a decode step: {d}");
     }
@@ -99,7 +88,7 @@ fn range_span_only_touches_its_positions() {
     let model = &smollm2().model;
     let prompt = text_tokens(80);
     let p = pruner("6:5", Span::Range(10, 50), "knorm");
-    let (_, cache) = model.prefill_pruned(&[prompt], None, Some(p.as_ref())).unwrap();
+    let (_, cache) = model.prefill(PrefillInput::Tokens(&[prompt]), &mut ts::pruner_hooks(&p)).unwrap();
     let kept = cache.layers[6].positions(0, 0);
     assert_eq!(kept.len(), 80 - 40 + 5);
     assert_eq!(kept.iter().filter(|&&p| (10..50).contains(&p)).count(), 5);
@@ -116,7 +105,7 @@ fn pruned_prefill_matches_the_python_reference() {
         let ids: Vec<u32> = f["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let protect = f["protect_last"].as_u64().unwrap() as usize;
         let p = pruner(f["prune_tokens"].as_str().unwrap(), Span::Prompt { protect_last: protect }, "last-attn");
-        let (logits, cache) = model.prefill_pruned(&[ids], None, Some(p.as_ref())).unwrap();
+        let (logits, cache) = model.prefill(PrefillInput::Tokens(&[ids]), &mut ts::pruner_hooks(&p)).unwrap();
         for (layer, kept) in f["kept_positions"].as_object().unwrap() {
             let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
             let layer: usize = layer.parse().unwrap();

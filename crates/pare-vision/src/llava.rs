@@ -7,13 +7,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use pare_formats::{SafetensorsStore, TokenizerBundle};
-use pare_model::attention::Attention;
 use pare_model::config::{Arch, ModelConfig};
-use pare_model::layers::{Linear, Mlp, Norm};
-use pare_model::model::Block;
-use pare_model::rope::Rope;
+use pare_model::loader::DecoderNames;
 use pare_model::weights::{WeightDType, WeightSource, Weights};
-use pare_model::{CachePress, KvCache, LoadedModel, Logits, Model, ModelError, TokenPruner};
+use pare_model::{Hooks, KvCache, LoadedModel, Logits, Model, ModelError, Phase, PrefillInput};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -181,92 +178,6 @@ fn find_prefixes(store: &SafetensorsStore, path: &str) -> Result<Prefixes> {
     })
 }
 
-/// The LLaVA decoder from pare's building blocks, read under `prefix` (Llama-family layout).
-fn build_language(cfg: &ModelConfig, w: &Weights, prefix: &str, lm_head: Option<&str>) -> Result<Model> {
-    let embed_name = format!("{prefix}embed_tokens.weight");
-    let embed_tokens = w.tensor(&embed_name)?;
-    w.expect_shape(&embed_name, &embed_tokens, &[cfg.vocab_size, cfg.hidden_size])?;
-    let rms = |name: String| -> Result<Norm> {
-        let weight = w.tensor(&name)?;
-        w.expect_shape(&name, &weight, &[cfg.hidden_size])?;
-        Ok(Norm::Rms { weight, eps: cfg.norm_eps as f32 })
-    };
-    let (h, d) = (cfg.hidden_size, cfg.head_dim);
-    let mut blocks = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let l = format!("{prefix}layers.{i}");
-        let lin = |name: &str| w.linear(&format!("{l}.{name}"));
-        let (q, k, v, o) =
-            (lin("self_attn.q_proj")?, lin("self_attn.k_proj")?, lin("self_attn.v_proj")?, lin("self_attn.o_proj")?);
-        // Head counts from the weights, as pare's loader does (structurally pruned layers).
-        let (heads, kv_heads) = (q.out_features() / d, k.out_features() / d);
-        let shapes_ok = q.out_features() % d == 0
-            && k.out_features() % d == 0
-            && kv_heads > 0
-            && heads % kv_heads == 0
-            && v.out_features() == k.out_features()
-            && o.in_features() == q.out_features()
-            && [q.in_features(), k.in_features(), v.in_features(), o.out_features()].iter().all(|&x| x == h);
-        if !shapes_ok {
-            return Err(ModelError::WeightShape {
-                name: format!("{l}.self_attn"),
-                actual: vec![q.out_features(), k.out_features(), v.out_features(), o.in_features()],
-                expected: format!("multiples of head_dim {d}, q heads a multiple of kv heads, hidden {h}"),
-            }
-            .into());
-        }
-        let mlp = Mlp {
-            gate: Some(lin("mlp.gate_proj")?),
-            up: lin("mlp.up_proj")?,
-            down: lin("mlp.down_proj")?,
-            activation: cfg.activation,
-            gate_up: None,
-        };
-        let width = mlp.width();
-        if mlp.up.in_features() != h
-            || mlp.down.out_features() != h
-            || mlp.down.in_features() != width
-            || mlp.gate.as_ref().is_some_and(|g| g.out_features() != width || g.in_features() != h)
-        {
-            return Err(ModelError::WeightShape {
-                name: format!("{l}.mlp"),
-                actual: vec![width],
-                expected: "consistent MLP widths".into(),
-            }
-            .into());
-        }
-        blocks.push(Block {
-            attn_norm: rms(format!("{l}.input_layernorm.weight"))?,
-            attn: Attention { q, k, v, o, num_heads: heads, num_kv_heads: kv_heads, head_dim: d, qkv: None },
-            mlp_norm: rms(format!("{l}.post_attention_layernorm.weight"))?,
-            mlp,
-        });
-    }
-    let lm_head = match lm_head {
-        Some(name) => w.linear(name.trim_end_matches(".weight"))?,
-        None if cfg.tie_word_embeddings => Linear::Dense { weight: embed_tokens.clone(), bias: None },
-        None => return Err(ModelError::MissingWeight("lm_head.weight".into()).into()),
-    };
-    if lm_head.in_features() != h || lm_head.out_features() != cfg.vocab_size {
-        return Err(ModelError::WeightShape {
-            name: "lm_head.weight".into(),
-            actual: vec![lm_head.out_features(), lm_head.in_features()],
-            expected: format!("[{}, {h}]", cfg.vocab_size),
-        }
-        .into());
-    }
-    Ok(Model {
-        config: cfg.clone(),
-        embed_tokens,
-        blocks,
-        final_norm: rms(format!("{prefix}norm.weight"))?,
-        lm_head,
-        rope: Rope::new(cfg),
-        dtype: w.dtype.activation_dtype(),
-        device: w.device.clone(),
-    })
-}
-
 #[derive(Debug, Clone)]
 pub struct LlavaModel {
     pub config: LlavaConfig,
@@ -330,7 +241,10 @@ impl LoadedLlava {
             }
             .into());
         }
-        let language = build_language(&config.text, &w, &prefixes.language, prefixes.lm_head.as_deref())?;
+        // Tied checkpoints have no head of their own; the loader then reuses the embeddings.
+        let head = prefixes.lm_head.clone().unwrap_or_else(|| "lm_head.weight".into());
+        let language =
+            pare_model::loader::build(&config.text, &w, &DecoderNames::llama_under(&prefixes.language, &head))?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(TokenizerBundle::from_hf_dir(dir).map_err(ModelError::from)?)
         } else {
@@ -444,21 +358,13 @@ impl LlavaModel {
         Ok(rows.index_select(&index, 0)?.unsqueeze(0)?)
     }
 
-    /// Prefill one prompt (`ids` with expanded placeholders) and its image: the last position's
-    /// logits (1, vocab) and the cache, compressed by `press` and pruned by `pruner` if given.
-    /// Decode then goes on with `self.language.decode(&mut cache, ...)`.
-    pub fn prefill(
-        &self,
-        ids: &[u32],
-        pixel_values: &Tensor,
-        press: Option<&dyn CachePress>,
-        pruner: Option<&dyn TokenPruner>,
-    ) -> Result<(Tensor, KvCache)> {
+    /// Prefill one prompt (`ids` with expanded placeholders) and its image into a fresh cache:
+    /// the last position's logits (1, vocab) and the cache. Decoding then goes on through the
+    /// language model with the same hooks.
+    pub fn prefill(&self, ids: &[u32], pixel_values: &Tensor, hooks: &mut Hooks) -> Result<(Tensor, KvCache)> {
         let x = self.embed(ids, pixel_values)?;
-        let positions = vec![(0..ids.len() as i64).collect::<Vec<_>>()];
-        let mut cache = self.language.new_cache(1).with_press(press.map(|p| p.box_clone()));
-        let logits = self.language.forward_embeds_pruned(x, &positions, &mut cache, Logits::Last, pruner)?;
-        Ok((logits, cache))
+        let positions = vec![(0..ids.len() as i64).collect()];
+        Ok(self.language.prefill(PrefillInput::Embeds { x, positions }, hooks)?)
     }
 
     /// Logits (seq, vocab) at every position of one prompt and image.
@@ -466,6 +372,8 @@ impl LlavaModel {
         let x = self.embed(ids, pixel_values)?;
         let positions = vec![(0..ids.len() as i64).collect::<Vec<_>>()];
         let mut cache = self.language.new_cache(1);
-        Ok(self.language.forward_embeds(x, &positions, &mut cache, Logits::All)?.squeeze(0)?)
+        let logits =
+            self.language.forward(x, &positions, &mut cache, &mut Hooks::default(), Phase::Prefill, Logits::All)?;
+        Ok(logits.squeeze(0)?)
     }
 }

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use pare_model::Hooks;
 use pare_model::WeightDType;
+use pare_test_support as ts;
 use pare_vision::preprocess::{ImageProcessor, PixelValues};
 use pare_vision::{load_image, LoadedLlava};
 use serde_json::Value;
@@ -112,8 +114,10 @@ fn pixel_values_from_the_image_file_give_hf_logits() {
     let case = &read("logits.json")["cases"][0];
     let pv = llava.processor.preprocess_file(&fixtures().join("images").join(case["image"].as_str().unwrap())).unwrap();
     assert!(max_diff(&pv.data, &floats(&case["pixel_values"])) < 1e-5);
-    let (logits, _) =
-        llava.model.prefill(&ids(case), &pv.to_tensor(DType::F32, &Device::Cpu).unwrap(), None, None).unwrap();
+    let (logits, _) = llava
+        .model
+        .prefill(&ids(case), &pv.to_tensor(DType::F32, &Device::Cpu).unwrap(), &mut Hooks::default())
+        .unwrap();
     let last = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
     let all = floats(&case["logits"]);
     let vocab = last.len();
@@ -127,13 +131,13 @@ fn greedy_decoding_over_the_prefill_cache_matches_hf_generate() {
     for case in read("logits.json")["cases"].as_array().unwrap() {
         let pv = pixel_values(case).to_tensor(DType::F32, &Device::Cpu).unwrap();
         let want: Vec<u32> = case["greedy"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let (mut logits, mut cache) = m.prefill(&ids(case), &pv, None, None).unwrap();
+        let (mut logits, mut cache) = m.prefill(&ids(case), &pv, &mut Hooks::default()).unwrap();
         let mut got = Vec::new();
         while got.len() < want.len() {
             let row = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
             let next = pare_generate_argmax(&row);
             got.push(next);
-            logits = m.language.decode(&mut cache, &[next]).unwrap();
+            logits = ts::decode(&m.language, &mut cache, &[next]).unwrap();
         }
         assert_eq!(got, want, "{}", case["prompt"]);
     }
@@ -170,10 +174,10 @@ fn a_placeholder_count_that_does_not_fit_the_image_is_an_error() {
     let mut short = ids(case);
     let first = short.iter().position(|&t| t == 3).unwrap();
     short.remove(first);
-    let err = llava.model.prefill(&short, &pv, None, None).unwrap_err().to_string();
+    let err = llava.model.prefill(&short, &pv, &mut Hooks::default()).unwrap_err().to_string();
     assert!(err.contains("15 image placeholder tokens"), "{err}");
     let wrong_size = candle_core::Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
-    assert!(llava.model.prefill(&ids(case), &wrong_size, None, None).is_err());
+    assert!(llava.model.prefill(&ids(case), &wrong_size, &mut Hooks::default()).is_err());
 }
 
 #[test]

@@ -8,10 +8,11 @@
 //! (`layer_order` in the fixture), here and in the reference alike.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
-use pare_model::{KvCache, Logits, TokenPruner, WeightDType};
+use pare_model::{Hooks, KvCache, Logits, Phase, TokenPruner, WeightDType};
+use pare_test_support as ts;
 use pare_token_prune::{scorer, PruneSchedule, Pruner, Span};
 use pare_vision::{LlavaModel, LoadedLlava};
 use serde_json::Value;
@@ -76,20 +77,21 @@ fn prompt(i: usize) -> (Vec<u32>, Tensor) {
 }
 
 /// pare's image-span pruner, as `pare generate --image --prune-tokens SPEC --prune-span image
-/// --prune-score last-attn` builds it (pare-cli's `llava_pruner`).
-fn image_pruner(m: &LlavaModel, spec: &str, ids: &[u32]) -> Box<dyn TokenPruner> {
+/// --prune-score last-attn` builds it (pare-cli's `PruneArgs::build` with the image positions).
+fn image_pruner(m: &LlavaModel, spec: &str, ids: &[u32]) -> Arc<dyn TokenPruner> {
     let schedule = PruneSchedule::parse(spec).unwrap();
     schedule.check(m.language.num_layers()).unwrap();
     let span = Span::Positions(vec![m.image_positions(ids)]);
-    Box::new(Pruner { schedule, span, scorer: scorer("last-attn", 0).unwrap().into() })
+    Arc::new(Pruner { schedule, span, scorer: scorer("last-attn", 0).unwrap().into() })
 }
 
 /// The pruned prefill with logits at every token that reached the last layer (seq', vocab).
-fn prefill_all(m: &LlavaModel, ids: &[u32], pv: &Tensor, pruner: Option<&dyn TokenPruner>) -> (Tensor, KvCache) {
+fn prefill_all(m: &LlavaModel, ids: &[u32], pv: &Tensor, pruner: Option<Arc<dyn TokenPruner>>) -> (Tensor, KvCache) {
     let x = m.embed(ids, pv).unwrap();
     let positions = vec![(0..ids.len() as i64).collect::<Vec<_>>()];
     let mut cache = m.language.new_cache(1);
-    let logits = m.language.forward_embeds_pruned(x, &positions, &mut cache, Logits::All, pruner).unwrap();
+    let mut hooks = Hooks::new(None, pruner);
+    let logits = m.language.forward(x, &positions, &mut cache, &mut hooks, Phase::Prefill, Logits::All).unwrap();
     (logits.squeeze(0).unwrap(), cache)
 }
 
@@ -128,7 +130,7 @@ fn unpruned_prefill_matches_the_reference_for_each_layer_order() {
         let order = layer_order(&u["layer_order"]);
         let m = with_layers(&order);
         let (ids, pv) = prompt(u["prompt_index"].as_u64().unwrap() as usize);
-        let (logits, _) = m.prefill(&ids, &pv, None, None).unwrap();
+        let (logits, _) = m.prefill(&ids, &pv, &mut Hooks::default()).unwrap();
         let d = max_diff(&last_row(&logits), &floats(&u["last_logits"]));
         eprintln!("unpruned {order:?} prompt {}: max |Δlogit| {d:.2e}", u["prompt_index"]);
         assert!(d < TOL, "layers {order:?}, prompt {}: {d}", u["prompt_index"]);
@@ -147,7 +149,7 @@ fn pruned_prefill_matches_the_python_fastv_reference() {
         let pruner = image_pruner(&m, spec, &ids);
 
         // LlavaModel::prefill, the path `pare generate --image` takes: the last position's logits.
-        let (last, cache) = m.prefill(&ids, &pv, None, Some(pruner.as_ref())).unwrap();
+        let (last, cache) = m.prefill(&ids, &pv, &mut Hooks::new(None, Some(pruner.clone()))).unwrap();
         let last = last_row(&last);
         let d_last = max_diff(&last, &floats(&case["last_logits"]));
 
@@ -193,7 +195,7 @@ fn pruned_prefill_matches_the_python_fastv_reference() {
         );
 
         // Every token that reached the last layer: its logits against the reference's 8 largest.
-        let (all, _) = prefill_all(&m, &ids, &pv, Some(pruner.as_ref()));
+        let (all, _) = prefill_all(&m, &ids, &pv, Some(pruner.clone()));
         let reached = case["kept_top8"].as_array().unwrap();
         assert_eq!(all.dim(0).unwrap(), reached.len(), "{name}");
         let final_kept = &cuts.last().unwrap().1;
@@ -214,7 +216,7 @@ fn pruned_prefill_matches_the_python_fastv_reference() {
         assert!(d_last < TOL, "{name}: last-position logits differ by {d_last}");
         assert!(d_all < TOL, "{name}: kept tokens' logits differ by {d_all}");
         // The cut must matter, or the comparison above proves nothing about it.
-        let (unpruned, _) = m.prefill(&ids, &pv, None, None).unwrap();
+        let (unpruned, _) = m.prefill(&ids, &pv, &mut Hooks::default()).unwrap();
         assert!(max_diff(&last_row(&unpruned), &last) > 1e-2, "{name}: pruning did not move the logits");
         worst = worst.max(d_last).max(d_all);
     }
@@ -227,9 +229,9 @@ fn keeping_every_image_token_gives_exactly_the_unpruned_prefill() {
         let m = with_layers(&order);
         for i in 0..fastv()["prompts"].as_array().unwrap().len() {
             let (ids, pv) = prompt(i);
-            let (reference, mut ref_cache) = m.prefill(&ids, &pv, None, None).unwrap();
+            let (reference, mut ref_cache) = m.prefill(&ids, &pv, &mut Hooks::default()).unwrap();
             let pruner = image_pruner(&m, spec, &ids);
-            let (logits, mut cache) = m.prefill(&ids, &pv, None, Some(pruner.as_ref())).unwrap();
+            let (logits, mut cache) = m.prefill(&ids, &pv, &mut Hooks::new(None, Some(pruner.clone()))).unwrap();
             assert_eq!(max_diff(&last_row(&reference), &last_row(&logits)), 0.0, "{spec} prompt {i}");
             for layer in 0..order.len() {
                 assert_eq!(
@@ -238,8 +240,8 @@ fn keeping_every_image_token_gives_exactly_the_unpruned_prefill() {
                     "{spec} layer {layer}"
                 );
             }
-            let a = m.language.decode(&mut cache, &[42]).unwrap();
-            let b = m.language.decode(&mut ref_cache, &[42]).unwrap();
+            let a = ts::decode(&m.language, &mut cache, &[42]).unwrap();
+            let b = ts::decode(&m.language, &mut ref_cache, &[42]).unwrap();
             assert_eq!(max_diff(&last_row(&a), &last_row(&b)), 0.0, "{spec} prompt {i}: decode step");
         }
     }
@@ -252,9 +254,9 @@ fn decoding_continues_over_the_pruned_cache() {
     let m = with_layers(&[0, 1]);
     let (ids, pv) = prompt(0);
     let pruner = image_pruner(&m, "1:4", &ids);
-    let (_, mut cache) = m.prefill(&ids, &pv, None, Some(pruner.as_ref())).unwrap();
+    let (_, mut cache) = m.prefill(&ids, &pv, &mut Hooks::new(None, Some(pruner.clone()))).unwrap();
     assert_eq!((cache.layers[0].entries(0, 0), cache.layers[1].entries(0, 0)), (58, 46));
-    let logits = m.language.decode(&mut cache, &[42]).unwrap();
+    let logits = ts::decode(&m.language, &mut cache, &[42]).unwrap();
     assert_eq!(logits.dims(), &[1, 260]);
     assert_eq!((cache.layers[0].entries(0, 0), cache.layers[1].entries(0, 0)), (59, 47));
     assert_eq!(cache.layers[1].positions(0, 0).last(), Some(&58));

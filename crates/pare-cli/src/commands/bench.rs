@@ -6,9 +6,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
+use pare_model::{Hooks, PrefillInput};
+
 use crate::common::{gpu_memory, peak_rss_bytes, print_json, reset_gpu_memory_peak, ModelArgs};
 use crate::press_args::PressArgs;
 use crate::prune_args::PruneArgs;
+use crate::session::Session;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -39,11 +42,8 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt_len == 0 || args.batch == 0 {
         bail!("--prompt-len and --batch must be at least 1");
     }
-    let press = args.press.build()?;
-    args.prune.check()?;
-    let loaded = args.model.load()?;
-    let model = &loaded.model;
-    let pruner = args.prune.build(model.num_layers())?;
+    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let model = &session.loaded.model;
     let ctx = model.config.max_position_embeddings;
     if args.prompt_len + args.gen_len > ctx {
         bail!("--prompt-len + --gen-len exceeds the model's context of {ctx}");
@@ -57,11 +57,12 @@ pub fn run(args: Args) -> Result<()> {
     let device = model.device.clone();
     for _ in 0..args.warmup {
         // A few steps: on a GPU the first launches load kernels and pick GEMM algorithms.
-        let (mut logits, mut cache) =
-            model.prefill(&prompts[..1].iter().map(|p| p[..p.len().min(16)].to_vec()).collect::<Vec<_>>())?;
+        let short = [prompts[0][..prompts[0].len().min(16)].to_vec()];
+        let mut hooks = Hooks::default();
+        let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(&short), &mut hooks)?;
         for _ in 0..3 {
             let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-            logits = model.decode(&mut cache, &next)?;
+            logits = model.decode(&mut [(&mut cache, &mut hooks)], &next)?;
         }
     }
     device.synchronize()?;
@@ -73,19 +74,20 @@ pub fn run(args: Args) -> Result<()> {
         // Free the last run's cache first: two caches at once would inflate peak memory.
         drop(filled.take());
         let start = Instant::now();
-        filled = Some(model.prefill_pruned(&prompts, press.as_deref(), pruner.as_deref())?);
+        let mut hooks = session.hooks.clone();
+        filled = Some((model.prefill(PrefillInput::Tokens(&prompts), &mut hooks)?, hooks));
         // GPU work is asynchronous: stop the clock when it is done, not when it is queued.
         device.synchronize()?;
         prefill_times.push(start.elapsed().as_secs_f64());
     }
     prefill_times.sort_by(f64::total_cmp);
     let prefill_s = prefill_times[prefill_times.len() / 2];
-    let (mut logits, mut cache) = filled.expect("at least one prefill");
+    let ((mut logits, mut cache), mut hooks) = filled.expect("at least one prefill");
     let kv_bytes_prefill = cache.bytes();
     let start = Instant::now();
     for _ in 0..args.gen_len {
         let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        logits = model.decode(&mut cache, &next)?;
+        logits = model.decode(&mut [(&mut cache, &mut hooks)], &next)?;
     }
     device.synchronize()?;
     let decode_s = start.elapsed().as_secs_f64();

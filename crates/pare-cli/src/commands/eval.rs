@@ -4,10 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use pare_model::Hooks;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::prune_args::PruneArgs;
+use crate::session::Session;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -132,14 +134,12 @@ fn ppl(args: PplArgs) -> Result<()> {
     if args.max_tokens == Some(0) {
         bail!("--max-tokens must be at least 2");
     }
-    let press = args.press.build()?;
-    args.prune.check()?;
     if args.stream && args.prune.prune_tokens.is_some() {
         bail!("--stream runs one token per forward: there is no prompt to prune (drop --prune-tokens)");
     }
     let text = read_text(&args.text)?;
-    let loaded = args.model.load()?;
-    let pruner = args.prune.build(loaded.model.num_layers())?;
+    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
@@ -150,7 +150,7 @@ fn ppl(args: PplArgs) -> Result<()> {
         bar.set_position(done as u64);
     };
     if args.stream {
-        let result = pare_eval::perplexity_stream(&loaded.model, &tokens, press.as_deref(), progress)?;
+        let result = pare_eval::perplexity_stream(&loaded.model, &tokens, &session.hooks, progress)?;
         bar.finish_and_clear();
         if args.json {
             print_json(&result)?;
@@ -164,15 +164,7 @@ fn ppl(args: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let result = pare_eval::perplexity_with(
-        &loaded.model,
-        &tokens,
-        args.ctx,
-        args.stride,
-        press.as_deref(),
-        pruner.as_deref(),
-        progress,
-    )?;
+    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, args.stride, &session.hooks, progress)?;
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
@@ -215,8 +207,7 @@ fn needle_grid(
     depths: &[f64],
     trials: usize,
     seed: u64,
-    press: Option<&dyn pare_press::CachePress>,
-    pruner: Option<&dyn pare_model::TokenPruner>,
+    hooks: &Hooks,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<NeedleCell>> {
     let tok = loaded.tokenizer()?;
@@ -226,16 +217,7 @@ fn needle_grid(
             let mut runs = Vec::new();
             for t in 0..trials {
                 let trial_seed = seed ^ (c as u64) << 20 ^ (d as u64) << 8 ^ t as u64;
-                runs.push(pare_eval::needle::needle_trial(
-                    &loaded.model,
-                    tok,
-                    haystack,
-                    c,
-                    d,
-                    trial_seed,
-                    press,
-                    pruner,
-                )?);
+                runs.push(pare_eval::needle::needle_trial(&loaded.model, tok, haystack, c, d, trial_seed, hooks)?);
                 bar.inc(1);
             }
             let accuracy = runs.iter().filter(|r| r.found).count() as f64 / runs.len() as f64;
@@ -250,23 +232,11 @@ fn needle(args: NeedleArgs) -> Result<()> {
     if args.trials == 0 {
         bail!("--trials must be at least 1");
     }
-    let press = args.press.build()?;
-    args.prune.check()?;
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
-    let loaded = args.model.load()?;
-    let pruner = args.prune.build(loaded.model.num_layers())?;
+    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let loaded = &session.loaded;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
-    let cells = needle_grid(
-        &loaded,
-        &haystack,
-        &args.ctx,
-        &args.depths,
-        args.trials,
-        args.seed,
-        press.as_deref(),
-        pruner.as_deref(),
-        &bar,
-    )?;
+    let cells = needle_grid(&loaded, &haystack, &args.ctx, &args.depths, args.trials, args.seed, &session.hooks, &bar)?;
     bar.finish_and_clear();
     let overall = cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64;
     if args.json {
@@ -332,21 +302,20 @@ fn compare(args: CompareArgs) -> Result<()> {
     let bar = progress_bar(runs.len() as u64 * (windows + needle_runs), "compare");
     let mut rows = Vec::new();
     for (name, ratio) in &runs {
-        let press = if name == "none" {
-            None
+        let hooks = if name == "none" {
+            Hooks::default()
         } else {
-            PressArgs { press: Some(name.clone()), ratio: Some(*ratio), ..PressArgs::default() }.build()?
+            let press = PressArgs { press: Some(name.clone()), ratio: Some(*ratio), ..PressArgs::default() }.build()?;
+            Hooks::new(press, None)
         };
         bar.set_message(format!("{name} {ratio}"));
         let start = bar.position();
-        let ppl =
-            pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, press.as_deref(), None, |done, _| {
-                bar.set_position(start + done as u64)
-            })?;
+        let ppl = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &hooks, |done, _| {
+            bar.set_position(start + done as u64)
+        })?;
         let needle_accuracy = match &haystack {
             Some(h) => {
-                let cells =
-                    needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, press.as_deref(), None, &bar)?;
+                let cells = needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, &hooks, &bar)?;
                 Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
             }
             None => None,

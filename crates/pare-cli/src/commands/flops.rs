@@ -2,6 +2,7 @@
 //! model's shapes, against the same run unpruned; `--formula` sets a closed-form estimate beside
 //! it, `--measure` runs both and times them, since FLOPs alone mislead.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -10,7 +11,7 @@ use pare_flops::{
     FlopsReport, Formula, KvPolicy, Measured, MeasuredRun, ModelSummary, PruneSchedule, Scenario, ScenarioSummary,
     SpanKind, TextShapes, VisionShapes,
 };
-use pare_model::{CachePress, KvCache, Model, ModelConfig, TokenPruner};
+use pare_model::{Hooks, KvCache, Model, ModelConfig, PrefillInput, TokenPruner};
 use pare_token_prune::{Pruner, Span};
 use pare_vision::{LlavaConfig, LoadedLlava};
 use rand::{Rng, SeedableRng};
@@ -177,15 +178,10 @@ impl Runner {
         }
     }
 
-    fn prefill(
-        &self,
-        ids: &[u32],
-        press: Option<&dyn CachePress>,
-        pruner: Option<&dyn TokenPruner>,
-    ) -> Result<(Tensor, KvCache)> {
+    fn prefill(&self, ids: &[u32], hooks: &mut Hooks) -> Result<(Tensor, KvCache)> {
         Ok(match self {
-            Runner::Text(m) => m.prefill_pruned(&[ids.to_vec()], press, pruner)?,
-            Runner::Llava(l, pixels) => l.model.prefill(ids, pixels, press, pruner)?,
+            Runner::Text(m) => m.prefill(PrefillInput::Tokens(&[ids.to_vec()]), hooks)?,
+            Runner::Llava(l, pixels) => l.model.prefill(ids, pixels, hooks)?,
         })
     }
 }
@@ -241,7 +237,7 @@ fn measure(args: &Args, sc: &Scenario, is_llava: bool) -> Result<Measured> {
         );
     }
     let press = args.press.build()?;
-    let pruner: Option<Box<dyn TokenPruner>> = match &sc.prune {
+    let pruner: Option<Arc<dyn TokenPruner>> = match &sc.prune {
         None => None,
         Some(schedule) => {
             let span = match sc.span {
@@ -252,14 +248,16 @@ fn measure(args: &Args, sc: &Scenario, is_llava: bool) -> Result<Measured> {
                 SpanKind::Range { start, end } => Span::Range(start as i64, end as i64),
             };
             let scorer = pare_token_prune::scorer(&args.prune.prune_score, 0)?;
-            Some(Box::new(Pruner { schedule: schedule.clone(), span, scorer }))
+            Some(Arc::new(Pruner { schedule: schedule.clone(), span, scorer }))
         }
     };
     let bar = progress_bar(2 * args.repeats as u64, "measuring");
     let mut best: [Option<MeasuredRun>; 2] = [None, None];
     for _ in 0..args.repeats {
-        for (slot, (press, pruner)) in [(None, None), (press.as_deref(), pruner.as_deref())].into_iter().enumerate() {
-            let run = measure_once(&runner, &ids, sc.gen_len, press, pruner, &device)?;
+        for (slot, hooks) in
+            [Hooks::default(), Hooks::new(press.as_ref().map(|p| p.box_clone()), pruner.clone())].iter().enumerate()
+        {
+            let run = measure_once(&runner, &ids, sc.gen_len, hooks, &device)?;
             let keep = best[slot].as_ref().is_none_or(|b| run.ttft_s < b.ttft_s);
             if keep {
                 best[slot] = Some(run);
@@ -276,19 +274,13 @@ fn sync(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
 
-fn measure_once(
-    runner: &Runner,
-    ids: &[u32],
-    gen_len: usize,
-    press: Option<&dyn CachePress>,
-    pruner: Option<&dyn TokenPruner>,
-    device: &Device,
-) -> Result<MeasuredRun> {
+fn measure_once(runner: &Runner, ids: &[u32], gen_len: usize, hooks: &Hooks, device: &Device) -> Result<MeasuredRun> {
+    let mut hooks = hooks.clone();
     let language = runner.language();
     let peak_known = reset_peak_rss() && matches!(device, Device::Cpu);
     sync(device)?;
     let start = Instant::now();
-    let (logits, mut cache) = runner.prefill(ids, press, pruner)?;
+    let (logits, mut cache) = runner.prefill(ids, &mut hooks)?;
     sync(device)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let mut next = argmax_row(&logits)?;
@@ -297,7 +289,7 @@ fn measure_once(
     let decode_start = Instant::now();
     let steps = gen_len.saturating_sub(1);
     for _ in 0..steps {
-        let logits = language.decode(&mut cache, &[next])?;
+        let logits = language.decode(&mut [(&mut cache, &mut hooks)], &[next])?;
         next = argmax_row(&logits)?;
     }
     let decode_s = decode_start.elapsed().as_secs_f64();

@@ -1,16 +1,17 @@
 //! `pare generate`: greedy, sampling or beam search; streams text for a single sequence.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use pare_generate::Generator;
+use pare_generate::{GenerationOutput, Generator, Prompts};
 use serde_json::json;
 
+use super::generate_image::ImagePrompt;
 use crate::common::{encode_prompt, print_json, ModelArgs};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::prune_args::PruneArgs;
 use crate::sampling_args::SamplingArgs;
+use crate::session::Session;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -43,50 +44,76 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(image) = &args.image {
-        return super::generate_image::run(&args, image);
+        return run_image(&args, image);
     }
     let prompts_text = match (&args.prompt, &args.prompts_file) {
         (Some(p), _) => vec![p.clone()],
         (None, Some(file)) => read_prompts(file)?,
         (None, None) => bail!("give --prompt or --prompts-file"),
     };
-    let press = args.press.build()?;
-    args.prune.check()?;
-    let loaded = args.model.load()?;
-    let pruner = args.prune.build(loaded.model.num_layers())?;
-    let config = args.sampling.generation_config(&loaded, args.max_new_tokens)?;
+    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let loaded = &session.loaded;
+    let config = args.sampling.generation_config(loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;
-    let prompts = prompts_text.iter().map(|p| encode_prompt(&loaded, p, args.chat)).collect::<Result<Vec<_>>>()?;
-    let generator = Generator::new(config.clone(), Some(tok))?.with_press(press).with_pruner(pruner);
+    let prompts = prompts_text.iter().map(|p| encode_prompt(loaded, p, args.chat)).collect::<Result<Vec<_>>>()?;
+    let generator = Generator::new(config.clone(), Some(tok))?.with_hooks(session.hooks.clone());
 
     // Stream only when exactly one sequence is produced token by token.
     let streaming = !args.json && prompts.len() == 1 && config.num_return_sequences() == 1 && config.num_beams() == 1;
-    let holdback = config.stop.iter().flatten().map(String::len).max().unwrap_or(1).saturating_sub(1);
-    let stops = config.stop.clone().unwrap_or_default();
-    let mut streamed = String::new();
-    let mut tokens = Vec::new();
-    let mut stdout = std::io::stdout();
-    let output = generator.generate(&loaded.model, &prompts, |_, token| {
+    let mut out = Stdout::new();
+    let output = generator.generate(&loaded.model, Prompts::Tokens(&prompts), |_, _, text| {
         if streaming {
-            tokens.push(token);
-            let mut text = tok.decode(&tokens, true).unwrap_or_default();
-            if let Some(cut) = pare_generate::stopping::find_stop(&text, &stops) {
-                text.truncate(cut);
-            }
-            // Hold back an incomplete character and anything a stop string could still cover.
-            let safe = text.len().saturating_sub(holdback);
-            if !text.ends_with('\u{FFFD}')
-                && safe > streamed.len()
-                && text.is_char_boundary(safe)
-                && text.starts_with(&streamed)
-            {
-                let _ = write!(stdout, "{}", &text[streamed.len()..safe]);
-                let _ = stdout.flush();
-                streamed = text[..safe].to_string();
-            }
+            out.stream(text);
         }
     })?;
+    let shape = PromptShape { tokens: prompts[0].len(), image_tokens: None };
+    report(&args, &output, shape, session.hooked(), streaming, &mut out)
+}
 
+/// LLaVA: one prompt with its image, through the same loop on the language model.
+fn run_image(args: &Args, image: &Path) -> Result<()> {
+    let prompt = match (&args.prompt, &args.prompts_file) {
+        (Some(p), None) => p,
+        _ => bail!("--image takes one --prompt (no --prompts-file)"),
+    };
+    if args.chat {
+        bail!("--chat with --image: write the prompt in LLaVA-1.5's format instead, e.g. \"USER: <image>\\nWhat is shown? ASSISTANT:\"");
+    }
+    let vlm = ImagePrompt::open(&args.model, &args.press, &args.prune, prompt, image)?;
+    let text_model = vlm.llava.text_model();
+    let config = args.sampling.generation_config(&text_model, args.max_new_tokens)?;
+    if config.num_beams() > 1 || config.num_return_sequences() > 1 {
+        bail!("--image runs greedy or sampled decoding of one sequence (no --num-beams or --num-return-sequences)");
+    }
+    let hooked = !vlm.hooks.is_empty();
+    let generator = Generator::new(config, Some(text_model.tokenizer()?))?.with_hooks(vlm.hooks.clone());
+    let mut out = Stdout::new();
+    let output = generator.generate(&vlm.llava.model.language, vlm.prompts(), |_, _, text| {
+        if !args.json {
+            out.stream(text);
+        }
+    })?;
+    let shape = PromptShape { tokens: vlm.ids.len(), image_tokens: Some(vlm.image_tokens) };
+    report(args, &output, shape, hooked, !args.json, &mut out)
+}
+
+/// What the report says of the (first) prompt.
+pub struct PromptShape {
+    pub tokens: usize,
+    /// For a VLM prompt: how many of its tokens stand for the image.
+    pub image_tokens: Option<usize>,
+}
+
+/// Print a finished generation: one JSON object, or the text (what streaming did not show yet)
+/// and the timings.
+pub fn report(
+    args: &Args,
+    output: &GenerationOutput,
+    prompt: PromptShape,
+    hooked: bool,
+    streamed: bool,
+    out: &mut Stdout,
+) -> Result<()> {
     if args.json {
         let sequences: Vec<_> = output
             .sequences
@@ -97,23 +124,23 @@ pub fn run(args: Args) -> Result<()> {
             })
             .collect();
         let first = &output.sequences[0];
-        print_json(&json!({
+        let mut report = json!({
             "text": first.text,
             "tokens": first.tokens,
+            "logprobs": first.logprobs,
             "finish_reason": first.finish_reason,
-            "prompt_tokens": prompts[0].len(),
+            "prompt_tokens": prompt.tokens,
             "sequences": sequences,
             "timings": output.timings,
             "cache": output.cache,
-        }))?;
-        return Ok(());
-    }
-    if streaming {
-        let text = &output.sequences[0].text;
-        if let Some(rest) = text.strip_prefix(streamed.as_str()) {
-            print!("{rest}");
+        });
+        if let Some(n) = prompt.image_tokens {
+            report["image_tokens"] = n.into();
         }
-        println!();
+        return print_json(&report);
+    }
+    if streamed {
+        out.finish(&output.sequences[0].text);
     } else {
         for s in &output.sequences {
             println!("--- prompt {} · score {:.4} · {:?}", s.prompt_index, s.score, s.finish_reason);
@@ -121,11 +148,12 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let t = &output.timings;
+    let image = prompt.image_tokens.map(|n| format!(" ({n} image)")).unwrap_or_default();
     eprintln!(
-        "[{} prompt tokens, {} generated: prefill {:.1} tok/s, decode {:.1} tok/s]",
+        "[{} prompt tokens{image}, {} generated: prefill {:.1} tok/s, decode {:.1} tok/s]",
         t.prompt_tokens, t.generated_tokens, t.prefill_tok_s, t.decode_tok_s
     );
-    if let (Some(c), true) = (&output.cache, args.press.press.is_some() || args.prune.prune_tokens.is_some()) {
+    if let (Some(c), true) = (&output.cache, hooked) {
         eprintln!(
             "[KV cache: {} after prefill, {} at the end, {} uncompressed ({:.1}× smaller)]",
             human_bytes(c.kv_bytes_prefill),
@@ -157,4 +185,32 @@ fn read_prompts(path: &PathBuf) -> Result<Vec<String>> {
         bail!("{}: no prompts", path.display());
     }
     Ok(prompts)
+}
+
+/// Text streamed to stdout as it becomes safe to show.
+#[derive(Default)]
+pub struct Stdout {
+    shown: String,
+}
+
+impl Stdout {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stream(&mut self, text: &str) {
+        use std::io::Write;
+        let mut stdout = std::io::stdout();
+        let _ = write!(stdout, "{text}");
+        let _ = stdout.flush();
+        self.shown.push_str(text);
+    }
+
+    /// The final text: print what was not shown yet, then end the line.
+    pub fn finish(&mut self, text: &str) {
+        if let Some(rest) = text.strip_prefix(self.shown.as_str()) {
+            print!("{rest}");
+        }
+        println!();
+    }
 }

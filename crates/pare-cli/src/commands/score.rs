@@ -5,6 +5,7 @@ use candle_core::D;
 use pare_generate::processors::ProcessContext;
 use pare_generate::sampling::softmax;
 use pare_generate::Generator;
+use pare_model::PrefillInput;
 use rand::SeedableRng;
 use serde::Serialize;
 use serde_json::json;
@@ -13,6 +14,7 @@ use crate::common::{encode_prompt, print_json, ModelArgs};
 use crate::press_args::PressArgs;
 use crate::prune_args::PruneArgs;
 use crate::sampling_args::SamplingArgs;
+use crate::session::Session;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -52,22 +54,21 @@ struct Processed {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let press = args.press.build()?;
-    args.prune.check()?;
-    let loaded = args.model.load()?;
-    let pruner = args.prune.build(loaded.model.num_layers())?;
+    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let loaded = &session.loaded;
+    let mut hooks = session.hooks.clone();
     let tok = loaded.tokenizer()?;
-    let prompt = encode_prompt(&loaded, &args.prompt, args.chat)?;
-    let config = args.sampling.generation_config(&loaded, 1)?;
+    let prompt = encode_prompt(loaded, &args.prompt, args.chat)?;
+    let config = args.sampling.generation_config(loaded, 1)?;
     let generator = Generator::new(config.clone(), Some(tok))?;
     let (mut logits, mut cache) =
-        loaded.model.prefill_pruned(std::slice::from_ref(&prompt), press.as_deref(), pruner.as_deref())?;
+        loaded.model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
     let kv_bytes_prefill = cache.bytes();
     let mut context = prompt.clone();
     if let Some(then) = &args.then {
         // A compressed prompt only matters to what comes after it: score after a continuation.
         for token in tok.encode(then, false)? {
-            logits = loaded.model.decode(&mut cache, &[token])?;
+            logits = loaded.model.decode(&mut [(&mut cache, &mut hooks)], &[token])?;
             context.push(token);
         }
     }
@@ -86,7 +87,7 @@ pub fn run(args: Args) -> Result<()> {
     // The processed distribution: the chain the sampler would apply at the first step.
     let mut scores: Vec<f32> = logits.to_vec1()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed.unwrap_or(0));
-    let mut chain = generator.chain()?;
+    let mut chain = generator.settings.chain()?;
     chain.process(&mut ProcessContext { input_ids: &context, prompt_len: prompt.len(), rng: &mut rng }, &mut scores);
     // Greedy decoding draws nothing: all mass sits on the argmax of the processed scores.
     let probs = if config.do_sample() {

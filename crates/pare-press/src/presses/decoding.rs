@@ -5,12 +5,12 @@
 
 use candle_core::Tensor;
 use pare_model::cache::LayerKv;
-use pare_model::press::{CachePress, LayerContext};
+use pare_model::hooks::{CachePress, LayerContext};
 
 use crate::budget::Budget;
+use crate::compress::{call_queries, LayerInfo};
 use crate::compress::{compress_layer, next_after_cache, PositionPolicy, RowQueries};
 use crate::error::{PressError, Result};
-use crate::presses::prefill::{call_queries, layer_info};
 use crate::select::Selector;
 
 #[derive(Debug)]
@@ -54,8 +54,8 @@ impl DecodingPress {
 
 impl CachePress for DecodingPress {
     fn after_attention(&mut self, ctx: &LayerContext, kv: &mut LayerKv) -> pare_model::Result<()> {
-        let info = layer_info(ctx);
-        if ctx.prefill {
+        let info = LayerInfo::of(ctx);
+        if ctx.is_prefill() {
             if let Some(budget) = self.prefill {
                 compress_layer(kv, &info, &call_queries(ctx)?, self.selector.as_ref(), budget, self.positions)?;
             }

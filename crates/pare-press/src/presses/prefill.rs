@@ -2,10 +2,10 @@
 //! prompt's own forward sees everything; what follows sees the compressed cache).
 
 use pare_model::cache::LayerKv;
-use pare_model::press::{CachePress, LayerContext};
+use pare_model::hooks::{CachePress, LayerContext};
 
 use crate::budget::Budget;
-use crate::compress::{compress_layer, next_after_cache, LayerInfo, PositionPolicy, RowQueries};
+use crate::compress::{call_queries, compress_layer, next_after_cache, LayerInfo, PositionPolicy};
 use crate::select::Selector;
 
 #[derive(Debug)]
@@ -15,28 +15,12 @@ pub struct PrefillPress {
     pub positions: PositionPolicy,
 }
 
-/// The layer facts of a hook call.
-pub fn layer_info<'a>(ctx: &LayerContext<'a>) -> LayerInfo<'a> {
-    LayerInfo {
-        layer: ctx.layer,
-        num_layers: ctx.num_layers,
-        group: ctx.attention.num_heads / ctx.attention.num_kv_heads,
-        head_dim: ctx.attention.head_dim,
-        rope: ctx.rope,
-    }
-}
-
-/// Every row's queries of a hook call, padding dropped.
-pub fn call_queries(ctx: &LayerContext) -> pare_model::Result<Vec<RowQueries>> {
-    (0..ctx.positions.len()).map(|b| Ok(RowQueries::from_call(ctx.queries, ctx.positions, b)?)).collect()
-}
-
 impl CachePress for PrefillPress {
     fn after_attention(&mut self, ctx: &LayerContext, kv: &mut LayerKv) -> pare_model::Result<()> {
-        if ctx.prefill {
+        if ctx.is_prefill() {
             compress_layer(
                 kv,
-                &layer_info(ctx),
+                &LayerInfo::of(ctx),
                 &call_queries(ctx)?,
                 self.selector.as_ref(),
                 self.budget,

@@ -3,7 +3,7 @@
 //! Runs at every forward (prefill and decoding), on every architecture, each row on its own.
 
 use pare_model::cache::{LayerKv, PAD_POSITION};
-use pare_model::press::{CachePress, LayerContext};
+use pare_model::hooks::{CachePress, LayerContext};
 
 use crate::compress::{keep_where, make_contiguous, next_after_cache, PositionPolicy};
 use crate::error::{PressError, Result};

@@ -1,0 +1,366 @@
+//! The generation loop, over many sequences at once.
+//!
+//! A [`Batch`] holds groups of rows. A group is what one prefill made: one KV cache with its
+//! hooks, one row per prompt and returned sequence, one random stream. The CLI admits one group
+//! holding all its prompts (left-padded, as HF batches them); the server admits one group per
+//! request, whenever it arrives. Each [`Batch::step`] chooses the next token of every running
+//! row from its group's logits (processors, then greedy or sampling), reports it, and then runs
+//! ONE decode step over every group that still runs — caches of different lengths and budgets
+//! side by side. A group whose rows are all finished is no longer decoded, and
+//! [`Batch::retire_finished`] frees its cache.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use pare_formats::TokenizerBundle;
+use pare_model::{Hooks, KvCache, Model, PrefillInput};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::config::GenerationConfig;
+use crate::generate::{candidate_count, step_scores, FinishReason, Sequence};
+use crate::processors::chain::{ProcessorChain, ProcessorConfig};
+use crate::processors::ProcessContext;
+use crate::sampling::{argmax, sample};
+use crate::stopping::TextStream;
+use crate::{GenerateError, Result};
+
+/// A sequence's handle in a batch.
+pub type SeqId = u64;
+
+/// Settings checked once and shared by every row they generate: the generation config with the
+/// tokenizer-dependent parts (bad words as ids, DRY's vocabulary texts) resolved.
+#[derive(Clone)]
+pub struct Settings {
+    pub config: GenerationConfig,
+    processors: ProcessorConfig,
+    vocab_texts: Option<Arc<Vec<String>>>,
+}
+
+impl Settings {
+    pub fn new(config: GenerationConfig, tokenizer: Option<&TokenizerBundle>) -> Result<Self> {
+        config.validate().map_err(GenerateError::Config)?;
+        let needs_tokenizer = config.stop.as_ref().is_some_and(|s| !s.is_empty())
+            || config.bad_words.as_ref().is_some_and(|b| !b.is_empty())
+            || config.dry_multiplier.is_some_and(|m| m > 0.0);
+        let tok = match tokenizer {
+            Some(t) => Some(t),
+            None if needs_tokenizer => {
+                return Err(GenerateError::Config("stop strings, bad words and DRY need a tokenizer".into()))
+            }
+            None => None,
+        };
+        let mut bad_words_ids = Vec::new();
+        for word in config.bad_words.iter().flatten() {
+            let tok = tok.expect("checked above");
+            let ids = tok.encode(word, false).map_err(|e| GenerateError::Config(e.to_string()))?;
+            if ids.is_empty() {
+                return Err(GenerateError::Config(format!("bad word {word:?} encodes to no tokens")));
+            }
+            bad_words_ids.push(ids);
+        }
+        let vocab_texts = match (tok, config.dry_multiplier) {
+            (Some(t), Some(m)) if m > 0.0 => Some(Arc::new(
+                (0..t.vocab_size() as u32).map(|id| t.decode(&[id], false).unwrap_or_default()).collect(),
+            )),
+            _ => None,
+        };
+        let processors = config.processor_config(&bad_words_ids).map_err(GenerateError::Config)?;
+        Ok(Settings { config, processors, vocab_texts })
+    }
+
+    /// A fresh processor chain (one per row: some processors keep state).
+    pub fn chain(&self) -> Result<ProcessorChain> {
+        ProcessorChain::new(&self.processors, self.vocab_texts.clone()).map_err(GenerateError::Config)
+    }
+}
+
+/// What one group generates from.
+pub struct GroupSpec<'a> {
+    /// The prompts, as token ids, or as input embeddings with their positions.
+    pub input: PrefillInput<'a>,
+    /// Each prompt's token ids, as the processors see them (for embeddings: the ids the
+    /// embeddings stand for, image placeholders included).
+    pub prompt_ids: Vec<Vec<u32>>,
+    pub settings: Settings,
+    pub hooks: Hooks,
+    /// Report this many most likely tokens with each chosen one (OpenAI's `top_logprobs`).
+    pub top_logprobs: usize,
+}
+
+/// What a step reports about one row.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token {
+        id: SeqId,
+        token: u32,
+        /// log p(token) under the model's own (unprocessed) distribution.
+        logprob: f32,
+        /// The most likely tokens and their log-probabilities, best first.
+        top: Vec<(u32, f32)>,
+        /// Text that became safe to show with this token (see [`TextStream`]).
+        text: String,
+    },
+    Finished {
+        id: SeqId,
+        sequence: Sequence,
+    },
+}
+
+/// KV-cache bytes of one group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheBytes {
+    pub in_use: usize,
+    pub uncompressed: usize,
+}
+
+struct Row {
+    id: SeqId,
+    chain: ProcessorChain,
+    /// Prompt then generated tokens, as the processors see them.
+    input_ids: Vec<u32>,
+    prompt_len: usize,
+    stream: TextStream,
+    sequence: Sequence,
+    done: bool,
+}
+
+struct Group {
+    cache: KvCache,
+    hooks: Hooks,
+    rows: Vec<Row>,
+    rng: StdRng,
+    settings: Settings,
+    /// Read only the top-k candidates of each row (see [`crate::generate::candidate_count`]).
+    candidates: Option<(usize, f32)>,
+    top_logprobs: usize,
+    /// The logits the next token is chosen from: (rows, vocab).
+    logits: Tensor,
+    started: Instant,
+}
+
+impl Group {
+    fn running(&self) -> bool {
+        self.rows.iter().any(|r| !r.done)
+    }
+}
+
+/// Sequences being generated, stepped together.
+pub struct Batch<'m> {
+    model: &'m Model,
+    tokenizer: Option<&'m TokenizerBundle>,
+    groups: Vec<Group>,
+    next_id: SeqId,
+}
+
+impl<'m> Batch<'m> {
+    pub fn new(model: &'m Model, tokenizer: Option<&'m TokenizerBundle>) -> Self {
+        Batch { model, tokenizer, groups: Vec::new(), next_id: 0 }
+    }
+
+    /// Prefill a group and add its rows: `num_return_sequences` rows per prompt (prompt 0 × n,
+    /// prompt 1 × n, ... as HF's repeat_interleave). Returns the rows' ids.
+    pub fn admit(&mut self, spec: GroupSpec) -> Result<Vec<SeqId>> {
+        let GroupSpec { input, prompt_ids, settings, hooks, top_logprobs } = spec;
+        let n = settings.config.num_return_sequences();
+        let ctx = self.model.config.max_position_embeddings;
+        let max_new = settings.config.max_new_tokens();
+        if let Some(p) = prompt_ids.iter().find(|p| p.len().saturating_add(max_new) > ctx) {
+            return Err(GenerateError::Config(format!(
+                "the prompt ({} tokens) plus max_new_tokens {max_new} exceeds the model's context of {ctx}",
+                p.len()
+            )));
+        }
+        let input = match input {
+            PrefillInput::Tokens(prompts) if n > 1 => {
+                let rows: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
+                return self.admit_rows(PrefillInput::Tokens(&rows), &prompt_ids, n, settings, hooks, top_logprobs);
+            }
+            PrefillInput::Embeds { .. } if n > 1 => {
+                return Err(GenerateError::Config("num_return_sequences > 1 needs token prompts".into()))
+            }
+            input => input,
+        };
+        self.admit_rows(input, &prompt_ids, n, settings, hooks, top_logprobs)
+    }
+
+    fn admit_rows(
+        &mut self,
+        input: PrefillInput,
+        prompt_ids: &[Vec<u32>],
+        n: usize,
+        settings: Settings,
+        mut hooks: Hooks,
+        top_logprobs: usize,
+    ) -> Result<Vec<SeqId>> {
+        let started = Instant::now();
+        let (logits, cache) = self.model.prefill(input, &mut hooks)?;
+        let mut rows = Vec::new();
+        for (p, ids) in prompt_ids.iter().enumerate() {
+            for _ in 0..n {
+                let id = self.next_id;
+                self.next_id += 1;
+                rows.push(Row {
+                    id,
+                    chain: settings.chain()?,
+                    input_ids: ids.clone(),
+                    prompt_len: ids.len(),
+                    stream: TextStream::new(settings.config.stop.clone().unwrap_or_default()),
+                    sequence: Sequence::empty(p),
+                    done: settings.config.max_new_tokens() == 0,
+                });
+            }
+        }
+        if rows.len() != cache.batch() {
+            return Err(GenerateError::Config(format!(
+                "{} prompts' ids for a prefill of {} rows",
+                rows.len(),
+                cache.batch()
+            )));
+        }
+        let candidates = if top_logprobs > 0 { None } else { candidate_count(&settings.processors, &rows[0].chain) };
+        let ids = rows.iter().map(|r| r.id).collect();
+        self.groups.push(Group {
+            cache,
+            hooks,
+            rows,
+            rng: StdRng::seed_from_u64(settings.config.seed.unwrap_or(0)),
+            settings,
+            candidates,
+            top_logprobs,
+            logits,
+            started,
+        });
+        Ok(ids)
+    }
+
+    /// Rows still generating.
+    pub fn running(&self) -> usize {
+        self.groups.iter().map(|g| g.rows.iter().filter(|r| !r.done).count()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// KV-cache bytes over every group held.
+    pub fn cache_bytes(&self) -> CacheBytes {
+        self.groups.iter().fold(CacheBytes::default(), |acc, g| CacheBytes {
+            in_use: acc.in_use + g.cache.bytes(),
+            uncompressed: acc.uncompressed + g.cache.uncompressed_bytes(),
+        })
+    }
+
+    /// Stop generating a row (its client went away): it reports nothing more, and its group's
+    /// cache goes at [`Batch::retire_finished`] once no row of the group runs.
+    pub fn cancel(&mut self, id: SeqId) {
+        for row in self.groups.iter_mut().flat_map(|g| g.rows.iter_mut()) {
+            if row.id == id && !row.done {
+                row.done = true;
+            }
+        }
+    }
+
+    /// Remove groups whose rows have all finished, freeing their caches; returns each removed
+    /// group's cache bytes at the end.
+    pub fn retire_finished(&mut self) -> Vec<CacheBytes> {
+        let mut retired = Vec::new();
+        self.groups.retain(|g| {
+            let keep = g.running();
+            if !keep {
+                retired.push(CacheBytes { in_use: g.cache.bytes(), uncompressed: g.cache.uncompressed_bytes() });
+            }
+            keep
+        });
+        retired
+    }
+
+    /// Choose every running row's next token, then decode one step for every group that still
+    /// runs. Returns what happened, row by row.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        for group in &mut self.groups {
+            if group.running() {
+                choose(group, self.tokenizer, &mut events)?;
+            }
+        }
+        let mut live: Vec<&mut Group> = self.groups.iter_mut().filter(|g| g.running()).collect();
+        if live.is_empty() {
+            return Ok(events);
+        }
+        // Finished rows of a running group keep stepping with their last token; their outputs
+        // are discarded.
+        let next: Vec<u32> =
+            live.iter().flat_map(|g| g.rows.iter().map(|r| r.input_ids.last().copied().unwrap_or(0))).collect();
+        let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = live.iter_mut().map(|g| (&mut g.cache, &mut g.hooks)).collect();
+        let logits = self.model.decode(&mut seqs, &next)?;
+        let mut start = 0;
+        for group in live {
+            let rows = group.rows.len();
+            group.logits = logits.narrow(0, start, rows)?;
+            start += rows;
+        }
+        Ok(events)
+    }
+}
+
+/// One step of choice for a group's running rows.
+fn choose(group: &mut Group, tokenizer: Option<&TokenizerBundle>, events: &mut Vec<Event>) -> Result<()> {
+    let config = &group.settings.config;
+    let eos = config.eos_token_id.clone().unwrap_or_default();
+    let max_new = config.max_new_tokens();
+    let scores = step_scores(&group.logits, group.candidates)?;
+    let decode = |tokens: &[u32]| tokenizer.and_then(|t| t.decode(tokens, true).ok()).unwrap_or_default();
+    for (row, scores) in group.rows.iter_mut().zip(scores) {
+        if row.done {
+            continue;
+        }
+        let mut processed = scores.logits.clone();
+        let mut pctx = ProcessContext { input_ids: &row.input_ids, prompt_len: row.prompt_len, rng: &mut group.rng };
+        row.chain.process(&mut pctx, &mut processed);
+        let chosen = if config.do_sample() { sample(&processed, &mut group.rng) } else { argmax(&processed) };
+        let token = scores.token(chosen);
+        row.chain.accept(token, &processed);
+        row.input_ids.push(token);
+        let seq = &mut row.sequence;
+        seq.tokens.push(token);
+        let logprob = scores.logprob(chosen) as f32;
+        seq.logprobs.push(logprob);
+        seq.score += logprob;
+        let text = if tokenizer.is_some() { decode(&seq.tokens) } else { String::new() };
+        let (delta, stopped) = row.stream.update(&text);
+        let top = if group.top_logprobs > 0 { top_logprobs(&scores.logits, group.top_logprobs) } else { vec![] };
+        events.push(Event::Token { id: row.id, token, logprob, top, text: delta });
+        if eos.contains(&token) {
+            (seq.finish_reason, row.done) = (FinishReason::Eos, true);
+        } else if stopped {
+            (seq.finish_reason, row.done) = (FinishReason::Stop, true);
+        } else if seq.tokens.len() >= max_new {
+            row.done = true;
+        } else if config.max_time.is_some_and(|t| group.started.elapsed().as_secs_f64() >= t) {
+            (seq.finish_reason, row.done) = (FinishReason::Time, true);
+        }
+        if row.done {
+            seq.text = row.stream.cut(&text);
+            events.push(Event::Finished { id: row.id, sequence: seq.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// The `n` most likely tokens of a raw logits row with their log-probabilities, best first (ties
+/// by lower id).
+fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(ids.len());
+    let by_score = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if n < ids.len() {
+        ids.select_nth_unstable_by(n, by_score);
+        ids.truncate(n);
+    }
+    ids.sort_by(by_score);
+    ids.into_iter().map(|i| (i, (logits[i as usize] as f64 - lse) as f32)).collect()
+}

@@ -1,0 +1,109 @@
+//! The forward pass's extension points, and the one value that carries them per sequence.
+//!
+//! Two kinds of hook act inside pare's own forward pass. A [`CachePress`] (KV-cache compression)
+//! is called by every attention layer before it appends this call's keys (where StreamingLLM's
+//! rule cuts the cache) and after it attended (kvpress's compression point); it sees the layer's
+//! pre-RoPE queries, so attention-based scores are computed for the queries they need and nothing
+//! else. A [`TokenPruner`] (FastV and relatives) names, during a prefill, the tokens later layers
+//! keep. Implementations live in `pare-press` and `pare-token-prune`; this crate knows the traits.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::attention::Attention;
+use crate::cache::LayerKv;
+use crate::error::Result;
+use crate::rope::Rope;
+
+/// What a forward call is. A prefill fills an empty cache from a prompt: token pruning acts, and
+/// prefill presses compress at its end. An extension appends to what the cache holds: decode
+/// steps, and continuations scored over a compressed cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Prefill,
+    Extend,
+}
+
+/// What an attention layer shows a hook during one forward call.
+pub struct LayerContext<'a> {
+    pub layer: usize,
+    pub num_layers: usize,
+    pub attention: &'a Attention,
+    pub rope: &'a Rope,
+    /// (batch, heads, seq, head_dim): this call's queries before RoPE.
+    pub queries: &'a Tensor,
+    /// (batch × seq): positions of this call's tokens (PAD_POSITION for padding).
+    pub positions: &'a [Vec<i64>],
+    /// (batch, seq, hidden): the layer's attention input (the residual stream after its norm),
+    /// for scorers that read the tokens themselves rather than their attention.
+    pub hidden: &'a Tensor,
+    pub phase: Phase,
+}
+
+impl LayerContext<'_> {
+    pub fn is_prefill(&self) -> bool {
+        self.phase == Phase::Prefill
+    }
+}
+
+pub trait CachePress: std::fmt::Debug + Send + Sync {
+    /// Called before the layer appends this call's entries.
+    fn before_attention(&mut self, _ctx: &LayerContext, _kv: &mut LayerKv) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called after the layer attended over its cache (this call's entries included).
+    fn after_attention(&mut self, _ctx: &LayerContext, _kv: &mut LayerKv) -> Result<()> {
+        Ok(())
+    }
+
+    /// After a forward call: the position the next token of each row takes. The default keeps
+    /// original positions; a press that moves entries to contiguous positions returns the
+    /// rows' new continuation points.
+    fn next_positions(&self, _cache_layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
+        next.to_vec()
+    }
+
+    /// Batch rows were reordered or duplicated (beam search): row i is old row `rows[i]`.
+    fn select_rows(&mut self, _rows: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
+    /// A fresh copy carrying the same settings and state.
+    fn box_clone(&self) -> Box<dyn CachePress>;
+}
+
+/// Prefill token pruning: at chosen layers the pruner scores this call's tokens from the layer's
+/// attention and names the tokens later layers keep. Layers up to the cut run on every token; the
+/// ones after it, and their KV caches, only on the kept tokens, which keep their original
+/// positions.
+pub trait TokenPruner: std::fmt::Debug + Send + Sync {
+    /// Called after layer `ctx.layer` attended during a prefill. Some(kept) — per row, indices
+    /// into this call's tokens, ascending — drops the others from every later layer.
+    fn after_attention(&self, ctx: &LayerContext, kv: &LayerKv) -> Result<Option<Vec<Vec<usize>>>>;
+}
+
+/// The hooks of one sequence (or one batch that shares them): its press, which keeps state
+/// between calls, and its token pruner, which does not.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    pub press: Option<Box<dyn CachePress>>,
+    pub pruner: Option<Arc<dyn TokenPruner>>,
+}
+
+impl Clone for Hooks {
+    fn clone(&self) -> Self {
+        Hooks { press: self.press.as_ref().map(|p| p.box_clone()), pruner: self.pruner.clone() }
+    }
+}
+
+impl Hooks {
+    pub fn new(press: Option<Box<dyn CachePress>>, pruner: Option<Arc<dyn TokenPruner>>) -> Self {
+        Hooks { press, pruner }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.press.is_none() && self.pruner.is_none()
+    }
+}
