@@ -2,15 +2,20 @@
 CARGO ?= cargo
 PARE := target/release/pare
 
-.PHONY: demo test assets assets-extra assets-eval build fixtures bench clean-assets
+.PHONY: demo test lint assets assets-extra assets-eval build fixtures bench clean-assets
 
 ## Fetch assets, build, and run one generation with the default model.
 demo: assets build
 	$(PARE) generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 32
 
-## Everything CI runs: assets, then the whole test suite.
-test: assets assets-extra
+## Everything CI runs: formatting and lints, assets, then the whole test suite.
+test: lint assets assets-extra
 	$(CARGO) test --workspace --locked
+
+## rustfmt and clippy, warnings as errors.
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 build:
 	$(CARGO) build --release --locked

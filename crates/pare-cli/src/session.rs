@@ -17,13 +17,32 @@ pub struct Session {
     pub hooks: Hooks,
 }
 
-impl Session {
-    pub fn open(model: &ModelArgs, press: &PressArgs, prune: &PruneArgs) -> Result<Session> {
+/// The hook flags, checked: what is left once the model is known.
+pub struct HookPlan<'a> {
+    press: Option<Box<dyn pare_model::CachePress>>,
+    prune: &'a PruneArgs,
+}
+
+impl<'a> HookPlan<'a> {
+    /// Check the press and pruning flags (nothing loads).
+    pub fn check(press: &PressArgs, prune: &'a PruneArgs) -> Result<Self> {
         let press = press.build()?;
         prune.check()?;
+        Ok(HookPlan { press, prune })
+    }
+
+    /// Load the model and build the hooks for it.
+    pub fn open(self, model: &ModelArgs) -> Result<Session> {
         let loaded = model.load()?;
-        let pruner = prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
-        Ok(Session { loaded, hooks: Hooks::new(press, pruner) })
+        let pruner = self.prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
+        Ok(Session { loaded, hooks: Hooks::new(self.press, pruner) })
+    }
+}
+
+impl Session {
+    /// Check the hook flags, then load the model and build its hooks.
+    pub fn open(model: &ModelArgs, press: &PressArgs, prune: &PruneArgs) -> Result<Session> {
+        HookPlan::check(press, prune)?.open(model)
     }
 
     /// Whether any hook acts (reports then show what it saved).

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use pare_formats::TokenizerBundle;
-use pare_model::{Hooks, KvCache, Model, PrefillInput};
+use pare_model::{Hooks, KvCache, Logits, Model, Phase, PrefillInput};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -135,14 +135,22 @@ struct Group {
     /// Read only the top-k candidates of each row (see [`crate::generate::candidate_count`]).
     candidates: Option<(usize, f32)>,
     top_logprobs: usize,
-    /// The logits the next token is chosen from: (rows, vocab).
-    logits: Tensor,
+    /// The logits the next token is chosen from: (rows, vocab); None while the prompt is still
+    /// being prefilled chunk by chunk.
+    logits: Option<Tensor>,
+    /// The prompt tokens not prefilled yet (chunked prefill).
+    pending: Vec<u32>,
     started: Instant,
 }
 
 impl Group {
     fn running(&self) -> bool {
         self.rows.iter().any(|r| !r.done)
+    }
+
+    /// Running and prefilled: takes part in choosing and decoding.
+    fn decoding(&self) -> bool {
+        self.running() && self.logits.is_some()
     }
 }
 
@@ -152,11 +160,21 @@ pub struct Batch<'m> {
     tokenizer: Option<&'m TokenizerBundle>,
     groups: Vec<Group>,
     next_id: SeqId,
+    /// Prefill long prompts this many tokens per step (see [`Batch::with_prefill_chunk`]).
+    prefill_chunk: Option<usize>,
 }
 
 impl<'m> Batch<'m> {
     pub fn new(model: &'m Model, tokenizer: Option<&'m TokenizerBundle>) -> Self {
-        Batch { model, tokenizer, groups: Vec::new(), next_id: 0 }
+        Batch { model, tokenizer, groups: Vec::new(), next_id: 0, prefill_chunk: None }
+    }
+
+    /// Prefill a hook-free single prompt longer than `tokens` over several steps, `tokens` at a
+    /// time, so a long prompt does not stall the sequences already decoding. Prompts with a press
+    /// or a pruner prefill whole: their hooks act on the whole prompt at once.
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
+        self.prefill_chunk = Some(tokens.max(1));
+        self
     }
 
     /// Prefill a group and add its rows: `num_return_sequences` rows per prompt (prompt 0 × n,
@@ -195,7 +213,19 @@ impl<'m> Batch<'m> {
         top_logprobs: usize,
     ) -> Result<Vec<SeqId>> {
         let started = Instant::now();
-        let (logits, cache) = self.model.prefill(input, &mut hooks)?;
+        let chunked = match (&input, self.prefill_chunk) {
+            (PrefillInput::Tokens([prompt]), Some(chunk)) if hooks.is_empty() && prompt.len() > chunk => {
+                Some(prompt.clone())
+            }
+            _ => None,
+        };
+        let (logits, cache, pending) = match chunked {
+            Some(prompt) => (None, self.model.new_cache(1), prompt),
+            None => {
+                let (logits, cache) = self.model.prefill(input, &mut hooks)?;
+                (Some(logits), cache, Vec::new())
+            }
+        };
         let mut rows = Vec::new();
         for (p, ids) in prompt_ids.iter().enumerate() {
             for _ in 0..n {
@@ -230,6 +260,7 @@ impl<'m> Batch<'m> {
             candidates,
             top_logprobs,
             logits,
+            pending,
             started,
         });
         Ok(ids)
@@ -281,13 +312,26 @@ impl<'m> Batch<'m> {
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         for group in &mut self.groups {
-            if group.running() {
+            if group.decoding() {
                 choose(group, self.tokenizer, &mut events)?;
             }
         }
-        let mut live: Vec<&mut Group> = self.groups.iter_mut().filter(|g| g.running()).collect();
+        self.decode_step()?;
+        // Prompts still prefilling take their next chunk after the decode step: a group whose
+        // last chunk lands here chooses its first token at the next step.
+        if let Some(chunk) = self.prefill_chunk {
+            for group in self.groups.iter_mut().filter(|g| g.running() && !g.pending.is_empty()) {
+                prefill_chunk(self.model, group, chunk)?;
+            }
+        }
+        Ok(events)
+    }
+
+    /// One decode step over every group that chose a token this step.
+    fn decode_step(&mut self) -> Result<()> {
+        let mut live: Vec<&mut Group> = self.groups.iter_mut().filter(|g| g.decoding()).collect();
         if live.is_empty() {
-            return Ok(events);
+            return Ok(());
         }
         // Finished rows of a running group keep stepping with their last token; their outputs
         // are discarded.
@@ -298,11 +342,26 @@ impl<'m> Batch<'m> {
         let mut start = 0;
         for group in live {
             let rows = group.rows.len();
-            group.logits = logits.narrow(0, start, rows)?;
+            group.logits = Some(logits.narrow(0, start, rows)?);
             start += rows;
         }
-        Ok(events)
+        Ok(())
     }
+}
+
+/// The next chunk of a group's prompt into its cache; the last chunk's logits start decoding.
+fn prefill_chunk(model: &Model, group: &mut Group, chunk: usize) -> Result<()> {
+    let take = chunk.min(group.pending.len());
+    let tokens: Vec<u32> = group.pending.drain(..take).collect();
+    let start = group.cache.next_position[0];
+    let positions = vec![(start..start + take as i64).collect::<Vec<_>>()];
+    let phase = if start == 0 { Phase::Prefill } else { Phase::Extend };
+    let x = model.embed(&[tokens])?;
+    let logits = model.forward(x, &positions, &mut group.cache, &mut group.hooks, phase, Logits::Last)?;
+    if group.pending.is_empty() {
+        group.logits = Some(logits);
+    }
+    Ok(())
 }
 
 /// One step of choice for a group's running rows.
@@ -310,7 +369,8 @@ fn choose(group: &mut Group, tokenizer: Option<&TokenizerBundle>, events: &mut V
     let config = &group.settings.config;
     let eos = config.eos_token_id.clone().unwrap_or_default();
     let max_new = config.max_new_tokens();
-    let scores = step_scores(&group.logits, group.candidates)?;
+    let Some(logits) = &group.logits else { return Ok(()) };
+    let scores = step_scores(logits, group.candidates)?;
     let decode = |tokens: &[u32]| tokenizer.and_then(|t| t.decode(tokens, true).ok()).unwrap_or_default();
     for (row, scores) in group.rows.iter_mut().zip(scores) {
         if row.done {

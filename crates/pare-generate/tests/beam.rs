@@ -10,34 +10,11 @@
 //! here (HF's definitions, on the log-softmaxed scores), so that this test does not depend on the
 //! processor chain's constructor.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-use candle_core::Device;
 use pare_generate::beam::{beam_search, BeamConfig, BeamHypothesis, EarlyStopping};
-use pare_model::{LoadedModel, WeightDType};
+use pare_test_support::{fixture, smollm2};
 use serde_json::Value;
 
 const TOL: f32 = 1e-3;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fixture(rel: &str) -> Value {
-    let path = repo().join(rel);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn smollm2() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = repo().join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-        pare_model::load(path.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu)
-            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
-    })
-}
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
@@ -123,7 +100,7 @@ fn describe(case: &Value) -> String {
 
 #[test]
 fn beam_search_matches_hf() {
-    let fx = fixture("tests/fixtures/beam/smollm2.json");
+    let fx = fixture("beam/smollm2.json");
     let cases = fx["cases"].as_array().unwrap();
     assert!(!cases.is_empty());
     let mut failures = Vec::new();
@@ -170,7 +147,7 @@ fn beam_search_matches_hf() {
 /// beam search recorded: this fails if the cache rows are not reordered with their beams.
 #[test]
 fn cache_follows_beams() {
-    let fx = fixture("tests/fixtures/beam/smollm2.json");
+    let fx = fixture("beam/smollm2.json");
     let model = &smollm2().model;
     let mut checked = 0;
     for case in fx["cases"].as_array().unwrap() {
@@ -214,7 +191,7 @@ fn cache_follows_beams() {
 /// num_beams = 1 without EOS is greedy decoding: the same tokens as the greedy loop and HF's greedy fixture.
 #[test]
 fn one_beam_is_greedy() {
-    let fx = fixture("tests/fixtures/smollm2/greedy.json");
+    let fx = fixture("smollm2/greedy.json");
     let max_new = fx["max_new_tokens"].as_u64().unwrap() as usize;
     let model = &smollm2().model;
     for case in fx["cases"].as_array().unwrap() {

@@ -3,17 +3,13 @@
 //! Tolerances are the ones pare promises: identical token ids; top-k ids identical and logprobs
 //! within 1e-3 (f32); greedy continuations identical; perplexity within 0.1 %.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{Device, D};
 use pare_model::{LoadedModel, WeightDType};
-use pare_test_support as ts;
+use pare_test_support::{self as ts, repo};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn fixture(model: &str, name: &str) -> Option<Value> {
     let path = repo().join("tests/fixtures").join(model).join(name);

@@ -9,7 +9,7 @@ use pare_model::Hooks;
 use crate::common::{print_json, progress_bar, ModelArgs};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::prune_args::PruneArgs;
-use crate::session::Session;
+use crate::session::HookPlan;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -134,11 +134,12 @@ fn ppl(args: PplArgs) -> Result<()> {
     if args.max_tokens == Some(0) {
         bail!("--max-tokens must be at least 2");
     }
+    let plan = HookPlan::check(&args.press, &args.prune)?;
     if args.stream && args.prune.prune_tokens.is_some() {
         bail!("--stream runs one token per forward: there is no prompt to prune (drop --prune-tokens)");
     }
     let text = read_text(&args.text)?;
-    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let session = plan.open(&args.model)?;
     let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
@@ -232,8 +233,9 @@ fn needle(args: NeedleArgs) -> Result<()> {
     if args.trials == 0 {
         bail!("--trials must be at least 1");
     }
+    let plan = HookPlan::check(&args.press, &args.prune)?;
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
-    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let session = plan.open(&args.model)?;
     let loaded = &session.loaded;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
     let cells = needle_grid(&loaded, &haystack, &args.ctx, &args.depths, args.trials, args.seed, &session.hooks, &bar)?;
