@@ -146,7 +146,7 @@ impl GenerationConfig {
             }
         }
         if let Some(t) = self.max_time {
-            if !(t > 0.0) {
+            if t.is_nan() || t <= 0.0 {
                 return Err(format!("max_time must be positive, got {t}"));
             }
         }

@@ -333,11 +333,10 @@ mod tests {
         let pos: [&[i64]; 2] = [&[0, 1, 2, 3, 4], &[-1, -1, 0, 1, 2]];
         for window in [None, Some(3)] {
             let out = attention_prefill(&q, &k, &v, &pos, &pos, window, 0.5).unwrap();
-            for b in 0..2 {
+            for (b, row) in pos.iter().enumerate() {
                 for h in 0..2 {
-                    for i in 0..5 {
+                    for (i, &qp) in row.iter().enumerate() {
                         let o = out.get(b).unwrap().get(h).unwrap().get(i).unwrap();
-                        let qp = pos[b][i];
                         let seen: Vec<u32> = (0..5u32)
                             .filter(|&e| {
                                 let ep = pos[b][e as usize];

@@ -79,7 +79,9 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Whether [`gemv`] has a CUDA kernel for these sizes.
 pub fn gemv_fused(dtype: candle_core::DType, rows: usize, k: usize) -> bool {
-    matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) && (1..=8).contains(&rows) && k % 8 == 0
+    matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
+        && (1..=8).contains(&rows)
+        && k.is_multiple_of(8)
 }
 
 /// Attention of one query per row over per-(row, KV head) caches of any lengths.
@@ -101,7 +103,10 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
 /// Whether [`attention_decode`] runs as a fused kernel for these sizes on a CUDA device (else it
 /// fails there, and callers keep their own path): head_dim 64 or 128, up to 8 query heads per KV head.
 pub fn attention_decode_fused(head_dim: usize, heads: usize, kv_heads: usize) -> bool {
-    matches!(head_dim, 64 | 128) && kv_heads > 0 && heads % kv_heads == 0 && (1..=8).contains(&(heads / kv_heads))
+    matches!(head_dim, 64 | 128)
+        && kv_heads > 0
+        && heads.is_multiple_of(kv_heads)
+        && (1..=8).contains(&(heads / kv_heads))
 }
 
 /// Prefill attention over a uniform cache, flash-style: the scores are never materialized, so a
@@ -165,7 +170,7 @@ pub struct Candidates {
 /// the vocabulary's logits, and the host's processors run over a short row.
 pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec<Option<Candidates>>> {
     let (_, vocab) = logits.dims2()?;
-    if k == 0 || vocab == 0 || !(temperature > 0.0) {
+    if k == 0 || vocab == 0 || temperature.is_nan() || temperature <= 0.0 {
         candle_core::bail!("top_candidates: k {k} of {vocab} at temperature {temperature}");
     }
     #[cfg(feature = "cuda")]
@@ -178,7 +183,7 @@ pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec
 fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize]) -> Result<()> {
     let (batch, heads, d) = q.dims3()?;
     let n = keys.len();
-    if n == 0 || n % batch != 0 || values.len() != n || skip.len() != n {
+    if n == 0 || !n.is_multiple_of(batch) || values.len() != n || skip.len() != n {
         candle_core::bail!(
             "attention_decode: {n} key tensors, {} value tensors, {} skips for {batch} rows",
             values.len(),

@@ -147,12 +147,12 @@ impl Attention {
         let scale = 1.0 / (d as f32).sqrt();
         if seq == 1 && pare_kernels::attention_decode_fused(d, h, kvh) {
             let (mut keys, mut values, mut skip) = (Vec::new(), Vec::new(), Vec::new());
-            for b in 0..batch {
-                let query_pos = query_positions[b][0];
+            for (b, query) in query_positions.iter().enumerate().take(batch) {
+                let query_pos = query[0];
                 for head in 0..kvh {
                     let positions = kv.positions(b, head);
                     let visible =
-                        |p: i64| p >= 0 && p <= query_pos && sliding_window.map_or(true, |w| query_pos - p < w as i64);
+                        |p: i64| p >= 0 && p <= query_pos && sliding_window.is_none_or(|w| query_pos - p < w as i64);
                     // The kernel skips a prefix (padding, or what left the window); anything else
                     // invisible needs the masked path.
                     let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
@@ -213,12 +213,12 @@ impl Attention {
         let kvh = self.num_kv_heads;
         let group = h / kvh;
         let mut outs = Vec::with_capacity(batch * kvh);
-        for b in 0..batch {
+        for (b, query) in query_positions.iter().enumerate().take(batch) {
             let qb = q.get(b)?;
             for head in 0..kvh {
                 let (keys, values) = kv.head_kv(b, head)?.expect("entries were just appended");
                 let mask = crate::cache::attention_mask(
-                    &[query_positions[b].as_slice()],
+                    &[query.as_slice()],
                     &[kv.positions(b, head)],
                     sliding_window,
                     group,

@@ -501,8 +501,11 @@ pub fn attention_mask(
 /// per forward call.
 #[derive(Default)]
 pub struct MaskCache {
-    last: std::cell::RefCell<Option<(Vec<Vec<i64>>, usize, Option<Tensor>)>>,
+    last: std::cell::RefCell<Option<MaskEntry>>,
 }
+
+/// The entry positions and query group a mask was built for, and the mask.
+type MaskEntry = (Vec<Vec<i64>>, usize, Option<Tensor>);
 
 impl MaskCache {
     /// Forget the last mask (the entries' positions changed).

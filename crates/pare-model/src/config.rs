@@ -392,13 +392,14 @@ impl ModelConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         // Per-layer shapes were checked layer by layer; their maxima need not divide.
-        if self.layer_shapes.is_none() && (self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0) {
+        if self.layer_shapes.is_none() && (self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads))
+        {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.rotary_dim > self.head_dim || self.head_dim % 2 != 0 {
+        if self.rotary_dim > self.head_dim || !self.head_dim.is_multiple_of(2) {
             return Err(format!("rotary dim {} does not fit head_dim {}", self.rotary_dim, self.head_dim));
         }
         if [self.vocab_size, self.hidden_size, self.num_layers, self.intermediate_size].contains(&0) {

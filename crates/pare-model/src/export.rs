@@ -145,7 +145,7 @@ pub fn gguf_unsupported(model: &Model) -> Option<String> {
 /// `h·d + 2i + j` holds HF row `h·d + j·d/2 + i`. The inverse of `weights::unpermute_rows`.
 fn permute_for_llama_cpp(t: &Tensor, head_dim: usize) -> Result<Tensor> {
     let rows = t.dim(0)?;
-    if head_dim % 2 != 0 || rows % head_dim != 0 {
+    if !head_dim.is_multiple_of(2) || rows % head_dim != 0 {
         return Err(ModelError::input(format!("cannot permute {rows} rows into heads of {head_dim}")));
     }
     let half = head_dim / 2;

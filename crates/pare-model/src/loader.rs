@@ -322,7 +322,11 @@ fn attention_from(config: &ModelConfig, prefix: &str, q: Linear, k: Linear, v: L
         expected: format!("multiples of head_dim {d}, q heads a multiple of kv heads"),
     };
     let (num_heads, num_kv_heads) = (q.out_features() / d, k.out_features() / d);
-    if q.out_features() % d != 0 || k.out_features() % d != 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+    if !q.out_features().is_multiple_of(d)
+        || !k.out_features().is_multiple_of(d)
+        || num_kv_heads == 0
+        || num_heads % num_kv_heads != 0
+    {
         return Err(bad("head counts"));
     }
     if v.out_features() != k.out_features()

@@ -285,8 +285,11 @@ pub enum PrefillInput<'a> {
     Embeds { x: Tensor, positions: Vec<Vec<i64>> },
 }
 
+/// Token ids and their positions, (batch × seq) each.
+pub type TokenGrid = (Vec<Vec<u32>>, Vec<Vec<i64>>);
+
 /// Left-pad prompts to a (batch, seq) grid; padding slots get token 0 and PAD_POSITION.
-pub fn left_pad(prompts: &[Vec<u32>]) -> Result<(Vec<Vec<u32>>, Vec<Vec<i64>>)> {
+pub fn left_pad(prompts: &[Vec<u32>]) -> Result<TokenGrid> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::input("every prompt needs at least one token"));
     }

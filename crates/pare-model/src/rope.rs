@@ -29,7 +29,7 @@ impl Rope {
                 for f in inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
-                    let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let is_medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                     *f = if is_medium {
                         let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * scaled / factor + smooth * scaled

@@ -187,7 +187,7 @@ impl Weights<'_> {
 
 /// Row order that undoes llama.cpp's q/k permutation: new row `h·d + j·d/2 + i` is old row `h·d + 2i + j`.
 pub fn unpermute_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(ModelError::input(format!("cannot undo the q/k permutation: {rows} rows, {heads} heads")));
     }
     let d = rows / heads;

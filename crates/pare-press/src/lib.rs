@@ -181,7 +181,7 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
 fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
     let snapkv = || -> Result<scorers::SnapKv> {
         let s = scorers::SnapKv { window: opts.window.unwrap_or(64), kernel: opts.kernel.unwrap_or(5) };
-        if s.window == 0 || s.kernel == 0 || s.kernel % 2 == 0 {
+        if s.window == 0 || s.kernel == 0 || s.kernel.is_multiple_of(2) {
             return Err(PressError::config("snapkv: --window must be at least 1 and --kernel odd"));
         }
         Ok(s)

@@ -179,7 +179,8 @@ fn rerotated_keys_equal_keys_rotated_at_the_new_positions() {
     let tokens = text_tokens(40);
     let opts = PressOptions { ratio: Some(0.5), positions: PositionPolicy::Rerotate, ..PressOptions::default() };
     let (_, cache, _) =
-        ts::prefill_hooked(model, &[tokens.clone()], press_hooks(Some(press("streaming", opts).as_ref()))).unwrap();
+        ts::prefill_hooked(model, std::slice::from_ref(&tokens), press_hooks(Some(press("streaming", opts).as_ref())))
+            .unwrap();
     let layer0 = &cache.layers[0];
     let kept: Vec<i64> = (0..4).chain(24..40).collect();
     assert_eq!(layer0.positions(0, 0), (0..20).collect::<Vec<i64>>().as_slice());
@@ -198,11 +199,11 @@ fn presses_run_on_gpt_neox_and_other_architectures() {
         let loaded = load(repo().join("tests/fixtures").join(name).join("model"));
         let model = &loaded.model;
         let prompt: Vec<u32> = (0..48u32).map(|i| (i * 37 + 5) % 200).collect();
-        let (reference, _) = run(model, &[prompt.clone()], None, 2);
+        let (reference, _) = run(model, std::slice::from_ref(&prompt), None, 2);
         for spec in ["snapkv", "expected-attention", "adakv+tova", "observed-attention"] {
-            let (zero, _) = run(model, &[prompt.clone()], Some(press(spec, ratio(0.0)).as_ref()), 2);
+            let (zero, _) = run(model, std::slice::from_ref(&prompt), Some(press(spec, ratio(0.0)).as_ref()), 2);
             assert_eq!(max_diff(&zero[2], &reference[2]), 0.0, "{name} {spec}");
-            let (got, cache) = run(model, &[prompt.clone()], Some(press(spec, ratio(0.5)).as_ref()), 2);
+            let (got, cache) = run(model, std::slice::from_ref(&prompt), Some(press(spec, ratio(0.5)).as_ref()), 2);
             assert!(
                 got.iter().all(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())),
                 "{name} {spec}"

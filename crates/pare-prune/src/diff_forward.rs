@@ -104,6 +104,13 @@ impl DiffLayer {
     }
 }
 
+/// RoPE's cos and sin for positions 0..seq and the additive attention mask over them.
+struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
 /// What a forward call records besides the logits.
 #[derive(Default)]
 pub struct Probe {
@@ -236,16 +243,8 @@ impl DiffModel {
         }
     }
 
-    fn attention(
-        &self,
-        l: usize,
-        layer: &DiffLayer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        probe: &mut Probe,
-    ) -> Result<Tensor> {
+    fn attention(&self, l: usize, layer: &DiffLayer, x: &Tensor, at: &Positions, probe: &mut Probe) -> Result<Tensor> {
+        let Positions { cos, sin, mask } = at;
         let seq = x.dim(0)?;
         let AttnShape { num_heads: h, num_kv_heads: kvh, head_dim: d } = layer.shape;
         let g = h / kvh;
@@ -293,9 +292,9 @@ impl DiffModel {
         let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
         let x = self.embed.index_select(&idx, 0)?;
         let (cos, sin) = self.cos_sin(seq)?;
-        let mask = self.causal_mask(seq)?;
+        let at = Positions { cos, sin, mask: self.causal_mask(seq)? };
         probe.input_tokens += seq;
-        let x = self.run_layers(0..self.layers.len(), x, &cos, &sin, &mask, probe)?;
+        let x = self.run_layers(0..self.layers.len(), x, &at, probe)?;
         if probe.record_hidden {
             probe.hidden.push(x.detach());
         }
@@ -307,9 +306,7 @@ impl DiffModel {
         &self,
         range: std::ops::Range<usize>,
         mut x: Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        at: &Positions,
         probe: &mut Probe,
     ) -> Result<Tensor> {
         for l in range {
@@ -317,7 +314,7 @@ impl DiffModel {
             if probe.record_hidden {
                 probe.hidden.push(x.detach());
             }
-            let attn = self.attention(l, layer, &layer.attn_norm.forward(&x)?, cos, sin, mask, probe)?;
+            let attn = self.attention(l, layer, &layer.attn_norm.forward(&x)?, at, probe)?;
             x = if self.parallel_residual {
                 let mlp = self.mlp(l, layer, &layer.mlp_norm.forward(&x)?, probe)?;
                 ((x + attn)? + mlp)?
@@ -358,9 +355,9 @@ impl DiffModel {
         let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
         let x = self.embed.index_select(&idx, 0)?;
         let (cos, sin) = self.cos_sin(seq)?;
-        let mask = self.causal_mask(seq)?;
+        let at = Positions { cos, sin, mask: self.causal_mask(seq)? };
         let mut probe = Probe { record_hidden: true, ..Probe::default() };
-        let x = self.run_layers(0..upto, x, &cos, &sin, &mask, &mut probe)?;
+        let x = self.run_layers(0..upto, x, &at, &mut probe)?;
         probe.hidden.push(x.detach());
         Ok(probe.hidden)
     }
@@ -397,9 +394,7 @@ impl DiffModel {
         let x = self.run_layers(
             layer..self.layers.len(),
             x.to_dtype(self.dtype)?,
-            &cos,
-            &sin,
-            &mask,
+            &Positions { cos, sin, mask },
             &mut Probe::default(),
         )?;
         let x = x.narrow(0, from_row, seq - from_row)?;

@@ -209,7 +209,7 @@ fn round_kept(u: &LayerUnits, pruned: usize, n: usize, kind: Kind) -> Result<usi
         )));
     }
     let mut kept = u.units - pruned.min(u.units);
-    while kept < u.units && (kept * u.channel_width) % n != 0 {
+    while kept < u.units && !(kept * u.channel_width).is_multiple_of(n) {
         kept += 1;
     }
     Ok(u.units - kept)

@@ -62,7 +62,7 @@ fn tiny_uniform_export_gives_the_transformers_logits() {
         .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
         .collect();
     let check = |m: &Model, what: &str| {
-        let got = pare_test_support::logits_all(&m, &ids).unwrap().to_vec2::<f32>().unwrap();
+        let got = pare_test_support::logits_all(m, &ids).unwrap().to_vec2::<f32>().unwrap();
         let worst =
             got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-4, "{what}: max |Δlogit| {worst}");

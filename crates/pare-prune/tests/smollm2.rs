@@ -45,7 +45,7 @@ fn top20(logprobs: &[f32]) -> Vec<(u32, f32)> {
 
 fn check_logprobs(model: &Model, exp: &Value, what: &str) {
     let ids: Vec<u32> = usizes(&exp["ids"]).into_iter().map(|i| i as u32).collect();
-    let lp = candle_nn::ops::log_softmax(&pare_test_support::logits_all(&model, &ids).unwrap(), D::Minus1)
+    let lp = candle_nn::ops::log_softmax(&pare_test_support::logits_all(model, &ids).unwrap(), D::Minus1)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();

@@ -32,7 +32,7 @@ pub struct ScorerShape {
 
 impl ScorerShape {
     pub fn new(hidden: usize, d: usize, layers: usize, heads: usize) -> Result<Self> {
-        if hidden == 0 || d == 0 || heads == 0 || d % heads != 0 {
+        if hidden == 0 || d == 0 || heads == 0 || !d.is_multiple_of(heads) {
             return Err(PruneError::config(format!(
                 "scorer: width {d} must be a positive multiple of the head count {heads}"
             )));
@@ -303,7 +303,7 @@ impl ScorerNet {
             heads: num("heads")?,
             ffn: num("ffn")?,
         };
-        if shape.heads == 0 || shape.d % shape.heads != 0 {
+        if shape.heads == 0 || !shape.d.is_multiple_of(shape.heads) {
             return Err(bad(format!("width {} is not a multiple of {} heads", shape.d, shape.heads)));
         }
         let mut stored = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(e.to_string()))?;

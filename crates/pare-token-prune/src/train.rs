@@ -140,7 +140,7 @@ impl TrainSettings {
         if self.steps == 0 || self.batch == 0 {
             return Err(PruneError::config("--steps and --batch must be at least 1"));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.temperature > 0.0 && self.temperature.is_finite()) {
+        if !(self.lr > 0.0 && self.lr.is_finite() && self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(PruneError::config("--lr and --temperature must be positive"));
         }
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
@@ -152,7 +152,7 @@ impl TrainSettings {
                 self.eval_every, self.steps
             )));
         }
-        if self.d == 0 || self.heads == 0 || self.d % self.heads != 0 {
+        if self.d == 0 || self.heads == 0 || !self.d.is_multiple_of(self.heads) {
             return Err(PruneError::config(format!(
                 "--d {} must be a positive multiple of --heads {}",
                 self.d, self.heads

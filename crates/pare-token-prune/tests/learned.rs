@@ -64,14 +64,14 @@ fn marker_samples(model: &Model, rows: usize, span: usize, tail: usize, seed: u6
         })
         .collect();
     let mut seqs = spans.clone();
-    let (mut logits, mut cache) = ts::prefill(&model, &spans).unwrap();
+    let (mut logits, mut cache) = ts::prefill(model, &spans).unwrap();
     for step in 0..tail {
         let next = sample(&logits, &mut rng);
         for (s, &t) in seqs.iter_mut().zip(&next) {
             s.push(t);
         }
         if step + 1 < tail {
-            logits = ts::decode(&model, &mut cache, &next).unwrap();
+            logits = ts::decode(model, &mut cache, &next).unwrap();
         }
     }
     seqs.concat()
@@ -189,8 +189,9 @@ fn the_pruned_prefill_keeps_exactly_the_top_logits() {
     let pruner =
         Pruner { schedule: PruneSchedule::parse("2:0.5").unwrap(), span: Span::Prompt { protect_last: 6 }, scorer };
     let ids = random_tokens(46, 9);
-    let (engine_logits, cache) =
-        model.prefill(PrefillInput::Tokens(&[ids.clone()]), &mut Hooks::new(None, Some(Arc::new(pruner)))).unwrap();
+    let (engine_logits, cache) = model
+        .prefill(PrefillInput::Tokens(std::slice::from_ref(&ids)), &mut Hooks::new(None, Some(Arc::new(pruner))))
+        .unwrap();
     // Span = the first 40 tokens; 20 kept after layer 1, plus the protected 6.
     assert_eq!(cache.layers[1].entries(0, 0), 46);
     assert_eq!(cache.layers[2].entries(0, 0), 20 + 6);

@@ -43,7 +43,8 @@ fn layers_after_the_cut_hold_only_kept_tokens_at_their_original_positions() {
     let model = &smollm2().model;
     let prompt = text_tokens(100);
     let p = pruner("3:0.5,20:10", Span::Prompt { protect_last: 8 }, "last-attn");
-    let (_, mut cache) = model.prefill(PrefillInput::Tokens(&[prompt.clone()]), &mut ts::pruner_hooks(&p)).unwrap();
+    let (_, mut cache) =
+        model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut ts::pruner_hooks(&p)).unwrap();
     // Span = the first 92 tokens; 46 kept after layer 2, then 10 of those after layer 19.
     assert_eq!(cache.layers[2].entries(0, 0), 100);
     assert_eq!(cache.layers[3].entries(0, 1), 46 + 8);

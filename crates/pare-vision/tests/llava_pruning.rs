@@ -82,7 +82,7 @@ fn image_pruner(m: &LlavaModel, spec: &str, ids: &[u32]) -> Arc<dyn TokenPruner>
     let schedule = PruneSchedule::parse(spec).unwrap();
     schedule.check(m.language.num_layers()).unwrap();
     let span = Span::Positions(vec![m.image_positions(ids)]);
-    Arc::new(Pruner { schedule, span, scorer: scorer("last-attn", 0).unwrap().into() })
+    Arc::new(Pruner { schedule, span, scorer: scorer("last-attn", 0).unwrap() })
 }
 
 /// The pruned prefill with logits at every token that reached the last layer (seq', vocab).

@@ -200,17 +200,23 @@ struct NeedleCell {
     trials: Vec<pare_eval::needle::NeedleTrial>,
 }
 
-/// Every (ctx, depth) cell of the grid, `trials` needles each.
+/// The needle cells to run: every (ctx, depth), `trials` needles each.
+struct NeedleGrid<'a> {
+    ctx: &'a [usize],
+    depths: &'a [f64],
+    trials: usize,
+    seed: u64,
+}
+
+/// Every cell of the grid.
 fn needle_grid(
     loaded: &pare_model::LoadedModel,
     haystack: &str,
-    ctx: &[usize],
-    depths: &[f64],
-    trials: usize,
-    seed: u64,
+    grid: &NeedleGrid,
     hooks: &Hooks,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<NeedleCell>> {
+    let NeedleGrid { ctx, depths, trials, seed } = *grid;
     let tok = loaded.tokenizer()?;
     let mut cells = Vec::new();
     for &c in ctx {
@@ -238,7 +244,8 @@ fn needle(args: NeedleArgs) -> Result<()> {
     let session = plan.open(&args.model)?;
     let loaded = &session.loaded;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
-    let cells = needle_grid(&loaded, &haystack, &args.ctx, &args.depths, args.trials, args.seed, &session.hooks, &bar)?;
+    let grid = NeedleGrid { ctx: &args.ctx, depths: &args.depths, trials: args.trials, seed: args.seed };
+    let cells = needle_grid(loaded, &haystack, &grid, &session.hooks, &bar)?;
     bar.finish_and_clear();
     let overall = cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64;
     if args.json {
@@ -302,6 +309,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let windows = pare_eval::perplexity::windows(tokens.len(), args.ctx, stride)?.len() as u64;
     let needle_runs = (args.needle_ctx.len() * args.needle_depths.len()) as u64;
     let bar = progress_bar(runs.len() as u64 * (windows + needle_runs), "compare");
+    let grid = NeedleGrid { ctx: &args.needle_ctx, depths: &args.needle_depths, trials: 1, seed: 0 };
     let mut rows = Vec::new();
     for (name, ratio) in &runs {
         let hooks = if name == "none" {
@@ -317,7 +325,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         })?;
         let needle_accuracy = match &haystack {
             Some(h) => {
-                let cells = needle_grid(&loaded, h, &args.needle_ctx, &args.needle_depths, 1, 0, &hooks, &bar)?;
+                let cells = needle_grid(&loaded, h, &grid, &hooks, &bar)?;
                 Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
             }
             None => None,

@@ -209,7 +209,6 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => bail!("no pruning settings and no --plan"),
     };
     let pruned = pare_prune::apply(model, &plan)?;
-    drop(progress);
     bar.finish_and_clear();
 
     let ppl = if args.eval_ppl { Some(perplexity(&args, &loaded, model, &pruned)?) } else { None };

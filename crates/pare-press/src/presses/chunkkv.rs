@@ -36,7 +36,7 @@ impl Selector for ChunkKv {
         let summed: Vec<f32> = (0..n).map(|i| scores.iter().map(|s| s[i]).sum()).collect();
         let chunks: Vec<std::ops::Range<usize>> = (0..complete)
             .map(|c| c * self.chunk_length..(c + 1) * self.chunk_length)
-            .chain((n % self.chunk_length > 0).then(|| complete * self.chunk_length..n))
+            .chain((!n.is_multiple_of(self.chunk_length)).then(|| complete * self.chunk_length..n))
             .collect();
         let chunk_scores: Vec<f32> =
             chunks.iter().map(|r| summed[r.clone()].iter().sum::<f32>() / r.len() as f32).collect();

@@ -14,7 +14,7 @@ impl Scorer for Knorm {
     }
 
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
-        obs.keys.iter().map(|k| Ok(to_vec(&k.sqr()?.sum(1)?.sqrt()?.neg()?)?)).collect()
+        obs.keys.iter().map(|k| to_vec(&k.sqr()?.sum(1)?.sqrt()?.neg()?)).collect()
     }
 
     fn box_clone(&self) -> Box<dyn Scorer> {

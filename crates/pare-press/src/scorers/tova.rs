@@ -16,7 +16,7 @@ impl Scorer for Tova {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let last = *obs.query_positions.last().expect("at least one observed query");
         let per_head: Vec<Vec<f32>> =
-            (0..obs.kv_heads()).map(|h| Ok(to_vec(&obs.attention(h, 1)?.mean(0)?)?)).collect::<Result<_>>()?;
+            (0..obs.kv_heads()).map(|h| to_vec(&obs.attention(h, 1)?.mean(0)?)).collect::<Result<_>>()?;
         let mut scores = if obs.heads_share_entries() {
             // kvpress averages over every query head; heads hold the same entries here.
             let n = per_head[0].len();
