@@ -20,7 +20,7 @@ pub struct PressArgs {
     /// streaming, expected-attention: first entries always kept (default 4).
     #[arg(long, help_heading = "KV-cache compression")]
     pub sinks: Option<usize>,
-    /// streaming: cut every layer to this many entries before each forward (seed 001's rule).
+    /// streaming: cut every layer to this many entries before each forward (StreamingLLM).
     #[arg(long, help_heading = "KV-cache compression")]
     pub capacity: Option<usize>,
     /// snapkv, pyramidkv: observation window of recent queries (default 64).

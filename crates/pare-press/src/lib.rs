@@ -119,7 +119,7 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         }
         if opts.ratio.is_some() || opts.budget.is_some() {
             return Err(PressError::config(
-                "streaming takes either --capacity (seed 001's rule) or --ratio/--budget, not both",
+                "streaming takes either --capacity (StreamingLLM's cut before every forward) or --ratio/--budget, not both",
             ));
         }
         return Ok(Box::new(StreamingPress::new(opts.sinks.unwrap_or(4), opts.capacity.unwrap_or(0), opts.positions)?));

@@ -5,8 +5,6 @@ use crate::error::Result;
 use crate::observation::Observation;
 
 pub trait Scorer: std::fmt::Debug + Send + Sync {
-    fn name(&self) -> &'static str;
-
     /// One score per entry of every KV head of one row, in cache order: higher is kept first.
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>>;
 

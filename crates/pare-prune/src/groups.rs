@@ -64,10 +64,6 @@ impl Role {
             Role::Down => "down",
         }
     }
-
-    pub fn is_attention(self) -> bool {
-        matches!(self, Role::Q | Role::K | Role::V | Role::O)
-    }
 }
 
 /// Which side of an (out, in) weight a group cuts: output rows (and bias) or input columns.

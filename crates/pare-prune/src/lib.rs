@@ -56,22 +56,6 @@ pub struct PruneSettings {
 }
 
 impl PruneSettings {
-    /// LLM-Pruner's Llama-3 defaults: Taylor param_first, sum, layers 3..30, ratio 0.25.
-    pub fn llm_pruner_defaults(num_layers: usize) -> Self {
-        let end = num_layers.min(30);
-        PruneSettings {
-            importance: Importance::Taylor(TaylorVariant::ParamFirst),
-            reduction: Reduction::Sum,
-            gqa: GqaMode::KvGroups,
-            attn_layers: 3.min(end)..end,
-            mlp_layers: 3.min(end)..end,
-            ratio: 0.25,
-            mode: RatioMode::Local,
-            round_to: None,
-            seed: 0,
-        }
-    }
-
     pub fn needs_calibration(&self) -> bool {
         self.importance.needs_calibration() || matches!(self.mode, RatioMode::BlockInfluence { .. })
     }

@@ -54,10 +54,6 @@ impl ExpectedAttention {
 }
 
 impl Scorer for ExpectedAttention {
-    fn name(&self) -> &'static str {
-        "expected-attention"
-    }
-
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let d = obs.head_dim;
         let n_obs = obs.observed();

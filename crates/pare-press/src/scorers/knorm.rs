@@ -9,10 +9,6 @@ use crate::scorer::Scorer;
 pub struct Knorm;
 
 impl Scorer for Knorm {
-    fn name(&self) -> &'static str {
-        "knorm"
-    }
-
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         obs.keys.iter().map(|k| to_vec(&k.sqr()?.sum(1)?.sqrt()?.neg()?)).collect()
     }

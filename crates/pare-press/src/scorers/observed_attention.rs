@@ -10,10 +10,6 @@ use crate::scorer::Scorer;
 pub struct ObservedAttention;
 
 impl Scorer for ObservedAttention {
-    fn name(&self) -> &'static str {
-        "observed-attention"
-    }
-
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         (0..obs.kv_heads())
             .map(|h| {

@@ -12,10 +12,6 @@ pub struct Random {
 }
 
 impl Scorer for Random {
-    fn name(&self) -> &'static str {
-        "random"
-    }
-
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         // Seeded per layer and per cache state, so a run is reproducible and layers differ.
         let state = obs.next_position() as u64;

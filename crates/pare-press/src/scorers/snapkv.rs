@@ -21,10 +21,6 @@ impl Default for SnapKv {
 }
 
 impl Scorer for SnapKv {
-    fn name(&self) -> &'static str {
-        "snapkv"
-    }
-
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let window = self.window.min(obs.observed());
         let window_start = obs.query_positions[obs.observed() - window];

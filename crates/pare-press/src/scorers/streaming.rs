@@ -12,10 +12,6 @@ pub struct StreamingScorer {
 }
 
 impl Scorer for StreamingScorer {
-    fn name(&self) -> &'static str {
-        "streaming"
-    }
-
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let mut scores: Vec<Vec<f32>> =
             obs.positions.iter().map(|p| (0..p.len()).map(|i| i as f32).collect()).collect();

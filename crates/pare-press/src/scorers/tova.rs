@@ -9,10 +9,6 @@ use crate::scorer::{protect, Scorer};
 pub struct Tova;
 
 impl Scorer for Tova {
-    fn name(&self) -> &'static str {
-        "tova"
-    }
-
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let last = *obs.query_positions.last().expect("at least one observed query");
         let per_head: Vec<Vec<f32>> =
