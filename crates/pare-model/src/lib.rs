@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod diff;
 pub mod error;
 pub mod export;
 pub mod hooks;

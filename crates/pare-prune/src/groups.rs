@@ -40,31 +40,7 @@ impl GqaMode {
 }
 
 /// A prunable tensor of a decoder layer, by its HF role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Q => "q",
-            Role::K => "k",
-            Role::V => "v",
-            Role::O => "o",
-            Role::Gate => "gate",
-            Role::Up => "up",
-            Role::Down => "down",
-        }
-    }
-}
+pub use pare_model::diff::Role;
 
 /// Which side of an (out, in) weight a group cuts: output rows (and bias) or input columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

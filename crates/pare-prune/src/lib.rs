@@ -9,7 +9,8 @@
 
 pub mod apply;
 pub mod calibration;
-pub mod diff_forward;
+#[cfg(test)]
+mod diff_tests;
 pub mod error;
 pub mod groups;
 pub mod importance;
@@ -130,10 +131,10 @@ pub fn measure_block_influence(
     samples: &[Vec<u32>],
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<f64>> {
-    let diff = diff_forward::DiffModel::new(model, DType::F32, |_, _| false)?;
+    let diff = pare_model::diff::DiffModel::new(model, DType::F32, |_, _| false)?;
     let mut hidden = Vec::with_capacity(samples.len());
     for (i, ids) in samples.iter().enumerate() {
-        let mut probe = diff_forward::Probe { record_hidden: true, ..Default::default() };
+        let mut probe = pare_model::diff::Probe { record_hidden: true, ..Default::default() };
         diff.forward(ids, &mut probe)?;
         hidden.push(probe.hidden);
         progress("block influence", i + 1, samples.len());
@@ -397,7 +398,8 @@ mod tests {
         .unwrap();
         let w = model.blocks[1].mlp.down.dense_weight(DType::F32).unwrap();
         let taylor = stats.norms(&w, 1, groups::Role::Down, groups::Axis::Cols).unwrap();
-        let diff = diff_forward::DiffModel::new(&model, DType::F64, |l, r| l == 1 && r == groups::Role::Down).unwrap();
+        let diff =
+            pare_model::diff::DiffModel::new(&model, DType::F64, |l, r| l == 1 && r == groups::Role::Down).unwrap();
         let var = diff.vars()[0].2;
         // A copy: a Var's tensor shares storage with it, and `set` writes in place.
         let w0 = var.as_tensor().copy().unwrap();

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use pare_model::diff::DiffModel;
 use pare_model::Model;
-use pare_prune::diff_forward::DiffModel;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -162,14 +162,6 @@ impl TrainSettings {
     }
 }
 
-fn prune_err(e: pare_prune::PruneError) -> PruneError {
-    match e {
-        pare_prune::PruneError::Candle(c) => PruneError::Candle(c),
-        pare_prune::PruneError::Model(m) => PruneError::Model(m),
-        other => PruneError::config(other.to_string()),
-    }
-}
-
 /// One step's numbers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -212,7 +204,7 @@ pub struct Frozen {
 impl Frozen {
     pub fn new(model: &Model, dtype: DType) -> Result<Self> {
         Ok(Frozen {
-            diff: DiffModel::new(model, dtype, |_, _| false).map_err(prune_err)?,
+            diff: DiffModel::new(model, dtype, |_, _| false)?,
             hidden_size: model.config.hidden_size,
             device: model.device.clone(),
         })
@@ -221,8 +213,8 @@ impl Frozen {
     /// Layer `cut − 1`'s attention input and the residual stream entering layer `cut`, both
     /// (seq, hidden) constants.
     pub fn prefix(&self, ids: &[u32], cut: usize) -> Result<(Tensor, Tensor)> {
-        let hidden = self.diff.hidden_until(ids, cut).map_err(prune_err)?;
-        let x = self.diff.attention_input(cut - 1, &hidden[cut - 1]).map_err(prune_err)?;
+        let hidden = self.diff.hidden_until(ids, cut)?;
+        let x = self.diff.attention_input(cut - 1, &hidden[cut - 1])?;
         Ok((x, hidden[cut].clone()))
     }
 
@@ -237,7 +229,7 @@ impl Frozen {
         key_bias: &Tensor,
     ) -> Result<Tensor> {
         let seq = ids.len();
-        let logits = self.diff.forward_from(cut, entering_cut, key_bias, seq - protect).map_err(prune_err)?;
+        let logits = self.diff.forward_from(cut, entering_cut, key_bias, seq - protect)?;
         let n = protect - 1;
         let logits = logits.narrow(0, 0, n)?.to_dtype(DType::F64)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();

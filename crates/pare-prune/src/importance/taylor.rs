@@ -17,9 +17,9 @@ use candle_core::{DType, Tensor};
 use pare_model::Model;
 use serde::{Deserialize, Serialize};
 
-use crate::diff_forward::{DiffModel, Probe};
 use crate::error::{PruneError, Result};
 use crate::groups::{Axis, Role};
+use pare_model::diff::{DiffModel, Probe};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

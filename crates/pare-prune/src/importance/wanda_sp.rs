@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use pare_model::Model;
 
-use crate::diff_forward::{DiffModel, Probe};
 use crate::error::{PruneError, Result};
 use crate::groups::{Axis, Role};
+use pare_model::diff::{DiffModel, Probe};
 
 /// ‖X_j‖ per input feature of every linear map's input, keyed by (layer, input role): Q for
 /// q/k/v, O, Gate for gate/up (Up when there is no gate), Down.

@@ -10,12 +10,39 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use pare_model::config::Activation;
-use pare_model::layers::{Linear, Norm};
-use pare_model::Model;
+use serde::{Deserialize, Serialize};
 
-use crate::error::{PruneError, Result};
-use crate::groups::{AttnShape, Role};
+use crate::config::Activation;
+use crate::error::{ModelError, Result};
+use crate::layers::{Linear, Norm};
+use crate::Model;
+
+/// Which projection of a decoder layer a weight is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Q => "q",
+            Role::K => "k",
+            Role::V => "v",
+            Role::O => "o",
+            Role::Gate => "gate",
+            Role::Up => "up",
+            Role::Down => "down",
+        }
+    }
+}
 
 /// y = x Wᵀ + b, W either a trainable [`Var`] or a constant.
 pub struct DiffLinear {
@@ -83,7 +110,9 @@ pub struct DiffLayer {
     pub k: DiffLinear,
     pub v: DiffLinear,
     pub o: DiffLinear,
-    pub shape: AttnShape,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
     pub mlp_norm: DiffNorm,
     pub gate: Option<DiffLinear>,
     pub up: DiffLinear,
@@ -174,7 +203,9 @@ impl DiffModel {
                     k: DiffLinear::new(&a.k, dtype, trainable(l, Role::K))?,
                     v: DiffLinear::new(&a.v, dtype, trainable(l, Role::V))?,
                     o: DiffLinear::new(&a.o, dtype, trainable(l, Role::O))?,
-                    shape: AttnShape { num_heads: a.num_heads, num_kv_heads: a.num_kv_heads, head_dim: a.head_dim },
+                    num_heads: a.num_heads,
+                    num_kv_heads: a.num_kv_heads,
+                    head_dim: a.head_dim,
                     mlp_norm: DiffNorm::new(&b.mlp_norm, dtype)?,
                     gate: b
                         .mlp
@@ -246,7 +277,7 @@ impl DiffModel {
     fn attention(&self, l: usize, layer: &DiffLayer, x: &Tensor, at: &Positions, probe: &mut Probe) -> Result<Tensor> {
         let Positions { cos, sin, mask } = at;
         let seq = x.dim(0)?;
-        let AttnShape { num_heads: h, num_kv_heads: kvh, head_dim: d } = layer.shape;
+        let (h, kvh, d) = (layer.num_heads, layer.num_kv_heads, layer.head_dim);
         let g = h / kvh;
         probe.add_input(l, Role::Q, x)?;
         let heads =
@@ -272,8 +303,8 @@ impl DiffModel {
         probe.add_input(l, if layer.gate.is_some() { Role::Gate } else { Role::Up }, x)?;
         let up = layer.up.forward(x)?;
         let hidden = match &layer.gate {
-            Some(gate) => (pare_model::layers::activate(&gate.forward(x)?, self.activation)? * up)?,
-            None => pare_model::layers::activate(&up, self.activation)?,
+            Some(gate) => (crate::layers::activate(&gate.forward(x)?, self.activation)? * up)?,
+            None => crate::layers::activate(&up, self.activation)?,
         };
         probe.add_input(l, Role::Down, &hidden)?;
         layer.down.forward(&hidden)
@@ -283,7 +314,7 @@ impl DiffModel {
     pub fn forward(&self, ids: &[u32], probe: &mut Probe) -> Result<Tensor> {
         let seq = ids.len();
         if seq == 0 || seq > self.max_positions {
-            return Err(PruneError::input(format!(
+            return Err(ModelError::input(format!(
                 "a calibration sample must hold 1 to {} tokens, got {seq}",
                 self.max_positions
             )));
@@ -330,11 +361,11 @@ impl DiffModel {
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let seq = ids.len();
         if seq == 0 || seq > self.max_positions {
-            return Err(PruneError::input(format!("a sample must hold 1 to {} tokens, got {seq}", self.max_positions)));
+            return Err(ModelError::input(format!("a sample must hold 1 to {} tokens, got {seq}", self.max_positions)));
         }
         let vocab = self.embed.dim(0)?;
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(PruneError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
+            return Err(ModelError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
         }
         Ok(())
     }
@@ -349,7 +380,7 @@ impl DiffModel {
     pub fn hidden_until(&self, ids: &[u32], upto: usize) -> Result<Vec<Tensor>> {
         self.check_ids(ids)?;
         if upto > self.layers.len() {
-            return Err(PruneError::input(format!("layer {upto} is beyond the model's {} layers", self.layers.len())));
+            return Err(ModelError::input(format!("layer {upto} is beyond the model's {} layers", self.layers.len())));
         }
         let seq = ids.len();
         let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
@@ -365,7 +396,7 @@ impl DiffModel {
     /// Layer `layer`'s attention input (its norm applied to the residual stream x): what the
     /// engine shows a token pruner as `LayerContext::hidden`.
     pub fn attention_input(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
-        let l = self.layers.get(layer).ok_or_else(|| PruneError::input(format!("no layer {layer}")))?;
+        let l = self.layers.get(layer).ok_or_else(|| ModelError::input(format!("no layer {layer}")))?;
         l.attn_norm.forward(x)
     }
 
@@ -377,14 +408,14 @@ impl DiffModel {
     pub fn forward_from(&self, layer: usize, x: &Tensor, key_bias: &Tensor, from_row: usize) -> Result<Tensor> {
         let seq = x.dim(0)?;
         if layer > self.layers.len() || seq == 0 || seq > self.max_positions || from_row >= seq {
-            return Err(PruneError::input(format!(
+            return Err(ModelError::input(format!(
                 "forward_from: layer {layer} of {}, {seq} tokens (at most {}), rows from {from_row}",
                 self.layers.len(),
                 self.max_positions
             )));
         }
         if key_bias.dims() != [seq] {
-            return Err(PruneError::input(format!(
+            return Err(ModelError::input(format!(
                 "forward_from: key bias of shape {:?} for {seq} tokens",
                 key_bias.dims()
             )));
@@ -404,7 +435,7 @@ impl DiffModel {
     /// Mean next-token cross-entropy of one sequence (HF's `model(ids, labels=ids).loss`).
     pub fn loss(&self, ids: &[u32], probe: &mut Probe) -> Result<Tensor> {
         if ids.len() < 2 {
-            return Err(PruneError::input("a calibration sample needs at least 2 tokens"));
+            return Err(ModelError::input("a calibration sample needs at least 2 tokens"));
         }
         let logits = self.forward(ids, probe)?;
         let n = ids.len() - 1;
@@ -417,116 +448,5 @@ impl DiffModel {
         let targets = Tensor::from_vec(ids[1..].to_vec(), (n, 1), &self.device)?;
         let picked = shifted.gather(&targets, 1)?;
         Ok((log_z - picked)?.mean_all()?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::tiny_model;
-
-    #[test]
-    fn logits_match_the_engine() {
-        let model = tiny_model(&Device::Cpu, 2, 8, 2, 1);
-        let ids: Vec<u32> = (0..23).map(|i| (i * 37 % 200) as u32 + 3).collect();
-        let engine = pare_test_support::logits_all(&model, &ids).unwrap();
-        let diff = DiffModel::new(&model, DType::F32, |_, _| false).unwrap();
-        let ours = diff.forward(&ids, &mut Probe::default()).unwrap();
-        let delta = (engine - ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(delta < 1e-4, "max |Δlogit| = {delta}");
-    }
-
-    #[test]
-    fn gradients_match_finite_differences() {
-        // f64 so that central differences are accurate to ~1e-9.
-        let model = tiny_model(&Device::Cpu, 2, 8, 2, 3);
-        let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 250) as u32 + 1).collect();
-        let diff = DiffModel::new(&model, DType::F64, |l, _| l == 1 || l == 0).unwrap();
-        let loss = diff.loss(&ids, &mut Probe::default()).unwrap();
-        let grads = loss.backward().unwrap();
-        let eps = 1e-5;
-        let mut checked = 0;
-        for (l, role, var) in diff.vars() {
-            let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let w0 = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            // A few elements per tensor, spread over it.
-            for &i in &[0, w0.len() / 3, w0.len() / 2 + 1, w0.len() - 1] {
-                let at = |delta: f64| -> f64 {
-                    let mut w = w0.clone();
-                    w[i] += delta;
-                    var.set(&Tensor::from_vec(w, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
-                    diff.loss(&ids, &mut Probe::default()).unwrap().to_scalar::<f64>().unwrap()
-                };
-                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-                var.set(&Tensor::from_vec(w0.clone(), var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
-                let tol = 1e-9 + 1e-7 * fd.abs().max(g[i].abs());
-                assert!(
-                    (fd - g[i]).abs() < tol,
-                    "layer {l} {role:?}[{i}]: autograd {} vs finite difference {fd}",
-                    g[i]
-                );
-                checked += 1;
-            }
-        }
-        assert_eq!(checked, 2 * 7 * 4);
-    }
-
-    #[test]
-    fn forward_from_a_layer_continues_the_full_forward() {
-        let model = tiny_model(&Device::Cpu, 3, 4, 2, 7);
-        let diff = DiffModel::new(&model, DType::F32, |_, _| false).unwrap();
-        let ids: Vec<u32> = (0..10).map(|i| (i * 29 % 240) as u32 + 2).collect();
-        let full = diff.forward(&ids, &mut Probe::default()).unwrap();
-        let hidden = diff.hidden_until(&ids, 2).unwrap();
-        assert_eq!(hidden.len(), 3);
-        let zero = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
-        let tail = diff.forward_from(2, &hidden[2], &zero, 4).unwrap();
-        let delta = (full.narrow(0, 4, 6).unwrap() - tail)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(delta < 1e-5, "{delta}");
-        // A bias on a key changes later rows only.
-        let mut bias = vec![0f32; 10];
-        bias[5] = -30.0;
-        let biased = diff.forward_from(2, &hidden[2], &Tensor::new(bias, &Device::Cpu).unwrap(), 0).unwrap();
-        let rows = |t: &Tensor, a: usize, n: usize| t.narrow(0, a, n).unwrap();
-        let same = (rows(&full, 0, 5) - rows(&biased, 0, 5))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let moved = (rows(&full, 6, 4) - rows(&biased, 6, 4))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(same < 1e-5 && moved > 1e-3, "{same} {moved}");
-        assert!(diff.forward_from(2, &hidden[2], &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(), 0).is_err());
-    }
-
-    #[test]
-    fn probe_records_hidden_states_and_input_norms() {
-        let model = tiny_model(&Device::Cpu, 3, 4, 2, 5);
-        let diff = DiffModel::new(&model, DType::F32, |_, _| false).unwrap();
-        let mut probe = Probe { record_hidden: true, record_inputs: true, ..Probe::default() };
-        diff.forward(&[5, 6, 7, 8], &mut probe).unwrap();
-        assert_eq!(probe.hidden.len(), 4);
-        assert_eq!(probe.input_tokens, 4);
-        assert_eq!(probe.input_sq_sums.len(), 3 * 4);
-        let q_in = &probe.input_sq_sums[&(0, Role::Q)];
-        assert_eq!(q_in.dims(), &[model.config.hidden_size]);
-        let down_in = &probe.input_sq_sums[&(2, Role::Down)];
-        assert_eq!(down_in.dims(), &[model.blocks[2].mlp.width()]);
     }
 }
