@@ -43,6 +43,8 @@ enum Command {
     Flops(commands::flops::Args),
     /// Train a learned token scorer for prefill token pruning (`--prune-score learned:FILE`).
     TrainScorer(commands::train_scorer::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API (docs/serving.md).
+    Serve(commands::serve::Args),
 }
 
 fn main() {
@@ -58,6 +60,7 @@ fn main() {
         Command::Prune(a) => commands::prune::run(a),
         Command::Flops(a) => commands::flops::run(a),
         Command::TrainScorer(a) => commands::train_scorer::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     if let Err(e) = result {
         // One line, whatever the chain of causes.

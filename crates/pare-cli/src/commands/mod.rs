@@ -8,4 +8,5 @@ pub mod init_random;
 pub mod inspect;
 pub mod prune;
 pub mod score;
+pub mod serve;
 pub mod train_scorer;

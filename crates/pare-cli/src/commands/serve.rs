@@ -1,0 +1,57 @@
+//! `pare serve`: the OpenAI-compatible server (crates/pare-serve) on one model.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::common::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// The model name clients send (default: --model as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Sequences generating at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_concurrent: usize,
+    /// Sequences waiting for admission; beyond it requests get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// KV-cache bytes admission may commit (default: half the memory available at start).
+    #[arg(long)]
+    pub kv_memory: Option<usize>,
+    /// Longest a request may take, queueing included, in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub timeout: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds, got {}", args.timeout);
+    }
+    // Checked before the server starts: a bad --dtype or --device is the command's error.
+    args.model.weight_dtype()?;
+    args.model.device()?;
+    let model = args.model.clone();
+    let config = pare_serve::ServeConfig {
+        load: Box::new(move || model.load().map_err(|e| format!("{e:#}"))),
+        served_name: args.served_model_name.unwrap_or_else(|| args.model.model.clone()),
+        api_key: args.api_key,
+        max_concurrent: args.max_concurrent,
+        max_queue: args.max_queue,
+        kv_memory: args.kv_memory,
+        timeout: Duration::from_secs_f64(args.timeout),
+    };
+    pare_serve::run(&args.host, args.port, config)?;
+    Ok(())
+}
