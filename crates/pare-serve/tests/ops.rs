@@ -16,10 +16,10 @@ async fn base() -> String {
 /// The tests below read the server's gauges: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A streaming completion, returned once its first chunk has arrived.
+/// A streaming completion that runs long (EOS is held off), returned once its first chunk has arrived.
 async fn start_stream(base: &str, max_tokens: usize) -> reqwest::Response {
     let body = json!({"model": MODEL, "prompt": "Tell me a very long story about a dragon.", "max_tokens": max_tokens,
-                      "temperature": 0, "stream": true});
+                      "min_new_tokens": max_tokens, "temperature": 0, "stream": true});
     let mut r =
         common::client().post(format!("{base}/v1/completions")).bearer_auth(KEY).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
