@@ -47,10 +47,7 @@ pub enum Event {
     Finished { reason: FinishReason, completion_tokens: usize, text_tail: String },
     /// The sequence ended in an error; `client` when the request was at fault (a press that
     /// cannot run on this prompt, say), not the server.
-    Failed {
-        message: String,
-        client: bool,
-    },
+    Failed { message: String, client: bool },
 }
 
 impl Event {
@@ -233,6 +230,12 @@ fn admit(loaded: &LoadedModel, batch: &mut Batch, active: &mut HashMap<SeqId, Ac
     }
     metrics::counter!(m::TOKENS_IN).increment(req.prompt.len() as u64);
     let remaining = req.settings.config.max_new_tokens();
+    if remaining == 0 {
+        // Nothing to generate (a log-likelihood request): no cache to fill.
+        let done = Event::Finished { reason: FinishReason::Length, completion_tokens: 0, text_tail: String::new() };
+        let _ = events.send((index, done));
+        return;
+    }
     let spec = GroupSpec {
         input: PrefillInput::Tokens(std::slice::from_ref(&req.prompt)),
         prompt_ids: vec![req.prompt.clone()],
@@ -271,11 +274,8 @@ fn deliver(active: &mut HashMap<SeqId, Active>, event: BatchEvent) {
         BatchEvent::Finished { id, sequence } => {
             let Some(a) = active.remove(&id) else { return };
             let text_tail = sequence.text.strip_prefix(a.text.as_str()).unwrap_or_default().to_string();
-            let done = Event::Finished {
-                reason: sequence.finish_reason,
-                completion_tokens: sequence.tokens.len(),
-                text_tail,
-            };
+            let done =
+                Event::Finished { reason: sequence.finish_reason, completion_tokens: sequence.tokens.len(), text_tail };
             let _ = a.events.send((a.index, done));
         }
     }
