@@ -185,6 +185,18 @@ impl Sampling {
     pub fn settings(&self, loaded: &LoadedModel, max_tokens: usize) -> Result<Settings, ApiError> {
         let tok = loaded.tokenizer().map_err(|e| ApiError::internal(e.to_string()))?;
         let temperature = self.temperature.unwrap_or(1.0);
+        // OpenAI's own fields are named in the error; pare's processors check the rest below.
+        let ranges = [
+            ("temperature", self.temperature, 0.0, f32::MAX),
+            ("top_p", self.top_p, f32::MIN_POSITIVE, 1.0),
+            ("presence_penalty", self.presence_penalty, -2.0, 2.0),
+            ("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
+        ];
+        for (name, value, low, high) in ranges {
+            if let Some(v) = value.filter(|v| !(low..=high).contains(v)) {
+                return Err(ApiError::invalid(format!("{name} is out of range: {v}"), Some(name)));
+            }
+        }
         let sampling = temperature != 0.0;
         let mut eos = loaded.eos_token_ids();
         for (i, text) in self.stop_token.iter().flatten().enumerate() {
