@@ -88,14 +88,7 @@ async fn shutdown_drains_running_requests() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let config = pare_serve::ServeConfig {
-        load: Box::new(|| {
-            Ok(pare_model::load(
-                MODEL,
-                pare_model::WeightDType::Float(candle_core::DType::F32),
-                &candle_core::Device::Cpu,
-            )
-            .map_err(|e| e.to_string())?)
-        }),
+        load: Box::new(|| common::load().map_err(|e| e.to_string())),
         served_name: MODEL.into(),
         api_key: None,
         max_concurrent: 2,

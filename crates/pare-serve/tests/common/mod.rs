@@ -61,7 +61,7 @@ pub async fn server(limits: Limits) -> String {
     .clone()
 }
 
-fn load() -> pare_model::Result<LoadedModel> {
+pub fn load() -> pare_model::Result<LoadedModel> {
     pare_model::load(MODEL, WeightDType::Float(DType::F32), &Device::Cpu)
 }
 
