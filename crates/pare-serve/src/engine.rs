@@ -137,8 +137,12 @@ impl Engine {
     }
 }
 
+/// Tokens of a long hook-free prompt prefilled per step, so running sequences keep decoding
+/// beside it (a prompt with a press or pruner prefills whole: its hooks act on all of it).
+const PREFILL_CHUNK: usize = 256;
+
 fn run(loaded: &LoadedModel, limits: Limits, rx: std_mpsc::Receiver<Vec<Waiting>>, waiting_count: &AtomicUsize) {
-    let mut batch = Batch::new(&loaded.model, loaded.tokenizer.as_ref());
+    let mut batch = Batch::new(&loaded.model, loaded.tokenizer.as_ref()).with_prefill_chunk(PREFILL_CHUNK);
     let mut queue: VecDeque<Waiting> = VecDeque::new();
     let mut active: HashMap<SeqId, Active> = HashMap::new();
     let dequeued = |n: usize| {

@@ -54,7 +54,7 @@ async fn concurrent_mixed_requests_each_equal_running_alone() {
         ..GenerationConfig::default()
     };
     type Case = (&'static str, Value, GenerationConfig, Option<(&'static str, PressOptions)>);
-    let cases: Vec<Case> = vec![
+    let mut cases: Vec<Case> = vec![
         ("Once upon a time", json!({"temperature": 0, "max_tokens": 24}), greedy(), None),
         (
             "The three primary colors are",
@@ -99,6 +99,10 @@ async fn concurrent_mixed_requests_each_equal_running_alone() {
             None,
         ),
     ];
+    // A hook-free prompt over the engine's prefill chunk (256 tokens) prefills over several steps.
+    let long: &'static str = "The river ran past the old mill and the children counted the boats. ".repeat(24).leak();
+    assert!(encode(long).len() > 256);
+    cases.push((long, json!({"temperature": 0, "max_tokens": 8}), greedy(), None));
     let requests = cases.iter().map(|(prompt, extra, _, _)| {
         let mut body = json!({"model": MODEL, "prompt": prompt});
         for (k, v) in extra.as_object().expect("object") {
