@@ -123,3 +123,37 @@ async fn shutdown_drains_running_requests() {
     server.await.unwrap().expect("serve returns Ok after draining");
     assert!(c.get(format!("{base}/health")).send().await.is_err(), "no longer listening");
 }
+
+/// A third server whose requests may take one second: a longer one answers 408 and stops.
+#[tokio::test]
+async fn a_request_past_the_timeout_is_stopped() {
+    let _serial = SERIAL.lock().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = pare_serve::ServeConfig {
+        load: Box::new(|| common::load().map_err(|e| e.to_string())),
+        served_name: MODEL.into(),
+        api_key: Some(KEY.into()),
+        max_concurrent: 1,
+        max_queue: 1,
+        kv_memory: Some(256 << 20),
+        timeout: Duration::from_secs(1),
+    };
+    tokio::spawn(pare_serve::serve(listener, config, std::future::pending()));
+    let c = common::client();
+    let start = Instant::now();
+    while !matches!(c.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200) {
+        assert!(start.elapsed() < Duration::from_secs(120));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 4000, "min_new_tokens": 4000, "temperature": 0});
+    let asked = Instant::now();
+    let (status, answer) = common::post(&base, "/v1/completions", &body).await;
+    assert_eq!(status, 408, "{answer}");
+    assert_eq!(answer["error"]["code"], "timeout");
+    assert!(asked.elapsed() < Duration::from_secs(30), "answered at the limit, not at the end");
+    wait_for(&base, "stopped", |m| {
+        metric(m, "pare_running_sequences") == 0.0 && metric(m, "pare_kv_cache_bytes") == 0.0
+    })
+    .await;
+}
