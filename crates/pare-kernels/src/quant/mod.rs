@@ -1,0 +1,330 @@
+//! Matrix products over GGUF's quantized blocks as stored, on the CPU.
+//!
+//! A weight matrix stays in its file's blocks (Q4_0 … Q8_0, Q2_K … Q6_K); activations are
+//! quantized per row to 8-bit blocks of 32 ([`BlockQ8`], llama.cpp's Q8_0/Q8_1 with the block sum
+//! kept), and each dot product runs on integers: `maddubs` over 32 unsigned weight codes and 32
+//! signed activation codes, one float multiply-add per 32 elements. One activation format serves
+//! every weight type — k-quant sub-blocks are 16 or 32 wide, so a 32-block lines up with them — and
+//! a row of activations is quantized once for q, k and v even when their types differ (Q4_K_M
+//! mixes Q4_K, Q6_K, Q5_0 and Q8_0).
+//!
+//! pare owns these kernels rather than patching candle's: candle's CPU `QMatMul` has SIMD paths
+//! for Q4_0, Q8_0 and the k-quants only (Q4_1/Q5_x are scalar), runs one row at a time (so a
+//! prefill re-decodes every weight block once per token), and spreads work over its own rayon
+//! calls per op; changing that would mean carrying a fork of candle-core. Here a kernel decodes a
+//! weight block once for up to [`ROWS`] activation rows, the thread split is by output rows on
+//! one persistent pool ([`crate::threads`]), and the block layouts are checked against candle's
+//! own dequantization in the tests.
+//!
+//! [`scalar`] holds the plain references (dequantize a block, dot in f32); they are also the
+//! fallback on CPUs without AVX2/FMA/F16C. [`avx2`] holds the vectorized kernels, picked at run
+//! time.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod scalar;
+
+/// Elements per activation block.
+pub const QK8: usize = 32;
+/// Elements per k-quant super-block.
+pub const QK_K: usize = 256;
+/// Activation rows one kernel call serves, decoding each weight block once for all of them.
+pub const ROWS: usize = 4;
+
+/// A GGUF block type with a CPU kernel here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QuantType {
+    pub const ALL: [QuantType; 10] = [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+    ];
+
+    /// Elements one block holds.
+    pub fn block_elems(self) -> usize {
+        match self {
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 | QuantType::Q8_0 => 32,
+            _ => QK_K,
+        }
+    }
+
+    /// Bytes one block takes (ggml's `type_size`).
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantType::Q4_0 => 18,
+            QuantType::Q4_1 => 20,
+            QuantType::Q5_0 => 22,
+            QuantType::Q5_1 => 24,
+            QuantType::Q8_0 => 34,
+            QuantType::Q2K => 84,
+            QuantType::Q3K => 110,
+            QuantType::Q4K => 144,
+            QuantType::Q5K => 176,
+            QuantType::Q6K => 210,
+        }
+    }
+
+    /// GGUF's name for the type, e.g. `Q4_K`.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Q4_0 => "Q4_0",
+            QuantType::Q4_1 => "Q4_1",
+            QuantType::Q5_0 => "Q5_0",
+            QuantType::Q5_1 => "Q5_1",
+            QuantType::Q8_0 => "Q8_0",
+            QuantType::Q2K => "Q2_K",
+            QuantType::Q3K => "Q3_K",
+            QuantType::Q4K => "Q4_K",
+            QuantType::Q5K => "Q5_K",
+            QuantType::Q6K => "Q6_K",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantError {
+    #[error("{ty}: {cols} columns are not a whole number of {block}-element blocks")]
+    Columns { ty: &'static str, cols: usize, block: usize },
+    #[error("{ty}: {rows}×{cols} needs {expected} bytes of blocks, got {actual}")]
+    Bytes { ty: &'static str, rows: usize, cols: usize, expected: usize, actual: usize },
+    #[error("quantized matmul: x has {x} values, not a multiple of the {cols} columns")]
+    Input { x: usize, cols: usize },
+}
+
+/// A row of activations quantized to 8 bits: `x ≈ d · qs`, with `s = d · Σ qs` kept so the
+/// offsets and minimums of Q4_1, Q5_x and the k-quants cost one multiply per block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK8],
+}
+
+/// Quantize `x` (a multiple of 32 long) into `out`, llama.cpp's rounding: scale by 127/max|x|,
+/// round half to even.
+pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    debug_assert_eq!(x.len(), out.len() * QK8);
+    for (chunk, b) in x.chunks_exact(QK8).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(chunk) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
+/// A (rows, cols) weight matrix in GGUF blocks, rows contiguous as in the file. Clones and
+/// [`QuantMatrix::narrow_rows`] views share the blocks.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    data: Arc<[u8]>,
+    /// Byte offset of row 0 in `data`.
+    start: usize,
+}
+
+impl QuantMatrix {
+    pub fn new(ty: QuantType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, QuantError> {
+        if cols == 0 || !cols.is_multiple_of(ty.block_elems()) {
+            return Err(QuantError::Columns { ty: ty.name(), cols, block: ty.block_elems() });
+        }
+        let expected = rows * cols / ty.block_elems() * ty.block_bytes();
+        if data.len() != expected {
+            return Err(QuantError::Bytes { ty: ty.name(), rows, cols, expected, actual: data.len() });
+        }
+        Ok(QuantMatrix { ty, rows, cols, data: data.into(), start: 0 })
+    }
+
+    pub fn quant_type(&self) -> QuantType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The blocks as stored.
+    pub fn data(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.rows * self.row_bytes()]
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_elems() * self.ty.block_bytes()
+    }
+
+    /// One row's blocks.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[self.start + r * n..self.start + (r + 1) * n]
+    }
+
+    /// Rows `start..start + n` as a view sharing the blocks; None if out of range.
+    pub fn narrow_rows(&self, start: usize, n: usize) -> Option<QuantMatrix> {
+        (start + n <= self.rows).then(|| QuantMatrix {
+            rows: n,
+            start: self.start + start * self.row_bytes(),
+            data: self.data.clone(),
+            ..*self
+        })
+    }
+
+    /// Stack matrices of one type and width (q, k, v; gate, up) so one pass serves them all.
+    /// None when types or widths differ.
+    pub fn stack(parts: &[&QuantMatrix]) -> Option<QuantMatrix> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.ty != first.ty || p.cols != first.cols) {
+            return None;
+        }
+        let data: Vec<u8> = parts.iter().flat_map(|p| p.data().iter().copied()).collect();
+        Some(QuantMatrix {
+            ty: first.ty,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data: data.into(),
+            start: 0,
+        })
+    }
+
+    /// The matrix as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols).enumerate().for_each(|(r, y)| scalar::dequantize_row(self.ty, self.row(r), y));
+        out
+    }
+
+    /// `y = x · selfᵀ` for `x` of (m, cols) row-major, f32 out (m, rows). Activations are
+    /// quantized per row to [`BlockQ8`]; the work is split over the pool by output rows.
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, QuantError> {
+        if !x.len().is_multiple_of(self.cols) {
+            return Err(QuantError::Input { x: x.len(), cols: self.cols });
+        }
+        let m = x.len() / self.cols;
+        let xq = quantize_rows(x, self.cols);
+        let mut y = vec![0f32; m * self.rows];
+        self.matmul_q8(&xq, m, &mut y);
+        Ok(y)
+    }
+
+    /// [`Self::matmul`] on activations already quantized by [`quantize_rows`] (`m` rows), into
+    /// `y` (m, rows).
+    pub fn matmul_q8(&self, xq: &[BlockQ8], m: usize, y: &mut [f32]) {
+        let nb = self.cols / QK8;
+        assert!(xq.len() == m * nb && y.len() == m * self.rows, "matmul_q8: shapes");
+        let kernel = Kernel::detect();
+        // Output rows in chunks: small enough that both threads stay busy on a decode step's
+        // 576-row matrix, large enough that a chunk's weights stay in L1 while all m activation
+        // rows pass over them.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = (self.rows / (threads * 8)).clamp(4, 64);
+        let out = SyncPtr(y.as_mut_ptr());
+        let n_out = self.rows;
+        (0..self.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let rows = c * chunk..((c + 1) * chunk).min(n_out);
+            let out = &out;
+            for m0 in (0..m).step_by(ROWS) {
+                let take = (m - m0).min(ROWS);
+                let xs: [&[BlockQ8]; ROWS] =
+                    std::array::from_fn(|i| &xq[(m0 + i.min(take - 1)) * nb..(m0 + i.min(take - 1) + 1) * nb]);
+                for r in rows.clone() {
+                    let w = self.row(r);
+                    let mut dots = [0f32; ROWS];
+                    kernel.dot(self.ty, w, &xs[..take], &mut dots[..take]);
+                    for (i, &v) in dots[..take].iter().enumerate() {
+                        // SAFETY: chunks own disjoint output rows r; (m0+i, r) is inside y.
+                        unsafe { *out.0.add((m0 + i) * n_out + r) = v };
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Quantize `x` (rows of `cols` values, cols a multiple of 32) row by row, in parallel.
+pub fn quantize_rows(x: &[f32], cols: usize) -> Vec<BlockQ8> {
+    let nb = cols / QK8;
+    let m = x.len() / cols;
+    let mut xq = vec![BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK8] }; m * nb];
+    if m == 1 {
+        quantize_q8(x, &mut xq);
+    } else {
+        xq.par_chunks_mut(nb).zip(x.par_chunks(cols)).for_each(|(out, row)| quantize_q8(row, out));
+    }
+    xq
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from the pool's threads (see matmul_q8).
+unsafe impl Sync for SyncPtr {}
+
+/// Which dot-product kernels this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest kernels this CPU supports.
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            return Kernel::Avx2;
+        }
+        Kernel::Scalar
+    }
+
+    /// `out[i] = w · xs[i]` for one weight row (its blocks) and up to [`ROWS`] activation rows.
+    pub fn dot(self, ty: QuantType, w: &[u8], xs: &[&[BlockQ8]], out: &mut [f32]) {
+        debug_assert!(xs.len() == out.len() && xs.len() <= ROWS);
+        debug_assert!(xs.iter().all(|x| x.len() * QK8 == w.len() / ty.block_bytes() * ty.block_elems()));
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: detect() saw AVX2, FMA and F16C; the debug_asserts above hold by construction.
+            Kernel::Avx2 => unsafe { avx2::dot(ty, w, xs, out) },
+            _ => {
+                for (x, o) in xs.iter().zip(out.iter_mut()) {
+                    *o = scalar::vec_dot(ty, w, x);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
