@@ -11,8 +11,9 @@ pub struct ModelArgs {
     /// A GGUF file, an HF checkpoint directory, or an alias (smollm2-135m, qwen2.5-coder-0.5b).
     #[arg(long, short = 'm', default_value = "smollm2-135m")]
     pub model: String,
-    /// Weight and activation dtype: f32, bf16, f16, or q (GGUF weights stay quantized; CPU matmuls
-    /// through QMatMul). Default: f32 on cpu, bf16 on cuda.
+    /// Weight and activation dtype: f32, bf16, f16, or q (GGUF weights stay in the file's quantized
+    /// blocks). Default: q for a quantized GGUF on cpu, else f32 on cpu and bf16 on cuda. f32 is
+    /// the mode that matches HF transformers.
     #[arg(long)]
     pub dtype: Option<String>,
     /// Device: cpu, cuda (GPU 0) or cuda:N (CUDA builds, scripts/build-cuda.sh).
@@ -21,14 +22,27 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The dtype's name as given, or the device's default (bf16 on a GPU: half the bytes per token
-    /// and the tensor cores' native type; f32 on CPU, where bf16 matmuls are slow).
+    /// The dtype's name as given, or the default: bf16 on a GPU (half the bytes per token and the
+    /// tensor cores' native type); on CPU a quantized GGUF runs in its own blocks, as llama.cpp
+    /// runs it, and anything else in f32 (bf16 matmuls are slow there).
     pub fn dtype_name(&self) -> &str {
         match &self.dtype {
             Some(d) => d,
             None if self.device.starts_with("cuda") => "bf16",
+            None if self.is_quantized_gguf() => "q",
             None => "f32",
         }
+    }
+
+    /// Whether the model is a GGUF holding quantized tensors. A path that does not resolve or
+    /// open is not: loading it reports the error.
+    fn is_quantized_gguf(&self) -> bool {
+        let Ok(path) = pare_model::loader::resolve_model(&self.model) else { return false };
+        if path.is_dir() {
+            return false;
+        }
+        pare_formats::GgufFile::open(&path)
+            .is_ok_and(|g| g.tensors.iter().any(|t| t.ggml_type.plain_dtype().is_none()))
     }
 
     pub fn weight_dtype(&self) -> Result<WeightDType> {

@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for every parallel op (one pool, started once). Default: the physical cores.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -47,8 +50,20 @@ enum Command {
     Serve(commands::serve::Args),
 }
 
+/// One pool for pare's kernels and candle's CPU ops alike: candle sizes its GEMM by
+/// RAYON_NUM_THREADS (else the logical CPUs), so that is set to the pool's size too.
+fn start_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let n = pare_kernels::threads::init(threads)?;
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
+    if let Err(e) = start_threads(cli.threads) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(a),
         Command::Score(a) => commands::score::run(a),

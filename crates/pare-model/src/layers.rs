@@ -1,7 +1,8 @@
 //! The building blocks a decoder layer is made of: linear maps, norms, the MLP.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{CpuStorage, DType, Module, Storage, Tensor, D};
+use pare_kernels::quant::QuantMatrix;
 
 use crate::config::Activation;
 use crate::error::Result;
@@ -9,11 +10,35 @@ use crate::error::Result;
 /// From this many rows on, a quantized layer runs as a dense GEMM (see `forward`).
 const DENSE_ROWS: usize = 32;
 
-/// y = x Wᵀ + b, with W dense (out, in) or kept quantized for candle's QMatMul (`--dtype q`).
+/// y = x Wᵀ + b, with W dense (out, in) or kept quantized (`--dtype q`).
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense { weight: Tensor, bias: Option<Tensor> },
-    Quantized { weight: QMatMul, out_features: usize, in_features: usize, bias: Option<Tensor> },
+    Quantized { weight: QuantWeight, out_features: usize, in_features: usize, bias: Option<Tensor> },
+}
+
+/// A quantized weight: GGUF blocks under pare's CPU kernels, or candle's QMatMul (on CUDA, and
+/// for block types pare has no CPU kernel for).
+#[derive(Debug, Clone)]
+pub enum QuantWeight {
+    Native(QuantMatrix),
+    Candle(QMatMul),
+}
+
+/// `x · mᵀ` through pare's quantized kernels: x (…, in) → (…, out), f32.
+fn native_matmul(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+            return Err(candle_core::Error::Msg("native quantized matmul: input not on the CPU".into()).into());
+        };
+        let start = layout.start_offset();
+        m.matmul(&data[start..start + x.elem_count()]).map_err(|e| candle_core::Error::Msg(e.to_string()))?
+    };
+    *dims.last_mut().expect("rank ≥ 1") = m.rows();
+    Ok(Tensor::from_vec(y, dims, x.device())?)
 }
 
 impl Linear {
@@ -38,15 +63,16 @@ impl Linear {
                 *out_dims.last_mut().expect("rank ≥ 1") = weight.dim(0)?;
                 y.reshape(out_dims)?
             }
+            Linear::Quantized { weight: QuantWeight::Native(m), .. } => native_matmul(m, x)?,
             // Many rows (prefill): a dense GEMM on the dequantized weight beats candle's
             // row-by-row quantized dot products; one row (decode) reads the compact blocks.
-            Linear::Quantized { weight: QMatMul::QTensor(q), .. }
+            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(q)), .. }
                 if x.elem_count() / x.dim(D::Minus1)? >= DENSE_ROWS =>
             {
                 let dense = Linear::Dense { weight: q.dequantize(&q.device())?, bias: None };
                 dense.forward(x)?
             }
-            Linear::Quantized { weight, .. } => weight.forward(x)?,
+            Linear::Quantized { weight: QuantWeight::Candle(w), .. } => w.forward(x)?,
         };
         match self.bias() {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -79,8 +105,12 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => Ok(weight.to_dtype(dtype)?),
             Linear::Quantized { weight, .. } => match weight {
-                QMatMul::QTensor(q) => Ok(q.dequantize(&q.device())?.to_dtype(dtype)?),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(dtype)?),
+                QuantWeight::Native(m) => {
+                    Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &candle_core::Device::Cpu)?
+                        .to_dtype(dtype)?)
+                }
+                QuantWeight::Candle(QMatMul::QTensor(q)) => Ok(q.dequantize(&q.device())?.to_dtype(dtype)?),
+                QuantWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.to_dtype(dtype)?),
             },
         }
     }
@@ -95,8 +125,11 @@ impl Linear {
         bias + match self {
             Linear::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
             Linear::Quantized { weight, .. } => match weight {
-                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+                QuantWeight::Native(m) => m.data().len(),
+                QuantWeight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+                QuantWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                    t.elem_count() * t.dtype().size_in_bytes()
+                }
             },
         }
     }
@@ -108,11 +141,22 @@ pub fn few_rows(x: &Tensor) -> Result<bool> {
     Ok(x.elem_count() / width.max(1) <= 8)
 }
 
-/// Stack dense maps that read the same input into one (q, k, v; gate, up): one pass over the
-/// weights and one launch per decode step instead of several. Returns the fused map and the parts
-/// as row views of its weight, so no weight is held twice. None unless all parts are dense in
-/// one dtype.
+/// Stack maps that read the same input into one (q, k, v; gate, up): one pass over the
+/// weights and one launch (or one activation quantization and pool dispatch) per decode step
+/// instead of several. Returns the fused map and the parts as row views of its weight, so no
+/// weight is held twice. None unless all parts are dense in one dtype, or all in pare's
+/// quantized blocks of one type.
 pub fn fuse(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
+    let native: Vec<&QuantMatrix> = parts
+        .iter()
+        .filter_map(|p| match p {
+            Linear::Quantized { weight: QuantWeight::Native(m), .. } => Some(m),
+            _ => None,
+        })
+        .collect();
+    if native.len() == parts.len() {
+        return fuse_native(parts, &native);
+    }
     let mut weights = Vec::with_capacity(parts.len());
     for p in parts {
         match p {
@@ -150,6 +194,46 @@ pub fn fuse(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
         start += n;
     }
     Ok(Some((Linear::Dense { weight, bias }, views)))
+}
+
+fn fuse_native(parts: &[&Linear], mats: &[&QuantMatrix]) -> Result<Option<(Linear, Vec<Linear>)>> {
+    let Some(stacked) = QuantMatrix::stack(mats) else { return Ok(None) };
+    let bias = if parts.iter().any(|p| p.bias().is_some()) {
+        let biases = parts
+            .iter()
+            .map(|p| match p.bias() {
+                Some(b) => Ok(b.to_dtype(DType::F32)?),
+                None => Ok(Tensor::zeros(p.out_features(), DType::F32, &candle_core::Device::Cpu)?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&biases, 0)?)
+    } else {
+        None
+    };
+    let mut views = Vec::with_capacity(parts.len());
+    let mut start = 0;
+    for p in parts {
+        let n = p.out_features();
+        let view = stacked.narrow_rows(start, n).expect("parts fill the stack");
+        let bias = match (&bias, p.bias()) {
+            (Some(b), Some(_)) => Some(b.narrow(0, start, n)?),
+            _ => None,
+        };
+        views.push(Linear::Quantized {
+            weight: QuantWeight::Native(view),
+            out_features: n,
+            in_features: p.in_features(),
+            bias,
+        });
+        start += n;
+    }
+    let fused = Linear::Quantized {
+        out_features: stacked.rows(),
+        in_features: stacked.cols(),
+        weight: QuantWeight::Native(stacked),
+        bias,
+    };
+    Ok(Some((fused, views)))
 }
 
 /// RMSNorm (Llama family) or LayerNorm with bias (GPT-NeoX).

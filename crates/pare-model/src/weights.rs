@@ -8,18 +8,19 @@ use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
-use pare_formats::{GgufFile, SafetensorsStore};
+use pare_formats::{GgmlType, GgufFile, SafetensorsStore};
+use pare_kernels::quant::{QuantMatrix, QuantType};
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::layers::Linear;
+use crate::layers::{Linear, QuantWeight};
 
 pub enum WeightSource {
     Gguf(GgufFile),
     Safetensors(SafetensorsStore),
 }
 
-/// How weights are materialized: a float dtype, or (GGUF only) kept quantized for QMatMul.
+/// How weights are materialized: a float dtype, or (GGUF only) kept in the file's quantized blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightDType {
     Float(DType),
@@ -147,8 +148,25 @@ impl Weights<'_> {
             (WeightDType::Quantized, WeightSource::Gguf(g)) => {
                 let name =
                     self.gguf_name(&weight_name).ok_or_else(|| ModelError::MissingWeight(weight_name.clone()))?;
-                if g.tensor_info(&name).is_none() {
+                let Some(info) = g.tensor_info(&name) else {
                     return Err(ModelError::MissingWeight(format!("{weight_name} (GGUF {name})")));
+                };
+                if let (Some(ty), true, &[rows, cols]) =
+                    (native_type(info.ggml_type), self.device.is_cpu(), info.shape.as_slice())
+                {
+                    let bytes = g.tensor_bytes(&name)?;
+                    let data = match self.permuted_heads(&weight_name, rows) {
+                        Some(heads) => permute_rows(bytes, rows, &unpermute_rows(rows, heads)?),
+                        None => bytes.to_vec(),
+                    };
+                    let m = QuantMatrix::new(ty, rows, cols, data)
+                        .map_err(|e| ModelError::input(format!("{weight_name} (GGUF {name}): {e}")))?;
+                    return Ok(Linear::Quantized {
+                        weight: QuantWeight::Native(m),
+                        out_features: rows,
+                        in_features: cols,
+                        bias,
+                    });
                 }
                 let q = g.qtensor(&name, self.device)?;
                 let q = match self.permuted_heads(&weight_name, q.shape().dims().first().copied().unwrap_or(0)) {
@@ -157,7 +175,12 @@ impl Weights<'_> {
                 };
                 let q = with_fast_kernel(q, self.device)?;
                 let (out_features, in_features) = q.shape().dims2()?;
-                Ok(Linear::Quantized { weight: QMatMul::from_qtensor(q)?, out_features, in_features, bias })
+                Ok(Linear::Quantized {
+                    weight: QuantWeight::Candle(QMatMul::from_qtensor(q)?),
+                    out_features,
+                    in_features,
+                    bias,
+                })
             }
             (WeightDType::Quantized, WeightSource::Safetensors(_)) => {
                 Err(ModelError::input("--dtype q keeps GGUF quantization; this checkpoint is not GGUF"))
@@ -202,16 +225,38 @@ pub fn unpermute_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
     Ok(order)
 }
 
-/// Reorder the rows of a quantized matrix. Blocks run along a row, so rows move as whole byte runs
-/// and the quantized values stay bit-identical.
-fn permute_quantized_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
-    let (rows, _) = q.shape().dims2()?;
-    let data = q.data()?;
+/// The block type pare's CPU kernels run for a GGUF type, if any.
+fn native_type(t: GgmlType) -> Option<QuantType> {
+    Some(match t {
+        GgmlType::Q4_0 => QuantType::Q4_0,
+        GgmlType::Q4_1 => QuantType::Q4_1,
+        GgmlType::Q5_0 => QuantType::Q5_0,
+        GgmlType::Q5_1 => QuantType::Q5_1,
+        GgmlType::Q8_0 => QuantType::Q8_0,
+        GgmlType::Q2K => QuantType::Q2K,
+        GgmlType::Q3K => QuantType::Q3K,
+        GgmlType::Q4K => QuantType::Q4K,
+        GgmlType::Q5K => QuantType::Q5K,
+        GgmlType::Q6K => QuantType::Q6K,
+        _ => return None,
+    })
+}
+
+/// Reorder the rows of a row-major matrix of `rows` equal byte runs. Quantized blocks run along a
+/// row, so rows move whole and the quantized values stay bit-identical.
+fn permute_rows(data: &[u8], rows: usize, order: &[usize]) -> Vec<u8> {
     let row_bytes = data.len() / rows;
     let mut out = Vec::with_capacity(data.len());
     for &r in order {
         out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
     }
+    out
+}
+
+/// [`permute_rows`] on a candle quantized tensor.
+fn permute_quantized_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
+    let (rows, _) = q.shape().dims2()?;
+    let out = permute_rows(&q.data()?, rows, order);
     let storage = QStorage::from_data(Cow::Owned(out), &q.device(), q.dtype())?;
     Ok(QTensor::new(storage, q.shape().clone())?)
 }
