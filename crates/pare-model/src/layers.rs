@@ -9,6 +9,8 @@ use crate::error::Result;
 
 /// From this many rows on, a quantized layer runs as a dense GEMM (see `forward`).
 const DENSE_ROWS: usize = 32;
+/// From this many rows on, pare's quantized layers run as a dense GEMM (see `native_matmul`).
+const NATIVE_DENSE_ROWS: usize = 64;
 
 /// y = x Wᵀ + b, with W dense (out, in) or kept quantized (`--dtype q`).
 #[derive(Debug, Clone)]
@@ -25,9 +27,18 @@ pub enum QuantWeight {
     Candle(QMatMul),
 }
 
-/// `x · mᵀ` through pare's quantized kernels: x (…, in) → (…, out), f32.
+/// `x · mᵀ`: x (…, in) → (…, out), f32. A few rows (decode) run pare's quantized kernels, which
+/// read the compact blocks once; from [`NATIVE_DENSE_ROWS`] rows on (prefill) the blocks are dequantized
+/// and multiplied by an f32 GEMM, which on AVX2 CPUs does twice the multiply-adds per cycle of the
+/// 8-bit integer kernels (measured on the dev VM: 36 against 17 GMAC per CPU-second at 512×576×1536;
+/// `cargo run --release -p pare-kernels --example quant_matmul`), more than paying for decoding
+/// each weight once per forward (1.4 CPU-ms for that matrix: the break-even is near 50 rows).
 fn native_matmul(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
+    if x.elem_count() / m.cols().max(1) >= NATIVE_DENSE_ROWS {
+        let w = Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), x.device())?;
+        return Linear::Dense { weight: w, bias: None }.forward(&x.to_dtype(DType::F32)?);
+    }
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let y = {
         let (storage, layout) = x.storage_and_layout();

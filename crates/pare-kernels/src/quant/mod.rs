@@ -34,6 +34,8 @@ pub const QK8: usize = 32;
 pub const QK_K: usize = 256;
 /// Activation rows one kernel call serves, decoding each weight block once for all of them.
 pub const ROWS: usize = 4;
+/// Activation rows a matmul keeps hot at a time (16 rows of 4096 columns: 68 KB of blocks).
+const M_TILE: usize = 16;
 
 /// A GGUF block type with a CPU kernel here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -257,17 +259,24 @@ impl QuantMatrix {
         (0..self.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let rows = c * chunk..((c + 1) * chunk).min(n_out);
             let out = &out;
-            for m0 in (0..m).step_by(ROWS) {
-                let take = (m - m0).min(ROWS);
-                let xs: [&[BlockQ8]; ROWS] =
-                    std::array::from_fn(|i| &xq[(m0 + i.min(take - 1)) * nb..(m0 + i.min(take - 1) + 1) * nb]);
+            // Activations in tiles of M_TILE rows, so a tile and the chunk's weight rows stay in
+            // L1/L2 while every pair of them is multiplied.
+            for t0 in (0..m).step_by(M_TILE) {
+                let t1 = (t0 + M_TILE).min(m);
                 for r in rows.clone() {
                     let w = self.row(r);
-                    let mut dots = [0f32; ROWS];
-                    kernel.dot(self.ty, w, &xs[..take], &mut dots[..take]);
-                    for (i, &v) in dots[..take].iter().enumerate() {
-                        // SAFETY: chunks own disjoint output rows r; (m0+i, r) is inside y.
-                        unsafe { *out.0.add((m0 + i) * n_out + r) = v };
+                    for m0 in (t0..t1).step_by(ROWS) {
+                        let take = (t1 - m0).min(ROWS);
+                        let xs: [&[BlockQ8]; ROWS] = std::array::from_fn(|i| {
+                            let row = m0 + i.min(take - 1);
+                            &xq[row * nb..(row + 1) * nb]
+                        });
+                        let mut dots = [0f32; ROWS];
+                        kernel.dot(self.ty, w, &xs[..take], &mut dots[..take]);
+                        for (i, &v) in dots[..take].iter().enumerate() {
+                            // SAFETY: chunks own disjoint output rows r; (m0+i, r) is inside y.
+                            unsafe { *out.0.add((m0 + i) * n_out + r) = v };
+                        }
                     }
                 }
             }
