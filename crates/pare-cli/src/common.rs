@@ -41,8 +41,7 @@ impl ModelArgs {
         if path.is_dir() {
             return false;
         }
-        pare_formats::GgufFile::open(&path)
-            .is_ok_and(|g| g.tensors.iter().any(|t| t.ggml_type.plain_dtype().is_none()))
+        pare_formats::GgufFile::open(&path).is_ok_and(|g| g.tensors.iter().any(|t| t.ggml_type.plain_dtype().is_none()))
     }
 
     pub fn weight_dtype(&self) -> Result<WeightDType> {
