@@ -257,6 +257,7 @@ fn ppl_rejects_empty_and_non_utf8_text() {
 fn bad_dtype_and_device() {
     expect(&["score", "--prompt", "hi", "--dtype", "f8"], "--dtype");
     expect(&["score", "--prompt", "hi", "--device", "tpu"], "--device");
+    expect(&["score", "--prompt", "hi", "--threads", "0"], "--threads");
 }
 
 #[test]
