@@ -14,8 +14,8 @@ DEPTHS=${DEPTHS:-"0 512 2048"}
 GEN=${GEN:-128}
 REPS=${REPS:-3}
 BIN=$(bench/build-llama-cpp.sh | tail -1)
-cargo build --release --locked -p pare-cli >&2
 PARE=target/release/pare
+[[ -x $PARE ]] || cargo build --release --locked -p pare-cli >&2
 if [[ $# -gt 0 ]]; then MODELS=("$@"); else
   MODELS=(assets/SmolLM2-135M-Instruct.Q4_1.gguf assets/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf)
 fi
