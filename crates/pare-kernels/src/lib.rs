@@ -209,7 +209,6 @@ pub fn attention_decode_uniform(
     if q.device().is_cuda() {
         return cuda::attention_decode_uniform(q, keys, values, skip, scale);
     }
-    let _ = kv_heads;
     let views = |t: &Tensor| -> Result<Vec<Tensor>> {
         (0..batch * kv_heads).map(|i| t.get(i / kv_heads)?.get(i % kv_heads)).collect()
     };
@@ -327,6 +326,27 @@ fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A uniform cache passed whole gives what its per-(row, head) views give, skips per row.
+    #[test]
+    fn attention_decode_uniform_matches_views() {
+        let dev = candle_core::Device::Cpu;
+        let (b, h, kvh, cap, len, d) = (3, 8, 2, 20, 13, 64);
+        let k = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &dev).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (b, h, d), &dev).unwrap();
+        let (kw, vw) = (k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap());
+        let skip = [0, 2, 5];
+        let whole = attention_decode_uniform(&q, &kw, &vw, &skip, 0.125).unwrap();
+        let view = |t: &Tensor, i: usize| t.get(i / kvh).unwrap().get(i % kvh).unwrap();
+        let keys: Vec<Tensor> = (0..b * kvh).map(|i| view(&kw, i)).collect();
+        let values: Vec<Tensor> = (0..b * kvh).map(|i| view(&vw, i)).collect();
+        let per_head: Vec<usize> = (0..b * kvh).map(|i| skip[i / kvh]).collect();
+        let heads = attention_decode(&q, &keys, &values, &per_head, 0.125).unwrap();
+        let diff = (whole - heads).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        assert!(attention_decode_uniform(&q, &kw, &vw, &[0, 2], 0.125).is_err(), "one skip per row");
+    }
 
     /// The plan names only kernels that exist for its rows, and fills the GPU.
     #[test]
