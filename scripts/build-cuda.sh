@@ -61,12 +61,15 @@ cargo build --release --locked -p pare-cli --features cuda
 # Same package selection as the build above, so dependencies keep their features (no rebuild).
 TESTS=$(cargo test --release --locked -p pare-cli -p pare-kernels --features pare-cli/cuda --test gpu --no-run --message-format=json \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+# The kernels' benchmark (scripts/gpu-kernel-bench.sh runs it), same package selection again.
+cargo build --release --locked -p pare-cli -p pare-kernels --features pare-cli/cuda --example kernel_bench
 mkdir -p dist
 cp "$CARGO_TARGET_DIR/release/pare" dist/pare-cuda
 cp "$TESTS" dist/pare-kernels-gpu-tests
-strip dist/pare-cuda dist/pare-kernels-gpu-tests
+cp "$CARGO_TARGET_DIR/release/examples/kernel_bench" dist/pare-kernels-bench
+strip dist/pare-cuda dist/pare-kernels-gpu-tests dist/pare-kernels-bench
 # Compressed copies to send to the GPU machine (64 MiB per call, so `carry` .xfer/bin, not dist);
 # scripts/gpu-env.sh unpacks them into dist/ there.
 mkdir -p .xfer/bin
-for f in pare-cuda pare-kernels-gpu-tests; do xz -T2 -6 -c "dist/$f" >".xfer/bin/$f.xz"; done
+for f in pare-cuda pare-kernels-gpu-tests pare-kernels-bench; do xz -T2 -6 -c "dist/$f" >".xfer/bin/$f.xz"; done
 ls -l dist/ .xfer/bin/

@@ -162,8 +162,10 @@ ROPE(f16, f16)
 //
 // Where the caches are comes as a table passed by value (no upload per call): for each (row, KV
 // head) of this launch, key and value pointers, the entry count, and how many leading entries to
-// skip (left padding, entries outside a sliding window).
-#define MAX_TABLE 64
+// skip (left padding, entries outside a sliding window). 256 entries (6 KiB of parameters, within
+// the 32 KiB CUDA 12.1+ allows) cover 32 rows × 8 KV heads in one launch: split over 64-entry
+// launches, a batch of 32 ran 4 launches of 1.5 blocks per SM each, 29 µs apiece (H100, ncu).
+#define MAX_TABLE 256
 struct HeadTable {
     unsigned long long k[MAX_TABLE];
     unsigned long long v[MAX_TABLE];
@@ -548,10 +550,10 @@ FLASH_PREFILL(f16, f16, 128)
 // ---------------------------------------------------------------------------------------------
 // Skinny matrix products for decode: y (B, N) = x (B, K) · Wᵀ with W (N, K) row-major and B ≤ 8.
 // Decode reads every weight once per step, so this is a pass over W at memory speed: 16-byte
-// streaming loads of W (kept out of L1, where the rows of x stay), four in flight per lane, f32
+// streaming loads of W (kept out of L1, where the rows of x stay), U in flight per lane, f32
 // accumulation. `wpr` warps share a row when there are too few rows to fill the GPU (k/v
 // projections); each takes a slice of K and the block adds the slices up.
-template <int B, typename T>
+template <int B, typename T, int U>
 __device__ void gemv_impl(const T* x, long long x_stride, const T* w, T* y, int N, int K, int wpr) {
     __shared__ float partial[8][B];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -566,15 +568,15 @@ __device__ void gemv_impl(const T* x, long long x_stride, const T* w, T* y, int 
     for (int b = 0; b < B; b++) acc[b] = 0.f;
     if (n < N) {
         const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * K);
-        for (int c = c_begin + lane; c < c_end; c += 32 * 4) {
-            uint4 wv[4];
+        for (int c = c_begin + lane; c < c_end; c += 32 * U) {
+            uint4 wv[U];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < U; u++) {
                 int cc = c + u * 32;
                 wv[u] = cc < c_end ? __ldcs(wr + cc) : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < U; u++) {
                 int cc = c + u * 32;
                 if (cc >= c_end) break;
                 float wf[8];
@@ -613,16 +615,141 @@ __device__ void gemv_impl(const T* x, long long x_stride, const T* w, T* y, int 
     }
 }
 
-#define GEMV(T, NAME, B)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) gemv_##NAME##_b##B(const T* x, long long x_stride,  \
-                                                                         const T* w, T* y, int N, int K, \
-                                                                         int wpr) {                      \
-        gemv_impl<B, T>(x, x_stride, w, y, N, K, wpr);                                                    \
+#define GEMV(T, NAME, B, U, SFX)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gemv_##NAME##_b##B##SFX(const T* x, long long x_stride, \
+                                                                              const T* w, T* y, int N, int K, \
+                                                                              int wpr) {                      \
+        gemv_impl<B, T, U>(x, x_stride, w, y, N, K, wpr);                                                      \
     }
-#define GEMV_B(T, NAME) GEMV(T, NAME, 1) GEMV(T, NAME, 2) GEMV(T, NAME, 3) GEMV(T, NAME, 4) \
-                        GEMV(T, NAME, 5) GEMV(T, NAME, 6) GEMV(T, NAME, 7) GEMV(T, NAME, 8)
+// U = 4 loads in flight per lane (the H100's tuning) and U = 8 (`_u8`, for cards with more bandwidth).
+#define GEMV_U(T, NAME, B) GEMV(T, NAME, B, 4, ) GEMV(T, NAME, B, 8, _u8)
+#define GEMV_B(T, NAME) GEMV_U(T, NAME, 1) GEMV_U(T, NAME, 2) GEMV_U(T, NAME, 3) GEMV_U(T, NAME, 4) \
+                        GEMV_U(T, NAME, 5) GEMV_U(T, NAME, 6) GEMV_U(T, NAME, 7) GEMV_U(T, NAME, 8)
 GEMV_B(bf16, bf16)
 GEMV_B(f16, f16)
+
+// ---------------------------------------------------------------------------------------------
+// Small-M matrix products for batched decode: y (M, N) = x (M, K) · Wᵀ, M ≤ 32, on the tensor
+// cores (mma.sync m16n8k16, f32 accumulation). A step of M sequences still reads W once, so the
+// kernel is a W stream like the GEMV; the products are nearly free. W rows are the mma's A side
+// (16 rows per tile), the rows of x its B side (8 per tile, NT tiles), so no operand is transposed.
+//
+// The order of k inside one dot product is free as long as W and x use the same one. Each lane
+// loads 16 bytes (8 consecutive k) of its W rows g and g+8 and the same 8 k of its x row g; the
+// first 4 go to one mma k-step and the last 4 to the next, in the slots the fragment layout gives
+// k = 2t, 2t+1, 2t+8, 2t+9. So the loads are whole 16-byte vectors straight from global memory
+// (4 lanes read 64 contiguous bytes of a row) with no shared-memory staging or shuffles.
+//
+// Block: S warps over the same 16·MT rows, each a slice of K (S is what fills the GPU: N/16 tiles
+// alone are too few), then an ordered sum of the slices through shared memory, so results do not
+// depend on timing. U 16-byte W loads per row and lane are issued before the first use.
+template <typename T, int NT, int MT, int U>
+__device__ void gemm_small_impl(const T* x, long long x_stride, const T* w, T* y, int M, int N, int K) {
+    extern __shared__ float red[];  // [S][MT*16][NT*8]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * (16 * MT);
+    const int KB = (K + 31) / 32;                  // k blocks of 32: 4 lanes × 8
+    const int per = (KB + S - 1) / S;
+    const int kb_begin = warp * per, kb_end = min(KB, kb_begin + per);
+
+    const T* wrow[MT][2];
+    bool wok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int r = n0 + mt * 16 + h * 8 + g;
+            wok[mt][h] = r < N;
+            wrow[mt][h] = w + (size_t)(wok[mt][h] ? r : 0) * K;
+        }
+    const T* xrow[NT];
+    bool xok[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        int m = nt * 8 + g;
+        xok[nt] = m < M;
+        xrow[nt] = x + (xok[nt] ? m : 0) * x_stride;
+    }
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+
+    for (int kb = kb_begin; kb < kb_end; kb += U) {
+        uint4 wv[U][MT][2];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int k = (kb + u) * 32 + 8 * t;
+            const bool in = kb + u < kb_end && k < K;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    wv[u][mt][h] = in && wok[mt][h] ? __ldcs(reinterpret_cast<const uint4*>(wrow[mt][h] + k))
+                                                    : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int k = (kb + u) * 32 + 8 * t;
+            const bool in = kb + u < kb_end && k < K;
+            uint4 xv[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                xv[nt] = in && xok[nt] ? *reinterpret_cast<const uint4*>(xrow[nt] + k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                const uint32_t a_lo[4] = {wv[u][mt][0].x, wv[u][mt][1].x, wv[u][mt][0].y, wv[u][mt][1].y};
+                const uint32_t a_hi[4] = {wv[u][mt][0].z, wv[u][mt][1].z, wv[u][mt][0].w, wv[u][mt][1].w};
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    mma16816<T>(acc[mt][nt], a_lo, xv[nt].x, xv[nt].y);
+                    mma16816<T>(acc[mt][nt], a_hi, xv[nt].z, xv[nt].w);
+                }
+            }
+        }
+    }
+
+    // acc[mt][nt]: c0, c1 = (W row g, x rows 2t, 2t+1), c2, c3 = (W row g+8, same x rows).
+    constexpr int R = MT * 16, C = NT * 8;
+    float* mine = red + warp * R * C;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const int r = mt * 16 + g, c = nt * 8 + 2 * t;
+            mine[r * C + c] = acc[mt][nt][0];
+            mine[r * C + c + 1] = acc[mt][nt][1];
+            mine[(r + 8) * C + c] = acc[mt][nt][2];
+            mine[(r + 8) * C + c + 1] = acc[mt][nt][3];
+        }
+    __syncthreads();
+    // Thread i sums element i over the warps in order; consecutive threads take consecutive W rows
+    // of one x row, so the stores to y are contiguous.
+    for (int i = threadIdx.x; i < R * C; i += blockDim.x) {
+        const int c = i / R, r = i % R;
+        const int n = n0 + r;
+        if (c >= M || n >= N) continue;
+        float s = 0.f;
+        for (int v = 0; v < S; v++) s += red[v * R * C + r * C + c];
+        y[(size_t)c * N + n] = from_f<T>(s);
+    }
+}
+
+#define GEMM_SMALL(T, NAME, NT, MT, U)                                                                    \
+    extern "C" __global__ void __launch_bounds__(512) gemm_small_##NAME##_n##NT##_m##MT##_u##U(           \
+        const T* x, long long x_stride, const T* w, T* y, int M, int N, int K) {                         \
+        gemm_small_impl<T, NT, MT, U>(x, x_stride, w, y, M, N, K);                                        \
+    }
+#define GEMM_SMALL_U(T, NAME, NT, MT) GEMM_SMALL(T, NAME, NT, MT, 2) GEMM_SMALL(T, NAME, NT, MT, 4) \
+                                      GEMM_SMALL(T, NAME, NT, MT, 8)
+#define GEMM_SMALL_M(T, NAME, NT) GEMM_SMALL_U(T, NAME, NT, 1) GEMM_SMALL_U(T, NAME, NT, 2)
+#define GEMM_SMALL_ALL(T, NAME) GEMM_SMALL_M(T, NAME, 1) GEMM_SMALL_M(T, NAME, 2) GEMM_SMALL_M(T, NAME, 3) \
+                                GEMM_SMALL_M(T, NAME, 4)
+GEMM_SMALL_ALL(bf16, bf16)
+GEMM_SMALL_ALL(f16, f16)
 
 // ---------------------------------------------------------------------------------------------
 // Sampling candidates. Per row of logits (V values): every token whose score s = l / T is at least

@@ -167,14 +167,28 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(out.tensor(gate.shape()))
 }
 
-/// Warps the GEMV aims to keep busy per multiprocessor: enough 16-byte loads in flight to cover
-/// HBM latency.
-const GEMV_WARPS_PER_SM: usize = 16;
+/// The device's memory bandwidth by its datasheet, bytes/s: memory clock × bus width × 2 (double
+/// data rate), read once. Picks the GEMV's loads in flight; None off CUDA or if the driver won't say.
+pub fn memory_bandwidth(device: &Device) -> Option<f64> {
+    let Device::Cuda(dev) = device else { return None };
+    Some(bandwidth(dev)).filter(|b| *b > 0.0)
+}
 
-pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+fn bandwidth(dev: &CudaDevice) -> f64 {
+    static BW: OnceLock<f64> = OnceLock::new();
+    *BW.get_or_init(|| {
+        let ctx = dev.cuda_stream().context().clone();
+        let attr = |a| ctx.attribute(a).map_or(0.0, |v| v.max(0) as f64);
+        let khz = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE);
+        let bits = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH);
+        2.0 * khz * 1e3 * bits / 8.0
+    })
+}
+
+pub fn gemv(x: &Tensor, w: &Tensor, kernel: Option<crate::GemvKernel>) -> Result<Tensor> {
     let ((rows, k), (n, _)) = (x.dims2()?, w.dims2()?);
     let dtype = x.dtype();
-    if !crate::gemv_fused(dtype, rows, k) || w.dtype() != dtype {
+    if !crate::gemv_supported(dtype, rows, k) || w.dtype() != dtype {
         candle_core::bail!("gemv: no kernel for {rows} rows of {k} in {dtype:?} (weights {:?})", w.dtype());
     }
     let dev = device(x)?;
@@ -185,28 +199,41 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         candle_core::bail!("gemv: operands must be 16-byte aligned");
     }
     let x_stride = if rows > 1 { x.stride()[0] as i64 } else { k as i64 };
-    let target = multiprocessors(&dev) * GEMV_WARPS_PER_SM;
-    let wpr = if n >= target { 1 } else { target.div_ceil(n).next_power_of_two().min(8) };
-    let rows_per_block = 8 / wpr;
+    let kernel = kernel.unwrap_or_else(|| crate::gemv_plan(rows, n, k, multiprocessors(&dev), bandwidth(&dev)));
     let out = Out::new(&dev, dtype, rows * n)?;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (n_i, k_i, wpr_i) = (n as i32, k as i32, wpr as i32);
-    launch!(
-        &dev,
-        &format!("gemv_{}_b{rows}", suffix(dtype)?),
-        cfg,
-        &xa,
-        &x_stride,
-        &wa,
-        &out.address,
-        &n_i,
-        &k_i,
-        &wpr_i
-    );
+    let sfx = suffix(dtype)?;
+    let (n_i, k_i) = (n as i32, k as i32);
+    match kernel {
+        crate::GemvKernel::Warp { loads, warps_per_row } => {
+            if rows > 8 || !matches!(loads, 4 | 8) || !matches!(warps_per_row, 1 | 2 | 4 | 8) {
+                candle_core::bail!("gemv: {kernel:?} does not run {rows} rows");
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(8 / warps_per_row) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let name = format!("gemv_{sfx}_b{rows}{}", if loads == 8 { "_u8" } else { "" });
+            let wpr_i = warps_per_row as i32;
+            launch!(&dev, &name, cfg, &xa, &x_stride, &wa, &out.address, &n_i, &k_i, &wpr_i);
+        }
+        crate::GemvKernel::Mma { m_tiles, loads, split } => {
+            if !matches!(m_tiles, 1 | 2) || !matches!(loads, 2 | 4 | 8) || !(1..=8).contains(&split) {
+                candle_core::bail!("gemv: no kernel {kernel:?}");
+            }
+            let n_tiles = rows.div_ceil(8);
+            // The ordered sum of the warps' slices: split × (16·m_tiles) × (8·n_tiles) f32 (≤ 32 KiB).
+            let smem = split * 16 * m_tiles * 8 * n_tiles * 4;
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(16 * m_tiles) as u32, 1, 1),
+                block_dim: (32 * split as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let name = format!("gemm_small_{sfx}_n{n_tiles}_m{m_tiles}_u{loads}");
+            let m_i = rows as i32;
+            launch!(&dev, &name, cfg, &xa, &x_stride, &wa, &out.address, &m_i, &n_i, &k_i);
+        }
+    }
     Ok(out.tensor((rows, n)))
 }
 
@@ -258,7 +285,7 @@ pub fn rope_split_heads(x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor,
 }
 
 /// kernels/pare.cu's HeadTable: where each (row, KV head) of one launch keeps its cache.
-const MAX_TABLE: usize = 64;
+const MAX_TABLE: usize = 256;
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct HeadTable {
@@ -276,23 +303,10 @@ const DECODE_BLOCKS_PER_SM: usize = 4;
 const MIN_CHUNK: usize = 64;
 
 pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize], scale: f32) -> Result<Tensor> {
-    let (batch, heads, d) = q.dims3()?;
-    let n = keys.len();
-    let kv_heads = n / batch;
-    if !crate::attention_decode_fused(d, heads, kv_heads) {
-        candle_core::bail!(
-            "attention_decode: no kernel for head_dim {d} with {heads} query heads over {kv_heads} KV heads"
-        );
-    }
-    let group = heads / kv_heads;
-    let dev = device(q)?;
+    let (_, _, d) = q.dims3()?;
     let dtype = q.dtype();
-    let sfx = suffix(dtype)?;
-    let q = q.contiguous()?;
-    let qa = address(&q)?;
-    let mut ks = Vec::with_capacity(n);
-    let mut vs = Vec::with_capacity(n);
-    for (k, v) in keys.iter().zip(values) {
+    let mut heads = Vec::with_capacity(keys.len());
+    for ((k, v), &s) in keys.iter().zip(values).zip(skip) {
         for t in [k, v] {
             if t.dtype() != dtype || (t.dim(0)? > 1 && t.stride() != [d, 1]) {
                 candle_core::bail!(
@@ -302,40 +316,98 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
                 );
             }
         }
-        let (ka, va) = (address(k)?, address(v)?);
-        if ka % 16 != 0 || va % 16 != 0 || qa % 16 != 0 {
-            candle_core::bail!("attention_decode: caches and queries must be 16-byte aligned");
-        }
-        ks.push(ka);
-        vs.push(va);
+        heads.push(CacheHead { k: address(k)?, v: address(v)?, len: k.dim(0)?, skip: s });
     }
-    let visible: Vec<usize> =
-        keys.iter().zip(skip).map(|(k, &s)| k.dim(0).map(|len| len - s)).collect::<Result<_>>()?;
-    let longest = visible.iter().copied().max().unwrap_or(0);
+    decode_launch(q, &heads, scale)
+}
+
+pub fn attention_decode_uniform(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    skip: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
+    let (batch, kv_heads, len, d) = keys.dims4()?;
+    let dtype = q.dtype();
+    for t in [keys, values] {
+        if t.dtype() != dtype || (len > 1 && t.stride()[2..] != [d, 1]) {
+            candle_core::bail!(
+                "attention_decode: caches must be {dtype:?} with contiguous rows (got {:?}, strides {:?})",
+                t.dtype(),
+                t.stride()
+            );
+        }
+    }
+    let (ka, va) = (address(keys)?, address(values)?);
+    let (ks, vs) = (keys.stride(), values.stride());
+    let bytes = dtype.size_in_bytes() as u64;
+    let heads: Vec<CacheHead> = (0..batch * kv_heads)
+        .map(|i| {
+            let (row, head) = ((i / kv_heads) as u64, (i % kv_heads) as u64);
+            CacheHead {
+                k: ka + (row * ks[0] as u64 + head * ks[1] as u64) * bytes,
+                v: va + (row * vs[0] as u64 + head * vs[1] as u64) * bytes,
+                len,
+                skip: skip[i / kv_heads],
+            }
+        })
+        .collect();
+    decode_launch(q, &heads, scale)
+}
+
+/// Where one (row, KV head)'s cache is: key and value addresses, entries, leading entries skipped.
+struct CacheHead {
+    k: u64,
+    v: u64,
+    len: usize,
+    skip: usize,
+}
+
+/// One decode-attention launch per [`MAX_TABLE`] caches, then the merge of the splits.
+fn decode_launch(q: &Tensor, heads: &[CacheHead], scale: f32) -> Result<Tensor> {
+    let (batch, qheads, d) = q.dims3()?;
+    let n = heads.len();
+    let kv_heads = n / batch;
+    if !crate::attention_decode_fused(d, qheads, kv_heads) {
+        candle_core::bail!(
+            "attention_decode: no kernel for head_dim {d} with {qheads} query heads over {kv_heads} KV heads"
+        );
+    }
+    let group = qheads / kv_heads;
+    let dev = device(q)?;
+    let dtype = q.dtype();
+    let sfx = suffix(dtype)?;
+    let q = q.contiguous()?;
+    let qa = address(&q)?;
+    if qa % 16 != 0 || heads.iter().any(|h| h.k % 16 != 0 || h.v % 16 != 0) {
+        candle_core::bail!("attention_decode: caches and queries must be 16-byte aligned");
+    }
+    let longest = heads.iter().map(|h| h.len - h.skip).max().unwrap_or(0);
     let wanted_splits = (multiprocessors(&dev) * DECODE_BLOCKS_PER_SM).div_ceil(n).max(1);
     let chunk = longest.div_ceil(wanted_splits).max(MIN_CHUNK).next_multiple_of(32);
     let splits = longest.div_ceil(chunk).max(1);
 
-    let out = Out::new(&dev, dtype, batch * heads * d)?;
+    let out = Out::new(&dev, dtype, batch * qheads * d)?;
     let partial = if splits > 1 {
         Some((
-            Out::new(&dev, DType::F32, batch * heads * splits * d)?,
-            Out::new(&dev, DType::F32, batch * heads * splits * 2)?,
+            Out::new(&dev, DType::F32, batch * qheads * splits * d)?,
+            Out::new(&dev, DType::F32, batch * qheads * splits * 2)?,
         ))
     } else {
         None
     };
     let (acc_a, ml_a) = partial.as_ref().map_or((0, 0), |(a, m)| (a.address, m.address));
     let name = format!("attn_decode_{sfx}_d{d}_g{group}");
-    let (heads_i, kvh_i, splits_i, chunk_i) = (heads as i32, kv_heads as i32, splits as i32, chunk as i32);
+    let (heads_i, kvh_i, splits_i, chunk_i) = (qheads as i32, kv_heads as i32, splits as i32, chunk as i32);
     for first in (0..n).step_by(MAX_TABLE) {
         let count = (n - first).min(MAX_TABLE);
         let mut table = HeadTable { k: [0; MAX_TABLE], v: [0; MAX_TABLE], len: [0; MAX_TABLE], skip: [0; MAX_TABLE] };
-        for j in 0..count {
-            table.k[j] = ks[first + j];
-            table.v[j] = vs[first + j];
-            table.len[j] = keys[first + j].dim(0)? as i32;
-            table.skip[j] = skip[first + j] as i32;
+        for (j, h) in heads[first..first + count].iter().enumerate() {
+            table.k[j] = h.k;
+            table.v[j] = h.v;
+            table.len[j] = h.len as i32;
+            table.skip[j] = h.skip as i32;
         }
         let first_i = first as i32;
         let cfg =
@@ -358,14 +430,17 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
         );
     }
     if splits > 1 {
-        let cfg =
-            LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((batch * qheads) as u32, 1, 1),
+            block_dim: (d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let d_i = d as i32;
         launch!(&dev, &format!("attn_decode_combine_{sfx}"), cfg, &acc_a, &ml_a, &out.address, &splits_i, &d_i);
     }
     // The partial buffers are freed here, stream-ordered after the kernels that use them.
     drop(partial);
-    Ok(out.tensor((batch, heads, d)))
+    Ok(out.tensor((batch, qheads, d)))
 }
 
 pub fn attention_prefill(

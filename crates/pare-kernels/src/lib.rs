@@ -14,7 +14,7 @@ mod cuda;
 pub mod quant;
 pub mod threads;
 #[cfg(feature = "cuda")]
-pub use cuda::{gpu_memory, reset_gpu_memory_peak};
+pub use cuda::{gpu_memory, memory_bandwidth, reset_gpu_memory_peak};
 
 /// GPU memory in bytes: in use on the device (all processes), its size, and the most this process
 /// held in tensors since the last [`reset_gpu_memory_peak`] (the stream-ordered pool's high mark).
@@ -65,8 +65,9 @@ pub fn rope_split_heads(x: &Tensor, heads: usize, head_dim: usize, cos: &Tensor,
 }
 
 /// `x · wᵀ` for a few rows: x (rows, K), w (N, K) → (rows, N), f32 accumulation. On CUDA (bf16 or
-/// f16, rows ≤ 8, K a multiple of 8) a kernel that streams w once at memory speed — a decode
-/// step's matrix products; see [`gemv_fused`].
+/// f16, rows ≤ [`GEMV_MAX_ROWS`], K a multiple of 8) kernels that stream w once —
+/// a decode step's matrix products, one row per sequence of the batch; see [`gemv_fused`] for
+/// when they beat cuBLAS.
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let ((rows, k), (_, wk)) = (x.dims2()?, w.dims2()?);
     if k != wk || rows == 0 {
@@ -74,16 +75,95 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return cuda::gemv(x, w);
+        return cuda::gemv(x, w, None);
     }
     cpu::gemv(x, w)
 }
 
-/// Whether [`gemv`] has a CUDA kernel for these sizes.
+/// Most rows [`gemv`] has weight-streaming kernels for (the tensor-core one from 2 rows on).
+pub const GEMV_MAX_ROWS: usize = 32;
+
+/// Most rows for which callers should prefer [`gemv`] to a cuBLAS GEMM. Measured on an H100
+/// (docs/gpu-notes.md, 2026-12-06): cuBLAS streams the 8B decode weights at 97–99 % of the b1
+/// GEMV's rate for 8 to 32 rows, faster than both of pare's kernels from 5 rows on; the
+/// one-warp-per-row GEMV wins for 1 to 4.
+pub const GEMV_PREFERRED_ROWS: usize = 4;
+
+/// Which weight-streaming kernel runs a [`gemv`] on CUDA, and how it is split; [`gemv_plan`] picks
+/// one per shape. Public so the kernel benchmark can time every variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// One warp per weight row (`warps_per_row` share a row when rows are too few to fill the
+    /// GPU), `loads` 16-byte loads in flight per lane (4 or 8); 1 to 8 rows of x.
+    Warp { loads: usize, warps_per_row: usize },
+    /// Tensor-core tiles of 16·`m_tiles` weight rows (1 or 2) by up to 32 rows of x, `loads`
+    /// 16-byte loads per weight row and lane in flight (2, 4 or 8), K split over `split` warps (1..=8).
+    Mma { m_tiles: usize, loads: usize, split: usize },
+}
+
+/// Whether callers should run this product through [`gemv`] on CUDA (else a cuBLAS GEMM): bf16 or
+/// f16, K a multiple of 8, at most [`GEMV_PREFERRED_ROWS`] rows. `PARE_GEMV` in the environment
+/// picks other designs to compare in one benchmark run: `legacy` (the warp kernel up to 8 rows,
+/// the policy before 2026-12-06), `mma` (the tensor-core kernel for 2 to 32 rows).
 pub fn gemv_fused(dtype: candle_core::DType, rows: usize, k: usize) -> bool {
+    let max = match gemv_mode() {
+        GemvMode::Preferred => GEMV_PREFERRED_ROWS,
+        GemvMode::Legacy => 8,
+        GemvMode::Mma => GEMV_MAX_ROWS,
+    };
+    gemv_supported(dtype, rows, k) && rows <= max
+}
+
+/// Whether [`gemv`] has a CUDA kernel for these sizes at all.
+pub fn gemv_supported(dtype: candle_core::DType, rows: usize, k: usize) -> bool {
     matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
-        && (1..=8).contains(&rows)
+        && (1..=GEMV_MAX_ROWS).contains(&rows)
         && k.is_multiple_of(8)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GemvMode {
+    Preferred,
+    Legacy,
+    Mma,
+}
+
+fn gemv_mode() -> GemvMode {
+    static MODE: std::sync::OnceLock<GemvMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("PARE_GEMV").as_deref() {
+        Ok("legacy") => GemvMode::Legacy,
+        Ok("mma") => GemvMode::Mma,
+        _ => GemvMode::Preferred,
+    })
+}
+
+/// The kernel [`gemv`] runs for `rows` rows of x against an (n, k) weight on a GPU of
+/// `multiprocessors` SMs whose memory moves `bandwidth` bytes/s (its datasheet rate, read off the
+/// device at load). Up to 8 rows (4 preferred, see [`GEMV_PREFERRED_ROWS`]): the warp-per-row
+/// kernel, with twice the loads in flight on cards past 4 TB/s (the H200), whose latency ×
+/// bandwidth product is larger. More rows (or `PARE_GEMV=mma`): tensor-core tiles, two per warp
+/// from 17 rows on (halves the re-reads of x per weight byte), K split so that about 16 warps per
+/// SM stream the weight.
+pub fn gemv_plan(rows: usize, n: usize, k: usize, multiprocessors: usize, bandwidth: f64) -> GemvKernel {
+    let target = multiprocessors.max(1) * 16;
+    let legacy = gemv_mode() == GemvMode::Legacy;
+    if rows == 1 || (rows <= 8 && gemv_mode() != GemvMode::Mma) {
+        let loads = if bandwidth > 4.0e12 && !legacy { 8 } else { 4 };
+        let warps_per_row = if n >= target { 1 } else { target.div_ceil(n).next_power_of_two().min(8) };
+        return GemvKernel::Warp { loads, warps_per_row };
+    }
+    let m_tiles = if rows > 16 { 2 } else { 1 };
+    let tiles = n.div_ceil(16 * m_tiles);
+    // At least 4 k-blocks of 32 per warp, so the loads in flight are not all prologue.
+    let split = target.div_ceil(tiles).clamp(1, 8).min(k.div_ceil(32 * 4).max(1));
+    // 8 loads in flight per row and lane: the best variant at 8 to 24 rows in the H100 sweep.
+    GemvKernel::Mma { m_tiles, loads: 8, split }
+}
+
+/// [`gemv`] with a chosen kernel (benchmarks; the kernel must suit the rows, see [`GemvKernel`]).
+#[cfg(feature = "cuda")]
+pub fn gemv_with(x: &Tensor, w: &Tensor, kernel: GemvKernel) -> Result<Tensor> {
+    cuda::gemv(x, w, Some(kernel))
 }
 
 /// Attention of one query per row over per-(row, KV head) caches of any lengths.
@@ -100,6 +180,42 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
         return cuda::attention_decode(q, keys, values, skip, scale);
     }
     cpu::attention_decode(q, keys, values, skip, scale)
+}
+
+/// [`attention_decode`] over a uniform cache given whole: `keys`/`values` (batch, kv_heads,
+/// entries, head_dim), views allowed (rows contiguous), and `skip` per row (every head of a row
+/// skips the same prefix). The same kernel and result as passing the per-(row, head) views, without
+/// building batch × kv_heads tensors on the host every layer of every step: at 32 rows that host
+/// work, not the GPU, bounded the step.
+pub fn attention_decode_uniform(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    skip: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
+    let (batch, kv_heads, len, d) = keys.dims4()?;
+    if values.dims() != keys.dims() || skip.len() != batch || q.dims3()?.0 != batch || q.dims3()?.2 != d {
+        candle_core::bail!(
+            "attention_decode_uniform: q {:?}, keys {:?}, values {:?}, {} skips",
+            q.dims(),
+            keys.dims(),
+            values.dims(),
+            skip.len()
+        );
+    }
+    if skip.iter().any(|&s| s > len) {
+        candle_core::bail!("attention_decode_uniform: a skip past the {len} entries");
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::attention_decode_uniform(q, keys, values, skip, scale);
+    }
+    let views = |t: &Tensor| -> Result<Vec<Tensor>> {
+        (0..batch * kv_heads).map(|i| t.get(i / kv_heads)?.get(i % kv_heads)).collect()
+    };
+    let per_head: Vec<usize> = (0..batch * kv_heads).map(|i| skip[i / kv_heads]).collect();
+    cpu::attention_decode(q, &views(keys)?, &views(values)?, &per_head, scale)
 }
 
 /// Whether [`attention_decode`] runs as a fused kernel for these sizes on a CUDA device (else it
@@ -207,4 +323,54 @@ fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usi
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A uniform cache passed whole gives what its per-(row, head) views give, skips per row.
+    #[test]
+    fn attention_decode_uniform_matches_views() {
+        let dev = candle_core::Device::Cpu;
+        let (b, h, kvh, cap, len, d) = (3, 8, 2, 20, 13, 64);
+        let k = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &dev).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (b, h, d), &dev).unwrap();
+        let (kw, vw) = (k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap());
+        let skip = [0, 2, 5];
+        let whole = attention_decode_uniform(&q, &kw, &vw, &skip, 0.125).unwrap();
+        let view = |t: &Tensor, i: usize| t.get(i / kvh).unwrap().get(i % kvh).unwrap();
+        let keys: Vec<Tensor> = (0..b * kvh).map(|i| view(&kw, i)).collect();
+        let values: Vec<Tensor> = (0..b * kvh).map(|i| view(&vw, i)).collect();
+        let per_head: Vec<usize> = (0..b * kvh).map(|i| skip[i / kvh]).collect();
+        let heads = attention_decode(&q, &keys, &values, &per_head, 0.125).unwrap();
+        let diff = (whole - heads).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        assert!(attention_decode_uniform(&q, &kw, &vw, &[0, 2], 0.125).is_err(), "one skip per row");
+    }
+
+    /// The plan names only kernels that exist for its rows, and fills the GPU.
+    #[test]
+    fn gemv_plan_is_runnable() {
+        for rows in 1..=GEMV_MAX_ROWS {
+            for (n, k) in [(1024, 4096), (6144, 4096), (4096, 14336), (128256, 4096), (49, 40)] {
+                for bw in [3.35e12, 4.8e12] {
+                    match gemv_plan(rows, n, k, 132, bw) {
+                        GemvKernel::Warp { loads, warps_per_row } => {
+                            assert!(rows <= 8 && matches!(loads, 4 | 8) && matches!(warps_per_row, 1 | 2 | 4 | 8));
+                            assert!(n * warps_per_row >= 132 * 16 || warps_per_row == 8, "{rows} {n}");
+                        }
+                        GemvKernel::Mma { m_tiles, loads, split } => {
+                            assert!(rows >= 2 && matches!(m_tiles, 1 | 2) && matches!(loads, 2 | 4 | 8));
+                            assert!((1..=8).contains(&split));
+                            assert!(split * 16 * m_tiles * rows.div_ceil(8) * 8 * 4 <= 32 * 1024);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(matches!(gemv_plan(1, 4096, 4096, 132, 4.8e12), GemvKernel::Warp { loads: 8, .. }));
+        assert!(matches!(gemv_plan(1, 4096, 4096, 132, 3.35e12), GemvKernel::Warp { loads: 4, .. }));
+    }
 }

@@ -111,6 +111,7 @@ fn attention_decode_uniform_caches() {
         (DType::F32, 3, 9, 3, 64, 700),
         (DType::BF16, 1, 14, 2, 64, 4097),
         (DType::F16, 9, 16, 8, 128, 130),
+        (DType::BF16, 40, 32, 8, 128, 300),
     ] {
         let cap = len + 37;
         let kb = randn(&[b, kvh, cap, d], 1.0, dtype, &dev);
@@ -121,8 +122,14 @@ fn attention_decode_uniform_caches() {
         let skip: Vec<usize> = (0..b * kvh).map(|i| i / kvh).collect();
         let scale = 1.0 / (d as f32).sqrt();
         let out = pare_kernels::attention_decode(&q, &keys, &values, &skip, scale).unwrap();
-        let e = rel_err(&out, &cpu::attention_decode(&q, &keys, &values, &skip, scale).unwrap());
+        let reference = cpu::attention_decode(&q, &keys, &values, &skip, scale).unwrap();
+        let e = rel_err(&out, &reference);
         assert!(e <= tol(dtype), "attention {dtype:?} b{b} h{h} kvh{kvh} d{d} len{len}: {e}");
+        // The same cache passed whole: the same kernel on the same addresses, so the same bits.
+        let row_skip: Vec<usize> = (0..b).collect();
+        let (kw, vw) = (kb.narrow(2, 0, len).unwrap(), vb.narrow(2, 0, len).unwrap());
+        let whole = pare_kernels::attention_decode_uniform(&q, &kw, &vw, &row_skip, scale).unwrap();
+        assert_eq!(rel_err(&whole, &out), 0.0, "uniform cache passed whole, b{b} kvh{kvh} len{len}");
     }
 }
 
@@ -192,13 +199,19 @@ fn attention_prefill_flash() {
 #[test]
 fn gemv_decode_products() {
     let dev = gpu();
-    // Llama-3-8B's k/v (few rows: warps share them), o, down and LM-head shapes; odd sizes.
+    // Llama-3-8B's k/v (few rows: warps share them), o, down and LM-head shapes; odd sizes; batched
+    // decode up to 32 rows (tensor-core tiles, K not a multiple of 32, N not of 16).
     for (dtype, rows, n, k) in [
         (DType::BF16, 1, 1024, 4096),
         (DType::BF16, 8, 4096, 14336),
         (DType::BF16, 3, 32001, 576),
         (DType::F16, 5, 896, 4864),
         (DType::BF16, 1, 100, 8),
+        (DType::BF16, 32, 6144, 4096),
+        (DType::BF16, 17, 1000, 4104),
+        (DType::F16, 12, 4864, 896),
+        (DType::BF16, 9, 49, 40),
+        (DType::BF16, 24, 4096, 14336),
     ] {
         let x = randn(&[rows, k], 1.0, dtype, &dev);
         let w = randn(&[n, k], 0.02, dtype, &dev);
@@ -206,11 +219,44 @@ fn gemv_decode_products() {
         assert!(e <= tol(dtype), "gemv {dtype:?} {rows}×{k} · ({n}×{k})ᵀ: {e}");
     }
     // Rows of x a view into a wider tensor (a slice of the last position of each sequence).
-    let wide = randn(&[4, 4096 + 64], 1.0, DType::BF16, &dev);
-    let x = wide.narrow(1, 64, 4096).unwrap();
-    let w = randn(&[512, 4096], 0.02, DType::BF16, &dev);
-    let e = rel_err(&pare_kernels::gemv(&x, &w).unwrap(), &cpu::gemv(&x, &w).unwrap());
-    assert!(e <= tol(DType::BF16), "gemv on a strided x: {e}");
+    for rows in [4, 20] {
+        let wide = randn(&[rows, 4096 + 64], 1.0, DType::BF16, &dev);
+        let x = wide.narrow(1, 64, 4096).unwrap();
+        let w = randn(&[512, 4096], 0.02, DType::BF16, &dev);
+        let e = rel_err(&pare_kernels::gemv(&x, &w).unwrap(), &cpu::gemv(&x, &w).unwrap());
+        assert!(e <= tol(DType::BF16), "gemv on a strided x of {rows} rows: {e}");
+    }
+}
+
+/// Every kernel variant the benchmark may pick, not only the ones the plan picks today.
+#[test]
+fn gemv_every_variant() {
+    use pare_kernels::GemvKernel;
+    let dev = gpu();
+    for (rows, n, k) in [(1, 300, 2056), (6, 333, 1000), (16, 1040, 2048), (29, 77, 4104)] {
+        let x = randn(&[rows, k], 1.0, DType::BF16, &dev);
+        let w = randn(&[n, k], 0.02, DType::BF16, &dev);
+        let reference = cpu::gemv(&x, &w).unwrap();
+        let mut kernels = Vec::new();
+        if rows <= 8 {
+            for loads in [4, 8] {
+                for warps_per_row in [1, 2, 4, 8] {
+                    kernels.push(GemvKernel::Warp { loads, warps_per_row });
+                }
+            }
+        }
+        for m_tiles in [1, 2] {
+            for loads in [2, 4, 8] {
+                for split in [1, 3, 8] {
+                    kernels.push(GemvKernel::Mma { m_tiles, loads, split });
+                }
+            }
+        }
+        for kernel in kernels {
+            let e = rel_err(&pare_kernels::gemv_with(&x, &w, kernel).unwrap(), &reference);
+            assert!(e <= tol(DType::BF16), "{kernel:?} {rows}×{k} · ({n}×{k})ᵀ: {e}");
+        }
+    }
 }
 
 #[test]

@@ -146,6 +146,23 @@ impl Attention {
         }
         let scale = 1.0 / (d as f32).sqrt();
         if seq == 1 && pare_kernels::attention_decode_fused(d, h, kvh) {
+            // A uniform cache: one visibility scan per row and the cache passed whole, instead of
+            // batch × kv_heads scans and views (host work that bounded the step at 32 rows).
+            if let (Some(rows), Some((k, v))) = (kv.row_positions(), kv.kv()?) {
+                let mut skip = Vec::with_capacity(batch);
+                for (b, positions) in rows.iter().enumerate() {
+                    let query_pos = query_positions[b][0];
+                    let visible =
+                        |p: i64| p >= 0 && p <= query_pos && sliding_window.map_or(true, |w| query_pos - p < w as i64);
+                    let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
+                    if !positions[hidden..].iter().all(|&p| visible(p)) {
+                        return Ok(None);
+                    }
+                    skip.push(hidden);
+                }
+                let out = pare_kernels::attention_decode_uniform(&q.squeeze(2)?, &k, &v, &skip, scale)?;
+                return Ok(Some(out.unsqueeze(2)?));
+            }
             let (mut keys, mut values, mut skip) = (Vec::new(), Vec::new(), Vec::new());
             for (b, query) in query_positions.iter().enumerate().take(batch) {
                 let query_pos = query[0];
