@@ -153,7 +153,7 @@ impl Attention {
                 for (b, positions) in rows.iter().enumerate() {
                     let query_pos = query_positions[b][0];
                     let visible =
-                        |p: i64| p >= 0 && p <= query_pos && sliding_window.map_or(true, |w| query_pos - p < w as i64);
+                        |p: i64| p >= 0 && p <= query_pos && sliding_window.is_none_or(|w| query_pos - p < w as i64);
                     let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
                     if !positions[hidden..].iter().all(|&p| visible(p)) {
                         return Ok(None);
