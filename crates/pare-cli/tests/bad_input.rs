@@ -304,7 +304,9 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");
     check(&["--press", "knorm+snapkv", "--ratio", "0.5"], "not a wrapper");
     check(&["--press", "decoding+knorm"], "decoding needs --budget");
-    expect(&["eval", "ppl", "--text", "README.md", "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
+    let readme = repo().join("README.md");
+    let readme = readme.to_str().unwrap();
+    expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
     expect(&["eval", "needle", "--depths", "150"], "percentages in [0, 100]");
     expect(
         &["eval", "compare", "--text", "README.md", "--ctx", "64", "--continuation", "64"],
