@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PARE := target/release/pare
 
-.PHONY: demo test lint assets assets-extra assets-eval build fixtures bench clean-assets
+.PHONY: demo test lint assets assets-extra assets-eval build fixtures bench fuzz clean-assets
 
 ## Fetch assets, build, and run one generation with the default model.
 demo: assets build
@@ -50,3 +50,14 @@ fixtures: assets assets-extra assets-eval
 ## CPU benchmark: pare against HF transformers, side by side.
 bench: assets build
 	bench/cpu_bench.sh
+
+## Fuzz each parser of untrusted input for FUZZ_SECONDS (nightly + cargo-fuzz; never in CI).
+## Crashes land in fuzz/artifacts/TARGET/; see docs/reliability.md.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= gguf safetensors config_json chat_template generation_config
+fuzz:
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t && \
+		nice cargo +nightly fuzz run --fuzz-dir fuzz $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=10 || exit 1; \
+	done

@@ -14,24 +14,79 @@ pub struct ModelArgs {
     /// Weight and activation dtype: f32, bf16, f16, or q (GGUF weights stay in the file's quantized
     /// blocks). Default: q for a quantized GGUF on cpu, else f32 on cpu and bf16 on cuda. f32 is
     /// the mode that matches HF transformers.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// Device: cpu, cuda (GPU 0) or cuda:N (CUDA builds, scripts/build-cuda.sh).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, default_value = "cpu", value_parser = parse_device_arg)]
+    pub device: DeviceArg,
+}
+
+/// `--dtype`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeArg {
+    #[value(alias = "float32")]
+    F32,
+    #[value(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "float16")]
+    F16,
+    #[value(alias = "quantized")]
+    Q,
+}
+
+impl DtypeArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+            DtypeArg::F16 => "f16",
+            DtypeArg::Q => "q",
+        }
+    }
+}
+
+/// `--device`: cpu or a CUDA ordinal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Cpu => write!(f, "cpu"),
+            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+fn parse_device_arg(spec: &str) -> std::result::Result<DeviceArg, String> {
+    match spec {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceArg::Cuda(n)),
+            _ => Err("expected cpu, cuda or cuda:N".into()),
+        },
+    }
 }
 
 impl ModelArgs {
-    /// The dtype's name as given, or the default: bf16 on a GPU (half the bytes per token and the
-    /// tensor cores' native type); on CPU a quantized GGUF runs in its own blocks, as llama.cpp
-    /// runs it, and anything else in f32 (bf16 matmuls are slow there).
-    pub fn dtype_name(&self) -> &str {
-        match &self.dtype {
-            Some(d) => d,
-            None if self.device.starts_with("cuda") => "bf16",
-            None if self.is_quantized_gguf() => "q",
-            None => "f32",
+    /// The dtype given, or the default: bf16 on a GPU (half the bytes per token and the tensor
+    /// cores' native type); on CPU a quantized GGUF runs in its own blocks, as llama.cpp runs it,
+    /// and anything else in f32 (bf16 matmuls are slow there).
+    pub fn dtype(&self) -> DtypeArg {
+        match (self.dtype, self.device) {
+            (Some(d), _) => d,
+            (None, DeviceArg::Cuda(_)) => DtypeArg::Bf16,
+            (None, DeviceArg::Cpu) if self.is_quantized_gguf() => DtypeArg::Q,
+            (None, DeviceArg::Cpu) => DtypeArg::F32,
         }
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        self.dtype().name()
     }
 
     /// Whether the model is a GGUF holding quantized tensors. A path that does not resolve or
@@ -44,25 +99,42 @@ impl ModelArgs {
         pare_formats::GgufFile::open(&path).is_ok_and(|g| g.tensors.iter().any(|t| t.ggml_type.plain_dtype().is_none()))
     }
 
-    pub fn weight_dtype(&self) -> Result<WeightDType> {
-        Ok(match self.dtype_name() {
-            "f32" | "float32" => WeightDType::Float(DType::F32),
-            "bf16" | "bfloat16" => WeightDType::Float(DType::BF16),
-            "f16" | "float16" => WeightDType::Float(DType::F16),
-            "q" | "quantized" => WeightDType::Quantized,
-            other => bail!("unknown --dtype {other:?} (expected f32, bf16, f16 or q)"),
-        })
+    pub fn weight_dtype(&self) -> WeightDType {
+        match self.dtype() {
+            DtypeArg::F32 => WeightDType::Float(DType::F32),
+            DtypeArg::Bf16 => WeightDType::Float(DType::BF16),
+            DtypeArg::F16 => WeightDType::Float(DType::F16),
+            DtypeArg::Q => WeightDType::Quantized,
+        }
     }
 
     pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device)
+        open_device(self.device)
     }
 
     pub fn load(&self) -> Result<LoadedModel> {
-        let dtype = self.weight_dtype()?;
         let device = self.device()?;
-        Ok(pare_model::load(&self.model, dtype, &device)?)
+        Ok(pare_model::load(&self.model, self.weight_dtype(), &device)?)
     }
+
+    /// For commands that compute in float32 only: an error naming any other --dtype given.
+    pub fn require_f32(&self, why: &str) -> Result<()> {
+        match self.dtype {
+            Some(d) if d != DtypeArg::F32 => bail!("{why}; drop --dtype {}", d.name()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Refuse a run of `sequences` sequences (prompts × beams) of `prompt` prompt tokens and
+/// `tokens` tokens in all that cannot fit in memory, before it starts (checked on CPU, whose
+/// memory /proc/meminfo tells).
+pub fn ensure_run_fits(loaded: &LoadedModel, sequences: usize, prompt: usize, tokens: usize) -> Result<()> {
+    if !loaded.model.device.is_cpu() {
+        return Ok(());
+    }
+    let bytes = loaded.model.config.run_bytes(loaded.model.dtype.size_in_bytes(), sequences, prompt, tokens);
+    Ok(pare_model::memory::ensure_fits(&format!("{sequences} sequences of {tokens} tokens"), bytes)?)
 }
 
 /// Tokenize a prompt, optionally wrapped in the model's chat template as one user message.
@@ -90,16 +162,8 @@ pub fn encode_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<V
     Ok(ids)
 }
 
-/// `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let ordinal = match spec {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => bail!("unknown --device {other:?} (expected cpu, cuda or cuda:N)"),
-        },
-    };
+fn open_device(spec: DeviceArg) -> Result<Device> {
+    let DeviceArg::Cuda(ordinal) = spec else { return Ok(Device::Cpu) };
     if !cfg!(feature = "cuda") {
         bail!("--device {spec}: this build of pare has no CUDA support (build it with scripts/build-cuda.sh)");
     }

@@ -2,12 +2,13 @@
 
 mod commands;
 mod common;
+mod output;
 mod press_args;
 mod prune_args;
 mod sampling_args;
 mod session;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -59,10 +60,21 @@ fn start_threads(threads: Option<usize>) -> anyhow::Result<()> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: clap's own text on stdout.
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => fail(&clap_one_line(&e), 2),
+    };
+    // A server keeps running when whoever reads its stdout goes away.
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_stdout();
+    }
     if let Err(e) = start_threads(cli.threads) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+        fail(&format!("{e:#}"), 1);
     }
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(a),
@@ -78,9 +90,63 @@ fn main() {
         Command::Serve(a) => commands::serve::run(a),
     };
     if let Err(e) = result {
-        // One line, whatever the chain of causes.
-        let message = format!("{e:#}").replace('\n', " ");
-        eprintln!("error: {message}");
-        std::process::exit(1);
+        fail(&error_one_line(&e), 1);
+    }
+}
+
+fn fail(message: &str, code: i32) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(code);
+}
+
+/// The command line with every value-taking flag accepting a leading `-`, so that
+/// `--max-new-tokens -1` is reported as an invalid value of that flag rather than as an
+/// unexpected argument `-1`.
+fn parse_args() -> Result<Cli, clap::Error> {
+    fn allow_negatives(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.mut_args(|a| if a.get_action().takes_values() { a.allow_negative_numbers(true) } else { a });
+        let names: Vec<String> = cmd.get_subcommands().map(|c| c.get_name().to_string()).collect();
+        names.into_iter().fold(cmd, |cmd, name| cmd.mut_subcommand(name, allow_negatives))
+    }
+    let matches = allow_negatives(Cli::command()).try_get_matches()?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// clap's message without its usage block and hints, on one line.
+fn clap_one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let kept: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    kept.join(" ").trim_start_matches("error: ").to_string()
+}
+
+/// The error and its causes on one line, leaving out a cause whose text is already there
+/// (library errors often print their source in their own message).
+fn error_one_line(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+/// Rust ignores SIGPIPE, so a write to a closed pipe (`pare … | head -3`) fails and `println!`
+/// panics. Restore the default action: the process ends quietly with 141, as Unix tools do.
+/// (Sockets are not affected: Rust writes to them with MSG_NOSIGNAL.)
+fn quiet_on_closed_stdout() {
+    // SAFETY: called in main before any other thread exists; SIG_DFL is a valid action.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -5,6 +5,35 @@ use clap::Args;
 use pare_model::TokenPruner;
 use pare_token_prune::{PruneSchedule, Pruner, Span, TokenScorer};
 
+/// `--prune-span`: a closed set plus a position range, parsed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PruneSpan {
+    #[default]
+    Prompt,
+    Image,
+    /// Positions START..END (end exclusive), START < END.
+    Range {
+        start: usize,
+        end: usize,
+    },
+}
+
+fn parse_prune_span(s: &str) -> std::result::Result<PruneSpan, String> {
+    match s {
+        "prompt" => Ok(PruneSpan::Prompt),
+        "image" => Ok(PruneSpan::Image),
+        range => {
+            let parsed = range
+                .split_once("..")
+                .and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
+            match parsed {
+                Some((start, end)) if start < end && i64::try_from(end).is_ok() => Ok(PruneSpan::Range { start, end }),
+                _ => Err("expected prompt, image or START..END with START < END".into()),
+            }
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone, Default)]
 pub struct PruneArgs {
     /// Drop prompt tokens inside the prefill: LAYER:KEEP[,LAYER:KEEP...] — layers from LAYER on
@@ -13,8 +42,8 @@ pub struct PruneArgs {
     pub prune_tokens: Option<String>,
     /// Which tokens may go: `prompt` (all but the last --protect-last), `image` (a VLM's image
     /// tokens), or a position range START..END.
-    #[arg(long, default_value = "prompt", help_heading = "Token pruning")]
-    pub prune_span: String,
+    #[arg(long, default_value = "prompt", value_parser = parse_prune_span, help_heading = "Token pruning")]
+    pub prune_span: PruneSpan,
     /// With --prune-span prompt: the last N prompt tokens are never dropped.
     #[arg(long, default_value_t = 8, help_heading = "Token pruning")]
     pub protect_last: usize,
@@ -31,23 +60,16 @@ impl PruneArgs {
         let Some(spec) = &self.prune_tokens else { return Ok(None) };
         let schedule = PruneSchedule::parse(spec)?;
         schedule.check(num_layers)?;
-        let span = match self.prune_span.as_str() {
-            "prompt" => Span::Prompt { protect_last: self.protect_last },
-            "image" => match image {
+        let span = match self.prune_span {
+            PruneSpan::Prompt => Span::Prompt { protect_last: self.protect_last },
+            PruneSpan::Image => match image {
                 Some(positions) => Span::Positions(vec![positions]),
                 None => {
                     bail!("--prune-span image needs a vision-language model (LLaVA); this model has no image tokens")
                 }
             },
-            range => {
-                let parsed = range
-                    .split_once("..")
-                    .and_then(|(a, b)| Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?)));
-                match parsed {
-                    Some((a, b)) if 0 <= a && a < b => Span::Range(a, b),
-                    _ => bail!("--prune-span must be prompt, image or START..END with START < END, got {range:?}"),
-                }
-            }
+            // Both fit i64: the parser checked the end.
+            PruneSpan::Range { start, end } => Span::Range(start as i64, end as i64),
         };
         let scorer = pare_token_prune::scorer(&self.prune_score, 0)?;
         if let TokenScorer::Learned(learned) = &scorer {

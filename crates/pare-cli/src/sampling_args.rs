@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use pare_generate::beam::EarlyStopping;
 use pare_generate::GenerationConfig;
 use pare_model::LoadedModel;
@@ -46,8 +46,8 @@ pub struct SamplingArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub length_penalty: Option<f32>,
     /// true, false or never.
-    #[arg(long)]
-    pub early_stopping: Option<String>,
+    #[arg(long, value_parser = parse_early_stopping)]
+    pub early_stopping: Option<EarlyStopping>,
     #[arg(long)]
     pub num_return_sequences: Option<usize>,
     #[arg(long)]
@@ -61,9 +61,9 @@ pub struct SamplingArgs {
     /// Text that must never be generated (repeatable).
     #[arg(long)]
     pub bad_words: Vec<String>,
-    /// ID=BIAS added to a token's logit (repeatable).
-    #[arg(long, allow_negative_numbers = true)]
-    pub logit_bias: Vec<String>,
+    /// ID=BIAS added to a token's logit (repeatable; -inf forbids the token).
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_logit_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Token ids that are never generated (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub suppress_tokens: Vec<u32>,
@@ -94,19 +94,25 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// HF defaults ← the model's generation config ← --config FILE ← flags.
-    pub fn generation_config(&self, loaded: &LoadedModel, max_new_tokens: usize) -> Result<GenerationConfig> {
-        let mut config =
-            loaded.generation_config.as_ref().map(GenerationConfig::from_model_defaults).unwrap_or_default();
+    /// HF defaults ← the model's generation config ← --config FILE ← flags, each layer checked on
+    /// its own first so that an error names the flag or file that holds the bad value.
+    /// `max_new_tokens` is the command's own flag (None: not given).
+    pub fn generation_config(&self, loaded: &LoadedModel, max_new_tokens: Option<usize>) -> Result<GenerationConfig> {
+        let mut config = GenerationConfig::default();
+        if let Some(json) = &loaded.generation_config {
+            let defaults = GenerationConfig::from_model_defaults(json);
+            defaults.check_values().map_err(|e| anyhow!("the model's generation_config.json: {e}"))?;
+            config.merge(&defaults);
+        }
         config.eos_token_id = Some(loaded.eos_token_ids());
-        config.max_new_tokens = Some(max_new_tokens);
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let file =
-                GenerationConfig::from_json_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let file = GenerationConfig::from_json_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            file.check_values().map_err(|e| anyhow!("{}: {e}", path.display()))?;
             config.merge(&file);
         }
-        let mut flags = GenerationConfig {
+        let flags = GenerationConfig {
+            max_new_tokens,
             do_sample: self.do_sample.then_some(true),
             temperature: self.temperature,
             top_k: self.top_k,
@@ -123,11 +129,12 @@ impl SamplingArgs {
             min_new_tokens: self.min_new_tokens,
             num_beams: self.num_beams,
             length_penalty: self.length_penalty,
-            early_stopping: self.early_stopping.as_deref().map(parse_early_stopping).transpose()?,
+            early_stopping: self.early_stopping,
             num_return_sequences: self.num_return_sequences,
             seed: self.seed,
             stop: (!self.stop.is_empty()).then(|| self.stop.clone()),
             bad_words: (!self.bad_words.is_empty()).then(|| self.bad_words.clone()),
+            logit_bias: (!self.logit_bias.is_empty()).then(|| self.logit_bias.iter().copied().collect()),
             suppress_tokens: (!self.suppress_tokens.is_empty()).then(|| self.suppress_tokens.clone()),
             max_time: self.max_time,
             mirostat: self.mirostat.then_some(true),
@@ -141,17 +148,7 @@ impl SamplingArgs {
             xtc_threshold: self.xtc_threshold,
             ..GenerationConfig::default()
         };
-        if !self.logit_bias.is_empty() {
-            let mut map = std::collections::BTreeMap::new();
-            for entry in &self.logit_bias {
-                let (id, bias) =
-                    entry.split_once('=').with_context(|| format!("--logit-bias {entry:?}: expected ID=BIAS"))?;
-                let id: u32 = id.trim().parse().with_context(|| format!("--logit-bias {entry:?}: bad token id"))?;
-                let bias: f32 = bias.trim().parse().with_context(|| format!("--logit-bias {entry:?}: bad bias"))?;
-                map.insert(id, bias);
-            }
-            flags.logit_bias = Some(map);
-        }
+        flags.check_values().map_err(|e| anyhow!("--{} {}", e.key.replace('_', "-"), e.problem))?;
         config.merge(&flags);
         if !self.stop_token.is_empty() {
             let tok = loaded.tokenizer()?;
@@ -174,16 +171,29 @@ impl SamplingArgs {
                 bail!("token id {id} is outside the vocabulary ({vocab})");
             }
         }
-        // Validated where it is used: `Generator::new`.
+        // Bounded here, so that no length computed from it downstream can overflow.
+        let ctx = loaded.model.config.max_position_embeddings;
+        if config.max_new_tokens() > ctx {
+            bail!("max_new_tokens {} exceeds the model's context of {ctx}", config.max_new_tokens());
+        }
+        // The combinations are validated where they are used: `Generator::new`.
         Ok(config)
     }
 }
 
-fn parse_early_stopping(s: &str) -> Result<EarlyStopping> {
-    Ok(match s {
-        "true" | "True" => EarlyStopping::True,
-        "false" | "False" => EarlyStopping::False,
-        "never" => EarlyStopping::Never,
-        other => bail!("--early-stopping {other:?}: expected true, false or never"),
-    })
+fn parse_early_stopping(s: &str) -> std::result::Result<EarlyStopping, String> {
+    match s {
+        "true" | "True" => Ok(EarlyStopping::True),
+        "false" | "False" => Ok(EarlyStopping::False),
+        "never" => Ok(EarlyStopping::Never),
+        _ => Err("expected true, false or never".into()),
+    }
+}
+
+/// `ID=BIAS`; the bias may be `-inf` (the token is never chosen).
+fn parse_logit_bias(entry: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, bias) = entry.split_once('=').ok_or("expected ID=BIAS")?;
+    let id = id.trim().parse().map_err(|_| format!("bad token id {:?}", id.trim()))?;
+    let bias = bias.trim().parse().map_err(|_| format!("bad bias {:?}", bias.trim()))?;
+    Ok((id, bias))
 }

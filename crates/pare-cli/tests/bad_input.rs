@@ -264,14 +264,14 @@ fn bad_dtype_and_device() {
 fn bad_decoding_parameters() {
     let base = ["generate", "--prompt", "x"];
     let cases: &[(&[&str], &str)] = &[
-        (&["--temperature", "-1"], "temperature"),
-        (&["--do-sample", "--top-p", "0"], "top_p"),
-        (&["--do-sample", "--top-p", "1.5"], "top_p"),
-        (&["--do-sample", "--top-k", "-2"], "top_k"),
-        (&["--do-sample", "--min-p", "1.5"], "min_p"),
-        (&["--num-beams", "0"], "num_beams"),
+        (&["--temperature", "-1"], "--temperature"),
+        (&["--do-sample", "--top-p", "0"], "--top-p"),
+        (&["--do-sample", "--top-p", "1.5"], "--top-p"),
+        (&["--do-sample", "--top-k", "-2"], "--top-k"),
+        (&["--do-sample", "--min-p", "1.5"], "--min-p"),
+        (&["--num-beams", "0"], "--num-beams"),
         (&["--num-beams", "2", "--num-return-sequences", "3"], "num_return_sequences"),
-        (&["--repetition-penalty", "0"], "repetition_penalty"),
+        (&["--repetition-penalty", "0"], "--repetition-penalty"),
         (&["--stop-token", "<|no such token|>"], "stop-token"),
         (&["--early-stopping", "sometimes"], "early-stopping"),
         (&["--logit-bias", "5"], "logit-bias"),
@@ -305,10 +305,305 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");
     check(&["--press", "knorm+snapkv", "--ratio", "0.5"], "not a wrapper");
     check(&["--press", "decoding+knorm"], "decoding needs --budget");
-    expect(&["eval", "ppl", "--text", "README.md", "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
+    let readme = repo().join("README.md");
+    let readme = readme.to_str().unwrap();
+    expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
     expect(&["eval", "needle", "--depths", "150"], "percentages in [0, 100]");
     expect(
         &["eval", "compare", "--text", "README.md", "--ctx", "64", "--continuation", "64"],
         "--continuation must be between",
     );
+}
+
+// ---- issue 14: one test per class of failure found by the hostile-input matrix ----
+
+fn pare_out(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pare")).args(args).current_dir(repo()).output().expect("run pare")
+}
+
+/// A copy of a fixture model directory under a fresh scratch name.
+fn copy_fixture(fixture: &str, name: &str) -> PathBuf {
+    let src = repo().join("tests/fixtures").join(fixture).join("model");
+    let dst = scratch(name);
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+    dst
+}
+
+/// Overwrite every value of one tensor of a safetensors checkpoint directory with NaN.
+fn poison_tensor(dir: &Path, tensor: &str) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let Some(info) = header.get(tensor) else { continue };
+        let nan: &[u8] = match info["dtype"].as_str().unwrap() {
+            "F32" => &[0x00, 0x00, 0xc0, 0x7f],
+            "F16" => &[0x00, 0x7e],
+            "BF16" => &[0xc0, 0x7f],
+            other => panic!("dtype {other}"),
+        };
+        let (a, b) =
+            (info["data_offsets"][0].as_u64().unwrap() as usize, info["data_offsets"][1].as_u64().unwrap() as usize);
+        for chunk in bytes[8 + n + a..8 + n + b].chunks_mut(nan.len()) {
+            chunk.copy_from_slice(nan);
+        }
+        std::fs::write(&path, bytes).unwrap();
+        return;
+    }
+    panic!("no tensor {tensor} in {}", dir.display());
+}
+
+#[test]
+fn class1_documented_values_and_closed_pipes_do_not_panic() {
+    let out = pare_out(&["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--logit-bias", "5=-inf"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A reader that goes away before pare writes: pare ends quietly (SIGPIPE or 0), no panic.
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pare"))
+        .args(["inspect", "--model", "tests/fixtures/llama-tiny/model"])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() || out.status.signal() == Some(13), "{:?}: {stderr}", out.status);
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+#[test]
+fn class2_invalid_numbers_are_refused_by_the_flag_or_file_that_holds_them() {
+    let base = ["generate", "--prompt", "x", "--max-new-tokens", "2"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--temperature", "nan"], "--temperature must be a finite number"),
+        (&["--temperature", "1e39"], "--temperature must be a finite number"),
+        (&["--do-sample", "--top-p", "nan"], "--top-p must be in (0, 1]"),
+        (&["--min-p", "nan"], "--min-p"),
+        (&["--repetition-penalty", "inf"], "--repetition-penalty"),
+        (&["--max-time", "nan"], "--max-time"),
+        (&["--length-penalty", "inf"], "--length-penalty"),
+        (&["--mirostat-tau", "nan"], "--mirostat-tau"),
+        (&["--logit-bias", "5=nan"], "--logit-bias"),
+    ];
+    for (extra, needle) in cases {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        expect(&args, needle);
+    }
+    let file = scratch("inf-temperature.json");
+    std::fs::write(&file, r#"{"temperature": 1e39}"#).unwrap();
+    let file_arg = file.to_str().unwrap();
+    let args: Vec<&str> = base.iter().copied().chain(["--config", file_arg]).collect();
+    let err = fails(&args);
+    assert!(err.contains("inf-temperature.json") && err.contains("temperature"), "{err}");
+
+    let dir = copy_fixture("gptneox-tiny", "negative-rope-theta");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.replace("\"rope_theta\": 10000", "\"rope_theta\": -1")).unwrap();
+    expect(&["inspect", "--model", dir.to_str().unwrap()], "rope_theta must be a finite number > 0");
+
+    let dir = copy_fixture("gptneox-tiny", "nan-weights");
+    poison_tensor(&dir, "gpt_neox.layers.0.mlp.dense_4h_to_h.weight");
+    expect(
+        &["generate", "--model", dir.to_str().unwrap(), "--prompt", "Hello", "--max-new-tokens", "2"],
+        "first appear in the output of layer 0",
+    );
+}
+
+#[test]
+fn class3_sizes_from_user_input_cannot_overflow() {
+    expect(&["generate", "--prompt", "x", "--max-new-tokens", "18446744073709551615"], "exceeds the model's context");
+    expect(
+        &["eval", "needle", "--ctx", "18446744073709551610", "--depths", "50"],
+        "--ctx 18446744073709551610 exceeds",
+    );
+    expect(&["flops", "--prompt-len", "4294967296", "--gen-len", "1"], "overflow");
+}
+
+#[test]
+fn class4_memory_is_estimated_before_allocating() {
+    // 2^40 layers with a per-layer list: refused at the list's length, before any allocation.
+    let dir = copy_fixture("gptneox-tiny", "huge-layers");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = (1u64 << 40).into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    expect(&["inspect", "--model", dir.to_str().unwrap()], "needs");
+    cfg["intermediate_size_per_layer"] = serde_json::json!([64, 64]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    expect(&["inspect", "--model", dir.to_str().unwrap()], "2 entries for 1099511627776 layers");
+
+    let scorer = scratch("huge-scorer.safetensors");
+    let header = r#"{"__metadata__":{"pare.kind":"token-scorer","hidden_size":"576","d":"64","layers":"1000000000000","heads":"2","ffn":"128"}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    std::fs::write(&scorer, bytes).unwrap();
+    let score_arg = format!("learned:{}", scorer.display());
+    expect(&["generate", "--prompt", "x", "--prune-tokens", "3:0.5", "--prune-score", &score_arg], "more weights");
+
+    let needs = "available";
+    expect(&["bench", "--batch", "1000000", "--prompt-len", "8", "--gen-len", "2"], needs);
+    expect(&["generate", "--prompt", "Hello", "--num-beams", "10000000", "--max-new-tokens", "2"], needs);
+    expect(
+        &["init-random", "--like", "llama3-8b", "--layers", "100000", "--out", scratch("no-init").to_str().unwrap()],
+        needs,
+    );
+    assert!(!scratch("no-init").exists());
+    let text = repo().join("assets/texts/tiny.utf8");
+    expect(
+        &[
+            "train-scorer",
+            "--layer",
+            "2",
+            "--text",
+            text.to_str().unwrap(),
+            "--d",
+            "1000000000",
+            "--out",
+            scratch("no-scorer.safetensors").to_str().unwrap(),
+        ],
+        needs,
+    );
+    let prompts = scratch("many-prompts.txt");
+    std::fs::write(&prompts, "a long enough prompt line\n".repeat(200_000)).unwrap();
+    expect(&["generate", "--prompts-file", prompts.to_str().unwrap(), "--max-new-tokens", "64"], needs);
+}
+
+#[test]
+fn class5_a_chat_template_that_never_ends_is_an_error() {
+    let dir = copy_fixture("gptneox-tiny", "endless-template");
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}",
+    )
+    .unwrap();
+    expect(
+        &["generate", "--model", dir.to_str().unwrap(), "--chat", "--prompt", "hi", "--max-new-tokens", "1"],
+        "did not finish",
+    );
+}
+
+#[test]
+fn class6_outputs_never_replace_inputs_or_existing_files() {
+    let model = copy_fixture("llama-tiny", "prune-source");
+    let m = model.to_str().unwrap();
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    for force in [false, true] {
+        let mut args = vec!["prune", "-m", m, "--importance", "l1", "--out", m];
+        if force {
+            args.push("--force");
+        }
+        expect(&args, "would overwrite the input");
+    }
+    assert_eq!(std::fs::read(model.join("model.safetensors")).unwrap(), before);
+
+    let existing = scratch("existing-out");
+    std::fs::create_dir_all(&existing).unwrap();
+    std::fs::write(existing.join("keep.txt"), "mine").unwrap();
+    expect(&["convert", "-m", "smollm2-135m", "--out", existing.to_str().unwrap()], "pass --force to replace it");
+    assert_eq!(std::fs::read_to_string(existing.join("keep.txt")).unwrap(), "mine");
+
+    let text = scratch("compare-text.txt");
+    std::fs::write(&text, "some text ".repeat(100)).unwrap();
+    let t = text.to_str().unwrap();
+    expect(&["eval", "compare", "--text", t, "--plot", t, "--force"], "would overwrite the input");
+    expect(&["train-scorer", "--layer", "2", "--text", t, "--out", t, "--force"], "would overwrite the input");
+    let weights = repo().join("tests/fixtures/gptneox-tiny/model/model-00001-of-00002.safetensors");
+    let w = weights.to_str().unwrap();
+    let gm = repo().join("tests/fixtures/gptneox-tiny/model");
+    expect(
+        &["train-scorer", "-m", gm.to_str().unwrap(), "--layer", "1", "--text", t, "--out", w, "--force"],
+        "would overwrite the input",
+    );
+    assert!(std::fs::read_to_string(&text).unwrap().starts_with("some text"));
+}
+
+#[test]
+fn class7_a_failed_command_leaves_no_output() {
+    let out_dir = scratch("mistral-gguf-out");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let mistral = repo().join("tests/fixtures/mistral-tiny/model");
+    expect(
+        &["prune", "-m", mistral.to_str().unwrap(), "--importance", "l1", "--gguf", "--out", out_dir.to_str().unwrap()],
+        "sliding-window",
+    );
+    assert!(!out_dir.exists());
+
+    let scorer = scratch("half-scorer.safetensors");
+    let text = repo().join("assets/texts/tiny.utf8");
+    let gm = repo().join("tests/fixtures/gptneox-tiny/model");
+    let args = [
+        "train-scorer",
+        "-m",
+        gm.to_str().unwrap(),
+        "--layer",
+        "1",
+        "--text",
+        text.to_str().unwrap(),
+        "--out",
+        scorer.to_str().unwrap(),
+        "--plot",
+        "/proc/pare-cannot-write-here/curve.svg",
+    ];
+    expect(&args, "--plot");
+    assert!(!scorer.exists());
+    let parent = scorer.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".half-scorer.safetensors.pare-tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn class8_flags_override_the_config_file() {
+    let file = scratch("ten-tokens.json");
+    std::fs::write(&file, r#"{"max_new_tokens": 10}"#).unwrap();
+    let out = pare_out(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "2",
+        "--config",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens = json.pointer("/sequences/0/tokens").and_then(|t| t.as_array()).map(Vec::len);
+    assert_eq!(tokens, Some(2), "{json}");
+}
+
+#[test]
+fn class9_messages_name_what_the_user_gave_on_one_line() {
+    expect(&["generate", "--prompt", "x", "--max-new-tokens", "-1"], "invalid value '-1' for '--max-new-tokens");
+    expect(&["generate"], "--prompt");
+    expect(&["prune", "--importance", "magic"], "--importance");
+    // An I/O error inside a library error used to print its cause twice.
+    let dir = scratch("config-is-a-dir");
+    std::fs::create_dir_all(dir.join("config.json")).unwrap();
+    let err = fails(&["inspect", "--model", dir.to_str().unwrap()]);
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
+    expect(&["eval", "compare", "--text", "README.md", "--needle-ctx", "0"], "--needle-ctx lengths must be positive");
+    let err = fails(&["eval", "ppl", "--text", "README.md", "--ctx", "0"]);
+    assert!(err.contains("--ctx") && !err.contains("--stride"), "{err}");
+    let (a, b) = (scratch("loop-a"), scratch("loop-b"));
+    let _ = (std::fs::remove_file(&a), std::fs::remove_file(&b));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    let err = fails(&["inspect", "--model", a.to_str().unwrap()]);
+    assert!(!err.contains("not found") && err.contains("symbolic links"), "{err}");
 }

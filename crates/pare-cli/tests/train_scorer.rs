@@ -113,6 +113,8 @@ fn train_scorer_writes_the_scorer_and_its_curve_and_eval_uses_it() {
         "gumbel",
         "--out",
         out.to_str().unwrap(),
+        // The first run's scorer is there: replacing it must be asked for.
+        "--force",
         "--plot",
         plot.to_str().unwrap(),
     ]);

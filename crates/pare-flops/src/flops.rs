@@ -203,7 +203,7 @@ impl Scenario {
     }
 
     pub fn prefill_len(&self) -> usize {
-        self.prompt_len + self.image_tokens
+        self.prompt_len.saturating_add(self.image_tokens)
     }
 }
 
@@ -288,6 +288,25 @@ fn kv_bytes(shapes: &TextShapes, entries: &[usize], per_value: usize) -> u64 {
     shapes.layers.iter().zip(entries).map(|(l, &e)| 2 * (l.kv_heads * shapes.head_dim * e * per_value) as u64).sum()
 }
 
+/// An upper bound of every count `analyze` makes (all tokens through the largest layer's terms,
+/// in every layer, twice over), None if it overflows: the counts themselves are then unchecked
+/// u64 arithmetic that cannot wrap.
+fn count_bound(shapes: &TextShapes, sc: &Scenario) -> Option<u64> {
+    let tokens = (sc.prefill_len() as u64).checked_add(sc.gen_len as u64)?;
+    let (h, d) = (shapes.hidden as u64, shapes.head_dim as u64);
+    let heads = shapes.layers.iter().map(|l| l.heads.max(l.kv_heads) as u64).max().unwrap_or(0);
+    let width = shapes.layers.iter().map(|l| l.mlp_width as u64).max().unwrap_or(0);
+    let per_token = [
+        tokens.checked_mul(heads)?.checked_mul(d)?.checked_mul(4)?,
+        h.checked_mul(heads)?.checked_mul(d)?.checked_mul(8)?,
+        h.checked_mul(width)?.checked_mul(6)?,
+        h.checked_mul(shapes.vocab as u64)?.checked_mul(2)?,
+    ];
+    let largest = per_token.into_iter().max()?;
+    let layers = shapes.layers.len() as u64 + 1;
+    tokens.checked_mul(largest)?.checked_mul(layers)?.checked_mul(8)
+}
+
 /// Count the prefill and decode of `sc` on a model of `shapes`.
 pub fn analyze(shapes: &TextShapes, sc: &Scenario) -> Result<Analysis> {
     if sc.prefill_len() == 0 {
@@ -298,6 +317,12 @@ pub fn analyze(shapes: &TextShapes, sc: &Scenario) -> Result<Analysis> {
     }
     if sc.kv_bytes_per_value == 0 {
         return Err(FlopsError::input("bytes per cached value must be positive"));
+    }
+    if count_bound(shapes, sc).is_none() {
+        return Err(FlopsError::input(format!(
+            "--prompt-len {} with --gen-len {}: the FLOP counts overflow 64 bits",
+            sc.prompt_len, sc.gen_len
+        )));
     }
     let seq = seq_per_layer(shapes.layers.len(), sc)?;
     let (h, d) = (shapes.hidden as u64, shapes.head_dim as u64);

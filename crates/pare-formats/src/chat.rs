@@ -34,9 +34,14 @@ fn raise_exception(message: String) -> std::result::Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }
 
-/// The environment transformers' `_compile_jinja_template` sets up.
+/// Template steps a chat rendering may take. Real templates take a few hundred per message;
+/// this bounds a hostile one to about a second.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// The environment transformers' `_compile_jinja_template` sets up, with a step limit.
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -76,6 +81,9 @@ pub fn render_chat(
 
 /// One line: the error, where it happened, and what caused it.
 fn describe(error: &Error) -> String {
+    if error.kind() == ErrorKind::OutOfFuel {
+        return format!("the chat template did not finish within {TEMPLATE_FUEL} steps");
+    }
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {

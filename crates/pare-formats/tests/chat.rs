@@ -96,3 +96,15 @@ fn template_errors() {
     let err = render_chat("{{ messages | tojson(bogus=1) }}", &msgs, true, None, None).unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
 }
+
+#[test]
+fn a_template_that_never_ends_is_stopped() {
+    let msgs = [ChatMessage::new("user", "hi")];
+    // 10^15 iterations: without a step limit this renders for days.
+    let endless = "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}\
+                   {{ a }}{% endfor %}{% endfor %}{% endfor %}";
+    let start = std::time::Instant::now();
+    let err = render_chat(endless, &msgs, true, None, None).unwrap_err();
+    assert!(err.to_string().contains("did not finish"), "{err}");
+    assert!(start.elapsed().as_secs() < 30, "took {:?}", start.elapsed());
+}

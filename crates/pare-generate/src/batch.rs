@@ -313,6 +313,10 @@ impl<'m> Batch<'m> {
         let mut events = Vec::new();
         for group in &mut self.groups {
             if group.decoding() {
+                if let Some(logits) = &group.logits {
+                    let first = &group.rows[0];
+                    pare_model::finite::check_logits(self.model, logits, &first.input_ids[..first.prompt_len])?;
+                }
                 choose(group, self.tokenizer, &mut events)?;
             }
         }

@@ -202,6 +202,7 @@ pub fn beam_search_with(
 
     loop {
         // a. Log-probs of every beam, processed.
+        pare_model::finite::check_logits(model, &logits, prompt)?;
         let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let mut scores: Vec<Vec<f32>> = Vec::with_capacity(nb);
         for (b, beam) in running.iter().enumerate() {

@@ -6,11 +6,26 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use thiserror::Error;
 
 use crate::beam::EarlyStopping;
 use crate::processors::chain::ProcessorConfig;
 use crate::processors::dry::DryConfig;
 use crate::processors::xtc::XtcConfig;
+
+/// A setting outside its range, by its key (HF's name; the CLI turns it into its flag).
+#[derive(Debug, Clone, PartialEq, Error)]
+#[error("{key} {problem}")]
+pub struct InvalidSetting {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+impl InvalidSetting {
+    fn new(key: &'static str, problem: String) -> Self {
+        InvalidSetting { key, problem }
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -59,18 +74,134 @@ pub struct GenerationConfig {
     pub xtc_threshold: Option<f32>,
 }
 
+/// A token id from JSON (ids past u32 are not ids: dropped, not truncated).
+fn token_id(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|x| u32::try_from(x).ok())
+}
+
 impl GenerationConfig {
-    /// Values set in `other` replace ours.
+    /// Values set in `other` replace ours. Field by field, as typed values: a JSON round-trip
+    /// would turn NaN and ±inf into null and silently drop them.
     pub fn merge(&mut self, other: &GenerationConfig) {
-        let mine = serde_json::to_value(&*self).expect("serializable");
-        let theirs = serde_json::to_value(other).expect("serializable");
-        let (Value::Object(mut a), Value::Object(b)) = (mine, theirs) else { unreachable!("structs are objects") };
-        for (k, v) in b {
-            if !v.is_null() {
-                a.insert(k, v);
+        macro_rules! overlay {
+            ($($field:ident),* $(,)?) => {{
+                // Exhaustive: a new field that is not listed here does not compile.
+                let GenerationConfig { $($field),* } = other;
+                $(if $field.is_some() {
+                    self.$field = $field.clone();
+                })*
+            }};
+        }
+        overlay!(
+            max_new_tokens,
+            min_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            typical_p,
+            epsilon_cutoff,
+            eta_cutoff,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            no_repeat_ngram_size,
+            num_beams,
+            length_penalty,
+            early_stopping,
+            num_return_sequences,
+            seed,
+            stop,
+            bad_words,
+            bad_words_ids,
+            logit_bias,
+            suppress_tokens,
+            max_time,
+            eos_token_id,
+            min_tokens_to_keep,
+            mirostat_tau,
+            mirostat_eta,
+            mirostat,
+            dry_multiplier,
+            dry_base,
+            dry_allowed_length,
+            dry_penalty_last_n,
+            dry_sequence_breakers,
+            xtc_probability,
+            xtc_threshold,
+        );
+    }
+
+    /// Every value that is set, alone, against its range (finite numbers, probabilities in
+    /// [0, 1], counts ≥ 1). Run on each layer before merging, so an error names the layer that
+    /// holds the value; `validate` runs it again with the checks that combine settings.
+    pub fn check_values(&self) -> Result<(), InvalidSetting> {
+        type Range = (&'static str, fn(f32) -> bool);
+        const FINITE: Range = ("a finite number", |v| v.is_finite());
+        const NON_NEGATIVE: Range = ("a finite number >= 0", |v| v.is_finite() && v >= 0.0);
+        const POSITIVE: Range = ("a finite number > 0", |v| v.is_finite() && v > 0.0);
+        const OPEN_UNIT: Range = ("in (0, 1]", |v| v > 0.0 && v <= 1.0);
+        const UNIT: Range = ("in [0, 1]", |v| (0.0..=1.0).contains(&v));
+        const HALF_OPEN_UNIT: Range = ("in [0, 1)", |v| (0.0..1.0).contains(&v));
+        const PENALTY: Range = ("in [-2, 2]", |v| (-2.0..=2.0).contains(&v));
+        const AT_LEAST_ONE: Range = ("a finite number >= 1", |v| v.is_finite() && v >= 1.0);
+        let floats: [(&'static str, Option<f32>, Range); 16] = [
+            ("temperature", self.temperature, NON_NEGATIVE),
+            ("top_p", self.top_p, OPEN_UNIT),
+            ("min_p", self.min_p, UNIT),
+            ("typical_p", self.typical_p, OPEN_UNIT),
+            ("epsilon_cutoff", self.epsilon_cutoff, HALF_OPEN_UNIT),
+            ("eta_cutoff", self.eta_cutoff, HALF_OPEN_UNIT),
+            ("repetition_penalty", self.repetition_penalty, POSITIVE),
+            ("presence_penalty", self.presence_penalty, PENALTY),
+            ("frequency_penalty", self.frequency_penalty, PENALTY),
+            ("length_penalty", self.length_penalty, FINITE),
+            ("mirostat_tau", self.mirostat_tau, POSITIVE),
+            ("mirostat_eta", self.mirostat_eta, NON_NEGATIVE),
+            ("dry_multiplier", self.dry_multiplier, NON_NEGATIVE),
+            ("dry_base", self.dry_base, AT_LEAST_ONE),
+            ("xtc_probability", self.xtc_probability, UNIT),
+            ("xtc_threshold", self.xtc_threshold, UNIT),
+        ];
+        for (key, value, (allowed, ok)) in floats {
+            if let Some(v) = value.filter(|&v| !ok(v)) {
+                return Err(InvalidSetting::new(key, format!("must be {allowed}, got {v}")));
             }
         }
-        *self = serde_json::from_value(Value::Object(a)).expect("same shape");
+        for (&token, &bias) in self.logit_bias.iter().flatten() {
+            // -inf is the documented way to forbid a token.
+            if bias.is_nan() || bias == f32::INFINITY {
+                return Err(InvalidSetting::new(
+                    "logit_bias",
+                    format!("for token {token} must be a number or -inf, got {bias}"),
+                ));
+            }
+        }
+        if let Some(t) = self.max_time.filter(|t| !(t.is_finite() && *t > 0.0)) {
+            return Err(InvalidSetting::new("max_time", format!("must be a finite number of seconds > 0, got {t}")));
+        }
+        let counts = [
+            ("num_beams", self.num_beams),
+            ("num_return_sequences", self.num_return_sequences),
+            ("min_tokens_to_keep", self.min_tokens_to_keep),
+        ];
+        if let Some((key, _)) = counts.into_iter().find(|(_, v)| *v == Some(0)) {
+            return Err(InvalidSetting::new(key, "must be at least 1".into()));
+        }
+        if let Some(k) = self.top_k.filter(|&k| k < 0) {
+            return Err(InvalidSetting::new("top_k", format!("must be >= 0 (0 = off), got {k}")));
+        }
+        if let Some(n) = self.dry_penalty_last_n.filter(|&n| n < -1) {
+            return Err(InvalidSetting::new(
+                "dry_penalty_last_n",
+                format!("must be >= -1 (-1 = whole context), got {n}"),
+            ));
+        }
+        if self.stop.iter().flatten().any(String::is_empty) {
+            return Err(InvalidSetting::new("stop", "strings must not be empty".into()));
+        }
+        Ok(())
     }
 
     /// Parse a `--config FILE.json` with the same names as the flags (HF GenerationConfig names).
@@ -95,8 +226,8 @@ impl GenerationConfig {
             length_penalty: f("length_penalty"),
             max_new_tokens: u("max_new_tokens"),
             eos_token_id: match json.get("eos_token_id") {
-                Some(Value::Array(a)) => Some(a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect()),
-                Some(v) => v.as_u64().map(|x| vec![x as u32]),
+                Some(Value::Array(a)) => Some(a.iter().filter_map(token_id).collect()),
+                Some(v) => token_id(v).map(|id| vec![id]),
                 None => None,
             },
             ..GenerationConfig::default()
@@ -119,14 +250,9 @@ impl GenerationConfig {
         self.max_new_tokens.unwrap_or(64)
     }
 
-    /// Check every value; one message naming the first bad one.
+    /// Check every value and how they combine; one message naming the first problem.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_beams == Some(0) {
-            return Err("num_beams must be at least 1".into());
-        }
-        if self.num_return_sequences == Some(0) {
-            return Err("num_return_sequences must be at least 1".into());
-        }
+        self.check_values().map_err(|e| e.to_string())?;
         if self.num_beams() > 1 && self.num_return_sequences() > self.num_beams() {
             return Err(format!(
                 "num_return_sequences ({}) must not exceed num_beams ({})",
@@ -139,26 +265,6 @@ impl GenerationConfig {
         }
         if self.num_beams() > 1 && self.do_sample() {
             return Err("beam search with sampling is not supported: use --num-beams or --do-sample".into());
-        }
-        if let Some(k) = self.top_k {
-            if k < 0 {
-                return Err(format!("top_k must be ≥ 0, got {k}"));
-            }
-        }
-        if let Some(t) = self.max_time {
-            if t.is_nan() || t <= 0.0 {
-                return Err(format!("max_time must be positive, got {t}"));
-            }
-        }
-        if let Some(lp) = self.length_penalty {
-            if !lp.is_finite() {
-                return Err("length_penalty must be finite".into());
-            }
-        }
-        if let Some(stop) = &self.stop {
-            if stop.iter().any(String::is_empty) {
-                return Err("a stop string must not be empty".into());
-            }
         }
         if self.mirostat == Some(true) && !self.do_sample() {
             return Err("mirostat samples: add --do-sample".into());
@@ -211,5 +317,36 @@ impl GenerationConfig {
                 ..XtcConfig::default()
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_keeps_non_finite_values_and_check_names_them() {
+        let mut config = GenerationConfig { temperature: Some(0.7), top_k: Some(5), ..GenerationConfig::default() };
+        let layer = GenerationConfig {
+            temperature: Some(f32::NAN),
+            logit_bias: Some([(5, f32::NEG_INFINITY)].into()),
+            ..GenerationConfig::default()
+        };
+        config.merge(&layer);
+        assert!(config.temperature.unwrap().is_nan(), "a NaN must reach the check, not vanish in the merge");
+        assert_eq!(config.top_k, Some(5), "unset values keep the lower layer's");
+        assert_eq!(config.logit_bias.as_ref().unwrap()[&5], f32::NEG_INFINITY);
+        let err = config.check_values().unwrap_err();
+        assert_eq!(err.key, "temperature");
+        config.temperature = Some(1.0);
+        config.check_values().expect("-inf is a valid logit bias");
+        for bad in [
+            GenerationConfig { top_p: Some(f32::NAN), ..GenerationConfig::default() },
+            GenerationConfig { max_time: Some(f64::INFINITY), ..GenerationConfig::default() },
+            GenerationConfig { length_penalty: Some(f32::INFINITY), ..GenerationConfig::default() },
+            GenerationConfig { num_beams: Some(0), ..GenerationConfig::default() },
+        ] {
+            assert!(bad.check_values().is_err() && bad.validate().is_err(), "{bad:?}");
+        }
     }
 }

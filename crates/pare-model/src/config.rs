@@ -145,13 +145,16 @@ impl LayerShapes {
         if per_layer.iter().all(Option::is_none) {
             return Ok(None);
         }
-        let mut lists = Vec::with_capacity(3);
-        for ((list, value), key) in per_layer.into_iter().zip(uniform).zip(Self::HF_KEYS) {
-            let list = list.unwrap_or_else(|| vec![value; num_layers]);
-            if list.len() != num_layers {
+        // Lengths first: a uniform value is repeated num_layers times only once a given list,
+        // bounded by the file's size, has shown that many layers.
+        for (list, key) in per_layer.iter().zip(Self::HF_KEYS) {
+            if let Some(list) = list.as_ref().filter(|l| l.len() != num_layers) {
                 return Err(format!("{key} has {} entries for {num_layers} layers", list.len()));
             }
-            lists.push(list);
+        }
+        let mut lists = Vec::with_capacity(3);
+        for (list, value) in per_layer.into_iter().zip(uniform) {
+            lists.push(list.unwrap_or_else(|| vec![value; num_layers]));
         }
         let shapes = LayerShapes {
             intermediate_size: lists.pop().unwrap(),
@@ -404,6 +407,26 @@ impl ModelConfig {
         }
         if [self.vocab_size, self.hidden_size, self.num_layers, self.intermediate_size].contains(&0) {
             return Err("vocab_size, hidden_size, num_hidden_layers and intermediate_size must be positive".into());
+        }
+        if self.head_dim == 0 || self.max_position_embeddings == 0 {
+            return Err("head_dim and max_position_embeddings must be positive".into());
+        }
+        // Non-finite or non-positive values here load, then turn every activation into NaN.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta must be a finite number > 0, got {}", self.rope_theta));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(format!("the norm epsilon must be a finite number > 0, got {}", self.norm_eps));
+        }
+        let factors = match self.rope_scaling {
+            RopeScaling::Default => vec![],
+            RopeScaling::Linear { factor } => vec![factor],
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, .. } => {
+                vec![factor, low_freq_factor, high_freq_factor]
+            }
+        };
+        if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(format!("rope scaling factors must be finite numbers > 0, got {f}"));
         }
         Ok(())
     }

@@ -20,6 +20,11 @@ pub enum ModelError {
     Input(String),
     #[error("model not found: {0} (a GGUF file, an HF directory, or an alias such as smollm2-135m; run `make assets` for the aliases)")]
     NotFound(String),
+    #[error("{0}")]
+    NonFinite(String),
+    /// What does not fit, how much it needs and how much is available.
+    #[error("{0}")]
+    OutOfMemory(String),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 }

@@ -82,10 +82,12 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
         };
     }
     let path = PathBuf::from(spec);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(ModelError::NotFound(spec.to_string()))
+    // Only a path that is not there is "not found"; a symlink loop or a permission problem is
+    // reported as what it is.
+    match std::fs::metadata(&path) {
+        Ok(_) => Ok(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ModelError::NotFound(spec.to_string())),
+        Err(source) => Err(ModelError::Io { path: spec.to_string(), source }),
     }
 }
 
@@ -185,6 +187,11 @@ impl DecoderNames {
 /// The decoder from pare's building blocks: shapes checked against the config, head counts and
 /// MLP widths read from each layer's weights (structurally pruned layers load as they are).
 pub fn build(config: &ModelConfig, w: &Weights, names: &DecoderNames) -> Result<Model> {
+    // On CPU the weights are copies in anonymous memory (quantized ones stay near their file size).
+    if let (WeightDType::Float(dtype), true) = (w.dtype, w.device.is_cpu()) {
+        let bytes = config.parameter_count().and_then(|n| n.checked_mul(dtype.size_in_bytes() as u64));
+        crate::memory::ensure_fits("loading the model's weights", bytes)?;
+    }
     let (embed_name, norm_prefix, head_name, layer_prefix) =
         (names.embed.as_str(), names.final_norm.as_str(), names.lm_head.as_str(), names.layers.as_str());
     let embed_tokens = w.tensor(embed_name)?;

@@ -37,7 +37,19 @@ impl ScorerShape {
                 "scorer: width {d} must be a positive multiple of the head count {heads}"
             )));
         }
-        Ok(ScorerShape { hidden, d, layers, heads, ffn: 2 * d })
+        let ffn = d.checked_mul(2).ok_or_else(|| PruneError::config(format!("scorer: width {d} is too large")))?;
+        Ok(ScorerShape { hidden, d, layers, heads, ffn })
+    }
+
+    /// Weights of a network of this shape (the sizes in [`layout`]), None if it overflows.
+    pub fn parameter_count(&self) -> Option<u64> {
+        let (h, d, ffn) = (self.hidden as u64, self.d as u64, self.ffn as u64);
+        let input = d.checked_mul(h)?.checked_mul(2)?.checked_add(d.checked_mul(POS_FEATURES as u64 + 3)?)?;
+        let attention = d.checked_mul(d)?.checked_mul(4)?.checked_add(d.checked_mul(8)?)?;
+        let mlp = ffn.checked_mul(d)?.checked_mul(2)?.checked_add(ffn)?.checked_add(d)?;
+        let layer = attention.checked_add(mlp)?;
+        let head = d.checked_mul(3)?.checked_add(1)?;
+        input.checked_add(layer.checked_mul(self.layers as u64)?)?.checked_add(head)
     }
 }
 
@@ -305,6 +317,17 @@ impl ScorerNet {
         };
         if shape.heads == 0 || !shape.d.is_multiple_of(shape.heads) {
             return Err(bad(format!("width {} is not a multiple of {} heads", shape.d, shape.heads)));
+        }
+        // The shape comes from the file's metadata: it must describe weights the file can hold
+        // (2 bytes per weight at the least) before a layout of that size is built.
+        if shape.parameter_count().filter(|&p| p.saturating_mul(2) <= bytes.len() as u64).is_none() {
+            return Err(bad(format!(
+                "its metadata (width {}, {} layers, MLP width {}) describes more weights than its {} bytes hold",
+                shape.d,
+                shape.layers,
+                shape.ffn,
+                bytes.len()
+            )));
         }
         let mut stored = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
         let mut tensors = BTreeMap::new();

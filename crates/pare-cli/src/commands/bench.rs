@@ -8,7 +8,7 @@ use serde_json::json;
 
 use pare_model::{Hooks, PrefillInput};
 
-use crate::common::{gpu_memory, peak_rss_bytes, print_json, reset_gpu_memory_peak, ModelArgs};
+use crate::common::{ensure_run_fits, gpu_memory, peak_rss_bytes, print_json, reset_gpu_memory_peak, ModelArgs};
 use crate::press_args::PressArgs;
 use crate::prune_args::PruneArgs;
 use crate::session::Session;
@@ -45,9 +45,11 @@ pub fn run(args: Args) -> Result<()> {
     let session = Session::open(&args.model, &args.press, &args.prune)?;
     let model = &session.loaded.model;
     let ctx = model.config.max_position_embeddings;
-    if args.prompt_len + args.gen_len > ctx {
+    let total = args.prompt_len.saturating_add(args.gen_len);
+    if total > ctx {
         bail!("--prompt-len + --gen-len exceeds the model's context of {ctx}");
     }
+    ensure_run_fits(&session.loaded, args.batch, args.prompt_len, total)?;
     // Deterministic, varied token ids: speed does not depend on which tokens they are.
     let vocab = model.config.vocab_size as u64;
     let prompts: Vec<Vec<u32>> = (0..args.batch as u64)
@@ -111,7 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         + model.lm_head.storage_bytes();
     if args.json {
         print_json(&json!({
-            "model": args.model.model, "dtype": args.model.dtype_name(), "device": args.model.device,
+            "model": args.model.model, "dtype": args.model.dtype_name(), "device": args.model.device.to_string(),
             "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "prefill_s": prefill_s, "decode_s": decode_s,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,

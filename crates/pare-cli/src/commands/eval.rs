@@ -7,6 +7,7 @@ use clap::Subcommand;
 use pare_model::Hooks;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
+use crate::output::Output;
 use crate::press_args::{human_bytes, PressArgs};
 use crate::prune_args::PruneArgs;
 use crate::session::HookPlan;
@@ -31,9 +32,9 @@ pub struct PplArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
-    /// Distance between window starts (≤ ctx).
-    #[arg(long, default_value_t = 512)]
-    pub stride: usize,
+    /// Distance between window starts (≤ ctx) [default: --ctx].
+    #[arg(long)]
+    pub stride: Option<usize>,
     /// Keep only the first T tokens of the text.
     #[arg(long)]
     pub max_tokens: Option<usize>,
@@ -107,6 +108,9 @@ pub struct CompareArgs {
     /// Where the plot goes.
     #[arg(long, default_value = "compare.svg")]
     pub plot: PathBuf,
+    /// Replace an existing --plot.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -130,7 +134,8 @@ fn read_text(path: &Path) -> Result<String> {
 
 fn ppl(args: PplArgs) -> Result<()> {
     // Validate cheap arguments before loading anything.
-    pare_eval::perplexity::windows(2, args.ctx, args.stride)?;
+    let stride = args.stride.unwrap_or(args.ctx);
+    pare_eval::perplexity::windows(2, args.ctx, stride)?;
     if args.max_tokens == Some(0) {
         bail!("--max-tokens must be at least 2");
     }
@@ -165,14 +170,14 @@ fn ppl(args: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, args.stride, &session.hooks, progress)?;
+    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &session.hooks, progress)?;
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
     } else {
         println!(
             "ppl {:.4} over {} scored tokens ({} tokens, ctx {}, stride {})",
-            result.ppl, result.scored_tokens, result.tokens, args.ctx, args.stride
+            result.ppl, result.scored_tokens, result.tokens, args.ctx, stride
         );
     }
     Ok(())
@@ -182,15 +187,33 @@ fn haystack_dir(given: &Option<PathBuf>) -> PathBuf {
     given.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("PaulGrahamEssays"))
 }
 
-fn check_needle_args(ctx: &[usize], depths: &[f64]) -> Result<()> {
+/// The needle grid's flags, by the names the command gives them (`--ctx` or `--needle-ctx`).
+struct NeedleFlags {
+    ctx: &'static str,
+    depths: &'static str,
+}
+
+fn check_needle_args(flags: &NeedleFlags, ctx: &[usize], depths: &[f64]) -> Result<()> {
     if let Some(d) = depths.iter().find(|d| !(0.0..=100.0).contains(*d)) {
-        bail!("--depths are percentages in [0, 100], got {d}");
+        bail!("{} are percentages in [0, 100], got {d}", flags.depths);
     }
     if ctx.contains(&0) {
-        bail!("--ctx lengths must be positive");
+        bail!("{} lengths must be positive", flags.ctx);
     }
     Ok(())
 }
+
+/// Every needle context must fit the model (no length computed from it can overflow then).
+fn check_needle_ctx(flags: &NeedleFlags, ctx: &[usize], model: &pare_model::Model) -> Result<()> {
+    let limit = model.config.max_position_embeddings;
+    if let Some(c) = ctx.iter().find(|&&c| c > limit) {
+        bail!("{} {c} exceeds the model's context of {limit}", flags.ctx);
+    }
+    Ok(())
+}
+
+const NEEDLE_FLAGS: NeedleFlags = NeedleFlags { ctx: "--ctx", depths: "--depths" };
+const COMPARE_NEEDLE_FLAGS: NeedleFlags = NeedleFlags { ctx: "--needle-ctx", depths: "--needle-depths" };
 
 #[derive(serde::Serialize)]
 struct NeedleCell {
@@ -235,7 +258,7 @@ fn needle_grid(
 }
 
 fn needle(args: NeedleArgs) -> Result<()> {
-    check_needle_args(&args.ctx, &args.depths)?;
+    check_needle_args(&NEEDLE_FLAGS, &args.ctx, &args.depths)?;
     if args.trials == 0 {
         bail!("--trials must be at least 1");
     }
@@ -243,6 +266,7 @@ fn needle(args: NeedleArgs) -> Result<()> {
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
     let session = plan.open(&args.model)?;
     let loaded = &session.loaded;
+    check_needle_ctx(&NEEDLE_FLAGS, &args.ctx, &loaded.model)?;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
     let grid = NeedleGrid { ctx: &args.ctx, depths: &args.depths, trials: args.trials, seed: args.seed };
     let cells = needle_grid(loaded, &haystack, &grid, &session.hooks, &bar)?;
@@ -283,7 +307,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     if args.continuation == 0 || args.continuation >= args.ctx {
         bail!("--continuation must be between 1 and --ctx − 1 (the rest of each window is the compressed context)");
     }
-    check_needle_args(&args.needle_ctx, &args.needle_depths)?;
+    check_needle_args(&COMPARE_NEEDLE_FLAGS, &args.needle_ctx, &args.needle_depths)?;
     // Every press and ratio is checked before the long run starts.
     for press in &args.presses {
         for &ratio in &args.ratios {
@@ -291,12 +315,14 @@ fn compare(args: CompareArgs) -> Result<()> {
         }
     }
     let text = read_text(&args.text)?;
-    let haystack = if args.needle_ctx.is_empty() {
-        None
-    } else {
-        Some(pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?)
-    };
+    let haystack_path = haystack_dir(&args.haystack);
+    let model_path = pare_model::loader::resolve_model(&args.model.model).ok();
+    let inputs = [Some(args.text.as_path()), Some(haystack_path.as_path()), model_path.as_deref()];
+    let plot = Output::file(&args.plot, "--plot", args.force, &inputs.into_iter().flatten().collect::<Vec<_>>())?;
+    let haystack =
+        if args.needle_ctx.is_empty() { None } else { Some(pare_eval::needle::load_haystack(&haystack_path)?) };
     let loaded = args.model.load()?;
+    check_needle_ctx(&COMPARE_NEEDLE_FLAGS, &args.needle_ctx, &loaded.model)?;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     tokens.truncate(args.max_tokens);
     if tokens.len() <= args.ctx {
@@ -367,8 +393,9 @@ fn compare(args: CompareArgs) -> Result<()> {
             series: series(&|r| r.needle_accuracy),
         });
     }
-    std::fs::write(&args.plot, pare_eval::plot::svg(&panels))
+    std::fs::write(plot.path(), pare_eval::plot::svg(&panels))
         .with_context(|| format!("cannot write {}", args.plot.display()))?;
+    plot.commit()?;
 
     if args.json {
         return print_json(&serde_json::json!({ "rows": rows, "plot": args.plot }));

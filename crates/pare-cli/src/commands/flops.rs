@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::common::{peak_rss_bytes, print_json, progress_bar, ModelArgs};
 use crate::press_args::PressArgs;
-use crate::prune_args::PruneArgs;
+use crate::prune_args::{PruneArgs, PruneSpan};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -94,20 +94,12 @@ fn vision_shapes(l: &LlavaConfig) -> VisionShapes {
     }
 }
 
-fn span_kind(prune: &PruneArgs) -> Result<SpanKind> {
-    Ok(match prune.prune_span.as_str() {
-        "prompt" => SpanKind::Prompt { protect_last: prune.protect_last },
-        "image" => SpanKind::Image,
-        range => {
-            let parsed = range
-                .split_once("..")
-                .and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
-            match parsed {
-                Some((start, end)) if start < end => SpanKind::Range { start, end },
-                _ => bail!("--prune-span must be prompt, image or START..END with START < END, got {range:?}"),
-            }
-        }
-    })
+fn span_kind(prune: &PruneArgs) -> SpanKind {
+    match prune.prune_span {
+        PruneSpan::Prompt => SpanKind::Prompt { protect_last: prune.protect_last },
+        PruneSpan::Image => SpanKind::Image,
+        PruneSpan::Range { start, end } => SpanKind::Range { start, end },
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -115,11 +107,11 @@ pub fn run(args: Args) -> Result<()> {
     args.press.build()?; // an unknown press or a stray option fails before anything else
     let schedule = args.prune.prune_tokens.as_deref().map(PruneSchedule::parse).transpose()?;
     args.prune.check()?;
-    let span = span_kind(&args.prune)?;
+    let span = span_kind(&args.prune);
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    let kv_bytes_per_value = match args.model.weight_dtype()? {
+    let kv_bytes_per_value = match args.model.weight_dtype() {
         pare_model::WeightDType::Float(d) => d.size_in_bytes(),
         pare_model::WeightDType::Quantized => 4, // activations, and so the cache, stay f32
     };
@@ -267,7 +259,7 @@ fn measure(args: &Args, sc: &Scenario, is_llava: bool) -> Result<Measured> {
     }
     bar.finish_and_clear();
     let [Some(baseline), Some(pruned)] = best else { bail!("--repeats must be at least 1") };
-    Ok(Measured::new(&args.model.device, args.model.dtype_name(), args.repeats, baseline, pruned))
+    Ok(Measured::new(&args.model.device.to_string(), args.model.dtype_name(), args.repeats, baseline, pruned))
 }
 
 fn sync(device: &Device) -> Result<()> {

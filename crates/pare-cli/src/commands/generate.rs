@@ -7,7 +7,7 @@ use pare_generate::{GenerationOutput, Generator, Prompts};
 use serde_json::json;
 
 use super::generate_image::ImagePrompt;
-use crate::common::{encode_prompt, print_json, ModelArgs};
+use crate::common::{encode_prompt, ensure_run_fits, print_json, ModelArgs};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::prune_args::PruneArgs;
 use crate::sampling_args::SamplingArgs;
@@ -30,8 +30,9 @@ pub struct Args {
     /// Wrap each prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
+    /// Default 64, or the model's generation_config.json / --config value; this flag wins over both.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Print one JSON object instead of streaming text.
@@ -56,6 +57,9 @@ pub fn run(args: Args) -> Result<()> {
     let config = args.sampling.generation_config(loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;
     let prompts = prompts_text.iter().map(|p| encode_prompt(loaded, p, args.chat)).collect::<Result<Vec<_>>>()?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let sequences = prompts.len().saturating_mul(config.num_beams().max(config.num_return_sequences()));
+    ensure_run_fits(loaded, sequences, longest, longest + config.max_new_tokens())?;
     let generator = Generator::new(config.clone(), Some(tok))?.with_hooks(session.hooks.clone());
 
     // Stream only when exactly one sequence is produced token by token.

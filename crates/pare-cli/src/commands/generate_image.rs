@@ -24,7 +24,7 @@ pub fn load_llava(args: &crate::common::ModelArgs) -> Result<LoadedLlava> {
             path.display()
         );
     }
-    Ok(LoadedLlava::load(&path, args.weight_dtype()?, &args.device()?)?)
+    Ok(LoadedLlava::load(&path, args.weight_dtype(), &args.device()?)?)
 }
 
 /// A LLaVA prompt ready for the generation loop: the checkpoint, the merged image and text

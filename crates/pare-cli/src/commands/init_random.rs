@@ -10,25 +10,40 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::common::print_json;
+use crate::output::Output;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The architecture to copy: llama3-8b (Llama-3.1-8B), qwen2.5-0.5b, smollm2-135m.
     #[arg(long)]
     pub like: String,
-    /// Output directory (created).
+    /// Output directory (created; an existing non-empty one needs --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
     /// Keep only this many layers (smaller test models of the same width).
     #[arg(long)]
     pub layers: Option<usize>,
-    /// Weight dtype: bf16, f16 or f32.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    /// Weight dtype.
+    #[arg(long, value_enum, default_value_t = InitDtype::Bf16)]
+    pub dtype: InitDtype,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--dtype` of the written weights.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitDtype {
+    #[value(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "float16")]
+    F16,
+    #[value(alias = "float32")]
+    F32,
 }
 
 /// HF config.json of each architecture (the published models' own values).
@@ -93,16 +108,10 @@ pub fn run(args: Args) -> Result<()> {
     let Some(mut config) = preset(&args.like) else {
         bail!("unknown --like {:?} (expected llama3-8b, qwen2.5-0.5b or smollm2-135m)", args.like);
     };
-    let dtype = match args.dtype.as_str() {
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "float16" => DType::F16,
-        "f32" | "float32" => DType::F32,
-        other => bail!("unknown --dtype {other:?} (expected bf16, f16 or f32)"),
-    };
-    let torch_dtype = match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
+    let (dtype, torch_dtype) = match args.dtype {
+        InitDtype::Bf16 => (DType::BF16, "bfloat16"),
+        InitDtype::F16 => (DType::F16, "float16"),
+        InitDtype::F32 => (DType::F32, "float32"),
     };
     config["torch_dtype"] = torch_dtype.into();
     if let Some(layers) = args.layers {
@@ -147,10 +156,18 @@ pub fn run(args: Args) -> Result<()> {
         shapes.push(("lm_head.weight".into(), vec![vocab, hidden]));
     }
 
+    // All tensors are held until written, each made through an f32 copy: refuse before filling.
+    let sizes: Option<Vec<u64>> = shapes.iter().map(|(_, shape)| pare_model::memory::product(shape)).collect();
+    let params = sizes.as_ref().and_then(|s| s.iter().try_fold(0u64, |acc, &n| acc.checked_add(n)));
+    let largest = sizes.as_ref().and_then(|s| s.iter().max().copied()).unwrap_or(0);
+    let needed = params
+        .and_then(|p| p.checked_mul(dtype.size_in_bytes() as u64))
+        .and_then(|b| b.checked_add(largest.checked_mul(2 * 4)?));
+    pare_model::memory::ensure_fits(&format!("a {layers}-layer {} checkpoint", args.like), needed)?;
+    let params = params.expect("checked with the memory estimate") as usize;
+    let out = Output::dir(&args.out, "--out", args.force, &[])?;
     let mut tensors = Vec::with_capacity(shapes.len());
-    let mut params = 0usize;
     for (i, (name, shape)) in shapes.into_iter().enumerate() {
-        params += shape.iter().product::<usize>();
         let t = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
             // Norm weights near 1, as trained models have them.
             (random_tensor(&shape, 0.02, args.seed.wrapping_mul(1_000_003) ^ i as u64, DType::F32)? + 1.0)?
@@ -161,18 +178,17 @@ pub fn run(args: Args) -> Result<()> {
         tensors.push((name, t));
     }
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let write = |name: &str, v: &Value| -> Result<()> {
-        let path = args.out.join(name);
-        std::fs::write(&path, serde_json::to_string_pretty(v)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))
+        std::fs::write(out.path().join(name), serde_json::to_string_pretty(v)? + "\n")
+            .with_context(|| format!("writing {}", args.out.join(name).display()))
     };
     write("config.json", &config)?;
     write(
         "generation_config.json",
         &json!({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}),
     )?;
-    pare_formats::save_safetensors(&args.out.join("model.safetensors"), &tensors, None)?;
+    pare_formats::save_safetensors(&out.path().join("model.safetensors"), &tensors, None)?;
+    out.commit()?;
     let bytes = params * dtype.size_in_bytes();
     if args.json {
         print_json(&json!({"out": args.out.display().to_string(), "like": args.like, "layers": layers,

@@ -8,12 +8,14 @@ use candle_core::DType;
 use pare_formats::{GgmlType, GgufFile, GgufValue};
 use pare_model::config::Arch;
 use pare_model::{Model, WeightDType};
+use pare_prune::importance::TaylorVariant;
 use pare_prune::report::{layer_shapes, LayerShape, ParamCounts};
 use pare_prune::{GqaMode, Importance, PerLayerRatios, PruneSettings, PruningPlan, RatioMode, Reduction};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
+use crate::output::Output;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -22,18 +24,17 @@ pub struct Args {
     /// Fraction of each pruned layer's units to remove (KV heads, query heads per KV group, MLP channels).
     #[arg(long, default_value_t = 0.25)]
     pub ratio: f64,
-    /// random, l1, l2, taylor or wanda-sp.
-    #[arg(long, default_value = "taylor")]
-    pub importance: String,
+    #[arg(long, value_enum, default_value_t = ImportanceArg::Taylor)]
+    pub importance: ImportanceArg,
     /// Taylor variant: param_first (Σ|w·g|), vectorize (|Σw·g|), param_second (diagonal Fisher), param_mix.
-    #[arg(long, default_value = "param_first")]
-    pub taylor: String,
-    /// How a group's tensors combine: sum, mean or max.
-    #[arg(long, default_value = "sum")]
-    pub reduction: String,
+    #[arg(long, value_enum, default_value_t = TaylorArg::ParamFirst)]
+    pub taylor: TaylorArg,
+    /// How a group's tensors combine.
+    #[arg(long, value_enum, default_value_t = ReductionArg::Sum)]
+    pub reduction: ReductionArg,
     /// Attention units: kv-groups (a KV head with its query heads) or query-heads (KV heads kept).
-    #[arg(long, default_value = "kv-groups")]
-    pub gqa: String,
+    #[arg(long, value_enum, default_value_t = GqaArg::KvGroups)]
+    pub gqa: GqaArg,
     /// Layers whose attention is pruned, start..end (end exclusive) [default: 3..30, clipped to the model].
     #[arg(long)]
     pub attn_layers: Option<String>,
@@ -41,8 +42,8 @@ pub struct Args {
     #[arg(long)]
     pub mlp_layers: Option<String>,
     /// local, global, per-layer:FILE.json ({"attn": {"3": 0.25}, "mlp": {...}}) or block-influence.
-    #[arg(long, default_value = "local")]
-    pub mode: String,
+    #[arg(long, default_value = "local", value_parser = parse_mode)]
+    pub mode: ModeArg,
     /// block-influence: how far per-layer ratios move from --ratio (0 = uniform).
     #[arg(long, default_value_t = 1.0)]
     pub bi_strength: f64,
@@ -63,15 +64,19 @@ pub struct Args {
     /// Re-apply a pruning_plan.json instead of choosing.
     #[arg(long)]
     pub plan: Option<PathBuf>,
-    /// Write the pruned model here: an HF directory with pruning_plan.json.
+    /// Write the pruned model here: an HF directory with pruning_plan.json (an existing non-empty
+    /// one needs --force).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
     /// Also write OUT/model.gguf.
     #[arg(long)]
     pub gguf: bool,
-    /// GGUF matrix type: f16 or f32.
-    #[arg(long, default_value = "f16")]
-    pub gguf_dtype: String,
+    /// GGUF matrix type.
+    #[arg(long, value_enum, default_value_t = GgufDtypeArg::F16)]
+    pub gguf_dtype: GgufDtypeArg,
     /// Perplexity before and after (ctx --ppl-ctx, non-overlapping windows, first --ppl-tokens tokens of --ppl-text).
     #[arg(long)]
     pub eval_ppl: bool,
@@ -84,6 +89,87 @@ pub struct Args {
     pub ppl_tokens: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--importance`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportanceArg {
+    Random,
+    L1,
+    L2,
+    Taylor,
+    #[value(alias = "wanda_sp")]
+    WandaSp,
+}
+
+/// `--taylor` (LLM-Pruner's names).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+pub enum TaylorArg {
+    ParamFirst,
+    Vectorize,
+    ParamSecond,
+    ParamMix,
+}
+
+/// `--reduction`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReductionArg {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// `--gqa`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GqaArg {
+    KvGroups,
+    QueryHeads,
+}
+
+/// `--gguf-dtype`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufDtypeArg {
+    F16,
+    F32,
+}
+
+/// `--mode`: a closed set plus `per-layer:FILE`, parsed once (the file is read later).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModeArg {
+    Local,
+    Global,
+    BlockInfluence,
+    PerLayer(PathBuf),
+}
+
+fn parse_mode(s: &str) -> std::result::Result<ModeArg, String> {
+    match s {
+        "local" => Ok(ModeArg::Local),
+        "global" => Ok(ModeArg::Global),
+        "block-influence" => Ok(ModeArg::BlockInfluence),
+        m => match m.strip_prefix("per-layer:") {
+            Some(path) if !path.is_empty() => Ok(ModeArg::PerLayer(PathBuf::from(path))),
+            _ => Err("expected local, global, per-layer:FILE.json or block-influence".into()),
+        },
+    }
+}
+
+impl ImportanceArg {
+    fn importance(self, taylor: TaylorArg) -> Importance {
+        match self {
+            ImportanceArg::Random => Importance::Random,
+            ImportanceArg::L1 => Importance::L1,
+            ImportanceArg::L2 => Importance::L2,
+            ImportanceArg::Taylor => Importance::Taylor(match taylor {
+                TaylorArg::ParamFirst => TaylorVariant::ParamFirst,
+                TaylorArg::Vectorize => TaylorVariant::Vectorize,
+                TaylorArg::ParamSecond => TaylorVariant::ParamSecond,
+                TaylorArg::ParamMix => TaylorVariant::ParamMix,
+            }),
+            ImportanceArg::WandaSp => Importance::WandaSp,
+        }
+    }
 }
 
 /// `a..b` (end exclusive).
@@ -147,13 +233,10 @@ fn hf_limit(model: &Model) -> Option<String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(d) = args.model.dtype.as_deref().filter(|d| !matches!(*d, "f32" | "float32")) {
-        bail!("pare prune works on float32 weights (gradients and exports); drop --dtype {d}");
-    }
-    let gguf_type = match args.gguf_dtype.as_str() {
-        "f16" => GgmlType::F16,
-        "f32" => GgmlType::F32,
-        other => bail!("--gguf-dtype {other:?}: expected f16 or f32"),
+    args.model.require_f32("pare prune works on float32 weights (gradients and exports)")?;
+    let gguf_type = match args.gguf_dtype {
+        GgufDtypeArg::F16 => GgmlType::F16,
+        GgufDtypeArg::F32 => GgmlType::F32,
     };
     if args.gguf && args.out.is_none() {
         bail!("--gguf writes OUT/model.gguf: give --out DIR");
@@ -169,6 +252,27 @@ pub fn run(args: Args) -> Result<()> {
 
     let device = args.model.device()?;
     let loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
+    if let Some(why) = args.gguf.then(|| pare_model::export::gguf_unsupported(&loaded.model)).flatten() {
+        bail!("--gguf: cannot write GGUF: {why}");
+    }
+    // Checked before any work; written in full (HF directory, plan, GGUF) before it appears.
+    let out = match &args.out {
+        Some(dir) => {
+            let per_layer = match &args.mode {
+                ModeArg::PerLayer(path) => Some(path.as_path()),
+                _ => None,
+            };
+            let inputs = [
+                Some(loaded.path.as_path()),
+                args.plan.as_deref(),
+                args.calib_text.as_deref(),
+                args.ppl_text.as_deref(),
+                per_layer,
+            ];
+            Some(Output::dir(dir, "--out", args.force, &inputs.into_iter().flatten().collect::<Vec<_>>())?)
+        }
+        None => None,
+    };
     let model = &loaded.model;
     let n = model.num_layers();
 
@@ -213,8 +317,12 @@ pub fn run(args: Args) -> Result<()> {
 
     let ppl = if args.eval_ppl { Some(perplexity(&args, &loaded, model, &pruned)?) } else { None };
 
-    let export = match &args.out {
-        Some(dir) => Some(export(&args, &loaded, &pruned, &plan, dir, gguf_type)?),
+    let export = match out {
+        Some(out) => {
+            let report = export(&args, &loaded, &pruned, &plan, &out, gguf_type)?;
+            out.commit()?;
+            Some(report)
+        }
         None => None,
     };
 
@@ -272,24 +380,29 @@ fn settings(args: &Args) -> Result<Flags> {
     if !(0.0..=1.0).contains(&args.ratio) {
         bail!("--ratio must be in [0, 1], got {}", args.ratio);
     }
-    let mode = match args.mode.as_str() {
-        "local" => RatioMode::Local,
-        "global" => RatioMode::Global,
-        "block-influence" => RatioMode::BlockInfluence { strength: args.bi_strength },
-        m if m.starts_with("per-layer:") => {
-            let path = &m["per-layer:".len()..];
-            let text = read_text(Path::new(path), "per-layer ratios")?;
-            RatioMode::PerLayer(PerLayerRatios::from_json(&text, path)?)
+    let mode = match &args.mode {
+        ModeArg::Local => RatioMode::Local,
+        ModeArg::Global => RatioMode::Global,
+        ModeArg::BlockInfluence => RatioMode::BlockInfluence { strength: args.bi_strength },
+        ModeArg::PerLayer(path) => {
+            let text = read_text(path, "per-layer ratios")?;
+            RatioMode::PerLayer(PerLayerRatios::from_json(&text, &path.display().to_string())?)
         }
-        other => bail!("unknown --mode {other:?} (expected local, global, per-layer:FILE.json or block-influence)"),
     };
     if !args.bi_strength.is_finite() || args.bi_strength < 0.0 {
         bail!("--bi-strength must be a non-negative number");
     }
     Ok(Flags {
-        importance: Importance::parse(&args.importance, &args.taylor)?,
-        reduction: Reduction::parse(&args.reduction)?,
-        gqa: GqaMode::parse(&args.gqa)?,
+        importance: args.importance.importance(args.taylor),
+        reduction: match args.reduction {
+            ReductionArg::Sum => Reduction::Sum,
+            ReductionArg::Mean => Reduction::Mean,
+            ReductionArg::Max => Reduction::Max,
+        },
+        gqa: match args.gqa {
+            GqaArg::KvGroups => GqaMode::KvGroups,
+            GqaArg::QueryHeads => GqaMode::QueryHeads,
+        },
         attn: args.attn_layers.as_deref().map(|s| parse_range("--attn-layers", s)).transpose()?,
         mlp: args.mlp_layers.as_deref().map(|s| parse_range("--mlp-layers", s)).transpose()?,
         ratio: args.ratio,
@@ -335,16 +448,19 @@ fn export(
     loaded: &pare_model::LoadedModel,
     pruned: &Model,
     plan: &PruningPlan,
-    dir: &Path,
+    out: &Output,
     gguf_type: GgmlType,
 ) -> Result<ExportReport> {
-    pare_model::export::export_hf_dir(pruned, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), dir)?;
+    let (dir, staging) = (out.target(), out.path());
+    pare_model::export::export_hf_dir(pruned, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), staging)?;
     let plan_path = dir.join("pruning_plan.json");
-    std::fs::write(&plan_path, plan.to_json()).with_context(|| format!("cannot write {}", plan_path.display()))?;
+    std::fs::write(staging.join("pruning_plan.json"), plan.to_json())
+        .with_context(|| format!("cannot write {}", plan_path.display()))?;
     let hf_note = hf_limit(pruned);
     let (mut gguf, mut gguf_note) = (None, None);
     if args.gguf {
         let path = dir.join("model.gguf");
+        let staged = staging.join("model.gguf");
         let keys = gguf_tokenizer_keys(loaded)?;
         if keys.is_none() && loaded.tokenizer.is_some() {
             gguf_note = Some(
@@ -352,7 +468,7 @@ fn export(
                     .into(),
             );
         }
-        pare_model::export::export_gguf(pruned, keys.as_deref().unwrap_or(&[]), gguf_type, &path)?;
+        pare_model::export::export_gguf(pruned, keys.as_deref().unwrap_or(&[]), gguf_type, &staged)?;
         gguf = Some(path.display().to_string());
     }
     Ok(ExportReport {

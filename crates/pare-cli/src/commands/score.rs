@@ -59,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut hooks = session.hooks.clone();
     let tok = loaded.tokenizer()?;
     let prompt = encode_prompt(loaded, &args.prompt, args.chat)?;
-    let config = args.sampling.generation_config(loaded, 1)?;
+    let config = args.sampling.generation_config(loaded, Some(1))?;
     let generator = Generator::new(config.clone(), Some(tok))?;
     let (mut logits, mut cache) =
         loaded.model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
@@ -72,6 +72,7 @@ pub fn run(args: Args) -> Result<()> {
             context.push(token);
         }
     }
+    pare_model::finite::check_logits(&loaded.model, &logits, &prompt)?;
     let logits = logits.squeeze(0)?;
     let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1()?;
     let shown = args.sampling.top_k.map_or(10, |k| k.max(1) as usize);

@@ -39,8 +39,8 @@ pub fn run(args: Args) -> Result<()> {
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds, got {}", args.timeout);
     }
-    // Checked before the server starts: a bad --dtype or --device is the command's error.
-    args.model.weight_dtype()?;
+    // Checked before the server starts (clap has parsed --dtype): a device that cannot be
+    // opened is the command's error.
     args.model.device()?;
     let model = args.model.clone();
     let config = pare_serve::ServeConfig {

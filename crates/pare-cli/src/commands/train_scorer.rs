@@ -8,10 +8,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use pare_model::WeightDType;
 use pare_token_prune::train::{train, Frozen, HeldOut, MaskKind, StepStats, TrainSettings};
-use pare_token_prune::ScorerInfo;
+use pare_token_prune::{ScorerInfo, ScorerShape};
 use serde_json::json;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
+use crate::output::Output;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -78,6 +79,9 @@ pub struct Args {
     /// Where the loss curve goes [default: OUT with .svg].
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Replace an existing --out or --plot.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -143,9 +147,7 @@ fn curve_svg(curve: &[StepStats], held_out: Option<&HeldOut>, title: &str) -> St
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(d) = args.model.dtype.as_deref().filter(|d| !matches!(*d, "f32" | "float32")) {
-        bail!("pare train-scorer trains in float32 (gradients through the model); drop --dtype {d}");
-    }
+    args.model.require_f32("pare train-scorer trains in float32 (gradients through the model)")?;
     let settings = TrainSettings {
         cut_layer: args.layer,
         keep: args.keep,
@@ -175,6 +177,17 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
     let model = &loaded.model;
     settings.check(model.num_layers(), model.config.max_position_embeddings)?;
+    // Weights, gradients and AdamW's two moments, all f32.
+    let scorer = ScorerShape::new(model.config.hidden_size, settings.d, settings.layers, settings.heads)?;
+    let bytes = scorer.parameter_count().and_then(|p| p.checked_mul(16));
+    pare_model::memory::ensure_fits("a scorer of this --d and --layers", bytes)?;
+    // Both checked before training and written only once everything has succeeded.
+    if plot == args.out {
+        bail!("--plot {} is also --out", plot.display());
+    }
+    let inputs = [args.text.as_path(), loaded.path.as_path()];
+    let out = Output::file(&args.out, "--out", args.force, &inputs)?;
+    let plot_out = Output::file(&plot, "--plot", args.force, &inputs)?;
     let mut tokens =
         loaded.tokenizer().context("train-scorer tokenizes --text with the model's tokenizer")?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
@@ -227,10 +240,12 @@ pub fn run(args: Args) -> Result<()> {
         info.extra.insert("held_out_nll_random".into(), format!("{:.6}", h.random));
         info.extra.insert("held_out_nll_unpruned".into(), format!("{:.6}", h.unpruned));
     }
-    outcome.net.save(&args.out, &info)?;
+    outcome.net.save(out.path(), &info)?;
     let title = format!("train-scorer: cut {} keep {} ({} steps)", settings.cut_layer, settings.keep, settings.steps);
-    std::fs::write(&plot, curve_svg(curve, outcome.held_out.as_ref(), &title))
+    std::fs::write(plot_out.path(), curve_svg(curve, outcome.held_out.as_ref(), &title))
         .with_context(|| format!("cannot write {}", plot.display()))?;
+    out.commit()?;
+    plot_out.commit()?;
 
     if args.json {
         return print_json(&json!({
