@@ -70,6 +70,18 @@ impl Settings {
         Ok(Settings { config, processors, vocab_texts })
     }
 
+    /// Whether every prompt leaves room for `max_new_tokens` in a context of `ctx` positions.
+    pub fn check_fits(&self, ctx: usize, prompt_ids: &[Vec<u32>]) -> Result<()> {
+        let max_new = self.config.max_new_tokens();
+        match prompt_ids.iter().find(|p| p.len().saturating_add(max_new) > ctx) {
+            Some(p) => Err(GenerateError::Config(format!(
+                "the prompt ({} tokens) plus max_new_tokens {max_new} exceeds the model's context of {ctx}",
+                p.len()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// A fresh processor chain (one per row: some processors keep state).
     pub fn chain(&self) -> Result<ProcessorChain> {
         ProcessorChain::new(&self.processors, self.vocab_texts.clone()).map_err(GenerateError::Config)
@@ -160,13 +172,15 @@ pub struct Batch<'m> {
     tokenizer: Option<&'m TokenizerBundle>,
     groups: Vec<Group>,
     next_id: SeqId,
+    /// Rows that finished without generating (max_new_tokens 0), reported at the next step.
+    finished_early: Vec<Event>,
     /// Prefill long prompts this many tokens per step (see [`Batch::with_prefill_chunk`]).
     prefill_chunk: Option<usize>,
 }
 
 impl<'m> Batch<'m> {
     pub fn new(model: &'m Model, tokenizer: Option<&'m TokenizerBundle>) -> Self {
-        Batch { model, tokenizer, groups: Vec::new(), next_id: 0, prefill_chunk: None }
+        Batch { model, tokenizer, groups: Vec::new(), next_id: 0, finished_early: Vec::new(), prefill_chunk: None }
     }
 
     /// Prefill a hook-free single prompt longer than `tokens` over several steps, `tokens` at a
@@ -182,13 +196,19 @@ impl<'m> Batch<'m> {
     pub fn admit(&mut self, spec: GroupSpec) -> Result<Vec<SeqId>> {
         let GroupSpec { input, prompt_ids, settings, hooks, top_logprobs } = spec;
         let n = settings.config.num_return_sequences();
-        let ctx = self.model.config.max_position_embeddings;
-        let max_new = settings.config.max_new_tokens();
-        if let Some(p) = prompt_ids.iter().find(|p| p.len().saturating_add(max_new) > ctx) {
-            return Err(GenerateError::Config(format!(
-                "the prompt ({} tokens) plus max_new_tokens {max_new} exceeds the model's context of {ctx}",
-                p.len()
-            )));
+        settings.check_fits(self.model.config.max_position_embeddings, &prompt_ids)?;
+        if settings.config.max_new_tokens() == 0 {
+            // Nothing to generate (a log-likelihood request): no prefill, no cache.
+            let mut ids = Vec::new();
+            for p in 0..prompt_ids.len() {
+                for _ in 0..n {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.finished_early.push(Event::Finished { id, sequence: Sequence::empty(p) });
+                    ids.push(id);
+                }
+            }
+            return Ok(ids);
         }
         let input = match input {
             PrefillInput::Tokens(prompts) if n > 1 => {
@@ -223,6 +243,9 @@ impl<'m> Batch<'m> {
             Some(prompt) => (None, self.model.new_cache(1), prompt),
             None => {
                 let (logits, cache) = self.model.prefill(input, &mut hooks)?;
+                let inputs: Vec<&[u32]> =
+                    prompt_ids.iter().flat_map(|p| std::iter::repeat_n(p.as_slice(), n)).collect();
+                check_finite(self.model, &logits, &inputs)?;
                 (Some(logits), cache, Vec::new())
             }
         };
@@ -238,7 +261,7 @@ impl<'m> Batch<'m> {
                     prompt_len: ids.len(),
                     stream: TextStream::new(settings.config.stop.clone().unwrap_or_default()),
                     sequence: Sequence::empty(p),
-                    done: settings.config.max_new_tokens() == 0,
+                    done: false,
                 });
             }
         }
@@ -266,13 +289,13 @@ impl<'m> Batch<'m> {
         Ok(ids)
     }
 
-    /// Rows still generating.
+    /// Rows still generating (rows admitted with nothing to generate count until reported).
     pub fn running(&self) -> usize {
-        self.groups.iter().map(|g| g.rows.iter().filter(|r| !r.done).count()).sum()
+        self.groups.iter().map(|g| g.rows.iter().filter(|r| !r.done).count()).sum::<usize>() + self.finished_early.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.groups.is_empty() && self.finished_early.is_empty()
     }
 
     /// KV-cache bytes over every group held.
@@ -310,15 +333,9 @@ impl<'m> Batch<'m> {
     /// Choose every running row's next token, then decode one step for every group that still
     /// runs. Returns what happened, row by row.
     pub fn step(&mut self) -> Result<Vec<Event>> {
-        let mut events = Vec::new();
-        for group in &mut self.groups {
-            if group.decoding() {
-                if let Some(logits) = &group.logits {
-                    let first = &group.rows[0];
-                    pare_model::finite::check_logits(self.model, logits, &first.input_ids[..first.prompt_len])?;
-                }
-                choose(group, self.tokenizer, &mut events)?;
-            }
+        let mut events = std::mem::take(&mut self.finished_early);
+        for group in self.groups.iter_mut().filter(|g| g.decoding()) {
+            choose(group, self.tokenizer, &mut events)?;
         }
         self.decode_step()?;
         // Prompts still prefilling take their next chunk after the decode step: a group whose
@@ -343,10 +360,17 @@ impl<'m> Batch<'m> {
             live.iter().flat_map(|g| g.rows.iter().map(|r| r.input_ids.last().copied().unwrap_or(0))).collect();
         let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = live.iter_mut().map(|g| (&mut g.cache, &mut g.hooks)).collect();
         let logits = self.model.decode(&mut seqs, &next)?;
+        // One finiteness test for the whole step; only a failure looks at groups one by one.
+        let all_finite = pare_model::finite::all_finite(&logits)?;
         let mut start = 0;
         for group in live {
             let rows = group.rows.len();
-            group.logits = Some(logits.narrow(0, start, rows)?);
+            let group_logits = logits.narrow(0, start, rows)?;
+            if !all_finite {
+                let inputs: Vec<&[u32]> = group.rows.iter().map(|r| r.input_ids.as_slice()).collect();
+                check_finite(self.model, &group_logits, &inputs)?;
+            }
+            group.logits = Some(group_logits);
             start += rows;
         }
         Ok(())
@@ -363,7 +387,21 @@ fn prefill_chunk(model: &Model, group: &mut Group, chunk: usize) -> Result<()> {
     let x = model.embed(&[tokens])?;
     let logits = model.forward(x, &positions, &mut group.cache, &mut group.hooks, phase, Logits::Last)?;
     if group.pending.is_empty() {
+        let inputs: Vec<&[u32]> = group.rows.iter().map(|r| r.input_ids.as_slice()).collect();
+        check_finite(model, &logits, &inputs)?;
         group.logits = Some(logits);
+    }
+    Ok(())
+}
+
+/// Ok if every row of `logits` is finite; otherwise the error naming where the first failing
+/// row's non-finite values start, found by running that row's tokens (`inputs[row]`) again.
+fn check_finite(model: &Model, logits: &Tensor, inputs: &[&[u32]]) -> Result<()> {
+    if pare_model::finite::all_finite(logits)? {
+        return Ok(());
+    }
+    for (row, input) in inputs.iter().enumerate() {
+        pare_model::finite::check_logits(model, &logits.get(row)?, input)?;
     }
     Ok(())
 }
@@ -415,7 +453,7 @@ fn choose(group: &mut Group, tokenizer: Option<&TokenizerBundle>, events: &mut V
 
 /// The `n` most likely tokens of a raw logits row with their log-probabilities, best first (ties
 /// by lower id).
-fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();

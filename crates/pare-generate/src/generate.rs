@@ -139,27 +139,16 @@ impl<'a> Generator<'a> {
         mut on_token: impl FnMut(usize, u32, &str),
     ) -> Result<GenerationOutput> {
         let config = &self.settings.config;
-        let ctx = model.config.max_position_embeddings;
-        let max_new = config.max_new_tokens();
         let ids = prompts.ids();
-        if let Some(p) = ids.iter().find(|p| p.len().saturating_add(max_new) > ctx) {
-            return Err(GenerateError::Config(format!(
-                "the prompt ({} tokens) plus max_new_tokens {max_new} exceeds the model's context of {ctx}",
-                p.len()
-            )));
-        }
         if config.num_beams() > 1 {
             let Prompts::Tokens(tokens) = prompts else {
                 return Err(GenerateError::Config("beam search needs token prompts".into()));
             };
+            self.settings.check_fits(model.config.max_position_embeddings, &ids)?;
             return self.beam(model, tokens);
         }
         let n = config.num_return_sequences();
         let mut timings = Timings { prompt_tokens: ids.iter().map(Vec::len).sum::<usize>() * n, ..Timings::default() };
-        if max_new == 0 {
-            let sequences = (0..ids.len() * n).map(|r| Sequence::empty(r / n)).collect();
-            return Ok(GenerationOutput { sequences, timings, cache: None });
-        }
         let input = match prompts {
             Prompts::Tokens(tokens) => PrefillInput::Tokens(tokens),
             Prompts::Embeds { x, positions, .. } => PrefillInput::Embeds { x, positions: vec![positions] },

@@ -13,7 +13,10 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
 use candle_core::DType;
-use pare_generate::{Batch, Event as BatchEvent, FinishReason, GenerateError, GroupSpec, SeqId, Settings};
+use pare_generate::sampling::logprob;
+use pare_generate::{
+    top_logprobs, Batch, Event as BatchEvent, FinishReason, GenerateError, GroupSpec, SeqId, Settings,
+};
 use pare_model::{Hooks, LoadedModel, Logits, ModelError, Phase, PrefillInput};
 use tokio::sync::mpsc;
 
@@ -234,12 +237,6 @@ fn admit(loaded: &LoadedModel, batch: &mut Batch, active: &mut HashMap<SeqId, Ac
     }
     metrics::counter!(m::TOKENS_IN).increment(req.prompt.len() as u64);
     let remaining = req.settings.config.max_new_tokens();
-    if remaining == 0 {
-        // Nothing to generate (a log-likelihood request): no cache to fill.
-        let done = Event::Finished { reason: FinishReason::Length, completion_tokens: 0, text_tail: String::new() };
-        let _ = events.send((index, done));
-        return;
-    }
     let spec = GroupSpec {
         input: PrefillInput::Tokens(std::slice::from_ref(&req.prompt)),
         prompt_ids: vec![req.prompt.clone()],
@@ -308,20 +305,7 @@ fn prompt_logprobs(
 
 /// log p(token) under `logits` with the `top` most likely tokens (ties: lower id first).
 fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&s| (s as f64 - max).exp()).sum::<f64>().ln() + max;
-    let lp = |i: usize| (logits[i] as f64 - lse) as f32;
-    let mut best = Vec::new();
-    if top > 0 {
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-        let k = top.min(order.len());
-        order.select_nth_unstable_by(k - 1, cmp);
-        order.truncate(k);
-        order.sort_by(cmp);
-        best = order.into_iter().map(|i| (i as u32, lp(i))).collect();
-    }
-    TokenLogprob { id: token, logprob: lp(token as usize), top: best }
+    TokenLogprob { id: token, logprob: logprob(logits, token) as f32, top: top_logprobs(logits, top) }
 }
 
 #[cfg(test)]
