@@ -54,7 +54,7 @@ bench: assets build
 ## Fuzz each parser of untrusted input for FUZZ_SECONDS (nightly + cargo-fuzz; never in CI).
 ## Crashes land in fuzz/artifacts/TARGET/; see docs/reliability.md.
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS ?= gguf safetensors config_json chat_template generation_config
+FUZZ_TARGETS ?= gguf safetensors config_json chat_template generation_config http_body
 fuzz:
 	for t in $(FUZZ_TARGETS); do \
 		mkdir -p fuzz/corpus/$$t && \

@@ -130,10 +130,10 @@ impl ModelArgs {
 /// `tokens` tokens in all that cannot fit in memory, before it starts (checked on CPU, whose
 /// memory /proc/meminfo tells).
 pub fn ensure_run_fits(loaded: &LoadedModel, sequences: usize, prompt: usize, tokens: usize) -> Result<()> {
-    if !loaded.model.device.is_cpu() {
+    if !loaded.model.device().is_cpu() {
         return Ok(());
     }
-    let bytes = loaded.model.config.run_bytes(loaded.model.dtype.size_in_bytes(), sequences, prompt, tokens);
+    let bytes = loaded.model.config().run_bytes(loaded.model.dtype().size_in_bytes(), sequences, prompt, tokens);
     Ok(pare_model::memory::ensure_fits(&format!("{sequences} sequences of {tokens} tokens"), bytes)?)
 }
 
@@ -155,7 +155,7 @@ pub fn encode_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<V
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let ctx = loaded.model.config.max_position_embeddings;
+    let ctx = loaded.model.config().max_position_embeddings;
     if ids.len() > ctx {
         bail!("the prompt has {} tokens, longer than the model's context of {ctx}", ids.len());
     }

@@ -4,9 +4,9 @@ mod commands;
 mod common;
 mod output;
 mod press_args;
-mod prune_args;
 mod sampling_args;
 mod session;
+mod token_prune_args;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 

@@ -160,7 +160,7 @@ impl SamplingArgs {
                 }
             }
         }
-        let vocab = loaded.model.config.vocab_size as u32;
+        let vocab = loaded.model.config().vocab_size as u32;
         let ids = config
             .logit_bias
             .iter()
@@ -172,7 +172,7 @@ impl SamplingArgs {
             }
         }
         // Bounded here, so that no length computed from it downstream can overflow.
-        let ctx = loaded.model.config.max_position_embeddings;
+        let ctx = loaded.model.config().max_position_embeddings;
         if config.max_new_tokens() > ctx {
             bail!("max_new_tokens {} exceeds the model's context of {ctx}", config.max_new_tokens());
         }

@@ -9,7 +9,7 @@ use pare_model::{Hooks, LoadedModel};
 
 use crate::common::ModelArgs;
 use crate::press_args::PressArgs;
-use crate::prune_args::PruneArgs;
+use crate::token_prune_args::TokenPruneArgs;
 
 /// A loaded model and the hooks the flags asked for.
 pub struct Session {
@@ -20,29 +20,29 @@ pub struct Session {
 /// The hook flags, checked: what is left once the model is known.
 pub struct HookPlan<'a> {
     press: Option<Box<dyn pare_model::CachePress>>,
-    prune: &'a PruneArgs,
+    token_prune: &'a TokenPruneArgs,
 }
 
 impl<'a> HookPlan<'a> {
     /// Check the press and pruning flags (nothing loads).
-    pub fn check(press: &PressArgs, prune: &'a PruneArgs) -> Result<Self> {
+    pub fn check(press: &PressArgs, token_prune: &'a TokenPruneArgs) -> Result<Self> {
         let press = press.build()?;
-        prune.check()?;
-        Ok(HookPlan { press, prune })
+        token_prune.check()?;
+        Ok(HookPlan { press, token_prune })
     }
 
     /// Load the model and build the hooks for it.
     pub fn open(self, model: &ModelArgs) -> Result<Session> {
         let loaded = model.load()?;
-        let pruner = self.prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
+        let pruner = self.token_prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
         Ok(Session { loaded, hooks: Hooks::new(self.press, pruner) })
     }
 }
 
 impl Session {
     /// Check the hook flags, then load the model and build its hooks.
-    pub fn open(model: &ModelArgs, press: &PressArgs, prune: &PruneArgs) -> Result<Session> {
-        HookPlan::check(press, prune)?.open(model)
+    pub fn open(model: &ModelArgs, press: &PressArgs, token_prune: &TokenPruneArgs) -> Result<Session> {
+        HookPlan::check(press, token_prune)?.open(model)
     }
 
     /// Whether any hook acts (reports then show what it saved).

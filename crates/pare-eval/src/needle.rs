@@ -60,10 +60,10 @@ pub fn needle_trial(
     if !(0.0..=100.0).contains(&depth_percent) {
         return Err(ModelError::input(format!("--depths are percentages in [0, 100], got {depth_percent}")));
     }
-    if ctx + ANSWER_TOKENS > model.config.max_position_embeddings {
+    if ctx + ANSWER_TOKENS > model.config().max_position_embeddings {
         return Err(ModelError::input(format!(
             "--ctx {ctx} exceeds the model's context of {}",
-            model.config.max_position_embeddings
+            model.config().max_position_embeddings
         )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

@@ -80,10 +80,10 @@ pub fn perplexity_with(
     if tokens.len() < 2 {
         return Err(ModelError::input(format!("perplexity needs at least 2 tokens, the text has {}", tokens.len())));
     }
-    if ctx > model.config.max_position_embeddings {
+    if ctx > model.config().max_position_embeddings {
         return Err(ModelError::input(format!(
             "--ctx {ctx} exceeds the model's context of {} tokens",
-            model.config.max_position_embeddings
+            model.config().max_position_embeddings
         )));
     }
     let windows = windows(tokens.len(), ctx, stride)?;
@@ -110,7 +110,7 @@ pub fn perplexity_with(
                 if rest.is_empty() {
                     first
                 } else {
-                    let start = cache.next_position[0];
+                    let start = cache.next_positions()[0];
                     let positions = vec![(start..start + rest.len() as i64).collect::<Vec<_>>()];
                     let x = model.embed(&[rest.to_vec()])?;
                     let more =

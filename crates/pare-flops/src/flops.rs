@@ -9,7 +9,6 @@
 
 use pare_model::{Model, ModelConfig};
 use pare_press::Budget;
-use pare_token_prune::{Keep, PruneSchedule};
 use serde::Serialize;
 
 use crate::error::{FlopsError, Result};
@@ -57,13 +56,17 @@ impl TextShapes {
 
     /// From loaded weights, which are the truth for a pruned checkpoint.
     pub fn from_model(model: &Model) -> Self {
-        let mut shapes = Self::from_config(&model.config);
+        let mut shapes = Self::from_config(model.config());
         shapes.layers = model
-            .blocks
+            .blocks()
             .iter()
-            .map(|b| LayerShape { heads: b.attn.num_heads, kv_heads: b.attn.num_kv_heads, mlp_width: b.mlp.width() })
+            .map(|b| LayerShape {
+                heads: b.attn.num_heads(),
+                kv_heads: b.attn.num_kv_heads(),
+                mlp_width: b.mlp.width(),
+            })
             .collect();
-        shapes.gated_mlp = model.blocks.first().is_none_or(|b| b.mlp.gate.is_some());
+        shapes.gated_mlp = model.blocks().first().is_none_or(|b| b.mlp.gate().is_some());
         shapes
     }
 
@@ -137,7 +140,7 @@ impl Components {
     }
 }
 
-/// Which prompt tokens a prune schedule may drop (pare-token-prune's `Span`, by count).
+/// Which prompt tokens token pruning may drop (pare-token-prune's `Span`, by count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SpanKind {
@@ -187,8 +190,9 @@ pub struct Scenario {
     pub image_tokens: usize,
     /// Tokens generated: the first comes from the prefill, each later one from a decode step.
     pub gen_len: usize,
-    pub prune: Option<PruneSchedule>,
-    pub span: SpanKind,
+    /// Tokens each layer runs on during the prefill when token pruning drops prompt tokens
+    /// inside it (pare-token-prune's `PruneSchedule::tokens_per_layer`); None: the whole prompt.
+    pub pruned_lengths: Option<Vec<usize>>,
     pub kv: KvPolicy,
     /// Bytes of one cached key or value element (4 for f32, 2 for bf16/f16).
     pub kv_bytes_per_value: usize,
@@ -199,7 +203,7 @@ pub struct Scenario {
 impl Scenario {
     /// The same run without token pruning or a press: what reductions are measured against.
     pub fn unpruned(&self) -> Scenario {
-        Scenario { prune: None, kv: KvPolicy::default(), ..self.clone() }
+        Scenario { pruned_lengths: None, kv: KvPolicy::default(), ..self.clone() }
     }
 
     pub fn prefill_len(&self) -> usize {
@@ -227,52 +231,39 @@ impl Analysis {
     }
 }
 
-/// Span tokens a schedule may cut, given the prompt layout.
-fn span_len(sc: &Scenario) -> Result<usize> {
-    let total = sc.prefill_len();
-    Ok(match sc.span {
-        SpanKind::Image => {
-            if sc.image_tokens == 0 {
-                return Err(FlopsError::input(
-                    "--prune-span image: the run has no image tokens (give --image-tokens or a LLaVA model)",
-                ));
+impl SpanKind {
+    /// Tokens of a prefill of `prefill_len` tokens, `image_tokens` of them an image's, that
+    /// token pruning may cut.
+    pub fn tokens(&self, prefill_len: usize, image_tokens: usize) -> Result<usize> {
+        Ok(match *self {
+            SpanKind::Image => {
+                if image_tokens == 0 {
+                    return Err(FlopsError::input(
+                        "--prune-span image: the run has no image tokens (give --image-tokens or a LLaVA model)",
+                    ));
+                }
+                image_tokens
             }
-            sc.image_tokens
-        }
-        // The last token always stays (its logits are the prefill's output).
-        SpanKind::Prompt { protect_last } => total.saturating_sub(protect_last.max(1)),
-        SpanKind::Range { start, end } => end.min(total.saturating_sub(1)).saturating_sub(start),
-    })
+            // The last token always stays (its logits are the prefill's output).
+            SpanKind::Prompt { protect_last } => prefill_len.saturating_sub(protect_last.max(1)),
+            SpanKind::Range { start, end } => end.min(prefill_len.saturating_sub(1)).saturating_sub(start),
+        })
+    }
 }
 
-/// Prefill length at every layer under `schedule`, checking the schedule fits the model and span.
+/// Prefill length at every layer: the pruned lengths, checked against the model and prompt.
 pub fn seq_per_layer(num_layers: usize, sc: &Scenario) -> Result<Vec<usize>> {
     let total = sc.prefill_len();
-    let mut seq = vec![total; num_layers];
-    let Some(schedule) = &sc.prune else { return Ok(seq) };
-    schedule.check(num_layers)?;
-    let mut span = span_len(sc)?;
-    for stage in &schedule.stages {
-        if span == 0 {
-            return Err(FlopsError::input(format!(
-                "--prune-tokens: nothing left to cut at layer {}: the span is empty",
-                stage.layer
-            )));
+    match &sc.pruned_lengths {
+        None => Ok(vec![total; num_layers]),
+        Some(lengths) if lengths.len() == num_layers && lengths.iter().all(|&l| (1..=total).contains(&l)) => {
+            Ok(lengths.clone())
         }
-        if let Keep::Count(c) = stage.keep {
-            if c > span {
-                return Err(FlopsError::input(format!(
-                    "--prune-tokens: layer {} keeps {c} tokens, more than the {span} the span holds there",
-                    stage.layer
-                )));
-            }
-        }
-        let kept = stage.keep.of(span);
-        let dropped = span - kept;
-        seq.iter_mut().skip(stage.layer).for_each(|s| *s -= dropped);
-        span = kept;
+        Some(lengths) => Err(FlopsError::input(format!(
+            "pruned lengths for {} layers of at most {total} tokens do not fit a model of {num_layers} layers",
+            lengths.len()
+        ))),
     }
-    Ok(seq)
 }
 
 /// One layer's projection and MLP FLOPs for `tokens` rows.

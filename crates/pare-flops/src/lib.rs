@@ -13,5 +13,4 @@ pub use flops::{
     analyze, seq_per_layer, Analysis, Components, KvPolicy, LayerShape, Scenario, SpanKind, TextShapes, VisionShapes,
 };
 pub use formulas::Formula;
-pub use pare_token_prune::PruneSchedule;
 pub use report::{FlopsReport, Measured, MeasuredRun, ModelSummary, ScenarioSummary};

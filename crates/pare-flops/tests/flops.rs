@@ -4,10 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use pare_flops::{
-    analyze, seq_per_layer, Formula, KvPolicy, PruneSchedule, Scenario, SpanKind, TextShapes, VisionShapes,
-};
+use pare_flops::{analyze, seq_per_layer, Formula, KvPolicy, Scenario, SpanKind, TextShapes, VisionShapes};
 use pare_model::ModelConfig;
+use pare_token_prune::PruneSchedule;
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -23,12 +22,19 @@ fn text_run(prompt_len: usize, gen_len: usize) -> Scenario {
         prompt_len,
         image_tokens: 0,
         gen_len,
-        prune: None,
-        span: SpanKind::Prompt { protect_last: 8 },
+        pruned_lengths: None,
         kv: KvPolicy::default(),
         kv_bytes_per_value: 4,
         vision: None,
     }
+}
+
+/// `sc` with prompt tokens of `span` cut as `spec` says, in a 32-layer model (as the CLI does it).
+fn pruned(sc: Scenario, spec: &str, span: SpanKind) -> Result<Scenario, String> {
+    let total = sc.prefill_len();
+    let span = span.tokens(total, sc.image_tokens).map_err(|e| e.to_string())?;
+    let lengths = PruneSchedule::parse(spec).unwrap().tokens_per_layer(32, total, span).map_err(|e| e.to_string())?;
+    Ok(Scenario { pruned_lengths: Some(lengths), ..sc })
 }
 
 fn u(v: &Value) -> u64 {
@@ -125,12 +131,7 @@ fn llava_7b() -> TextShapes {
 
 fn seed_example() -> Scenario {
     // 100 text + 576 image tokens; after layer 10 keep 276 image tokens: 676 → 376.
-    Scenario {
-        image_tokens: 576,
-        prune: Some(PruneSchedule::parse("10:276").unwrap()),
-        span: SpanKind::Image,
-        ..text_run(100, 1)
-    }
+    pruned(Scenario { image_tokens: 576, ..text_run(100, 1) }, "10:276", SpanKind::Image).unwrap()
 }
 
 #[test]
@@ -194,14 +195,10 @@ fn pruned_layers_hold_only_the_kept_tokens_in_the_cache() {
 #[test]
 fn prompt_spans_and_several_stages() {
     // 120 tokens, the last 8 protected: a span of 112; half of it, then 20 of the rest.
-    let sc = Scenario { prune: Some(PruneSchedule::parse("4:0.5,12:20").unwrap()), ..text_run(120, 1) };
+    let sc = pruned(text_run(120, 1), "4:0.5,12:20", SpanKind::Prompt { protect_last: 8 }).unwrap();
     let seq = seq_per_layer(32, &sc).unwrap();
     assert_eq!((seq[3], seq[4], seq[11], seq[12]), (120, 64, 64, 28));
-    let range = Scenario {
-        span: SpanKind::Range { start: 10, end: 50 },
-        prune: Some(PruneSchedule::parse("2:10").unwrap()),
-        ..text_run(120, 1)
-    };
+    let range = pruned(text_run(120, 1), "2:10", SpanKind::Range { start: 10, end: 50 }).unwrap();
     assert_eq!(seq_per_layer(32, &range).unwrap()[2], 90);
 }
 
@@ -226,17 +223,19 @@ fn press_budgets_shrink_the_cache_and_decode_attention() {
 fn bad_inputs_are_one_line_errors() {
     let shapes = llava_7b();
     let err = |sc: Scenario| analyze(&shapes, &sc).unwrap_err().to_string();
-    let keep_too_many = err(Scenario { prune: Some(PruneSchedule::parse("10:700").unwrap()), ..seed_example() });
+    let image_run = Scenario { image_tokens: 576, ..text_run(100, 1) };
+    let keep_too_many = pruned(image_run.clone(), "10:700", SpanKind::Image).unwrap_err();
     assert!(keep_too_many.contains("keeps 700 tokens, more than the 576"), "{keep_too_many}");
-    let beyond = err(Scenario { prune: Some(PruneSchedule::parse("40:0.5").unwrap()), ..seed_example() });
+    let beyond = pruned(image_run, "40:0.5", SpanKind::Image).unwrap_err();
     assert!(beyond.contains("beyond the model's 32 layers"), "{beyond}");
-    let no_image =
-        err(Scenario { span: SpanKind::Image, prune: Some(PruneSchedule::parse("2:0.5").unwrap()), ..text_run(50, 1) });
+    let no_image = pruned(text_run(50, 1), "2:0.5", SpanKind::Image).unwrap_err();
     assert!(no_image.contains("no image tokens"), "{no_image}");
+    let wrong_layers = err(Scenario { pruned_lengths: Some(vec![100; 31]), ..text_run(100, 1) });
+    assert!(wrong_layers.contains("do not fit a model of 32 layers"), "{wrong_layers}");
     assert!(err(text_run(0, 1)).contains("at least one token"));
     let formula = "quadratic".parse::<Formula>().unwrap_err().to_string();
     assert_eq!(formula, "unknown --formula \"quadratic\" (exact, seed, lecture, fastv)");
-    for e in [keep_too_many, beyond, no_image, formula] {
+    for e in [keep_too_many, beyond, no_image, wrong_layers, formula] {
         assert!(!e.contains('\n'));
     }
 }
@@ -248,5 +247,5 @@ fn shapes_from_loaded_weights_equal_shapes_from_the_config() {
     let loaded = pare_model::load(dir.to_str().unwrap(), dtype, &candle_core::Device::Cpu).unwrap();
     let from_weights = TextShapes::from_model(&loaded.model);
     assert!(!from_weights.gated_mlp);
-    assert_eq!(from_weights, TextShapes::from_config(&loaded.model.config));
+    assert_eq!(from_weights, TextShapes::from_config(loaded.model.config()));
 }

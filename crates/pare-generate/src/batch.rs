@@ -196,7 +196,7 @@ impl<'m> Batch<'m> {
     pub fn admit(&mut self, spec: GroupSpec) -> Result<Vec<SeqId>> {
         let GroupSpec { input, prompt_ids, settings, hooks, top_logprobs } = spec;
         let n = settings.config.num_return_sequences();
-        settings.check_fits(self.model.config.max_position_embeddings, &prompt_ids)?;
+        settings.check_fits(self.model.config().max_position_embeddings, &prompt_ids)?;
         if settings.config.max_new_tokens() == 0 {
             // Nothing to generate (a log-likelihood request): no prefill, no cache.
             let mut ids = Vec::new();
@@ -381,7 +381,7 @@ impl<'m> Batch<'m> {
 fn prefill_chunk(model: &Model, group: &mut Group, chunk: usize) -> Result<()> {
     let take = chunk.min(group.pending.len());
     let tokens: Vec<u32> = group.pending.drain(..take).collect();
-    let start = group.cache.next_position[0];
+    let start = group.cache.next_positions()[0];
     let positions = vec![(start..start + take as i64).collect::<Vec<_>>()];
     let phase = if start == 0 { Phase::Prefill } else { Phase::Extend };
     let x = model.embed(&[tokens])?;

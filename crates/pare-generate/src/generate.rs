@@ -144,7 +144,7 @@ impl<'a> Generator<'a> {
             let Prompts::Tokens(tokens) = prompts else {
                 return Err(GenerateError::Config("beam search needs token prompts".into()));
             };
-            self.settings.check_fits(model.config.max_position_embeddings, &ids)?;
+            self.settings.check_fits(model.config().max_position_embeddings, &ids)?;
             return self.beam(model, tokens);
         }
         let n = config.num_return_sequences();

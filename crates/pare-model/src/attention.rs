@@ -12,16 +12,16 @@ use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
     /// This layer's head counts (they differ between layers after structured pruning).
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
     /// q, k and v stacked (see [`crate::layers::fuse`]); q, k and v are then views of its weight.
-    pub qkv: Option<Linear>,
+    pub(crate) qkv: Option<Linear>,
 }
 
 /// What every layer's attention shares during one forward call.
@@ -53,6 +53,55 @@ pub struct AttentionOutput {
 }
 
 impl Attention {
+    pub fn q(&self) -> &Linear {
+        &self.q
+    }
+
+    pub fn k(&self) -> &Linear {
+        &self.k
+    }
+
+    pub fn v(&self) -> &Linear {
+        &self.v
+    }
+
+    pub fn o(&self) -> &Linear {
+        &self.o
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Whether q, k and v run as one stacked map.
+    pub fn is_fused(&self) -> bool {
+        self.qkv.is_some()
+    }
+
+    /// Keep only these query heads and KV heads (ascending): rows of q, k, v and columns of o are
+    /// removed, so the layer computes exactly what it did with the other heads' outputs zeroed.
+    /// The stacked projection, if any, is dropped (it would hold the removed rows).
+    pub fn keep_heads(&mut self, kept_heads: &[usize], kept_kv_heads: &[usize], dtype: DType) -> Result<()> {
+        let q_rows = head_channels(kept_heads, self.head_dim);
+        let kv_rows = head_channels(kept_kv_heads, self.head_dim);
+        self.qkv = None;
+        self.q = self.q.keep_outputs(&q_rows, dtype)?;
+        self.k = self.k.keep_outputs(&kv_rows, dtype)?;
+        self.v = self.v.keep_outputs(&kv_rows, dtype)?;
+        self.o = self.o.keep_inputs(&q_rows, dtype)?;
+        self.num_heads = kept_heads.len();
+        self.num_kv_heads = kept_kv_heads.len();
+        Ok(())
+    }
+
     /// x: (batch, seq, hidden) → (batch, seq, hidden). Projects every row at once; then each slot
     /// appends its rows' keys and values to its cache and attends over it, its press acting
     /// before the append and after attending. A pruner (prefill, one slot) may cut after it.
@@ -273,5 +322,19 @@ impl Attention {
 
     pub fn param_count(&self) -> usize {
         self.q.param_count() + self.k.param_count() + self.v.param_count() + self.o.param_count()
+    }
+}
+
+/// The channels (rows of q, k, v; columns of o) that hold these heads.
+pub fn head_channels(heads: &[usize], head_dim: usize) -> Vec<usize> {
+    heads.iter().flat_map(|&h| h * head_dim..(h + 1) * head_dim).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn head_channels_expand_heads() {
+        assert_eq!(super::head_channels(&[2, 3], 4), (8..16).collect::<Vec<_>>());
+        assert_eq!(super::head_channels(&[1], 4), vec![4, 5, 6, 7]);
     }
 }

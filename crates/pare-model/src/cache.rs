@@ -407,9 +407,9 @@ impl LayerKv {
 /// it keeps is decided by the press in the sequence's [`Hooks`](crate::Hooks).
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    pub layers: Vec<LayerKv>,
+    pub(crate) layers: Vec<LayerKv>,
     /// The position the next token of each row will take.
-    pub next_position: Vec<i64>,
+    pub(crate) next_position: Vec<i64>,
 }
 
 impl KvCache {
@@ -423,6 +423,20 @@ impl KvCache {
 
     pub fn batch(&self) -> usize {
         self.next_position.len()
+    }
+
+    /// Every layer's keys and values, first layer first.
+    pub fn layers(&self) -> &[LayerKv] {
+        &self.layers
+    }
+
+    pub fn layer(&self, layer: usize) -> &LayerKv {
+        &self.layers[layer]
+    }
+
+    /// The position the next token of each row will take.
+    pub fn next_positions(&self) -> &[i64] {
+        &self.next_position
     }
 
     /// Bytes of keys and values in use, over all layers.

@@ -130,6 +130,24 @@ impl Linear {
         self.out_features() * self.in_features() + self.bias().map_or(0, |b| b.elem_count())
     }
 
+    /// A dense map in `dtype` with only these output channels (rows of the weight, and the bias).
+    pub fn keep_outputs(&self, ids: &[usize], dtype: DType) -> Result<Linear> {
+        let weight = self.dense_weight(dtype)?;
+        let idx = index_tensor(ids, weight.device())?;
+        Ok(Linear::Dense {
+            weight: weight.index_select(&idx, 0)?.contiguous()?,
+            bias: self.bias().map(|b| b.index_select(&idx.to_device(b.device())?, 0)).transpose()?,
+        })
+    }
+
+    /// A dense map in `dtype` with only these input channels (columns of the weight; the bias,
+    /// one per output, stays).
+    pub fn keep_inputs(&self, ids: &[usize], dtype: DType) -> Result<Linear> {
+        let weight = self.dense_weight(dtype)?;
+        let idx = index_tensor(ids, weight.device())?;
+        Ok(Linear::Dense { weight: weight.index_select(&idx, 1)?.contiguous()?, bias: self.bias().cloned() })
+    }
+
     /// Bytes the weights occupy as stored (quantized blocks count as their packed size).
     pub fn storage_bytes(&self) -> usize {
         let bias = self.bias().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
@@ -144,6 +162,10 @@ impl Linear {
             },
         }
     }
+}
+
+fn index_tensor(ids: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), ids.len(), device)?)
 }
 
 /// Whether x holds few enough rows for a decode-style pass over the weights (the GEMV regime).
@@ -324,12 +346,12 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 /// The feed-forward block: SwiGLU `down(act(gate x) ⊙ up x)` or plain `down(act(up x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate: Option<Linear>,
-    pub up: Linear,
-    pub down: Linear,
-    pub activation: Activation,
+    pub(crate) gate: Option<Linear>,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+    pub(crate) activation: Activation,
     /// gate and up stacked (see [`fuse`]); gate and up are then views of its weight.
-    pub gate_up: Option<Linear>,
+    pub(crate) gate_up: Option<Linear>,
 }
 
 impl Mlp {
@@ -362,6 +384,39 @@ impl Mlp {
     }
 
     /// The intermediate width (differs per layer after structured pruning).
+    pub fn gate(&self) -> Option<&Linear> {
+        self.gate.as_ref()
+    }
+
+    pub fn up(&self) -> &Linear {
+        &self.up
+    }
+
+    pub fn down(&self) -> &Linear {
+        &self.down
+    }
+
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+
+    /// Whether gate and up run as one stacked map.
+    pub fn is_fused(&self) -> bool {
+        self.gate_up.is_some()
+    }
+
+    /// Keep only these intermediate channels (rows of gate and up, columns of down); the
+    /// stacked gate/up map, if any, is dropped (it would hold the removed rows).
+    pub fn keep_channels(&mut self, channels: &[usize], dtype: DType) -> Result<()> {
+        self.gate_up = None;
+        if let Some(gate) = &self.gate {
+            self.gate = Some(gate.keep_outputs(channels, dtype)?);
+        }
+        self.up = self.up.keep_outputs(channels, dtype)?;
+        self.down = self.down.keep_inputs(channels, dtype)?;
+        Ok(())
+    }
+
     pub fn width(&self) -> usize {
         self.up.out_features()
     }

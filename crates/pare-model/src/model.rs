@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{Attention, AttentionInputs, KvSlot};
 use crate::cache::{KvCache, MaskCache, PAD_POSITION};
-use crate::config::ModelConfig;
+use crate::config::{LayerShapes, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::hooks::{Hooks, Phase, TokenPruner};
 use crate::layers::{Linear, Mlp, Norm};
@@ -58,18 +58,91 @@ pub enum Logits {
 
 #[derive(Debug, Clone)]
 pub struct Model {
-    pub config: ModelConfig,
+    pub(crate) config: ModelConfig,
     /// (vocab, hidden), in the activation dtype.
-    pub embed_tokens: Tensor,
-    pub blocks: Vec<Block>,
-    pub final_norm: Norm,
-    pub lm_head: Linear,
-    pub rope: Rope,
-    pub dtype: DType,
-    pub device: Device,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) final_norm: Norm,
+    pub(crate) lm_head: Linear,
+    pub(crate) rope: Rope,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
 }
 
 impl Model {
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The activations' dtype (and the dense weights').
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// (vocab, hidden), in the activation dtype.
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// A layer to edit in place (structured pruning); call [`Model::restate_shapes`] after
+    /// changing its heads or channels.
+    pub fn block_mut(&mut self, layer: usize) -> &mut Block {
+        &mut self.blocks[layer]
+    }
+
+    /// Keep only these layers, in this order (layer pruning; a layer may repeat).
+    pub fn keep_layers(&mut self, order: &[usize]) -> Result<()> {
+        if let Some(&bad) = order.iter().find(|&&l| l >= self.blocks.len()) {
+            return Err(ModelError::input(format!(
+                "layer {bad} is out of range (the model has {})",
+                self.blocks.len()
+            )));
+        }
+        self.blocks = order.iter().map(|&l| self.blocks[l].clone()).collect();
+        self.config.num_layers = order.len();
+        self.restate_shapes();
+        Ok(())
+    }
+
+    pub fn final_norm(&self) -> &Norm {
+        &self.final_norm
+    }
+
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Make the config state the layers' shapes: the uniform fields when all layers agree (an HF
+    /// checkpoint can express that), per-layer lists otherwise.
+    pub fn restate_shapes(&mut self) {
+        let heads: Vec<usize> = self.blocks.iter().map(|b| b.attn.num_heads).collect();
+        let kv: Vec<usize> = self.blocks.iter().map(|b| b.attn.num_kv_heads).collect();
+        let widths: Vec<usize> = self.blocks.iter().map(|b| b.mlp.width()).collect();
+        let uniform = |v: &[usize]| v.windows(2).all(|w| w[0] == w[1]);
+        let max = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
+        let cfg = &mut self.config;
+        cfg.num_heads = max(&heads);
+        cfg.num_kv_heads = max(&kv);
+        cfg.intermediate_size = max(&widths);
+        cfg.layer_shapes = if uniform(&heads) && uniform(&kv) && uniform(&widths) {
+            None
+        } else {
+            Some(LayerShapes { num_heads: heads, num_kv_heads: kv, intermediate_size: widths })
+        };
+    }
+
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
     }

@@ -13,7 +13,7 @@ fn check(dir: &str) {
     let plain = loaded.model;
     let mut fused = plain.clone();
     fused.fuse_projections().unwrap();
-    assert!(fused.blocks.iter().all(|b| b.attn.qkv.is_some() && b.mlp.gate_up.is_some()), "{dir}: every layer fuses");
+    assert!(fused.blocks().iter().all(|b| b.attn.is_fused() && b.mlp.is_fused()), "{dir}: every layer fuses");
     let prompt: Vec<u32> = vec![3, 17, 42, 99, 7, 123, 64, 5];
     let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()

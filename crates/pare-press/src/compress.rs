@@ -54,8 +54,8 @@ impl<'a> LayerInfo<'a> {
         LayerInfo {
             layer: ctx.layer,
             num_layers: ctx.num_layers,
-            group: ctx.attention.num_heads / ctx.attention.num_kv_heads,
-            head_dim: ctx.attention.head_dim,
+            group: ctx.attention.num_heads() / ctx.attention.num_kv_heads(),
+            head_dim: ctx.attention.head_dim(),
             rope: ctx.rope,
         }
     }

@@ -26,7 +26,7 @@ pub use pare_model::hooks::CachePress;
 
 use presses::{AdaKv, ChunkKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
 use scorer::Scorer;
-use select::{Selector, TopK};
+use select::{HeadTopK, Selector};
 
 /// Scorer presses, usable alone or inside a wrapper.
 pub const SCORERS: &[&str] =
@@ -207,5 +207,5 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
         }
         other => unreachable!("press {other} was checked"),
     };
-    Ok(Box::new(TopK { scorer }))
+    Ok(Box::new(HeadTopK { scorer }))
 }

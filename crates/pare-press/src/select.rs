@@ -19,11 +19,11 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
 
 /// kvpress's ScorerPress: each KV head keeps its own top `budget.kept(n)` entries.
 #[derive(Debug)]
-pub struct TopK {
+pub struct HeadTopK {
     pub scorer: Box<dyn Scorer>,
 }
 
-impl Selector for TopK {
+impl Selector for HeadTopK {
     fn scorer(&self) -> &dyn Scorer {
         self.scorer.as_ref()
     }
@@ -33,6 +33,6 @@ impl Selector for TopK {
     }
 
     fn box_clone(&self) -> Box<dyn Selector> {
-        Box::new(TopK { scorer: self.scorer.box_clone() })
+        Box::new(HeadTopK { scorer: self.scorer.box_clone() })
     }
 }

@@ -59,7 +59,7 @@ fn kept_entries_match_kvpress() {
         for (layer, heads) in f["kept"].as_array().unwrap().iter().enumerate() {
             for (head, kept) in heads.as_array().unwrap().iter().enumerate() {
                 let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
-                let got = cache.layers[layer].positions(0, head);
+                let got = cache.layer(layer).positions(0, head);
                 for p in
                     expected.iter().filter(|p| !got.contains(p)).chain(got.iter().filter(|p| !expected.contains(p)))
                 {

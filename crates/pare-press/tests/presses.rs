@@ -89,7 +89,7 @@ fn budgets_shrink_the_cache_in_proportion_per_head_budgets_included() {
         let (_, cache, _) =
             ts::prefill_hooked(model, &prompt, press_hooks(Some(press(spec, ratio(r)).as_ref()))).unwrap();
         let kept_per_head = (200.0 * (1.0 - r)) as usize;
-        for layer in &cache.layers {
+        for layer in cache.layers() {
             let counts = layer.entry_counts();
             assert_eq!(counts.iter().sum::<usize>(), 3 * kept_per_head, "{spec}: the row's budget is spent exactly");
         }
@@ -97,13 +97,13 @@ fn budgets_shrink_the_cache_in_proportion_per_head_budgets_included() {
         // What is allocated is what is kept: per-head budgets free memory for real.
         assert_eq!(cache.allocated_bytes(), cache.bytes(), "{spec}");
         if spec.starts_with("adakv") {
-            let ragged = cache.layers.iter().any(|l| l.entry_counts().windows(2).any(|w| w[0] != w[1]));
+            let ragged = cache.layers().iter().any(|l| l.entry_counts().windows(2).any(|w| w[0] != w[1]));
             assert!(ragged, "{spec}: heads should get different budgets");
         }
     }
     let (_, cache, _) =
         ts::prefill_hooked(model, &prompt, press_hooks(Some(press("pyramidkv", ratio(0.5)).as_ref()))).unwrap();
-    let per_layer: Vec<usize> = cache.layers.iter().map(|l| l.entries(0, 0)).collect();
+    let per_layer: Vec<usize> = cache.layers().iter().map(|l| l.entries(0, 0)).collect();
     assert!(per_layer.windows(2).all(|w| w[0] >= w[1]) && per_layer[0] > per_layer[29], "pyramid: {per_layer:?}");
     let total: usize = per_layer.iter().sum();
     assert!((total as f64 / (30.0 * 100.0) - 1.0).abs() < 0.02, "pyramid keeps the uniform total: {total}");
@@ -118,11 +118,11 @@ fn each_row_of_a_batch_keeps_its_own_budget_and_matches_running_alone() {
         let p = press(spec, ratio(0.5));
         let (batch, cache) = run(model, &[long.clone(), short.clone()], Some(p.as_ref()), 2);
         assert_eq!(
-            cache.layers[0].entries(0, 0) + cache.layers[0].entries(0, 1) + cache.layers[0].entries(0, 2),
+            cache.layers()[0].entries(0, 0) + cache.layers()[0].entries(0, 1) + cache.layers()[0].entries(0, 2),
             3 * 60 + 3 * 2
         );
         assert_eq!(
-            cache.layers[0].entries(1, 0) + cache.layers[0].entries(1, 1) + cache.layers[0].entries(1, 2),
+            cache.layers()[0].entries(1, 0) + cache.layers()[0].entries(1, 1) + cache.layers()[0].entries(1, 2),
             3 * 35 + 3 * 2
         );
         for (row, prompt) in [long.clone(), short.clone()].into_iter().enumerate() {
@@ -148,7 +148,7 @@ fn streaming_rule_keeps_sinks_and_the_newest_entries() {
     assert!(logits.dims() == [1, 49152]);
     // Cut to 16 before the last token came in, which then added one.
     let expected: Vec<i64> = (0..4).chain(47..60).collect();
-    for layer in &cache.layers {
+    for layer in cache.layers() {
         for h in 0..3 {
             assert_eq!(layer.positions(0, h), expected.as_slice());
         }
@@ -166,8 +166,8 @@ fn streaming_rule_keeps_sinks_and_the_newest_entries() {
     for &t in &tokens[1..] {
         ts::decode_hooked(model, &mut cache, &mut hooks, &[t]).unwrap();
     }
-    assert_eq!(cache.layers[5].positions(0, 1), (0..17).collect::<Vec<i64>>().as_slice());
-    assert_eq!(cache.next_position, vec![16]);
+    assert_eq!(cache.layers()[5].positions(0, 1), (0..17).collect::<Vec<i64>>().as_slice());
+    assert_eq!(cache.next_positions(), vec![16]);
 }
 
 #[test]
@@ -181,16 +181,16 @@ fn rerotated_keys_equal_keys_rotated_at_the_new_positions() {
     let (_, cache, _) =
         ts::prefill_hooked(model, std::slice::from_ref(&tokens), press_hooks(Some(press("streaming", opts).as_ref())))
             .unwrap();
-    let layer0 = &cache.layers[0];
+    let layer0 = &cache.layers()[0];
     let kept: Vec<i64> = (0..4).chain(24..40).collect();
     assert_eq!(layer0.positions(0, 0), (0..20).collect::<Vec<i64>>().as_slice());
     let kept_tokens: Vec<u32> = kept.iter().map(|&p| tokens[p as usize]).collect();
     let (_, fresh) = ts::prefill(model, &[kept_tokens]).unwrap();
     let (k_rot, _) = layer0.head_kv(0, 2).unwrap().unwrap();
-    let (k_fresh, _) = fresh.layers[0].head_kv(0, 2).unwrap().unwrap();
+    let (k_fresh, _) = fresh.layers()[0].head_kv(0, 2).unwrap().unwrap();
     let d = max_diff(&k_rot, &k_fresh);
     assert!(d < 1e-3, "re-rotated keys differ by {d}");
-    assert_eq!(cache.next_position, vec![20]);
+    assert_eq!(cache.next_positions(), vec![20]);
 }
 
 #[test]
@@ -210,7 +210,7 @@ fn presses_run_on_gpt_neox_and_other_architectures() {
             );
             assert_eq!(
                 cache.total_entries() * 2,
-                cache.layers.iter().map(|l| l.kv_heads()).sum::<usize>() * (48 + 4),
+                cache.layers().iter().map(|l| l.kv_heads()).sum::<usize>() * (48 + 4),
                 "{name} {spec}"
             );
         }
@@ -225,11 +225,11 @@ fn decoding_press_compresses_back_to_the_budget_every_interval() {
     for spec in ["decoding+snapkv", "decoding+adakv+knorm", "decoding+expected-attention"] {
         let p = press(spec, opts.clone());
         let (_, mut cache, mut hooks) = ts::prefill_hooked(model, &prompt, press_hooks(Some(p.as_ref()))).unwrap();
-        assert_eq!(cache.layers[3].entries(0, 0), 50, "{spec}: no compression at prefill");
+        assert_eq!(cache.layers()[3].entries(0, 0), 50, "{spec}: no compression at prefill");
         let mut sizes = Vec::new();
         for step in 0..16u32 {
             ts::decode_hooked(model, &mut cache, &mut hooks, &[100 + step]).unwrap();
-            sizes.push(cache.layers[3].entry_counts().iter().sum::<usize>());
+            sizes.push(cache.layers()[3].entry_counts().iter().sum::<usize>());
         }
         // Steps 1..7 grow, step 8 compresses to 32 per head, then grows again to step 16.
         assert_eq!(sizes[7], 3 * 32, "{spec}: {sizes:?}");

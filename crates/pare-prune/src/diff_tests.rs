@@ -107,8 +107,8 @@ mod tests {
         assert_eq!(probe.input_tokens, 4);
         assert_eq!(probe.input_sq_sums.len(), 3 * 4);
         let q_in = &probe.input_sq_sums[&(0, Role::Q)];
-        assert_eq!(q_in.dims(), &[model.config.hidden_size]);
+        assert_eq!(q_in.dims(), &[model.config().hidden_size]);
         let down_in = &probe.input_sq_sums[&(2, Role::Down)];
-        assert_eq!(down_in.dims(), &[model.blocks[2].mlp.width()]);
+        assert_eq!(down_in.dims(), &[model.blocks()[2].mlp.width()]);
     }
 }

@@ -135,13 +135,6 @@ pub fn attn_root_of(mode: GqaMode, s: AttnShape, member: Member, c: usize) -> us
     }
 }
 
-/// Kept rows of q (and columns of o) and of k / v for the kept query heads and KV heads.
-pub fn attn_kept_channels(s: AttnShape, kept_heads: &[usize], kept_kv_heads: &[usize]) -> (Vec<usize>, Vec<usize>) {
-    let expand =
-        |heads: &[usize]| -> Vec<usize> { heads.iter().flat_map(|&h| h * s.head_dim..(h + 1) * s.head_dim).collect() };
-    (expand(kept_heads), expand(kept_kv_heads))
-}
-
 /// Check a (kept query heads, kept KV heads) pair: ascending, in range, each kept query head's
 /// KV head kept, and every kept KV head keeping the same positive number of query heads (the
 /// engine's GQA needs equal groups).
@@ -196,13 +189,6 @@ mod tests {
         assert_eq!(attn_root_of(GqaMode::KvGroups, S, k, 6), 6);
         assert_eq!(attn_root_channels(GqaMode::KvGroups, S), 8);
         assert_eq!(attn_root_channels(GqaMode::QueryHeads, S), 32);
-    }
-
-    #[test]
-    fn kept_channels_expand_heads() {
-        let (q, kv) = attn_kept_channels(S, &[4, 5, 6, 7], &[1]);
-        assert_eq!(q, (16..32).collect::<Vec<_>>());
-        assert_eq!(kv, vec![4, 5, 6, 7]);
     }
 
     #[test]

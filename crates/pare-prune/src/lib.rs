@@ -34,7 +34,7 @@ pub use groups::GqaMode;
 pub use importance::{Importance, Reduction, Scores, TaylorVariant};
 pub use plan::PruningPlan;
 pub use ratios::{PerLayerRatios, RatioMode};
-pub use report::{LayerShape, ParamCounts};
+pub use report::{LayerReport, ParamCounts};
 
 use crate::groups::Kind;
 use crate::importance::{attn_shape, ScoreSettings};
@@ -98,7 +98,7 @@ pub struct Outcome {
 
 /// The prunable units of a layer, for ratios.
 fn layer_units(model: &Model, kind: Kind, gqa: GqaMode, layer: usize) -> LayerUnits {
-    let b = &model.blocks[layer];
+    let b = &model.blocks()[layer];
     match kind {
         Kind::Mlp => {
             LayerUnits { layer, units: b.mlp.width(), root_width: 1, channel_width: 1, unit_name: "MLP channel" }
@@ -149,7 +149,7 @@ pub fn make_plan(
     calibration: Option<&Calibration>,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Outcome> {
-    let n = model.blocks.len();
+    let n = model.blocks().len();
     let (attn_layers, mlp_layers) = settings.layers(n)?;
     if let Some(n) = settings.round_to {
         if n == 0 {
@@ -190,7 +190,7 @@ pub fn make_plan(
         .map(|(&l, s)| {
             let v = match settings.gqa {
                 GqaMode::KvGroups => s.clone(),
-                GqaMode::QueryHeads => plan::query_head_slots(attn_shape(&model.blocks[l]), s),
+                GqaMode::QueryHeads => plan::query_head_slots(attn_shape(&model.blocks()[l]), s),
             };
             (l, v)
         })
@@ -215,7 +215,7 @@ pub fn make_plan(
         if p == 0 {
             continue;
         }
-        let keep = plan::attn_keep(attn_shape(&model.blocks[l]), settings.gqa, &scores.attn[&l], p);
+        let keep = plan::attn_keep(attn_shape(&model.blocks()[l]), settings.gqa, &scores.attn[&l], p);
         layers.entry(l).or_insert(LayerPlan { layer: l, attn: None, mlp: None }).attn = Some(keep);
         removed.entry(l).or_default().0 = p;
     }
@@ -286,28 +286,28 @@ mod tests {
         calibration::from_tokens(&ids, 3, 16, "test").unwrap()
     }
 
-    /// The original model with removed heads' o columns and removed channels' down columns set
-    /// to zero: what the pruned model must compute exactly.
-    fn masked(model: &Model, plan: &PruningPlan) -> Model {
-        let mut m = model.clone();
-        for lp in &plan.layers {
-            let b = &mut m.blocks[lp.layer];
-            let zero_cols = |l: &pare_model::layers::Linear, keep: &[usize]| {
-                let w = l.dense_weight(DType::F32).unwrap();
-                let mask: Vec<f32> =
-                    (0..w.dim(1).unwrap()).map(|c| if keep.contains(&c) { 1.0 } else { 0.0 }).collect();
-                let mask = Tensor::from_vec(mask, (1, w.dim(1).unwrap()), &Device::Cpu).unwrap();
-                pare_model::layers::Linear::Dense { weight: w.broadcast_mul(&mask).unwrap(), bias: l.bias().cloned() }
-            };
-            if let Some(a) = &lp.attn {
-                let (q_rows, _) = groups::attn_kept_channels(attn_shape(b), &a.kept_heads, &a.kept_kv_heads);
-                b.attn.o = zero_cols(&b.attn.o, &q_rows);
+    /// The tiny model (3 layers, 8 heads over 2 KV heads, seed 11) with removed heads' o columns
+    /// and removed channels' down columns set to zero: what the pruned model must compute exactly.
+    fn masked(plan: &PruningPlan) -> Model {
+        let head_dim = 8;
+        crate::testing::tiny_model_with(&Device::Cpu, 3, 8, 2, 11, |tensors| {
+            for lp in &plan.layers {
+                let zero_cols = |name: &str, keep: &[usize], tensors: &mut Vec<(String, Tensor)>| {
+                    let (_, w) = tensors.iter_mut().find(|(n, _)| n == name).unwrap();
+                    let cols = w.dim(1).unwrap();
+                    let mask: Vec<f32> = (0..cols).map(|c| if keep.contains(&c) { 1.0 } else { 0.0 }).collect();
+                    *w = w.broadcast_mul(&Tensor::from_vec(mask, (1, cols), &Device::Cpu).unwrap()).unwrap();
+                };
+                let p = format!("model.layers.{}", lp.layer);
+                if let Some(a) = &lp.attn {
+                    let q_rows = pare_model::attention::head_channels(&a.kept_heads, head_dim);
+                    zero_cols(&format!("{p}.self_attn.o_proj.weight"), &q_rows, tensors);
+                }
+                if let Some(mk) = &lp.mlp {
+                    zero_cols(&format!("{p}.mlp.down_proj.weight"), &mk.kept_channels, tensors);
+                }
             }
-            if let Some(mk) = &lp.mlp {
-                b.mlp.down = zero_cols(&b.mlp.down, &mk.kept_channels);
-            }
-        }
-        m
+        })
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -321,19 +321,19 @@ mod tests {
         for gqa in [GqaMode::KvGroups, GqaMode::QueryHeads] {
             let out = make_plan(&model, &settings(Importance::L2, gqa, 0.5), None, &mut |_, _, _| {}).unwrap();
             let pruned = apply(&model, &out.plan).unwrap();
-            for b in &pruned.blocks {
+            for b in pruned.blocks() {
                 assert_eq!(b.mlp.width(), 12);
                 match gqa {
-                    GqaMode::KvGroups => assert_eq!((b.attn.num_heads, b.attn.num_kv_heads), (4, 1)),
-                    GqaMode::QueryHeads => assert_eq!((b.attn.num_heads, b.attn.num_kv_heads), (4, 2)),
+                    GqaMode::KvGroups => assert_eq!((b.attn.num_heads(), b.attn.num_kv_heads()), (4, 1)),
+                    GqaMode::QueryHeads => assert_eq!((b.attn.num_heads(), b.attn.num_kv_heads()), (4, 2)),
                 }
             }
             let got = pare_test_support::logits_all(&pruned, &ids).unwrap();
-            let want = pare_test_support::logits_all(&masked(&model, &out.plan), &ids).unwrap();
+            let want = pare_test_support::logits_all(&masked(&out.plan), &ids).unwrap();
             assert!(max_diff(&got, &want) < 1e-4, "{gqa:?}: {}", max_diff(&got, &want));
             // Uniform result: the config holds the new shapes, no per-layer lists.
-            assert_eq!(pruned.config.layer_shapes, None);
-            assert_eq!(pruned.config.intermediate_size, 12);
+            assert_eq!(pruned.config().layer_shapes, None);
+            assert_eq!(pruned.config().intermediate_size, 12);
             assert!(ParamCounts::of(&pruned).total < ParamCounts::of(&model).total);
             assert_eq!(ParamCounts::of(&pruned).total, pruned.param_count());
         }
@@ -347,7 +347,7 @@ mod tests {
         s.mlp_layers = 1..3;
         let out = make_plan(&model, &s, None, &mut |_, _, _| {}).unwrap();
         let pruned = apply(&model, &out.plan).unwrap();
-        let shapes = pruned.config.layer_shapes.clone().expect("non-uniform");
+        let shapes = pruned.config().layer_shapes.clone().expect("non-uniform");
         assert_eq!(shapes.num_heads, vec![8, 4, 8]);
         assert_eq!(shapes.num_kv_heads, vec![2, 1, 2]);
         assert_eq!(shapes.intermediate_size, vec![24, 12, 12]);
@@ -396,7 +396,7 @@ mod tests {
             |_, _| {},
         )
         .unwrap();
-        let w = model.blocks[1].mlp.down.dense_weight(DType::F32).unwrap();
+        let w = model.blocks()[1].mlp.down().dense_weight(DType::F32).unwrap();
         let taylor = stats.norms(&w, 1, groups::Role::Down, groups::Axis::Cols).unwrap();
         let diff =
             pare_model::diff::DiffModel::new(&model, DType::F64, |l, r| l == 1 && r == groups::Role::Down).unwrap();

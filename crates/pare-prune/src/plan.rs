@@ -28,13 +28,13 @@ pub struct PlanModel {
 impl PlanModel {
     pub fn of(model: &Model) -> Self {
         PlanModel {
-            arch: model.config.arch.model_type().to_string(),
-            num_layers: model.blocks.len(),
-            hidden_size: model.config.hidden_size,
-            head_dim: model.config.head_dim,
-            num_heads: model.blocks.iter().map(|b| b.attn.num_heads).collect(),
-            num_kv_heads: model.blocks.iter().map(|b| b.attn.num_kv_heads).collect(),
-            intermediate_size: model.blocks.iter().map(|b| b.mlp.width()).collect(),
+            arch: model.config().arch.model_type().to_string(),
+            num_layers: model.blocks().len(),
+            hidden_size: model.config().hidden_size,
+            head_dim: model.config().head_dim,
+            num_heads: model.blocks().iter().map(|b| b.attn.num_heads()).collect(),
+            num_kv_heads: model.blocks().iter().map(|b| b.attn.num_kv_heads()).collect(),
+            intermediate_size: model.blocks().iter().map(|b| b.mlp.width()).collect(),
         }
     }
 }
@@ -184,7 +184,7 @@ impl PruningPlan {
             if lp.layer >= actual.num_layers || !seen.insert(lp.layer) {
                 return Err(PruneError::Plan(format!("layer {} is out of range or listed twice", lp.layer)));
             }
-            let block = &model.blocks[lp.layer];
+            let block = &model.blocks()[lp.layer];
             if let Some(a) = &lp.attn {
                 groups::check_attn_keep(attn_shape(block), &a.kept_heads, &a.kept_kv_heads)
                     .map_err(|e| PruneError::Plan(format!("layer {} attention: {e}", lp.layer)))?;

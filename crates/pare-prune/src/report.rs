@@ -22,22 +22,22 @@ pub struct ParamCounts {
 impl ParamCounts {
     pub fn of(model: &Model) -> Self {
         let mut c = ParamCounts {
-            embed: model.embed_tokens.elem_count(),
-            norm: model.final_norm.param_count(),
+            embed: model.embed_tokens().elem_count(),
+            norm: model.final_norm().param_count(),
             ..Default::default()
         };
-        for b in &model.blocks {
-            c.q += b.attn.q.param_count();
-            c.k += b.attn.k.param_count();
-            c.v += b.attn.v.param_count();
-            c.o += b.attn.o.param_count();
-            c.gate += b.mlp.gate.as_ref().map_or(0, |g| g.param_count());
-            c.up += b.mlp.up.param_count();
-            c.down += b.mlp.down.param_count();
+        for b in model.blocks() {
+            c.q += b.attn.q().param_count();
+            c.k += b.attn.k().param_count();
+            c.v += b.attn.v().param_count();
+            c.o += b.attn.o().param_count();
+            c.gate += b.mlp.gate().map_or(0, |g| g.param_count());
+            c.up += b.mlp.up().param_count();
+            c.down += b.mlp.down().param_count();
             c.norm += b.attn_norm.param_count() + b.mlp_norm.param_count();
         }
-        if !model.config.tie_word_embeddings {
-            c.lm_head = model.lm_head.param_count();
+        if !model.config().tie_word_embeddings {
+            c.lm_head = model.lm_head().param_count();
         }
         c.total = c.q + c.k + c.v + c.o + c.gate + c.up + c.down + c.embed + c.norm + c.lm_head;
         c
@@ -62,7 +62,7 @@ impl ParamCounts {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LayerShape {
+pub struct LayerReport {
     pub layer: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -70,15 +70,15 @@ pub struct LayerShape {
     pub params: usize,
 }
 
-pub fn layer_shapes(model: &Model) -> Vec<LayerShape> {
+pub fn layer_shapes(model: &Model) -> Vec<LayerReport> {
     model
-        .blocks
+        .blocks()
         .iter()
         .enumerate()
-        .map(|(layer, b)| LayerShape {
+        .map(|(layer, b)| LayerReport {
             layer,
-            heads: b.attn.num_heads,
-            kv_heads: b.attn.num_kv_heads,
+            heads: b.attn.num_heads(),
+            kv_heads: b.attn.num_kv_heads(),
             mlp_width: b.mlp.width(),
             params: b.param_count(),
         })

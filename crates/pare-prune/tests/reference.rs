@@ -20,7 +20,7 @@ use serde_json::Value;
 fn tiny_gqa_scores_and_choices_match_the_reference() {
     let fx = load_json("tiny.json");
     let model = load_model(&fixtures().join("llama-gqa-tiny/model"));
-    assert_eq!((model.blocks[0].attn.num_heads, model.blocks[0].attn.num_kv_heads), (8, 2));
+    assert_eq!((model.blocks()[0].attn.num_heads(), model.blocks()[0].attn.num_kv_heads()), (8, 2));
     let ids: Vec<u32> = ids_of(&fx["calibration_ids"]).concat();
     let calib = calibration::from_tokens(&ids, 4, 16, "fixture").unwrap();
     let mut worst: BTreeMap<String, f64> = BTreeMap::new();
@@ -43,7 +43,7 @@ fn tiny_uniform_export_gives_the_transformers_logits() {
     settings.importance = Importance::L2;
     let out = pare_prune::make_plan(&model, &settings, None, &mut |_, _, _| {}).unwrap();
     let pruned = pare_prune::apply(&model, &out.plan).unwrap();
-    assert_eq!(pruned.config.layer_shapes, None, "every layer pruned alike");
+    assert_eq!(pruned.config().layer_shapes, None, "every layer pruned alike");
     let dir = tempfile::tempdir().unwrap();
     pare_model::export::export_hf_dir(&pruned, None, &[2], dir.path()).unwrap();
     let config: Value =
@@ -91,7 +91,7 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     settings.mode = RatioMode::Local;
     let out = pare_prune::make_plan(&model, &settings, None, &mut |_, _, _| {}).unwrap();
     let pruned = pare_prune::apply(&model, &out.plan).unwrap();
-    let shapes = pruned.config.layer_shapes.clone().expect("non-uniform");
+    let shapes = pruned.config().layer_shapes.clone().expect("non-uniform");
     assert_eq!(shapes.num_heads, vec![8, 4, 4, 8]);
     assert_eq!(shapes.num_kv_heads, vec![2, 1, 1, 2]);
     assert_eq!(shapes.intermediate_size, vec![128, 128, 64, 64]);
@@ -105,7 +105,7 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     assert_eq!(config["num_attention_heads_per_layer"], serde_json::json!([8, 4, 4, 8]));
     assert_eq!(config["intermediate_size_per_layer"], serde_json::json!([128, 128, 64, 64]));
     let reloaded = load_model(dir.path());
-    assert_eq!(reloaded.config.layer_shapes, Some(shapes.clone()));
+    assert_eq!(reloaded.config().layer_shapes, Some(shapes.clone()));
     assert_eq!(pare_test_support::logits_all(&reloaded, &ids).unwrap().to_vec2::<f32>().unwrap(), want);
 
     // A config that states other shapes than the weights is refused.
@@ -125,7 +125,7 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
         file.get_array("llama.attention.head_count").unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(heads, vec![8, 4, 4, 8]);
     let from_gguf = load_model(&gguf);
-    assert_eq!(from_gguf.config.layer_shapes, Some(shapes));
+    assert_eq!(from_gguf.config().layer_shapes, Some(shapes));
     let got = pare_test_support::logits_all(&from_gguf, &ids).unwrap().to_vec2::<f32>().unwrap();
     let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "GGUF logits differ by {worst}");

@@ -74,9 +74,9 @@ fn uniform_pruning_exports_and_matches_transformers() {
     let settings = settings_of(&exp["config"]);
     let out = pare_prune::make_plan(&loaded.model, &settings, None, &mut |_, _, _| {}).unwrap();
     let pruned = pare_prune::apply(&loaded.model, &out.plan).unwrap();
-    let b = &pruned.blocks[10];
-    assert_eq!((b.attn.num_heads, b.attn.num_kv_heads, b.mlp.width()), (6, 3, 1536 - 523));
-    assert_eq!(pruned.config.layer_shapes, None);
+    let b = &pruned.blocks()[10];
+    assert_eq!((b.attn.num_heads(), b.attn.num_kv_heads(), b.mlp.width()), (6, 3, 1536 - 523));
+    assert_eq!(pruned.config().layer_shapes, None);
     check_logprobs(&pruned, exp, "pruned in memory");
 
     let dir = tempfile::tempdir().unwrap();

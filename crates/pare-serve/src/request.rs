@@ -266,7 +266,7 @@ impl Sampling {
         if self.mirostat == Some(true) && !sampling {
             return Err(ApiError::invalid("mirostat samples: it needs temperature > 0", Some("mirostat")));
         }
-        let vocab = loaded.model.config.vocab_size;
+        let vocab = loaded.model.config().vocab_size;
         let processors = config.processor_config(&[]).map_err(|e| ApiError::invalid(e, None))?;
         processors.validate_vocab(vocab).map_err(|e| ApiError::invalid(e, None))?;
         // The whole processor chain's checks, as `pare generate` runs them.

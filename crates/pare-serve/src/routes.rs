@@ -125,7 +125,7 @@ async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
     let r = state.ready()?;
     Ok(Json(json!({"object": "list", "data": [{
         "id": r.name, "object": "model", "created": r.created, "owned_by": "pare",
-        "max_model_len": r.loaded.model.config.max_position_embeddings,
+        "max_model_len": r.loaded.model.config().max_position_embeddings,
     }]})))
 }
 
@@ -147,7 +147,7 @@ async fn tokenize(State(state): State<AppState>, ApiJson(body): ApiJson) -> Resu
         (None, Some(messages)) => chat_prompt(r, messages)?,
         _ => return Err(ApiError::invalid("give either prompt or messages", None)),
     };
-    let ctx = r.loaded.model.config.max_position_embeddings;
+    let ctx = r.loaded.model.config().max_position_embeddings;
     Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": ctx})))
 }
 
@@ -184,7 +184,7 @@ fn check_model(r: &Ready, model: Option<&str>) -> Result<(), ApiError> {
 }
 
 fn check_ids(r: &Ready, ids: &[u32], param: &str) -> Result<(), ApiError> {
-    let vocab = r.loaded.model.config.vocab_size;
+    let vocab = r.loaded.model.config().vocab_size;
     match ids.iter().find(|&&t| t as usize >= vocab) {
         Some(t) => {
             Err(ApiError::invalid(format!("token id {t} is outside the vocabulary (size {vocab})"), Some(param)))
@@ -384,7 +384,7 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson)
         t => t.unwrap_or(0),
     };
     let prompt = chat_prompt(r, fields.messages)?;
-    let ctx = r.loaded.model.config.max_position_embeddings;
+    let ctx = r.loaded.model.config().max_position_embeddings;
     // OpenAI's default: as much as the context leaves.
     let max_tokens = fields.max_completion_tokens.or(fields.max_tokens).unwrap_or(ctx.saturating_sub(prompt.len()));
     let seqs = sequences(r, &sampling, vec![prompt], n, max_tokens, logprobs.then_some(top), false)?;
@@ -401,7 +401,7 @@ fn sequences(
     logprobs: Option<usize>,
     echo: bool,
 ) -> Result<Vec<SeqRequest>, ApiError> {
-    let ctx = r.loaded.model.config.max_position_embeddings;
+    let ctx = r.loaded.model.config().max_position_embeddings;
     for p in &prompts {
         if p.len() >= ctx {
             return Err(ApiError::invalid(

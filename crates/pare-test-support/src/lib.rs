@@ -97,3 +97,65 @@ pub fn press_hooks(press: Option<&dyn CachePress>) -> Hooks {
 pub fn pruner_hooks(pruner: &Arc<dyn TokenPruner>) -> Hooks {
     Hooks::new(None, Some(pruner.clone()))
 }
+
+/// A tiny random Llama for unit tests: `layers` layers, `heads` query heads of dim 8 over
+/// `kv_heads` KV heads, MLP width `width`, vocabulary 256, untied head.
+#[derive(Debug, Clone, Copy)]
+pub struct TinyLlama {
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub width: usize,
+    /// Spread of the LM head's weights (the others' are fixed).
+    pub lm_head_scale: f32,
+    pub dtype: DType,
+}
+
+impl TinyLlama {
+    /// Its weights, each drawn by `draw(shape, base, scale)` (base + scale · a uniform in [-1, 1)
+    /// from the caller's generator) and then `edit`ed, written as an HF directory and loaded by
+    /// pare's own loader, so tests exercise the path real models take.
+    pub fn build(
+        &self,
+        device: &Device,
+        mut draw: impl FnMut(&[usize], f32, f32) -> Tensor,
+        edit: impl FnOnce(&mut Vec<(String, Tensor)>),
+    ) -> Model {
+        let TinyLlama { layers, heads, kv_heads, width, lm_head_scale, dtype } = *self;
+        let (d, vocab) = (8, 256);
+        let hidden = heads * d;
+        let mut tensors = vec![
+            ("model.embed_tokens.weight".to_string(), draw(&[vocab, hidden], 0.0, 1.0)),
+            ("model.norm.weight".to_string(), draw(&[hidden], 1.0, 0.2)),
+            ("lm_head.weight".to_string(), draw(&[vocab, hidden], 0.0, lm_head_scale)),
+        ];
+        for l in 0..layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("self_attn.q_proj", [heads * d, hidden]),
+                ("self_attn.k_proj", [kv_heads * d, hidden]),
+                ("self_attn.v_proj", [kv_heads * d, hidden]),
+                ("self_attn.o_proj", [hidden, heads * d]),
+                ("mlp.gate_proj", [width, hidden]),
+                ("mlp.up_proj", [width, hidden]),
+                ("mlp.down_proj", [hidden, width]),
+            ] {
+                tensors.push((format!("{p}.{name}.weight"), draw(&shape, 0.0, 0.35)));
+            }
+            tensors.push((format!("{p}.input_layernorm.weight"), draw(&[hidden], 1.0, 0.2)));
+            tensors.push((format!("{p}.post_attention_layernorm.weight"), draw(&[hidden], 1.0, 0.2)));
+        }
+        edit(&mut tensors);
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        pare_formats::save_safetensors(&dir.path().join("model.safetensors"), &tensors, None).expect("weights");
+        let config = serde_json::json!({
+            "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": width,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": d, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": false,
+        });
+        std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config.json");
+        let path = dir.path().to_str().expect("a UTF-8 path");
+        pare_model::load(path, WeightDType::Float(dtype), device).expect("the tiny model loads").model
+    }
+}

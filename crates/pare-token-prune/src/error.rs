@@ -1,7 +1,7 @@
 //! Errors of token pruning, as values.
 
 #[derive(Debug, thiserror::Error)]
-pub enum PruneError {
+pub enum TokenPruneError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -12,19 +12,19 @@ pub enum PruneError {
     Candle(#[from] candle_core::Error),
 }
 
-pub type Result<T> = std::result::Result<T, PruneError>;
+pub type Result<T> = std::result::Result<T, TokenPruneError>;
 
-impl PruneError {
+impl TokenPruneError {
     pub fn config(message: impl Into<String>) -> Self {
-        PruneError::Config(message.into())
+        TokenPruneError::Config(message.into())
     }
 }
 
-impl From<PruneError> for pare_model::ModelError {
-    fn from(e: PruneError) -> Self {
+impl From<TokenPruneError> for pare_model::ModelError {
+    fn from(e: TokenPruneError) -> Self {
         match e {
-            PruneError::Model(m) => m,
-            PruneError::Candle(c) => pare_model::ModelError::Candle(c),
+            TokenPruneError::Model(m) => m,
+            TokenPruneError::Candle(c) => pare_model::ModelError::Candle(c),
             other => pare_model::ModelError::Input(other.to_string()),
         }
     }

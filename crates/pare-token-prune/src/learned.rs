@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 
-use crate::error::{PruneError, Result};
+use crate::error::{Result, TokenPruneError};
 
 /// Shape of a scorer network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +33,11 @@ pub struct ScorerShape {
 impl ScorerShape {
     pub fn new(hidden: usize, d: usize, layers: usize, heads: usize) -> Result<Self> {
         if hidden == 0 || d == 0 || heads == 0 || !d.is_multiple_of(heads) {
-            return Err(PruneError::config(format!(
+            return Err(TokenPruneError::config(format!(
                 "scorer: width {d} must be a positive multiple of the head count {heads}"
             )));
         }
-        let ffn = d.checked_mul(2).ok_or_else(|| PruneError::config(format!("scorer: width {d} is too large")))?;
+        let ffn = d.checked_mul(2).ok_or_else(|| TokenPruneError::config(format!("scorer: width {d} is too large")))?;
         Ok(ScorerShape { hidden, d, layers, heads, ffn })
     }
 
@@ -163,7 +163,7 @@ impl ScorerNet {
 
     /// A weight by name (see the layout in this module).
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| PruneError::config(format!("scorer: no weight {name:?}")))
+        self.tensors.get(name).ok_or_else(|| TokenPruneError::config(format!("scorer: no weight {name:?}")))
     }
 
     /// Set a weight (training starts the head's bias at the kept share's logit).
@@ -171,7 +171,7 @@ impl ScorerNet {
         let t = self.tensor(name)?;
         match self.vars.iter().find(|v| v.as_tensor().id() == t.id()) {
             Some(var) => Ok(var.set(&value.to_dtype(var.dtype())?)?),
-            None => Err(PruneError::config(format!("scorer: {name:?} is not trainable"))),
+            None => Err(TokenPruneError::config(format!("scorer: {name:?} is not trainable"))),
         }
     }
 
@@ -230,13 +230,13 @@ impl ScorerNet {
     pub fn row_logits(&self, hidden: &Tensor, span: &[usize], others: &[usize]) -> Result<Tensor> {
         let (seq, width) = hidden.dims2()?;
         if width != self.shape.hidden {
-            return Err(PruneError::config(format!(
+            return Err(TokenPruneError::config(format!(
                 "the learned scorer was trained for hidden size {}, this model's is {width}",
                 self.shape.hidden
             )));
         }
         if span.is_empty() || span.iter().chain(others).any(|&i| i >= seq) {
-            return Err(PruneError::config("learned scorer: span indices out of range"));
+            return Err(TokenPruneError::config("learned scorer: span indices out of range"));
         }
         let (dtype, device) = (self.dtype(), self.device());
         let hidden = hidden.to_device(&device)?.to_dtype(dtype)?;
@@ -285,15 +285,15 @@ impl ScorerNet {
             ("steps".to_string(), info.steps.to_string()),
         ]);
         pare_formats::save_safetensors(path, &tensors, Some(meta))
-            .map_err(|e| PruneError::config(format!("cannot write the scorer: {e}").replace('\n', " ")))
+            .map_err(|e| TokenPruneError::config(format!("cannot write the scorer: {e}").replace('\n', " ")))
     }
 
     /// Read a scorer written by [`ScorerNet::save`] (f32, on the CPU, not trainable).
     pub fn load(path: &Path) -> Result<(Self, ScorerInfo)> {
         let shown = path.display();
-        let bytes =
-            std::fs::read(path).map_err(|e| PruneError::config(format!("cannot read learned scorer {shown}: {e}")))?;
-        let bad = |why: String| PruneError::config(format!("learned scorer {shown}: {why}"));
+        let bytes = std::fs::read(path)
+            .map_err(|e| TokenPruneError::config(format!("cannot read learned scorer {shown}: {e}")))?;
+        let bad = |why: String| TokenPruneError::config(format!("learned scorer {shown}: {why}"));
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
         let meta = header.metadata().clone().unwrap_or_default();
@@ -385,7 +385,7 @@ impl LearnedScorer {
     /// Check the scorer fits a model of this hidden size (one-line error otherwise).
     pub fn check_model(&self, hidden_size: usize) -> Result<()> {
         if self.net.shape.hidden != hidden_size {
-            return Err(PruneError::config(format!(
+            return Err(TokenPruneError::config(format!(
                 "learned scorer {} was trained for hidden size {} ({}), this model's is {hidden_size}",
                 self.path,
                 self.net.shape.hidden,

@@ -13,7 +13,7 @@ pub mod pruner;
 pub mod schedule;
 pub mod train;
 
-pub use error::{PruneError, Result};
+pub use error::{Result, TokenPruneError};
 pub use learned::{LearnedScorer, ScorerInfo, ScorerNet, ScorerShape};
 pub use pruner::{scorer, Pruner, Span, TokenScorer};
 pub use schedule::{Keep, PruneSchedule, Stage};

@@ -8,7 +8,7 @@ use pare_press::compress::LayerInfo;
 use pare_press::compress::{observe, RowQueries};
 use pare_press::scorer::Scorer;
 
-use crate::error::{PruneError, Result};
+use crate::error::{Result, TokenPruneError};
 use crate::learned::LearnedScorer;
 use crate::schedule::PruneSchedule;
 
@@ -51,7 +51,7 @@ impl From<Box<dyn Scorer>> for TokenScorer {
 pub fn scorer(name: &str, seed: u64) -> Result<TokenScorer> {
     if let Some(path) = name.strip_prefix("learned:") {
         if path.is_empty() {
-            return Err(PruneError::config(
+            return Err(TokenPruneError::config(
                 "--prune-score learned:FILE needs the scorer's file (from `pare train-scorer`)",
             ));
         }
@@ -63,7 +63,7 @@ pub fn scorer(name: &str, seed: u64) -> Result<TokenScorer> {
         "knorm" => Box::new(pare_press::scorers::Knorm),
         "random" => Box::new(pare_press::scorers::Random { seed }),
         other => {
-            return Err(PruneError::config(format!(
+            return Err(TokenPruneError::config(format!(
                 "unknown --prune-score {other:?} (last-attn, mean-attn, knorm, random, learned:FILE.safetensors)"
             )))
         }
@@ -108,7 +108,7 @@ impl Pruner {
                     TokenScorer::Attention(scorer) => {
                         let row = RowQueries::from_call(ctx.queries, ctx.positions, b)?;
                         let (obs, slots) = observe(kv, b, &info, &row)?
-                            .ok_or_else(|| PruneError::config("token pruning: an empty row"))?;
+                            .ok_or_else(|| TokenPruneError::config("token pruning: an empty row"))?;
                         let per_head = scorer.score(&obs)?;
                         // Cache slot i holds this call's token i (the cache was empty before the prefill).
                         for (h, scores) in per_head.iter().enumerate() {

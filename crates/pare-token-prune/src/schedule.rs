@@ -1,7 +1,7 @@
 //! `--prune-tokens LAYER:KEEP[,LAYER:KEEP...]`: after which layers tokens are dropped, and how
 //! many of the span each cut keeps (a fraction of the span, or a count).
 
-use crate::error::{PruneError, Result};
+use crate::error::{Result, TokenPruneError};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Keep {
@@ -38,19 +38,19 @@ impl PruneSchedule {
         let mut stages = Vec::new();
         for part in spec.split(',').map(str::trim) {
             let (layer, keep) = part.split_once(':').ok_or_else(|| {
-                PruneError::config(format!("--prune-tokens: {part:?} is not LAYER:KEEP (e.g. 2:0.5 or 10:276)"))
+                TokenPruneError::config(format!("--prune-tokens: {part:?} is not LAYER:KEEP (e.g. 2:0.5 or 10:276)"))
             })?;
             let layer: usize = layer
                 .trim()
                 .parse()
-                .map_err(|_| PruneError::config(format!("--prune-tokens: layer {layer:?} is not a number")))?;
+                .map_err(|_| TokenPruneError::config(format!("--prune-tokens: layer {layer:?} is not a number")))?;
             let keep = keep.trim();
             let keep = if keep.contains('.') {
                 let f: f64 = keep
                     .parse()
-                    .map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                    .map_err(|_| TokenPruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
                 if !(f > 0.0 && f <= 1.0) {
-                    return Err(PruneError::config(format!(
+                    return Err(TokenPruneError::config(format!(
                         "--prune-tokens: a kept fraction must be in (0, 1], got {f}"
                     )));
                 }
@@ -58,19 +58,19 @@ impl PruneSchedule {
             } else {
                 let c: usize = keep
                     .parse()
-                    .map_err(|_| PruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                    .map_err(|_| TokenPruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
                 if c == 0 {
-                    return Err(PruneError::config("--prune-tokens: keep at least one token"));
+                    return Err(TokenPruneError::config("--prune-tokens: keep at least one token"));
                 }
                 Keep::Count(c)
             };
             if layer == 0 {
-                return Err(PruneError::config(
+                return Err(TokenPruneError::config(
                     "--prune-tokens: layer 0 has no attention to score with; cut after layer 1 or later",
                 ));
             }
             if stages.last().is_some_and(|s: &Stage| s.layer >= layer) {
-                return Err(PruneError::config("--prune-tokens: layers must increase"));
+                return Err(TokenPruneError::config("--prune-tokens: layers must increase"));
             }
             stages.push(Stage { layer, keep });
         }
@@ -80,12 +80,41 @@ impl PruneSchedule {
     /// Check the cuts fit a model of `num_layers` layers.
     pub fn check(&self, num_layers: usize) -> Result<()> {
         if let Some(s) = self.stages.iter().find(|s| s.layer >= num_layers) {
-            return Err(PruneError::config(format!(
+            return Err(TokenPruneError::config(format!(
                 "--prune-tokens: layer {} is beyond the model's {num_layers} layers",
                 s.layer
             )));
         }
         Ok(())
+    }
+
+    /// Tokens each of `num_layers` layers runs on during a prefill of `total` tokens, `span` of
+    /// which the cuts may drop: what the FLOPs count and the KV cache follow.
+    pub fn tokens_per_layer(&self, num_layers: usize, total: usize, span: usize) -> Result<Vec<usize>> {
+        self.check(num_layers)?;
+        let mut tokens = vec![total; num_layers];
+        let mut span = span.min(total);
+        for stage in &self.stages {
+            if span == 0 {
+                return Err(TokenPruneError::config(format!(
+                    "--prune-tokens: nothing left to cut at layer {}: the span is empty",
+                    stage.layer
+                )));
+            }
+            if let Keep::Count(c) = stage.keep {
+                if c > span {
+                    return Err(TokenPruneError::config(format!(
+                        "--prune-tokens: layer {} keeps {c} tokens, more than the {span} the span holds there",
+                        stage.layer
+                    )));
+                }
+            }
+            let kept = stage.keep.of(span);
+            let dropped = span - kept;
+            tokens.iter_mut().skip(stage.layer).for_each(|t| *t -= dropped);
+            span = kept;
+        }
+        Ok(tokens)
     }
 
     /// The stage whose cut follows layer `layer` (scores come from the last full layer, `layer`).
@@ -110,5 +139,17 @@ mod tests {
             assert!(PruneSchedule::parse(bad).is_err(), "{bad}");
         }
         assert!(PruneSchedule::parse("30:0.5").unwrap().check(30).is_err());
+    }
+
+    #[test]
+    fn tokens_per_layer_follow_the_cuts() {
+        // 120 tokens, a span of 112: half of it after layer 4, then 20 of the rest after 12.
+        let s = PruneSchedule::parse("4:0.5,12:20").unwrap();
+        let t = s.tokens_per_layer(32, 120, 112).unwrap();
+        assert_eq!((t[3], t[4], t[11], t[12], t[31]), (120, 64, 64, 28, 28));
+        let p = |spec: &str| PruneSchedule::parse(spec).unwrap();
+        assert!(p("10:700").tokens_per_layer(32, 676, 576).is_err(), "keeps more than the span");
+        assert!(p("40:0.5").tokens_per_layer(32, 676, 576).is_err(), "beyond the layers");
+        assert!(p("2:0.5").tokens_per_layer(32, 50, 0).is_err(), "empty span");
     }
 }

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use pare_model::{Hooks, Model, PrefillInput, WeightDType};
+use pare_model::{Hooks, Model, PrefillInput};
 use pare_test_support as ts;
+use pare_test_support::TinyLlama;
 use pare_token_prune::learned::top_keep;
 use pare_token_prune::train::{hard_nll, initial_net, sample_loss, samples, train, Frozen, MaskKind, TrainSettings};
 use pare_token_prune::{LearnedScorer, PruneSchedule, Pruner, ScorerInfo, ScorerNet, ScorerShape, Span, TokenScorer};
@@ -94,46 +95,14 @@ fn sample(logits: &Tensor, rng: &mut rand::rngs::StdRng) -> Vec<u32> {
 }
 
 fn tiny_model_with(layers: usize, seed: u64, dtype: DType, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> Model {
-    let dir = tempfile::tempdir().unwrap();
-    let (heads, kv_heads, d, width, vocab) = (4, 2, 8, 48, 256);
-    let hidden = heads * d;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut tensor = |shape: &[usize], base: f32, scale: f32| -> Tensor {
+    let draw = |shape: &[usize], base: f32, scale: f32| -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| base + scale * rng.random_range(-1.0f32..1.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     };
-    let mut tensors = vec![
-        ("model.embed_tokens.weight".to_string(), tensor(&[vocab, hidden], 0.0, 1.0)),
-        ("model.norm.weight".to_string(), tensor(&[hidden], 1.0, 0.2)),
-        ("lm_head.weight".to_string(), tensor(&[vocab, hidden], 0.0, 1.0)),
-    ];
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [heads * d, hidden]),
-            ("self_attn.k_proj", [kv_heads * d, hidden]),
-            ("self_attn.v_proj", [kv_heads * d, hidden]),
-            ("self_attn.o_proj", [hidden, heads * d]),
-            ("mlp.gate_proj", [width, hidden]),
-            ("mlp.up_proj", [width, hidden]),
-            ("mlp.down_proj", [hidden, width]),
-        ] {
-            tensors.push((format!("{p}.{name}.weight"), tensor(&shape, 0.0, 0.35)));
-        }
-        tensors.push((format!("{p}.input_layernorm.weight"), tensor(&[hidden], 1.0, 0.2)));
-        tensors.push((format!("{p}.post_attention_layernorm.weight"), tensor(&[hidden], 1.0, 0.2)));
-    }
-    edit(&mut tensors);
-    pare_formats::save_safetensors(&dir.path().join("model.safetensors"), &tensors, None).unwrap();
-    let config = serde_json::json!({
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": width,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": d, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": false,
-    });
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    pare_model::load(dir.path().to_str().unwrap(), WeightDType::Float(dtype), &Device::Cpu).unwrap().model
+    let spec = TinyLlama { layers, heads: 4, kv_heads: 2, width: 48, lm_head_scale: 1.0, dtype };
+    spec.build(&Device::Cpu, draw, edit)
 }
 
 fn random_tokens(n: usize, seed: u64) -> Vec<u32> {
@@ -193,9 +162,9 @@ fn the_pruned_prefill_keeps_exactly_the_top_logits() {
         .prefill(PrefillInput::Tokens(std::slice::from_ref(&ids)), &mut Hooks::new(None, Some(Arc::new(pruner))))
         .unwrap();
     // Span = the first 40 tokens; 20 kept after layer 1, plus the protected 6.
-    assert_eq!(cache.layers[1].entries(0, 0), 46);
-    assert_eq!(cache.layers[2].entries(0, 0), 20 + 6);
-    let kept: Vec<i64> = cache.layers[2].positions(0, 0).to_vec();
+    assert_eq!(cache.layers()[1].entries(0, 0), 46);
+    assert_eq!(cache.layers()[2].entries(0, 0), 20 + 6);
+    let kept: Vec<i64> = cache.layers()[2].positions(0, 0).to_vec();
 
     // The same choice from the differentiable forward's layer-1 attention input.
     let frozen = Frozen::new(&model, DType::F32).unwrap();

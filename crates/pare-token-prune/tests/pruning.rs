@@ -46,22 +46,22 @@ fn layers_after_the_cut_hold_only_kept_tokens_at_their_original_positions() {
     let (_, mut cache) =
         model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut ts::pruner_hooks(&p)).unwrap();
     // Span = the first 92 tokens; 46 kept after layer 2, then 10 of those after layer 19.
-    assert_eq!(cache.layers[2].entries(0, 0), 100);
-    assert_eq!(cache.layers[3].entries(0, 1), 46 + 8);
-    assert_eq!(cache.layers[19].entries(0, 2), 46 + 8);
-    assert_eq!(cache.layers[20].entries(0, 0), 10 + 8);
-    let kept = cache.layers[20].positions(0, 0).to_vec();
+    assert_eq!(cache.layers()[2].entries(0, 0), 100);
+    assert_eq!(cache.layers()[3].entries(0, 1), 46 + 8);
+    assert_eq!(cache.layers()[19].entries(0, 2), 46 + 8);
+    assert_eq!(cache.layers()[20].entries(0, 0), 10 + 8);
+    let kept = cache.layers()[20].positions(0, 0).to_vec();
     assert!(kept.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(&kept[kept.len() - 8..], &(92..100).collect::<Vec<i64>>()[..], "protected tail kept");
     assert!(
-        kept.iter().all(|p| cache.layers[3].positions(0, 0).contains(p)),
+        kept.iter().all(|p| cache.layers()[3].positions(0, 0).contains(p)),
         "later cuts choose among earlier survivors"
     );
     // Decoding continues at the next original position over the shorter caches.
-    assert_eq!(cache.next_position, vec![100]);
+    assert_eq!(cache.next_positions(), vec![100]);
     let logits = ts::decode(model, &mut cache, &[42]).unwrap();
     assert_eq!(logits.dims(), &[1, 49152]);
-    assert_eq!(cache.layers[20].positions(0, 0).last(), Some(&100));
+    assert_eq!(cache.layers()[20].positions(0, 0).last(), Some(&100));
 }
 
 #[test]
@@ -90,7 +90,7 @@ fn range_span_only_touches_its_positions() {
     let prompt = text_tokens(80);
     let p = pruner("6:5", Span::Range(10, 50), "knorm");
     let (_, cache) = model.prefill(PrefillInput::Tokens(&[prompt]), &mut ts::pruner_hooks(&p)).unwrap();
-    let kept = cache.layers[6].positions(0, 0);
+    let kept = cache.layers()[6].positions(0, 0);
     assert_eq!(kept.len(), 80 - 40 + 5);
     assert_eq!(kept.iter().filter(|&&p| (10..50).contains(&p)).count(), 5);
     assert!((0..10).chain(50..80).all(|p| kept.contains(&p)));
@@ -110,7 +110,7 @@ fn pruned_prefill_matches_the_python_reference() {
         for (layer, kept) in f["kept_positions"].as_object().unwrap() {
             let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
             let layer: usize = layer.parse().unwrap();
-            assert_eq!(cache.layers[layer].positions(0, 0), expected.as_slice(), "{name}: kept after layer {layer}");
+            assert_eq!(cache.layers()[layer].positions(0, 0), expected.as_slice(), "{name}: kept after layer {layer}");
         }
         let logprobs = candle_nn::ops::log_softmax(&logits.get(0).unwrap(), 0).unwrap().to_vec1::<f32>().unwrap();
         for pair in f["top20_last"].as_array().unwrap() {

@@ -56,9 +56,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// The tiny LLaVA with its decoder layers in `order` (the checkpoint itself for 0, 1).
 fn with_layers(order: &[usize]) -> LlavaModel {
     let mut m = llava().model.clone();
-    let blocks = m.language.blocks.clone();
-    m.language.blocks = order.iter().map(|&i| blocks[i].clone()).collect();
-    m.language.config.num_layers = order.len();
+    m.language.keep_layers(order).unwrap();
     m
 }
 
@@ -171,25 +169,25 @@ fn pruned_prefill_matches_the_python_fastv_reference() {
         for layer in 0..order.len() {
             if let Some((_, kept)) = cuts.iter().find(|c| c.0 == layer) {
                 held = kept.len();
-                for h in 0..cache.layers[layer].kv_heads() {
+                for h in 0..cache.layers()[layer].kv_heads() {
                     assert_eq!(
-                        cache.layers[layer].positions(0, h),
+                        cache.layers()[layer].positions(0, h),
                         kept.as_slice(),
                         "{name}: kept after the cut before layer {layer}, head {h}"
                     );
                 }
             }
             // Before the first cut every token; between cuts the previous cut's survivors.
-            for h in 0..cache.layers[layer].kv_heads() {
-                assert_eq!(cache.layers[layer].entries(0, h), held, "{name}: layer {layer} head {h}");
+            for h in 0..cache.layers()[layer].kv_heads() {
+                assert_eq!(cache.layers()[layer].entries(0, h), held, "{name}: layer {layer} head {h}");
             }
         }
         assert!(
-            cache.layers[0].positions(0, 0).iter().copied().eq(0..ids.len() as i64),
+            cache.layers()[0].positions(0, 0).iter().copied().eq(0..ids.len() as i64),
             "{name}: layer 0 sees every token"
         );
         assert_eq!(
-            cache.next_position,
+            cache.next_positions(),
             vec![ids.len() as i64],
             "{name}: decoding goes on at the next original position"
         );
@@ -235,8 +233,8 @@ fn keeping_every_image_token_gives_exactly_the_unpruned_prefill() {
             assert_eq!(max_diff(&last_row(&reference), &last_row(&logits)), 0.0, "{spec} prompt {i}");
             for layer in 0..order.len() {
                 assert_eq!(
-                    cache.layers[layer].positions(0, 0),
-                    ref_cache.layers[layer].positions(0, 0),
+                    cache.layers()[layer].positions(0, 0),
+                    ref_cache.layers()[layer].positions(0, 0),
                     "{spec} layer {layer}"
                 );
             }
@@ -255,10 +253,10 @@ fn decoding_continues_over_the_pruned_cache() {
     let (ids, pv) = prompt(0);
     let pruner = image_pruner(&m, "1:4", &ids);
     let (_, mut cache) = m.prefill(&ids, &pv, &mut Hooks::new(None, Some(pruner.clone()))).unwrap();
-    assert_eq!((cache.layers[0].entries(0, 0), cache.layers[1].entries(0, 0)), (58, 46));
+    assert_eq!((cache.layers()[0].entries(0, 0), cache.layers()[1].entries(0, 0)), (58, 46));
     let logits = ts::decode(&m.language, &mut cache, &[42]).unwrap();
     assert_eq!(logits.dims(), &[1, 260]);
-    assert_eq!((cache.layers[0].entries(0, 0), cache.layers[1].entries(0, 0)), (59, 47));
-    assert_eq!(cache.layers[1].positions(0, 0).last(), Some(&58));
-    assert_eq!(cache.next_position, vec![59]);
+    assert_eq!((cache.layers()[0].entries(0, 0), cache.layers()[1].entries(0, 0)), (59, 47));
+    assert_eq!(cache.layers()[1].positions(0, 0).last(), Some(&58));
+    assert_eq!(cache.next_positions(), vec![59]);
 }

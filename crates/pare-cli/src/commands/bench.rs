@@ -10,8 +10,8 @@ use pare_model::{Hooks, PrefillInput};
 
 use crate::common::{ensure_run_fits, gpu_memory, peak_rss_bytes, print_json, reset_gpu_memory_peak, ModelArgs};
 use crate::press_args::PressArgs;
-use crate::prune_args::PruneArgs;
 use crate::session::Session;
+use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -33,7 +33,7 @@ pub struct Args {
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
-    pub prune: PruneArgs,
+    pub token_prune: TokenPruneArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -42,21 +42,21 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt_len == 0 || args.batch == 0 {
         bail!("--prompt-len and --batch must be at least 1");
     }
-    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let session = Session::open(&args.model, &args.press, &args.token_prune)?;
     let model = &session.loaded.model;
-    let ctx = model.config.max_position_embeddings;
+    let ctx = model.config().max_position_embeddings;
     let total = args.prompt_len.saturating_add(args.gen_len);
     if total > ctx {
         bail!("--prompt-len + --gen-len exceeds the model's context of {ctx}");
     }
     ensure_run_fits(&session.loaded, args.batch, args.prompt_len, total)?;
     // Deterministic, varied token ids: speed does not depend on which tokens they are.
-    let vocab = model.config.vocab_size as u64;
+    let vocab = model.config().vocab_size as u64;
     let prompts: Vec<Vec<u32>> = (0..args.batch as u64)
         .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
         .collect();
 
-    let device = model.device.clone();
+    let device = model.device().clone();
     for _ in 0..args.warmup {
         // A few steps: on a GPU the first launches load kernels and pick GEMM algorithms.
         let short = [prompts[0][..prompts[0].len().min(16)].to_vec()];
@@ -101,16 +101,16 @@ pub fn run(args: Args) -> Result<()> {
     // Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
     // matrix once; an untied embedding table only a row per token.
     let weight_bytes: usize = model
-        .blocks
+        .blocks()
         .iter()
         .map(|b| {
             let a = &b.attn;
             let m = &b.mlp;
-            [&a.q, &a.k, &a.v, &a.o, &m.up, &m.down].iter().map(|l| l.storage_bytes()).sum::<usize>()
-                + m.gate.as_ref().map_or(0, |g| g.storage_bytes())
+            [&a.q(), &a.k(), &a.v(), &a.o(), &m.up(), &m.down()].iter().map(|l| l.storage_bytes()).sum::<usize>()
+                + m.gate().as_ref().map_or(0, |g| g.storage_bytes())
         })
         .sum::<usize>()
-        + model.lm_head.storage_bytes();
+        + model.lm_head().storage_bytes();
     if args.json {
         print_json(&json!({
             "model": args.model.model, "dtype": args.model.dtype_name(), "device": args.model.device.to_string(),

@@ -9,8 +9,8 @@ use pare_model::Hooks;
 use crate::common::{print_json, progress_bar, ModelArgs};
 use crate::output::Output;
 use crate::press_args::{human_bytes, PressArgs};
-use crate::prune_args::PruneArgs;
 use crate::session::HookPlan;
+use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -45,7 +45,7 @@ pub struct PplArgs {
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
-    pub prune: PruneArgs,
+    pub token_prune: TokenPruneArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -71,7 +71,7 @@ pub struct NeedleArgs {
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
-    pub prune: PruneArgs,
+    pub token_prune: TokenPruneArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -139,8 +139,8 @@ fn ppl(args: PplArgs) -> Result<()> {
     if args.max_tokens == Some(0) {
         bail!("--max-tokens must be at least 2");
     }
-    let plan = HookPlan::check(&args.press, &args.prune)?;
-    if args.stream && args.prune.prune_tokens.is_some() {
+    let plan = HookPlan::check(&args.press, &args.token_prune)?;
+    if args.stream && args.token_prune.prune_tokens.is_some() {
         bail!("--stream runs one token per forward: there is no prompt to prune (drop --prune-tokens)");
     }
     let text = read_text(&args.text)?;
@@ -205,7 +205,7 @@ fn check_needle_args(flags: &NeedleFlags, ctx: &[usize], depths: &[f64]) -> Resu
 
 /// Every needle context must fit the model (no length computed from it can overflow then).
 fn check_needle_ctx(flags: &NeedleFlags, ctx: &[usize], model: &pare_model::Model) -> Result<()> {
-    let limit = model.config.max_position_embeddings;
+    let limit = model.config().max_position_embeddings;
     if let Some(c) = ctx.iter().find(|&&c| c > limit) {
         bail!("{} {c} exceeds the model's context of {limit}", flags.ctx);
     }
@@ -262,7 +262,7 @@ fn needle(args: NeedleArgs) -> Result<()> {
     if args.trials == 0 {
         bail!("--trials must be at least 1");
     }
-    let plan = HookPlan::check(&args.press, &args.prune)?;
+    let plan = HookPlan::check(&args.press, &args.token_prune)?;
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
     let session = plan.open(&args.model)?;
     let loaded = &session.loaded;

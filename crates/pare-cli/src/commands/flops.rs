@@ -8,17 +8,17 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use pare_flops::{
-    FlopsReport, Formula, KvPolicy, Measured, MeasuredRun, ModelSummary, PruneSchedule, Scenario, ScenarioSummary,
-    SpanKind, TextShapes, VisionShapes,
+    FlopsReport, Formula, KvPolicy, Measured, MeasuredRun, ModelSummary, Scenario, ScenarioSummary, SpanKind,
+    TextShapes, VisionShapes,
 };
 use pare_model::{Hooks, KvCache, Model, ModelConfig, PrefillInput, TokenPruner};
-use pare_token_prune::{Pruner, Span};
+use pare_token_prune::{PruneSchedule, Pruner, Span};
 use pare_vision::{LlavaConfig, LoadedLlava};
 use rand::{Rng, SeedableRng};
 
 use crate::common::{peak_rss_bytes, print_json, progress_bar, ModelArgs};
 use crate::press_args::PressArgs;
-use crate::prune_args::{PruneArgs, PruneSpan};
+use crate::token_prune_args::{PruneSpan, TokenPruneArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long)]
     pub image_tokens: Option<usize>,
     #[command(flatten)]
-    pub prune: PruneArgs,
+    pub token_prune: TokenPruneArgs,
     #[command(flatten)]
     pub press: PressArgs,
     /// exact (pare's count), or a closed-form estimate beside it: seed (4·s²·h per layer, seed
@@ -94,9 +94,9 @@ fn vision_shapes(l: &LlavaConfig) -> VisionShapes {
     }
 }
 
-fn span_kind(prune: &PruneArgs) -> SpanKind {
-    match prune.prune_span {
-        PruneSpan::Prompt => SpanKind::Prompt { protect_last: prune.protect_last },
+fn span_kind(token_prune: &TokenPruneArgs) -> SpanKind {
+    match token_prune.prune_span {
+        PruneSpan::Prompt => SpanKind::Prompt { protect_last: token_prune.protect_last },
         PruneSpan::Image => SpanKind::Image,
         PruneSpan::Range { start, end } => SpanKind::Range { start, end },
     }
@@ -105,9 +105,9 @@ fn span_kind(prune: &PruneArgs) -> SpanKind {
 pub fn run(args: Args) -> Result<()> {
     let formula: Formula = args.formula.parse()?;
     args.press.build()?; // an unknown press or a stray option fails before anything else
-    let schedule = args.prune.prune_tokens.as_deref().map(PruneSchedule::parse).transpose()?;
-    args.prune.check()?;
-    let span = span_kind(&args.prune);
+    let schedule = args.token_prune.prune_tokens.as_deref().map(PruneSchedule::parse).transpose()?;
+    args.token_prune.check()?;
+    let span = span_kind(&args.token_prune);
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
@@ -119,12 +119,16 @@ pub fn run(args: Args) -> Result<()> {
     let vision = shapes.llava.as_ref().map(vision_shapes);
     let image_tokens = args.image_tokens.unwrap_or_else(|| vision.as_ref().map_or(0, |v| v.image_tokens));
     let text = TextShapes::from_config(&shapes.config);
+    let prefill_len = args.prompt_len.saturating_add(image_tokens);
+    let pruned_lengths = match &schedule {
+        Some(s) => Some(s.tokens_per_layer(text.layers.len(), prefill_len, span.tokens(prefill_len, image_tokens)?)?),
+        None => None,
+    };
     let scenario = Scenario {
         prompt_len: args.prompt_len,
         image_tokens,
         gen_len: args.gen_len,
-        prune: schedule,
-        span,
+        pruned_lengths,
         kv: KvPolicy { ratio: args.press.ratio, budget: args.press.budget, capacity: args.press.capacity },
         kv_bytes_per_value,
         vision,
@@ -133,7 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         prompt_len: args.prompt_len,
         image_tokens,
         gen_len: args.gen_len,
-        prune_tokens: args.prune.prune_tokens.clone(),
+        prune_tokens: args.token_prune.prune_tokens.clone(),
         span,
         kv: scenario.kv,
         press: args.press.press.clone(),
@@ -146,7 +150,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     let mut report = FlopsReport::build(model_summary, &text, &scenario, summary, formula)?;
     if args.measure {
-        report.measured = Some(measure(&args, &scenario, shapes.llava.is_some())?);
+        let pruning = schedule.map(|s| (s, span));
+        report.measured = Some(measure(&args, &scenario, pruning, shapes.llava.is_some())?);
     }
     if args.json {
         print_json(&report)
@@ -200,13 +205,13 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-fn measure(args: &Args, sc: &Scenario, is_llava: bool) -> Result<Measured> {
+fn measure(args: &Args, sc: &Scenario, pruning: Option<(PruneSchedule, SpanKind)>, is_llava: bool) -> Result<Measured> {
     let device = args.model.device()?;
     let runner = if is_llava {
         let llava = super::generate_image::load_llava(&args.model)?;
         let size = llava.model.config.vision.image_size;
         // Pixel values of a synthetic image: the cost does not depend on what it shows.
-        let pixels = Tensor::randn(0f32, 1.0, (1, 3, size, size), &device)?.to_dtype(llava.model.language.dtype)?;
+        let pixels = Tensor::randn(0f32, 1.0, (1, 3, size, size), &device)?.to_dtype(llava.model.language.dtype())?;
         Runner::Llava(Box::new(llava), pixels)
     } else {
         Runner::Text(Box::new(args.model.load()?.model))
@@ -219,28 +224,28 @@ fn measure(args: &Args, sc: &Scenario, is_llava: bool) -> Result<Measured> {
     if is_llava && sc.image_tokens != per_image {
         bail!("--measure runs one image: --image-tokens must be {per_image} for this model");
     }
-    let ids = synthetic_prompt(language.config.vocab_size, sc.prompt_len, sc.image_tokens, image_id);
-    if ids.len() + sc.gen_len > language.config.max_position_embeddings {
+    let ids = synthetic_prompt(language.config().vocab_size, sc.prompt_len, sc.image_tokens, image_id);
+    if ids.len() + sc.gen_len > language.config().max_position_embeddings {
         bail!(
             "--measure: {} prompt tokens plus {} generated exceed the model's context of {}",
             ids.len(),
             sc.gen_len,
-            language.config.max_position_embeddings
+            language.config().max_position_embeddings
         );
     }
     let press = args.press.build()?;
-    let pruner: Option<Arc<dyn TokenPruner>> = match &sc.prune {
+    let pruner: Option<Arc<dyn TokenPruner>> = match pruning {
         None => None,
-        Some(schedule) => {
-            let span = match sc.span {
+        Some((schedule, span)) => {
+            let span = match span {
                 SpanKind::Image if is_llava => Span::Positions(vec![(1..1 + sc.image_tokens as i64).collect()]),
                 // A text model's image tokens are positions 1.. of the synthetic prompt.
                 SpanKind::Image => Span::Range(1, 1 + sc.image_tokens as i64),
                 SpanKind::Prompt { protect_last } => Span::Prompt { protect_last },
                 SpanKind::Range { start, end } => Span::Range(start as i64, end as i64),
             };
-            let scorer = pare_token_prune::scorer(&args.prune.prune_score, 0)?;
-            Some(Arc::new(Pruner { schedule: schedule.clone(), span, scorer }))
+            let scorer = pare_token_prune::scorer(&args.token_prune.prune_score, 0)?;
+            Some(Arc::new(Pruner { schedule, span, scorer }))
         }
     };
     let bar = progress_bar(2 * args.repeats as u64, "measuring");

@@ -9,9 +9,9 @@ use serde_json::json;
 use super::generate_image::ImagePrompt;
 use crate::common::{encode_prompt, ensure_run_fits, print_json, ModelArgs};
 use crate::press_args::{human_bytes, PressArgs};
-use crate::prune_args::PruneArgs;
 use crate::sampling_args::SamplingArgs;
 use crate::session::Session;
+use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,7 +20,7 @@ pub struct Args {
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
-    pub prune: PruneArgs,
+    pub token_prune: TokenPruneArgs,
     /// The prompt text.
     #[arg(long, short = 'p', required_unless_present = "prompts_file")]
     pub prompt: Option<String>,
@@ -52,7 +52,7 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(file)) => read_prompts(file)?,
         (None, None) => bail!("give --prompt or --prompts-file"),
     };
-    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let session = Session::open(&args.model, &args.press, &args.token_prune)?;
     let loaded = &session.loaded;
     let config = args.sampling.generation_config(loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;
@@ -83,7 +83,7 @@ fn run_image(args: &Args, image: &Path) -> Result<()> {
     if args.chat {
         bail!("--chat with --image: write the prompt in LLaVA-1.5's format instead, e.g. \"USER: <image>\\nWhat is shown? ASSISTANT:\"");
     }
-    let vlm = ImagePrompt::open(&args.model, &args.press, &args.prune, prompt, image)?;
+    let vlm = ImagePrompt::open(&args.model, &args.press, &args.token_prune, prompt, image)?;
     let text_model = vlm.llava.text_model();
     let config = args.sampling.generation_config(&text_model, args.max_new_tokens)?;
     if config.num_beams() > 1 || config.num_return_sequences() > 1 {

@@ -13,7 +13,7 @@ use pare_vision::LoadedLlava;
 
 use crate::common::ModelArgs;
 use crate::press_args::PressArgs;
-use crate::prune_args::PruneArgs;
+use crate::token_prune_args::TokenPruneArgs;
 
 /// Load the LLaVA checkpoint `args.model` names (an HF directory).
 pub fn load_llava(args: &crate::common::ModelArgs) -> Result<LoadedLlava> {
@@ -40,22 +40,28 @@ pub struct ImagePrompt {
 
 impl ImagePrompt {
     /// Check the flags, load the checkpoint, preprocess and encode the image.
-    pub fn open(model: &ModelArgs, press: &PressArgs, prune: &PruneArgs, prompt: &str, image: &Path) -> Result<Self> {
+    pub fn open(
+        model: &ModelArgs,
+        press: &PressArgs,
+        token_prune: &TokenPruneArgs,
+        prompt: &str,
+        image: &Path,
+    ) -> Result<Self> {
         if !image.is_file() {
             bail!("--image {}: no such file", image.display());
         }
         let press = press.build()?;
-        prune.check()?;
+        token_prune.check()?;
         let llava = load_llava(model)?;
         let ids = llava.prompt_ids(prompt)?;
         let language = &llava.model.language;
         let pixels = llava
             .processor
             .preprocess_file(image)?
-            .to_tensor(language.dtype, &language.device)
+            .to_tensor(language.dtype(), language.device())
             .with_context(|| format!("--image {}", image.display()))?;
         let image_positions = llava.model.image_positions(&ids);
-        let pruner = prune.build(language.num_layers(), Some(image_positions.clone()))?;
+        let pruner = token_prune.build(language.num_layers(), Some(image_positions.clone()))?;
         let hooks = Hooks::new(press, pruner.map(Arc::from));
         let embeds = llava.model.embed(&ids, &pixels)?;
         Ok(ImagePrompt { llava, ids, embeds, hooks, image_tokens: image_positions.len() })

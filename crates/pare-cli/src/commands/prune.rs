@@ -9,7 +9,7 @@ use pare_formats::{GgmlType, GgufFile, GgufValue};
 use pare_model::config::Arch;
 use pare_model::{Model, WeightDType};
 use pare_prune::importance::TaylorVariant;
-use pare_prune::report::{layer_shapes, LayerShape, ParamCounts};
+use pare_prune::report::{layer_shapes, LayerReport, ParamCounts};
 use pare_prune::{GqaMode, Importance, PerLayerRatios, PruneSettings, PruningPlan, RatioMode, Reduction};
 use serde::Serialize;
 use serde_json::json;
@@ -215,7 +215,7 @@ struct ExportReport {
 
 /// Why transformers cannot load the pruned model as an HF directory, if it cannot.
 fn hf_limit(model: &Model) -> Option<String> {
-    if model.config.layer_shapes.is_some() {
+    if model.config().layer_shapes.is_some() {
         return Some(
             "layers differ in head count or MLP width; config.json carries per-layer shapes \
              (num_attention_heads_per_layer, num_key_value_heads_per_layer, intermediate_size_per_layer) \
@@ -223,7 +223,7 @@ fn hf_limit(model: &Model) -> Option<String> {
                 .into(),
         );
     }
-    let c = &model.config;
+    let c = &model.config();
     if c.arch == Arch::GptNeoX && c.num_heads * c.head_dim != c.hidden_size {
         return Some(
             "GPT-NeoX in transformers derives head_dim from hidden_size, so pruned heads load in pare only".into(),
@@ -417,7 +417,7 @@ fn perplexity(args: &Args, loaded: &pare_model::LoadedModel, before: &Model, aft
     let text = read_text(&path, "perplexity text")?;
     let mut tokens = loaded.tokenizer().context("--eval-ppl needs the model's tokenizer")?.encode(&text, true)?;
     tokens.truncate(args.ppl_tokens);
-    let ctx = args.ppl_ctx.min(before.config.max_position_embeddings);
+    let ctx = args.ppl_ctx.min(before.config().max_position_embeddings);
     let run = |model: &Model, label: &str| -> Result<f64> {
         let bar = progress_bar(0, label);
         let r = pare_eval::perplexity(model, &tokens, ctx, ctx, |d, t| {
@@ -487,8 +487,8 @@ fn print_report(
     plan: &PruningPlan,
     before: &ParamCounts,
     after: &ParamCounts,
-    shapes_before: &[LayerShape],
-    shapes_after: &[LayerShape],
+    shapes_before: &[LayerReport],
+    shapes_after: &[LayerReport],
     ppl: Option<&PplReport>,
     export: Option<&ExportReport>,
 ) {

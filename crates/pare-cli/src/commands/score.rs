@@ -12,9 +12,9 @@ use serde_json::json;
 
 use crate::common::{encode_prompt, print_json, ModelArgs};
 use crate::press_args::PressArgs;
-use crate::prune_args::PruneArgs;
 use crate::sampling_args::SamplingArgs;
 use crate::session::Session;
+use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -23,7 +23,7 @@ pub struct Args {
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
-    pub prune: PruneArgs,
+    pub token_prune: TokenPruneArgs,
     /// Score the next token after this continuation, which runs over the (compressed) cache of the prompt.
     #[arg(long)]
     pub then: Option<String>,
@@ -54,7 +54,7 @@ struct Processed {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let session = Session::open(&args.model, &args.press, &args.prune)?;
+    let session = Session::open(&args.model, &args.press, &args.token_prune)?;
     let loaded = &session.loaded;
     let mut hooks = session.hooks.clone();
     let tok = loaded.tokenizer()?;

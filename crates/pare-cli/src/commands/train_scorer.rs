@@ -176,9 +176,9 @@ pub fn run(args: Args) -> Result<()> {
     let device = args.model.device()?;
     let loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
     let model = &loaded.model;
-    settings.check(model.num_layers(), model.config.max_position_embeddings)?;
+    settings.check(model.num_layers(), model.config().max_position_embeddings)?;
     // Weights, gradients and AdamW's two moments, all f32.
-    let scorer = ScorerShape::new(model.config.hidden_size, settings.d, settings.layers, settings.heads)?;
+    let scorer = ScorerShape::new(model.config().hidden_size, settings.d, settings.layers, settings.heads)?;
     let bytes = scorer.parameter_count().and_then(|p| p.checked_mul(16));
     pare_model::memory::ensure_fits("a scorer of this --d and --layers", bytes)?;
     // Both checked before training and written only once everything has succeeded.

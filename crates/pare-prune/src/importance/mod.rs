@@ -93,23 +93,27 @@ enum Source {
 
 pub fn linear(block: &Block, role: Role) -> Option<&Linear> {
     match role {
-        Role::Q => Some(&block.attn.q),
-        Role::K => Some(&block.attn.k),
-        Role::V => Some(&block.attn.v),
-        Role::O => Some(&block.attn.o),
-        Role::Gate => block.mlp.gate.as_ref(),
-        Role::Up => Some(&block.mlp.up),
-        Role::Down => Some(&block.mlp.down),
+        Role::Q => Some(block.attn.q()),
+        Role::K => Some(block.attn.k()),
+        Role::V => Some(block.attn.v()),
+        Role::O => Some(block.attn.o()),
+        Role::Gate => block.mlp.gate(),
+        Role::Up => Some(block.mlp.up()),
+        Role::Down => Some(block.mlp.down()),
     }
 }
 
 pub fn attn_shape(block: &Block) -> AttnShape {
-    AttnShape { num_heads: block.attn.num_heads, num_kv_heads: block.attn.num_kv_heads, head_dim: block.attn.head_dim }
+    AttnShape {
+        num_heads: block.attn.num_heads(),
+        num_kv_heads: block.attn.num_kv_heads(),
+        head_dim: block.attn.head_dim(),
+    }
 }
 
 /// The (layer, member) pairs a configuration scores.
 fn members(model: &Model, s: &ScoreSettings) -> Vec<(usize, Kind, Member)> {
-    let gated = model.config.gated_mlp();
+    let gated = model.config().gated_mlp();
     let mut out = Vec::new();
     for &l in &s.attn_layers {
         out.extend(groups::attn_members(s.gqa).iter().map(|&m| (l, Kind::Attn, m)));
@@ -135,7 +139,7 @@ pub fn score(
     let source = match s.importance {
         Importance::Random => {
             for &l in &s.attn_layers {
-                let shape = attn_shape(&model.blocks[l]);
+                let shape = attn_shape(&model.blocks()[l]);
                 let n = match s.gqa {
                     GqaMode::KvGroups => shape.num_kv_heads,
                     GqaMode::QueryHeads => shape.num_heads,
@@ -143,7 +147,7 @@ pub fn score(
                 scores.attn.insert(l, random::unit_scores(s.seed, l, 0, n));
             }
             for &l in &s.mlp_layers {
-                scores.mlp.insert(l, random::unit_scores(s.seed, l, 1, model.blocks[l].mlp.width()));
+                scores.mlp.insert(l, random::unit_scores(s.seed, l, 1, model.blocks()[l].mlp.width()));
             }
             return Ok(scores);
         }
@@ -161,11 +165,11 @@ pub fn score(
             Source::Wanda(wanda_sp::input_norms(model, need_samples()?, |d, t| progress("activations", d, t))?)
         }
     };
-    let gated = model.config.gated_mlp();
+    let gated = model.config().gated_mlp();
     let layers: Vec<(usize, Kind)> =
         s.attn_layers.iter().map(|&l| (l, Kind::Attn)).chain(s.mlp_layers.iter().map(|&l| (l, Kind::Mlp))).collect();
     for (i, &(l, kind)) in layers.iter().enumerate() {
-        let block = &model.blocks[l];
+        let block = &model.blocks()[l];
         let shape = attn_shape(block);
         let (member_list, root_len, unit_width) = match kind {
             Kind::Attn => (groups::attn_members(s.gqa), groups::attn_root_channels(s.gqa, shape), shape.head_dim),

@@ -92,7 +92,7 @@ pub fn check_case(model: &Model, case: &Value, calib: &calibration::Calibration)
         }
         match (&lp.mlp, want.get("removed_channels")) {
             (Some(m), Some(r)) => {
-                let width = model.blocks[l].mlp.width();
+                let width = model.blocks()[l].mlp.width();
                 let removed: Vec<usize> = (0..width).filter(|c| !m.kept_channels.contains(c)).collect();
                 assert_eq!(removed, usizes(r), "{label} layer {l} MLP channels");
             }

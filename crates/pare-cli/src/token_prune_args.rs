@@ -35,7 +35,7 @@ fn parse_prune_span(s: &str) -> std::result::Result<PruneSpan, String> {
 }
 
 #[derive(Args, Debug, Clone, Default)]
-pub struct PruneArgs {
+pub struct TokenPruneArgs {
     /// Drop prompt tokens inside the prefill: LAYER:KEEP[,LAYER:KEEP...] — layers from LAYER on
     /// run on the kept tokens; KEEP is a fraction (0.5) or a count (276) of the span.
     #[arg(long, help_heading = "Token pruning")]
@@ -53,7 +53,7 @@ pub struct PruneArgs {
     pub prune_score: String,
 }
 
-impl PruneArgs {
+impl TokenPruneArgs {
     /// The pruner the flags describe for a model of `num_layers` layers; None without --prune-tokens.
     /// `image` holds a VLM prompt's image-token positions (what `--prune-span image` names).
     pub fn build(&self, num_layers: usize, image: Option<Vec<i64>>) -> Result<Option<Box<dyn TokenPruner>>> {
