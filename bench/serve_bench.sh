@@ -5,9 +5,9 @@
 # bench/results/serve-<UTC time>/{pare,llama}.json, summary.md (the table) and env.txt
 # (machine, commits, load averages).
 #
-# Usage: [CONCURRENCY=1,4,16,64] [NUM_REQUESTS=64] [MAX_TOKENS=128] [MAX_PROMPT_CHARS=2048]
+# Usage: [CONCURRENCY=1,4,16,64] [NUM_REQUESTS=64] [MAX_TOKENS=128] [MAX_PROMPT_CHARS=2048] [PARE=path/to/pare]
 #        [THREADS=2] [ENDPOINT=completions] bench/serve_bench.sh [GGUF]
-# Needs: scripts/assets.sh base serve, a release build of pare, bench/build-llama-cpp.sh.
+# Fetches the assets, builds pare (release) and llama.cpp (bench/build-llama-cpp.sh) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${1:-assets/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -25,10 +25,13 @@ SLOT_CTX=$(( ((MAX_PROMPT_CHARS / 3 + MAX_TOKENS) / 256 + 1) * 256 ))
 
 scripts/assets.sh base
 scripts/assets.sh serve
-cargo build --release --locked -p pare-cli >&2
-# A copy: another checkout sharing CARGO_TARGET_DIR may rebuild target/release/pare mid-run.
-PARE=$(mktemp -d)/pare
-cp "${CARGO_TARGET_DIR:-target}/release/pare" "$PARE"
+# PARE=path/to/pare skips the build.
+if [[ -z ${PARE:-} ]]; then
+  cargo build --release --locked -p pare-cli >&2
+  # A copy: another checkout sharing CARGO_TARGET_DIR may rebuild target/release/pare mid-run.
+  PARE=$(mktemp -d)/pare
+  cp "${CARGO_TARGET_DIR:-target}/release/pare" "$PARE"
+fi
 LLAMA_BIN=$(bench/build-llama-cpp.sh | tail -1)
 
 OUT=bench/results/serve-$(date -u +%Y%m%dT%H%M%SZ)

@@ -5,26 +5,29 @@
 # Each case: NUM_REQUESTS prompts, all sent at once; peak of pare_running_sequences from /metrics.
 # Writes bench/results/serve-kv-<UTC time>/{CASE.json, compare.json, summary.md, env.txt}.
 #
-# Usage: [KV_MEMORY=805306368] [PROMPT_TOKENS=4000] [NUM_REQUESTS=20] [MAX_TOKENS=32]
-#        [CASES="none knorm:0.5 knorm:0.75 expected-attention:0.75"] [THREADS=2]
+# Usage: [KV_MEMORY=402653184] [PROMPT_TOKENS=4000] [NUM_REQUESTS=10] [MAX_TOKENS=32]
+#        [CASES="none knorm:0.5 knorm:0.75"] [THREADS=2] [PARE=path/to/pare]
 #        bench/serve_kv_table.sh [GGUF]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${1:-assets/SmolLM2-135M-Instruct.Q4_1.gguf}
-# 768 MiB: four uncompressed 4k-token SmolLM2 sequences (45 KiB of f32 K and V per token).
-KV_MEMORY=${KV_MEMORY:-805306368}
+# 384 MiB: two uncompressed 4k-token SmolLM2 sequences (45 KiB of f32 K and V per token).
+KV_MEMORY=${KV_MEMORY:-402653184}
 PROMPT_TOKENS=${PROMPT_TOKENS:-4000}
-NUM_REQUESTS=${NUM_REQUESTS:-20}
+NUM_REQUESTS=${NUM_REQUESTS:-10}
 MAX_TOKENS=${MAX_TOKENS:-32}
-CASES=${CASES:-none knorm:0.5 knorm:0.75 expected-attention:0.75}
+CASES=${CASES:-none knorm:0.5 knorm:0.75}
 THREADS=${THREADS:-2}
 PORT=${PORT:-8433}
 
 scripts/assets.sh base
-cargo build --release --locked -p pare-cli >&2
-# A copy: another checkout sharing CARGO_TARGET_DIR may rebuild target/release/pare mid-run.
-PARE=$(mktemp -d)/pare
-cp "${CARGO_TARGET_DIR:-target}/release/pare" "$PARE"
+# PARE=path/to/pare skips the build.
+if [[ -z ${PARE:-} ]]; then
+  cargo build --release --locked -p pare-cli >&2
+  # A copy: another checkout sharing CARGO_TARGET_DIR may rebuild target/release/pare mid-run.
+  PARE=$(mktemp -d)/pare
+  cp "${CARGO_TARGET_DIR:-target}/release/pare" "$PARE"
+fi
 OUT=bench/results/serve-kv-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 {
