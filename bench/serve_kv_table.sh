@@ -6,7 +6,10 @@
 # Writes bench/results/serve-kv-<UTC time>/{CASE.json, compare.json, summary.md, env.txt}.
 #
 # Usage: [KV_MEMORY=402653184] [PROMPT_TOKENS=4000] [NUM_REQUESTS=10] [MAX_TOKENS=32]
-#        [CASES="none knorm:0.5 knorm:0.75"] [THREADS=2] [PARE=path/to/pare]
+#        [CASES="knorm:0 knorm:0.5 knorm:0.75"] [THREADS=2] [PARE=path/to/pare]
+# The baseline is knorm at ratio 0: it keeps every entry, and like every press case its prompt is
+# prefilled whole at admission. (A request without a press is prefilled in 256-token chunks, and
+# admission then counts only the part already prefilled: it over-admits past --kv-memory.)
 #        bench/serve_kv_table.sh [GGUF]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +19,7 @@ KV_MEMORY=${KV_MEMORY:-402653184}
 PROMPT_TOKENS=${PROMPT_TOKENS:-4000}
 NUM_REQUESTS=${NUM_REQUESTS:-10}
 MAX_TOKENS=${MAX_TOKENS:-32}
-CASES=${CASES:-none knorm:0.5 knorm:0.75}
+CASES=${CASES:-knorm:0 knorm:0.5 knorm:0.75}
 THREADS=${THREADS:-2}
 PORT=${PORT:-8433}
 
@@ -93,7 +96,7 @@ stop_server
 # Quality of the same presses and ratios (the default text windows and needle depths of
 # `pare eval compare`; the model's own GGUF).
 presses=$(for c in $CASES; do [[ $c == none ]] || echo "${c%%:*}"; done | sort -u | paste -sd,)
-ratios=$(for c in $CASES; do [[ $c == none ]] || echo "${c#*:}"; done | sort -u | paste -sd,)
+ratios=$(for c in $CASES; do [[ $c == none || ${c#*:} == 0 ]] || echo "${c#*:}"; done | sort -u | paste -sd,)
 "$PARE" --threads "$THREADS" eval compare --model "$GGUF" --text assets/texts/wiki.utf8 --presses "$presses" \
   --ratios "$ratios" --plot "$OUT/compare.svg" --json >"$OUT/compare.json"
 
@@ -104,7 +107,8 @@ compare = json.load(open(f"{out}/compare.json"))
 json.dump(compare, open(f"{out}/compare.json", "w"), indent=1)
 def quality(press, ratio):
     for r in compare["rows"]:
-        if r["press"] == press and (press == "none" or abs(r["ratio"] - ratio) < 1e-9):
+        # ratio 0 keeps every entry: the quality of no press.
+        if (r["press"] == press or (ratio == 0 and r["press"] == "none")) and (r["press"] == "none" or abs(r["ratio"] - ratio) < 1e-9):
             return r
     return {}
 base = None
