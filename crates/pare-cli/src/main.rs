@@ -33,8 +33,8 @@ enum Command {
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
-    /// Measure prefill and decode speed and memory.
-    Bench(commands::bench::Args),
+    /// Measure prefill and decode speed and memory (`bench serve`: a server under load).
+    Bench(commands::bench::BenchCommand),
     /// Show a model's architecture, shapes, parameters and memory.
     Inspect(commands::inspect::Args),
     /// Convert a GGUF model into a dequantized HF directory.
@@ -80,7 +80,7 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Score(a) => commands::score::run(a),
         Command::Eval(a) => commands::eval::run(a),
-        Command::Bench(a) => commands::bench::run(a),
+        Command::Bench(a) => commands::bench::dispatch(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::InitRandom(a) => commands::init_random::run(a),

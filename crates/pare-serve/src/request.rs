@@ -139,6 +139,10 @@ pub struct Sampling {
     pub suppress_tokens: Option<Vec<u32>>,
     /// Vocabulary entries (e.g. "<|im_end|>") that end generation like EOS.
     pub stop_token: Option<Vec<String>>,
+    /// EOS (and `stop_token`) never end generation: every choice runs to its token limit, as
+    /// llama.cpp's and vLLM's `ignore_eos` (load generators send it so every server produces the
+    /// same number of tokens). Stop strings still stop.
+    pub ignore_eos: Option<bool>,
     pub mirostat: Option<bool>,
     pub mirostat_tau: Option<f32>,
     pub mirostat_eta: Option<f32>,
@@ -227,7 +231,9 @@ impl Sampling {
         });
         let config = GenerationConfig {
             max_new_tokens: Some(max_tokens),
-            min_new_tokens: self.min_new_tokens,
+            // HF's min_new_tokens suppresses the EOS ids until the count is reached: up to the limit,
+            // that is ignoring EOS.
+            min_new_tokens: if self.ignore_eos == Some(true) { Some(max_tokens) } else { self.min_new_tokens },
             do_sample: Some(sampling),
             temperature: sampling.then_some(temperature),
             // -1 (vLLM's "off") and 0 both turn top-k off.

@@ -201,6 +201,34 @@ async fn chat_uses_the_template_and_equals_pare_generate() {
     assert_eq!(d["prompt"], text);
 }
 
+#[tokio::test]
+async fn ignore_eos_runs_to_the_token_limit() {
+    let base = base().await;
+    let chat = |extra: Value| {
+        let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                              "max_tokens": 24, "temperature": 0});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, plain) = post(&base, "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!(status, 200, "{plain}");
+    // The short answer ends at EOS well before the limit...
+    assert_eq!(plain["choices"][0]["finish_reason"], "stop", "{plain}");
+    let stopped = plain["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(stopped < 24, "{plain}");
+    // ...and with ignore_eos the same greedy answer goes on to exactly max_tokens.
+    let (status, full) = post(&base, "/v1/chat/completions", &chat(json!({"ignore_eos": true}))).await;
+    assert_eq!(status, 200, "{full}");
+    assert_eq!(full["choices"][0]["finish_reason"], "length", "{full}");
+    assert_eq!(full["usage"]["completion_tokens"], 24, "{full}");
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.starts_with(plain["choices"][0]["message"]["content"].as_str().unwrap()), "{text:?}");
+    let (status, _) = post(&base, "/v1/chat/completions", &chat(json!({"ignore_eos": false}))).await;
+    assert_eq!(status, 200);
+    let (status, err) = post(&base, "/v1/chat/completions", &chat(json!({"ignore_eos": "yes"}))).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("ignore_eos")), "{err}");
+}
+
 /// log_softmax of the model's logits at every position of `ids`.
 fn model_logprobs(ids: &[u32]) -> Vec<Vec<f32>> {
     let logits = pare_test_support::logits_all(&model().model, ids).unwrap();

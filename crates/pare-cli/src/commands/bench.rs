@@ -1,5 +1,6 @@
 //! `pare bench`: prefill and decode throughput, KV-cache bytes and peak memory (host, and GPU on
 //! CUDA). Decode is greedy with the argmax taken on the device, so only token ids cross to the host.
+//! `pare bench serve` (bench_serve.rs) measures a server under load instead.
 
 use std::time::Instant;
 
@@ -12,6 +13,29 @@ use crate::common::{ensure_run_fits, gpu_memory, peak_rss_bytes, print_json, res
 use crate::press_args::PressArgs;
 use crate::session::Session;
 use crate::token_prune_args::TokenPruneArgs;
+
+/// `pare bench [FLAGS]` measures the model in this process; `pare bench serve` loads a server.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub sub: Option<BenchSub>,
+    #[command(flatten)]
+    pub args: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchSub {
+    /// Load an OpenAI-compatible server with ShareGPT prompts: tokens/s, TTFT, inter-token latency.
+    Serve(super::bench_serve::Args),
+}
+
+pub fn dispatch(command: BenchCommand) -> Result<()> {
+    match command.sub {
+        Some(BenchSub::Serve(a)) => super::bench_serve::run(a),
+        None => run(command.args),
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
