@@ -328,8 +328,8 @@ async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson) -> R
     let (mut own, common) = split(body, &["prompt", "echo", "logprobs", "max_tokens", "suffix", "best_of"]);
     let prompt = own.as_object_mut().and_then(|o| o.remove("prompt"));
     let fields: CompletionFields = parse(own)?;
-    let sampling: Sampling = parse(common)?;
-    check_model(r, sampling.model.as_deref())?;
+    let sampling = Sampling::parse(common)?;
+    check_model(r, sampling.model())?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix is not supported", Some("suffix")));
     }
@@ -367,8 +367,8 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson)
     let r = state.ready()?;
     let (own, common) = split(body, &["messages", "logprobs", "top_logprobs", "max_completion_tokens", "max_tokens"]);
     let fields: ChatFields = parse(own)?;
-    let sampling: Sampling = parse(common)?;
-    check_model(r, sampling.model.as_deref())?;
+    let sampling = Sampling::parse(common)?;
+    check_model(r, sampling.model())?;
     let n = sampling.n()?;
     let logprobs = fields.logprobs.unwrap_or(false);
     let top = match fields.top_logprobs {

@@ -125,7 +125,11 @@ pub fn run(args: Args) -> Result<()> {
         gen_len: args.gen_len,
         prune: schedule,
         span,
-        kv: KvPolicy { ratio: args.press.ratio, budget: args.press.budget, capacity: args.press.capacity },
+        kv: KvPolicy {
+            ratio: args.press.options.ratio,
+            budget: args.press.options.budget,
+            capacity: args.press.options.capacity,
+        },
         kv_bytes_per_value,
         vision,
     };
