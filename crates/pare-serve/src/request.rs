@@ -66,6 +66,8 @@ pub struct RequestFields {
     pub prune_tokens: Option<String>,
     pub prune_score: Option<String>,
     pub protect_last: Option<usize>,
+    /// A context made by `POST /v1/contexts`: the prompt continues a copy of its cache.
+    pub context_id: Option<String>,
 }
 
 impl RequestFields {
@@ -81,6 +83,7 @@ impl RequestFields {
         "prune_tokens",
         "prune_score",
         "protect_last",
+        "context_id",
     ];
 }
 
