@@ -290,8 +290,8 @@ fn run(
 
         // Plain sequences grow by one token each step; when that outgrows the budget, shared
         // prefixes go first, then the newest plain sequences, to be run again later.
-        let growth = active.values().filter(|a| a.preemptable).count() * bpt;
-        while !engine.make_room(&batch, &active, growth) {
+        let growth = |active: &HashMap<SeqId, Active>| active.values().filter(|a| a.preemptable).count() * bpt;
+        while !engine.make_room(&batch, &active, growth(&active)) {
             let newest = active.iter().filter(|(_, a)| a.preemptable).max_by_key(|(_, a)| a.order).map(|(&id, _)| id);
             let Some(id) = newest.filter(|_| active.len() > 1) else { break };
             let a = active.remove(&id).expect("running");
@@ -302,8 +302,8 @@ fn run(
                     resumes.insert(at, (id, suspended, a));
                 }
                 None => {
-                    // Not suspendable after all (still prefilling as part of a larger group):
-                    // it keeps running and reserves its growth from now on.
+                    // No group to suspend (a sequence with nothing to generate, reported at
+                    // the next step): it stays, and reserves what it may still generate.
                     let mut a = a;
                     a.preemptable = false;
                     active.insert(id, a);
