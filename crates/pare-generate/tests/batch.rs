@@ -200,7 +200,8 @@ fn a_group_continues_a_copy_of_a_prefix_cache() {
     let config = GenerationConfig { max_new_tokens: Some(12), min_new_tokens: Some(12), ..Default::default() };
     let r = Request { prompt: prompt.clone(), config: config.clone(), press: None, arrives: 0 };
     let alone = run_with_pause(&r, None, None);
-    let (_, mut prefix) = model.prefill(PrefillInput::Tokens(&[prompt.clone()]), &mut Hooks::default()).unwrap();
+    let (_, mut prefix) =
+        model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut Hooks::default()).unwrap();
     prefix.truncate(32).unwrap();
     assert_eq!(prefix.next_position, vec![32]);
     assert_eq!(prefix.bytes(), prefix.uncompressed_bytes(), "cut entries are gone, not compressed");
