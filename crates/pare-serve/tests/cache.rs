@@ -110,6 +110,17 @@ async fn a_context_is_compressed_once_and_answers_as_kvpress_does() {
         assert_eq!(prefilled, q.len() as f64);
     }
 
+    // Chat continues the context too: the conversation's template after the context's tokens.
+    let body = json!({"model": MODEL, "context_id": id, "messages": [{"role": "user", "content": "Summarize it."}],
+                      "max_completion_tokens": 4, "temperature": 0});
+    let (status, answer) = post(&base, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap() > context_ids.len() as u64);
+    // The context was compressed when it was made: a press on the request is refused.
+    let body = json!({"model": MODEL, "context_id": id, "prompt": "x", "press": {"name": "knorm", "ratio": 0.5}});
+    let (status, answer) = post(&base, "/v1/completions", &body).await;
+    assert_eq!((status, &answer["error"]["param"]), (400, &json!("context_id")), "{answer}");
+
     let list = common::client().get(format!("{base}/v1/contexts")).bearer_auth(KEY).send().await.unwrap();
     let list: serde_json::Value = list.json().await.unwrap();
     assert!(list["data"].as_array().unwrap().iter().any(|c| c["id"] == id.as_str()), "{list}");
