@@ -166,6 +166,16 @@ impl Group {
     }
 }
 
+/// A group out of the batch without its cache (see [`Batch::suspend`]).
+pub struct Suspended(Group);
+
+impl Suspended {
+    /// Tokens that resuming runs again: the prompt and what was generated so far.
+    pub fn tokens(&self) -> usize {
+        self.0.rows[0].input_ids.len()
+    }
+}
+
 /// Sequences being generated, stepped together.
 pub struct Batch<'m> {
     model: &'m Model,
@@ -198,31 +208,64 @@ impl<'m> Batch<'m> {
         let n = settings.config.num_return_sequences();
         settings.check_fits(self.model.config().max_position_embeddings, &prompt_ids)?;
         if settings.config.max_new_tokens() == 0 {
-            // Nothing to generate (a log-likelihood request): no prefill, no cache.
-            let mut ids = Vec::new();
-            for p in 0..prompt_ids.len() {
-                for _ in 0..n {
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    self.finished_early.push(Event::Finished { id, sequence: Sequence::empty(p) });
-                    ids.push(id);
-                }
-            }
-            return Ok(ids);
+            return Ok(self.finish_without_generating(prompt_ids.len(), n));
         }
         let input = match input {
             PrefillInput::Tokens(prompts) if n > 1 => {
                 let rows: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
-                return self.admit_rows(PrefillInput::Tokens(&rows), &prompt_ids, n, settings, hooks, top_logprobs);
+                return self.admit_rows(
+                    PrefillInput::Tokens(&rows),
+                    &prompt_ids,
+                    n,
+                    settings,
+                    hooks,
+                    top_logprobs,
+                    None,
+                );
             }
             PrefillInput::Embeds { .. } if n > 1 => {
                 return Err(GenerateError::Config("num_return_sequences > 1 needs token prompts".into()))
             }
             input => input,
         };
-        self.admit_rows(input, &prompt_ids, n, settings, hooks, top_logprobs)
+        self.admit_rows(input, &prompt_ids, n, settings, hooks, top_logprobs, None)
     }
 
+    /// Admit a group whose cache starts as `cache`, a copy of the cache of its prompt's first
+    /// tokens (a shared prefix, or a compressed context): only `spec.input`, the tokens after
+    /// them, runs, as an extension of that cache (chunked like any long prompt). `spec.prompt_ids`
+    /// is the whole prompt, as the processors see it. One prompt of tokens, one row.
+    pub fn admit_after(&mut self, cache: KvCache, spec: GroupSpec) -> Result<Vec<SeqId>> {
+        let GroupSpec { input, prompt_ids, settings, hooks, top_logprobs } = spec;
+        let one_row = cache.batch() == 1 && settings.config.num_return_sequences() == 1 && prompt_ids.len() == 1;
+        if !one_row || !matches!(input, PrefillInput::Tokens([_])) {
+            return Err(GenerateError::Config(
+                "a group admitted after a cache has one token prompt and one row".into(),
+            ));
+        }
+        settings.check_fits(self.model.config().max_position_embeddings, &prompt_ids)?;
+        if settings.config.max_new_tokens() == 0 {
+            return Ok(self.finish_without_generating(1, 1));
+        }
+        self.admit_rows(input, &prompt_ids, 1, settings, hooks, top_logprobs, Some(cache))
+    }
+
+    /// Rows with nothing to generate (a log-likelihood request): no prefill, no cache; they are
+    /// reported finished at the next step.
+    fn finish_without_generating(&mut self, prompts: usize, n: usize) -> Vec<SeqId> {
+        let mut ids = Vec::new();
+        for p in 0..prompts {
+            for _ in 0..n {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.finished_early.push(Event::Finished { id, sequence: Sequence::empty(p) });
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn admit_rows(
         &mut self,
         input: PrefillInput,
@@ -231,6 +274,7 @@ impl<'m> Batch<'m> {
         settings: Settings,
         mut hooks: Hooks,
         top_logprobs: usize,
+        start: Option<KvCache>,
     ) -> Result<Vec<SeqId>> {
         let started = Instant::now();
         let chunked = match (&input, self.prefill_chunk) {
@@ -239,16 +283,25 @@ impl<'m> Batch<'m> {
             }
             _ => None,
         };
-        let (logits, cache, pending) = match chunked {
-            Some(prompt) => (None, self.model.new_cache(1), prompt),
-            None => {
+        let (logits, cache, pending) = match (start, chunked) {
+            (None, Some(prompt)) => (None, self.model.new_cache(1), prompt),
+            (Some(cache), Some(rest)) => (None, cache, rest),
+            (None, None) => {
                 let (logits, cache) = self.model.prefill(input, &mut hooks)?;
-                let inputs: Vec<&[u32]> =
-                    prompt_ids.iter().flat_map(|p| std::iter::repeat_n(p.as_slice(), n)).collect();
-                check_finite(self.model, &logits, &inputs)?;
+                (Some(logits), cache, Vec::new())
+            }
+            (Some(mut cache), None) => {
+                let PrefillInput::Tokens([rest]) = input else {
+                    return Err(GenerateError::Config("only token prompts extend a cache".into()));
+                };
+                let logits = extend(self.model, &mut cache, &mut hooks, rest.clone())?;
                 (Some(logits), cache, Vec::new())
             }
         };
+        if let Some(logits) = &logits {
+            let inputs: Vec<&[u32]> = prompt_ids.iter().flat_map(|p| std::iter::repeat_n(p.as_slice(), n)).collect();
+            check_finite(self.model, logits, &inputs)?;
+        }
         let mut rows = Vec::new();
         for (p, ids) in prompt_ids.iter().enumerate() {
             for _ in 0..n {
@@ -289,6 +342,44 @@ impl<'m> Batch<'m> {
         Ok(ids)
     }
 
+    /// Take the one-row, hook-free group of row `id` out of the batch, dropping its cache
+    /// (preemption); None for any other row (a press's or pruner's state cannot be rebuilt by
+    /// running the tokens again). [`Batch::resume`] puts it back.
+    pub fn suspend(&mut self, id: SeqId) -> Option<Suspended> {
+        let i = self
+            .groups
+            .iter()
+            .position(|g| g.rows.len() == 1 && g.rows[0].id == id && !g.rows[0].done && g.hooks.is_empty())?;
+        let mut group = self.groups.remove(i);
+        group.cache = self.model.new_cache(1);
+        group.logits = None;
+        group.pending.clear();
+        Some(Suspended(group))
+    }
+
+    /// Put a suspended group back: its tokens so far (prompt and generated) are prefilled again,
+    /// chunked like a prompt, and it goes on with its own processors, random stream and text
+    /// state, so its tokens are those it would have chosen without the pause.
+    pub fn resume(&mut self, suspended: Suspended) -> Result<()> {
+        let mut group = suspended.0;
+        let tokens = group.rows[0].input_ids.clone();
+        if self.prefill_chunk.is_some_and(|chunk| tokens.len() > chunk) {
+            group.pending = tokens;
+        } else {
+            let logits = extend(self.model, &mut group.cache, &mut group.hooks, tokens)?;
+            let inputs = [group.rows[0].input_ids.as_slice()];
+            check_finite(self.model, &logits, &inputs)?;
+            group.logits = Some(logits);
+        }
+        self.groups.push(group);
+        Ok(())
+    }
+
+    /// The cache of the group holding row `id` (to share a prompt's prefix), if it is held.
+    pub fn cache(&self, id: SeqId) -> Option<&KvCache> {
+        self.groups.iter().find(|g| g.rows.iter().any(|r| r.id == id)).map(|g| &g.cache)
+    }
+
     /// Rows still generating (rows admitted with nothing to generate count until reported).
     pub fn running(&self) -> usize {
         self.groups.iter().map(|g| g.rows.iter().filter(|r| !r.done).count()).sum::<usize>() + self.finished_early.len()
@@ -296,6 +387,11 @@ impl<'m> Batch<'m> {
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty() && self.finished_early.is_empty()
+    }
+
+    /// Prompt tokens admitted but not prefilled yet (chunked prefill): cache they will take.
+    pub fn pending_prefill_tokens(&self) -> usize {
+        self.groups.iter().map(|g| g.pending.len()).sum()
     }
 
     /// KV-cache bytes over every group held.
@@ -381,17 +477,23 @@ impl<'m> Batch<'m> {
 fn prefill_chunk(model: &Model, group: &mut Group, chunk: usize) -> Result<()> {
     let take = chunk.min(group.pending.len());
     let tokens: Vec<u32> = group.pending.drain(..take).collect();
-    let start = group.cache.next_positions()[0];
-    let positions = vec![(start..start + take as i64).collect::<Vec<_>>()];
-    let phase = if start == 0 { Phase::Prefill } else { Phase::Extend };
-    let x = model.embed(&[tokens])?;
-    let logits = model.forward(x, &positions, &mut group.cache, &mut group.hooks, phase, Logits::Last)?;
+    let logits = extend(model, &mut group.cache, &mut group.hooks, tokens)?;
     if group.pending.is_empty() {
         let inputs: Vec<&[u32]> = group.rows.iter().map(|r| r.input_ids.as_slice()).collect();
         check_finite(model, &logits, &inputs)?;
         group.logits = Some(logits);
     }
     Ok(())
+}
+
+/// Run one row's `tokens` into `cache` at the positions after what it holds: a prefill into an
+/// empty cache, an extension of one that holds tokens (a chunk, a shared prefix, a context).
+fn extend(model: &Model, cache: &mut KvCache, hooks: &mut Hooks, tokens: Vec<u32>) -> Result<Tensor> {
+    let start = cache.next_positions()[0];
+    let positions = vec![(start..start + tokens.len() as i64).collect::<Vec<_>>()];
+    let phase = if start == 0 { Phase::Prefill } else { Phase::Extend };
+    let x = model.embed(&[tokens])?;
+    Ok(model.forward(x, &positions, cache, hooks, phase, Logits::Last)?)
 }
 
 /// Ok if every row of `logits` is finite; otherwise the error naming where the first failing

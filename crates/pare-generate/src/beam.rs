@@ -82,6 +82,20 @@ impl<'de> Deserialize<'de> for EarlyStopping {
     }
 }
 
+impl std::str::FromStr for EarlyStopping {
+    type Err = String;
+
+    /// The flag form: `true`, `false` or `never`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "true" | "True" => Ok(EarlyStopping::True),
+            "false" | "False" => Ok(EarlyStopping::False),
+            "never" => Ok(EarlyStopping::Never),
+            _ => Err("expected true, false or never".into()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BeamConfig {
     pub num_beams: usize,

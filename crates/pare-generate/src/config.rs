@@ -27,50 +27,100 @@ impl InvalidSetting {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// Every generation setting, by HF's name. One definition for every front end: a `--config`
+/// JSON file and the server's request body (serde, unknown fields rejected by name), and the
+/// CLI's flags (clap: `--top-k`, `--repetition-penalty`, ...), so a new processor's setting
+/// appears in all of them. Fields without a flag are set by the commands themselves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationConfig {
+    /// Each command names its own length flag (`--max-new-tokens`, `max_tokens`).
+    #[arg(skip)]
     pub max_new_tokens: Option<usize>,
+    #[arg(long)]
     pub min_new_tokens: Option<usize>,
+    /// Sample instead of greedy decoding (`--do-sample`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub do_sample: Option<bool>,
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
+    /// Keep the k most likely tokens (HF default 50 when sampling; 0 = off).
+    #[arg(long, allow_negative_numbers = true)]
     pub top_k: Option<i64>,
+    #[arg(long)]
     pub top_p: Option<f32>,
+    #[arg(long)]
     pub min_p: Option<f32>,
+    #[arg(long)]
     pub typical_p: Option<f32>,
+    #[arg(long)]
     pub epsilon_cutoff: Option<f32>,
+    #[arg(long)]
     pub eta_cutoff: Option<f32>,
+    #[arg(long)]
     pub repetition_penalty: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
     pub presence_penalty: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
     pub frequency_penalty: Option<f32>,
+    #[arg(long)]
     pub no_repeat_ngram_size: Option<usize>,
+    #[arg(long)]
     pub num_beams: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
     pub length_penalty: Option<f32>,
+    /// true, false or never.
+    #[arg(long)]
     pub early_stopping: Option<EarlyStopping>,
+    #[arg(long)]
     pub num_return_sequences: Option<usize>,
+    #[arg(long)]
     pub seed: Option<u64>,
-    /// Stop strings (HF `stop_strings`): generation ends once the text contains one; it is cut off.
+    /// Stop when the text contains this string (HF `stop_strings`; repeatable); it is cut off.
+    #[arg(long)]
     pub stop: Option<Vec<String>>,
-    /// Words or phrases that may never be generated (HF `bad_words_ids`, given as text).
+    /// Text that must never be generated (HF `bad_words_ids`, given as text; repeatable).
+    #[arg(long)]
     pub bad_words: Option<Vec<String>>,
+    #[arg(skip)]
     pub bad_words_ids: Option<Vec<Vec<u32>>>,
-    /// Token id → additive bias (OpenAI / llama.cpp `logit_bias`).
+    /// Token id → additive bias (OpenAI / llama.cpp `logit_bias`); the CLI's flag is `ID=BIAS`.
+    #[arg(skip)]
     pub logit_bias: Option<std::collections::BTreeMap<u32, f32>>,
+    /// Token ids that are never generated (comma separated).
+    #[arg(long, value_delimiter = ',')]
     pub suppress_tokens: Option<Vec<u32>>,
-    /// Wall-clock limit in seconds (HF `max_time`).
+    /// Stop after this many seconds (HF `max_time`).
+    #[arg(long)]
     pub max_time: Option<f64>,
+    /// The model's own, plus what `--stop-token` names.
+    #[arg(skip)]
     pub eos_token_id: Option<Vec<u32>>,
+    #[arg(long)]
     pub min_tokens_to_keep: Option<usize>,
+    #[arg(long)]
     pub mirostat_tau: Option<f32>,
+    #[arg(long)]
     pub mirostat_eta: Option<f32>,
-    /// Turns mirostat v2 on.
+    /// Mirostat v2 sampling (llama.cpp).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub mirostat: Option<bool>,
+    /// DRY repetition penalty strength (llama.cpp; 0 = off).
+    #[arg(long)]
     pub dry_multiplier: Option<f32>,
+    #[arg(long)]
     pub dry_base: Option<f32>,
+    #[arg(long)]
     pub dry_allowed_length: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
     pub dry_penalty_last_n: Option<i64>,
+    /// DRY: strings that break a repeated sequence (repeatable; default llama.cpp's).
+    #[arg(long)]
     pub dry_sequence_breakers: Option<Vec<String>>,
+    /// XTC: chance per step of excluding the top choices (llama.cpp; 0 = off).
+    #[arg(long)]
     pub xtc_probability: Option<f32>,
+    #[arg(long)]
     pub xtc_threshold: Option<f32>,
 }
 

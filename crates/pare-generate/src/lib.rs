@@ -9,7 +9,7 @@ pub mod processors;
 pub mod sampling;
 pub mod stopping;
 
-pub use batch::{top_logprobs, Batch, CacheBytes, Event, GroupSpec, SeqId, Settings};
+pub use batch::{top_logprobs, Batch, CacheBytes, Event, GroupSpec, SeqId, Settings, Suspended};
 pub use beam::beam_search_with;
 pub use config::GenerationConfig;
 pub use generate::{CacheStats, FinishReason, GenerationOutput, Generator, Prompts, Sequence, Timings};

@@ -130,3 +130,100 @@ fn a_cancelled_sequence_frees_its_cache_at_once() {
     let events = batch.step().unwrap();
     assert!(events.iter().all(|e| !matches!(e, Event::Token { id, .. } if *id == a)), "no tokens after cancel");
 }
+
+/// Every token of one group, with a pause (`suspend`, then `resume` once `pause` more steps have
+/// passed) after `at` tokens when given.
+fn run_with_pause(r: &Request, pause: Option<(usize, usize)>, prefill_chunk: Option<usize>) -> Vec<u32> {
+    let model = &smollm2().model;
+    let mut batch = Batch::new(model, smollm2().tokenizer().ok());
+    if let Some(chunk) = prefill_chunk {
+        batch = batch.with_prefill_chunk(chunk);
+    }
+    let id = batch.admit(spec(r)).unwrap()[0];
+    let mut tokens = Vec::new();
+    let mut suspended = None;
+    let mut steps_out = 0;
+    loop {
+        if let Some((at, _)) = pause.filter(|&(at, _)| tokens.len() == at && suspended.is_none() && steps_out == 0) {
+            suspended = batch.suspend(id);
+            assert!(suspended.as_ref().is_some_and(|s| s.tokens() == r.prompt.len() + at));
+            assert_eq!(batch.cache_bytes().in_use, 0, "a suspended group holds no cache");
+        }
+        if suspended.is_some() {
+            steps_out += 1;
+            if steps_out > pause.unwrap().1 {
+                batch.resume(suspended.take().unwrap()).unwrap();
+            }
+        }
+        for event in batch.step().unwrap() {
+            if let Event::Token { token, .. } = event {
+                tokens.push(token);
+            }
+        }
+        batch.retire_finished();
+        if batch.is_empty() && suspended.is_none() {
+            return tokens;
+        }
+    }
+}
+
+#[test]
+fn a_suspended_sequence_resumes_where_it_stopped() {
+    // Sampling with stateful processors: the random stream and the penalties' counts carry over.
+    let config = GenerationConfig {
+        max_new_tokens: Some(24),
+        min_new_tokens: Some(24),
+        do_sample: Some(true),
+        temperature: Some(0.9),
+        top_k: Some(20),
+        repetition_penalty: Some(1.2),
+        seed: Some(7),
+        ..Default::default()
+    };
+    let r = Request { prompt: text_tokens(0, 40), config, press: None, arrives: 0 };
+    let alone = run_with_pause(&r, None, None);
+    assert_eq!(alone.len(), 24);
+    assert_eq!(run_with_pause(&r, Some((10, 2)), None), alone);
+    // Resumed with its 50 tokens prefilled in chunks of 16.
+    assert_eq!(run_with_pause(&r, Some((10, 2)), Some(16)), alone);
+    // A group with a press is not suspended: running its tokens again would compress another prompt.
+    let pressed = Request { press: Some("knorm"), ..r };
+    let mut batch = Batch::new(&smollm2().model, smollm2().tokenizer().ok());
+    let id = batch.admit(spec(&pressed)).unwrap()[0];
+    assert!(batch.suspend(id).is_none());
+}
+
+#[test]
+fn a_group_continues_a_copy_of_a_prefix_cache() {
+    let model = &smollm2().model;
+    let prompt = text_tokens(0, 48);
+    let config = GenerationConfig { max_new_tokens: Some(12), min_new_tokens: Some(12), ..Default::default() };
+    let r = Request { prompt: prompt.clone(), config: config.clone(), press: None, arrives: 0 };
+    let alone = run_with_pause(&r, None, None);
+    let (_, mut prefix) =
+        model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut Hooks::default()).unwrap();
+    prefix.truncate(32).unwrap();
+    assert_eq!(prefix.next_positions(), vec![32]);
+    assert_eq!(prefix.bytes(), prefix.uncompressed_bytes(), "cut entries are gone, not compressed");
+    let mut batch = Batch::new(model, smollm2().tokenizer().ok());
+    let rest = [prompt[32..].to_vec()];
+    let settings = Settings::new(config, smollm2().tokenizer().ok()).unwrap();
+    let spec = GroupSpec {
+        input: PrefillInput::Tokens(&rest),
+        prompt_ids: vec![prompt],
+        settings,
+        hooks: Hooks::default(),
+        top_logprobs: 0,
+    };
+    batch.admit_after(prefix, spec).unwrap();
+    let mut tokens = Vec::new();
+    while !batch.is_empty() {
+        for event in batch.step().unwrap() {
+            if let Event::Token { token, .. } = event {
+                tokens.push(token);
+            }
+        }
+        batch.retire_finished();
+    }
+    assert_eq!(tokens, alone);
+}

@@ -290,6 +290,16 @@ impl LayerKv {
         Ok(())
     }
 
+    /// Forget every entry at position `end` or later, as if it had never been appended.
+    pub fn truncate(&mut self, end: i64) -> Result<()> {
+        let keep: Vec<Vec<usize>> =
+            self.positions.iter().map(|pos| (0..pos.len()).filter(|&i| pos[i] < end).collect()).collect();
+        let before = self.bytes();
+        self.keep(&keep)?;
+        self.appended_bytes -= before - self.bytes();
+        Ok(())
+    }
+
     /// Keep, for every row, the entries at `keep[row]` in every head (same slots in all heads).
     pub fn keep_rows(&mut self, keep: &[Vec<usize>]) -> Result<()> {
         if keep.len() != self.batch {
@@ -456,6 +466,20 @@ impl KvCache {
     /// Entries held, summed over layers, rows and heads.
     pub fn total_entries(&self) -> usize {
         self.layers.iter().map(|l| l.entry_counts().iter().sum::<usize>()).sum()
+    }
+
+    /// The cache of the first `len` positions (a prompt's prefix, to share it): entries at
+    /// later positions are forgotten, and the next token takes position `len` (or the row's own
+    /// next position, when that comes first).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let end = len as i64;
+        for layer in &mut self.layers {
+            layer.truncate(end)?;
+        }
+        for next in &mut self.next_position {
+            *next = (*next).min(end);
+        }
+        Ok(())
     }
 
     /// Reorder or duplicate batch rows (beam search): row i of the result is row `rows[i]` now.

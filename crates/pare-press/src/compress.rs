@@ -11,8 +11,9 @@ use crate::error::Result;
 use crate::observation::Observation;
 use crate::select::Selector;
 
-/// Where kept entries sit after a compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where kept entries sit after a compression (`--positions`, JSON `"positions"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PositionPolicy {
     /// Keys stay rotated at their original positions and new tokens continue at theirs
     /// (seed 001, kvpress).

@@ -24,6 +24,8 @@ pub use compress::PositionPolicy;
 pub use error::{PressError, Result};
 pub use pare_model::hooks::CachePress;
 
+use serde::Deserialize;
+
 use presses::{AdaKv, ChunkKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
@@ -35,22 +37,122 @@ pub const SCORERS: &[&str] =
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv"];
 
 /// Every option a press can take; None where the user gave none (kvpress defaults then apply).
-#[derive(Debug, Clone, Default)]
+///
+/// One definition for both front ends: the CLI's flags (clap, `--press-seed` for `seed`) and the
+/// server's JSON (serde, unknown fields rejected by name), so a new option appears in both.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[command(next_help_heading = "KV-cache compression")]
 pub struct PressOptions {
+    /// Fraction of the cache entries removed, in [0, 1) (with decoding: of the prompt, at prefill).
+    #[arg(long, allow_negative_numbers = true)]
     pub ratio: Option<f64>,
+    /// Entries kept per layer and KV head (with decoding: the target while decoding).
+    #[arg(long)]
     pub budget: Option<usize>,
+    /// streaming, expected-attention: first entries always kept (default 4).
+    #[arg(long)]
     pub sinks: Option<usize>,
+    /// streaming: cut every layer to this many entries before each forward (StreamingLLM).
+    #[arg(long)]
     pub capacity: Option<usize>,
+    /// snapkv, pyramidkv: observation window of recent queries (default 64).
+    #[arg(long)]
     pub window: Option<usize>,
+    /// snapkv, pyramidkv: average-pooling kernel (default 5).
+    #[arg(long)]
     pub kernel: Option<usize>,
+    /// pyramidkv: steepness of the per-layer budgets (default 20).
+    #[arg(long)]
     pub beta: Option<usize>,
+    /// adakv: share of each head's budget it is guaranteed (default 0.2).
+    #[arg(long)]
     pub alpha_safeguard: Option<f64>,
+    /// chunkkv: entries per chunk (default 20).
+    #[arg(long)]
     pub chunk_length: Option<usize>,
+    /// decoding: compress every this many decoding steps (default 512).
+    #[arg(long)]
     pub interval: Option<usize>,
+    /// decoding: recent queries kept for scoring (default 256).
+    #[arg(long)]
     pub buffer: Option<usize>,
+    /// expected-attention: future positions averaged over (default 512).
+    #[arg(long)]
     pub n_future: Option<usize>,
+    /// random: seed of the scores.
+    #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
+    /// Kept entries keep their original positions, or move to contiguous ones (keys re-rotated).
+    #[arg(long, value_enum, default_value_t)]
+    #[serde(default)]
     pub positions: PositionPolicy,
+}
+
+impl PressOptions {
+    /// The options that are set, by name (dashes, as the flags); `positions` when not original.
+    pub fn given(&self) -> Vec<&'static str> {
+        let o = self;
+        [
+            ("ratio", o.ratio.is_some()),
+            ("budget", o.budget.is_some()),
+            ("sinks", o.sinks.is_some()),
+            ("capacity", o.capacity.is_some()),
+            ("window", o.window.is_some()),
+            ("kernel", o.kernel.is_some()),
+            ("beta", o.beta.is_some()),
+            ("alpha-safeguard", o.alpha_safeguard.is_some()),
+            ("chunk-length", o.chunk_length.is_some()),
+            ("interval", o.interval.is_some()),
+            ("buffer", o.buffer.is_some()),
+            ("n-future", o.n_future.is_some()),
+            ("seed", o.seed.is_some()),
+            ("positions", o.positions != PositionPolicy::Original),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
+}
+
+/// A press by name with its options: the CLI's `--press NAME` and flags, the server's
+/// `"press": {"name": "snapkv", "ratio": 0.5, ...}`.
+#[derive(Debug, Clone, Default)]
+pub struct PressSpec {
+    pub name: String,
+    pub options: PressOptions,
+}
+
+/// `name` beside the options in one JSON object. Written by hand because `#[serde(flatten)]`
+/// cannot reject unknown fields; the options' own `Deserialize` does, naming the field.
+impl<'de> Deserialize<'de> for PressSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let name = match fields.remove("name") {
+            Some(serde_json::Value::String(name)) => name,
+            Some(other) => return Err(D::Error::custom(format!("name must be a string, got {other}"))),
+            None => return Err(D::Error::missing_field("name")),
+        };
+        let options = PressOptions::deserialize(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
+        Ok(PressSpec { name, options })
+    }
+}
+
+impl PressSpec {
+    pub fn build(&self) -> Result<Box<dyn CachePress>> {
+        build(&self.name, &self.options)
+    }
+
+    /// Prompt entries per head left after prefill compression of `prompt_len` tokens (an upper
+    /// bound: what memory admission must plan for).
+    pub fn kept_after_prefill(&self, prompt_len: usize) -> usize {
+        let o = &self.options;
+        let by_ratio = o.ratio.map(|r| ((prompt_len as f64) * (1.0 - r)).ceil() as usize);
+        let decoding = self.name.split('+').next().map(str::trim) == Some("decoding");
+        let by_budget = if decoding { None } else { o.budget.or(o.capacity) };
+        by_ratio.into_iter().chain(by_budget).fold(prompt_len, usize::min)
+    }
 }
 
 /// Which option belongs to which press, for the "wrong press" error.
@@ -79,21 +181,9 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
             WRAPPERS.join(", ")
         )));
     }
-    let given: Vec<(&str, bool)> = vec![
-        ("sinks", opts.sinks.is_some()),
-        ("capacity", opts.capacity.is_some()),
-        ("window", opts.window.is_some()),
-        ("kernel", opts.kernel.is_some()),
-        ("beta", opts.beta.is_some()),
-        ("alpha-safeguard", opts.alpha_safeguard.is_some()),
-        ("chunk-length", opts.chunk_length.is_some()),
-        ("interval", opts.interval.is_some()),
-        ("buffer", opts.buffer.is_some()),
-        ("n-future", opts.n_future.is_some()),
-        ("seed", opts.seed.is_some()),
-    ];
-    for (option, is_given) in given {
-        if is_given && !chain.iter().any(|n| options_of(n).contains(&option)) {
+    // ratio, budget and positions apply to every press.
+    for option in opts.given().into_iter().filter(|o| !["ratio", "budget", "positions"].contains(o)) {
+        if !chain.iter().any(|n| options_of(n).contains(&option)) {
             return Err(PressError::config(format!("--{option} does not apply to press {spec:?}")));
         }
     }
@@ -208,4 +298,35 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
         other => unreachable!("press {other} was checked"),
     };
     Ok(Box::new(HeadTopK { scorer }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_parses_from_json_and_names_an_unknown_option() {
+        let spec: PressSpec =
+            serde_json::from_value(serde_json::json!({"name": "snapkv", "ratio": 0.5, "positions": "rerotate"}))
+                .unwrap();
+        assert_eq!((spec.name.as_str(), spec.options.ratio), ("snapkv", Some(0.5)));
+        assert_eq!(spec.options.positions, PositionPolicy::Rerotate);
+        let err = serde_json::from_value::<PressSpec>(serde_json::json!({"name": "knorm", "ratoi": 0.5})).unwrap_err();
+        assert!(err.to_string().contains("ratoi"), "{err}");
+        assert!(serde_json::from_value::<PressSpec>(serde_json::json!({"ratio": 0.5})).is_err());
+        assert!(serde_json::from_value::<PressSpec>(serde_json::json!({"name": "knorm", "positions": "x"})).is_err());
+    }
+
+    #[test]
+    fn estimates_count_what_prefill_keeps() {
+        let spec = |name: &str, ratio: Option<f64>, budget: Option<usize>| PressSpec {
+            name: name.into(),
+            options: PressOptions { ratio, budget, ..PressOptions::default() },
+        };
+        assert_eq!(spec("knorm", Some(0.75), None).kept_after_prefill(100), 25);
+        assert_eq!(spec("knorm", None, Some(10)).kept_after_prefill(100), 10);
+        assert_eq!(spec("knorm", None, Some(500)).kept_after_prefill(100), 100);
+        // decoding's budget is its target while decoding: the prompt stays whole at prefill.
+        assert_eq!(spec("decoding+knorm", None, Some(10)).kept_after_prefill(100), 100);
+    }
 }

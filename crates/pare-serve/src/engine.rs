@@ -6,19 +6,25 @@
 //! talk to it only through [`Engine::submit`] and the event channel it returns. Each sequence is
 //! its own group in pare-generate's [`Batch`] (its own cache, hooks, processors and seed), and
 //! one batched decode step advances every running sequence.
+//!
+//! Memory: sequences with a press, a pruner or a context reserve every token they may generate
+//! and are never preempted; plain sequences reserve their prompt and a watermark, and when the
+//! running ones outgrow `--kv-memory` the newest is preempted (its cache dropped, its tokens run
+//! again later). Plain prompts share block-aligned prefixes through [`PrefixCache`]; compressed
+//! contexts ([`Context`]) are shared by copy.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::DType;
 use pare_generate::sampling::logprob;
 use pare_generate::{
-    top_logprobs, Batch, Event as BatchEvent, FinishReason, GenerateError, GroupSpec, SeqId, Settings,
+    top_logprobs, Batch, Event as BatchEvent, FinishReason, GenerateError, GroupSpec, SeqId, Settings, Suspended,
 };
-use pare_model::{Hooks, LoadedModel, Logits, ModelError, Phase, PrefillInput};
-use tokio::sync::mpsc;
+use pare_model::{Hooks, KvCache, LoadedModel, Logits, ModelError, Phase, PrefillInput};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
 use crate::metrics as m;
@@ -35,6 +41,31 @@ pub struct SeqRequest {
     pub prompt_logprobs: Option<usize>,
     /// KV bytes this sequence may come to hold; admission reserves them.
     pub kv_estimate: usize,
+    /// A compressed context the prompt continues (`context_id`): its cache is copied.
+    pub context: Option<Arc<Context>>,
+}
+
+impl SeqRequest {
+    /// Plain: no hooks and no context, so running its tokens again rebuilds its cache exactly
+    /// (preemptable) and its prompt's prefix is shareable.
+    fn plain(&self) -> bool {
+        self.hooks.is_empty() && self.context.is_none()
+    }
+}
+
+/// A context compressed once (`POST /v1/contexts`) that requests continue from a copy of.
+pub struct Context {
+    pub id: String,
+    pub tokens: Vec<u32>,
+    pub cache: KvCache,
+    pub created: u64,
+}
+
+/// Contexts by id, shared by the HTTP side (list, delete, look up) and the engine (accounting).
+pub type Contexts = Arc<Mutex<HashMap<String, Arc<Context>>>>;
+
+fn context_bytes(contexts: &Contexts) -> usize {
+    contexts.lock().expect("not poisoned").values().map(|c| c.cache.bytes()).sum()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +112,17 @@ pub struct Limits {
     pub kv_bytes_per_token: usize,
 }
 
+/// What the HTTP side sends the engine thread.
+enum Msg {
+    Seqs(Vec<Waiting>),
+    /// Prefill a context with its hooks; the cache (or why not) goes back on `reply`.
+    Context {
+        tokens: Vec<u32>,
+        hooks: Hooks,
+        reply: oneshot::Sender<Result<Arc<Context>, ApiError>>,
+    },
+}
+
 struct Waiting {
     req: SeqRequest,
     index: usize,
@@ -93,18 +135,25 @@ struct Active {
     events: mpsc::UnboundedSender<(usize, Event)>,
     arrived: Instant,
     last_token: Option<Instant>,
-    /// Tokens it may still generate: reserved KV growth.
+    /// Tokens it may still generate: reserved KV growth, unless `preemptable`.
     remaining: usize,
     /// Text handed out so far (the finished sequence's text minus this is its held-back tail).
     text: String,
+    /// Plain (see [`SeqRequest::plain`]): reserves no growth and may be preempted.
+    preemptable: bool,
+    /// Admission order: the newest is preempted first.
+    order: u64,
+    /// The prompt, to share its prefix once prefilled (plain sequences only).
+    share: Option<Vec<u32>>,
 }
 
 /// The HTTP side's handle: submit sequences; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    tx: std_mpsc::Sender<Vec<Waiting>>,
+    tx: std_mpsc::Sender<Msg>,
     waiting: Arc<AtomicUsize>,
     pub limits: Limits,
+    pub contexts: Contexts,
 }
 
 impl Engine {
@@ -113,11 +162,22 @@ impl Engine {
         let (tx, rx) = std_mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let counter = waiting.clone();
+        let contexts = Contexts::default();
+        let shared = contexts.clone();
         let thread = std::thread::Builder::new()
             .name("pare-engine".into())
-            .spawn(move || run(&model, limits, rx, &counter))
+            .spawn(move || run(&model, limits, rx, &counter, &shared))
             .expect("spawning the engine thread");
-        (Engine { tx, waiting, limits }, thread)
+        (Engine { tx, waiting, limits, contexts }, thread)
+    }
+
+    /// Prefill a context with `hooks` (its press) on the engine thread and keep it.
+    pub async fn create_context(&self, tokens: Vec<u32>, hooks: Hooks) -> Result<Arc<Context>, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Context { tokens, hooks, reply })
+            .map_err(|_| ApiError::internal("the engine has stopped"))?;
+        answer.await.map_err(|_| ApiError::internal("the engine has stopped"))?
     }
 
     /// Queue a request's sequences, all or none: 429 when the queue has no room for them.
@@ -135,7 +195,7 @@ impl Engine {
             .enumerate()
             .map(|(index, req)| Waiting { req, index, events: events.clone(), arrived })
             .collect();
-        self.tx.send(batch).map_err(|_| ApiError::internal("the engine has stopped"))?;
+        self.tx.send(Msg::Seqs(batch)).map_err(|_| ApiError::internal("the engine has stopped"))?;
         Ok(rx)
     }
 }
@@ -144,24 +204,37 @@ impl Engine {
 /// beside it (a prompt with a press or pruner prefills whole: its hooks act on all of it).
 const PREFILL_CHUNK: usize = 256;
 
-fn run(loaded: &LoadedModel, limits: Limits, rx: std_mpsc::Receiver<Vec<Waiting>>, waiting_count: &AtomicUsize) {
+/// Growth a plain sequence needs room for at admission, in tokens (vLLM keeps a watermark of
+/// free blocks for the same reason: so that admitting does not at once force a preemption).
+const WATERMARK: usize = 16;
+
+fn run(
+    loaded: &LoadedModel,
+    limits: Limits,
+    rx: std_mpsc::Receiver<Msg>,
+    waiting_count: &AtomicUsize,
+    contexts: &Contexts,
+) {
     let mut batch = Batch::new(&loaded.model, loaded.tokenizer.as_ref()).with_prefill_chunk(PREFILL_CHUNK);
+    let mut engine = State { limits, contexts, prefix: PrefixCache::default(), admitted: 0 };
     let mut queue: VecDeque<Waiting> = VecDeque::new();
+    // Preempted sequences, oldest first: they go back before anything new is admitted.
+    let mut resumes: VecDeque<(SeqId, Suspended, Active)> = VecDeque::new();
     let mut active: HashMap<SeqId, Active> = HashMap::new();
     let dequeued = |n: usize| {
         waiting_count.fetch_sub(n, Ordering::SeqCst);
         metrics::gauge!(m::QUEUE_DEPTH).decrement(n as f64);
     };
     loop {
-        if active.is_empty() && queue.is_empty() {
+        if active.is_empty() && queue.is_empty() && resumes.is_empty() {
             match rx.recv() {
-                Ok(seqs) => queue.extend(seqs),
+                Ok(msg) => engine.receive(loaded, msg, &mut queue, &batch, &active),
                 // Every handle is gone: the server has shut down.
                 Err(_) => return,
             }
         }
-        while let Ok(seqs) = rx.try_recv() {
-            queue.extend(seqs);
+        while let Ok(msg) = rx.try_recv() {
+            engine.receive(loaded, msg, &mut queue, &batch, &active);
         }
         let before = queue.len();
         queue.retain(|w| !w.events.is_closed());
@@ -169,6 +242,9 @@ fn run(loaded: &LoadedModel, limits: Limits, rx: std_mpsc::Receiver<Vec<Waiting>
             dequeued(before - queue.len());
             metrics::counter!(m::CANCELLED).increment((before - queue.len()) as u64);
         }
+        let before = resumes.len();
+        resumes.retain(|(_, _, a)| !a.events.is_closed());
+        metrics::counter!(m::CANCELLED).increment((before - resumes.len()) as u64);
 
         // Cancelled sequences go first: their caches make room for the queue.
         let cancelled: Vec<SeqId> = active.iter().filter(|(_, a)| a.events.is_closed()).map(|(&id, _)| id).collect();
@@ -179,21 +255,68 @@ fn run(loaded: &LoadedModel, limits: Limits, rx: std_mpsc::Receiver<Vec<Waiting>
         batch.retire_finished();
         metrics::counter!(m::CANCELLED).increment(cancelled.len() as u64);
 
-        // Admit in arrival order while the head fits; a lone sequence always fits (requests
-        // larger than the whole budget were refused at submission).
+        // Admit in arrival order (preempted sequences first) while the head fits, shared
+        // prefixes giving way to it; a lone sequence always fits (requests larger than the
+        // whole budget were refused at submission).
+        let bpt = limits.kv_bytes_per_token;
         while active.len() < limits.max_concurrent {
-            let Some(front) = queue.front() else { break };
-            if !active.is_empty() && reserved(&batch, &active, limits) + front.req.kv_estimate > limits.kv_memory {
+            let need = match (resumes.front(), queue.front()) {
+                (Some((_, s, _)), _) => (s.tokens() + WATERMARK) * bpt,
+                (None, Some(w)) if w.req.plain() => {
+                    (w.req.prompt.len() + WATERMARK.min(w.req.settings.config.max_new_tokens())) * bpt
+                }
+                (None, Some(w)) => w.req.kv_estimate,
+                (None, None) => break,
+            };
+            if !active.is_empty() && !engine.make_room(&batch, &active, need) {
                 break;
+            }
+            if let Some((id, suspended, a)) = resumes.pop_front() {
+                metrics::counter!(m::PREFILL_TOKENS).increment(suspended.tokens() as u64);
+                match batch.resume(suspended) {
+                    Ok(()) => {
+                        active.insert(id, a);
+                    }
+                    Err(e) => {
+                        let _ = a.events.send((a.index, Event::failed(&e)));
+                    }
+                }
+                continue;
             }
             let w = queue.pop_front().expect("front exists");
             dequeued(1);
-            admit(loaded, &mut batch, &mut active, w);
+            engine.admit(loaded, &mut batch, &mut active, w);
+        }
+
+        // Plain sequences grow by one token each step; when that outgrows the budget, shared
+        // prefixes go first, then the newest plain sequences, to be run again later.
+        let growth = |active: &HashMap<SeqId, Active>| active.values().filter(|a| a.preemptable).count() * bpt;
+        while !engine.make_room(&batch, &active, growth(&active)) {
+            let newest = active.iter().filter(|(_, a)| a.preemptable).max_by_key(|(_, a)| a.order).map(|(&id, _)| id);
+            let Some(id) = newest.filter(|_| active.len() > 1) else { break };
+            let a = active.remove(&id).expect("running");
+            match batch.suspend(id) {
+                Some(suspended) => {
+                    metrics::counter!(m::PREEMPTIONS).increment(1);
+                    let at = resumes.partition_point(|(_, _, r)| r.order < a.order);
+                    resumes.insert(at, (id, suspended, a));
+                }
+                None => {
+                    // No group to suspend (a sequence with nothing to generate, reported at
+                    // the next step): it stays, and reserves what it may still generate.
+                    let mut a = a;
+                    a.preemptable = false;
+                    active.insert(id, a);
+                }
+            }
         }
 
         match batch.step() {
             Ok(events) => {
                 for event in events {
+                    if let BatchEvent::Token { id, .. } = &event {
+                        engine.share_prefix(&batch, &mut active, *id);
+                    }
                     deliver(&mut active, event);
                 }
             }
@@ -211,47 +334,245 @@ fn run(loaded: &LoadedModel, limits: Limits, rx: std_mpsc::Receiver<Vec<Waiting>
         metrics::gauge!(m::RUNNING).set(active.len() as f64);
         metrics::gauge!(m::KV_IN_USE).set(bytes.in_use as f64);
         metrics::gauge!(m::KV_SAVED).set(bytes.uncompressed.saturating_sub(bytes.in_use) as f64);
-        metrics::gauge!(m::KV_RESERVED).set(reserved(&batch, &active, limits) as f64);
+        metrics::gauge!(m::KV_RESERVED).set(engine.reserved(&batch, &active) as f64);
+        metrics::gauge!(m::PREFIX_CACHE_BYTES).set(engine.prefix.bytes() as f64);
+        metrics::gauge!(m::CONTEXT_BYTES).set(context_bytes(contexts) as f64);
     }
 }
 
-/// KV bytes held plus the growth reserved for what running sequences may still generate.
-fn reserved(batch: &Batch, active: &HashMap<SeqId, Active>, limits: Limits) -> usize {
-    batch.cache_bytes().in_use + active.values().map(|a| a.remaining).sum::<usize>() * limits.kv_bytes_per_token
+/// What admission and preemption weigh: the budget, the shared prefixes and contexts.
+struct State<'a> {
+    limits: Limits,
+    contexts: &'a Contexts,
+    prefix: PrefixCache,
+    admitted: u64,
 }
 
-/// Prefill one sequence into the batch (prompt log-probabilities first, when asked for).
-fn admit(loaded: &LoadedModel, batch: &mut Batch, active: &mut HashMap<SeqId, Active>, w: Waiting) {
-    let Waiting { req, index, events, arrived } = w;
-    let _ = events.send((index, Event::Admitted));
-    if let Some(top) = req.prompt_logprobs {
-        match prompt_logprobs(&loaded.model, &req.prompt, top) {
-            Ok(lps) => {
-                let _ = events.send((index, Event::PromptLogprobs(lps)));
+impl State<'_> {
+    fn receive(
+        &mut self,
+        loaded: &LoadedModel,
+        msg: Msg,
+        queue: &mut VecDeque<Waiting>,
+        batch: &Batch,
+        active: &HashMap<SeqId, Active>,
+    ) {
+        match msg {
+            Msg::Seqs(seqs) => queue.extend(seqs),
+            Msg::Context { tokens, hooks, reply } => {
+                let _ = reply.send(self.create_context(loaded, tokens, hooks, batch, active));
+            }
+        }
+    }
+
+    /// Prefill a context (its press compresses it as a prompt's) and keep it, if it fits beside
+    /// what is held and reserved: contexts stay until deleted.
+    fn create_context(
+        &mut self,
+        loaded: &LoadedModel,
+        tokens: Vec<u32>,
+        mut hooks: Hooks,
+        batch: &Batch,
+        active: &HashMap<SeqId, Active>,
+    ) -> Result<Arc<Context>, ApiError> {
+        let input = [tokens];
+        let (_, cache) = loaded.model.prefill(PrefillInput::Tokens(&input), &mut hooks).map_err(|e| match e {
+            ModelError::Input(m) => ApiError::invalid(m, Some("press")),
+            e => ApiError::internal(e.to_string()),
+        })?;
+        let [tokens] = input;
+        metrics::counter!(m::PREFILL_TOKENS).increment(tokens.len() as u64);
+        if !self.make_room(batch, active, cache.bytes()) {
+            return Err(ApiError::invalid(
+                format!(
+                    "the context's KV cache ({} bytes) does not fit beside what the server holds (--kv-memory {})",
+                    cache.bytes(),
+                    self.limits.kv_memory
+                ),
+                Some("context"),
+            )
+            .with_code("kv_memory_exceeded"));
+        }
+        let id = format!("ctx-{:032x}", rand::random::<u128>());
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let context = Arc::new(Context { id: id.clone(), tokens, cache, created });
+        self.contexts.lock().expect("not poisoned").insert(id, context.clone());
+        Ok(context)
+    }
+
+    /// KV bytes held (running caches, shared prefixes, contexts) plus the growth reserved for
+    /// what running sequences with hooks or a context may still generate.
+    fn reserved(&self, batch: &Batch, active: &HashMap<SeqId, Active>) -> usize {
+        let growth: usize = active.values().filter(|a| !a.preemptable).map(|a| a.remaining).sum();
+        // Prompts still prefilling chunk by chunk count whole: admitting several long prompts at
+        // once must not overshoot the budget while their chunks land.
+        batch.cache_bytes().in_use
+            + (growth + batch.pending_prefill_tokens()) * self.limits.kv_bytes_per_token
+            + self.prefix.bytes()
+            + context_bytes(self.contexts)
+    }
+
+    /// Whether `need` more bytes fit the budget, dropping shared prefixes (least recently used
+    /// first) until they do.
+    fn make_room(&mut self, batch: &Batch, active: &HashMap<SeqId, Active>, need: usize) -> bool {
+        loop {
+            if self.reserved(batch, active) + need <= self.limits.kv_memory {
+                return true;
+            }
+            if !self.prefix.evict_oldest() {
+                return false;
+            }
+        }
+    }
+
+    /// Prefill one sequence into the batch (prompt log-probabilities first, when asked for):
+    /// from a copy of its context, of a shared prefix of its prompt, or from nothing.
+    fn admit(&mut self, loaded: &LoadedModel, batch: &mut Batch, active: &mut HashMap<SeqId, Active>, w: Waiting) {
+        let Waiting { req, index, events, arrived } = w;
+        let _ = events.send((index, Event::Admitted));
+        if let Some(top) = req.prompt_logprobs {
+            match prompt_logprobs(&loaded.model, &req.prompt, top) {
+                Ok(lps) => {
+                    let _ = events.send((index, Event::PromptLogprobs(lps)));
+                }
+                Err(e) => {
+                    let _ = events.send((index, Event::failed(&e.into())));
+                    return;
+                }
+            }
+        }
+        let plain = req.plain();
+        let remaining = req.settings.config.max_new_tokens();
+        let mut prompt_ids = req.prompt.clone();
+        let start = match &req.context {
+            Some(context) => {
+                prompt_ids.splice(0..0, context.tokens.iter().copied());
+                Some((0, context.cache.clone()))
+            }
+            None if plain => {
+                let hit = self.prefix.lookup(&req.prompt);
+                match &hit {
+                    Some((tokens, _)) => {
+                        metrics::counter!(m::PREFIX_HITS).increment(1);
+                        metrics::counter!(m::PREFIX_HIT_TOKENS).increment(*tokens as u64);
+                    }
+                    None => metrics::counter!(m::PREFIX_MISSES).increment(1),
+                }
+                hit
+            }
+            None => None,
+        };
+        metrics::counter!(m::TOKENS_IN).increment(prompt_ids.len() as u64);
+        let skipped = start.as_ref().map_or(0, |(tokens, _)| *tokens);
+        metrics::counter!(m::PREFILL_TOKENS).increment((req.prompt.len() - skipped) as u64);
+        let rest = [req.prompt[skipped..].to_vec()];
+        let spec = GroupSpec {
+            input: PrefillInput::Tokens(&rest),
+            prompt_ids: vec![prompt_ids],
+            settings: req.settings,
+            hooks: req.hooks,
+            top_logprobs: req.top_logprobs,
+        };
+        let admitted = match start {
+            Some((_, cache)) => batch.admit_after(cache, spec),
+            None => batch.admit(spec),
+        };
+        match admitted {
+            Ok(ids) => {
+                self.admitted += 1;
+                let a = Active {
+                    index,
+                    events,
+                    arrived,
+                    last_token: None,
+                    remaining,
+                    text: String::new(),
+                    preemptable: plain,
+                    order: self.admitted,
+                    share: plain.then_some(req.prompt),
+                };
+                active.insert(ids[0], a);
             }
             Err(e) => {
-                let _ = events.send((index, Event::failed(&e.into())));
-                return;
+                let _ = events.send((index, Event::failed(&e)));
             }
         }
     }
-    metrics::counter!(m::TOKENS_IN).increment(req.prompt.len() as u64);
-    let remaining = req.settings.config.max_new_tokens();
-    let spec = GroupSpec {
-        input: PrefillInput::Tokens(std::slice::from_ref(&req.prompt)),
-        prompt_ids: vec![req.prompt.clone()],
-        settings: req.settings,
-        hooks: req.hooks,
-        top_logprobs: req.top_logprobs,
-    };
-    match batch.admit(spec) {
-        Ok(ids) => {
-            let a = Active { index, events, arrived, last_token: None, remaining, text: String::new() };
-            active.insert(ids[0], a);
+
+    /// Once a plain sequence's prompt is in its cache, keep a copy of its full blocks to share.
+    fn share_prefix(&mut self, batch: &Batch, active: &mut HashMap<SeqId, Active>, id: SeqId) {
+        let Some(prompt) = active.get_mut(&id).and_then(|a| a.share.take()) else { return };
+        if let Some(cache) = batch.cache(id) {
+            self.prefix.insert(&prompt, cache);
         }
-        Err(e) => {
-            let _ = events.send((index, Event::failed(&e)));
+    }
+}
+
+/// Tokens per shared block: prefixes are shared in whole blocks.
+const BLOCK: usize = 16;
+
+/// Exact prefix caching: uncompressed caches of earlier plain prompts, cut to whole blocks. A
+/// prompt that starts with one of them (for at least one block) continues from a copy; least
+/// recently used entries go first when memory is needed.
+#[derive(Default)]
+struct PrefixCache {
+    entries: Vec<PrefixEntry>,
+    clock: u64,
+}
+
+struct PrefixEntry {
+    tokens: Vec<u32>,
+    cache: KvCache,
+    used: u64,
+}
+
+impl PrefixCache {
+    fn bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.cache.bytes()).sum()
+    }
+
+    /// The longest whole-block prefix of `prompt` held, leaving at least one token to run (its
+    /// logits choose the first token): how many tokens, and a copy of their cache.
+    fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+        let usable = |e: &PrefixEntry| {
+            let common = e.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+            common.min(prompt.len() - 1) / BLOCK * BLOCK
+        };
+        let best = self.entries.iter_mut().max_by_key(|e| usable(e)).filter(|e| usable(e) > 0)?;
+        let tokens = usable(best);
+        self.clock += 1;
+        best.used = self.clock;
+        let mut cache = best.cache.clone();
+        cache.truncate(tokens).ok()?;
+        Some((tokens, cache))
+    }
+
+    /// Keep the whole blocks of `prompt` from `cache` (which holds at least the prompt), unless an
+    /// entry already covers them; entries they cover are dropped.
+    fn insert(&mut self, prompt: &[u32], cache: &KvCache) {
+        let len = prompt.len() / BLOCK * BLOCK;
+        if len == 0 {
+            return;
         }
+        let blocks = &prompt[..len];
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens.starts_with(blocks)) {
+            e.used = self.clock;
+            return;
+        }
+        self.entries.retain(|e| !blocks.starts_with(&e.tokens));
+        let mut cache = cache.clone();
+        if cache.truncate(len).is_ok() {
+            self.entries.push(PrefixEntry { tokens: blocks.to_vec(), cache, used: self.clock });
+        }
+    }
+
+    fn evict_oldest(&mut self) -> bool {
+        let Some(i) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used).map(|(i, _)| i) else {
+            return false;
+        };
+        self.entries.remove(i);
+        true
     }
 }
 

@@ -17,6 +17,13 @@ pub const KV_SAVED: &str = "pare_kv_cache_bytes_saved";
 pub const KV_RESERVED: &str = "pare_kv_cache_bytes_reserved";
 pub const KV_BUDGET: &str = "pare_kv_cache_budget_bytes";
 pub const CANCELLED: &str = "pare_cancelled_sequences_total";
+pub const PREEMPTIONS: &str = "pare_preemptions_total";
+pub const PREFILL_TOKENS: &str = "pare_prefill_tokens_total";
+pub const PREFIX_HITS: &str = "pare_prefix_cache_hits_total";
+pub const PREFIX_MISSES: &str = "pare_prefix_cache_misses_total";
+pub const PREFIX_HIT_TOKENS: &str = "pare_prefix_cache_hit_tokens_total";
+pub const PREFIX_CACHE_BYTES: &str = "pare_prefix_cache_bytes";
+pub const CONTEXT_BYTES: &str = "pare_context_bytes";
 
 /// The recorder is global to the process (the `metrics` macros write to it), so a second server
 /// in one process shares it.
@@ -50,4 +57,14 @@ fn describe() {
     metrics::describe_gauge!(KV_RESERVED, "KV bytes in use plus the growth reserved for running sequences");
     metrics::describe_gauge!(KV_BUDGET, "the --kv-memory admission budget");
     metrics::describe_counter!(CANCELLED, "sequences dropped because their client left or timed out");
+    metrics::describe_counter!(PREEMPTIONS, "running sequences whose cache was dropped to be run again later");
+    metrics::describe_counter!(
+        PREFILL_TOKENS,
+        "tokens run through prefill (prompts less shared prefixes and contexts, recomputes, contexts)"
+    );
+    metrics::describe_counter!(PREFIX_HITS, "plain prompts that continued from a shared prefix");
+    metrics::describe_counter!(PREFIX_MISSES, "plain prompts that found no shared prefix");
+    metrics::describe_counter!(PREFIX_HIT_TOKENS, "prompt tokens taken from shared prefixes instead of prefilled");
+    metrics::describe_gauge!(PREFIX_CACHE_BYTES, "KV bytes of shared prompt prefixes held");
+    metrics::describe_gauge!(CONTEXT_BYTES, "KV bytes of the contexts held (POST /v1/contexts)");
 }

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, Event, Events, SeqRequest, TokenLogprob};
+use crate::engine::{Context, Engine, Event, Events, SeqRequest, TokenLogprob};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::request::{parse, split, Sampling};
@@ -50,6 +50,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/contexts", post(create_context).get(list_contexts))
+        .route("/v1/contexts/{id}", axum::routing::delete(delete_context))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics_text))
@@ -260,13 +262,84 @@ fn chat_prompt(r: &Ready, messages: Vec<Message>) -> Result<Vec<u32>, ApiError> 
     encode(r, &text, false)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContextBody {
+    model: Option<String>,
+    /// Text (tokenized with the model's special tokens, as a prompt) or token ids.
+    context: Value,
+    /// A question-agnostic press: it compresses the context once, as it would a prompt.
+    press: Option<pare_press::PressSpec>,
+}
+
+fn context_json(c: &Context) -> Value {
+    json!({"id": c.id, "object": "context", "created": c.created, "tokens": c.tokens.len(),
+           "kv_bytes": c.cache.bytes(), "kv_bytes_uncompressed": c.cache.uncompressed_bytes()})
+}
+
+/// `POST /v1/contexts`: compress a context once; requests then continue it by `context_id`.
+async fn create_context(State(state): State<AppState>, ApiJson(body): ApiJson) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    let body: ContextBody = parse(Value::Object(body))?;
+    check_model(r, body.model.as_deref())?;
+    let tokens = match body.context {
+        Value::String(text) if !text.is_empty() => encode(r, &text, true)?,
+        Value::Array(items) => {
+            let ids: Option<Vec<u32>> = items.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect();
+            let ids = ids.ok_or_else(|| ApiError::invalid("context must be a string or token ids", Some("context")))?;
+            check_ids(r, &ids, "context")?;
+            ids
+        }
+        _ => return Err(ApiError::invalid("context must be a non-empty string or token ids", Some("context"))),
+    };
+    let ctx = r.loaded.model.config().max_position_embeddings;
+    if tokens.is_empty() || tokens.len() >= ctx {
+        return Err(ApiError::invalid(
+            format!(
+                "the context has {} tokens; it must have between 1 and {} (the model's context less one)",
+                tokens.len(),
+                ctx - 1
+            ),
+            Some("context"),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let press = match &body.press {
+        Some(spec) => Some(spec.build().map_err(|e| ApiError::invalid(e.to_string(), Some("press")))?),
+        None => None,
+    };
+    let context = r.engine.create_context(tokens, pare_model::Hooks::new(press, None)).await?;
+    Ok(Json(context_json(&context)))
+}
+
+async fn list_contexts(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    let contexts = r.engine.contexts.lock().expect("not poisoned");
+    let mut data: Vec<&Arc<Context>> = contexts.values().collect();
+    data.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+    Ok(Json(json!({"object": "list", "data": data.iter().map(|c| context_json(c)).collect::<Vec<_>>()})))
+}
+
+/// Requests already running on the context keep their copies.
+async fn delete_context(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    match r.engine.contexts.lock().expect("not poisoned").remove(&id) {
+        Some(_) => Ok(Json(json!({"id": id, "object": "context", "deleted": true}))),
+        None => Err(context_not_found(&id)),
+    }
+}
+
 /// One prompt of a completions request: its tokens and, for echo, its text.
 struct Prompt {
     ids: Vec<u32>,
     text: String,
 }
 
-fn completion_prompts(r: &Ready, value: Option<Value>) -> Result<Vec<Prompt>, ApiError> {
+/// `special`: add the tokenizer's special tokens (BOS); not after a context, which has them.
+fn completion_prompts(r: &Ready, value: Option<Value>, special: bool) -> Result<Vec<Prompt>, ApiError> {
     let bad = || {
         ApiError::invalid(
             "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
@@ -285,7 +358,7 @@ fn completion_prompts(r: &Ready, value: Option<Value>) -> Result<Vec<Prompt>, Ap
         if text.is_empty() {
             return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
         }
-        Ok(Prompt { ids: encode(r, text, true)?, text: text.to_string() })
+        Ok(Prompt { ids: encode(r, text, special)?, text: text.to_string() })
     };
     let prompts = match value {
         None => return Err(ApiError::invalid("prompt is required", Some("prompt"))),
@@ -328,8 +401,8 @@ async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson) -> R
     let (mut own, common) = split(body, &["prompt", "echo", "logprobs", "max_tokens", "suffix", "best_of"]);
     let prompt = own.as_object_mut().and_then(|o| o.remove("prompt"));
     let fields: CompletionFields = parse(own)?;
-    let sampling: Sampling = parse(common)?;
-    check_model(r, sampling.model.as_deref())?;
+    let sampling = Sampling::parse(common)?;
+    check_model(r, sampling.model())?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix is not supported", Some("suffix")));
     }
@@ -344,10 +417,14 @@ async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson) -> R
         ));
     }
     let echo = fields.echo.unwrap_or(false);
-    let prompts = completion_prompts(r, prompt)?;
+    let context = context_of(r, &sampling)?;
+    if echo && context.is_some() {
+        return Err(ApiError::invalid("echo is not supported with context_id", Some("echo")));
+    }
+    let prompts = completion_prompts(r, prompt, context.is_none())?;
     let max_tokens = fields.max_tokens.unwrap_or(16);
-    let seqs =
-        sequences(r, &sampling, prompts.iter().map(|p| p.ids.clone()).collect(), n, max_tokens, fields.logprobs, echo)?;
+    let ids = prompts.iter().map(|p| p.ids.clone()).collect();
+    let seqs = sequences(r, &sampling, ids, n, max_tokens, fields.logprobs, echo, context)?;
     let format = Format::Completion { echo, logprobs: fields.logprobs.is_some(), prompts };
     respond(&state, r, format, &sampling, seqs, n, arrived).await
 }
@@ -367,8 +444,8 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson)
     let r = state.ready()?;
     let (own, common) = split(body, &["messages", "logprobs", "top_logprobs", "max_completion_tokens", "max_tokens"]);
     let fields: ChatFields = parse(own)?;
-    let sampling: Sampling = parse(common)?;
-    check_model(r, sampling.model.as_deref())?;
+    let sampling = Sampling::parse(common)?;
+    check_model(r, sampling.model())?;
     let n = sampling.n()?;
     let logprobs = fields.logprobs.unwrap_or(false);
     let top = match fields.top_logprobs {
@@ -384,14 +461,36 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson)
         t => t.unwrap_or(0),
     };
     let prompt = chat_prompt(r, fields.messages)?;
+    let context = context_of(r, &sampling)?;
     let ctx = r.loaded.model.config().max_position_embeddings;
     // OpenAI's default: as much as the context leaves.
-    let max_tokens = fields.max_completion_tokens.or(fields.max_tokens).unwrap_or(ctx.saturating_sub(prompt.len()));
-    let seqs = sequences(r, &sampling, vec![prompt], n, max_tokens, logprobs.then_some(top), false)?;
+    let before = prompt.len() + context.as_ref().map_or(0, |c| c.tokens.len());
+    let max_tokens = fields.max_completion_tokens.or(fields.max_tokens).unwrap_or(ctx.saturating_sub(before));
+    let seqs = sequences(r, &sampling, vec![prompt], n, max_tokens, logprobs.then_some(top), false, context)?;
     respond(&state, r, Format::Chat { logprobs }, &sampling, seqs, n, arrived).await
 }
 
+/// The context a request names (`context_id`): 404 when there is none by that id. The context
+/// was compressed once, when it was made; the request's own tokens run without press or pruning.
+fn context_of(r: &Ready, sampling: &Sampling) -> Result<Option<Arc<Context>>, ApiError> {
+    let Some(id) = &sampling.fields.context_id else { return Ok(None) };
+    if sampling.fields.press.is_some() || sampling.fields.prune_tokens.is_some() {
+        return Err(ApiError::invalid(
+            "press and prune_tokens do not apply with context_id: the context was compressed when it was made",
+            Some("context_id"),
+        ));
+    }
+    let context = r.engine.contexts.lock().expect("not poisoned").get(id).cloned();
+    context.map(Some).ok_or_else(|| context_not_found(id).with_param("context_id"))
+}
+
+fn context_not_found(id: &str) -> ApiError {
+    ApiError::status(StatusCode::NOT_FOUND, "invalid_request_error", format!("no context {id:?}"))
+        .with_code("context_not_found")
+}
+
 /// Every choice of every prompt as one sequence (prompt-major, as OpenAI numbers choices).
+#[allow(clippy::too_many_arguments)]
 fn sequences(
     r: &Ready,
     sampling: &Sampling,
@@ -400,9 +499,13 @@ fn sequences(
     max_tokens: usize,
     logprobs: Option<usize>,
     echo: bool,
+    context: Option<Arc<Context>>,
 ) -> Result<Vec<SeqRequest>, ApiError> {
     let ctx = r.loaded.model.config().max_position_embeddings;
-    for p in &prompts {
+    let before: &[u32] = context.as_ref().map_or(&[], |c| &c.tokens);
+    // The checks below see what the model will: the context's tokens, then the prompt's.
+    let full: Vec<Vec<u32>> = prompts.iter().map(|p| [before, p].concat()).collect();
+    for p in &full {
         if p.len() >= ctx {
             return Err(ApiError::invalid(
                 format!("the prompt has {} tokens; the model's context is {ctx}", p.len()),
@@ -435,7 +538,9 @@ fn sequences(
                 hooks: sampling.hooks(num_layers)?,
                 top_logprobs: logprobs.unwrap_or(0),
                 prompt_logprobs: logprobs.filter(|_| echo),
-                kv_estimate: sampling.kv_estimate(prompt.len(), max_tokens, limits.kv_bytes_per_token),
+                kv_estimate: context.as_ref().map_or(0, |c| c.cache.bytes())
+                    + sampling.kv_estimate(prompt.len(), max_tokens, limits.kv_bytes_per_token),
+                context: context.clone(),
             });
         }
     }
@@ -710,8 +815,9 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let stream = sampling.stream();
     let include_usage = sampling.include_usage()?;
-    // Prompt tokens count once per prompt, however many choices it has.
-    let prompt_tokens: usize = seqs.iter().step_by(n).map(|s| s.prompt.len()).sum();
+    // Prompt tokens (a context's included) count once per prompt, however many choices it has.
+    let prompt_tokens: usize =
+        seqs.iter().step_by(n).map(|s| s.prompt.len() + s.context.as_ref().map_or(0, |c| c.tokens.len())).sum();
     let count = seqs.len();
     let events = r.engine.submit(seqs)?;
     let endpoint = match format {

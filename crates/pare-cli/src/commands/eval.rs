@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use pare_model::Hooks;
+use pare_press::PressOptions;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
 use crate::output::Output;
@@ -311,7 +312,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     // Every press and ratio is checked before the long run starts.
     for press in &args.presses {
         for &ratio in &args.ratios {
-            PressArgs { press: Some(press.clone()), ratio: Some(ratio), ..PressArgs::default() }.build()?;
+            pare_press::build(press, &PressOptions { ratio: Some(ratio), ..PressOptions::default() })?;
         }
     }
     let text = read_text(&args.text)?;
@@ -341,8 +342,8 @@ fn compare(args: CompareArgs) -> Result<()> {
         let hooks = if name == "none" {
             Hooks::default()
         } else {
-            let press = PressArgs { press: Some(name.clone()), ratio: Some(*ratio), ..PressArgs::default() }.build()?;
-            Hooks::new(press, None)
+            let press = pare_press::build(name, &PressOptions { ratio: Some(*ratio), ..PressOptions::default() })?;
+            Hooks::new(Some(press), None)
         };
         bar.set_message(format!("{name} {ratio}"));
         let start = bar.position();

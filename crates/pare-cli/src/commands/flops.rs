@@ -129,7 +129,11 @@ pub fn run(args: Args) -> Result<()> {
         image_tokens,
         gen_len: args.gen_len,
         pruned_lengths,
-        kv: KvPolicy { ratio: args.press.ratio, budget: args.press.budget, capacity: args.press.capacity },
+        kv: KvPolicy {
+            ratio: args.press.options.ratio,
+            budget: args.press.options.budget,
+            capacity: args.press.options.capacity,
+        },
         kv_bytes_per_value,
         vision,
     };

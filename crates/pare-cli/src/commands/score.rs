@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
     pare_model::finite::check_logits(&loaded.model, &logits, &prompt)?;
     let logits = logits.squeeze(0)?;
     let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1()?;
-    let shown = args.sampling.top_k.map_or(10, |k| k.max(1) as usize);
+    let shown = args.sampling.flags.top_k.map_or(10, |k| k.max(1) as usize);
     let token_text = |id: u32| tok.decode(&[id], false).unwrap_or_default();
     let mut order: Vec<usize> = (0..logprobs.len()).collect();
     order.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
