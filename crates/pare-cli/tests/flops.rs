@@ -43,7 +43,7 @@ fn seed_example_on_llava_1_5_7b_from_its_config() {
         "--prune-span",
         "image",
         "--formula",
-        "seed",
+        "attention",
         "--json",
     ]);
     // A LLaVA model brings its 576 image tokens and the vision tower's FLOPs.

@@ -14,9 +14,9 @@ use crate::flops::TextShapes;
 pub enum Formula {
     /// pare's count from the model's shapes (`flops::analyze`).
     Exact,
-    /// Seed 000: attention only, 4·s²·h per layer.
-    Seed,
-    /// Seed 004's lecture: 24·b·s·h² + 4·b·s²·h per layer (MHA, a 4h MLP), b = 1.
+    /// Attention scores only: 4·s²·h per layer (the design notes' FastV estimate).
+    Attention,
+    /// The transformer-FLOPs lecture rule: 24·b·s·h² + 4·b·s²·h per layer (MHA, a 4h MLP), b = 1.
     Lecture,
     /// FastV: 4·n·d² + 2·n²·d + 2·n·d·m per layer.
     Fastv,
@@ -28,10 +28,10 @@ impl FromStr for Formula {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "exact" => Ok(Formula::Exact),
-            "seed" => Ok(Formula::Seed),
+            "attention" => Ok(Formula::Attention),
             "lecture" => Ok(Formula::Lecture),
             "fastv" => Ok(Formula::Fastv),
-            other => Err(FlopsError::input(format!("unknown --formula {other:?} (exact, seed, lecture, fastv)"))),
+            other => Err(FlopsError::input(format!("unknown --formula {other:?} (exact, attention, lecture, fastv)"))),
         }
     }
 }
@@ -41,7 +41,7 @@ impl Formula {
     pub fn name(self) -> &'static str {
         match self {
             Formula::Exact => "exact",
-            Formula::Seed => "seed",
+            Formula::Attention => "attention",
             Formula::Lecture => "lecture",
             Formula::Fastv => "fastv",
         }
@@ -51,7 +51,7 @@ impl Formula {
     pub fn expression(self) -> &'static str {
         match self {
             Formula::Exact => "matmuls of the model's shapes",
-            Formula::Seed => "Σ_layers 4·s²·h",
+            Formula::Attention => "Σ_layers 4·s²·h",
             Formula::Lecture => "Σ_layers 24·s·h² + 4·s²·h",
             Formula::Fastv => "Σ_layers 4·n·d² + 2·n²·d + 2·n·d·m",
         }
@@ -63,7 +63,7 @@ impl Formula {
         let per_layer = |s: u64, m: u64| -> u64 {
             match self {
                 Formula::Exact => 0,
-                Formula::Seed => 4 * s * s * h,
+                Formula::Attention => 4 * s * s * h,
                 Formula::Lecture => 24 * s * h * h + 4 * s * s * h,
                 Formula::Fastv => 4 * s * h * h + 2 * s * s * h + 2 * s * h * m,
             }

@@ -142,7 +142,7 @@ fn seed_formula_reproduces_seed_000s_calculation() {
     assert_eq!((seq[9], seq[10], seq[31]), (676, 376, 376));
     let base = seq_per_layer(32, &sc.unpruned()).unwrap();
     let (before, after) =
-        (Formula::Seed.prefill(&shapes, &base).unwrap(), Formula::Seed.prefill(&shapes, &seq).unwrap());
+        (Formula::Attention.prefill(&shapes, &base).unwrap(), Formula::Attention.prefill(&shapes, &seq).unwrap());
     // calculate_flops_reduction() of seed 000, term by term.
     let h = 4096u64;
     assert_eq!(before, 32 * 4 * 676 * 676 * h);
@@ -234,7 +234,7 @@ fn bad_inputs_are_one_line_errors() {
     assert!(wrong_layers.contains("do not fit a model of 32 layers"), "{wrong_layers}");
     assert!(err(text_run(0, 1)).contains("at least one token"));
     let formula = "quadratic".parse::<Formula>().unwrap_err().to_string();
-    assert_eq!(formula, "unknown --formula \"quadratic\" (exact, seed, lecture, fastv)");
+    assert_eq!(formula, "unknown --formula \"quadratic\" (exact, attention, lecture, fastv)");
     for e in [keep_too_many, beyond, no_image, wrong_layers, formula] {
         assert!(!e.contains('\n'));
     }

@@ -38,8 +38,8 @@ pub struct Args {
     pub token_prune: TokenPruneArgs,
     #[command(flatten)]
     pub press: PressArgs,
-    /// exact (pare's count), or a closed-form estimate beside it: seed (4·s²·h per layer, seed
-    /// 000), lecture (24·s·h² + 4·s²·h, seed 004), fastv (4nd² + 2n²d + 2ndm).
+    /// exact (pare's count), or a closed-form estimate beside it: attention (4·s²·h per layer,
+    /// attention scores only), lecture (24·s·h² + 4·s²·h), fastv (4nd² + 2n²d + 2ndm).
     #[arg(long, default_value = "exact")]
     pub formula: String,
     /// Also run the model unpruned and as configured, and report measured prefill time, time to
