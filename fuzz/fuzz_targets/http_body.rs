@@ -2,7 +2,8 @@
 //! GPT-NeoX checkpoint with its real tokenizer) must be answered — 200, or an error status with
 //! an OpenAI-style JSON error body — never a 500, a dropped connection or a dead engine.
 //!
-//! The first byte picks the endpoint; the rest is the body. `PARE_FUZZ_MODEL` overrides the
+//! The first byte picks the endpoint (completions, chat, tokenize, detokenize, contexts); the rest
+//! is the body. `PARE_FUZZ_MODEL` overrides the
 //! model directory (the fuzzers also run on other machines than the one that built them).
 #![no_main]
 
@@ -16,7 +17,7 @@ use libfuzzer_sys::fuzz_target;
 use pare_model::WeightDType;
 use pare_serve::ServeConfig;
 
-const ENDPOINTS: [&str; 4] = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"];
+const ENDPOINTS: [&str; 5] = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/contexts"];
 
 fn model_dir() -> String {
     std::env::var("PARE_FUZZ_MODEL")
