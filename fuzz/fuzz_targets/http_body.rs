@@ -28,28 +28,18 @@ fn model_dir() -> String {
 fn server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
     *ADDR.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send");
-                let config = ServeConfig {
-                    load: Box::new(|| {
-                        pare_model::load(&model_dir(), WeightDType::Float(DType::F32), &Device::Cpu)
-                            .map_err(|e| e.to_string())
-                    }),
-                    served_name: "tiny".into(),
-                    api_key: None,
-                    max_concurrent: 4,
-                    max_queue: 16,
-                    kv_memory: Some(64 << 20),
-                    timeout: Duration::from_secs(5),
-                };
-                pare_serve::serve(listener, config, std::future::pending()).await.expect("serve");
-            });
-        });
-        let addr = rx.recv().expect("address");
+        let config = ServeConfig {
+            load: Box::new(|| {
+                pare_model::load(&model_dir(), WeightDType::Float(DType::F32), &Device::Cpu).map_err(|e| e.to_string())
+            }),
+            served_name: "tiny".into(),
+            api_key: None,
+            max_concurrent: 4,
+            max_queue: 16,
+            kv_memory: Some(64 << 20),
+            timeout: Duration::from_secs(5),
+        };
+        let addr = pare_serve::spawn_local(config).expect("the server starts");
         let start = Instant::now();
         while request(addr, "GET", "/health", b"").0 != 200 {
             assert!(start.elapsed() < Duration::from_secs(60), "the server never became healthy");

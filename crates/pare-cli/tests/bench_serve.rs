@@ -14,28 +14,19 @@ use serde_json::{json, Value};
 fn server() -> &'static str {
     static BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BASE.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send");
-                let config = pare_serve::ServeConfig {
-                    load: Box::new(|| {
-                        pare_model::load("smollm2-135m", WeightDType::Float(DType::F32), &Device::Cpu)
-                            .map_err(|e| e.to_string())
-                    }),
-                    served_name: "smollm2-135m".into(),
-                    api_key: Some("bench-key".into()),
-                    max_concurrent: 4,
-                    max_queue: 64,
-                    kv_memory: Some(1 << 30),
-                    timeout: Duration::from_secs(120),
-                };
-                pare_serve::serve(listener, config, std::future::pending()).await.expect("serve");
-            });
-        });
-        let addr = rx.recv().expect("address");
+        let config = pare_serve::ServeConfig {
+            load: Box::new(|| {
+                pare_model::load("smollm2-135m", WeightDType::Float(DType::F32), &Device::Cpu)
+                    .map_err(|e| e.to_string())
+            }),
+            served_name: "smollm2-135m".into(),
+            api_key: Some("bench-key".into()),
+            max_concurrent: 4,
+            max_queue: 64,
+            kv_memory: Some(1 << 30),
+            timeout: Duration::from_secs(120),
+        };
+        let addr = pare_serve::spawn_local(config).expect("the server starts");
         // /health opens once the model has loaded: a raw HTTP/1.0 GET needs no client library.
         let start = Instant::now();
         while !health_ok(addr) {

@@ -22,6 +22,26 @@ use tokio::net::TcpListener;
 
 pub use error::{ApiError, ServeError};
 
+/// Serve on 127.0.0.1 at a port the OS picks, from a thread with its own runtime, until the
+/// process exits (tests, fuzzing, embedding in another program): its address, as soon as it
+/// listens. `/health` answers 503 until the model has loaded.
+pub fn spawn_local(config: ServeConfig) -> std::io::Result<std::net::SocketAddr> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let listener = {
+        let _context = runtime.enter();
+        TcpListener::from_std(std_listener)?
+    };
+    std::thread::Builder::new().name("pare-serve".into()).spawn(move || {
+        if let Err(e) = runtime.block_on(serve(listener, config, std::future::pending())) {
+            tracing::error!("pare serve stopped: {e}");
+        }
+    })?;
+    Ok(addr)
+}
+
 /// Loads the model; runs on a blocking thread while the server already answers `/health`.
 pub type Loader = Box<dyn FnOnce() -> Result<LoadedModel, String> + Send>;
 

@@ -24,26 +24,16 @@ pub struct Limits {
 pub async fn server(limits: Limits) -> String {
     static BASE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     BASE.get_or_init(|| async move {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The server's own runtime on its own thread: each test has a runtime of its own.
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send");
-                let config = ServeConfig {
-                    load: Box::new(|| load().map_err(|e| e.to_string())),
-                    served_name: MODEL.into(),
-                    api_key: Some(KEY.into()),
-                    max_concurrent: limits.max_concurrent,
-                    max_queue: limits.max_queue,
-                    kv_memory: Some(limits.kv_memory),
-                    timeout: Duration::from_secs(120),
-                };
-                pare_serve::serve(listener, config, std::future::pending()).await.expect("serve");
-            });
-        });
-        let base = format!("http://{}", rx.recv().expect("address"));
+        let config = ServeConfig {
+            load: Box::new(|| load().map_err(|e| e.to_string())),
+            served_name: MODEL.into(),
+            api_key: Some(KEY.into()),
+            max_concurrent: limits.max_concurrent,
+            max_queue: limits.max_queue,
+            kv_memory: Some(limits.kv_memory),
+            timeout: Duration::from_secs(120),
+        };
+        let base = format!("http://{}", pare_serve::spawn_local(config).expect("the server starts"));
         let start = Instant::now();
         loop {
             let r = client().get(format!("{base}/health")).send().await;
