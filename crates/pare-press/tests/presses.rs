@@ -27,10 +27,6 @@ fn ratio(r: f64) -> PressOptions {
     PressOptions { ratio: Some(r), ..PressOptions::default() }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 /// Prefill, then `steps` greedy decode steps; the logits of every step.
 fn run(model: &Model, prompts: &[Vec<u32>], press: Option<&dyn CachePress>, steps: usize) -> (Vec<Tensor>, KvCache) {
     let (mut logits, mut cache, mut hooks) = ts::prefill_hooked(model, prompts, press_hooks(press)).unwrap();
@@ -65,7 +61,7 @@ fn ratio_zero_gives_exactly_the_uncompressed_logits() {
         let p = press(spec, ratio(0.0));
         let (got, cache) = run(model, &prompt, Some(p.as_ref()), 3);
         for (a, b) in reference.iter().zip(&got) {
-            assert_eq!(max_diff(a, b), 0.0, "{spec}");
+            assert_eq!(pare_test_support::max_abs_diff(a, b), 0.0, "{spec}");
         }
         assert_eq!(cache.bytes(), cache.uncompressed_bytes(), "{spec}");
     }
@@ -76,7 +72,7 @@ fn ratio_zero_gives_exactly_the_uncompressed_logits() {
     for p in [streaming, decoding] {
         let (got, _) = run(model, &prompt, Some(p.as_ref()), 3);
         for (a, b) in reference.iter().zip(&got) {
-            assert_eq!(max_diff(a, b), 0.0, "{p:?}");
+            assert_eq!(pare_test_support::max_abs_diff(a, b), 0.0, "{p:?}");
         }
     }
 }
@@ -128,7 +124,7 @@ fn each_row_of_a_batch_keeps_its_own_budget_and_matches_running_alone() {
         for (row, prompt) in [long.clone(), short.clone()].into_iter().enumerate() {
             let (alone, _) = run(model, &[prompt], Some(p.as_ref()), 2);
             for (step, (a, b)) in alone.iter().zip(&batch).enumerate() {
-                let d = max_diff(&a.get(0).unwrap(), &b.get(row).unwrap());
+                let d = pare_test_support::max_abs_diff(&a.get(0).unwrap(), &b.get(row).unwrap());
                 assert!(d < 2e-3, "{spec} row {row} step {step}: {d}");
             }
         }
@@ -188,7 +184,7 @@ fn rerotated_keys_equal_keys_rotated_at_the_new_positions() {
     let (_, fresh) = ts::prefill(model, &[kept_tokens]).unwrap();
     let (k_rot, _) = layer0.head_kv(0, 2).unwrap().unwrap();
     let (k_fresh, _) = fresh.layers()[0].head_kv(0, 2).unwrap().unwrap();
-    let d = max_diff(&k_rot, &k_fresh);
+    let d = pare_test_support::max_abs_diff(&k_rot, &k_fresh);
     assert!(d < 1e-3, "re-rotated keys differ by {d}");
     assert_eq!(cache.next_positions(), vec![20]);
 }
@@ -202,7 +198,7 @@ fn presses_run_on_gpt_neox_and_other_architectures() {
         let (reference, _) = run(model, std::slice::from_ref(&prompt), None, 2);
         for spec in ["snapkv", "expected-attention", "adakv+tova", "observed-attention"] {
             let (zero, _) = run(model, std::slice::from_ref(&prompt), Some(press(spec, ratio(0.0)).as_ref()), 2);
-            assert_eq!(max_diff(&zero[2], &reference[2]), 0.0, "{name} {spec}");
+            assert_eq!(pare_test_support::max_abs_diff(&zero[2], &reference[2]), 0.0, "{name} {spec}");
             let (got, cache) = run(model, std::slice::from_ref(&prompt), Some(press(spec, ratio(0.5)).as_ref()), 2);
             assert!(
                 got.iter().all(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())),

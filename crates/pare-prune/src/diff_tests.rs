@@ -14,7 +14,7 @@ mod tests {
         let engine = pare_test_support::logits_all(&model, &ids).unwrap();
         let diff = DiffModel::new(&model, DType::F32, |_, _| false).unwrap();
         let ours = diff.forward(&ids, &mut Probe::default()).unwrap();
-        let delta = (engine - ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let delta = pare_test_support::max_abs_diff(&engine, &ours);
         assert!(delta < 1e-4, "max |Δlogit| = {delta}");
     }
 
@@ -63,36 +63,15 @@ mod tests {
         assert_eq!(hidden.len(), 3);
         let zero = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
         let tail = diff.forward_from(2, &hidden[2], &zero, 4).unwrap();
-        let delta = (full.narrow(0, 4, 6).unwrap() - tail)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let delta = pare_test_support::max_abs_diff(&full.narrow(0, 4, 6).unwrap(), &tail);
         assert!(delta < 1e-5, "{delta}");
         // A bias on a key changes later rows only.
         let mut bias = vec![0f32; 10];
         bias[5] = -30.0;
         let biased = diff.forward_from(2, &hidden[2], &Tensor::new(bias, &Device::Cpu).unwrap(), 0).unwrap();
         let rows = |t: &Tensor, a: usize, n: usize| t.narrow(0, a, n).unwrap();
-        let same = (rows(&full, 0, 5) - rows(&biased, 0, 5))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let moved = (rows(&full, 6, 4) - rows(&biased, 6, 4))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let same = pare_test_support::max_abs_diff(&rows(&full, 0, 5), &rows(&biased, 0, 5));
+        let moved = pare_test_support::max_abs_diff(&rows(&full, 6, 4), &rows(&biased, 6, 4));
         assert!(same < 1e-5 && moved > 1e-3, "{same} {moved}");
         assert!(diff.forward_from(2, &hidden[2], &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(), 0).is_err());
     }

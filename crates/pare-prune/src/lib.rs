@@ -310,10 +310,6 @@ mod tests {
         })
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
-
     #[test]
     fn pruned_model_equals_the_masked_original() {
         let model = tiny_model(&Device::Cpu, 3, 8, 2, 11);
@@ -330,7 +326,11 @@ mod tests {
             }
             let got = pare_test_support::logits_all(&pruned, &ids).unwrap();
             let want = pare_test_support::logits_all(&masked(&out.plan), &ids).unwrap();
-            assert!(max_diff(&got, &want) < 1e-4, "{gqa:?}: {}", max_diff(&got, &want));
+            assert!(
+                pare_test_support::max_abs_diff(&got, &want) < 1e-4,
+                "{gqa:?}: {}",
+                pare_test_support::max_abs_diff(&got, &want)
+            );
             // Uniform result: the config holds the new shapes, no per-layer lists.
             assert_eq!(pruned.config().layer_shapes, None);
             assert_eq!(pruned.config().intermediate_size, 12);

@@ -98,6 +98,12 @@ pub fn pruner_hooks(pruner: &Arc<dyn TokenPruner>) -> Hooks {
     Hooks::new(None, Some(pruner.clone()))
 }
 
+/// The largest |a − b| over two tensors of one shape, in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_dtype(DType::F32));
+    diff.and_then(|d| d.to_scalar::<f32>()).expect("two tensors of one shape")
+}
+
 /// A tiny random Llama for unit tests: `layers` layers, `heads` query heads of dim 8 over
 /// `kv_heads` KV heads, MLP width `width`, vocabulary 256, untied head.
 #[derive(Debug, Clone, Copy)]

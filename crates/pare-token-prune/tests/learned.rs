@@ -184,14 +184,7 @@ fn the_pruned_prefill_keeps_exactly_the_top_logits() {
     // prefill's own output: the soft objective's m = 0 is the drop.
     let bias = frozen.hard_bias(46, 40, &top).unwrap();
     let ours = frozen.diff.forward_from(2, &entering, &bias, 45).unwrap().squeeze(0).unwrap();
-    let delta = (ours - engine_logits.squeeze(0).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let delta = pare_test_support::max_abs_diff(&ours, &engine_logits.squeeze(0).unwrap());
     assert!(delta < 1e-3, "max |Δlogit| = {delta}");
     // Ties go to earlier tokens.
     assert_eq!(top_keep(&[1.0, 2.0, 2.0, 2.0, 0.0], 2), vec![1, 2]);

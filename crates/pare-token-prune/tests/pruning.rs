@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
 use pare_model::{PrefillInput, TokenPruner};
 use pare_test_support::{self as ts, repo, smollm2};
 use pare_token_prune::{scorer, PruneSchedule, Pruner, Span};
@@ -19,10 +18,6 @@ fn pruner(spec: &str, span: Span, score: &str) -> Arc<dyn TokenPruner> {
     Arc::new(Pruner { schedule: PruneSchedule::parse(spec).unwrap(), span, scorer: scorer(score, 0).unwrap() })
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 #[test]
 fn keeping_everything_gives_exactly_the_unpruned_logits() {
     let model = &smollm2().model;
@@ -31,10 +26,10 @@ fn keeping_everything_gives_exactly_the_unpruned_logits() {
     for score in ["last-attn", "mean-attn", "knorm", "random"] {
         let p = pruner("2:1.0,10:1.0", Span::Prompt { protect_last: 4 }, score);
         let (logits, mut cache) = model.prefill(PrefillInput::Tokens(&prompt), &mut ts::pruner_hooks(&p)).unwrap();
-        assert_eq!(max_diff(&reference, &logits), 0.0, "{score}");
+        assert_eq!(pare_test_support::max_abs_diff(&reference, &logits), 0.0, "{score}");
         let a = ts::decode(model, &mut cache, &[42]).unwrap();
         let b = ts::decode(model, &mut ref_cache.clone(), &[42]).unwrap();
-        assert_eq!(max_diff(&a, &b), 0.0, "{score}");
+        assert_eq!(pare_test_support::max_abs_diff(&a, &b), 0.0, "{score}");
     }
 }
 
@@ -76,10 +71,10 @@ fn rows_keeping_different_counts_match_running_alone() {
     let batch_step = ts::decode(model, &mut cache, &next).unwrap();
     for (row, prompt) in [long, short].into_iter().enumerate() {
         let (alone, mut c) = model.prefill(PrefillInput::Tokens(&[prompt]), &mut ts::pruner_hooks(&p)).unwrap();
-        let d = max_diff(&alone.get(0).unwrap(), &batch.get(row).unwrap());
+        let d = pare_test_support::max_abs_diff(&alone.get(0).unwrap(), &batch.get(row).unwrap());
         assert!(d < 2e-3, "row {row}: {d}");
         let step = ts::decode(model, &mut c, &[next[row]]).unwrap();
-        let d = max_diff(&step.get(0).unwrap(), &batch_step.get(row).unwrap());
+        let d = pare_test_support::max_abs_diff(&step.get(0).unwrap(), &batch_step.get(row).unwrap());
         assert!(d < 2e-3, "row {row} after a decode step: {d}");
     }
 }
