@@ -201,20 +201,7 @@ pub fn fuse(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
         return Ok(None);
     }
     let weight = Tensor::cat(&weights, 0)?;
-    // A part without a bias gets zeros, so the fused map adds one bias vector.
-    let bias = if parts.iter().any(|p| p.bias().is_some()) {
-        let biases = parts
-            .iter()
-            .zip(&weights)
-            .map(|(p, w)| match p.bias() {
-                Some(b) => Ok(b.to_dtype(w.dtype())?),
-                None => Ok(Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Some(Tensor::cat(&biases, 0)?)
-    } else {
-        None
-    };
+    let bias = stacked_bias(parts, weight.dtype(), weight.device())?;
     let mut views = Vec::with_capacity(parts.len());
     let mut start = 0;
     for (p, w) in parts.iter().zip(&weights) {
@@ -229,20 +216,25 @@ pub fn fuse(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
     Ok(Some((Linear::Dense { weight, bias }, views)))
 }
 
+/// The parts' biases stacked in `dtype` on `device`, a part without one getting zeros, so the
+/// fused map adds one bias vector; None when no part has a bias.
+fn stacked_bias(parts: &[&Linear], dtype: DType, device: &candle_core::Device) -> Result<Option<Tensor>> {
+    if parts.iter().all(|p| p.bias().is_none()) {
+        return Ok(None);
+    }
+    let biases = parts
+        .iter()
+        .map(|p| match p.bias() {
+            Some(b) => Ok(b.to_dtype(dtype)?.to_device(device)?),
+            None => Ok(Tensor::zeros(p.out_features(), dtype, device)?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Tensor::cat(&biases, 0)?))
+}
+
 fn fuse_native(parts: &[&Linear], mats: &[&QuantMatrix]) -> Result<Option<(Linear, Vec<Linear>)>> {
     let Some(stacked) = QuantMatrix::stack(mats) else { return Ok(None) };
-    let bias = if parts.iter().any(|p| p.bias().is_some()) {
-        let biases = parts
-            .iter()
-            .map(|p| match p.bias() {
-                Some(b) => Ok(b.to_dtype(DType::F32)?),
-                None => Ok(Tensor::zeros(p.out_features(), DType::F32, &candle_core::Device::Cpu)?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Some(Tensor::cat(&biases, 0)?)
-    } else {
-        None
-    };
+    let bias = stacked_bias(parts, DType::F32, &candle_core::Device::Cpu)?;
     let mut views = Vec::with_capacity(parts.len());
     let mut start = 0;
     for p in parts {
