@@ -4,7 +4,7 @@
 #   prefill N : llama-bench -p N -n 0 (depth 0)      vs  pare bench --prompt-len N --gen-len 0
 #   decode @D : llama-bench -p 0 -n GEN -d D         vs  pare bench --prompt-len D --gen-len GEN
 # Usage: bench/quant_bench.sh [GGUF...]  (default: the SmolLM2-135M Q4_1 and Qwen2.5-Coder-0.5B Q4_K_M assets)
-# Env: THREADS (2), PROMPTS ("512 2048"), DEPTHS ("0 512 2048"), GEN (128), REPS (3),
+# Env: PARE (the binary, default target/release/pare), THREADS (2), PROMPTS ("512 2048"), DEPTHS ("0 512 2048"), GEN (128), REPS (3),
 #      CPUS (a taskset list such as 0-1, to pin both engines to the same cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ DEPTHS=${DEPTHS:-"0 512 2048"}
 GEN=${GEN:-128}
 REPS=${REPS:-3}
 BIN=$(bench/build-llama-cpp.sh | tail -1)
-PARE=target/release/pare
+PARE=${PARE:-target/release/pare}
 [[ -x $PARE ]] || cargo build --release --locked -p pare-cli >&2
 if [[ $# -gt 0 ]]; then MODELS=("$@"); else
   MODELS=(assets/SmolLM2-135M-Instruct.Q4_1.gguf assets/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf)

@@ -19,6 +19,21 @@ pub struct ModelArgs {
     /// Device: cpu, cuda (GPU 0) or cuda:N (CUDA builds, scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu", value_parser = parse_device_arg)]
     pub device: DeviceArg,
+    /// The KV cache's dtype: f32, f16 or bf16. Default: f16 for a quantized model on cpu (half
+    /// the bytes, as llama.cpp), else the activations' dtype (so --dtype f32 stays HF-exact).
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<KvDtypeArg>,
+}
+
+/// `--kv-dtype`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtypeArg {
+    #[value(alias = "float32")]
+    F32,
+    #[value(alias = "float16")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
 }
 
 /// `--dtype`.
@@ -89,6 +104,18 @@ impl ModelArgs {
         self.dtype().name()
     }
 
+    /// The KV cache dtype given, or the default: f16 when weights run quantized on the CPU (f32
+    /// activations, a cache half their size as llama.cpp keeps it), else the activations' dtype.
+    pub fn kv_dtype(&self) -> DType {
+        match (self.kv_dtype, self.dtype()) {
+            (Some(KvDtypeArg::F32), _) => DType::F32,
+            (Some(KvDtypeArg::F16), _) => DType::F16,
+            (Some(KvDtypeArg::Bf16), _) => DType::BF16,
+            (None, DtypeArg::Q) if self.device == DeviceArg::Cpu => DType::F16,
+            (None, _) => self.weight_dtype().activation_dtype(),
+        }
+    }
+
     /// Whether the model is a GGUF holding quantized tensors. A path that does not resolve or
     /// open is not: loading it reports the error.
     fn is_quantized_gguf(&self) -> bool {
@@ -114,7 +141,9 @@ impl ModelArgs {
 
     pub fn load(&self) -> Result<LoadedModel> {
         let device = self.device()?;
-        Ok(pare_model::load(&self.model, self.weight_dtype(), &device)?)
+        let mut loaded = pare_model::load(&self.model, self.weight_dtype(), &device)?;
+        loaded.model.set_kv_dtype(self.kv_dtype()).context("--kv-dtype")?;
+        Ok(loaded)
     }
 
     /// For commands that compute in float32 only: an error naming any other --dtype given.
@@ -133,7 +162,7 @@ pub fn ensure_run_fits(loaded: &LoadedModel, sequences: usize, prompt: usize, to
     if !loaded.model.device().is_cpu() {
         return Ok(());
     }
-    let bytes = loaded.model.config().run_bytes(loaded.model.dtype().size_in_bytes(), sequences, prompt, tokens);
+    let bytes = loaded.model.config().run_bytes(loaded.model.kv_dtype().size_in_bytes(), sequences, prompt, tokens);
     Ok(pare_model::memory::ensure_fits(&format!("{sequences} sequences of {tokens} tokens"), bytes)?)
 }
 

@@ -369,7 +369,7 @@ fn decode_launch(q: &Tensor, heads: &[CacheHead], scale: f32) -> Result<Tensor> 
     let (batch, qheads, d) = q.dims3()?;
     let n = heads.len();
     let kv_heads = n / batch;
-    if !crate::attention_decode_fused(d, qheads, kv_heads) {
+    if !crate::attention_decode_fused(q.device(), d, qheads, kv_heads) {
         candle_core::bail!(
             "attention_decode: no kernel for head_dim {d} with {qheads} query heads over {kv_heads} KV heads"
         );
@@ -455,7 +455,7 @@ pub fn attention_prefill(
     let (batch, heads, sq, d) = q.dims4()?;
     let (_, kv_heads, n, _) = keys.dims4()?;
     let dtype = q.dtype();
-    if !crate::attention_prefill_fused(dtype, d) || keys.dtype() != dtype || values.dtype() != dtype {
+    if !crate::attention_prefill_fused(q.device(), dtype, d) || keys.dtype() != dtype || values.dtype() != dtype {
         candle_core::bail!("attention_prefill: no kernel for {dtype:?} with head_dim {d}");
     }
     for t in [keys, values] {

@@ -9,6 +9,7 @@
 use candle_core::{Result, Tensor};
 
 pub mod cpu;
+mod cpu_attention;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod quant;
@@ -179,7 +180,7 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
     if q.device().is_cuda() {
         return cuda::attention_decode(q, keys, values, skip, scale);
     }
-    cpu::attention_decode(q, keys, values, skip, scale)
+    cpu_attention::attention_decode(q, keys, values, skip, scale)
 }
 
 /// [`attention_decode`] over a uniform cache given whole: `keys`/`values` (batch, kv_heads,
@@ -194,7 +195,7 @@ pub fn attention_decode_uniform(
     skip: &[usize],
     scale: f32,
 ) -> Result<Tensor> {
-    let (batch, kv_heads, len, d) = keys.dims4()?;
+    let (batch, _, len, d) = keys.dims4()?;
     if values.dims() != keys.dims() || skip.len() != batch || q.dims3()?.0 != batch || q.dims3()?.2 != d {
         candle_core::bail!(
             "attention_decode_uniform: q {:?}, keys {:?}, values {:?}, {} skips",
@@ -211,20 +212,18 @@ pub fn attention_decode_uniform(
     if q.device().is_cuda() {
         return cuda::attention_decode_uniform(q, keys, values, skip, scale);
     }
-    let views = |t: &Tensor| -> Result<Vec<Tensor>> {
-        (0..batch * kv_heads).map(|i| t.get(i / kv_heads)?.get(i % kv_heads)).collect()
-    };
-    let per_head: Vec<usize> = (0..batch * kv_heads).map(|i| skip[i / kv_heads]).collect();
-    cpu::attention_decode(q, &views(keys)?, &views(values)?, &per_head, scale)
+    cpu_attention::attention_decode_uniform(q, keys, values, skip, scale)
 }
 
-/// Whether [`attention_decode`] runs as a fused kernel for these sizes on a CUDA device (else it
-/// fails there, and callers keep their own path): head_dim 64 or 128, up to 8 query heads per KV head.
-pub fn attention_decode_fused(head_dim: usize, heads: usize, kv_heads: usize) -> bool {
-    matches!(head_dim, 64 | 128)
-        && kv_heads > 0
-        && heads.is_multiple_of(kv_heads)
-        && (1..=8).contains(&(heads / kv_heads))
+/// Whether [`attention_decode`] runs for these sizes on this device (else it fails there, and
+/// callers keep their own path): on CUDA head_dim 64 or 128 and up to 8 query heads per KV head;
+/// on the CPU any sizes.
+pub fn attention_decode_fused(device: &candle_core::Device, head_dim: usize, heads: usize, kv_heads: usize) -> bool {
+    let grouped = kv_heads > 0 && heads.is_multiple_of(kv_heads);
+    if device.is_cpu() {
+        return grouped;
+    }
+    grouped && matches!(head_dim, 64 | 128) && (1..=8).contains(&(heads / kv_heads))
 }
 
 /// Prefill attention over a uniform cache, flash-style: the scores are never materialized, so a
@@ -260,13 +259,14 @@ pub fn attention_prefill(
     if q.device().is_cuda() {
         return cuda::attention_prefill(q, keys, values, query_positions, entry_positions, window, scale);
     }
-    cpu::attention_prefill(q, keys, values, query_positions, entry_positions, window, scale)
+    cpu_attention::attention_prefill(q, keys, values, query_positions, entry_positions, window, scale)
 }
 
-/// Whether [`attention_prefill`] has a CUDA kernel for this dtype and head_dim (bf16 or f16
-/// tensor cores, head_dim 64 or 128).
-pub fn attention_prefill_fused(dtype: candle_core::DType, head_dim: usize) -> bool {
-    matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) && matches!(head_dim, 64 | 128)
+/// Whether [`attention_prefill`] runs for this dtype and head_dim on this device: on CUDA bf16 or
+/// f16 (tensor cores) with head_dim 64 or 128; on the CPU any.
+pub fn attention_prefill_fused(device: &candle_core::Device, dtype: candle_core::DType, head_dim: usize) -> bool {
+    device.is_cpu()
+        || matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) && matches!(head_dim, 64 | 128)
 }
 
 /// Tokens kept by [`top_candidates`] beyond this many (ties at the k-th score) make a row fall back.

@@ -33,6 +33,8 @@ pub struct AttentionInputs<'a> {
     pub positions: &'a [Vec<i64>],
     pub sliding_window: Option<usize>,
     pub num_layers: usize,
+    /// The dtype new keys and values are cached in.
+    pub kv_dtype: DType,
     pub phase: Phase,
 }
 
@@ -125,9 +127,9 @@ impl Attention {
             }
             _ => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
         };
-        let v = split_heads(v_proj, kvh)?;
+        let v = split_heads(v_proj, kvh)?.to_dtype(inputs.kv_dtype)?;
         let q = inputs.rope.apply_split_heads(&q_proj, h, d, inputs.cos, inputs.sin)?;
-        let k = inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?;
+        let k = inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?.to_dtype(inputs.kv_dtype)?;
         // Pre-RoPE queries are read only by a press or a pruner: split them out only for those.
         let hooked = pruner.is_some() || slots.iter().any(|s| s.press.is_some());
         let q_prerope = if hooked { Some(split_heads(q_proj, h)?) } else { None };
@@ -178,9 +180,9 @@ impl Attention {
         Ok(AttentionOutput { out: self.o.forward(&out)?, kept })
     }
 
-    /// On CUDA, pare-kernels' fused attention where it applies: a decode step over the caches as
-    /// they are (uniform or ragged per head, never gathered into one tensor), and a flash-style
-    /// prefill that never materializes the scores. None where the kernels do not apply.
+    /// pare-kernels' fused attention where it applies (CUDA and CPU): a decode step over the
+    /// caches as they are (uniform or ragged per head, never gathered into one tensor), and a
+    /// flash-style prefill that never materializes the scores. None where the kernels do not apply.
     fn attend_fused(
         &self,
         q: &Tensor,
@@ -190,11 +192,8 @@ impl Attention {
     ) -> Result<Option<Tensor>> {
         let (batch, h, seq, d) = q.dims4()?;
         let kvh = self.num_kv_heads;
-        if !q.device().is_cuda() {
-            return Ok(None);
-        }
         let scale = 1.0 / (d as f32).sqrt();
-        if seq == 1 && pare_kernels::attention_decode_fused(d, h, kvh) {
+        if seq == 1 && pare_kernels::attention_decode_fused(q.device(), d, h, kvh) {
             // A uniform cache: one visibility scan per row and the cache passed whole, instead of
             // batch × kv_heads scans and views (host work that bounded the step at 32 rows).
             if let (Some(rows), Some((k, v))) = (kv.row_positions(), kv.kv()?) {
@@ -234,7 +233,8 @@ impl Attention {
             let out = pare_kernels::attention_decode(&q.squeeze(2)?, &keys, &values, &skip, scale)?;
             return Ok(Some(out.unsqueeze(2)?));
         }
-        if let (Some(rows), true) = (kv.row_positions(), pare_kernels::attention_prefill_fused(q.dtype(), d)) {
+        let fused_prefill = pare_kernels::attention_prefill_fused(q.device(), q.dtype(), d);
+        if let (Some(rows), true) = (kv.row_positions(), fused_prefill) {
             let (keys, values) = kv.kv()?.expect("entries were just appended");
             let query_positions: Vec<&[i64]> = query_positions.iter().map(Vec::as_slice).collect();
             let out =
@@ -303,8 +303,10 @@ impl Attention {
         Ok(Tensor::cat(&outs, 0)?.reshape((batch, h, seq, d))?)
     }
 
-    /// softmax(q·kᵀ/√d + mask)·v for (b, kv_heads, rows, d) queries over (b, kv_heads, entries, d).
+    /// softmax(q·kᵀ/√d + mask)·v for (b, kv_heads, rows, d) queries over (b, kv_heads, entries, d),
+    /// the cache widened to the queries' dtype where it is held narrower.
     fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (keys, values) = (&keys.to_dtype(q.dtype())?, &values.to_dtype(q.dtype())?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&keys.t()?)? * scale)?.to_dtype(DType::F32)?;
         let probs = crate::ops::masked_softmax(&scores, mask)?.to_dtype(values.dtype())?;

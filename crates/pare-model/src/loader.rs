@@ -226,6 +226,7 @@ pub fn build(config: &ModelConfig, w: &Weights, names: &DecoderNames) -> Result<
         lm_head,
         rope: Rope::new(config),
         dtype: w.dtype.activation_dtype(),
+        kv_dtype: w.dtype.activation_dtype(),
         device: w.device.clone(),
     };
     // On a GPU a decode step is a pass over the weights: fewer, larger products run nearer the

@@ -66,6 +66,8 @@ pub struct Model {
     pub(crate) lm_head: Linear,
     pub(crate) rope: Rope,
     pub(crate) dtype: DType,
+    /// The dtype keys and values are cached in.
+    pub(crate) kv_dtype: DType,
     pub(crate) device: Device,
 }
 
@@ -81,6 +83,28 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype keys and values are cached in (the activations' unless set).
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// Cache keys and values in `dtype`: f16 halves an f32 cache (llama.cpp's default on the
+    /// CPU). Attention widens them as it reads; presses score in f32 as before. On CUDA the
+    /// kernels read the cache in the activations' dtype, so no other is accepted there.
+    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(ModelError::input(format!("a KV cache in {dtype:?} (f32, f16 or bf16 are supported)")));
+        }
+        if self.device.is_cuda() && dtype != self.dtype {
+            return Err(ModelError::input(format!(
+                "a KV cache in {dtype:?} on CUDA with {:?} activations (the GPU kernels read the cache in the activations' dtype)",
+                self.dtype
+            )));
+        }
+        self.kv_dtype = dtype;
+        Ok(())
     }
 
     /// (vocab, hidden), in the activation dtype.
@@ -266,6 +290,7 @@ impl Model {
                 positions: &current,
                 sliding_window: self.config.sliding_window,
                 num_layers: self.num_layers(),
+                kv_dtype: self.kv_dtype,
                 phase,
             };
             let mut start = 0;

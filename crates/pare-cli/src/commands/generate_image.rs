@@ -24,7 +24,9 @@ pub fn load_llava(args: &crate::common::ModelArgs) -> Result<LoadedLlava> {
             path.display()
         );
     }
-    Ok(LoadedLlava::load(&path, args.weight_dtype(), &args.device()?)?)
+    let mut llava = LoadedLlava::load(&path, args.weight_dtype(), &args.device()?)?;
+    llava.model.language.set_kv_dtype(args.kv_dtype()).context("--kv-dtype")?;
+    Ok(llava)
 }
 
 /// A LLaVA prompt ready for the generation loop: the checkpoint, the merged image and text

@@ -14,23 +14,37 @@ const Q4_1: u8 = 1;
 const Q5_0: u8 = 2;
 const Q5_1: u8 = 3;
 
-/// `out[i] = w · xs[i]`.
+/// `out[i · n + j] = w_j · xs[i]` for the `n` weight rows `w_j` of `row_bytes` each that `w`
+/// holds back to back. One call covers many weight rows, so the type dispatch and the call cost
+/// are paid once per row range, not once per 18-block row of a small model.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; every `xs[i]` holds one [`BlockQ8`] per 32 of w's elements.
+/// The CPU has AVX2, FMA and F16C; every `xs[i]` holds one [`BlockQ8`] per 32 of a row's elements.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot(ty: QuantType, w: &[u8], xs: &[&[BlockQ8]], out: &mut [f32]) {
+pub(super) unsafe fn dot_rows(ty: QuantType, w: &[u8], row_bytes: usize, xs: &[&[BlockQ8]], out: &mut [f32]) {
     match xs.len() {
-        1 => out.copy_from_slice(&rows::<1>(ty, w, xs)),
-        2 => out.copy_from_slice(&rows::<2>(ty, w, xs)),
-        3 => out.copy_from_slice(&rows::<3>(ty, w, xs)),
-        _ => out.copy_from_slice(&rows::<4>(ty, w, xs)),
+        1 => each_row::<1>(ty, w, row_bytes, xs, out),
+        2 => each_row::<2>(ty, w, row_bytes, xs, out),
+        3 => each_row::<3>(ty, w, row_bytes, xs, out),
+        _ => each_row::<4>(ty, w, row_bytes, xs, out),
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows<const R: usize>(ty: QuantType, w: &[u8], xs: &[&[BlockQ8]]) -> [f32; R] {
+unsafe fn each_row<const R: usize>(ty: QuantType, w: &[u8], row_bytes: usize, xs: &[&[BlockQ8]], out: &mut [f32]) {
     let x: [*const BlockQ8; R] = std::array::from_fn(|i| xs[i].as_ptr());
+    let n = w.len() / row_bytes;
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let dots = rows::<R>(ty, row, x);
+        for (i, d) in dots.into_iter().enumerate() {
+            *out.get_unchecked_mut(i * n + j) = d;
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows<const R: usize>(ty: QuantType, w: &[u8], x: [*const BlockQ8; R]) -> [f32; R] {
     match ty {
         QuantType::Q4_0 => legacy::<R, Q4_0>(w, x),
         QuantType::Q4_1 => legacy::<R, Q4_1>(w, x),

@@ -34,8 +34,6 @@ pub const QK8: usize = 32;
 pub const QK_K: usize = 256;
 /// Activation rows one kernel call serves, decoding each weight block once for all of them.
 pub const ROWS: usize = 4;
-/// Activation rows a matmul keeps hot at a time (16 rows of 4096 columns: 68 KB of blocks).
-const M_TILE: usize = 16;
 
 /// A GGUF block type with a CPU kernel here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -256,28 +254,27 @@ impl QuantMatrix {
         let chunk = (self.rows / (threads * 8)).clamp(4, 64);
         let out = SyncPtr(y.as_mut_ptr());
         let n_out = self.rows;
+        let row_bytes = self.row_bytes();
         (0..self.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let rows = c * chunk..((c + 1) * chunk).min(n_out);
             let out = &out;
-            // Activations in tiles of M_TILE rows, so a tile and the chunk's weight rows stay in
-            // L1/L2 while every pair of them is multiplied.
-            for t0 in (0..m).step_by(M_TILE) {
-                let t1 = (t0 + M_TILE).min(m);
-                for r in rows.clone() {
-                    let w = self.row(r);
-                    for m0 in (t0..t1).step_by(ROWS) {
-                        let take = (t1 - m0).min(ROWS);
-                        let xs: [&[BlockQ8]; ROWS] = std::array::from_fn(|i| {
-                            let row = m0 + i.min(take - 1);
-                            &xq[row * nb..(row + 1) * nb]
-                        });
-                        let mut dots = [0f32; ROWS];
-                        kernel.dot(self.ty, w, &xs[..take], &mut dots[..take]);
-                        for (i, &v) in dots[..take].iter().enumerate() {
-                            // SAFETY: chunks own disjoint output rows r; (m0+i, r) is inside y.
-                            unsafe { *out.0.add((m0 + i) * n_out + r) = v };
-                        }
-                    }
+            // The chunk's weight rows stay in L1/L2 while each group of ROWS activation rows
+            // passes over them, in one kernel call.
+            let w = &self.data[self.start + rows.start * row_bytes..self.start + rows.end * row_bytes];
+            let mut dots = vec![0f32; ROWS * rows.len()];
+            for m0 in (0..m).step_by(ROWS) {
+                let take = (m - m0).min(ROWS);
+                let xs: [&[BlockQ8]; ROWS] = std::array::from_fn(|i| {
+                    let row = m0 + i.min(take - 1);
+                    &xq[row * nb..(row + 1) * nb]
+                });
+                let dots = &mut dots[..take * rows.len()];
+                kernel.dot_rows(self.ty, w, row_bytes, &xs[..take], dots);
+                for (i, part) in dots.chunks_exact(rows.len()).enumerate() {
+                    // SAFETY: chunks own disjoint output rows; (m0+i, rows) lies inside y.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + i) * n_out + rows.start), rows.len()) };
+                    dst.copy_from_slice(part);
                 }
             }
         });
@@ -320,15 +317,29 @@ impl Kernel {
 
     /// `out[i] = w · xs[i]` for one weight row (its blocks) and up to [`ROWS`] activation rows.
     pub fn dot(self, ty: QuantType, w: &[u8], xs: &[&[BlockQ8]], out: &mut [f32]) {
-        debug_assert!(xs.len() == out.len() && xs.len() <= ROWS);
-        debug_assert!(xs.iter().all(|x| x.len() * QK8 == w.len() / ty.block_bytes() * ty.block_elems()));
+        self.dot_rows(ty, w, w.len(), xs, out)
+    }
+
+    /// `out[i · n + j] = w_j · xs[i]` for the `n` weight rows of `row_bytes` each held back to back
+    /// in `w`, and up to [`ROWS`] activation rows.
+    pub fn dot_rows(self, ty: QuantType, w: &[u8], row_bytes: usize, xs: &[&[BlockQ8]], out: &mut [f32]) {
+        let n = w.len() / row_bytes;
+        assert!(
+            xs.len() <= ROWS
+                && out.len() == xs.len() * n
+                && w.len() == n * row_bytes
+                && xs.iter().all(|x| x.len() * QK8 == row_bytes / ty.block_bytes() * ty.block_elems()),
+            "dot_rows: shapes"
+        );
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: detect() saw AVX2, FMA and F16C; the debug_asserts above hold by construction.
-            Kernel::Avx2 => unsafe { avx2::dot(ty, w, xs, out) },
+            // SAFETY: detect() saw AVX2, FMA and F16C; the shapes were checked above.
+            Kernel::Avx2 => unsafe { avx2::dot_rows(ty, w, row_bytes, xs, out) },
             _ => {
-                for (x, o) in xs.iter().zip(out.iter_mut()) {
-                    *o = scalar::vec_dot(ty, w, x);
+                for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+                    for (i, x) in xs.iter().enumerate() {
+                        out[i * n + j] = scalar::vec_dot(ty, row, x);
+                    }
                 }
             }
         }
