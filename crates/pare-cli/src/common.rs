@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use pare_model::{LoadedModel, WeightDType};
+use pare_model::{KvDtype, LoadedModel, WeightDType};
 use serde::Serialize;
 
 #[derive(Args, Debug, Clone)]
@@ -19,8 +19,9 @@ pub struct ModelArgs {
     /// Device: cpu, cuda (GPU 0) or cuda:N (CUDA builds, scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu", value_parser = parse_device_arg)]
     pub device: DeviceArg,
-    /// The KV cache's dtype: f32, f16 or bf16. Default: f16 for a quantized model on cpu (half
-    /// the bytes, as llama.cpp), else the activations' dtype (so --dtype f32 stays HF-exact).
+    /// The KV cache's dtype: f32, f16, bf16 or q8_0 (GGUF's 8-bit blocks, cpu). Default: f16 for a
+    /// quantized model on cpu (half the bytes, as llama.cpp), else the activations' dtype (so
+    /// --dtype f32 stays HF-exact).
     #[arg(long, value_enum)]
     pub kv_dtype: Option<KvDtypeArg>,
 }
@@ -34,6 +35,8 @@ pub enum KvDtypeArg {
     F16,
     #[value(alias = "bfloat16")]
     Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// `--dtype`.
@@ -106,13 +109,14 @@ impl ModelArgs {
 
     /// The KV cache dtype given, or the default: f16 when weights run quantized on the CPU (f32
     /// activations, a cache half their size as llama.cpp keeps it), else the activations' dtype.
-    pub fn kv_dtype(&self) -> DType {
+    pub fn kv_dtype(&self) -> KvDtype {
         match (self.kv_dtype, self.dtype()) {
-            (Some(KvDtypeArg::F32), _) => DType::F32,
-            (Some(KvDtypeArg::F16), _) => DType::F16,
-            (Some(KvDtypeArg::Bf16), _) => DType::BF16,
-            (None, DtypeArg::Q) if self.device == DeviceArg::Cpu => DType::F16,
-            (None, _) => self.weight_dtype().activation_dtype(),
+            (Some(KvDtypeArg::F32), _) => KvDtype::Float(DType::F32),
+            (Some(KvDtypeArg::F16), _) => KvDtype::Float(DType::F16),
+            (Some(KvDtypeArg::Bf16), _) => KvDtype::Float(DType::BF16),
+            (Some(KvDtypeArg::Q8_0), _) => KvDtype::Q8_0,
+            (None, DtypeArg::Q) if self.device == DeviceArg::Cpu => KvDtype::Float(DType::F16),
+            (None, _) => KvDtype::Float(self.weight_dtype().activation_dtype()),
         }
     }
 
@@ -162,7 +166,9 @@ pub fn ensure_run_fits(loaded: &LoadedModel, sequences: usize, prompt: usize, to
     if !loaded.model.device().is_cpu() {
         return Ok(());
     }
-    let bytes = loaded.model.config().run_bytes(loaded.model.kv_dtype().size_in_bytes(), sequences, prompt, tokens);
+    // Whole bytes per cached value, rounded up (q8_0's 34/32 counts as 2): an estimate that refuses.
+    let value_bytes = loaded.model.kv_dtype().entry_bytes(32).div_ceil(32);
+    let bytes = loaded.model.config().run_bytes(value_bytes, sequences, prompt, tokens);
     Ok(pare_model::memory::ensure_fits(&format!("{sequences} sequences of {tokens} tokens"), bytes)?)
 }
 

@@ -94,7 +94,10 @@ fn main() {
     }
 }
 
+/// Print the error on one line, settings the libraries name (`` `prune_tokens` ``) spelled as
+/// this command line's flags (`--prune-tokens`), and exit.
 fn fail(message: &str, code: i32) -> ! {
+    let message = pare_model::spell_settings(message, |name| format!("--{}", name.replace('_', "-")));
     eprintln!("error: {message}");
     std::process::exit(code);
 }

@@ -58,11 +58,11 @@ pub fn needle_trial(
     hooks: &Hooks,
 ) -> Result<NeedleTrial> {
     if !(0.0..=100.0).contains(&depth_percent) {
-        return Err(ModelError::input(format!("--depths are percentages in [0, 100], got {depth_percent}")));
+        return Err(ModelError::input(format!("`depths` are percentages in [0, 100], got {depth_percent}")));
     }
     if ctx + ANSWER_TOKENS > model.config().max_position_embeddings {
         return Err(ModelError::input(format!(
-            "--ctx {ctx} exceeds the model's context of {}",
+            "`ctx` {ctx} exceeds the model's context of {}",
             model.config().max_position_embeddings
         )));
     }
@@ -73,7 +73,7 @@ pub fn needle_trial(
     let overhead = tokenizer.encode(&build_prompt(tokenizer, "", &needle)?, false)?.len() + ANSWER_TOKENS;
     if ctx <= overhead + 16 {
         return Err(ModelError::input(format!(
-            "--ctx {ctx} is too short for a haystack (the needle and question take {overhead})"
+            "`ctx` {ctx} is too short for a haystack (the needle and question take {overhead})"
         )));
     }
     // Trim the haystack until the whole prompt fits the context.

@@ -32,10 +32,10 @@ pub struct Window {
 /// The windows HF's guide walks for `n` tokens.
 pub fn windows(n: usize, ctx: usize, stride: usize) -> Result<Vec<Window>> {
     if ctx == 0 {
-        return Err(ModelError::input("--ctx must be at least 1"));
+        return Err(ModelError::input("`ctx` must be at least 1"));
     }
     if stride == 0 || stride > ctx {
-        return Err(ModelError::input(format!("--stride must be between 1 and --ctx ({ctx}), got {stride}")));
+        return Err(ModelError::input(format!("`stride` must be between 1 and `ctx` ({ctx}), got {stride}")));
     }
     let mut out = Vec::new();
     let mut prev_end = 0;
@@ -82,7 +82,7 @@ pub fn perplexity_with(
     }
     if ctx > model.config().max_position_embeddings {
         return Err(ModelError::input(format!(
-            "--ctx {ctx} exceeds the model's context of {} tokens",
+            "`ctx` {ctx} exceeds the model's context of {} tokens",
             model.config().max_position_embeddings
         )));
     }

@@ -239,7 +239,7 @@ impl SpanKind {
             SpanKind::Image => {
                 if image_tokens == 0 {
                     return Err(FlopsError::input(
-                        "--prune-span image: the run has no image tokens (give --image-tokens or a LLaVA model)",
+                        "`prune_span` image: the run has no image tokens (give `image_tokens` or a LLaVA model)",
                     ));
                 }
                 image_tokens
@@ -301,17 +301,17 @@ fn count_bound(shapes: &TextShapes, sc: &Scenario) -> Option<u64> {
 /// Count the prefill and decode of `sc` on a model of `shapes`.
 pub fn analyze(shapes: &TextShapes, sc: &Scenario) -> Result<Analysis> {
     if sc.prefill_len() == 0 {
-        return Err(FlopsError::input("--prompt-len: the prompt needs at least one token"));
+        return Err(FlopsError::input("`prompt_len`: the prompt needs at least one token"));
     }
     if sc.prompt_len == 0 && sc.image_tokens > 0 {
-        return Err(FlopsError::input("--prompt-len: a prompt needs text tokens besides the image"));
+        return Err(FlopsError::input("`prompt_len`: a prompt needs text tokens besides the image"));
     }
     if sc.kv_bytes_per_value == 0 {
         return Err(FlopsError::input("bytes per cached value must be positive"));
     }
     if count_bound(shapes, sc).is_none() {
         return Err(FlopsError::input(format!(
-            "--prompt-len {} with --gen-len {}: the FLOP counts overflow 64 bits",
+            "`prompt_len` {} with `gen_len` {}: the FLOP counts overflow 64 bits",
             sc.prompt_len, sc.gen_len
         )));
     }
@@ -332,7 +332,7 @@ pub fn analyze(shapes: &TextShapes, sc: &Scenario) -> Result<Analysis> {
     if let (Some(v), true) = (&sc.vision, sc.image_tokens > 0) {
         if !sc.image_tokens.is_multiple_of(v.image_tokens) {
             return Err(FlopsError::input(format!(
-                "--image-tokens {} is not a whole number of images of {} tokens",
+                "`image_tokens` {} is not a whole number of images of {} tokens",
                 sc.image_tokens, v.image_tokens
             )));
         }

@@ -31,7 +31,7 @@ impl FromStr for Formula {
             "attention" => Ok(Formula::Attention),
             "lecture" => Ok(Formula::Lecture),
             "fastv" => Ok(Formula::Fastv),
-            other => Err(FlopsError::input(format!("unknown --formula {other:?} (exact, attention, lecture, fastv)"))),
+            other => Err(FlopsError::input(format!("unknown `formula` {other:?} (exact, attention, lecture, fastv)"))),
         }
     }
 }

@@ -234,7 +234,7 @@ fn bad_inputs_are_one_line_errors() {
     assert!(wrong_layers.contains("do not fit a model of 32 layers"), "{wrong_layers}");
     assert!(err(text_run(0, 1)).contains("at least one token"));
     let formula = "quadratic".parse::<Formula>().unwrap_err().to_string();
-    assert_eq!(formula, "unknown --formula \"quadratic\" (exact, attention, lecture, fastv)");
+    assert_eq!(formula, "unknown `formula` \"quadratic\" (exact, attention, lecture, fastv)");
     for e in [keep_too_many, beyond, no_image, wrong_layers, formula] {
         assert!(!e.contains('\n'));
     }

@@ -311,13 +311,13 @@ impl GenerationConfig {
             ));
         }
         if self.num_beams() == 1 && !self.do_sample() && self.num_return_sequences() > 1 {
-            return Err("num_return_sequences > 1 needs sampling (--do-sample) or beam search (--num-beams)".into());
+            return Err("num_return_sequences > 1 needs sampling (`do_sample`) or beam search (`num_beams`)".into());
         }
         if self.num_beams() > 1 && self.do_sample() {
-            return Err("beam search with sampling is not supported: use --num-beams or --do-sample".into());
+            return Err("beam search with sampling is not supported: use `num_beams` or `do_sample`".into());
         }
         if self.mirostat == Some(true) && !self.do_sample() {
-            return Err("mirostat samples: add --do-sample".into());
+            return Err("mirostat samples: add `do_sample`".into());
         }
         self.processor_config(&[])?.validate()
     }

@@ -28,6 +28,8 @@ enum Rows<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// GGUF Q8_0 blocks, `d / 32` of them per entry (a q8_0 cache).
+    Q8(&'a [u8]),
 }
 
 impl<'a> Rows<'a> {
@@ -52,6 +54,10 @@ impl<'a> Rows<'a> {
             Rows::F32(s) => out.copy_from_slice(&s[range]),
             Rows::F16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[range], out),
             Rows::BF16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[range], out),
+            Rows::Q8(s) => {
+                let width = crate::kv_row_width(d, DType::U8);
+                crate::quant::decode_q8_0(&s[start * width..start * width + out.len() / d * width], out)
+            }
         }
     }
 }
@@ -71,25 +77,27 @@ impl<'a> Held<'a> {
         Ok(Held { storage: Box::new(storage), layout })
     }
 
-    /// `len` rows of `d` starting at element `offset` (relative to the layout's start).
-    fn rows(&self, offset: usize, len: usize, d: usize) -> Result<Rows<'_>> {
+    /// `len` entries of `width` stored elements each, starting at element `offset` (relative to
+    /// the layout's start).
+    fn rows(&self, offset: usize, len: usize, width: usize) -> Result<Rows<'_>> {
         let start = self.layout.start_offset() + offset;
-        let range = start..start + len * d;
+        let range = start..start + len * width;
         let Storage::Cpu(cpu) = &**self.storage else { unreachable!("checked in Held::new") };
         Ok(match cpu {
             CpuStorage::F32(s) => Rows::F32(&s[range]),
             CpuStorage::F16(s) => Rows::F16(&s[range]),
             CpuStorage::BF16(s) => Rows::BF16(&s[range]),
-            _ => candle_core::bail!("CPU attention: keys and values must be f32, f16 or bf16"),
+            CpuStorage::U8(s) => Rows::Q8(&s[range]),
+            _ => candle_core::bail!("CPU attention: keys and values must be f32, f16, bf16 or q8_0"),
         })
     }
 }
 
-/// A 2-D (entries, d) tensor whose rows are contiguous, as a cache head view is.
-fn check_rows(t: &Tensor, d: usize) -> Result<()> {
+/// A 2-D (entries, width) tensor whose rows are contiguous, as a cache head view is.
+fn check_rows(t: &Tensor, width: usize) -> Result<()> {
     let stride = t.layout().stride();
-    if t.rank() != 2 || t.dim(1)? != d || (t.dim(0)? > 1 && stride[0] != d) || stride[1] != 1 {
-        candle_core::bail!("CPU attention: keys {:?} (strides {stride:?}) are not rows of {d}", t.dims());
+    if t.rank() != 2 || t.dim(1)? != width || (t.dim(0)? > 1 && stride[0] != width) || stride[1] != 1 {
+        candle_core::bail!("CPU attention: keys {:?} (strides {stride:?}) are not rows of {width}", t.dims());
     }
     Ok(())
 }
@@ -318,7 +326,7 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
     let (batch, heads, d) = q.dims3()?;
     let queries = scaled_queries(q, scale)?;
     for t in keys.iter().chain(values) {
-        check_rows(t, d)?;
+        check_rows(t, crate::kv_row_width(d, t.dtype()))?;
     }
     let held_keys: Vec<Held> = keys.iter().map(Held::new).collect::<Result<_>>()?;
     let held_values: Vec<Held> = values.iter().map(Held::new).collect::<Result<_>>()?;
@@ -328,7 +336,8 @@ pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[
         .zip(keys.iter().zip(skip))
         .map(|((k, v), (t, &skip))| {
             let len = t.dim(0)?;
-            Ok(DecodeHead { keys: k.rows(0, len, d)?, values: v.rows(0, len, d)?, skip, len })
+            let width = crate::kv_row_width(d, t.dtype());
+            Ok(DecodeHead { keys: k.rows(0, len, width)?, values: v.rows(0, len, width)?, skip, len })
         })
         .collect::<Result<Vec<_>>>()?;
     let out = decode(&queries, &heads_of, batch, heads, d);
@@ -354,15 +363,15 @@ pub fn attention_decode_uniform(
     scale: f32,
 ) -> Result<Tensor> {
     let (batch, heads, d) = q.dims3()?;
-    let (_, kv_heads, len, _) = keys.dims4()?;
+    let (_, kv_heads, len, width) = keys.dims4()?;
     let queries = scaled_queries(q, scale)?;
     let (key_offsets, value_offsets) = (head_offsets(keys)?, head_offsets(values)?);
     let (held_keys, held_values) = (Held::new(keys)?, Held::new(values)?);
     let heads_of = (0..batch * kv_heads)
         .map(|i| {
             Ok(DecodeHead {
-                keys: held_keys.rows(key_offsets[i], len, d)?,
-                values: held_values.rows(value_offsets[i], len, d)?,
+                keys: held_keys.rows(key_offsets[i], len, width)?,
+                values: held_values.rows(value_offsets[i], len, width)?,
                 skip: skip[i / kv_heads],
                 len,
             })
@@ -559,7 +568,7 @@ pub fn attention_prefill(
     scale: f32,
 ) -> Result<Tensor> {
     let (batch, heads, sq, d) = q.dims4()?;
-    let (_, kv_heads, n, _) = keys.dims4()?;
+    let (_, kv_heads, n, width) = keys.dims4()?;
     let group = heads / kv_heads;
     let queries = scaled_queries(q, scale)?;
     let (key_offsets, value_offsets) = (head_offsets(keys)?, head_offsets(values)?);
@@ -578,8 +587,8 @@ pub fn attention_prefill(
                 let h = kvh * group + g;
                 tile_queries.extend_from_slice(&queries[((row * heads + h) * sq + t0) * d..][..tq * d]);
             }
-            let k = held_keys.rows(key_offsets[i], n, d)?;
-            let v = held_values.rows(value_offsets[i], n, d)?;
+            let k = held_keys.rows(key_offsets[i], n, width)?;
+            let v = held_values.rows(value_offsets[i], n, width)?;
             let mut out = vec![0f32; group * tq * d];
             let q_positions = &query_positions[row][t0..t0 + tq];
             prefill_tile_any(fused, &tile_queries, q_positions, k, v, entry_positions[row], window, d, &mut out);

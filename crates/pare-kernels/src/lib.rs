@@ -195,8 +195,13 @@ pub fn attention_decode_uniform(
     skip: &[usize],
     scale: f32,
 ) -> Result<Tensor> {
-    let (batch, _, len, d) = keys.dims4()?;
-    if values.dims() != keys.dims() || skip.len() != batch || q.dims3()?.0 != batch || q.dims3()?.2 != d {
+    let (batch, _, len, width) = keys.dims4()?;
+    let d = q.dims3()?.2;
+    if values.dims() != keys.dims()
+        || skip.len() != batch
+        || q.dims3()?.0 != batch
+        || kv_row_width(d, keys.dtype()) != width
+    {
         candle_core::bail!(
             "attention_decode_uniform: q {:?}, keys {:?}, values {:?}, {} skips",
             q.dims(),
@@ -213,6 +218,47 @@ pub fn attention_decode_uniform(
         return cuda::attention_decode_uniform(q, keys, values, skip, scale);
     }
     cpu_attention::attention_decode_uniform(q, keys, values, skip, scale)
+}
+
+/// Elements one cached entry of `head_dim` values takes in a tensor of `dtype`: the values
+/// themselves for float caches, the bytes of their Q8_0 blocks for a `U8` (q8_0) cache.
+pub fn kv_row_width(head_dim: usize, dtype: candle_core::DType) -> usize {
+    if dtype == candle_core::DType::U8 {
+        head_dim / quant::QK8 * quant::Q8_0_BLOCK_BYTES
+    } else {
+        head_dim
+    }
+}
+
+/// Keys or values (..., head_dim) as a q8_0 cache holds them: `U8` (..., head_dim / 32 · 34), each
+/// entry's values in GGUF Q8_0 blocks. CPU only; head_dim a multiple of 32.
+pub fn encode_kv_q8_0(t: &Tensor) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let d = *dims.last().unwrap_or(&0);
+    if !t.device().is_cpu() || d == 0 || !d.is_multiple_of(quant::QK8) {
+        candle_core::bail!("a q8_0 KV cache needs head_dim a multiple of 32 on the CPU, got {d} on {:?}", t.device());
+    }
+    let x: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut bytes = vec![0u8; x.len() / quant::QK8 * quant::Q8_0_BLOCK_BYTES];
+    quant::encode_q8_0(&x, &mut bytes);
+    let mut shape = dims;
+    *shape.last_mut().expect("rank ≥ 1") = kv_row_width(d, candle_core::DType::U8);
+    Tensor::from_vec(bytes, shape, t.device())
+}
+
+/// A q8_0 cache's entries ([`encode_kv_q8_0`]) back as f32 (..., head_dim).
+pub fn decode_kv_q8_0(t: &Tensor) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let width = *dims.last().unwrap_or(&0);
+    if t.dtype() != candle_core::DType::U8 || !width.is_multiple_of(quant::Q8_0_BLOCK_BYTES) {
+        candle_core::bail!("not a q8_0 cache tensor: {:?} of {:?}", dims, t.dtype());
+    }
+    let bytes: Vec<u8> = t.flatten_all()?.to_vec1()?;
+    let mut x = vec![0f32; bytes.len() / quant::Q8_0_BLOCK_BYTES * quant::QK8];
+    quant::decode_q8_0(&bytes, &mut x);
+    let mut shape = dims;
+    *shape.last_mut().expect("rank ≥ 1") = width / quant::Q8_0_BLOCK_BYTES * quant::QK8;
+    Tensor::from_vec(x, shape, t.device())
 }
 
 /// Whether [`attention_decode`] runs for these sizes on this device (else it fails there, and
@@ -245,7 +291,12 @@ pub fn attention_prefill(
 ) -> Result<Tensor> {
     let (batch, heads, sq, d) = q.dims4()?;
     let (kb, kv_heads, n, kd) = keys.dims4()?;
-    if kb != batch || kd != d || values.dims() != keys.dims() || kv_heads == 0 || heads % kv_heads != 0 {
+    if kb != batch
+        || kd != kv_row_width(d, keys.dtype())
+        || values.dims() != keys.dims()
+        || kv_heads == 0
+        || heads % kv_heads != 0
+    {
         candle_core::bail!("attention_prefill: q {:?}, keys {:?}, values {:?}", q.dims(), keys.dims(), values.dims());
     }
     if query_positions.len() != batch
@@ -314,7 +365,7 @@ fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usi
     }
     for ((k, v), &s) in keys.iter().zip(values).zip(skip) {
         let (len, kd) = k.dims2()?;
-        if v.dims2()? != (len, kd) || kd != d || s > len {
+        if v.dims2()? != (len, kd) || kd != kv_row_width(d, k.dtype()) || s > len {
             candle_core::bail!(
                 "attention_decode: keys {:?}, values {:?}, skip {s} for head_dim {d}",
                 k.dims(),

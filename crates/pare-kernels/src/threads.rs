@@ -12,7 +12,7 @@ pub fn default_threads() -> usize {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ThreadsError {
-    #[error("--threads must be at least 1")]
+    #[error("`threads` must be at least 1")]
     Zero,
     #[error("the thread pool was already started with {0} threads")]
     AlreadyStarted(usize),

@@ -110,3 +110,29 @@ fn a_padding_query_sees_nothing() {
     let reference = cpu::attention_prefill(&q, &k, &v, &[&queries], &[&entries], None, 0.25).unwrap();
     assert!(max_diff(&out, &reference) < TOLERANCE);
 }
+
+/// A q8_0 cache (GGUF blocks as U8) attends exactly as its decoded values do.
+#[test]
+fn a_q8_0_cache_attends_as_its_decoded_values() {
+    let (batch, heads, kv_heads, cap, len, d) = (2, 6, 2, 300, 257, 64);
+    let k = pare_kernels::encode_kv_q8_0(&randn(&[batch, kv_heads, cap, d], 12)).unwrap().narrow(2, 0, len).unwrap();
+    let v = pare_kernels::encode_kv_q8_0(&randn(&[batch, kv_heads, cap, d], 13)).unwrap().narrow(2, 0, len).unwrap();
+    assert_eq!(k.dims(), &[batch, kv_heads, len, 68]);
+    let (kf, vf) = (pare_kernels::decode_kv_q8_0(&k).unwrap(), pare_kernels::decode_kv_q8_0(&v).unwrap());
+    let q = randn(&[batch, heads, d], 14);
+    let fast = pare_kernels::attention_decode_uniform(&q, &k, &v, &[0, 9], 0.125).unwrap();
+    let float = pare_kernels::attention_decode_uniform(&q, &kf, &vf, &[0, 9], 0.125).unwrap();
+    assert!(max_diff(&fast, &float) < TOLERANCE, "decode {}", max_diff(&fast, &float));
+    let sq = 40;
+    let positions: Vec<i64> = (0..len as i64).collect();
+    let qp = &positions[len - sq..];
+    let q = randn(&[batch, heads, sq, d], 15);
+    let fast = pare_kernels::attention_prefill(&q, &k, &v, &[qp, qp], &[&positions, &positions], None, 0.125).unwrap();
+    let float =
+        pare_kernels::attention_prefill(&q, &kf, &vf, &[qp, qp], &[&positions, &positions], None, 0.125).unwrap();
+    assert!(max_diff(&fast, &float) < TOLERANCE, "prefill {}", max_diff(&fast, &float));
+    // The values survive the round trip to within a Q8_0 step.
+    let x = randn(&[4, 64], 16);
+    let back = pare_kernels::decode_kv_q8_0(&pare_kernels::encode_kv_q8_0(&x).unwrap()).unwrap();
+    assert!(max_diff(&x, &back) < 2.0 / 127.0 * 0.6, "{}", max_diff(&x, &back));
+}

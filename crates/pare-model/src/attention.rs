@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor};
 
 use std::ops::Range;
 
-use crate::cache::{LayerKv, MaskCache};
+use crate::cache::{KvDtype, LayerKv, MaskCache};
 use crate::error::Result;
 use crate::hooks::{CachePress, LayerContext, Phase, TokenPruner};
 use crate::layers::Linear;
@@ -33,8 +33,8 @@ pub struct AttentionInputs<'a> {
     pub positions: &'a [Vec<i64>],
     pub sliding_window: Option<usize>,
     pub num_layers: usize,
-    /// The dtype new keys and values are cached in.
-    pub kv_dtype: DType,
+    /// How new keys and values are cached.
+    pub kv_dtype: KvDtype,
     pub phase: Phase,
 }
 
@@ -127,9 +127,9 @@ impl Attention {
             }
             _ => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
         };
-        let v = split_heads(v_proj, kvh)?.to_dtype(inputs.kv_dtype)?;
+        let v = inputs.kv_dtype.store(&split_heads(v_proj, kvh)?)?;
         let q = inputs.rope.apply_split_heads(&q_proj, h, d, inputs.cos, inputs.sin)?;
-        let k = inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?.to_dtype(inputs.kv_dtype)?;
+        let k = inputs.kv_dtype.store(&inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?)?;
         // Pre-RoPE queries are read only by a press or a pruner: split them out only for those.
         let hooked = pruner.is_some() || slots.iter().any(|s| s.press.is_some());
         let q_prerope = if hooked { Some(split_heads(q_proj, h)?) } else { None };
@@ -196,7 +196,7 @@ impl Attention {
         if seq == 1 && pare_kernels::attention_decode_fused(q.device(), d, h, kvh) {
             // A uniform cache: one visibility scan per row and the cache passed whole, instead of
             // batch × kv_heads scans and views (host work that bounded the step at 32 rows).
-            if let (Some(rows), Some((k, v))) = (kv.row_positions(), kv.kv()?) {
+            if let (Some(rows), Some((k, v))) = (kv.row_positions(), kv.kv_stored()?) {
                 let mut skip = Vec::with_capacity(batch);
                 for (b, positions) in rows.iter().enumerate() {
                     let query_pos = query_positions[b][0];
@@ -224,7 +224,7 @@ impl Attention {
                     if !positions[hidden..].iter().all(|&p| visible(p)) {
                         return Ok(None);
                     }
-                    let (k, v) = kv.head_kv(b, head)?.expect("entries were just appended");
+                    let (k, v) = kv.head_kv_stored(b, head)?.expect("entries were just appended");
                     keys.push(k);
                     values.push(v);
                     skip.push(hidden);
@@ -235,7 +235,7 @@ impl Attention {
         }
         let fused_prefill = pare_kernels::attention_prefill_fused(q.device(), q.dtype(), d);
         if let (Some(rows), true) = (kv.row_positions(), fused_prefill) {
-            let (keys, values) = kv.kv()?.expect("entries were just appended");
+            let (keys, values) = kv.kv_stored()?.expect("entries were just appended");
             let query_positions: Vec<&[i64]> = query_positions.iter().map(Vec::as_slice).collect();
             let out =
                 pare_kernels::attention_prefill(q, &keys, &values, &query_positions, &rows, sliding_window, scale)?;

@@ -12,10 +12,51 @@
 //! each (row, head) gets its own buffers sized to what it keeps: the memory really is freed.
 //! New entries are written in place into spare capacity in both shapes.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
+
+/// How the cache holds keys and values: in a float dtype, or as GGUF Q8_0 blocks (34 bytes per
+/// 32 values, `U8` tensors whose last dimension is the blocks' bytes; CPU only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    Float(DType),
+    Q8_0,
+}
+
+impl KvDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::Float(DType::F32) => "f32",
+            KvDtype::Float(DType::F16) => "f16",
+            KvDtype::Float(DType::BF16) => "bf16",
+            KvDtype::Float(_) => "other",
+            KvDtype::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes one cached entry (a key or a value) of `head_dim` values takes.
+    pub fn entry_bytes(self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::Float(d) => head_dim * d.size_in_bytes(),
+            KvDtype::Q8_0 => pare_kernels::kv_row_width(head_dim, DType::U8),
+        }
+    }
+
+    /// New keys or values (..., head_dim) as this cache stores them.
+    pub fn store(self, t: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            KvDtype::Float(d) => t.to_dtype(d)?,
+            KvDtype::Q8_0 => pare_kernels::encode_kv_q8_0(t)?,
+        })
+    }
+}
+
+/// Stored keys or values as floats: q8_0 blocks decoded to f32, float tensors as they are.
+fn readable(t: Tensor) -> Result<Tensor> {
+    Ok(if t.dtype() == DType::U8 { pare_kernels::decode_kv_q8_0(&t)? } else { t })
+}
 
 /// Position of a padding slot: never attended to.
 pub const PAD_POSITION: i64 = -1;
@@ -151,17 +192,27 @@ impl LayerKv {
         Some((0..self.batch).map(|b| self.positions(b, 0)).collect())
     }
 
-    /// The used part of a uniform cache: keys and values of shape (batch, kv_heads, len, head_dim).
-    /// None when empty or ragged (then read it head by head with [`LayerKv::head_kv`]).
+    /// The used part of a uniform cache: keys and values of shape (batch, kv_heads, len, head_dim),
+    /// as floats. None when empty or ragged (then read it head by head with [`LayerKv::head_kv`]).
     pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        self.kv_stored()?.map(|(k, v)| Ok((readable(k)?, readable(v)?))).transpose()
+    }
+
+    /// [`LayerKv::kv`] as stored (views, no copy; q8_0 blocks as `U8`), for the kernels.
+    pub fn kv_stored(&self) -> Result<Option<(Tensor, Tensor)>> {
         match &self.storage {
             Storage::Uniform { keys, values, len } => Ok(Some((keys.narrow(2, 0, *len)?, values.narrow(2, 0, *len)?))),
             _ => Ok(None),
         }
     }
 
-    /// Keys and values of (row, head): (entries, head_dim) each.
+    /// Keys and values of (row, head): (entries, head_dim) each, as floats.
     pub fn head_kv(&self, row: usize, head: usize) -> Result<Option<(Tensor, Tensor)>> {
+        self.head_kv_stored(row, head)?.map(|(k, v)| Ok((readable(k)?, readable(v)?))).transpose()
+    }
+
+    /// [`LayerKv::head_kv`] as stored (views; q8_0 blocks as `U8`), for the kernels.
+    pub fn head_kv_stored(&self, row: usize, head: usize) -> Result<Option<(Tensor, Tensor)>> {
         let i = row * self.kv_heads + head;
         match &self.storage {
             Storage::Empty => Ok(None),
@@ -325,13 +376,18 @@ impl LayerKv {
         let mut rotated_keys = Vec::with_capacity(self.positions.len());
         let mut values = Vec::with_capacity(self.positions.len());
         for (i, (new, old)) in new_positions.iter().zip(&self.positions).enumerate() {
-            let (k, v) = self.head_kv(i / self.kv_heads, i % self.kv_heads)?.expect("positions imply entries");
+            let (row, head) = (i / self.kv_heads, i % self.kv_heads);
+            let (stored_k, stored_v) = self.head_kv_stored(row, head)?.expect("positions imply entries");
+            let k = readable(stored_k.clone())?;
             let delta: Vec<i64> =
                 new.iter().zip(old).map(|(&n, &o)| if o == PAD_POSITION { 0 } else { n - o }).collect();
             let (cos, sin) = rotation_by(rope, &delta, k.dtype(), k.device())?;
             let k4 = k.unsqueeze(0)?.unsqueeze(0)?;
-            rotated_keys.push(rope.apply(&k4, &cos, &sin)?.squeeze(0)?.squeeze(0)?);
-            values.push(v.contiguous()?);
+            let rotated = rope.apply(&k4, &cos, &sin)?.squeeze(0)?.squeeze(0)?;
+            // A q8_0 cache re-encodes the rotated keys; its values stay as they were.
+            let rotated = if stored_k.dtype() == DType::U8 { KvDtype::Q8_0.store(&rotated)? } else { rotated };
+            rotated_keys.push(rotated);
+            values.push(stored_v.contiguous()?);
         }
         let lens: Vec<usize> = self.positions.iter().map(Vec::len).collect();
         self.storage = if lens.iter().all(|&l| l == lens[0]) {

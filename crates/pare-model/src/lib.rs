@@ -20,9 +20,9 @@ pub mod ops;
 pub mod rope;
 pub mod weights;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, KvDtype};
 pub use config::{Arch, ModelConfig};
-pub use error::{ModelError, Result};
+pub use error::{setting_names, spell_settings, ModelError, Result};
 pub use hooks::{CachePress, Hooks, LayerContext, Phase, TokenPruner};
 pub use loader::{load, LoadedModel};
 pub use model::{left_pad, Logits, Model, PrefillInput};

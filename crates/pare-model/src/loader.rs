@@ -8,6 +8,7 @@ use pare_formats::{GgufFile, SafetensorsStore, TokenizerBundle};
 use serde_json::Value;
 
 use crate::attention::Attention;
+use crate::cache::KvDtype;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Mlp, Norm};
@@ -226,7 +227,7 @@ pub fn build(config: &ModelConfig, w: &Weights, names: &DecoderNames) -> Result<
         lm_head,
         rope: Rope::new(config),
         dtype: w.dtype.activation_dtype(),
-        kv_dtype: w.dtype.activation_dtype(),
+        kv_dtype: KvDtype::Float(w.dtype.activation_dtype()),
         device: w.device.clone(),
     };
     // On a GPU a decode step is a pass over the weights: fewer, larger products run nearer the

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{Attention, AttentionInputs, KvSlot};
-use crate::cache::{KvCache, MaskCache, PAD_POSITION};
+use crate::cache::{KvCache, KvDtype, MaskCache, PAD_POSITION};
 use crate::config::{LayerShapes, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::hooks::{Hooks, Phase, TokenPruner};
@@ -66,8 +66,8 @@ pub struct Model {
     pub(crate) lm_head: Linear,
     pub(crate) rope: Rope,
     pub(crate) dtype: DType,
-    /// The dtype keys and values are cached in.
-    pub(crate) kv_dtype: DType,
+    /// How keys and values are cached.
+    pub(crate) kv_dtype: KvDtype,
     pub(crate) device: Device,
 }
 
@@ -85,25 +85,36 @@ impl Model {
         &self.device
     }
 
-    /// The dtype keys and values are cached in (the activations' unless set).
-    pub fn kv_dtype(&self) -> DType {
+    /// How keys and values are cached (the activations' dtype unless set).
+    pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
     }
 
-    /// Cache keys and values in `dtype`: f16 halves an f32 cache (llama.cpp's default on the
-    /// CPU). Attention widens them as it reads; presses score in f32 as before. On CUDA the
-    /// kernels read the cache in the activations' dtype, so no other is accepted there.
-    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(ModelError::input(format!("a KV cache in {dtype:?} (f32, f16 or bf16 are supported)")));
+    /// Cache keys and values as `kv`: f16 halves an f32 cache (llama.cpp's default on the CPU),
+    /// q8_0 takes 34 bytes per 32 values. Attention reads them as stored; presses score in f32 as
+    /// before. On CUDA the kernels read the cache in the activations' dtype, so no other is
+    /// accepted there; q8_0 needs head sizes that are multiples of 32.
+    pub fn set_kv_dtype(&mut self, kv: KvDtype) -> Result<()> {
+        if let KvDtype::Float(dtype) = kv {
+            if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+                return Err(ModelError::input(format!(
+                    "a KV cache in {dtype:?} (f32, f16, bf16 or q8_0 are supported)"
+                )));
+            }
         }
-        if self.device.is_cuda() && dtype != self.dtype {
+        if self.device.is_cuda() && kv != KvDtype::Float(self.dtype) {
             return Err(ModelError::input(format!(
-                "a KV cache in {dtype:?} on CUDA with {:?} activations (the GPU kernels read the cache in the activations' dtype)",
+                "a {} KV cache on CUDA with {:?} activations (the GPU kernels read the cache in the activations' dtype)",
+                kv.name(),
                 self.dtype
             )));
         }
-        self.kv_dtype = dtype;
+        if let Some(d) = self.blocks.iter().map(|b| b.attn.head_dim).find(|d| kv == KvDtype::Q8_0 && d % 32 != 0) {
+            return Err(ModelError::input(format!(
+                "a q8_0 KV cache needs head sizes that are multiples of 32, not {d}"
+            )));
+        }
+        self.kv_dtype = kv;
         Ok(())
     }
 

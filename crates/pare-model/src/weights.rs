@@ -183,7 +183,7 @@ impl Weights<'_> {
                 })
             }
             (WeightDType::Quantized, WeightSource::Safetensors(_)) => {
-                Err(ModelError::input("--dtype q keeps GGUF quantization; this checkpoint is not GGUF"))
+                Err(ModelError::input("`dtype` q keeps GGUF quantization; this checkpoint is not GGUF"))
             }
             (WeightDType::Float(_), _) => {
                 let weight = self.tensor(&weight_name)?;

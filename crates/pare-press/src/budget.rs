@@ -13,14 +13,14 @@ pub enum Budget {
 impl Budget {
     pub fn ratio(r: f64) -> Result<Self> {
         if !(0.0..1.0).contains(&r) || r.is_nan() {
-            return Err(PressError::config(format!("--ratio must be in [0, 1), got {r}")));
+            return Err(PressError::config(format!("`ratio` must be in [0, 1), got {r}")));
         }
         Ok(Budget::Ratio(r))
     }
 
     pub fn entries(n: usize) -> Result<Self> {
         if n == 0 {
-            return Err(PressError::config("--budget must be at least 1 entry"));
+            return Err(PressError::config("`budget` must be at least 1 entry"));
         }
         Ok(Budget::Entries(n))
     }

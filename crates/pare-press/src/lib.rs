@@ -101,11 +101,11 @@ impl PressOptions {
             ("window", o.window.is_some()),
             ("kernel", o.kernel.is_some()),
             ("beta", o.beta.is_some()),
-            ("alpha-safeguard", o.alpha_safeguard.is_some()),
-            ("chunk-length", o.chunk_length.is_some()),
+            ("alpha_safeguard", o.alpha_safeguard.is_some()),
+            ("chunk_length", o.chunk_length.is_some()),
             ("interval", o.interval.is_some()),
             ("buffer", o.buffer.is_some()),
-            ("n-future", o.n_future.is_some()),
+            ("n_future", o.n_future.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -161,10 +161,10 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "streaming" => &["sinks", "capacity"],
         "snapkv" => &["window", "kernel"],
         "pyramidkv" => &["window", "kernel", "beta"],
-        "expected-attention" => &["sinks", "n-future"],
+        "expected-attention" => &["sinks", "n_future"],
         "random" => &["seed"],
-        "adakv" => &["alpha-safeguard"],
-        "chunkkv" => &["chunk-length"],
+        "adakv" => &["alpha_safeguard"],
+        "chunkkv" => &["chunk_length"],
         "decoding" => &["interval", "buffer"],
         _ => &[],
     }
@@ -184,7 +184,7 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     // ratio, budget and positions apply to every press.
     for option in opts.given().into_iter().filter(|o| !["ratio", "budget", "positions"].contains(o)) {
         if !chain.iter().any(|n| options_of(n).contains(&option)) {
-            return Err(PressError::config(format!("--{option} does not apply to press {spec:?}")));
+            return Err(PressError::config(format!("`{option}` does not apply to press {spec:?}")));
         }
     }
     let (base, wrappers) = chain.split_last().expect("split yields at least one item");
@@ -205,11 +205,11 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     }
     if *base == "streaming" && opts.capacity.is_some() {
         if !wrappers.is_empty() {
-            return Err(PressError::config("streaming with --capacity runs on its own; drop the wrappers"));
+            return Err(PressError::config("streaming with `capacity` runs on its own; drop the wrappers"));
         }
         if opts.ratio.is_some() || opts.budget.is_some() {
             return Err(PressError::config(
-                "streaming takes either --capacity (StreamingLLM's cut before every forward) or --ratio/--budget, not both",
+                "streaming takes either `capacity` (StreamingLLM's cut before every forward) or `ratio`/`budget`, not both",
             ));
         }
         return Ok(Box::new(StreamingPress::new(opts.sinks.unwrap_or(4), opts.capacity.unwrap_or(0), opts.positions)?));
@@ -227,14 +227,14 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
             "adakv" => {
                 let alpha = opts.alpha_safeguard.unwrap_or(0.20);
                 if !(0.0..=1.0).contains(&alpha) {
-                    return Err(PressError::config(format!("--alpha-safeguard must be in [0, 1], got {alpha}")));
+                    return Err(PressError::config(format!("`alpha_safeguard` must be in [0, 1], got {alpha}")));
                 }
                 Box::new(AdaKv { scorer, alpha_safeguard: alpha })
             }
             "chunkkv" => {
                 let chunk_length = opts.chunk_length.unwrap_or(20);
                 if chunk_length == 0 {
-                    return Err(PressError::config("--chunk-length must be at least 1"));
+                    return Err(PressError::config("`chunk_length` must be at least 1"));
                 }
                 Box::new(ChunkKv { scorer, chunk_length })
             }
@@ -243,7 +243,7 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     }
     if decoding {
         let target = opts.budget.ok_or_else(|| {
-            PressError::config("decoding needs --budget N: the entries per head it keeps while decoding")
+            PressError::config("decoding needs `budget` N: the entries per head it keeps while decoding")
         })?;
         let prefill = opts.ratio.map(Budget::ratio).transpose()?;
         return Ok(Box::new(DecodingPress::new(
@@ -258,10 +258,10 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let budget = match (opts.ratio, opts.budget) {
         (Some(r), None) => Budget::ratio(r)?,
         (None, Some(n)) => Budget::entries(n)?,
-        (Some(_), Some(_)) => return Err(PressError::config("give either --ratio or --budget, not both")),
+        (Some(_), Some(_)) => return Err(PressError::config("give either `ratio` or `budget`, not both")),
         (None, None) => {
             return Err(PressError::config(format!(
-                "press {spec:?} needs --ratio R (fraction removed) or --budget N (entries kept)"
+                "press {spec:?} needs `ratio` R (fraction removed) or `budget` N (entries kept)"
             )))
         }
     };
@@ -272,7 +272,7 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
     let snapkv = || -> Result<scorers::SnapKv> {
         let s = scorers::SnapKv { window: opts.window.unwrap_or(64), kernel: opts.kernel.unwrap_or(5) };
         if s.window == 0 || s.kernel == 0 || s.kernel.is_multiple_of(2) {
-            return Err(PressError::config("snapkv: --window must be at least 1 and --kernel odd"));
+            return Err(PressError::config("snapkv: `window` must be at least 1 and `kernel` odd"));
         }
         Ok(s)
     };
@@ -291,7 +291,7 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
         "pyramidkv" => {
             let beta = opts.beta.unwrap_or(20);
             if beta == 0 {
-                return Err(PressError::config("--beta must be at least 1"));
+                return Err(PressError::config("`beta` must be at least 1"));
             }
             return Ok(Box::new(PyramidKv { snapkv: snapkv()?, beta }));
         }

@@ -22,12 +22,12 @@ pub struct Calibration {
 /// Cut `samples` × `len` tokens from the token stream of a text.
 pub fn from_tokens(tokens: &[u32], samples: usize, len: usize, source: &str) -> Result<Calibration> {
     if samples == 0 {
-        return Err(PruneError::input("--calib-samples must be at least 1"));
+        return Err(PruneError::input("`calib_samples` must be at least 1"));
     }
     if len < 2 {
-        return Err(PruneError::input("--calib-len must be at least 2 (a sample predicts its own next tokens)"));
+        return Err(PruneError::input("`calib_len` must be at least 2 (a sample predicts its own next tokens)"));
     }
-    let need = samples.checked_mul(len).ok_or_else(|| PruneError::input("--calib-samples × --calib-len overflows"))?;
+    let need = samples.checked_mul(len).ok_or_else(|| PruneError::input("`calib_samples` × `calib_len` overflows"))?;
     if tokens.len() < need {
         return Err(PruneError::input(format!(
             "calibration text {source} has {} tokens, fewer than the {samples} × {len} = {need} requested",

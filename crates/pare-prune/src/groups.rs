@@ -27,7 +27,7 @@ impl GqaMode {
         match s {
             "kv-groups" => Ok(GqaMode::KvGroups),
             "query-heads" => Ok(GqaMode::QueryHeads),
-            other => Err(PruneError::input(format!("unknown --gqa {other:?} (expected kv-groups or query-heads)"))),
+            other => Err(PruneError::input(format!("unknown `gqa` {other:?} (expected kv-groups or query-heads)"))),
         }
     }
 

@@ -73,10 +73,10 @@ impl PruneSettings {
             }
             return Ok((r.attn.keys().copied().collect(), r.mlp.keys().copied().collect()));
         }
-        for (flag, range) in [("--attn-layers", &self.attn_layers), ("--mlp-layers", &self.mlp_layers)] {
+        for (setting, range) in [("`attn_layers`", &self.attn_layers), ("`mlp_layers`", &self.mlp_layers)] {
             if range.start > range.end || range.end > n {
                 return Err(PruneError::input(format!(
-                    "{flag} {}..{} is outside the model's {n} layers (ranges are start..end, end exclusive, at most {n})",
+                    "{setting} {}..{} is outside the model's {n} layers (ranges are start..end, end exclusive, at most {n})",
                     range.start, range.end
                 )));
             }
@@ -153,17 +153,17 @@ pub fn make_plan(
     let (attn_layers, mlp_layers) = settings.layers(n)?;
     if let Some(n) = settings.round_to {
         if n == 0 {
-            return Err(PruneError::input("--round-to must be at least 1"));
+            return Err(PruneError::input("`round_to` must be at least 1"));
         }
     }
     let samples = match (settings.needs_calibration(), calibration) {
         (true, None) => {
             return Err(PruneError::input(format!(
-                "{} needs calibration text (--calib-text)",
+                "{} needs calibration text (`calib_text`)",
                 if settings.importance.needs_calibration() {
-                    format!("--importance {}", settings.importance.name())
+                    format!("`importance` {}", settings.importance.name())
                 } else {
-                    "--mode block-influence".into()
+                    "`mode` block-influence".into()
                 }
             )))
         }
@@ -436,7 +436,7 @@ mod tests {
         let mut s = settings(Importance::L2, GqaMode::KvGroups, 0.25);
         s.attn_layers = 2..5;
         let e = make_plan(&model, &s, None, &mut |_, _, _| {}).unwrap_err().to_string();
-        assert!(e.contains("--attn-layers 2..5 is outside the model's 3 layers"), "{e}");
+        assert!(e.contains("`attn_layers` 2..5 is outside the model's 3 layers"), "{e}");
         let e = make_plan(&model, &settings(Importance::L2, GqaMode::KvGroups, 1.0), None, &mut |_, _, _| {})
             .unwrap_err()
             .to_string();
@@ -453,7 +453,7 @@ mod tests {
         let mut s = settings(Importance::L2, GqaMode::KvGroups, 0.5);
         s.round_to = Some(1000);
         let e = make_plan(&model, &s, None, &mut |_, _, _| {}).unwrap_err().to_string();
-        assert!(e.contains("--round-to 1000 is larger than layer 0's"), "{e}");
+        assert!(e.contains("`round_to` 1000 is larger than layer 0's"), "{e}");
         // A plan for another model is refused.
         let other = tiny_model(&Device::Cpu, 2, 4, 2, 16);
         let out =

@@ -102,7 +102,7 @@ pub fn counts(
     round_to: Option<usize>,
 ) -> Result<BTreeMap<usize, usize>> {
     if !(0.0..=1.0).contains(&ratio) {
-        return Err(PruneError::input(format!("--ratio must be in [0, 1], got {ratio}")));
+        return Err(PruneError::input(format!("`ratio` must be in [0, 1], got {ratio}")));
     }
     let mut pruned: BTreeMap<usize, usize> = match mode {
         RatioMode::Local => layers.iter().map(|u| (u.layer, local_count(u.units, u.root_width, ratio))).collect(),
@@ -123,7 +123,7 @@ pub fn counts(
         }
         if *p >= u.units && u.units > 0 {
             return Err(PruneError::input(format!(
-                "this ratio would remove every {} of layer {} ({} of {}); lower --ratio",
+                "this ratio would remove every {} of layer {} ({} of {}); lower `ratio`",
                 u.unit_name, u.layer, u.units, u.units
             )));
         }
@@ -170,7 +170,7 @@ fn block_influence(layers: &[LayerUnits], bi: &[f64], ratio: f64, strength: f64)
     let scale = if sum > 0.0 { target as f64 / sum } else { 0.0 };
     let cap: Vec<usize> = layers.iter().map(|u| u.units.saturating_sub(1)).collect();
     if target > cap.iter().sum::<usize>() {
-        return Err(PruneError::input("this ratio would remove every unit of some layer; lower --ratio"));
+        return Err(PruneError::input("this ratio would remove every unit of some layer; lower `ratio`"));
     }
     let want: Vec<f64> = desired.iter().map(|d| d * scale).collect();
     let mut got: Vec<usize> = want.iter().zip(&cap).map(|(&w, &c)| (w.floor() as usize).min(c)).collect();
@@ -196,11 +196,11 @@ fn block_influence(layers: &[LayerUnits], bi: &[f64], ratio: f64, strength: f64)
 fn round_kept(u: &LayerUnits, pruned: usize, n: usize, kind: Kind) -> Result<usize> {
     let full = u.units * u.channel_width;
     if n == 0 {
-        return Err(PruneError::input("--round-to must be at least 1"));
+        return Err(PruneError::input("`round_to` must be at least 1"));
     }
     if n > full {
         return Err(PruneError::input(format!(
-            "--round-to {n} is larger than layer {}'s {} width of {full}",
+            "`round_to` {n} is larger than layer {}'s {} width of {full}",
             u.layer,
             match kind {
                 Kind::Attn => "attention",

@@ -385,7 +385,7 @@ impl State<'_> {
         if !self.make_room(batch, active, cache.bytes()) {
             return Err(ApiError::invalid(
                 format!(
-                    "the context's KV cache ({} bytes) does not fit beside what the server holds (--kv-memory {})",
+                    "the context's KV cache ({} bytes) does not fit beside what the server holds in its KV budget of {} bytes",
                     cache.bytes(),
                     self.limits.kv_memory
                 ),

@@ -29,13 +29,17 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// 400: the request is wrong; `param` names the field when one is to blame.
+    /// 400: the request is wrong; `param` names the field when one is to blame, else the first
+    /// setting the message names (library errors name settings as `` `field` ``, written here
+    /// as the request's field names).
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        let message = message.into();
+        let param = param.or_else(|| pare_model::setting_names(&message).first().copied()).map(str::to_string);
         ApiError {
             status: StatusCode::BAD_REQUEST,
-            message: message.into(),
+            message: pare_model::spell_settings(&message, str::to_string),
             kind: "invalid_request_error",
-            param: param.map(str::to_string),
+            param,
             code: None,
         }
     }
@@ -51,7 +55,13 @@ impl ApiError {
     }
 
     pub fn status(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code: None }
+        ApiError {
+            status,
+            message: pare_model::spell_settings(&message.into(), str::to_string),
+            kind,
+            param: None,
+            code: None,
+        }
     }
 
     pub fn unauthorized() -> Self {

@@ -55,7 +55,7 @@ fn describe() {
     metrics::describe_gauge!(KV_IN_USE, "KV-cache bytes held by running sequences (after compression)");
     metrics::describe_gauge!(KV_SAVED, "KV-cache bytes that compression and pruning removed from running sequences");
     metrics::describe_gauge!(KV_RESERVED, "KV bytes in use plus the growth reserved for running sequences");
-    metrics::describe_gauge!(KV_BUDGET, "the --kv-memory admission budget");
+    metrics::describe_gauge!(KV_BUDGET, "the admission budget for KV-cache bytes");
     metrics::describe_counter!(CANCELLED, "sequences dropped because their client left or timed out");
     metrics::describe_counter!(PREEMPTIONS, "running sequences whose cache was dropped to be run again later");
     metrics::describe_counter!(

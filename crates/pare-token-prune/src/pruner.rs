@@ -52,7 +52,7 @@ pub fn scorer(name: &str, seed: u64) -> Result<TokenScorer> {
     if let Some(path) = name.strip_prefix("learned:") {
         if path.is_empty() {
             return Err(TokenPruneError::config(
-                "--prune-score learned:FILE needs the scorer's file (from `pare train-scorer`)",
+                "`prune_score` learned:FILE needs the scorer's file (from `pare train-scorer`)",
             ));
         }
         return Ok(TokenScorer::Learned(Box::new(LearnedScorer::load(path)?)));
@@ -64,7 +64,7 @@ pub fn scorer(name: &str, seed: u64) -> Result<TokenScorer> {
         "random" => Box::new(pare_press::scorers::Random { seed }),
         other => {
             return Err(TokenPruneError::config(format!(
-                "unknown --prune-score {other:?} (last-attn, mean-attn, knorm, random, learned:FILE.safetensors)"
+                "unknown `prune_score` {other:?} (last-attn, mean-attn, knorm, random, learned:FILE.safetensors)"
             )))
         }
     };

@@ -38,39 +38,39 @@ impl PruneSchedule {
         let mut stages = Vec::new();
         for part in spec.split(',').map(str::trim) {
             let (layer, keep) = part.split_once(':').ok_or_else(|| {
-                TokenPruneError::config(format!("--prune-tokens: {part:?} is not LAYER:KEEP (e.g. 2:0.5 or 10:276)"))
+                TokenPruneError::config(format!("`prune_tokens`: {part:?} is not LAYER:KEEP (e.g. 2:0.5 or 10:276)"))
             })?;
             let layer: usize = layer
                 .trim()
                 .parse()
-                .map_err(|_| TokenPruneError::config(format!("--prune-tokens: layer {layer:?} is not a number")))?;
+                .map_err(|_| TokenPruneError::config(format!("`prune_tokens`: layer {layer:?} is not a number")))?;
             let keep = keep.trim();
             let keep = if keep.contains('.') {
                 let f: f64 = keep
                     .parse()
-                    .map_err(|_| TokenPruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                    .map_err(|_| TokenPruneError::config(format!("`prune_tokens`: keep {keep:?} is not a number")))?;
                 if !(f > 0.0 && f <= 1.0) {
                     return Err(TokenPruneError::config(format!(
-                        "--prune-tokens: a kept fraction must be in (0, 1], got {f}"
+                        "`prune_tokens`: a kept fraction must be in (0, 1], got {f}"
                     )));
                 }
                 Keep::Fraction(f)
             } else {
                 let c: usize = keep
                     .parse()
-                    .map_err(|_| TokenPruneError::config(format!("--prune-tokens: keep {keep:?} is not a number")))?;
+                    .map_err(|_| TokenPruneError::config(format!("`prune_tokens`: keep {keep:?} is not a number")))?;
                 if c == 0 {
-                    return Err(TokenPruneError::config("--prune-tokens: keep at least one token"));
+                    return Err(TokenPruneError::config("`prune_tokens`: keep at least one token"));
                 }
                 Keep::Count(c)
             };
             if layer == 0 {
                 return Err(TokenPruneError::config(
-                    "--prune-tokens: layer 0 has no attention to score with; cut after layer 1 or later",
+                    "`prune_tokens`: layer 0 has no attention to score with; cut after layer 1 or later",
                 ));
             }
             if stages.last().is_some_and(|s: &Stage| s.layer >= layer) {
-                return Err(TokenPruneError::config("--prune-tokens: layers must increase"));
+                return Err(TokenPruneError::config("`prune_tokens`: layers must increase"));
             }
             stages.push(Stage { layer, keep });
         }
@@ -81,7 +81,7 @@ impl PruneSchedule {
     pub fn check(&self, num_layers: usize) -> Result<()> {
         if let Some(s) = self.stages.iter().find(|s| s.layer >= num_layers) {
             return Err(TokenPruneError::config(format!(
-                "--prune-tokens: layer {} is beyond the model's {num_layers} layers",
+                "`prune_tokens`: layer {} is beyond the model's {num_layers} layers",
                 s.layer
             )));
         }
@@ -97,14 +97,14 @@ impl PruneSchedule {
         for stage in &self.stages {
             if span == 0 {
                 return Err(TokenPruneError::config(format!(
-                    "--prune-tokens: nothing left to cut at layer {}: the span is empty",
+                    "`prune_tokens`: nothing left to cut at layer {}: the span is empty",
                     stage.layer
                 )));
             }
             if let Keep::Count(c) = stage.keep {
                 if c > span {
                     return Err(TokenPruneError::config(format!(
-                        "--prune-tokens: layer {} keeps {c} tokens, more than the {span} the span holds there",
+                        "`prune_tokens`: layer {} keeps {c} tokens, more than the {span} the span holds there",
                         stage.layer
                     )));
                 }

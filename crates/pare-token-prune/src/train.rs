@@ -43,7 +43,7 @@ impl MaskKind {
             "sigmoid" => Ok(MaskKind::Sigmoid),
             "gumbel" => Ok(MaskKind::Gumbel),
             "st" | "straight-through" => Ok(MaskKind::StraightThrough),
-            other => Err(TokenPruneError::config(format!("unknown --mask {other:?} (sigmoid, gumbel or st)"))),
+            other => Err(TokenPruneError::config(format!("unknown `mask` {other:?} (sigmoid, gumbel or st)"))),
         }
     }
 
@@ -109,14 +109,14 @@ impl TrainSettings {
     pub fn check(&self, num_layers: usize, max_positions: usize) -> Result<()> {
         if self.cut_layer == 0 || self.cut_layer >= num_layers {
             return Err(TokenPruneError::config(format!(
-                "--layer must be between 1 and {} (the model has {num_layers} layers; the scorer reads layer LAYER-1)",
+                "`layer` must be between 1 and {} (the model has {num_layers} layers; the scorer reads layer LAYER-1)",
                 num_layers.saturating_sub(1)
             )));
         }
         self.check_basic()?;
         if self.seq_len > max_positions {
             return Err(TokenPruneError::config(format!(
-                "--seq-len {} exceeds the model's context of {max_positions} tokens",
+                "`seq_len` {} exceeds the model's context of {max_positions} tokens",
                 self.seq_len
             )));
         }
@@ -126,35 +126,35 @@ impl TrainSettings {
     /// Checks that need no model.
     pub fn check_basic(&self) -> Result<()> {
         if !(self.keep > 0.0 && self.keep < 1.0) {
-            return Err(TokenPruneError::config(format!("--keep must be in (0, 1), got {}", self.keep)));
+            return Err(TokenPruneError::config(format!("`keep` must be in (0, 1), got {}", self.keep)));
         }
         if self.protect_last < 2 {
-            return Err(TokenPruneError::config("--protect-last must be at least 2 (the tail carries the loss)"));
+            return Err(TokenPruneError::config("`protect_last` must be at least 2 (the tail carries the loss)"));
         }
         if self.seq_len < self.protect_last + 2 {
             return Err(TokenPruneError::config(format!(
-                "--seq-len {} leaves no span before the {} protected tokens",
+                "`seq_len` {} leaves no span before the {} protected tokens",
                 self.seq_len, self.protect_last
             )));
         }
         if self.steps == 0 || self.batch == 0 {
-            return Err(TokenPruneError::config("--steps and --batch must be at least 1"));
+            return Err(TokenPruneError::config("`steps` and `batch` must be at least 1"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite() && self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(TokenPruneError::config("--lr and --temperature must be positive"));
+            return Err(TokenPruneError::config("`lr` and `temperature` must be positive"));
         }
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
-            return Err(TokenPruneError::config("--lambda must be non-negative"));
+            return Err(TokenPruneError::config("`lambda` must be non-negative"));
         }
         if self.eval_samples > 0 && self.eval_every > self.steps {
             return Err(TokenPruneError::config(format!(
-                "--eval-every {} is beyond --steps {}",
+                "`eval_every` {} is beyond `steps` {}",
                 self.eval_every, self.steps
             )));
         }
         if self.d == 0 || self.heads == 0 || !self.d.is_multiple_of(self.heads) {
             return Err(TokenPruneError::config(format!(
-                "--d {} must be a positive multiple of --heads {}",
+                "`d` {} must be a positive multiple of `heads` {}",
                 self.d, self.heads
             )));
         }
@@ -325,7 +325,7 @@ pub fn train(
     let mut all = samples(tokens, s.seq_len);
     if all.len() <= s.eval_samples {
         return Err(TokenPruneError::config(format!(
-            "the training text has {} tokens, fewer than {} samples of --seq-len {} ({} held out)",
+            "the training text has {} tokens, fewer than {} samples of `seq_len` {} ({} held out)",
             tokens.len(),
             s.eval_samples + 1,
             s.seq_len,
@@ -393,7 +393,7 @@ pub fn train(
         let value = loss.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(TokenPruneError::config(format!(
-                "training diverged at step {step} (loss {value}); lower --lr"
+                "training diverged at step {step} (loss {value}); lower `lr`"
             )));
         }
         opt.backward_step(&loss)?;

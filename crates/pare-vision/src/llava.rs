@@ -209,7 +209,7 @@ impl LoadedLlava {
     pub fn load(dir: &Path, dtype: WeightDType, device: &Device) -> Result<Self> {
         if dtype == WeightDType::Quantized {
             return Err(VisionError::input(
-                "--dtype q keeps GGUF quantization; LLaVA checkpoints are safetensors (use f32, bf16 or f16)",
+                "`dtype` q keeps GGUF quantization; LLaVA checkpoints are safetensors (use f32, bf16 or f16)",
             ));
         }
         let config_path = dir.join("config.json");

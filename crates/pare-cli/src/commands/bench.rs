@@ -137,7 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         + model.lm_head().storage_bytes();
     if args.json {
         print_json(&json!({
-            "model": args.model.model, "dtype": args.model.dtype_name(), "kv_dtype": format!("{:?}", args.model.kv_dtype()).to_lowercase(), "device": args.model.device.to_string(),
+            "model": args.model.model, "dtype": args.model.dtype_name(), "kv_dtype": args.model.kv_dtype().name(), "device": args.model.device.to_string(),
             "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "prefill_s": prefill_s, "decode_s": decode_s,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,

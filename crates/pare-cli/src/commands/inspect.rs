@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect();
     let kv_bytes_per_token: usize =
-        m.blocks().iter().map(|b| 2 * b.attn.num_kv_heads() * b.attn.head_dim() * m.kv_dtype().size_in_bytes()).sum();
+        m.blocks().iter().map(|b| 2 * b.attn.num_kv_heads() * m.kv_dtype().entry_bytes(b.attn.head_dim())).sum();
     let report = json!({
         "path": loaded.path.display().to_string(),
         "format": loaded.format,

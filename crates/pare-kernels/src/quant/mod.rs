@@ -143,6 +143,30 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
+/// Bytes of one GGUF Q8_0 block: an f16 scale and 32 signed codes.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// Encode `x` (a multiple of 32 long) as GGUF Q8_0 blocks into `out` (34 bytes per 32 values),
+/// llama.cpp's rounding: scale by 127/max|x| (stored as f16), round half to even. The KV cache's
+/// `q8_0` format.
+pub fn encode_q8_0(x: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(x.len() / QK8 * Q8_0_BLOCK_BYTES, out.len());
+    for (chunk, b) in x.chunks_exact(QK8).zip(out.chunks_exact_mut(Q8_0_BLOCK_BYTES)) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        b[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        for (q, &v) in b[2..].iter_mut().zip(chunk) {
+            *q = (v * id).round_ties_even() as i8 as u8;
+        }
+    }
+}
+
+/// Decode GGUF Q8_0 blocks (34 bytes per 32 values) into `out`.
+pub fn decode_q8_0(bytes: &[u8], out: &mut [f32]) {
+    scalar::dequantize_row(QuantType::Q8_0, bytes, out)
+}
+
 /// A (rows, cols) weight matrix in GGUF blocks, rows contiguous as in the file. Clones and
 /// [`QuantMatrix::narrow_rows`] views share the blocks.
 #[derive(Debug, Clone)]

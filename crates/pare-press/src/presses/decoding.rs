@@ -43,10 +43,10 @@ impl DecodingPress {
         positions: PositionPolicy,
     ) -> Result<Self> {
         if target == 0 {
-            return Err(PressError::config("decoding: --budget (entries kept per head) must be at least 1"));
+            return Err(PressError::config("decoding: `budget` (entries kept per head) must be at least 1"));
         }
         if interval == 0 {
-            return Err(PressError::config("decoding: --interval must be at least 1"));
+            return Err(PressError::config("decoding: `interval` must be at least 1"));
         }
         Ok(DecodingPress { selector, target, interval, buffer, prefill, positions, layers: Vec::new() })
     }

@@ -18,10 +18,10 @@ pub struct StreamingPress {
 impl StreamingPress {
     pub fn new(sinks: usize, capacity: usize, positions: PositionPolicy) -> Result<Self> {
         if capacity == 0 {
-            return Err(PressError::config("--capacity must be at least 1"));
+            return Err(PressError::config("`capacity` must be at least 1"));
         }
         if capacity < sinks {
-            return Err(PressError::config(format!("--capacity ({capacity}) must be at least --sinks ({sinks})")));
+            return Err(PressError::config(format!("`capacity` ({capacity}) must be at least `sinks` ({sinks})")));
         }
         Ok(StreamingPress { sinks, capacity, positions })
     }

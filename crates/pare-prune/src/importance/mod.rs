@@ -42,7 +42,7 @@ impl Importance {
             "wanda-sp" | "wanda_sp" => Importance::WandaSp,
             other => {
                 return Err(PruneError::input(format!(
-                    "unknown --importance {other:?} (expected random, l1, l2, taylor or wanda-sp)"
+                    "unknown `importance` {other:?} (expected random, l1, l2, taylor or wanda-sp)"
                 )))
             }
         })
@@ -133,7 +133,7 @@ pub fn score(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Scores> {
     let need_samples = || {
-        samples.ok_or_else(|| PruneError::input(format!("--importance {} needs calibration text", s.importance.name())))
+        samples.ok_or_else(|| PruneError::input(format!("`importance` {} needs calibration text", s.importance.name())))
     };
     let mut scores = Scores::default();
     let source = match s.importance {

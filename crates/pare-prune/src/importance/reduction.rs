@@ -19,7 +19,7 @@ impl Reduction {
             "sum" => Ok(Reduction::Sum),
             "mean" => Ok(Reduction::Mean),
             "max" => Ok(Reduction::Max),
-            other => Err(PruneError::input(format!("unknown --reduction {other:?} (expected sum, mean or max)"))),
+            other => Err(PruneError::input(format!("unknown `reduction` {other:?} (expected sum, mean or max)"))),
         }
     }
 

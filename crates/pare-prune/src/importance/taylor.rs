@@ -38,7 +38,7 @@ impl TaylorVariant {
             "param_second" => Ok(TaylorVariant::ParamSecond),
             "param_mix" => Ok(TaylorVariant::ParamMix),
             other => Err(PruneError::input(format!(
-                "unknown --taylor {other:?} (expected param_first, vectorize, param_second or param_mix)"
+                "unknown `taylor` {other:?} (expected param_first, vectorize, param_second or param_mix)"
             ))),
         }
     }
