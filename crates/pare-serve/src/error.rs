@@ -109,3 +109,21 @@ impl IntoResponse for ApiError {
         (self.status, Json(self.body())).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A library's setting name becomes the request field, in the message and as `param`.
+    #[test]
+    fn settings_a_library_names_become_request_fields() {
+        let e = ApiError::invalid("`ratio` must be in [0, 1), got 1.5", None);
+        assert_eq!(e.message, "ratio must be in [0, 1), got 1.5");
+        assert_eq!(e.param.as_deref(), Some("ratio"));
+        let e = ApiError::invalid("`capacity` (4) must be at least `sinks` (8)", Some("press"));
+        assert_eq!(
+            (e.message.as_str(), e.param.as_deref()),
+            ("capacity (4) must be at least sinks (8)", Some("press"))
+        );
+    }
+}
