@@ -109,8 +109,10 @@ fn bench_reports_speed_and_cache_bytes() {
     let v = pare_json(&["bench", "--prompt-len", "16", "--gen-len", "4", "--batch", "2"]);
     assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
-    // 30 layers × (K and V) × 3 kv heads × 64 dims × 4 bytes × (16 + 4 tokens) × 2 rows
-    assert_eq!(v["kv_cache_bytes"], 30 * 2 * 3 * 64 * 4 * 20 * 2);
+    // The Q4_1 GGUF runs quantized, its cache in f16 (the default there, as llama.cpp's):
+    // 30 layers × (K and V) × 3 kv heads × 64 dims × 2 bytes × (16 + 4 tokens) × 2 rows
+    assert_eq!(v["kv_dtype"], "f16");
+    assert_eq!(v["kv_cache_bytes"], 30 * 2 * 3 * 64 * 2 * 20 * 2);
 }
 
 #[test]

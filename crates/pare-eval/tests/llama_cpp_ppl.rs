@@ -1,9 +1,9 @@
-//! pare's perplexity on a quantized GGUF, run in its own blocks, against llama-perplexity's on the
-//! same file, text and context. The fixture records llama.cpp's number and the command that made
+//! pare's perplexity on a quantized GGUF, run in its own blocks with an f16 KV cache (the CLI's
+//! defaults, and llama.cpp's), against llama-perplexity's on the same file, text and context. The fixture records llama.cpp's number and the command that made
 //! it (tests/fixtures/llama-cpp-ppl/).
 
 use candle_core::{DType, Device, D};
-use pare_model::WeightDType;
+use pare_model::{KvDtype, WeightDType};
 use pare_test_support::{fixture, logits_all, repo};
 use serde_json::Value;
 
@@ -12,7 +12,8 @@ use serde_json::Value;
 /// each chunk scored, so every scored token has at least n_ctx/2 tokens of context.
 fn llama_cpp_style_ppl(fixture: &Value) -> (f64, usize) {
     let model = repo().join(fixture["model"].as_str().unwrap());
-    let loaded = pare_model::load(model.to_str().unwrap(), WeightDType::Quantized, &Device::Cpu).unwrap();
+    let mut loaded = pare_model::load(model.to_str().unwrap(), WeightDType::Quantized, &Device::Cpu).unwrap();
+    loaded.model.set_kv_dtype(KvDtype::Float(DType::F16)).unwrap();
     let text = std::fs::read_to_string(repo().join(fixture["text"].as_str().unwrap())).unwrap();
     let lines = fixture["text_lines"].as_u64().unwrap() as usize;
     let text: String = text.split_inclusive('\n').take(lines).collect();
