@@ -195,8 +195,7 @@ fn decode_block<M: Madd>(queries: &[f32], keys: Rows, values: Rows, start: usize
     let mut scores = vec![0f32; group * n];
     for tile in (start..end).step_by(KEY_TILE) {
         let rows = KEY_TILE.min(end - tile);
-        keys.widen(tile, d, &mut buf[..rows * d]);
-        for (e, k) in buf[..rows * d].chunks_exact(d).enumerate() {
+        for (e, k) in keys.tile(tile, rows, d, &mut buf).chunks_exact(d).enumerate() {
             for (g, q) in queries.chunks_exact(d).enumerate() {
                 scores[g * n + tile - start + e] = dot::<M>(q, k);
             }
@@ -215,8 +214,7 @@ fn decode_block<M: Madd>(queries: &[f32], keys: Rows, values: Rows, start: usize
     let mut acc = vec![0f32; group * d];
     for tile in (start..end).step_by(KEY_TILE) {
         let rows = KEY_TILE.min(end - tile);
-        values.widen(tile, d, &mut buf[..rows * d]);
-        for (e, v) in buf[..rows * d].chunks_exact(d).enumerate() {
+        for (e, v) in values.tile(tile, rows, d, &mut buf).chunks_exact(d).enumerate() {
             for (g, out) in acc.chunks_exact_mut(d).enumerate() {
                 axpy::<M>(scores[g * n + tile - start + e], v, out);
             }
@@ -294,21 +292,15 @@ fn decode(queries: &[f32], heads_of: &[DecodeHead], batch: usize, heads: usize, 
     out
 }
 
-/// Whether this CPU runs the FMA build of the kernels (checked once).
+/// Whether this CPU runs the FMA build of the kernels: the same check the quantized kernels make.
 fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *FMA.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::quant::Kernel::detect() == crate::quant::Kernel::Avx2
 }
 
 fn decode_block_any(fused: bool, q: &[f32], keys: Rows, values: Rows, start: usize, end: usize, d: usize) -> Partial {
     #[cfg(target_arch = "x86_64")]
     if fused {
-        // SAFETY: `fused` is true only when the CPU reports AVX2 and FMA.
+        // SAFETY: `fused` is true only when the CPU reports AVX2, FMA and F16C.
         return unsafe { decode_block_avx2(q, keys, values, start, end, d) };
     }
     let _ = fused;
@@ -453,22 +445,23 @@ fn product(
     }
 }
 
+/// One (row, KV head)'s cache as a prefill tile reads it.
+#[derive(Clone, Copy)]
+struct HeadCache<'a> {
+    keys: Rows<'a>,
+    values: Rows<'a>,
+    positions: &'a [i64],
+    window: Option<usize>,
+    d: usize,
+}
+
 /// One prefill tile: `group` heads × the queries `q_positions` (rows of `queries`, head-major:
 /// row g·tq + t) over all key tiles of one (row, KV head). Writes normalized outputs into `out`.
 /// The products run in gemm; what is between them (masks, the online softmax) vectorizes, and
 /// is compiled for AVX2 as well ([`prefill_tile_avx2`]).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn prefill_tile(
-    queries: &[f32],
-    q_positions: &[i64],
-    keys: Rows,
-    values: Rows,
-    e_positions: &[i64],
-    window: Option<usize>,
-    d: usize,
-    out: &mut [f32],
-) {
+fn prefill_tile(queries: &[f32], q_positions: &[i64], cache: HeadCache, out: &mut [f32]) {
+    let HeadCache { keys, values, positions: e_positions, window, d } = cache;
     let tq = q_positions.len();
     let rows = queries.len() / d;
     let (mut key_buf, mut value_buf) = (vec![0f32; KEY_TILE * d], vec![0f32; KEY_TILE * d]);
@@ -520,41 +513,20 @@ fn prefill_tile(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prefill_tile_any(
-    fused: bool,
-    queries: &[f32],
-    q_positions: &[i64],
-    keys: Rows,
-    values: Rows,
-    e_positions: &[i64],
-    window: Option<usize>,
-    d: usize,
-    out: &mut [f32],
-) {
+fn prefill_tile_any(fused: bool, queries: &[f32], q_positions: &[i64], cache: HeadCache, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if fused {
-        // SAFETY: `fused` is true only when the CPU reports AVX2 and FMA.
-        return unsafe { prefill_tile_avx2(queries, q_positions, keys, values, e_positions, window, d, out) };
+        // SAFETY: `fused` is true only when the CPU reports AVX2, FMA and F16C.
+        return unsafe { prefill_tile_avx2(queries, q_positions, cache, out) };
     }
     let _ = fused;
-    prefill_tile(queries, q_positions, keys, values, e_positions, window, d, out)
+    prefill_tile(queries, q_positions, cache, out)
 }
 
-#[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn prefill_tile_avx2(
-    queries: &[f32],
-    q_positions: &[i64],
-    keys: Rows,
-    values: Rows,
-    e_positions: &[i64],
-    window: Option<usize>,
-    d: usize,
-    out: &mut [f32],
-) {
-    prefill_tile(queries, q_positions, keys, values, e_positions, window, d, out)
+unsafe fn prefill_tile_avx2(queries: &[f32], q_positions: &[i64], cache: HeadCache, out: &mut [f32]) {
+    prefill_tile(queries, q_positions, cache, out)
 }
 
 /// [`crate::attention_prefill`] on the CPU.
@@ -587,11 +559,15 @@ pub fn attention_prefill(
                 let h = kvh * group + g;
                 tile_queries.extend_from_slice(&queries[((row * heads + h) * sq + t0) * d..][..tq * d]);
             }
-            let k = held_keys.rows(key_offsets[i], n, width)?;
-            let v = held_values.rows(value_offsets[i], n, width)?;
+            let cache = HeadCache {
+                keys: held_keys.rows(key_offsets[i], n, width)?,
+                values: held_values.rows(value_offsets[i], n, width)?,
+                positions: entry_positions[row],
+                window,
+                d,
+            };
             let mut out = vec![0f32; group * tq * d];
-            let q_positions = &query_positions[row][t0..t0 + tq];
-            prefill_tile_any(fused, &tile_queries, q_positions, k, v, entry_positions[row], window, d, &mut out);
+            prefill_tile_any(fused, &tile_queries, &query_positions[row][t0..t0 + tq], cache, &mut out);
             Ok(out)
         })
         .collect::<Result<Vec<_>>>()?;

@@ -250,7 +250,7 @@ pub fn encode_kv_q8_0(t: &Tensor) -> Result<Tensor> {
 pub fn decode_kv_q8_0(t: &Tensor) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let width = *dims.last().unwrap_or(&0);
-    if t.dtype() != candle_core::DType::U8 || !width.is_multiple_of(quant::Q8_0_BLOCK_BYTES) {
+    if t.dtype() != candle_core::DType::U8 || width == 0 || !width.is_multiple_of(quant::Q8_0_BLOCK_BYTES) {
         candle_core::bail!("not a q8_0 cache tensor: {:?} of {:?}", dims, t.dtype());
     }
     let bytes: Vec<u8> = t.flatten_all()?.to_vec1()?;
