@@ -9,8 +9,10 @@
 //! Storage has two shapes. While every (row, head) holds the same number of entries, one
 //! (batch, kv_heads, capacity, head_dim) buffer pair serves the whole layer and attention runs
 //! batched. Once budgets differ between rows or heads (per-head presses, per-sequence budgets),
-//! each (row, head) gets its own buffers sized to what it keeps: the memory really is freed.
-//! New entries are written in place into spare capacity in both shapes.
+//! each (row, head) gets its own region of one buffer pair, sized to what it keeps: the memory
+//! really is freed. New entries are written in place into spare capacity in both shapes, with one
+//! copy per layer whatever the number of rows and heads (a GPU launch per head would cost more
+//! than the attention it feeds).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -70,10 +72,13 @@ enum Storage {
         values: Tensor,
         len: usize,
     },
-    /// (row, head) `i = row * kv_heads + head` holds `lens[i]` entries in its own (capacity, head_dim) buffers.
+    /// (row, head) `i = row * kv_heads + head` owns rows `starts[i] .. starts[i] + caps[i]` of one
+    /// (rows, head_dim) buffer pair and uses the first `lens[i]` of them.
     Ragged {
-        keys: Vec<Tensor>,
-        values: Vec<Tensor>,
+        keys: Tensor,
+        values: Tensor,
+        starts: Vec<usize>,
+        caps: Vec<usize>,
         lens: Vec<usize>,
     },
 }
@@ -101,9 +106,11 @@ impl Clone for LayerKv {
             Storage::Uniform { keys, values, len } => {
                 Storage::Uniform { keys: copy(keys), values: copy(values), len: *len }
             }
-            Storage::Ragged { keys, values, lens } => Storage::Ragged {
-                keys: keys.iter().map(copy).collect(),
-                values: values.iter().map(copy).collect(),
+            Storage::Ragged { keys, values, starts, caps, lens } => Storage::Ragged {
+                keys: copy(keys),
+                values: copy(values),
+                starts: starts.clone(),
+                caps: caps.clone(),
                 lens: lens.clone(),
             },
         };
@@ -126,6 +133,25 @@ fn stack_heads(per_head: &[Tensor], kv_heads: usize) -> Result<Tensor> {
     let rows =
         per_head.chunks(kv_heads).map(|heads| Tensor::stack(heads, 0)).collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Where each region starts when regions of `caps` rows are laid out one after another.
+fn region_starts(caps: &[usize]) -> Vec<usize> {
+    caps.iter().scan(0, |next, &c| Some(std::mem::replace(next, *next + c))).collect()
+}
+
+/// Rows `rows` of a (rows, width) buffer, in that order, as a new buffer.
+fn gather_rows(buf: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    if rows.is_empty() || buf.dim(0)? == 0 {
+        return Ok(Tensor::zeros((rows.len(), buf.dim(1)?), buf.dtype(), buf.device())?);
+    }
+    let ids = Tensor::from_vec(rows.to_vec(), rows.len(), buf.device())?;
+    Ok(buf.index_select(&ids, 0)?)
+}
+
+/// A ragged layer whose (row, head) regions hold exactly `lens` entries each, one after another.
+fn ragged_of(keys: Tensor, values: Tensor, lens: Vec<usize>) -> Storage {
+    Storage::Ragged { keys, values, starts: region_starts(&lens), caps: lens.clone(), lens }
 }
 
 /// Capacity after growth: a quarter of headroom keeps appends amortized without holding twice
@@ -220,10 +246,24 @@ impl LayerKv {
                 keys.get(row)?.get(head)?.narrow(0, 0, *len)?,
                 values.get(row)?.get(head)?.narrow(0, 0, *len)?,
             ))),
-            Storage::Ragged { keys, values, lens } => {
-                Ok(Some((keys[i].narrow(0, 0, lens[i])?, values[i].narrow(0, 0, lens[i])?)))
+            Storage::Ragged { keys, values, starts, lens, .. } => {
+                Ok(Some((keys.narrow(0, starts[i], lens[i])?, values.narrow(0, starts[i], lens[i])?)))
             }
         }
+    }
+
+    /// Keys and values as (rows, width) buffers, with the buffer row where each (row, head)'s
+    /// entries begin. None when empty.
+    fn flat(&self) -> Result<Option<(Tensor, Tensor, Vec<usize>)>> {
+        Ok(match &self.storage {
+            Storage::Empty => None,
+            Storage::Uniform { keys, values, .. } => {
+                let (batch, heads, capacity, width) = keys.dims4()?;
+                let flat = |t: &Tensor| t.contiguous()?.reshape((batch * heads * capacity, width));
+                Some((flat(keys)?, flat(values)?, (0..batch * heads).map(|i| i * capacity).collect()))
+            }
+            Storage::Ragged { keys, values, starts, .. } => Some((keys.clone(), values.clone(), starts.clone())),
+        })
     }
 
     /// Append new entries (batch, kv_heads, n, head_dim) with their positions (batch × n); every
@@ -269,25 +309,40 @@ impl LayerKv {
                 values.slice_set(&v.contiguous()?, 2, *len)?;
                 *len = needed;
             }
-            Storage::Ragged { keys, values, lens } => {
-                for b in 0..batch {
-                    let (kb, vb) = (k.get(b)?, v.get(b)?);
-                    for h in 0..heads {
-                        let i = b * heads + h;
-                        let needed = lens[i] + n;
-                        let capacity = keys[i].dim(0)?;
-                        if needed > capacity {
-                            let new_capacity = grown_capacity(needed, capacity);
-                            for buf in [&mut keys[i], &mut values[i]] {
-                                let grown = Tensor::zeros((new_capacity, dim), buf.dtype(), buf.device())?;
-                                grown.slice_set(&buf.narrow(0, 0, lens[i])?.contiguous()?, 0, 0)?;
-                                *buf = grown;
-                            }
+            Storage::Ragged { keys, values, starts, caps, lens } => {
+                if lens.iter().zip(caps.iter()).any(|(&l, &c)| l + n > c) {
+                    // Regions that would overflow grow; the buffer is rebuilt in one gather, the
+                    // spare rows filled from row 0 (never read).
+                    let new_caps: Vec<usize> = lens
+                        .iter()
+                        .zip(caps.iter())
+                        .map(|(&l, &c)| if l + n > c { grown_capacity(l + n, c) } else { c })
+                        .collect();
+                    let new_starts = region_starts(&new_caps);
+                    let mut rows = vec![0u32; new_caps.iter().sum()];
+                    for i in 0..lens.len() {
+                        for j in 0..lens[i] {
+                            rows[new_starts[i] + j] = (starts[i] + j) as u32;
                         }
-                        keys[i].slice_set(&kb.get(h)?.contiguous()?, 0, lens[i])?;
-                        values[i].slice_set(&vb.get(h)?.contiguous()?, 0, lens[i])?;
-                        lens[i] = needed;
                     }
+                    *keys = gather_rows(keys, &rows)?;
+                    *values = gather_rows(values, &rows)?;
+                    *starts = new_starts;
+                    *caps = new_caps;
+                }
+                // New entry t of (row, head) i goes to buffer row starts[i] + lens[i] + t.
+                let rows = batch * heads * n;
+                let ids: Vec<u32> = (0..rows)
+                    .flat_map(|r| {
+                        let (i, t) = (r / n, r % n);
+                        std::iter::repeat_n((starts[i] + lens[i] + t) as u32, dim)
+                    })
+                    .collect();
+                let ids = Tensor::from_vec(ids, (rows, dim), k.device())?;
+                keys.scatter_set(&ids, &k.contiguous()?.reshape((rows, dim))?, 0)?;
+                values.scatter_set(&ids, &v.contiguous()?.reshape((rows, dim))?, 0)?;
+                for l in lens.iter_mut() {
+                    *l += n;
                 }
             }
         }
@@ -309,30 +364,22 @@ impl LayerKv {
         {
             return Err(ModelError::input("cache keep: bad entry indices"));
         }
-        if matches!(self.storage, Storage::Empty) {
+        let Some((keys, values, base)) = self.flat()? else {
             return Ok(());
-        }
+        };
         let aligned = self.heads_aligned
             && (0..self.batch)
                 .all(|b| (1..self.kv_heads).all(|h| keep[b * self.kv_heads + h] == keep[b * self.kv_heads]));
         let uniform = keep.iter().all(|idx| idx.len() == keep[0].len());
-        let mut new_keys = Vec::with_capacity(keep.len());
-        let mut new_values = Vec::with_capacity(keep.len());
-        for (i, idx) in keep.iter().enumerate() {
-            let (b, h) = (i / self.kv_heads, i % self.kv_heads);
-            let (k, v) = self.head_kv(b, h)?.expect("storage is not empty");
-            let ids = Tensor::from_vec(idx.iter().map(|&j| j as u32).collect::<Vec<_>>(), idx.len(), k.device())?;
-            new_keys.push(k.contiguous()?.index_select(&ids, 0)?);
-            new_values.push(v.contiguous()?.index_select(&ids, 0)?);
-        }
+        // One gather for the whole layer, whatever the number of rows and heads.
+        let rows: Vec<u32> =
+            keep.iter().zip(&base).flat_map(|(idx, &start)| idx.iter().map(move |&j| (start + j) as u32)).collect();
+        let (keys, values) = (gather_rows(&keys, &rows)?, gather_rows(&values, &rows)?);
         self.storage = if uniform {
-            Storage::Uniform {
-                keys: stack_heads(&new_keys, self.kv_heads)?,
-                values: stack_heads(&new_values, self.kv_heads)?,
-                len: keep[0].len(),
-            }
+            let shape = (self.batch, self.kv_heads, keep[0].len(), keys.dim(1)?);
+            Storage::Uniform { keys: keys.reshape(shape)?, values: values.reshape(shape)?, len: keep[0].len() }
         } else {
-            Storage::Ragged { keys: new_keys, values: new_values, lens: keep.iter().map(Vec::len).collect() }
+            ragged_of(keys, values, keep.iter().map(Vec::len).collect())
         };
         for (pos, idx) in self.positions.iter_mut().zip(keep) {
             *pos = idx.iter().map(|&j| pos[j]).collect();
@@ -397,7 +444,11 @@ impl LayerKv {
                 len: lens[0],
             }
         } else {
-            Storage::Ragged { keys: rotated_keys, values, lens }
+            let concat = |t: &[Tensor]| -> Result<Tensor> {
+                let used: Vec<&Tensor> = t.iter().filter(|t| t.dim(0).is_ok_and(|n| n > 0)).collect();
+                Ok(Tensor::cat(&used, 0)?)
+            };
+            ragged_of(concat(&rotated_keys)?, concat(&values)?, lens)
         };
         for (pos, new) in self.positions.iter_mut().zip(new_positions) {
             for (p, &n) in pos.iter_mut().zip(new) {
@@ -415,7 +466,7 @@ impl LayerKv {
         match &self.storage {
             Storage::Empty => 0,
             Storage::Uniform { keys, len, .. } => self.batch * self.kv_heads * len * per_entry(keys),
-            Storage::Ragged { keys, lens, .. } => keys.iter().zip(lens).map(|(k, l)| l * per_entry(k)).sum(),
+            Storage::Ragged { keys, lens, .. } => lens.iter().sum::<usize>() * per_entry(keys),
         }
     }
 
@@ -430,7 +481,7 @@ impl LayerKv {
         match &self.storage {
             Storage::Empty => 0,
             Storage::Uniform { keys, values, .. } => bytes(keys) + bytes(values),
-            Storage::Ragged { keys, values, .. } => keys.iter().chain(values).map(bytes).sum(),
+            Storage::Ragged { keys, values, .. } => bytes(keys) + bytes(values),
         }
     }
 
@@ -446,16 +497,14 @@ impl LayerKv {
                     |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, *len)?.contiguous()?.index_select(&idx, 0)?) };
                 Storage::Uniform { keys: pick(keys)?, values: pick(values)?, len: *len }
             }
-            Storage::Ragged { keys, values, lens } => {
-                // Each new row gets its own copy: appends write in place, so rows must not share buffers.
-                let pick = |t: &[Tensor]| -> Result<Vec<Tensor>> {
-                    rows.iter()
-                        .flat_map(|&r| (0..heads).map(move |h| r * heads + h))
-                        .map(|i| Ok(t[i].narrow(0, 0, lens[i])?.copy()?))
-                        .collect()
-                };
-                let new_lens = rows.iter().flat_map(|&r| (0..heads).map(move |h| lens[r * heads + h])).collect();
-                Storage::Ragged { keys: pick(keys)?, values: pick(values)?, lens: new_lens }
+            Storage::Ragged { keys, values, starts, lens, .. } => {
+                // A gather copies, so duplicated rows get regions of their own: appends write in
+                // place and rows must not share entries.
+                let regions: Vec<usize> = rows.iter().flat_map(|&r| (0..heads).map(move |h| r * heads + h)).collect();
+                let ids: Vec<u32> =
+                    regions.iter().flat_map(|&i| (starts[i]..starts[i] + lens[i]).map(|j| j as u32)).collect();
+                let new_lens = regions.iter().map(|&i| lens[i]).collect();
+                ragged_of(gather_rows(keys, &ids)?, gather_rows(values, &ids)?, new_lens)
             }
         };
         self.positions = rows
@@ -705,6 +754,31 @@ mod tests {
         let (k2, _) = cache.layers[0].kv().unwrap().unwrap();
         assert_eq!(k2.get(0).unwrap().to_vec3::<f32>().unwrap(), k.get(1).unwrap().to_vec3::<f32>().unwrap());
         assert!(cache.select_rows(&[3]).is_err());
+    }
+
+    #[test]
+    fn ragged_regions_grow_and_take_raw_blocks() {
+        // q8_0 caches hold bytes (U8): regions must grow and take new rows whatever the dtype.
+        let bytes = |batch: usize, n: usize, offset: u8| {
+            let data: Vec<u8> = (0..batch * 2 * n * 3).map(|i| i as u8 + offset).collect();
+            Tensor::from_vec(data, (batch, 2, n, 3), &Device::Cpu).unwrap()
+        };
+        let mut kv = LayerKv::new(1, 2);
+        kv.append(&bytes(1, 4, 0), &bytes(1, 4, 100), &[(0..4).collect()]).unwrap();
+        kv.keep(&[vec![1, 3], vec![0]]).unwrap();
+        for step in 0..20u8 {
+            kv.append(&bytes(1, 1, 200 + step), &bytes(1, 1, step), &[vec![4 + step as i64]]).unwrap();
+        }
+        assert_eq!(kv.entry_counts(), vec![22, 21]);
+        let (k0, _) = kv.head_kv_stored(0, 0).unwrap().unwrap();
+        let (k1, v1) = kv.head_kv_stored(0, 1).unwrap().unwrap();
+        let rows = |t: &Tensor| t.to_vec2::<u8>().unwrap();
+        assert_eq!(rows(&k0)[..2], [vec![3, 4, 5], vec![9, 10, 11]]);
+        assert_eq!(rows(&k0)[21], vec![219, 220, 221]);
+        assert_eq!(rows(&k1)[0], vec![12, 13, 14]);
+        assert_eq!(rows(&k1)[20], vec![222, 223, 224]);
+        assert_eq!(rows(&v1)[20], vec![22, 23, 24]);
+        assert!(kv.allocated_bytes() >= kv.bytes());
     }
 
     #[test]

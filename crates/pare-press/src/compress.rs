@@ -124,19 +124,37 @@ pub fn observe<'a>(
     if slots.iter().all(Vec::is_empty) || row.positions.is_empty() {
         return Ok(None);
     }
-    let mut keys = Vec::with_capacity(heads);
-    let mut values = Vec::with_capacity(heads);
-    for (h, s) in slots.iter().enumerate() {
-        let (k, v) = kv.head_kv(b, h)?.expect("the layer holds entries");
-        let (k, v) = if s.len() == kv.entries(b, h) {
-            (k, v)
-        } else {
-            let idx = Tensor::from_vec(s.iter().map(|&i| i as u32).collect::<Vec<_>>(), s.len(), k.device())?;
-            (k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)
-        };
-        keys.push(k.to_dtype(DType::F32)?);
-        values.push(v.to_dtype(DType::F32)?);
-    }
+    let (keys, values, stacked) = match kv.kv()?.filter(|_| slots.windows(2).all(|w| w[0] == w[1])) {
+        // A uniform layer whose heads observe the same slots is read in one piece: one copy per
+        // layer, and scorers may work on all heads at once.
+        Some((k, v)) => {
+            let (mut k, mut v) = (k.get(b)?, v.get(b)?);
+            if slots[0].len() != kv.entries(b, 0) {
+                let idx = slot_ids(&slots[0], k.device())?;
+                (k, v) = (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?);
+            }
+            let (k, v) = (k.to_dtype(DType::F32)?.contiguous()?, v.to_dtype(DType::F32)?.contiguous()?);
+            let keys = (0..heads).map(|h| k.get(h)).collect::<candle_core::Result<_>>()?;
+            let values = (0..heads).map(|h| v.get(h)).collect::<candle_core::Result<_>>()?;
+            (keys, values, Some((k, v)))
+        }
+        None => {
+            let mut keys = Vec::with_capacity(heads);
+            let mut values = Vec::with_capacity(heads);
+            for (h, s) in slots.iter().enumerate() {
+                let (k, v) = kv.head_kv(b, h)?.expect("the layer holds entries");
+                let (k, v) = if s.len() == kv.entries(b, h) {
+                    (k, v)
+                } else {
+                    let idx = slot_ids(s, k.device())?;
+                    (k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)
+                };
+                keys.push(k.to_dtype(DType::F32)?);
+                values.push(v.to_dtype(DType::F32)?);
+            }
+            (keys, values, None)
+        }
+    };
     let obs = Observation {
         layer: info.layer,
         num_layers: info.num_layers,
@@ -144,12 +162,17 @@ pub fn observe<'a>(
         head_dim: info.head_dim,
         keys,
         values,
+        stacked,
         positions: slots.iter().enumerate().map(|(h, s)| s.iter().map(|&i| kv.positions(b, h)[i]).collect()).collect(),
         queries: row.queries.clone(),
         query_positions: row.positions.clone(),
         rope: info.rope,
     };
     Ok(Some((obs, slots)))
+}
+
+fn slot_ids(slots: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(slots.iter().map(|&i| i as u32).collect::<Vec<_>>(), slots.len(), device)?)
 }
 
 /// Keep, in every (row, head), the entries at `keep(row, head, positions)`.

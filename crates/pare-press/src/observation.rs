@@ -17,6 +17,10 @@ pub struct Observation<'a> {
     /// in cache order (oldest first).
     pub keys: Vec<Tensor>,
     pub values: Vec<Tensor>,
+    /// The same keys and values as (kv_heads, entries, head_dim) tensors when every head
+    /// observes the same number of entries, so a scorer can treat all heads in one operation (on
+    /// a GPU, one launch and one read-back per layer instead of one per head).
+    pub stacked: Option<(Tensor, Tensor)>,
     /// Per KV head: original positions of those entries.
     pub positions: Vec<Vec<i64>>,
     /// (heads, observed, head_dim) f32: queries before RoPE of the observed tokens — the prompt
@@ -78,6 +82,35 @@ impl Observation<'_> {
         Ok(softmax_last_dim(&scores.broadcast_add(&mask)?)?)
     }
 
+    /// [`Observation::attention`] of every KV head at once: (kv_heads, group, last, entries).
+    /// None unless the keys are [`Observation::stacked`].
+    pub fn stacked_attention(&self, last: usize) -> Result<Option<Tensor>> {
+        let Some((keys, _)) = &self.stacked else {
+            return Ok(None);
+        };
+        let q = self.rotated_queries(last)?.contiguous()?;
+        let (_, last, dim) = q.dims3()?;
+        let (kv_heads, n) = (self.kv_heads(), keys.dim(1)?);
+        // Query heads h·group .. (h+1)·group read KV head h: fold them into one matrix per KV head.
+        let q = q.reshape((kv_heads, self.group * last, dim))?;
+        let scores =
+            (q.matmul(&keys.t()?)? / (self.head_dim as f64).sqrt())?.reshape((kv_heads, self.group, last, n))?;
+        let positions = &self.query_positions[self.observed() - last..];
+        let heads: Vec<&[i64]> = if self.heads_share_entries() {
+            vec![&self.positions[0]]
+        } else {
+            self.positions.iter().map(Vec::as_slice).collect()
+        };
+        let mask: Vec<f32> = heads
+            .iter()
+            .flat_map(|entries| {
+                positions.iter().flat_map(move |&qp| entries.iter().map(move |&e| if e <= qp { 0.0 } else { f32::MIN }))
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (heads.len(), 1, last, n), q.device())?;
+        Ok(Some(softmax_last_dim(&scores.broadcast_add(&mask)?)?))
+    }
+
     /// Column sums of the attention weights of all observed queries (query heads of KV head
     /// `head`), with how many queries could see each entry: (group, entries) and a count per
     /// entry. Queries go in chunks so long prompts never hold a full attention matrix.
@@ -109,4 +142,10 @@ fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// A tensor's values, flattened, as f32.
 pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A (kv_heads, entries) tensor's values as one score list per KV head, in one read-back.
+pub fn per_head(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let n = t.dim(1)?;
+    Ok(to_vec(t)?.chunks(n.max(1)).map(<[f32]>::to_vec).collect())
 }

@@ -2,7 +2,9 @@
 //! score is the negated key norm.
 
 use crate::error::Result;
-use crate::observation::{to_vec, Observation};
+use candle_core::D;
+
+use crate::observation::{per_head, to_vec, Observation};
 use crate::scorer::Scorer;
 
 #[derive(Debug, Clone, Default)]
@@ -10,7 +12,10 @@ pub struct Knorm;
 
 impl Scorer for Knorm {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
-        obs.keys.iter().map(|k| to_vec(&k.sqr()?.sum(1)?.sqrt()?.neg()?)).collect()
+        match &obs.stacked {
+            Some((keys, _)) => per_head(&keys.sqr()?.sum(D::Minus1)?.sqrt()?.neg()?),
+            None => obs.keys.iter().map(|k| to_vec(&k.sqr()?.sum(1)?.sqrt()?.neg()?)).collect(),
+        }
     }
 
     fn box_clone(&self) -> Box<dyn Scorer> {

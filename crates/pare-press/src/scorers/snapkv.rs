@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::observation::{to_vec, Observation};
+use crate::observation::{per_head, to_vec, Observation};
 use crate::scorer::{protect, Scorer};
 
 #[derive(Debug, Clone)]
@@ -25,6 +25,13 @@ impl Scorer for SnapKv {
         let window = self.window.min(obs.observed());
         let window_start = obs.query_positions[obs.observed() - window];
         let in_window = |h: usize, i: usize| obs.positions[h][i] >= window_start;
+        if obs.heads_share_entries() {
+            if let Some(weights) = obs.stacked_attention(window)? {
+                let mut scores = shared_entry_scores(&weights.mean(2)?, |i| in_window(0, i), self.kernel)?;
+                protect(&mut scores, in_window);
+                return Ok(scores);
+            }
+        }
         let mut scores = Vec::with_capacity(obs.kv_heads());
         for head in 0..obs.kv_heads() {
             let n = obs.positions[head].len();
@@ -49,6 +56,26 @@ impl Scorer for SnapKv {
     fn box_clone(&self) -> Box<dyn Scorer> {
         Box::new(self.clone())
     }
+}
+
+/// Scores of every KV head at once when the heads hold the same entries, from the window's mean
+/// attention (kv_heads, group, entries): pooled over the older entries, averaged over the group.
+fn shared_entry_scores(mean: &Tensor, in_window: impl Fn(usize) -> bool, kernel: usize) -> Result<Vec<Vec<f32>>> {
+    let (kv_heads, group, n) = mean.dims3()?;
+    let older: Vec<usize> = (0..n).filter(|&i| !in_window(i)).collect();
+    let mut scores = vec![vec![0f32; n]; kv_heads];
+    if older.is_empty() {
+        return Ok(scores);
+    }
+    let idx = Tensor::from_vec(older.iter().map(|&i| i as u32).collect::<Vec<_>>(), older.len(), mean.device())?;
+    let selected = mean.index_select(&idx, 2)?.reshape((kv_heads * group, older.len()))?;
+    let pooled = avg_pool(&selected, kernel)?.reshape((kv_heads, group, older.len()))?.mean(1)?;
+    for (s, pooled) in scores.iter_mut().zip(per_head(&pooled)?) {
+        for (&i, v) in older.iter().zip(pooled) {
+            s[i] = v;
+        }
+    }
+    Ok(scores)
 }
 
 /// avg_pool1d over the last dim with stride 1 and zero padding kernel/2, dividing by the kernel

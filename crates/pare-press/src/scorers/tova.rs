@@ -2,7 +2,7 @@
 //! all query heads (so every KV head ranks entries alike). The last entry is always kept.
 
 use crate::error::Result;
-use crate::observation::{to_vec, Observation};
+use crate::observation::{per_head, to_vec, Observation};
 use crate::scorer::{protect, Scorer};
 
 #[derive(Debug, Clone, Default)]
@@ -11,8 +11,11 @@ pub struct Tova;
 impl Scorer for Tova {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let last = *obs.query_positions.last().expect("at least one observed query");
-        let per_head: Vec<Vec<f32>> =
-            (0..obs.kv_heads()).map(|h| to_vec(&obs.attention(h, 1)?.mean(0)?)).collect::<Result<_>>()?;
+        // The last query's weights averaged over each KV head's query heads: (kv_heads, entries).
+        let per_head: Vec<Vec<f32>> = match obs.stacked_attention(1)? {
+            Some(weights) => per_head(&weights.mean(1)?.squeeze(1)?)?,
+            None => (0..obs.kv_heads()).map(|h| to_vec(&obs.attention(h, 1)?.mean(0)?)).collect::<Result<_>>()?,
+        };
         let mut scores = if obs.heads_share_entries() {
             // kvpress averages over every query head; heads hold the same entries here.
             let n = per_head[0].len();
