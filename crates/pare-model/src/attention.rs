@@ -198,14 +198,10 @@ impl Attention {
             // batch × kv_heads scans and views (host work that bounded the step at 32 rows).
             if let (Some(rows), Some((k, v))) = (kv.row_positions(), kv.kv_stored()?) {
                 let mut skip = Vec::with_capacity(batch);
-                for (b, positions) in rows.iter().enumerate() {
-                    let query_pos = query_positions[b][0];
-                    let visible =
-                        |p: i64| p >= 0 && p <= query_pos && sliding_window.is_none_or(|w| query_pos - p < w as i64);
-                    let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
-                    if !positions[hidden..].iter().all(|&p| visible(p)) {
+                for (b, query) in query_positions.iter().enumerate().take(rows.len()) {
+                    let Some(hidden) = kv.hidden_prefix(b, 0, query[0], sliding_window) else {
                         return Ok(None);
-                    }
+                    };
                     skip.push(hidden);
                 }
                 let out = pare_kernels::attention_decode_uniform(&q.squeeze(2)?, &k, &v, &skip, scale)?;
@@ -215,15 +211,11 @@ impl Attention {
             for (b, query) in query_positions.iter().enumerate().take(batch) {
                 let query_pos = query[0];
                 for head in 0..kvh {
-                    let positions = kv.positions(b, head);
-                    let visible =
-                        |p: i64| p >= 0 && p <= query_pos && sliding_window.is_none_or(|w| query_pos - p < w as i64);
                     // The kernel skips a prefix (padding, or what left the window); anything else
                     // invisible needs the masked path.
-                    let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
-                    if !positions[hidden..].iter().all(|&p| visible(p)) {
+                    let Some(hidden) = kv.hidden_prefix(b, head, query_pos, sliding_window) else {
                         return Ok(None);
-                    }
+                    };
                     let (k, v) = kv.head_kv_stored(b, head)?.expect("entries were just appended");
                     keys.push(k);
                     values.push(v);

@@ -93,6 +93,9 @@ pub struct LayerKv {
     /// Every head of a row holds the same entries (nothing was selected per head), so one mask
     /// per row serves all its heads.
     heads_aligned: bool,
+    /// Every (row, head)'s positions ascend (padding, at -1, first), as appends and presses leave
+    /// them: what a decode query sees is then found by bisection instead of a scan per step.
+    ascending: bool,
     /// Bytes every entry ever appended would take uncompressed (the baseline for savings).
     appended_bytes: usize,
 }
@@ -154,6 +157,10 @@ fn ragged_of(keys: Tensor, values: Tensor, lens: Vec<usize>) -> Storage {
     Storage::Ragged { keys, values, starts: region_starts(&lens), caps: lens.clone(), lens }
 }
 
+fn all_ascending(positions: &[Vec<i64>]) -> bool {
+    positions.iter().all(|p| p.windows(2).all(|w| w[0] <= w[1]))
+}
+
 /// Capacity after growth: a quarter of headroom keeps appends amortized without holding twice
 /// the memory a compressed cache needs.
 fn grown_capacity(needed: usize, capacity: usize) -> usize {
@@ -168,6 +175,7 @@ impl LayerKv {
             storage: Storage::Empty,
             positions: vec![Vec::new(); batch * kv_heads],
             heads_aligned: true,
+            ascending: true,
             appended_bytes: 0,
         }
     }
@@ -348,6 +356,9 @@ impl LayerKv {
         }
         self.appended_bytes += 2 * batch * heads * n * dim * k.dtype().size_in_bytes();
         for (b, new) in positions.iter().enumerate() {
+            self.ascending &= new.windows(2).all(|w| w[0] <= w[1])
+                && (0..heads)
+                    .all(|h| self.positions[b * heads + h].last().is_none_or(|&last| new.first() >= Some(&last)));
             for h in 0..heads {
                 self.positions[b * heads + h].extend_from_slice(new);
             }
@@ -385,7 +396,23 @@ impl LayerKv {
             *pos = idx.iter().map(|&j| pos[j]).collect();
         }
         self.heads_aligned = aligned;
+        self.ascending = all_ascending(&self.positions);
         Ok(())
+    }
+
+    /// How many of (row, head)'s entries, from the oldest, a query at `query_pos` cannot see
+    /// (padding, or what left the sliding `window`), when it sees all the others. None when what
+    /// it cannot see is not such a prefix (then the attention needs a mask).
+    pub fn hidden_prefix(&self, row: usize, head: usize, query_pos: i64, window: Option<usize>) -> Option<usize> {
+        let positions = self.positions(row, head);
+        let first_visible = window.map_or(0, |w| (query_pos - w as i64 + 1).max(0));
+        if self.ascending {
+            let hidden = positions.partition_point(|&p| p < first_visible);
+            return positions.last().is_none_or(|&last| last <= query_pos).then_some(hidden);
+        }
+        let visible = |p: i64| p >= first_visible && p <= query_pos;
+        let hidden = positions.iter().take_while(|&&p| !visible(p)).count();
+        positions[hidden..].iter().all(|&p| visible(p)).then_some(hidden)
     }
 
     /// Forget every entry at position `end` or later, as if it had never been appended.
@@ -457,6 +484,7 @@ impl LayerKv {
                 }
             }
         }
+        self.ascending = all_ascending(&self.positions);
         Ok(())
     }
 
@@ -779,6 +807,21 @@ mod tests {
         assert_eq!(rows(&k1)[20], vec![222, 223, 224]);
         assert_eq!(rows(&v1)[20], vec![22, 23, 24]);
         assert!(kv.allocated_bytes() >= kv.bytes());
+    }
+
+    #[test]
+    fn what_a_query_cannot_see_is_a_prefix_found_with_or_without_order() {
+        let mut kv = LayerKv::new(1, 2);
+        kv.append(&entries(1, 6, 0.0), &entries(1, 6, 0.5), &[vec![-1, -1, 0, 1, 2, 3]]).unwrap();
+        assert_eq!(kv.hidden_prefix(0, 0, 3, None), Some(2));
+        assert_eq!(kv.hidden_prefix(0, 1, 3, Some(2)), Some(4));
+        assert_eq!(kv.hidden_prefix(0, 0, 2, None), None, "position 3 is in the query's future");
+        // A keep that reorders entries: the same answers by a scan.
+        kv.keep(&[vec![0, 3, 5, 2], vec![1, 3]]).unwrap();
+        assert!(!kv.ascending);
+        assert_eq!(kv.hidden_prefix(0, 0, 3, None), Some(1));
+        assert_eq!(kv.hidden_prefix(0, 0, 3, Some(2)), None, "position 0 hides between visible ones");
+        assert_eq!(kv.hidden_prefix(0, 1, 9, None), Some(1));
     }
 
     #[test]
