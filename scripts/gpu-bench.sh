@@ -9,13 +9,21 @@
 # LONG=1 also 32k context without and with a press at 8× compression (needs attention that does
 # not materialize the 32k×32k scores).
 #
+# Presses (the issue's "compression pays" targets): on the 8B shape, PRESS_CASES (batch:prompt:new,
+# default 1:4096:128 and 8:4096:128) run without a press and with each of PRESSES (name:ratio);
+# a second table gives each press's cost as a share of the prefill without it, its decode speed
+# against no press, and the KV bytes it keeps. PRESSES= skips them.
+#
 # Usage: scripts/gpu-bench.sh   env: MODELS="llama3-8b smollm2-135m qwen2.5-0.5b", CASES, LONG=1,
+#        PRESSES, PRESS_CASES, HF=0 (no HF baseline),
 #        WORK (scratch for the random models, default /tmp/pare-bench), RESULTS (JSON lines file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu-env.sh
 MODELS=${MODELS:-"llama3-8b smollm2-135m qwen2.5-0.5b"}
 CASES=${CASES:-"1:512:256 8:512:256 1:4096:256 8:4096:256"}
+PRESSES=${PRESSES-"knorm:0.5 streaming:0.5 snapkv:0.5 expected-attention:0.5 adakv+snapkv:0.5"}
+PRESS_CASES=${PRESS_CASES:-"1:4096:128 8:4096:128"}
 WORK=${WORK:-/tmp/pare-bench}
 RESULTS=${RESULTS:-$WORK/results.jsonl}
 mkdir -p "$WORK"
@@ -56,8 +64,24 @@ for m in $MODELS; do
     hf_path=$WORK/$m-hf
     [[ -f $hf_path/config.json ]] || "$PARE" convert -m "$path" --out "$hf_path" >&2
   fi
-  python3 bench/hf_baseline.py --model "$hf_path" --shapes "$shapes" --attn sdpa,eager 2>"$WORK/hf_err" \
-    | while read -r line; do tag "$line" "{\"name\": \"$m\"}"; done >>"$RESULTS" || tail -3 "$WORK/hf_err"
+  if [[ ${HF:-1} == 1 ]]; then
+    python3 bench/hf_baseline.py --model "$hf_path" --shapes "$shapes" --attn sdpa,eager 2>"$WORK/hf_err" \
+      | while read -r line; do tag "$line" "{\"name\": \"$m\"}"; done >>"$RESULTS" || tail -3 "$WORK/hf_err"
+  fi
+  if [[ -n $PRESSES && $m == llama3-8b ]]; then
+    for c in $PRESS_CASES; do
+      IFS=: read -r b p g <<<"$c"
+      for pr in none $PRESSES; do
+        args=(); [[ $pr == none ]] || args=(--press "${pr%%:*}" --ratio "${pr##*:}")
+        if r=$("$PARE" bench --model "$path" --device cuda --batch "$b" --prompt-len "$p" --gen-len "$g" --repeat 1 \
+            "${args[@]}" --json 2>"$WORK/err"); then
+          tag "$r" "{\"engine\": \"pare-press\", \"name\": \"$m\", \"case\": \"$pr\"}" >>"$RESULTS"
+        else
+          echo "press $pr b$b p$p: $(tail -c 300 "$WORK/err")"
+        fi
+      done
+    done
+  fi
   if [[ ${LONG:-0} == 1 && $m == llama3-8b ]]; then
     for press in "" "--press knorm --ratio 0.875"; do
       if r=$("$PARE" bench --model "$path" --device cuda --batch 1 --prompt-len 32768 --gen-len 256 --repeat 1 $press --json 2>"$WORK/err"); then
@@ -96,4 +120,12 @@ for r in rows:
     print(f"{r['name']:<14}{case:<14}{r['prefill_tok_s']:10.0f}{(sdpa or {}).get('prefill_tok_s', float('nan')):10.0f}"
           f"{pre_ratio:6.2f}{r['decode_tok_s']:10.1f}{fmt(sdpa)}{fmt(eager)}{r['decode_tok_s']/best:7.2f}{hbm:7.1f}"
           f"{(r.get('gpu_mem_peak_bytes') or 0)/2**30:8.1f}")
+presses = [r for r in rows if r.get("engine") == "pare-press"]
+if presses:
+    print(f"\n{'press':<24}{'case':<12}{'prefill tok/s':>14}{'press cost':>11}{'decode tok/s':>13}{'× none':>8}{'KV MiB':>9}")
+    for r in presses:
+        none = next(x for x in presses if x["case"] == "none" and (x["batch"], x["prompt_len"]) == (r["batch"], r["prompt_len"]))
+        cost = none["prefill_tok_s"] / r["prefill_tok_s"] - 1
+        print(f"{r['case']:<24}{'b%d p%d' % (r['batch'], r['prompt_len']):<12}{r['prefill_tok_s']:14.0f}{cost*100:10.1f}%"
+              f"{r['decode_tok_s']:13.1f}{r['decode_tok_s']/none['decode_tok_s']:8.2f}{r['kv_cache_bytes_prefill']/2**20:9.0f}")
 PY

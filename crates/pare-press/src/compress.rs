@@ -209,8 +209,16 @@ pub fn next_after_cache(layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
 
 /// Indices of the `k` largest scores (ties: the earlier entry first).
 pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let order = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    // Partition first (linear), then order only the kept: a prefill press ranks every entry of
+    // every head of every layer.
+    if k < idx.len() {
+        if k > 0 {
+            idx.select_nth_unstable_by(k - 1, order);
+        }
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(order);
     idx
 }
