@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/contexts/{id}", axum::routing::delete(delete_context))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/metrics", get(metrics_text))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -167,6 +168,20 @@ async fn detokenize(State(state): State<AppState>, ApiJson(body): ApiJson) -> Re
     check_ids(r, &body.tokens, "tokens")?;
     let text = tokenizer(r).decode(&body.tokens, false).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Json(json!({"prompt": text})))
+}
+
+/// The tokenizer's configuration as vLLM serves it: lm-eval-harness's `tokenizer_backend=remote`
+/// reads the special tokens and the chat template here, then tokenizes through `/tokenize`.
+async fn tokenizer_info(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    let tok = tokenizer(r);
+    Ok(Json(json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+        "unk_token": tok.unk_token, "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos,
+        "chat_template": tok.chat_template,
+        "model_max_length": r.loaded.model.config().max_position_embeddings,
+    })))
 }
 
 fn tokenizer(r: &Ready) -> &pare_formats::TokenizerBundle {

@@ -199,6 +199,12 @@ async fn chat_uses_the_template_and_equals_pare_generate() {
     assert_eq!(t["tokens"], json!(ids));
     let (_, d) = post(&base, "/detokenize", &json!({"tokens": ids})).await;
     assert_eq!(d["prompt"], text);
+    // What lm-eval-harness's remote tokenizer reads: special tokens and the chat template.
+    let info = common::client().get(format!("{base}/tokenizer_info")).bearer_auth(KEY).send().await.unwrap();
+    let info: Value = info.json().await.unwrap();
+    assert_eq!(info["eos_token"], json!(tok.eos_token));
+    assert_eq!(info["chat_template"], json!(tok.chat_template));
+    assert_eq!(info["model_max_length"], model().model.config().max_position_embeddings);
 }
 
 #[tokio::test]
