@@ -278,7 +278,7 @@ fn decode(queries: &[f32], heads_of: &[DecodeHead], batch: usize, heads: usize, 
     let parts: Vec<(usize, Partial)> = if entries * group * d < SERIAL_WORK {
         items.iter().map(work).collect()
     } else {
-        items.par_iter().map(work).collect()
+        crate::threads::map(items.len(), |i| work(&items[i]))
     };
     let mut out = vec![0f32; batch * heads * d];
     let mut parts = parts.into_iter().peekable();

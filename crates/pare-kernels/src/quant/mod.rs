@@ -274,12 +274,12 @@ impl QuantMatrix {
         // Output rows in chunks: small enough that both threads stay busy on a decode step's
         // 576-row matrix, large enough that a chunk's weights stay in L1 while all m activation
         // rows pass over them.
-        let threads = rayon::current_num_threads().max(1);
+        let threads = crate::threads::current().max(1);
         let chunk = (self.rows / (threads * 8)).clamp(4, 64);
         let out = SyncPtr(y.as_mut_ptr());
         let n_out = self.rows;
         let row_bytes = self.row_bytes();
-        (0..self.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        crate::threads::for_each(self.rows.div_ceil(chunk), |c| {
             let rows = c * chunk..((c + 1) * chunk).min(n_out);
             let out = &out;
             // The chunk's weight rows stay in L1/L2 while each group of ROWS activation rows
