@@ -34,25 +34,7 @@ pub(super) unsafe fn dot_rows(ty: QuantType, w: &[u8], row_bytes: usize, xs: &[&
 unsafe fn each_row<const R: usize>(ty: QuantType, w: &[u8], row_bytes: usize, xs: &[&[BlockQ8]], out: &mut [f32]) {
     let x: [*const BlockQ8; R] = std::array::from_fn(|i| xs[i].as_ptr());
     let n = w.len() / row_bytes;
-    // One activation row (decode): four weight rows at a time where a kernel for that exists.
-    let mut first = 0;
-    if R == 1 {
-        let four = |j: usize| -> [*const u8; 4] { std::array::from_fn(|k| w.as_ptr().add((j + k) * row_bytes)) };
-        let blocks = row_bytes / ty.block_bytes();
-        while first + 4 <= n {
-            let dots = match ty {
-                QuantType::Q4_0 => legacy_x4::<Q4_0>(four(first), blocks, x[0]),
-                QuantType::Q4_1 => legacy_x4::<Q4_1>(four(first), blocks, x[0]),
-                QuantType::Q5_0 => legacy_x4::<Q5_0>(four(first), blocks, x[0]),
-                QuantType::Q5_1 => legacy_x4::<Q5_1>(four(first), blocks, x[0]),
-                QuantType::Q8_0 => q8_0_x4(four(first), blocks, x[0]),
-                _ => break,
-            };
-            out[first..first + 4].copy_from_slice(&dots);
-            first += 4;
-        }
-    }
-    for (j, row) in w.chunks_exact(row_bytes).enumerate().skip(first) {
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
         let dots = rows::<R>(ty, row, x);
         for (i, d) in dots.into_iter().enumerate() {
             *out.get_unchecked_mut(i * n + j) = d;
@@ -157,76 +139,31 @@ unsafe fn two_bits(v: __m256i, n: i32) -> __m256i {
     _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(n)), _mm256_set1_epi8(3))
 }
 
-const fn legacy_size(t: u8) -> usize {
-    match t {
+/// Q4_0, Q4_1, Q5_0, Q5_1: 32 codes, one scale, an offset (−8d, −16d) or a stored minimum.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy<const R: usize, const T: u8>(w: &[u8], x: [*const BlockQ8; R]) -> [f32; R] {
+    let size = match T {
         Q4_0 => 18,
         Q4_1 => 20,
         Q5_0 => 22,
         _ => 24,
-    }
-}
-
-/// One block of Q4_0, Q4_1, Q5_0 or Q5_1 at `p`: its scale, 32 codes, and what each code's
-/// zero stands for (−8d, −16d, or the stored minimum).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy_block<const T: u8>(p: *const u8) -> (f32, __m256i, f32) {
-    let d = fp16(p);
-    let (u, min) = match T {
-        Q4_0 => (nibbles(p.add(2)), -8.0 * d),
-        Q4_1 => (nibbles(p.add(4)), fp16(p.add(2))),
-        Q5_0 => (_mm256_or_si256(nibbles(p.add(6)), fifth_bits(p.add(2).cast::<u32>().read_unaligned())), -16.0 * d),
-        _ => (_mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4).cast::<u32>().read_unaligned())), fp16(p.add(2))),
     };
-    (d, u, min)
-}
-
-/// One activation row against four weight rows of `blocks` blocks each: the activation block
-/// is loaded once for the four, and four accumulators keep the FMA chains independent (one row
-/// at a time waits on each FMA's latency).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy_x4<const T: u8>(w: [*const u8; 4], blocks: usize, x: *const BlockQ8) -> [f32; 4] {
-    let size = legacy_size(T);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut off = [0f32; 4];
-    for b in 0..blocks {
-        let xb = x.add(b);
-        let (xv, xd, xs) = (load_x(xb), (*xb).d, (*xb).s);
-        for k in 0..4 {
-            let (d, u, min) = legacy_block::<T>(w[k].add(b * size));
-            let dot = _mm256_cvtepi32_ps(idot(u, xv));
-            acc[k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xd), acc[k]);
-            off[k] += min * xs;
-        }
-    }
-    finish(acc, off)
-}
-
-/// [`legacy_x4`] for Q8_0.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_x4(w: [*const u8; 4], blocks: usize, x: *const BlockQ8) -> [f32; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for b in 0..blocks {
-        let xb = x.add(b);
-        let (xv, xd) = (load_x(xb), (*xb).d);
-        for k in 0..4 {
-            let p = w[k].add(b * 34);
-            let q = load(p.add(2));
-            let dot = _mm256_cvtepi32_ps(idot(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)));
-            acc[k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(fp16(p) * xd), acc[k]);
-        }
-    }
-    finish(acc, [0.0; 4])
-}
-
-/// Q4_0, Q4_1, Q5_0, Q5_1: 32 codes, one scale, an offset (−8d, −16d) or a stored minimum.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy<const R: usize, const T: u8>(w: &[u8], x: [*const BlockQ8; R]) -> [f32; R] {
-    let size = legacy_size(T);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut off = [0f32; R];
     for b in 0..w.len() / size {
-        let (d, u, min) = legacy_block::<T>(w.as_ptr().add(b * size));
+        let p = w.as_ptr().add(b * size);
+        let d = fp16(p);
+        let (u, min) = match T {
+            Q4_0 => (nibbles(p.add(2)), -8.0 * d),
+            Q4_1 => (nibbles(p.add(4)), fp16(p.add(2))),
+            Q5_0 => {
+                (_mm256_or_si256(nibbles(p.add(6)), fifth_bits(p.add(2).cast::<u32>().read_unaligned())), -16.0 * d)
+            }
+            _ => (
+                _mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4).cast::<u32>().read_unaligned())),
+                fp16(p.add(2)),
+            ),
+        };
         for r in 0..R {
             let xb = x[r].add(b);
             let dot = _mm256_cvtepi32_ps(idot(u, load_x(xb)));

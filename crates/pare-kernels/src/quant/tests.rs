@@ -194,26 +194,3 @@ fn activations_round_as_llama_cpp() {
     quantize_q8(&[0.0; 32], &mut b);
     assert_eq!((b[0].d, b[0].qs), (0.0, [0; 32]));
 }
-
-#[test]
-fn weight_rows_taken_four_at_a_time_equal_one_at_a_time() {
-    // Decode (one activation row) runs four weight rows per pass for the legacy types and Q8_0;
-    // 7 rows leave a remainder that takes the one-row path.
-    let kernel = Kernel::detect();
-    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
-        let (rows, cols) = (7, 512);
-        let m = random_matrix(ty, rows, cols, 300 + i as u64);
-        let mut rng = Rng(40 + i as u64);
-        let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
-        let xq = quantize_rows(&x, cols);
-        let row_bytes = m.row(0).len();
-        let all: Vec<u8> = (0..rows).flat_map(|r| m.row(r).to_vec()).collect();
-        let mut together = vec![0f32; rows];
-        kernel.dot_rows(ty, &all, row_bytes, &[&xq], &mut together);
-        for (r, &got) in together.iter().enumerate() {
-            let mut alone = [0f32];
-            kernel.dot(ty, m.row(r), &[&xq], &mut alone);
-            assert!((got - alone[0]).abs() <= 1e-5 * alone[0].abs().max(1.0), "{} row {r}: {got} vs {}", ty.name(), alone[0]);
-        }
-    }
-}
