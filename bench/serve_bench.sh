@@ -26,13 +26,7 @@ SLOT_CTX=$(( ((MAX_PROMPT_CHARS / 3 + MAX_TOKENS) / 256 + 1) * 256 ))
 
 scripts/assets.sh base
 scripts/assets.sh serve
-# PARE=path/to/pare skips the build.
-if [[ -z ${PARE:-} ]]; then
-  cargo build --release --locked -p pare-cli >&2
-  # A copy: another checkout sharing CARGO_TARGET_DIR may rebuild target/release/pare mid-run.
-  PARE=$(mktemp -d)/pare
-  cp "${CARGO_TARGET_DIR:-target}/release/pare" "$PARE"
-fi
+pare_binary
 LLAMA_BIN=$(bench/build-llama-cpp.sh | tail -1)
 
 OUT=bench/results/serve-$(date -u +%Y%m%dT%H%M%SZ)

@@ -25,13 +25,7 @@ THREADS=${THREADS:-2}
 PORT=${PORT:-8433}
 
 scripts/assets.sh base
-# PARE=path/to/pare skips the build.
-if [[ -z ${PARE:-} ]]; then
-  cargo build --release --locked -p pare-cli >&2
-  # A copy: another checkout sharing CARGO_TARGET_DIR may rebuild target/release/pare mid-run.
-  PARE=$(mktemp -d)/pare
-  cp "${CARGO_TARGET_DIR:-target}/release/pare" "$PARE"
-fi
+pare_binary
 OUT=bench/results/serve-kv-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 {

@@ -1,8 +1,19 @@
-# Shared by bench/serve_bench.sh and bench/serve_kv_table.sh (sourced, not run): the machine line
-# of a run's env.txt, and one background server on $PORT at a time.
+# Shared by bench/serve_bench.sh, bench/serve_kv_table.sh and bench/lm_eval_check.sh (sourced,
+# not run): the machine line of a run's env.txt, the pare binary to run, and one background
+# server on $PORT at a time.
 
 machine_line() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB"
+}
+
+# PARE=path/to/pare skips the build; otherwise build and run a copy of the release binary.
+pare_binary() {
+  if [[ -z ${PARE:-} ]]; then
+    cargo build --release --locked -p pare-cli >&2
+    # A copy: another checkout sharing CARGO_TARGET_DIR may rebuild target/release/pare mid-run.
+    PARE=$(mktemp -d)/pare
+    cp "${CARGO_TARGET_DIR:-target}/release/pare" "$PARE"
+  fi
 }
 
 SERVER_PID=
