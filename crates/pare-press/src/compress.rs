@@ -8,7 +8,7 @@ use pare_model::rope::Rope;
 
 use crate::budget::Budget;
 use crate::error::Result;
-use crate::observation::Observation;
+use crate::observation::{index_tensor, Observation};
 use crate::select::Selector;
 
 /// Where kept entries sit after a compression (`--positions`, JSON `"positions"`).
@@ -130,7 +130,7 @@ pub fn observe<'a>(
         Some((k, v)) => {
             let (mut k, mut v) = (k.get(b)?, v.get(b)?);
             if slots[0].len() != kv.entries(b, 0) {
-                let idx = slot_ids(&slots[0], k.device())?;
+                let idx = index_tensor(&slots[0], k.device())?;
                 (k, v) = (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?);
             }
             let (k, v) = (k.to_dtype(DType::F32)?.contiguous()?, v.to_dtype(DType::F32)?.contiguous()?);
@@ -146,7 +146,7 @@ pub fn observe<'a>(
                 let (k, v) = if s.len() == kv.entries(b, h) {
                     (k, v)
                 } else {
-                    let idx = slot_ids(s, k.device())?;
+                    let idx = index_tensor(s, k.device())?;
                     (k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)
                 };
                 keys.push(k.to_dtype(DType::F32)?);
@@ -169,10 +169,6 @@ pub fn observe<'a>(
         rope: info.rope,
     };
     Ok(Some((obs, slots)))
-}
-
-fn slot_ids(slots: &[usize], device: &candle_core::Device) -> Result<Tensor> {
-    Ok(Tensor::from_vec(slots.iter().map(|&i| i as u32).collect::<Vec<_>>(), slots.len(), device)?)
 }
 
 /// Keep, in every (row, head), the entries at `keep(row, head, positions)`.

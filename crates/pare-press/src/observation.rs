@@ -1,7 +1,7 @@
 //! What a scorer sees: one batch row of one layer — its cached entries per KV head and the
 //! queries observed so far.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use pare_model::rope::Rope;
 
 use crate::error::Result;
@@ -74,11 +74,7 @@ impl Observation<'_> {
         let keys = &self.keys[head];
         let scores = (q.broadcast_matmul(&keys.t()?)? / (self.head_dim as f64).sqrt())?;
         let entries = &self.positions[head];
-        let mask: Vec<f32> = positions
-            .iter()
-            .flat_map(|&qp| entries.iter().map(move |&e| if e <= qp { 0.0 } else { f32::MIN }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, positions.len(), entries.len()), q.device())?;
+        let mask = Tensor::from_vec(causal_mask(positions, entries), (1, positions.len(), entries.len()), q.device())?;
         Ok(softmax_last_dim(&scores.broadcast_add(&mask)?)?)
     }
 
@@ -101,12 +97,7 @@ impl Observation<'_> {
         } else {
             self.positions.iter().map(Vec::as_slice).collect()
         };
-        let mask: Vec<f32> = heads
-            .iter()
-            .flat_map(|entries| {
-                positions.iter().flat_map(move |&qp| entries.iter().map(move |&e| if e <= qp { 0.0 } else { f32::MIN }))
-            })
-            .collect();
+        let mask: Vec<f32> = heads.iter().flat_map(|entries| causal_mask(positions, entries)).collect();
         let mask = Tensor::from_vec(mask, (heads.len(), 1, last, n), q.device())?;
         Ok(Some(softmax_last_dim(&scores.broadcast_add(&mask)?)?))
     }
@@ -129,6 +120,17 @@ impl Observation<'_> {
         let seen_by = entries.iter().map(|&e| self.query_positions.iter().filter(|&&q| q >= e).count()).collect();
         Ok((sums, seen_by))
     }
+}
+
+/// Additive mask (queries × entries, row-major): 0 where the query at that position may see the
+/// entry (not in its future), f32::MIN elsewhere.
+fn causal_mask(query_positions: &[i64], entries: &[i64]) -> Vec<f32> {
+    query_positions.iter().flat_map(|&qp| entries.iter().map(move |&e| if e <= qp { 0.0 } else { f32::MIN })).collect()
+}
+
+/// The tensor of `indices` (u32), for index_select.
+pub(crate) fn index_tensor(indices: &[usize], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(indices.iter().map(|&i| i as u32).collect::<Vec<_>>(), indices.len(), device)?)
 }
 
 /// Softmax over the last dimension, in f32. Masked entries carry f32::MIN, so a query that sees

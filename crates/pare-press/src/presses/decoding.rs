@@ -11,6 +11,7 @@ use crate::budget::Budget;
 use crate::compress::{call_queries, LayerInfo};
 use crate::compress::{compress_layer, next_after_cache, PositionPolicy, RowQueries};
 use crate::error::{PressError, Result};
+use crate::observation::index_tensor;
 use crate::select::Selector;
 
 #[derive(Debug)]
@@ -106,7 +107,7 @@ impl CachePress for DecodingPress {
     fn select_rows(&mut self, rows: &[usize]) -> pare_model::Result<()> {
         for state in &mut self.layers {
             if let Some(q) = &state.queries {
-                let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), q.device())?;
+                let idx = index_tensor(rows, q.device())?;
                 state.queries = Some(q.contiguous()?.index_select(&idx, 0)?);
                 state.positions = rows.iter().map(|&r| state.positions[r].clone()).collect();
             }

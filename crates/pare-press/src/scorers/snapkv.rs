@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::observation::{per_head, to_vec, Observation};
+use crate::observation::{index_tensor, per_head, to_vec, Observation};
 use crate::scorer::{protect, Scorer};
 
 #[derive(Debug, Clone)]
@@ -40,8 +40,7 @@ impl Scorer for SnapKv {
             let mut s = vec![0f32; n];
             if !older.is_empty() {
                 let mean = obs.attention(head, window)?.mean(1)?; // (group, entries)
-                let idx =
-                    Tensor::from_vec(older.iter().map(|&i| i as u32).collect::<Vec<_>>(), older.len(), mean.device())?;
+                let idx = index_tensor(&older, mean.device())?;
                 let pooled = to_vec(&avg_pool(&mean.index_select(&idx, 1)?, self.kernel)?.mean(0)?)?;
                 for (&i, v) in older.iter().zip(pooled) {
                     s[i] = v;
@@ -67,7 +66,7 @@ fn shared_entry_scores(mean: &Tensor, in_window: impl Fn(usize) -> bool, kernel:
     if older.is_empty() {
         return Ok(scores);
     }
-    let idx = Tensor::from_vec(older.iter().map(|&i| i as u32).collect::<Vec<_>>(), older.len(), mean.device())?;
+    let idx = index_tensor(&older, mean.device())?;
     let selected = mean.index_select(&idx, 2)?.reshape((kv_heads * group, older.len()))?;
     let pooled = avg_pool(&selected, kernel)?.reshape((kv_heads, group, older.len()))?.mean(1)?;
     for (s, pooled) in scores.iter_mut().zip(per_head(&pooled)?) {
