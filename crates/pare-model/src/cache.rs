@@ -357,8 +357,9 @@ impl LayerKv {
         self.appended_bytes += 2 * batch * heads * n * dim * k.dtype().size_in_bytes();
         for (b, new) in positions.iter().enumerate() {
             self.ascending &= new.windows(2).all(|w| w[0] <= w[1])
-                && (0..heads)
-                    .all(|h| self.positions[b * heads + h].last().is_none_or(|&last| new.first() >= Some(&last)));
+                && new.first().is_none_or(|&first| {
+                    (0..heads).all(|h| self.positions[b * heads + h].last().is_none_or(|&last| first >= last))
+                });
             for h in 0..heads {
                 self.positions[b * heads + h].extend_from_slice(new);
             }
@@ -816,6 +817,9 @@ mod tests {
         assert_eq!(kv.hidden_prefix(0, 0, 3, None), Some(2));
         assert_eq!(kv.hidden_prefix(0, 1, 3, Some(2)), Some(4));
         assert_eq!(kv.hidden_prefix(0, 0, 2, None), None, "position 3 is in the query's future");
+        // Appending nothing keeps the order known.
+        kv.append(&entries(1, 0, 0.0), &entries(1, 0, 0.5), &[vec![]]).unwrap();
+        assert!(kv.ascending);
         // A keep that reorders entries: the same answers by a scan.
         kv.keep(&[vec![0, 3, 5, 2], vec![1, 3]]).unwrap();
         assert!(!kv.ascending);
