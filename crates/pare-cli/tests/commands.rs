@@ -403,20 +403,17 @@ fn eval_needle_reports_accuracy_per_cell() {
 
 #[test]
 fn eval_tasks_scores_each_task_with_and_without_a_press() {
-    let args = ["eval", "tasks", "--tasks", "arc_easy,winogrande,lambada_openai,mmlu", "--limit", "2"];
+    let args = ["eval", "tasks", "--tasks", "arc_easy,winogrande,lambada_openai", "--limit", "2"];
     let plain = pare_json(&args);
     let pressed = pare_json(&[&args[..], &["--press", "knorm", "--ratio", "0.5"]].concat());
     for v in [&plain, &pressed] {
         let tasks = v["tasks"].as_array().unwrap();
         let names: Vec<&str> = tasks.iter().map(|t| t["task"].as_str().unwrap()).collect();
-        assert_eq!(names, ["arc_easy", "winogrande", "lambada_openai", "mmlu"]);
+        assert_eq!(names, ["arc_easy", "winogrande", "lambada_openai"]);
         assert_eq!(tasks[0]["items"], 2);
         assert!((0.0..=1.0).contains(&tasks[0]["acc_norm"]["value"].as_f64().unwrap()));
         assert!(tasks[1].get("acc_norm").is_none(), "lm-eval reports no acc_norm for winogrande");
         assert!(tasks[2]["perplexity"].as_f64().unwrap() > 1.0);
-        // --limit counts per MMLU subject; each subject is reported.
-        let subjects = tasks[3]["groups"].as_array().unwrap().len();
-        assert!(subjects >= 50 && tasks[3]["items"].as_u64().unwrap() == 2 * subjects as u64);
     }
     let ppl = |v: &Value| v["tasks"][2]["perplexity"].as_f64().unwrap();
     assert_ne!(ppl(&plain), ppl(&pressed), "the press changes what the last word is scored against");
