@@ -21,7 +21,9 @@ echo "commit: $(git rev-parse --short HEAD)" >> "$OUT/env.txt"
 
 EVAL_MODEL=$MODEL
 if [[ $ROW != dense ]]; then
-  EVAL_MODEL=$OUT/$ROW-model
+  # The export (f32, hundreds of MB) stays out of bench/results.
+  EVAL_MODEL=$(mktemp -d)/$ROW-model
+  trap 'rm -rf "$(dirname "$EVAL_MODEL")"; stop_server' EXIT
   "$PARE" prune --model "$MODEL" --importance "$ROW" --ratio 0.25 --attn-layers 3..30 --mlp-layers 3..30 \
     --out "$EVAL_MODEL" --force --json > "$OUT/$ROW-prune.json"
 fi
