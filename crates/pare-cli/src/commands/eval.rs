@@ -124,12 +124,8 @@ pub struct TasksArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Tasks, by lm-eval's names: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge,
-    /// openbookqa, lambada_openai, mmlu. Default: LLM-Pruner's seven.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
-    )]
+    /// openbookqa, lambada_openai, mmlu. Default: LLM-Pruner's seven (all but the last two).
+    #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// Score only the first N items of each task (of each subject for mmlu), as lm-eval's --limit.
     #[arg(long)]
@@ -446,10 +442,11 @@ fn compare(args: CompareArgs) -> Result<()> {
 
 fn tasks(args: TasksArgs) -> Result<()> {
     use pare_eval::tasks::{aggregate, score_item, Scorer, Task};
-    let tasks = args.tasks.iter().map(|name| Task::from_name(name)).collect::<Result<Vec<_>, _>>()?;
-    if tasks.is_empty() {
-        bail!("--tasks names no task");
-    }
+    let tasks = if args.tasks.is_empty() {
+        Task::LLM_PRUNER.to_vec()
+    } else {
+        args.tasks.iter().map(|name| Task::from_name(name)).collect::<Result<Vec<_>, _>>()?
+    };
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
