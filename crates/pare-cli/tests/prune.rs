@@ -57,7 +57,8 @@ fn uniform_pruning_exports_a_directory_a_plan_and_a_gguf_that_agree() {
         (r["parameters"]["before"]["total"].as_u64().unwrap(), r["parameters"]["after"]["total"].as_u64().unwrap());
     // Per layer: q and o lose 4 heads × 8 × 64 each, the MLP 64 channels × 3 × 64.
     assert_eq!(before - after, 4 * (2 * 4 * 8 * 64 + 3 * 64 * 64));
-    assert_eq!(r["export"]["hf_loadable"], true);
+    assert_eq!(r["export"]["trust_remote_code"], false);
+    assert_eq!(r["export"]["gguf_arch"], "llama");
 
     let inspected = json(&["inspect", "-m", dir, "--json"]);
     assert_eq!(inspected["parameters"]["total"].as_u64(), Some(after));
@@ -76,32 +77,62 @@ fn uniform_pruning_exports_a_directory_a_plan_and_a_gguf_that_agree() {
     std::fs::remove_dir_all(&again).unwrap();
 }
 
+/// Shapes transformers' own classes cannot hold (layers that differ, pruned heads that do not
+/// divide hidden_size): the export carries modeling_pare.py, and transformers, loading it with
+/// trust_remote_code=True, gave the logits pare gives (tools/reference/make_export_fixtures.py).
 #[test]
-fn layers_of_different_widths_load_in_pare_and_say_why_hf_cannot() {
-    let out = scratch("partial");
+fn exports_transformers_cannot_hold_natively_load_with_remote_code_and_give_its_logits() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/exports/remote_code.json")).unwrap())
+            .unwrap();
+    let columns = fixture["columns"].as_u64().unwrap() as usize;
+    let ids: Vec<u32> = fixture["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let out = scratch(name);
+        let dir = out.to_str().unwrap();
+        let mut args = vec!["prune", "-m", case["model"].as_str().unwrap()];
+        args.extend(case["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()));
+        args.extend(["--out", dir, "--json"]);
+        let r = json(&args);
+        assert_eq!(r["export"]["trust_remote_code"], true, "{name}");
+        assert!(out.join("modeling_pare.py").is_file(), "{name}: no modeling_pare.py");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let class = case["transformers_class"].as_str().unwrap();
+        assert_eq!(config["auto_map"]["AutoModelForCausalLM"], format!("modeling_pare.{class}"), "{name}");
+        assert!(config["model_type"].as_str().unwrap().starts_with("pare_"), "{name}");
+        for (i, layer) in case["layers"].as_array().unwrap().iter().enumerate() {
+            let after = &r["layers"][i]["after"];
+            assert_eq!((&after["heads"], &after["mlp_width"]), (&layer["heads"], &layer["mlp_width"]), "{name} {i}");
+        }
+
+        let loaded =
+            pare_model::load(dir, pare_model::WeightDType::Float(candle_core::DType::F32), &candle_core::Device::Cpu)
+                .unwrap();
+        let got = pare_test_support::logits_all(&loaded.model, &ids).unwrap().to_vec2::<f32>().unwrap();
+        let want = case["logits"].as_array().unwrap();
+        let mut worst = 0f64;
+        for (pos, (g, w)) in got.iter().zip(want).enumerate() {
+            for (x, y) in g[..columns].iter().zip(w.as_array().unwrap()) {
+                worst = worst.max((*x as f64 - y.as_f64().unwrap()).abs());
+            }
+            let argmax = g.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            assert_eq!(argmax as u64, case["argmax"][pos].as_u64().unwrap(), "{name}: argmax at {pos}");
+        }
+        assert!(worst < 1e-4, "{name}: max |Δlogit| {worst} against transformers");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+#[test]
+fn gpt_neox_layers_llama_cpp_cannot_hold_refuse_gguf_before_writing() {
+    let out = scratch("neox-gguf");
     let dir = out.to_str().unwrap();
-    let r = json(&[
-        "prune",
-        "-m",
-        TINY,
-        "--importance",
-        "l1",
-        "--ratio",
-        "0.5",
-        "--attn-layers",
-        "1..3",
-        "--mlp-layers",
-        "2..4",
-        "--out",
-        dir,
-        "--json",
-    ]);
-    assert_eq!(r["export"]["hf_loadable"], false);
-    assert!(r["export"]["hf_note"].as_str().unwrap().contains("per-layer shapes"));
-    let inspected = json(&["inspect", "-m", dir, "--json"]);
-    assert_eq!(inspected["parameters"]["total"], r["parameters"]["after"]["total"]);
-    assert_eq!(logits(dir).len(), 7 * 256);
-    std::fs::remove_dir_all(&out).unwrap();
+    let neox = "tests/fixtures/gptneox-tiny/model";
+    let args = ["prune", "-m", neox, "--importance", "l1", "--attn-layers", "1..2", "--mlp-layers", "0..1"];
+    one_line_error(&[&args[..], &["--out", dir, "--gguf"]].concat(), "no llama.cpp architecture");
+    assert!(!out.exists(), "nothing is written");
 }
 
 #[test]

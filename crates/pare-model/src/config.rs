@@ -41,7 +41,8 @@ impl Arch {
     }
 
     fn from_model_type(name: &str) -> Result<Self> {
-        match name {
+        // pare_*: pare's exports whose layers differ, loaded by transformers through modeling_pare.py.
+        match name.strip_prefix("pare_").unwrap_or(name) {
             "llama" => Ok(Arch::Llama),
             "mistral" => Ok(Arch::Mistral),
             "qwen2" => Ok(Arch::Qwen2),
@@ -291,7 +292,8 @@ impl ModelConfig {
         let err = |message: String| ModelError::Config { path: path.clone(), message };
         let arch_name = gguf.architecture()?.to_string();
         let arch = match arch_name.as_str() {
-            "llama" => Arch::Llama,
+            // deci: llama.cpp's Llama with per-layer shapes (pare's non-uniform exports).
+            "llama" | "deci" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "gptneox" => Arch::GptNeoX,
             other => return Err(ModelError::UnknownArchitecture(other.to_string())),

@@ -86,7 +86,24 @@ pub fn hf_tensors(model: &Model, dtype: DType) -> Result<Vec<(String, Tensor)>> 
     Ok(out)
 }
 
-/// Write config.json, model.safetensors, generation_config.json and the tokenizer files.
+/// transformers classes for exports whose shapes its own classes cannot hold, named in
+/// config.json's `auto_map` (as per-layer architectures such as DeciLM ship theirs).
+const MODELING_PARE: &str = include_str!("modeling_pare.py");
+
+/// Whether transformers' own class cannot hold the model's shapes, so that the export carries
+/// `modeling_pare.py` and loads with `trust_remote_code=True`: layers that differ in head count
+/// or MLP width, or pruned heads where transformers derives or checks them from hidden_size.
+pub fn needs_remote_code(model: &Model) -> bool {
+    let c = &model.config;
+    let pruned_heads = match c.arch {
+        Arch::GptNeoX => c.num_heads * c.head_dim != c.hidden_size,
+        _ => !c.hidden_size.is_multiple_of(c.num_heads),
+    };
+    c.layer_shapes.is_some() || pruned_heads
+}
+
+/// Write config.json, model.safetensors, generation_config.json and the tokenizer files, plus
+/// `modeling_pare.py` when transformers needs it ([`needs_remote_code`]).
 pub fn export_hf_dir(
     model: &Model,
     tokenizer: Option<&TokenizerBundle>,
@@ -105,6 +122,21 @@ pub fn export_hf_dir(
         let text = serde_json::to_string_pretty(v).expect("serializable");
         std::fs::write(out.join(name), text + "\n").map_err(io)
     };
+    if needs_remote_code(model) {
+        let class = model.config.arch.hf_class();
+        let family = class.trim_end_matches("ForCausalLM");
+        let o = config.as_object_mut().expect("config is an object");
+        o.insert("model_type".into(), format!("pare_{}", model.config.arch.model_type()).into());
+        o.insert("architectures".into(), json!([format!("Pare{class}")]));
+        o.insert(
+            "auto_map".into(),
+            json!({
+                "AutoConfig": format!("modeling_pare.Pare{family}Config"),
+                "AutoModelForCausalLM": format!("modeling_pare.Pare{class}"),
+            }),
+        );
+        std::fs::write(out.join("modeling_pare.py"), MODELING_PARE).map_err(io)?;
+    }
     write_json("config.json", &config)?;
     let mut generation = json!({ "eos_token_id": eos_json(eos_token_ids) });
     if let Some(bos) = tokenizer.and_then(|t| t.bos_token_id) {
@@ -130,6 +162,22 @@ fn eos_json(ids: &[u32]) -> Value {
 /// Why a model cannot be written as GGUF for llama.cpp, if it cannot.
 pub fn gguf_unsupported(model: &Model) -> Option<String> {
     let cfg = &model.config;
+    if cfg.arch == Arch::GptNeoX {
+        if cfg.layer_shapes.is_some() {
+            return Some(
+                "llama.cpp's gptneox architecture reads one head count and MLP width for all layers, and no \
+                 llama.cpp architecture has GPT-NeoX layers of different shapes; use the HF directory"
+                    .into(),
+            );
+        }
+        if model.blocks.iter().any(|b| b.attn.num_heads * b.attn.head_dim != cfg.hidden_size) {
+            return Some(
+                "llama.cpp's gptneox architecture sizes attention by the hidden size, so it cannot hold pruned \
+                 heads; use the HF directory"
+                    .into(),
+            );
+        }
+    }
     if matches!(cfg.rope_scaling, RopeScaling::Llama3 { .. }) {
         return Some(
             "llama3 RoPE scaling is stored by llama.cpp as a rope_freqs tensor, which pare does not write".into(),
@@ -159,8 +207,35 @@ fn permute_for_llama_cpp(t: &Tensor, head_dim: usize) -> Result<Tensor> {
     Ok(t.index_select(&idx, 0)?)
 }
 
+/// Query heads, KV heads and MLP width of each layer.
+fn layer_shapes(model: &Model) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let heads = model.blocks.iter().map(|b| b.attn.num_heads).collect();
+    let kv_heads = model.blocks.iter().map(|b| b.attn.num_kv_heads).collect();
+    let widths = model.blocks.iter().map(|b| b.mlp.width()).collect();
+    (heads, kv_heads, widths)
+}
+
+fn all_equal(values: &[usize]) -> bool {
+    values.windows(2).all(|w| w[0] == w[1])
+}
+
+/// The llama.cpp architecture [`export_gguf`] declares. llama.cpp's llama and qwen2 size every
+/// layer alike; its deci architecture (Llama-3 derivatives of varying shape) reads per-layer head
+/// counts and FFN widths. Qwen2's q/k/v biases are optional deci tensors, and its RoPE equals
+/// Llama's once q/k rows are permuted as for llama.
+pub fn gguf_architecture(model: &Model) -> &'static str {
+    let (heads, kv_heads, widths) = layer_shapes(model);
+    let layers_agree = all_equal(&heads) && all_equal(&kv_heads) && all_equal(&widths);
+    match model.config.arch {
+        Arch::Llama | Arch::Mistral | Arch::Qwen2 if !layers_agree => "deci",
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::GptNeoX => "gptneox",
+    }
+}
+
 /// Write `model` as a GGUF file: `{arch}.*` hyper-parameters (per-layer arrays for head counts
-/// and MLP widths when layers differ, as llama.cpp accepts), `tokenizer_metadata` (the
+/// and MLP widths when layers differ, under llama.cpp's `deci` architecture), `tokenizer_metadata` (the
 /// `tokenizer.*` keys, e.g. copied from the source GGUF), matrices in `dtype` (F16 or F32) and
 /// 1-D tensors (norms, biases) in F32, as llama.cpp's converter stores them.
 pub fn export_gguf(
@@ -176,18 +251,13 @@ pub fn export_gguf(
         return Err(ModelError::input(format!("GGUF export writes F16 or F32, not {dtype}")));
     }
     let cfg = &model.config;
-    let arch = match cfg.arch {
-        Arch::Llama | Arch::Mistral => "llama",
-        Arch::Qwen2 => "qwen2",
-        Arch::GptNeoX => "gptneox",
-    };
+    let (heads, kv_heads, widths) = layer_shapes(model);
+    let arch = gguf_architecture(model);
+    let permute_qk = arch != "qwen2";
     let k = |name: &str| format!("{arch}.{name}");
-    let heads: Vec<usize> = model.blocks.iter().map(|b| b.attn.num_heads).collect();
-    let kv_heads: Vec<usize> = model.blocks.iter().map(|b| b.attn.num_kv_heads).collect();
-    let widths: Vec<usize> = model.blocks.iter().map(|b| b.mlp.width()).collect();
     // One value when every layer agrees, a per-layer array otherwise.
     let per_layer = |values: &[usize]| -> GgufValue {
-        if values.windows(2).all(|w| w[0] == w[1]) {
+        if all_equal(values) {
             GgufValue::U32(values[0] as u32)
         } else {
             GgufValue::Array(values.iter().map(|&v| GgufValue::I32(v as i32)).collect())
@@ -251,7 +321,7 @@ pub fn export_gguf(
             }
         } else {
             for (name, l) in [("attn_q", &a.q), ("attn_k", &a.k), ("attn_v", &a.v)] {
-                let permute = cfg.arch != Arch::Qwen2 && name != "attn_v";
+                let permute = permute_qk && name != "attn_v";
                 let w = f32w(l)?;
                 let w = if permute { permute_for_llama_cpp(&w, a.head_dim)? } else { w };
                 push(format!("{p}.{name}.weight"), &w)?;
@@ -276,7 +346,8 @@ pub fn export_gguf(
         linear(format!("{p}.ffn_down"), &b.mlp.down)?;
     }
     push_norm(&mut push, "output_norm", &model.final_norm)?;
-    if !cfg.tie_word_embeddings {
+    // llama.cpp's gptneox requires output.weight even when it is the embedding.
+    if !cfg.tie_word_embeddings || cfg.arch == Arch::GptNeoX {
         push("output.weight".into(), &f32w(&model.lm_head)?)?;
     }
     write_gguf(path, &meta, &tensors)?;

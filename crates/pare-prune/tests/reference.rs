@@ -121,8 +121,9 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     let gguf = dir.path().join("model.gguf");
     pare_model::export::export_gguf(&pruned, &[], pare_formats::GgmlType::F32, &gguf).unwrap();
     let file = pare_formats::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.architecture().unwrap(), "deci", "llama.cpp's llama reads one shape for all layers");
     let heads: Vec<u64> =
-        file.get_array("llama.attention.head_count").unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        file.get_array("deci.attention.head_count").unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(heads, vec![8, 4, 4, 8]);
     let from_gguf = load_model(&gguf);
     assert_eq!(from_gguf.config().layer_shapes, Some(shapes));

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use pare_formats::{GgmlType, GgufFile, GgufValue};
-use pare_model::config::Arch;
 use pare_model::{Model, WeightDType};
 use pare_prune::importance::TaylorVariant;
 use pare_prune::report::{layer_shapes, LayerReport, ParamCounts};
@@ -203,33 +202,16 @@ struct PplReport {
 struct ExportReport {
     dir: String,
     plan: String,
-    /// Whether transformers can load the directory (uniform shapes it can express).
-    hf_loadable: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    hf_note: Option<String>,
+    /// Whether transformers needs `trust_remote_code=True` (the directory's modeling_pare.py)
+    /// because its own class cannot hold the pruned shapes.
+    trust_remote_code: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     gguf: Option<String>,
+    /// Which llama.cpp architecture model.gguf declares (`deci` when layers differ).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gguf_arch: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gguf_note: Option<String>,
-}
-
-/// Why transformers cannot load the pruned model as an HF directory, if it cannot.
-fn hf_limit(model: &Model) -> Option<String> {
-    if model.config().layer_shapes.is_some() {
-        return Some(
-            "layers differ in head count or MLP width; config.json carries per-layer shapes \
-             (num_attention_heads_per_layer, num_key_value_heads_per_layer, intermediate_size_per_layer) \
-             that pare loads but transformers cannot"
-                .into(),
-        );
-    }
-    let c = &model.config();
-    if c.arch == Arch::GptNeoX && c.num_heads * c.head_dim != c.hidden_size {
-        return Some(
-            "GPT-NeoX in transformers derives head_dim from hidden_size, so pruned heads load in pare only".into(),
-        );
-    }
-    None
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -314,6 +296,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     let pruned = pare_prune::apply(model, &plan)?;
     bar.finish_and_clear();
+    if let Some(why) = args.gguf.then(|| pare_model::export::gguf_unsupported(&pruned)).flatten() {
+        bail!("--gguf: cannot write the pruned model as GGUF: {why}");
+    }
 
     let ppl = if args.eval_ppl { Some(perplexity(&args, &loaded, model, &pruned)?) } else { None };
 
@@ -456,8 +441,7 @@ fn export(
     let plan_path = dir.join("pruning_plan.json");
     std::fs::write(staging.join("pruning_plan.json"), plan.to_json())
         .with_context(|| format!("cannot write {}", plan_path.display()))?;
-    let hf_note = hf_limit(pruned);
-    let (mut gguf, mut gguf_note) = (None, None);
+    let (mut gguf, mut gguf_arch, mut gguf_note) = (None, None, None);
     if args.gguf {
         let path = dir.join("model.gguf");
         let staged = staging.join("model.gguf");
@@ -470,13 +454,14 @@ fn export(
         }
         pare_model::export::export_gguf(pruned, keys.as_deref().unwrap_or(&[]), gguf_type, &staged)?;
         gguf = Some(path.display().to_string());
+        gguf_arch = Some(pare_model::export::gguf_architecture(pruned).to_string());
     }
     Ok(ExportReport {
         dir: dir.display().to_string(),
         plan: plan_path.display().to_string(),
-        hf_loadable: hf_note.is_none(),
-        hf_note,
+        trust_remote_code: pare_model::export::needs_remote_code(pruned),
         gguf,
+        gguf_arch,
         gguf_note,
     })
 }
@@ -531,11 +516,14 @@ fn print_report(
     }
     if let Some(e) = export {
         println!("wrote {} (plan {})", e.dir, e.plan);
-        if let Some(note) = &e.hf_note {
-            println!("note: {note}");
+        if e.trust_remote_code {
+            println!(
+                "note: transformers loads it with trust_remote_code=True (modeling_pare.py): its own class \
+                 cannot hold these shapes"
+            );
         }
-        if let Some(g) = &e.gguf {
-            println!("wrote {g}");
+        if let (Some(g), Some(arch)) = (&e.gguf, &e.gguf_arch) {
+            println!("wrote {g} (llama.cpp architecture {arch})");
         }
         if let Some(note) = &e.gguf_note {
             println!("note: {note}");
