@@ -240,6 +240,12 @@ fn ppl_rejects_zero_ctx_and_stride_beyond_ctx() {
     let text = text.to_str().unwrap();
     expect(&["eval", "ppl", "--text", text, "--ctx", "0", "--stride", "1"], "--ctx");
     expect(&["eval", "ppl", "--text", text, "--ctx", "64", "--stride", "65"], "--stride");
+    expect(&["eval", "ppl", "--text", text, "--ctx", "64", "--stride", "32", "--llama-cpp"], "--stride");
+    expect(&["eval", "ppl", "--text", text, "--ctx", "2", "--llama-cpp"], "at least 4");
+    expect(
+        &["eval", "ppl", "--text", text, "--max-tokens", "100", "--ctx", "128", "--llama-cpp"],
+        "fewer than one chunk",
+    );
 }
 
 #[test]

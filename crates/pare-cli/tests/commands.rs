@@ -91,6 +91,40 @@ fn eval_ppl_on_the_tiny_gpt_neox() {
     assert!((pare / hf - 1.0).abs() < 1e-3, "pare {pare} vs hf {hf}");
 }
 
+/// `--llama-cpp` gives llama-perplexity's number on the same GGUF, text and context
+/// (tests/fixtures/llama-cpp-ppl/smollm2-q4_1.json).
+#[test]
+fn eval_ppl_by_llama_cpps_protocol() {
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/llama-cpp-ppl/smollm2-q4_1.json")).unwrap(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(repo().join(fixture["text"].as_str().unwrap())).unwrap();
+    let lines: String = text.split_inclusive('\n').take(fixture["text_lines"].as_u64().unwrap() as usize).collect();
+    let path = std::env::temp_dir().join(format!("pare-llama-cpp-ppl-{}.txt", std::process::id()));
+    std::fs::write(&path, lines).unwrap();
+    let ctx = fixture["n_ctx"].as_u64().unwrap();
+    let v = pare_json(&[
+        "eval",
+        "ppl",
+        "--model",
+        repo().join(fixture["model"].as_str().unwrap()).to_str().unwrap(),
+        "--text",
+        path.to_str().unwrap(),
+        "--ctx",
+        &ctx.to_string(),
+        "--llama-cpp",
+        "--kv-dtype",
+        "f16",
+    ]);
+    std::fs::remove_file(&path).unwrap();
+    // The second half of each chunk is scored, from ctx/2 tokens of context on.
+    let chunks = fixture["chunks"].as_u64().unwrap();
+    assert_eq!(v["scored_tokens"].as_u64().unwrap(), chunks * (ctx - 1 - ctx / 2));
+    let (pare, theirs) = (v["ppl"].as_f64().unwrap(), fixture["ppl"].as_f64().unwrap());
+    assert!((pare / theirs - 1.0).abs() < 0.005, "pare {pare} vs llama-perplexity {theirs}");
+}
+
 #[test]
 fn inspect_counts_parameters() {
     let v = pare_json(&["inspect", "--model", "smollm2-135m"]);

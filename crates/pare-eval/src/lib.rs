@@ -6,4 +6,6 @@ pub mod perplexity;
 pub mod plot;
 pub mod tasks;
 
-pub use perplexity::{perplexity, perplexity_stream, perplexity_with, PerplexityResult, StreamResult, Window};
+pub use perplexity::{
+    perplexity, perplexity_llama_cpp, perplexity_stream, perplexity_with, PerplexityResult, StreamResult, Window,
+};

@@ -54,6 +54,18 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Result<Vec<Window>> {
     Ok(out)
 }
 
+/// llama-perplexity's windows: whole chunks of `ctx` tokens (a shorter tail is dropped), only the
+/// second half of each scored, so that every scored token has at least ctx/2 tokens of context.
+pub fn llama_cpp_windows(n: usize, ctx: usize) -> Result<Vec<Window>> {
+    if ctx < 4 {
+        return Err(ModelError::input(format!("llama-perplexity's protocol needs `ctx` of at least 4, got {ctx}")));
+    }
+    if n < ctx {
+        return Err(ModelError::input(format!("the text has {n} tokens, fewer than one chunk of {ctx}")));
+    }
+    Ok((0..n / ctx).map(|c| Window { begin: c * ctx, end: (c + 1) * ctx, score_from: c * ctx + ctx / 2 + 1 }).collect())
+}
+
 /// Perplexity of `tokens`; `progress(done, total)` is called after each window.
 pub fn perplexity(
     model: &Model,
@@ -75,38 +87,73 @@ pub fn perplexity_with(
     ctx: usize,
     stride: usize,
     hooks: &Hooks,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<PerplexityResult> {
     if tokens.len() < 2 {
         return Err(ModelError::input(format!("perplexity needs at least 2 tokens, the text has {}", tokens.len())));
     }
+    check_ctx(model, ctx)?;
+    perplexity_over(model, tokens, &windows(tokens.len(), ctx, stride)?, None, hooks, progress)
+}
+
+/// Perplexity as llama-perplexity computes it ([`llama_cpp_windows`]), each chunk's first token
+/// replaced by `bos` when the vocabulary adds one, so that pare's numbers and llama.cpp's compare.
+pub fn perplexity_llama_cpp(
+    model: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    bos: Option<u32>,
+    hooks: &Hooks,
+    progress: impl FnMut(usize, usize),
+) -> Result<PerplexityResult> {
+    check_ctx(model, ctx)?;
+    perplexity_over(model, tokens, &llama_cpp_windows(tokens.len(), ctx)?, bos, hooks, progress)
+}
+
+fn check_ctx(model: &Model, ctx: usize) -> Result<()> {
     if ctx > model.config().max_position_embeddings {
         return Err(ModelError::input(format!(
             "`ctx` {ctx} exceeds the model's context of {} tokens",
             model.config().max_position_embeddings
         )));
     }
-    let windows = windows(tokens.len(), ctx, stride)?;
+    Ok(())
+}
+
+/// The scored tokens of every window; `first` replaces each window's first token.
+fn perplexity_over(
+    model: &Model,
+    tokens: &[u32],
+    windows: &[Window],
+    first: Option<u32>,
+    hooks: &Hooks,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PerplexityResult> {
     let mut nll_sum = 0.0f64;
     let mut scored = 0usize;
     let (mut kv_bytes_peak, mut kv_bytes_context) = (0usize, 0usize);
     for (i, w) in windows.iter().enumerate() {
         if w.score_from < w.end {
+            let mut window = tokens[w.begin..w.end].to_vec();
+            if let Some(t) = first {
+                window[0] = t;
+            }
+            let split = w.score_from - w.begin;
             // Logits predicting tokens score_from..end, one row each.
             let mut hooks = hooks.clone();
             let logits = if hooks.is_empty() {
                 let mut cache = model.new_cache(1);
-                let positions = vec![(0..(w.end - w.begin) as i64).collect::<Vec<_>>()];
-                let x = model.embed(&[tokens[w.begin..w.end].to_vec()])?;
+                let positions = vec![(0..window.len() as i64).collect::<Vec<_>>()];
+                let x = model.embed(std::slice::from_ref(&window))?;
                 let all =
                     model.forward(x, &positions, &mut cache, &mut hooks, Phase::Prefill, Logits::All)?.squeeze(0)?;
                 kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
-                all.narrow(0, w.score_from - w.begin - 1, w.end - w.score_from)?
+                all.narrow(0, split - 1, window.len() - split)?
             } else {
-                let context = [tokens[w.begin..w.score_from].to_vec()];
+                let context = [window[..split].to_vec()];
                 let (first, mut cache) = model.prefill(PrefillInput::Tokens(&context), &mut hooks)?;
                 kv_bytes_context = kv_bytes_context.max(cache.bytes());
-                let rest = &tokens[w.score_from..w.end - 1];
+                let rest = &window[split..window.len() - 1];
                 if rest.is_empty() {
                     first
                 } else {

@@ -131,3 +131,29 @@ fn non_uniform_shapes_round_trip_through_config_json_and_gguf_arrays() {
     let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "GGUF logits differ by {worst}");
 }
+
+/// Qwen2 layers of different shapes go to GGUF as llama.cpp's deci (q/k permuted as for llama,
+/// q/k/v biases kept), and pare reads that file back with the same logits.
+#[test]
+fn qwen2_layers_of_different_shapes_round_trip_through_a_deci_gguf() {
+    let model = load_model(&fixtures().join("../qwen2-tiny/model"));
+    let mut settings = settings_of(&serde_json::json!({
+        "importance": "l1", "taylor": null, "reduction": "sum", "gqa": "kv-groups", "ratio": 0.5,
+        "attn_layers": [1, 2], "mlp_layers": [0, 1]
+    }));
+    settings.mode = RatioMode::Local;
+    let out = pare_prune::make_plan(&model, &settings, None, &mut |_, _, _| {}).unwrap();
+    let pruned = pare_prune::apply(&model, &out.plan).unwrap();
+    assert!(pruned.config().layer_shapes.is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("model.gguf");
+    pare_model::export::export_gguf(&pruned, &[], pare_formats::GgmlType::F32, &gguf).unwrap();
+    let file = pare_formats::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.architecture().unwrap(), "deci");
+    assert!(file.tensor_info("blk.1.attn_q.bias").is_some());
+    let ids = [5u32, 9, 200, 17, 3, 88, 41];
+    let want = pare_test_support::logits_all(&pruned, &ids).unwrap();
+    let got = pare_test_support::logits_all(&load_model(&gguf), &ids).unwrap();
+    let worst = pare_test_support::max_abs_diff(&got, &want);
+    assert!(worst < 1e-4, "deci GGUF logits differ by {worst}");
+}

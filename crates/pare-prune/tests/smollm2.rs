@@ -111,3 +111,47 @@ fn uniform_pruning_exports_and_matches_transformers() {
     let worst = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(worst < 1e-3, "GGUF vs HF directory: max |Δlogit| {worst}");
 }
+
+/// The seed setting leaves layers 0–2 wider than the rest; its F16 GGUF declares llama.cpp's deci
+/// architecture, and pare's perplexity on it, by llama-perplexity's protocol, is within 1 % of
+/// what llama-perplexity gave on the same export (tests/fixtures/llama-cpp-ppl/, written by
+/// tools/reference/make_llama_cpp_fixtures.sh).
+#[test]
+fn seed_setting_gguf_is_llama_cpps_deci_with_its_perplexity() {
+    let fixture = pare_test_support::fixture("llama-cpp-ppl/smollm2-pruned-deci.json");
+    let loaded = smollm2();
+    let settings = settings_of(&serde_json::json!({
+        "importance": "taylor", "taylor": "param_first", "reduction": "sum", "gqa": "kv-groups",
+        "ratio": 0.25, "attn_layers": [3, 30], "mlp_layers": [3, 30]
+    }));
+    let path = pare_model::loader::assets_dir().join("texts/c4.utf8");
+    let calib =
+        calibration::from_text(loaded.tokenizer().unwrap(), &std::fs::read_to_string(path).unwrap(), 10, 64, "c4")
+            .unwrap();
+    let out = pare_prune::make_plan(&loaded.model, &settings, Some(&calib), &mut |_, _, _| {}).unwrap();
+    let pruned = pare_prune::apply(&loaded.model, &out.plan).unwrap();
+    assert!(pruned.config().layer_shapes.is_some(), "layers 0-2 keep their width");
+
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("model.gguf");
+    let src = pare_formats::GgufFile::open(&loaded.path).unwrap();
+    let keys: Vec<_> =
+        src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    pare_model::export::export_gguf(&pruned, &keys, pare_formats::GgmlType::F16, &gguf).unwrap();
+    assert_eq!(pare_formats::GgufFile::open(&gguf).unwrap().architecture().unwrap(), "deci");
+
+    let mut exported = pare_model::load(gguf.to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).unwrap();
+    exported.model.set_kv_dtype(pare_model::KvDtype::Float(DType::F16)).unwrap();
+    let text = std::fs::read_to_string(pare_test_support::repo().join(fixture["text"].as_str().unwrap())).unwrap();
+    let text: String = text.split_inclusive('\n').take(fixture["text_lines"].as_u64().unwrap() as usize).collect();
+    let tok = exported.tokenizer().unwrap();
+    let tokens = tok.encode(&text, true).unwrap();
+    let n_ctx = fixture["n_ctx"].as_u64().unwrap() as usize;
+    assert_eq!((tokens.len() / n_ctx) as u64, fixture["chunks"].as_u64().unwrap());
+    let bos = tok.bos_token_id.filter(|_| tok.add_bos);
+    let ppl = pare_eval::perplexity_llama_cpp(&exported.model, &tokens, n_ctx, bos, &Default::default(), |_, _| {})
+        .unwrap()
+        .ppl;
+    let theirs = fixture["ppl"].as_f64().unwrap();
+    assert!((ppl / theirs - 1.0).abs() < 0.01, "pare {ppl} vs llama-perplexity {theirs} on the deci export");
+}

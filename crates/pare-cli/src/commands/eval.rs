@@ -37,8 +37,12 @@ pub struct PplArgs {
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
     /// Distance between window starts (≤ ctx) [default: --ctx].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "llama_cpp")]
     pub stride: Option<usize>,
+    /// llama-perplexity's protocol, to compare with `llama-perplexity -c CTX`: whole chunks of
+    /// --ctx tokens, each starting with BOS, only the second half of each scored.
+    #[arg(long, conflicts_with = "stream")]
+    pub llama_cpp: bool,
     /// Keep only the first T tokens of the text.
     #[arg(long)]
     pub max_tokens: Option<usize>,
@@ -201,10 +205,24 @@ fn ppl(args: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let result = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &session.hooks, progress)?;
+    let result = if args.llama_cpp {
+        let tok = loaded.tokenizer()?;
+        let bos = tok.bos_token_id.filter(|_| tok.add_bos);
+        pare_eval::perplexity_llama_cpp(&loaded.model, &tokens, args.ctx, bos, &session.hooks, progress)?
+    } else {
+        pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &session.hooks, progress)?
+    };
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
+    } else if args.llama_cpp {
+        println!(
+            "ppl {:.4} over {} scored tokens ({} chunks of {}, llama-perplexity's protocol)",
+            result.ppl,
+            result.scored_tokens,
+            result.tokens / args.ctx,
+            args.ctx
+        );
     } else {
         println!(
             "ppl {:.4} over {} scored tokens ({} tokens, ctx {}, stride {})",

