@@ -41,6 +41,8 @@ CASES = [
      ["--importance", "l1", "--ratio", "0.5", "--attn-layers", "1..2", "--mlp-layers", "0..1"]),
     ("gptneox-layers-differ", "tests/fixtures/gptneox-tiny/model",
      ["--importance", "l1", "--ratio", "0.5", "--attn-layers", "1..2", "--mlp-layers", "0..1"]),
+    # The seed's own setting on the default model: layers 0-2 keep their MLP width.
+    ("smollm2-seed-setting", "smollm2-135m", ["--importance", "taylor", "--ratio", "0.25"]),
     # 2 of 4 heads in both layers: transformers would derive head_dim 16 from hidden_size 32.
     ("gptneox-heads-pruned", "tests/fixtures/gptneox-tiny/model",
      ["--importance", "l2", "--ratio", "0.5", "--attn-layers", "0..2", "--mlp-layers", "0..2"]),
