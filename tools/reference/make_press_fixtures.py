@@ -62,6 +62,7 @@ from kvpress import (  # noqa: E402
     AdaKVPress,
     ChunkKVPress,
     ExpectedAttentionPress,
+    KeyDiffPress,
     KnormPress,
     ObservedAttentionPress,
     PyramidKVPress,
@@ -96,6 +97,7 @@ EXPECTED = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm
 # kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "chunkkv"
 INNER = {
     "knorm": (KnormPress, {}),
+    "keydiff": (KeyDiffPress, {}),
     "snapkv": (SnapKVPress, SNAP),
     "tova": (TOVAPress, {}),
     "observed_attention": (ObservedAttentionPress, {}),
@@ -105,6 +107,7 @@ INNER = {
 }
 CASES = {
     "knorm": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
+    "keydiff": dict(kind="scorer", ratios=[0.5, 0.25]),
     "snapkv": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "tova": dict(kind="scorer", ratios=[0.5]),
     # ObservedAttentionPress needs the attention weights: eager attention.
@@ -122,6 +125,8 @@ CASES = {
 
 SCORE_NOTES = {
     "knorm": "-||k||_2 of the cached (post-RoPE) key, float32.",
+    "keydiff": "-cos(k, anchor) of the cached (post-RoPE) key, anchor = mean over the layer's cached keys of k/||k||, "
+    "float32.",
     "snapkv": "mean over the last 64 queries (recomputed from the attention input with q_proj + RoPE, softmax over "
     "all T keys, causal inside the window) of the attention to keys 0..T-65, avg_pool1d(kernel 5, stride 1, "
     "padding 2, count_include_pad) along keys, mean over the 3 query heads of each kv head; the last 64 entries "

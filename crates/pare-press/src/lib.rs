@@ -32,7 +32,7 @@ use select::{HeadTopK, Selector};
 
 /// Scorer presses, usable alone or inside a wrapper.
 pub const SCORERS: &[&str] =
-    &["knorm", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
+    &["knorm", "keydiff", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv"];
 
@@ -278,6 +278,7 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
     };
     let scorer: Box<dyn Scorer> = match name {
         "knorm" => Box::new(scorers::Knorm),
+        "keydiff" => Box::new(scorers::KeyDiff),
         "snapkv" => Box::new(snapkv()?),
         "tova" => Box::new(scorers::Tova),
         "observed-attention" => Box::new(scorers::ObservedAttention),

@@ -26,6 +26,8 @@ fn ids(v: &Value) -> Vec<u32> {
 const CASES: &[(&str, &str)] = &[
     ("knorm_r0.5", "knorm"),
     ("knorm_r0.25", "knorm"),
+    ("keydiff_r0.5", "keydiff"),
+    ("keydiff_r0.25", "keydiff"),
     ("snapkv_r0.5", "snapkv"),
     ("snapkv_r0.25", "snapkv"),
     ("tova_r0.5", "tova"),
@@ -104,6 +106,7 @@ fn scores_match_kvpress_within_1e4_relative() {
     let model = &smollm2().model;
     let cases: Vec<(&str, Arc<dyn Scorer>)> = vec![
         ("knorm_r0.5", Arc::new(scorers::Knorm)),
+        ("keydiff_r0.5", Arc::new(scorers::KeyDiff)),
         ("snapkv_r0.5", Arc::new(scorers::SnapKv::default())),
         ("tova_r0.5", Arc::new(scorers::Tova)),
         ("observed_attention_r0.5", Arc::new(scorers::ObservedAttention)),

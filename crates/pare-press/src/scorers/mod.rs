@@ -1,6 +1,7 @@
 //! One file per scorer press. Names, defaults and scoring follow NVIDIA kvpress.
 
 pub mod expected_attention;
+pub mod keydiff;
 pub mod knorm;
 pub mod observed_attention;
 pub mod random;
@@ -9,6 +10,7 @@ pub mod streaming;
 pub mod tova;
 
 pub use expected_attention::ExpectedAttention;
+pub use keydiff::KeyDiff;
 pub use knorm::Knorm;
 pub use observed_attention::ObservedAttention;
 pub use random::Random;
