@@ -64,6 +64,7 @@ from kvpress import (  # noqa: E402
     ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
+    LagKVPress,
     ObservedAttentionPress,
     PyramidKVPress,
     ScorerPress,
@@ -98,6 +99,7 @@ EXPECTED = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm
 INNER = {
     "knorm": (KnormPress, {}),
     "keydiff": (KeyDiffPress, {}),
+    "lagkv": (LagKVPress, dict(n_sink=4, lag_size=128)),
     "snapkv": (SnapKVPress, SNAP),
     "tova": (TOVAPress, {}),
     "observed_attention": (ObservedAttentionPress, {}),
@@ -108,6 +110,9 @@ INNER = {
 CASES = {
     "knorm": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "keydiff": dict(kind="scorer", ratios=[0.5, 0.25]),
+    # At 0.5 the 300-token prompt keeps fewer entries than the sinks and the unscored last partition
+    # (4 + 168, all scored 1): which of them survive is a tie, so only 0.25 is a test.
+    "lagkv": dict(kind="scorer", ratios=[0.25]),
     "snapkv": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "tova": dict(kind="scorer", ratios=[0.5]),
     # ObservedAttentionPress needs the attention weights: eager attention.
@@ -127,6 +132,9 @@ SCORE_NOTES = {
     "knorm": "-||k||_2 of the cached (post-RoPE) key, float32.",
     "keydiff": "-cos(k, anchor) of the cached (post-RoPE) key, anchor = mean over the layer's cached keys of k/||k||, "
     "float32.",
+    "lagkv": "sinks 4 and the last partition with the remainder (entries 260..299) score 1; entries 4..131 "
+    "rank/128 of (std over channels of keys min-max normalized by entries 132..259, softmaxed over the partition, "
+    "+ the same for values) / 2.",
     "snapkv": "mean over the last 64 queries (recomputed from the attention input with q_proj + RoPE, softmax over "
     "all T keys, causal inside the window) of the attention to keys 0..T-65, avg_pool1d(kernel 5, stride 1, "
     "padding 2, count_include_pad) along keys, mean over the 3 query heads of each kv head; the last 64 entries "

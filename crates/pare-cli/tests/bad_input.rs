@@ -306,6 +306,8 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "squeeze", "--ratio", "0.5"], "unknown press");
     check(&["--press", "knorm", "--ratio", "0.5", "--window", "32"], "--window does not apply");
     check(&["--press", "snapkv", "--ratio", "0.5", "--chunk-length", "8"], "--chunk-length does not apply");
+    check(&["--press", "knorm", "--ratio", "0.5", "--lag-size", "64"], "--lag-size does not apply");
+    check(&["--press", "lagkv", "--ratio", "0.5", "--lag-size", "1"], "at least 2");
     check(&["--ratio", "0.5"], "--ratio needs --press");
     check(&["--press", "knorm"], "needs --ratio");
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");

@@ -32,7 +32,7 @@ use select::{HeadTopK, Selector};
 
 /// Scorer presses, usable alone or inside a wrapper.
 pub const SCORERS: &[&str] =
-    &["knorm", "keydiff", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
+    &["knorm", "keydiff", "lagkv", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv"];
 
@@ -50,7 +50,7 @@ pub struct PressOptions {
     /// Entries kept per layer and KV head (with decoding: the target while decoding).
     #[arg(long)]
     pub budget: Option<usize>,
-    /// streaming, expected-attention: first entries always kept (default 4).
+    /// streaming, expected-attention, lagkv: first entries always kept (default 4).
     #[arg(long)]
     pub sinks: Option<usize>,
     /// streaming: cut every layer to this many entries before each forward (StreamingLLM).
@@ -80,6 +80,9 @@ pub struct PressOptions {
     /// expected-attention: future positions averaged over (default 512).
     #[arg(long)]
     pub n_future: Option<usize>,
+    /// lagkv: entries per partition, each judged against the next (default 128).
+    #[arg(long)]
+    pub lag_size: Option<usize>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -106,6 +109,7 @@ impl PressOptions {
             ("interval", o.interval.is_some()),
             ("buffer", o.buffer.is_some()),
             ("n_future", o.n_future.is_some()),
+            ("lag_size", o.lag_size.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -162,6 +166,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "snapkv" => &["window", "kernel"],
         "pyramidkv" => &["window", "kernel", "beta"],
         "expected-attention" => &["sinks", "n_future"],
+        "lagkv" => &["sinks", "lag_size"],
         "random" => &["seed"],
         "adakv" => &["alpha_safeguard"],
         "chunkkv" => &["chunk_length"],
@@ -279,6 +284,13 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
     let scorer: Box<dyn Scorer> = match name {
         "knorm" => Box::new(scorers::Knorm),
         "keydiff" => Box::new(scorers::KeyDiff),
+        "lagkv" => {
+            let lag = opts.lag_size.unwrap_or(128);
+            if lag < 2 {
+                return Err(PressError::config("lagkv: `lag_size` must be at least 2"));
+            }
+            Box::new(scorers::LagKv { sinks: opts.sinks.unwrap_or(4), lag })
+        }
         "snapkv" => Box::new(snapkv()?),
         "tova" => Box::new(scorers::Tova),
         "observed-attention" => Box::new(scorers::ObservedAttention),

@@ -28,6 +28,7 @@ const CASES: &[(&str, &str)] = &[
     ("knorm_r0.25", "knorm"),
     ("keydiff_r0.5", "keydiff"),
     ("keydiff_r0.25", "keydiff"),
+    ("lagkv_r0.25", "lagkv"),
     ("snapkv_r0.5", "snapkv"),
     ("snapkv_r0.25", "snapkv"),
     ("tova_r0.5", "tova"),
@@ -107,6 +108,7 @@ fn scores_match_kvpress_within_1e4_relative() {
     let cases: Vec<(&str, Arc<dyn Scorer>)> = vec![
         ("knorm_r0.5", Arc::new(scorers::Knorm)),
         ("keydiff_r0.5", Arc::new(scorers::KeyDiff)),
+        ("lagkv_r0.25", Arc::new(scorers::LagKv::default())),
         ("snapkv_r0.5", Arc::new(scorers::SnapKv::default())),
         ("tova_r0.5", Arc::new(scorers::Tova)),
         ("observed_attention_r0.5", Arc::new(scorers::ObservedAttention)),

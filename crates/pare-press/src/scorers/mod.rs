@@ -3,6 +3,7 @@
 pub mod expected_attention;
 pub mod keydiff;
 pub mod knorm;
+pub mod lagkv;
 pub mod observed_attention;
 pub mod random;
 pub mod snapkv;
@@ -12,6 +13,7 @@ pub mod tova;
 pub use expected_attention::ExpectedAttention;
 pub use keydiff::KeyDiff;
 pub use knorm::Knorm;
+pub use lagkv::LagKv;
 pub use observed_attention::ObservedAttention;
 pub use random::Random;
 pub use snapkv::SnapKv;
