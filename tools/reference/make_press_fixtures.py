@@ -61,6 +61,7 @@ from importlib.metadata import version  # noqa: E402
 from kvpress import (  # noqa: E402
     AdaKVPress,
     ChunkKVPress,
+    CriticalKVPress,
     ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
@@ -106,6 +107,8 @@ INNER = {
     "expected_attention": (ExpectedAttentionPress, EXPECTED),
     "streaming_llm": (StreamingLLMPress, dict(n_sink=4)),
     "pyramidkv": (PyramidKVPress, dict(SNAP, beta=20)),
+    "critical_knorm": (lambda compression_ratio: CriticalKVPress(KnormPress(compression_ratio)), {}),
+    "critical_snapkv": (lambda compression_ratio: CriticalKVPress(SnapKVPress(compression_ratio, **SNAP)), {}),
 }
 CASES = {
     "knorm": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
@@ -120,6 +123,10 @@ CASES = {
     "expected_attention": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "streaming_llm": dict(kind="scorer", ratios=[0.5]),
     "pyramidkv": dict(kind="pyramid", ratios=[0.5]),
+    # CriticalKVPress is a ScorerPress: its score is the wrapped score reweighted (epsilon 1e-4,
+    # first_stage_ratio 0.5), then each head keeps its top entries.
+    "critical_knorm": dict(kind="scorer", ratios=[0.5]),
+    "critical_snapkv": dict(kind="scorer", ratios=[0.5, 0.25]),
     "adakv_snapkv": dict(kind="adakv", inner="snapkv", params=dict(alpha_safeguard=0.2), ratios=[0.5]),
     "adakv_expected_attention": dict(
         kind="adakv", inner="expected_attention", params=dict(alpha_safeguard=0.2), ratios=[0.5]
@@ -149,6 +156,9 @@ SCORE_NOTES = {
     "the first n_sink entries are padded with max+1 (max over all kv heads of the layer).",
     "streaming_llm": "1 for kept, 0 for positions n_sink..n_sink+n_pruned-1 (n_pruned = T - int(T*(1-ratio))).",
     "pyramidkv": "same as snapkv (last 64 entries padded with max+1).",
+    "critical_knorm": "CriticalKV over knorm: (score + 1e-4) x mean over the 3 query heads of ||v W_o,q||_1; the "
+    "top int(n_kept * 0.5) knorm entries of each head set to float32 max.",
+    "critical_snapkv": "CriticalKV over snapkv: as critical_knorm with snapkv's scores.",
 }
 
 

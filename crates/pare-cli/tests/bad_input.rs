@@ -308,6 +308,8 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "snapkv", "--ratio", "0.5", "--chunk-length", "8"], "--chunk-length does not apply");
     check(&["--press", "knorm", "--ratio", "0.5", "--lag-size", "64"], "--lag-size does not apply");
     check(&["--press", "lagkv", "--ratio", "0.5", "--lag-size", "1"], "at least 2");
+    check(&["--press", "critical+knorm", "--ratio", "0.5", "--first-stage-ratio", "2"], "must be in [0, 1], got 2");
+    check(&["--press", "critical", "--ratio", "0.5"], "critical wraps a scorer");
     check(&["--ratio", "0.5"], "--ratio needs --press");
     check(&["--press", "knorm"], "needs --ratio");
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");

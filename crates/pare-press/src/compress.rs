@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor};
 use pare_model::cache::{LayerKv, PAD_POSITION};
 use pare_model::hooks::LayerContext;
+use pare_model::layers::Linear;
 use pare_model::rope::Rope;
 
 use crate::budget::Budget;
@@ -47,6 +48,7 @@ pub struct LayerInfo<'a> {
     pub group: usize,
     pub head_dim: usize,
     pub rope: &'a Rope,
+    pub output: &'a Linear,
 }
 
 impl<'a> LayerInfo<'a> {
@@ -58,6 +60,7 @@ impl<'a> LayerInfo<'a> {
             group: ctx.attention.num_heads() / ctx.attention.num_kv_heads(),
             head_dim: ctx.attention.head_dim(),
             rope: ctx.rope,
+            output: ctx.attention.o(),
         }
     }
 }
@@ -167,6 +170,7 @@ pub fn observe<'a>(
         queries: row.queries.clone(),
         query_positions: row.positions.clone(),
         rope: info.rope,
+        output: info.output,
     };
     Ok(Some((obs, slots)))
 }

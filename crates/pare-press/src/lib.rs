@@ -26,7 +26,7 @@ pub use pare_model::hooks::CachePress;
 
 use serde::Deserialize;
 
-use presses::{AdaKv, ChunkKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
+use presses::{AdaKv, ChunkKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
 
@@ -34,7 +34,7 @@ use select::{HeadTopK, Selector};
 pub const SCORERS: &[&str] =
     &["knorm", "keydiff", "lagkv", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
 /// Wrappers, written before the press they wrap.
-pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv"];
+pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical"];
 
 /// Every option a press can take; None where the user gave none (kvpress defaults then apply).
 ///
@@ -83,6 +83,9 @@ pub struct PressOptions {
     /// lagkv: entries per partition, each judged against the next (default 128).
     #[arg(long)]
     pub lag_size: Option<usize>,
+    /// critical: share of each head's budget chosen by the wrapped scorer alone (default 0.5).
+    #[arg(long)]
+    pub first_stage_ratio: Option<f64>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -110,6 +113,7 @@ impl PressOptions {
             ("buffer", o.buffer.is_some()),
             ("n_future", o.n_future.is_some()),
             ("lag_size", o.lag_size.is_some()),
+            ("first_stage_ratio", o.first_stage_ratio.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -170,6 +174,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "random" => &["seed"],
         "adakv" => &["alpha_safeguard"],
         "chunkkv" => &["chunk_length"],
+        "critical" => &["first_stage_ratio"],
         "decoding" => &["interval", "buffer"],
         _ => &[],
     }
@@ -242,6 +247,15 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
                     return Err(PressError::config("`chunk_length` must be at least 1"));
                 }
                 Box::new(ChunkKv { scorer, chunk_length })
+            }
+            "critical" => {
+                let first_stage_ratio = opts.first_stage_ratio.unwrap_or(0.5);
+                if !(0.0..=1.0).contains(&first_stage_ratio) {
+                    return Err(PressError::config(format!(
+                        "`first_stage_ratio` must be in [0, 1], got {first_stage_ratio}"
+                    )));
+                }
+                Box::new(CriticalKv { scorer, first_stage_ratio, epsilon: 1e-4 })
             }
             _ => unreachable!("wrappers were checked"),
         };

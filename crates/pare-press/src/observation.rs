@@ -2,6 +2,7 @@
 //! queries observed so far.
 
 use candle_core::{DType, Device, Tensor, D};
+use pare_model::layers::Linear;
 use pare_model::rope::Rope;
 
 use crate::error::Result;
@@ -28,6 +29,9 @@ pub struct Observation<'a> {
     pub queries: Tensor,
     pub query_positions: Vec<i64>,
     pub rope: &'a Rope,
+    /// The layer's output projection (hidden × heads·head_dim), for selectors that weigh an
+    /// entry by what its value adds to the residual stream (CriticalKV).
+    pub output: &'a Linear,
 }
 
 impl Observation<'_> {

@@ -41,6 +41,9 @@ const CASES: &[(&str, &str)] = &[
     ("adakv_expected_attention_r0.5", "adakv+expected-attention"),
     ("chunkkv_knorm_r0.5", "chunkkv+knorm"),
     ("chunkkv_snapkv_r0.5", "chunkkv+snapkv"),
+    ("critical_knorm_r0.5", "critical+knorm"),
+    ("critical_snapkv_r0.5", "critical+snapkv"),
+    ("critical_snapkv_r0.25", "critical+snapkv"),
 ];
 
 #[test]

@@ -3,6 +3,7 @@
 
 pub mod adakv;
 pub mod chunkkv;
+pub mod criticalkv;
 pub mod decoding;
 pub mod prefill;
 pub mod pyramidkv;
@@ -10,6 +11,7 @@ pub mod streaming;
 
 pub use adakv::AdaKv;
 pub use chunkkv::ChunkKv;
+pub use criticalkv::CriticalKv;
 pub use decoding::DecodingPress;
 pub use prefill::PrefillPress;
 pub use pyramidkv::PyramidKv;

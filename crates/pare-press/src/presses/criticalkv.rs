@@ -1,0 +1,77 @@
+//! CriticalKVPress (arXiv 2502.03805) around any scorer: an entry matters by its attention score
+//! and by what its value adds to the layer's output. Each KV head first keeps its best
+//! `first_stage_ratio` of the budget by the scorer alone; the rest of the budget goes to the best
+//! entries by (score + ε) × ‖v·W_o‖₁, the L1 norm of the value through the output projection of
+//! each query head of the group, averaged over the group.
+
+use candle_core::DType;
+
+use crate::budget::Budget;
+use crate::compress::top_k;
+use crate::error::Result;
+use crate::observation::{to_vec, Observation};
+use crate::scorer::Scorer;
+use crate::select::Selector;
+
+#[derive(Debug)]
+pub struct CriticalKv {
+    pub scorer: Box<dyn Scorer>,
+    pub first_stage_ratio: f64,
+    pub epsilon: f32,
+}
+
+impl CriticalKv {
+    /// ‖v_j·W_o,q‖₁ averaged over the query heads q of KV head `head`, per entry j.
+    fn projected_value_norms(&self, obs: &Observation, head: usize) -> Result<Vec<f32>> {
+        let values = &obs.values[head];
+        let d = obs.head_dim;
+        // (hidden, heads·head_dim): the columns of query head q are q·d..(q+1)·d.
+        let w = obs.output.dense_weight(DType::F32)?.to_device(values.device())?;
+        let mut sum = None;
+        for q in head * obs.group..(head + 1) * obs.group {
+            let l1 = values.matmul(&w.narrow(1, q * d, d)?.t()?)?.abs()?.sum(1)?;
+            sum = Some(match sum {
+                None => l1,
+                Some(s) => (s + l1)?,
+            });
+        }
+        let sum = sum.expect("a KV head serves at least one query head");
+        to_vec(&(sum / obs.group as f64)?)
+    }
+}
+
+impl Selector for CriticalKv {
+    fn scorer(&self) -> &dyn Scorer {
+        self.scorer.as_ref()
+    }
+
+    fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
+        scores
+            .iter()
+            .enumerate()
+            .map(|(h, s)| {
+                let kept = budget.kept(s.len());
+                // kvpress's int((1 − ratio)·n·first_stage_ratio), at least one entry.
+                let first = if self.first_stage_ratio > 0.0 && kept > 0 {
+                    ((kept as f64 * self.first_stage_ratio) as usize).max(1)
+                } else {
+                    0
+                };
+                let norms = self.projected_value_norms(obs, h)?;
+                let mut weighted: Vec<f32> = s.iter().zip(&norms).map(|(x, n)| (x + self.epsilon) * n).collect();
+                for i in top_k(s, first) {
+                    weighted[i] = f32::MAX;
+                }
+                Ok(top_k(&weighted, kept))
+            })
+            .collect()
+    }
+
+    fn box_clone(&self) -> Box<dyn Selector> {
+        Box::new(CriticalKv {
+            scorer: self.scorer.box_clone(),
+            first_stage_ratio: self.first_stage_ratio,
+            epsilon: self.epsilon,
+        })
+    }
+}
