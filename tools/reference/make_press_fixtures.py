@@ -62,6 +62,7 @@ from kvpress import (  # noqa: E402
     AdaKVPress,
     ChunkKVPress,
     CriticalKVPress,
+    CURPress,
     ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
@@ -100,6 +101,7 @@ EXPECTED = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm
 INNER = {
     "knorm": (KnormPress, {}),
     "keydiff": (KeyDiffPress, {}),
+    "cur": (CURPress, dict(num_sinks=4, local_window_size=16)),
     "lagkv": (LagKVPress, dict(n_sink=4, lag_size=128)),
     "snapkv": (SnapKVPress, SNAP),
     "tova": (TOVAPress, {}),
@@ -113,6 +115,7 @@ INNER = {
 CASES = {
     "knorm": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "keydiff": dict(kind="scorer", ratios=[0.5, 0.25]),
+    "cur": dict(kind="scorer", ratios=[0.5, 0.25]),
     # At 0.5 the 300-token prompt keeps fewer entries than the sinks and the unscored last partition
     # (4 + 168, all scored 1): which of them survive is a tie, so only 0.25 is a test.
     "lagkv": dict(kind="scorer", ratios=[0.25]),
@@ -139,6 +142,8 @@ SCORE_NOTES = {
     "knorm": "-||k||_2 of the cached (post-RoPE) key, float32.",
     "keydiff": "-cos(k, anchor) of the cached (post-RoPE) key, anchor = mean over the layer's cached keys of k/||k||, "
     "float32.",
+    "cur": "kv_product leverage: (||k||^2 / its 16-entry block's sum) x (the same for v), normalized over the head; "
+    "the first 4 entries set to 1.",
     "lagkv": "sinks 4 and the last partition with the remainder (entries 260..299) score 1; entries 4..131 "
     "rank/128 of (std over channels of keys min-max normalized by entries 132..259, softmaxed over the partition, "
     "+ the same for values) / 2.",

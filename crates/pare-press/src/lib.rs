@@ -31,8 +31,18 @@ use scorer::Scorer;
 use select::{HeadTopK, Selector};
 
 /// Scorer presses, usable alone or inside a wrapper.
-pub const SCORERS: &[&str] =
-    &["knorm", "keydiff", "lagkv", "snapkv", "tova", "observed-attention", "expected-attention", "random", "streaming"];
+pub const SCORERS: &[&str] = &[
+    "knorm",
+    "keydiff",
+    "lagkv",
+    "cur",
+    "snapkv",
+    "tova",
+    "observed-attention",
+    "expected-attention",
+    "random",
+    "streaming",
+];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical"];
 
@@ -50,7 +60,7 @@ pub struct PressOptions {
     /// Entries kept per layer and KV head (with decoding: the target while decoding).
     #[arg(long)]
     pub budget: Option<usize>,
-    /// streaming, expected-attention, lagkv: first entries always kept (default 4).
+    /// streaming, expected-attention, lagkv, cur: first entries always kept (default 4).
     #[arg(long)]
     pub sinks: Option<usize>,
     /// streaming: cut every layer to this many entries before each forward (StreamingLLM).
@@ -171,6 +181,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "pyramidkv" => &["window", "kernel", "beta"],
         "expected-attention" => &["sinks", "n_future"],
         "lagkv" => &["sinks", "lag_size"],
+        "cur" => &["sinks"],
         "random" => &["seed"],
         "adakv" => &["alpha_safeguard"],
         "chunkkv" => &["chunk_length"],
@@ -298,6 +309,7 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
     let scorer: Box<dyn Scorer> = match name {
         "knorm" => Box::new(scorers::Knorm),
         "keydiff" => Box::new(scorers::KeyDiff),
+        "cur" => Box::new(scorers::Cur { sinks: opts.sinks.unwrap_or(4), ..Default::default() }),
         "lagkv" => {
             let lag = opts.lag_size.unwrap_or(128);
             if lag < 2 {

@@ -1,5 +1,6 @@
 //! One file per scorer press. Names, defaults and scoring follow NVIDIA kvpress.
 
+pub mod cur;
 pub mod expected_attention;
 pub mod keydiff;
 pub mod knorm;
@@ -10,6 +11,7 @@ pub mod snapkv;
 pub mod streaming;
 pub mod tova;
 
+pub use cur::Cur;
 pub use expected_attention::ExpectedAttention;
 pub use keydiff::KeyDiff;
 pub use knorm::Knorm;
