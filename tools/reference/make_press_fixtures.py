@@ -61,6 +61,7 @@ from importlib.metadata import version  # noqa: E402
 from kvpress import (  # noqa: E402
     AdaKVPress,
     ChunkKVPress,
+    CriticalAdaKVPress,
     CriticalKVPress,
     CURPress,
     ExpectedAttentionPress,
@@ -97,7 +98,7 @@ SNAP = dict(window_size=64, kernel_size=5)
 EXPECTED = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
 
 # name -> (kind, inner press name or None, params, ratios, attention implementation, greedy?)
-# kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "chunkkv"
+# kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "critical_adakv", "chunkkv"
 INNER = {
     "knorm": (KnormPress, {}),
     "keydiff": (KeyDiffPress, {}),
@@ -133,6 +134,9 @@ CASES = {
     "adakv_snapkv": dict(kind="adakv", inner="snapkv", params=dict(alpha_safeguard=0.2), ratios=[0.5]),
     "adakv_expected_attention": dict(
         kind="adakv", inner="expected_attention", params=dict(alpha_safeguard=0.2), ratios=[0.5]
+    ),
+    "critical_adakv_snapkv": dict(
+        kind="critical_adakv", inner="snapkv", params=dict(alpha_safeguard=0.2, first_stage_ratio=0.5), ratios=[0.5]
     ),
     "chunkkv_knorm": dict(kind="chunkkv", inner="knorm", params=dict(chunk_length=20), ratios=[0.5]),
     "chunkkv_snapkv": dict(kind="chunkkv", inner="snapkv", params=dict(chunk_length=20), ratios=[0.5]),
@@ -215,7 +219,7 @@ def build(name, ratio):
         return cls(compression_ratio=ratio, **params), None
     cls, inner_params = INNER[case["inner"]]
     inner = cls(compression_ratio=ratio, **inner_params)
-    outer = AdaKVPress if case["kind"] == "adakv" else ChunkKVPress
+    outer = {"adakv": AdaKVPress, "critical_adakv": CriticalAdaKVPress, "chunkkv": ChunkKVPress}[case["kind"]]
     return outer(press=inner, **case["params"]), inner
 
 
@@ -312,6 +316,34 @@ def select_adakv(scores, ratio, alpha):
     return kept, close, dict(n_kept_mean=n_kept, n_safe=n_safe, n_pruned_total=n_pruned)
 
 
+def select_critical_adakv(scores, values, module, ratio, alpha, first_stage_ratio, epsilon=1e-4):
+    """CriticalAdaKVPress.compress restated: AdaKV's per-head budgets, then CriticalKV's two stages in each head."""
+    s = scores.clone()
+    _, n_heads, k_len = s.shape
+    top = torch.finfo(s.dtype).max
+    n_kept = compute_n_kept(k_len, ratio)
+    n_safe = int(n_kept * alpha)
+    if alpha > 0:
+        n_safe = max(1, n_safe) if n_kept > 0 else 0
+    s.scatter_(-1, torch.topk(s, n_safe, dim=-1).indices, top)
+    flat = s.reshape(-1)
+    budgets = torch.bincount(torch.topk(flat, n_kept * n_heads).indices // k_len, minlength=n_heads).tolist()
+    ordered = flat.sort(descending=True).values
+    # Entries near the across-heads cut may move one unit of budget between heads.
+    close = [[i // k_len, i % k_len] for i in near(flat, ordered[n_kept * n_heads - 1], ordered[n_kept * n_heads])]
+    for h, b in enumerate(budgets):
+        s[0, h].scatter_(-1, torch.topk(s[0, h], int(b * first_stage_ratio)).indices, top)
+    weighted = (s + epsilon) * CriticalKVPress.vwl1norm(values, module)
+    kept = []
+    for h, b in enumerate(budgets):
+        w = weighted[0, h]
+        kept.append(sorted(w.topk(b).indices.tolist()))
+        if b < k_len:
+            ordered = w.sort(descending=True).values
+            close += [[h, j] for j in near(w, ordered[b - 1], ordered[b])]
+    return kept, close, dict(head_budgets=budgets, n_safe=n_safe)
+
+
 def chunk_scores_of(scores, chunk_length):
     """ChunkKVPress.compress's chunk scores: sum over kv heads, mean over each chunk (the remainder is one chunk)."""
     k_len = scores.shape[-1]
@@ -369,6 +401,11 @@ def run_press(model, tokenizer, ids, name, ratio):
         elif case["kind"] == "adakv":
             kept, close, info = select_adakv(scores, ratio, press.alpha_safeguard)
             extra["adakv"] = info
+        elif case["kind"] == "critical_adakv":
+            kept, close, info = select_critical_adakv(
+                scores, cap.values_in[i], module, ratio, press.alpha_safeguard, press.first_stage_ratio
+            )
+            extra.setdefault("head_budgets", []).append(info["head_budgets"])
         else:
             kept, close, cs, n_chunks_kept = select_chunks(scores, ratio, press.chunk_length)
             if i == SAMPLE_LAYER:
@@ -377,7 +414,7 @@ def run_press(model, tokenizer, ids, name, ratio):
         close_all += [[i] + c for c in close]
 
         # What kvpress actually left behind.
-        if case["kind"] == "adakv":
+        if case["kind"] in ("adakv", "critical_adakv"):
             assert cache.layers[i].keys.shape[2] == T  # AdaKV masks, it does not shrink
             b, h, s = module.masked_key_indices
             assert (b == 0).all()
@@ -402,7 +439,7 @@ def run_press(model, tokenizer, ids, name, ratio):
     sample = cap.scores[SAMPLE_LAYER][0, SAMPLE_HEAD]
     fixture = dict(
         made_by=None,  # filled in by main
-        press=case["kind"] if case["kind"] in ("adakv", "chunkkv") else name,
+        press=case["kind"] if case["kind"] in ("adakv", "critical_adakv", "chunkkv") else name,
         params=params,
         ratio=ratio,
         attn_implementation=attn,
@@ -428,6 +465,8 @@ def run_press(model, tokenizer, ids, name, ratio):
         fixture["layer_budgets"] = budgets
     if "adakv" in extra:
         fixture["adakv"] = extra["adakv"]
+    if "head_budgets" in extra:
+        fixture["head_budgets"] = extra["head_budgets"]
     if "chunk_scores" in extra:
         fixture["scores_sample"]["chunk_scores"] = extra["chunk_scores"]
         fixture["scores_sample"]["n_chunks_kept"] = extra["n_chunks_kept"]

@@ -310,6 +310,7 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "lagkv", "--ratio", "0.5", "--lag-size", "1"], "at least 2");
     check(&["--press", "critical+knorm", "--ratio", "0.5", "--first-stage-ratio", "2"], "must be in [0, 1], got 2");
     check(&["--press", "critical", "--ratio", "0.5"], "critical wraps a scorer");
+    check(&["--press", "adakv+chunkkv+knorm", "--ratio", "0.5"], "adakv and chunkkv cannot be combined");
     check(&["--ratio", "0.5"], "--ratio needs --press");
     check(&["--press", "knorm"], "needs --ratio");
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");

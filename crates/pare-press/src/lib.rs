@@ -26,7 +26,7 @@ pub use pare_model::hooks::CachePress;
 
 use serde::Deserialize;
 
-use presses::{AdaKv, ChunkKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
+use presses::{AdaKv, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
 
@@ -236,8 +236,18 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         return Ok(Box::new(StreamingPress::new(opts.sinks.unwrap_or(4), opts.capacity.unwrap_or(0), opts.positions)?));
     }
 
+    // Selection wrappers replace the rule around the scorer, so one of them at a time, except
+    // critical+adakv (kvpress's CriticalAdaKVPress).
+    let selecting: Vec<&str> = wrappers.iter().copied().filter(|&w| w != "decoding").collect();
+    let critical_adakv = selecting == ["critical", "adakv"];
+    if selecting.len() > 1 && !critical_adakv {
+        return Err(PressError::config(format!(
+            "{} cannot be combined: each chooses the kept entries its own way (critical+adakv is the one combination)",
+            selecting.join(" and ")
+        )));
+    }
     let mut selector = base_selector(base, opts)?;
-    for wrapper in wrappers.iter().rev().filter(|&&w| w != "decoding") {
+    for wrapper in selecting.iter().rev().filter(|&&w| !(critical_adakv && w == "adakv")) {
         if *base == "pyramidkv" {
             return Err(PressError::config(format!(
                 "pyramidkv sets per-layer budgets itself and cannot be wrapped by {wrapper}"
@@ -245,13 +255,7 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         }
         let scorer = selector.scorer().box_clone();
         selector = match *wrapper {
-            "adakv" => {
-                let alpha = opts.alpha_safeguard.unwrap_or(0.20);
-                if !(0.0..=1.0).contains(&alpha) {
-                    return Err(PressError::config(format!("`alpha_safeguard` must be in [0, 1], got {alpha}")));
-                }
-                Box::new(AdaKv { scorer, alpha_safeguard: alpha })
-            }
+            "adakv" => Box::new(AdaKv { scorer, alpha_safeguard: alpha_safeguard(opts)? }),
             "chunkkv" => {
                 let chunk_length = opts.chunk_length.unwrap_or(20);
                 if chunk_length == 0 {
@@ -266,7 +270,12 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
                         "`first_stage_ratio` must be in [0, 1], got {first_stage_ratio}"
                     )));
                 }
-                Box::new(CriticalKv { scorer, first_stage_ratio, epsilon: 1e-4 })
+                let critical = CriticalKv { scorer, first_stage_ratio, epsilon: 1e-4 };
+                if critical_adakv {
+                    Box::new(CriticalAdaKv { critical, alpha_safeguard: alpha_safeguard(opts)? })
+                } else {
+                    Box::new(critical)
+                }
             }
             _ => unreachable!("wrappers were checked"),
         };
@@ -296,6 +305,14 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         }
     };
     Ok(Box::new(PrefillPress { selector, budget, positions: opts.positions }))
+}
+
+fn alpha_safeguard(opts: &PressOptions) -> Result<f64> {
+    let alpha = opts.alpha_safeguard.unwrap_or(0.20);
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(PressError::config(format!("`alpha_safeguard` must be in [0, 1], got {alpha}")));
+    }
+    Ok(alpha)
 }
 
 fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {

@@ -46,6 +46,7 @@ const CASES: &[(&str, &str)] = &[
     ("critical_knorm_r0.5", "critical+knorm"),
     ("critical_snapkv_r0.5", "critical+snapkv"),
     ("critical_snapkv_r0.25", "critical+snapkv"),
+    ("critical_adakv_snapkv_r0.5", "critical+adakv+snapkv"),
 ];
 
 #[test]

@@ -2,7 +2,8 @@
 //! and by what its value adds to the layer's output. Each KV head first keeps its best
 //! `first_stage_ratio` of the budget by the scorer alone; the rest of the budget goes to the best
 //! entries by (score + ε) × ‖v·W_o‖₁, the L1 norm of the value through the output projection of
-//! each query head of the group, averaged over the group.
+//! each query head of the group, averaged over the group. `critical+adakv+X` is kvpress's
+//! CriticalAdaKVPress: the same two stages inside AdaKV's per-head budgets.
 
 use candle_core::DType;
 
@@ -10,6 +11,7 @@ use crate::budget::Budget;
 use crate::compress::top_k;
 use crate::error::Result;
 use crate::observation::{to_vec, Observation};
+use crate::presses::AdaKv;
 use crate::scorer::Scorer;
 use crate::select::Selector;
 
@@ -72,6 +74,56 @@ impl Selector for CriticalKv {
             scorer: self.scorer.box_clone(),
             first_stage_ratio: self.first_stage_ratio,
             epsilon: self.epsilon,
+        })
+    }
+}
+
+/// CriticalAdaKVPress: AdaKV's per-head budgets (spent on the best entries across heads, each
+/// head guaranteed `alpha_safeguard` of its share), then CriticalKV's two stages inside each
+/// head's budget: the safeguarded entries and the best `first_stage_ratio` of the budget by the
+/// scorer, the rest by (score + ε) × ‖v·W_o‖₁.
+#[derive(Debug)]
+pub struct CriticalAdaKv {
+    pub critical: CriticalKv,
+    pub alpha_safeguard: f64,
+}
+
+impl Selector for CriticalAdaKv {
+    fn scorer(&self) -> &dyn Scorer {
+        self.critical.scorer.as_ref()
+    }
+
+    fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
+        let ada = AdaKv { scorer: self.critical.scorer.box_clone(), alpha_safeguard: self.alpha_safeguard };
+        let head_budgets: Vec<usize> = ada.select(obs, scores, budget)?.iter().map(Vec::len).collect();
+        scores
+            .iter()
+            .zip(head_budgets)
+            .enumerate()
+            .map(|(h, (s, head_budget))| {
+                let safe = top_k(s, (budget.kept(s.len()) as f64 * self.alpha_safeguard) as usize);
+                let mut guarded = s.clone();
+                safe.iter().for_each(|&i| guarded[i] = f32::MAX);
+                let first = (head_budget as f64 * self.critical.first_stage_ratio) as usize;
+                let norms = self.critical.projected_value_norms(obs, h)?;
+                let mut weighted: Vec<f32> =
+                    s.iter().zip(&norms).map(|(x, n)| (x + self.critical.epsilon) * n).collect();
+                for i in safe.into_iter().chain(top_k(&guarded, first)) {
+                    weighted[i] = f32::MAX;
+                }
+                Ok(top_k(&weighted, head_budget))
+            })
+            .collect()
+    }
+
+    fn box_clone(&self) -> Box<dyn Selector> {
+        Box::new(CriticalAdaKv {
+            critical: CriticalKv {
+                scorer: self.critical.scorer.box_clone(),
+                first_stage_ratio: self.critical.first_stage_ratio,
+                epsilon: self.critical.epsilon,
+            },
+            alpha_safeguard: self.alpha_safeguard,
         })
     }
 }

@@ -11,7 +11,7 @@ pub mod streaming;
 
 pub use adakv::AdaKv;
 pub use chunkkv::ChunkKv;
-pub use criticalkv::CriticalKv;
+pub use criticalkv::{CriticalAdaKv, CriticalKv};
 pub use decoding::DecodingPress;
 pub use prefill::PrefillPress;
 pub use pyramidkv::PyramidKv;
