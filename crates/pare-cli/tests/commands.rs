@@ -421,6 +421,15 @@ fn eval_compare_writes_a_table_and_a_plot() {
     assert!(rows[1]["kv_bytes"].as_u64().unwrap() * 2 <= rows[0]["kv_bytes"].as_u64().unwrap() + 46080);
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 4);
+
+    // `--needle-ctx` without a value: perplexity only.
+    let args = ["eval", "compare", "--text", &wiki(), "--max-tokens", "260", "--ctx", "128", "--continuation", "64"];
+    let more = ["--presses", "knorm", "--ratios", "0.5", "--needle-ctx", "--plot", plot.to_str().unwrap(), "--force"];
+    let v = pare_json(&[&args[..], &more[..]].concat());
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["needle_accuracy"].is_null() && r["ppl"].as_f64().unwrap() > 1.0));
+    std::fs::remove_file(&plot).unwrap();
 }
 
 #[test]

@@ -106,8 +106,8 @@ pub struct CompareArgs {
     /// Keep only the first T tokens of the text.
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
-    /// Needle contexts (tokens); an empty list skips the needle test.
-    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    /// Needle contexts (tokens); `--needle-ctx` with no value skips the needle test.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1024")]
     pub needle_ctx: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "10,50,90")]
     pub needle_depths: Vec<f64>,
