@@ -150,6 +150,12 @@ pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// Scores computed on the host from each KV head's keys and values, read back row-major
+/// (entries × head_dim): `score(keys, values, head_dim)` per head.
+pub fn per_head_on_host(obs: &Observation, score: impl Fn(&[f32], &[f32], usize) -> Vec<f32>) -> Result<Vec<Vec<f32>>> {
+    obs.keys.iter().zip(&obs.values).map(|(k, v)| Ok(score(&to_vec(k)?, &to_vec(v)?, obs.head_dim))).collect()
+}
+
 /// A (kv_heads, entries) tensor's values as one score list per KV head, in one read-back.
 pub fn per_head(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     let n = t.dim(1)?;

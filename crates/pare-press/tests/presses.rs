@@ -39,25 +39,19 @@ fn run(model: &Model, prompts: &[Vec<u32>], press: Option<&dyn CachePress>, step
     (all, cache)
 }
 
-const ALL_PRESSES: &[&str] = &[
-    "knorm",
-    "snapkv",
-    "tova",
-    "observed-attention",
-    "expected-attention",
-    "random",
-    "streaming",
-    "pyramidkv",
-    "adakv+snapkv",
-    "chunkkv+knorm",
-];
+/// Every scorer the crate builds, pyramidkv, and each selection wrapper around one of them.
+fn all_presses() -> Vec<&'static str> {
+    let mut all = pare_press::SCORERS.to_vec();
+    all.extend(["pyramidkv", "adakv+snapkv", "chunkkv+knorm", "critical+snapkv", "critical+adakv+snapkv"]);
+    all
+}
 
 #[test]
 fn ratio_zero_gives_exactly_the_uncompressed_logits() {
     let model = &smollm2().model;
     let prompt = vec![text_tokens(80)];
     let (reference, _) = run(model, &prompt, None, 3);
-    for spec in ALL_PRESSES {
+    for spec in all_presses() {
         let p = press(spec, ratio(0.0));
         let (got, cache) = run(model, &prompt, Some(p.as_ref()), 3);
         for (a, b) in reference.iter().zip(&got) {

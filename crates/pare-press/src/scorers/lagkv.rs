@@ -7,7 +7,7 @@
 //! remainder have no reference and are always kept (score 1). Query-agnostic.
 
 use crate::error::Result;
-use crate::observation::{to_vec, Observation};
+use crate::observation::{per_head_on_host, Observation};
 use crate::scorer::Scorer;
 
 #[derive(Debug, Clone)]
@@ -77,8 +77,7 @@ fn spread(rows: &[f32], lag: usize, d: usize) -> Vec<f32> {
 
 impl Scorer for LagKv {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
-        let d = obs.head_dim;
-        obs.keys.iter().zip(&obs.values).map(|(k, v)| Ok(self.head_scores(&to_vec(k)?, &to_vec(v)?, d))).collect()
+        per_head_on_host(obs, |k, v, d| self.head_scores(k, v, d))
     }
 
     fn box_clone(&self) -> Box<dyn Scorer> {
