@@ -5,7 +5,7 @@
 //! each query head of the group, averaged over the group. `critical+adakv+X` is kvpress's
 //! CriticalAdaKVPress: the same two stages inside AdaKV's per-head budgets.
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 
 use crate::budget::Budget;
 use crate::compress::top_k;
@@ -22,24 +22,24 @@ pub struct CriticalKv {
     pub epsilon: f32,
 }
 
-impl CriticalKv {
-    /// ‖v_j·W_o,q‖₁ averaged over the query heads q of KV head `head`, per entry j.
-    fn projected_value_norms(&self, obs: &Observation, head: usize) -> Result<Vec<f32>> {
-        let values = &obs.values[head];
-        let d = obs.head_dim;
-        // (hidden, heads·head_dim): the columns of query head q are q·d..(q+1)·d.
-        let w = obs.output.dense_weight(DType::F32)?.to_device(values.device())?;
-        let mut sum = None;
-        for q in head * obs.group..(head + 1) * obs.group {
-            let l1 = values.matmul(&w.narrow(1, q * d, d)?.t()?)?.abs()?.sum(1)?;
-            sum = Some(match sum {
-                None => l1,
-                Some(s) => (s + l1)?,
-            });
-        }
-        let sum = sum.expect("a KV head serves at least one query head");
-        to_vec(&(sum / obs.group as f64)?)
-    }
+/// Per KV head, ‖v_j·W_o,q‖₁ averaged over its query heads q, per entry j. The output
+/// projection is read (dequantized, for a quantized model) once for all heads.
+fn projected_value_norms(obs: &Observation) -> Result<Vec<Vec<f32>>> {
+    let d = obs.head_dim;
+    // (hidden, heads·head_dim): the columns of query head q are q·d..(q+1)·d.
+    let w = obs.output.dense_weight(DType::F32)?;
+    obs.values
+        .iter()
+        .enumerate()
+        .map(|(head, values)| {
+            let w = w.to_device(values.device())?;
+            let mut sum = Tensor::zeros(values.dim(0)?, DType::F32, values.device())?;
+            for q in head * obs.group..(head + 1) * obs.group {
+                sum = (sum + values.matmul(&w.narrow(1, q * d, d)?.t()?)?.abs()?.sum(1)?)?;
+            }
+            to_vec(&(sum / obs.group as f64)?)
+        })
+        .collect()
 }
 
 impl Selector for CriticalKv {
@@ -48,10 +48,11 @@ impl Selector for CriticalKv {
     }
 
     fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
+        let norms = projected_value_norms(obs)?;
         scores
             .iter()
-            .enumerate()
-            .map(|(h, s)| {
+            .zip(&norms)
+            .map(|(s, norms)| {
                 let kept = budget.kept(s.len());
                 // kvpress's int((1 − ratio)·n·first_stage_ratio), at least one entry.
                 let first = if self.first_stage_ratio > 0.0 && kept > 0 {
@@ -59,8 +60,7 @@ impl Selector for CriticalKv {
                 } else {
                     0
                 };
-                let norms = self.projected_value_norms(obs, h)?;
-                let mut weighted: Vec<f32> = s.iter().zip(&norms).map(|(x, n)| (x + self.epsilon) * n).collect();
+                let mut weighted: Vec<f32> = s.iter().zip(norms).map(|(x, n)| (x + self.epsilon) * n).collect();
                 for i in top_k(s, first) {
                     weighted[i] = f32::MAX;
                 }
@@ -96,18 +96,18 @@ impl Selector for CriticalAdaKv {
     fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
         let ada = AdaKv { scorer: self.critical.scorer.box_clone(), alpha_safeguard: self.alpha_safeguard };
         let head_budgets: Vec<usize> = ada.select(obs, scores, budget)?.iter().map(Vec::len).collect();
+        let norms = projected_value_norms(obs)?;
         scores
             .iter()
             .zip(head_budgets)
-            .enumerate()
-            .map(|(h, (s, head_budget))| {
+            .zip(&norms)
+            .map(|((s, head_budget), norms)| {
                 let safe = top_k(s, (budget.kept(s.len()) as f64 * self.alpha_safeguard) as usize);
                 let mut guarded = s.clone();
                 safe.iter().for_each(|&i| guarded[i] = f32::MAX);
                 let first = (head_budget as f64 * self.critical.first_stage_ratio) as usize;
-                let norms = self.critical.projected_value_norms(obs, h)?;
                 let mut weighted: Vec<f32> =
-                    s.iter().zip(&norms).map(|(x, n)| (x + self.critical.epsilon) * n).collect();
+                    s.iter().zip(norms).map(|(x, n)| (x + self.critical.epsilon) * n).collect();
                 for i in safe.into_iter().chain(top_k(&guarded, first)) {
                     weighted[i] = f32::MAX;
                 }
