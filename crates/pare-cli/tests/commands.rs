@@ -95,12 +95,8 @@ fn eval_ppl_on_the_tiny_gpt_neox() {
 /// (tests/fixtures/llama-cpp-ppl/smollm2-q4_1.json).
 #[test]
 fn eval_ppl_by_llama_cpps_protocol() {
-    let fixture: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("tests/fixtures/llama-cpp-ppl/smollm2-q4_1.json")).unwrap(),
-    )
-    .unwrap();
-    let text = std::fs::read_to_string(repo().join(fixture["text"].as_str().unwrap())).unwrap();
-    let lines: String = text.split_inclusive('\n').take(fixture["text_lines"].as_u64().unwrap() as usize).collect();
+    let fixture = pare_test_support::fixture("llama-cpp-ppl/smollm2-q4_1.json");
+    let lines = pare_test_support::llama_cpp_fixture_text(&fixture);
     let path = std::env::temp_dir().join(format!("pare-llama-cpp-ppl-{}.txt", std::process::id()));
     std::fs::write(&path, lines).unwrap();
     let ctx = fixture["n_ctx"].as_u64().unwrap();

@@ -9,13 +9,11 @@ use serde_json::Value;
 
 /// pare's perplexity by llama-perplexity's protocol on the fixture's text and context.
 fn llama_cpp_style_ppl(fixture: &Value, loaded: &LoadedModel) -> (f64, usize) {
-    let text = std::fs::read_to_string(repo().join(fixture["text"].as_str().unwrap())).unwrap();
-    let lines = fixture["text_lines"].as_u64().unwrap() as usize;
-    let text: String = text.split_inclusive('\n').take(lines).collect();
+    let text = pare_test_support::llama_cpp_fixture_text(fixture);
     let tok = loaded.tokenizer().unwrap();
     let tokens = tok.encode(&text, true).unwrap();
     let n_ctx = fixture["n_ctx"].as_u64().unwrap() as usize;
-    let bos = tok.bos_token_id.filter(|_| tok.add_bos);
+    let bos = tok.added_bos();
     let r = pare_eval::perplexity_llama_cpp(&loaded.model, &tokens, n_ctx, bos, &Hooks::default(), |_, _| {}).unwrap();
     (r.ppl, tokens.len() / n_ctx)
 }

@@ -92,6 +92,11 @@ impl TokenizerBundle {
         self.tokenizer.token_to_id(token)
     }
 
+    /// The BOS id `encode(_, true)` starts with, if it adds one.
+    pub fn added_bos(&self) -> Option<u32> {
+        self.bos_token_id.filter(|_| self.add_bos)
+    }
+
     /// The number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)

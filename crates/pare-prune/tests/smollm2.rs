@@ -142,13 +142,12 @@ fn seed_setting_gguf_is_llama_cpps_deci_with_its_perplexity() {
 
     let mut exported = pare_model::load(gguf.to_str().unwrap(), WeightDType::Float(DType::F32), &Device::Cpu).unwrap();
     exported.model.set_kv_dtype(pare_model::KvDtype::Float(DType::F16)).unwrap();
-    let text = std::fs::read_to_string(pare_test_support::repo().join(fixture["text"].as_str().unwrap())).unwrap();
-    let text: String = text.split_inclusive('\n').take(fixture["text_lines"].as_u64().unwrap() as usize).collect();
+    let text = pare_test_support::llama_cpp_fixture_text(&fixture);
     let tok = exported.tokenizer().unwrap();
     let tokens = tok.encode(&text, true).unwrap();
     let n_ctx = fixture["n_ctx"].as_u64().unwrap() as usize;
     assert_eq!((tokens.len() / n_ctx) as u64, fixture["chunks"].as_u64().unwrap());
-    let bos = tok.bos_token_id.filter(|_| tok.add_bos);
+    let bos = tok.added_bos();
     let ppl = pare_eval::perplexity_llama_cpp(&exported.model, &tokens, n_ctx, bos, &Default::default(), |_, _| {})
         .unwrap()
         .ppl;

@@ -32,6 +32,15 @@ pub fn fixture(rel: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The text a llama-perplexity fixture (tests/fixtures/llama-cpp-ppl/) was run on: the first
+/// `text_lines` lines of its `text`.
+pub fn llama_cpp_fixture_text(fixture: &Value) -> String {
+    let path = repo().join(fixture["text"].as_str().expect("fixture names its text"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let lines = fixture["text_lines"].as_u64().expect("fixture gives text_lines") as usize;
+    text.split_inclusive('\n').take(lines).collect()
+}
+
 /// The SmolLM2-135M GGUF asset's path.
 pub fn smollm2_path() -> PathBuf {
     asset("SmolLM2-135M-Instruct.Q4_1.gguf")

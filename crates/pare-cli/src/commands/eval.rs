@@ -207,7 +207,7 @@ fn ppl(args: PplArgs) -> Result<()> {
     }
     let result = if args.llama_cpp {
         let tok = loaded.tokenizer()?;
-        let bos = tok.bos_token_id.filter(|_| tok.add_bos);
+        let bos = tok.added_bos();
         pare_eval::perplexity_llama_cpp(&loaded.model, &tokens, args.ctx, bos, &session.hooks, progress)?
     } else {
         pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &session.hooks, progress)?
