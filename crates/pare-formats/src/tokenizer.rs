@@ -74,6 +74,16 @@ impl TokenizerBundle {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with each token's byte range in `text` (special tokens the
+    /// tokenizer adds get an empty range at 0).
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let encoding = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| FormatError::Tokenize(format!("encoding failed: {e}")))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
     /// The text of `ids`; byte-level pieces that do not form whole UTF-8 characters are
     /// replaced by U+FFFD, as transformers does.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

@@ -7,6 +7,7 @@
 //! (`tests` check the logits agree), in the dtype asked for (f64 for finite-difference checks).
 //! Only the tensors asked for become [`Var`]s; everything else is a constant.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Activation;
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Norm};
+use crate::rng::SplitMix64;
 use crate::Model;
 
 /// Which projection of a decoder layer a weight is.
@@ -31,6 +33,8 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: [Role; 7] = [Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down];
+
     pub fn name(self) -> &'static str {
         match self {
             Role::Q => "q",
@@ -44,11 +48,40 @@ impl Role {
     }
 }
 
-/// y = x Wᵀ + b, W either a trainable [`Var`] or a constant.
+/// y = x Wᵀ + b, W either a trainable [`Var`] or a constant, plus a LoRA adapter's
+/// scale · (dropout(x) Aᵀ) Bᵀ when one is being trained.
 pub struct DiffLinear {
     pub weight: Tensor,
     pub var: Option<Var>,
     pub bias: Option<Tensor>,
+    pub lora: Option<DiffLora>,
+}
+
+/// A LoRA adapter under training: A (rank, in) and B (out, rank) are variables kept in f32 (f64
+/// when the model runs in f64) whatever the model's dtype: the master weights.
+pub struct DiffLora {
+    pub a: Var,
+    pub b: Var,
+    /// lora_alpha / rank
+    pub scale: f64,
+}
+
+/// peft's `lora_dropout` on an adapter's input while training, drawn from a seeded generator so
+/// that a run repeats exactly and a resumed run draws what the uninterrupted one would have.
+struct Dropout {
+    p: f64,
+    rng: SplitMix64,
+}
+
+impl Dropout {
+    /// x with each element zeroed with probability p and the rest scaled by 1/(1 − p).
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|_| if self.rng.next_f64() < self.p { 0.0 } else { keep as f32 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
 }
 
 impl DiffLinear {
@@ -60,16 +93,25 @@ impl DiffLinear {
         } else {
             (w, None)
         };
-        Ok(DiffLinear { weight, var, bias: l.bias().map(|b| b.to_dtype(dtype)).transpose()? })
+        Ok(DiffLinear { weight, var, bias: l.bias().map(|b| b.to_dtype(dtype)).transpose()?, lora: None })
     }
 
     /// x: (rows, in) → (rows, out).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, dropout: &RefCell<Option<Dropout>>) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        let Some(lora) = &self.lora else { return Ok(y) };
+        let x = match dropout.borrow_mut().as_mut() {
+            Some(d) => d.apply(x)?,
+            None => x.clone(),
+        };
+        let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+        let delta = (x.to_dtype(a.dtype())?.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
+        let delta = delta.to_dtype(y.dtype())?;
+        Ok((y + delta)?)
     }
 }
 
@@ -131,13 +173,27 @@ impl DiffLayer {
             Role::Down => Some(&self.down),
         }
     }
+
+    fn linear_mut(&mut self, role: Role) -> Option<&mut DiffLinear> {
+        match role {
+            Role::Q => Some(&mut self.q),
+            Role::K => Some(&mut self.k),
+            Role::V => Some(&mut self.v),
+            Role::O => Some(&mut self.o),
+            Role::Gate => self.gate.as_mut(),
+            Role::Up => Some(&mut self.up),
+            Role::Down => Some(&mut self.down),
+        }
+    }
 }
 
-/// RoPE's cos and sin for positions 0..seq and the additive attention mask over them.
+/// RoPE's cos and sin for positions 0..seq and the additive attention mask over them, shared
+/// by the `batch` sequences of a forward call (right-padded to one length).
 struct Positions {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    batch: usize,
 }
 
 /// What a forward call records besides the logits.
@@ -185,6 +241,14 @@ pub struct DiffModel {
     max_positions: usize,
     pub dtype: DType,
     device: Device,
+    dropout: RefCell<Option<Dropout>>,
+}
+
+/// One training sequence: its tokens, and for each token whether it is a label (predicted from
+/// the tokens before it; a prompt's tokens are not). `labels[0]` has nothing to be predicted from.
+pub struct Sample<'a> {
+    pub ids: &'a [u32],
+    pub labels: &'a [bool],
 }
 
 impl DiffModel {
@@ -229,14 +293,61 @@ impl DiffModel {
             max_positions: model.config.max_position_embeddings,
             dtype,
             device: model.device.clone(),
+            dropout: RefCell::new(None),
         })
+    }
+
+    /// Train a LoRA adapter beside layer `layer`'s map in `role`, starting from A (rank, in) and
+    /// B (out, rank), scaled by `scale` (lora_alpha / rank).
+    pub fn attach_lora(&mut self, layer: usize, role: Role, a: &Tensor, b: &Tensor, scale: f64) -> Result<()> {
+        let lora_dtype = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let lin = self.layers.get_mut(layer).and_then(|l| l.linear_mut(role)).ok_or_else(|| {
+            ModelError::input(format!("the model has no {} projection in layer {layer}", role.name()))
+        })?;
+        let (out, input) = lin.weight.dims2()?;
+        let (rank, a_in) = a.dims2()?;
+        if a_in != input || b.dims() != [out, rank] || rank == 0 {
+            return Err(ModelError::input(format!(
+                "layer {layer} {}: LoRA A {:?} and B {:?} do not fit a {out}×{input} map",
+                role.name(),
+                a.dims(),
+                b.dims()
+            )));
+        }
+        let var =
+            |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(lora_dtype)?.to_device(&self.device)?)?) };
+        lin.lora = Some(DiffLora { a: var(a)?, b: var(b)?, scale });
+        Ok(())
+    }
+
+    /// Every LoRA adapter under training: (layer, role, adapter).
+    pub fn loras(&self) -> Vec<(usize, Role, &DiffLora)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for role in Role::ALL {
+                if let Some(lora) = layer.linear(role).and_then(|lin| lin.lora.as_ref()) {
+                    out.push((l, role, lora));
+                }
+            }
+        }
+        out
+    }
+
+    /// Dropout with probability `p` on every LoRA adapter's input from now on, drawn from `seed`
+    /// (p = 0: none, as in evaluation).
+    pub fn set_lora_dropout(&self, p: f64, seed: u64) {
+        *self.dropout.borrow_mut() = (p > 0.0).then(|| Dropout { p, rng: SplitMix64::new(seed) });
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Every variable, with its layer and role.
     pub fn vars(&self) -> Vec<(usize, Role, &Var)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
-            for role in [Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down] {
+            for role in Role::ALL {
                 if let Some(var) = layer.linear(role).and_then(|lin| lin.var.as_ref()) {
                     out.push((l, role, var));
                 }
@@ -259,55 +370,59 @@ impl DiffModel {
         Ok((angles.cos()?.to_dtype(self.dtype)?, angles.sin()?.to_dtype(self.dtype)?))
     }
 
-    /// x (heads, seq, d): rotate the first rotary_dim channels.
+    /// x (…, seq, d): rotate the first rotary_dim channels.
     fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let d = x.dim(2)?;
+        let d = x.dim(D::Minus1)?;
         let rot = cos.dim(1)?;
-        let xr = x.narrow(2, 0, rot)?;
-        let (x1, x2) = (xr.narrow(2, 0, rot / 2)?, xr.narrow(2, rot / 2, rot / 2)?);
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 2)?;
+        let xr = x.narrow(D::Minus1, 0, rot)?;
+        let (x1, x2) = (xr.narrow(D::Minus1, 0, rot / 2)?, xr.narrow(D::Minus1, rot / 2, rot / 2)?);
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         let out = (xr.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
         if rot == d {
             Ok(out)
         } else {
-            Ok(Tensor::cat(&[&out, &x.narrow(2, rot, d - rot)?], 2)?)
+            Ok(Tensor::cat(&[&out, &x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)?)
         }
     }
 
+    /// x: (batch·seq, hidden), the batch's sequences one after another.
     fn attention(&self, l: usize, layer: &DiffLayer, x: &Tensor, at: &Positions, probe: &mut Probe) -> Result<Tensor> {
-        let Positions { cos, sin, mask } = at;
-        let seq = x.dim(0)?;
+        let Positions { cos, sin, mask, batch } = at;
+        let b = *batch;
+        let seq = x.dim(0)? / b;
         let (h, kvh, d) = (layer.num_heads, layer.num_kv_heads, layer.head_dim);
         let g = h / kvh;
         probe.add_input(l, Role::Q, x)?;
         let heads =
-            |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((seq, n, d))?.transpose(0, 1)?.contiguous()?) };
-        let q = Self::rope(&heads(layer.q.forward(x)?, h)?, cos, sin)?;
-        let k = Self::rope(&heads(layer.k.forward(x)?, kvh)?, cos, sin)?;
-        let v = heads(layer.v.forward(x)?, kvh)?;
+            |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, seq, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let dropout = &self.dropout;
+        let q = Self::rope(&heads(layer.q.forward(x, dropout)?, h)?, cos, sin)?;
+        let k = Self::rope(&heads(layer.k.forward(x, dropout)?, kvh)?, cos, sin)?;
+        let v = heads(layer.v.forward(x, dropout)?, kvh)?;
         // Query heads h·g..(h+1)·g read KV head h: group them so K and V are used as they are.
-        let q = q.reshape((kvh, g * seq, d))?;
+        let q = q.reshape((b, kvh, g * seq, d))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = scores.reshape((kvh, g, seq, seq))?.broadcast_add(mask)?;
+        let scores = scores.reshape((b, kvh, g, seq, seq))?.broadcast_add(mask)?;
         // Softmax from elementary ops; the max is a constant shift (no gradient needed through it).
         let max = scores.max_keepdim(D::Minus1)?.detach();
         let e = scores.broadcast_sub(&max)?.exp()?;
         let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        let out = probs.reshape((kvh, g * seq, seq))?.matmul(&v)?; // (kvh, g·seq, d)
-        let out = out.reshape((h, seq, d))?.transpose(0, 1)?.reshape((seq, h * d))?;
+        let out = probs.reshape((b, kvh, g * seq, seq))?.matmul(&v)?; // (b, kvh, g·seq, d)
+        let out = out.reshape((b, h, seq, d))?.transpose(1, 2)?.reshape((b * seq, h * d))?;
         probe.add_input(l, Role::O, &out)?;
-        layer.o.forward(&out)
+        layer.o.forward(&out, dropout)
     }
 
     fn mlp(&self, l: usize, layer: &DiffLayer, x: &Tensor, probe: &mut Probe) -> Result<Tensor> {
         probe.add_input(l, if layer.gate.is_some() { Role::Gate } else { Role::Up }, x)?;
-        let up = layer.up.forward(x)?;
+        let dropout = &self.dropout;
+        let up = layer.up.forward(x, dropout)?;
         let hidden = match &layer.gate {
-            Some(gate) => (crate::layers::activate(&gate.forward(x)?, self.activation)? * up)?,
+            Some(gate) => (crate::layers::activate(&gate.forward(x, dropout)?, self.activation)? * up)?,
             None => crate::layers::activate(&up, self.activation)?,
         };
         probe.add_input(l, Role::Down, &hidden)?;
-        layer.down.forward(&hidden)
+        layer.down.forward(&hidden, dropout)
     }
 
     /// Logits (seq, vocab) of one sequence at positions 0..seq.
@@ -323,13 +438,13 @@ impl DiffModel {
         let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
         let x = self.embed.index_select(&idx, 0)?;
         let (cos, sin) = self.cos_sin(seq)?;
-        let at = Positions { cos, sin, mask: self.causal_mask(seq)? };
+        let at = Positions { cos, sin, mask: self.causal_mask(seq)?, batch: 1 };
         probe.input_tokens += seq;
         let x = self.run_layers(0..self.layers.len(), x, &at, probe)?;
         if probe.record_hidden {
             probe.hidden.push(x.detach());
         }
-        self.lm_head.forward(&self.final_norm.forward(&x)?)
+        self.lm_head.forward(&self.final_norm.forward(&x)?, &self.dropout)
     }
 
     /// Layers `range` on the residual stream x (seq, hidden); records what `probe` asks for.
@@ -386,7 +501,7 @@ impl DiffModel {
         let idx = Tensor::from_vec(ids.to_vec(), seq, &self.device)?;
         let x = self.embed.index_select(&idx, 0)?;
         let (cos, sin) = self.cos_sin(seq)?;
-        let at = Positions { cos, sin, mask: self.causal_mask(seq)? };
+        let at = Positions { cos, sin, mask: self.causal_mask(seq)?, batch: 1 };
         let mut probe = Probe { record_hidden: true, ..Probe::default() };
         let x = self.run_layers(0..upto, x, &at, &mut probe)?;
         probe.hidden.push(x.detach());
@@ -425,11 +540,11 @@ impl DiffModel {
         let x = self.run_layers(
             layer..self.layers.len(),
             x.to_dtype(self.dtype)?,
-            &Positions { cos, sin, mask },
+            &Positions { cos, sin, mask, batch: 1 },
             &mut Probe::default(),
         )?;
         let x = x.narrow(0, from_row, seq - from_row)?;
-        self.lm_head.forward(&self.final_norm.forward(&x)?)
+        self.lm_head.forward(&self.final_norm.forward(&x)?, &self.dropout)
     }
 
     /// Mean next-token cross-entropy of one sequence (HF's `model(ids, labels=ids).loss`).
@@ -437,16 +552,59 @@ impl DiffModel {
         if ids.len() < 2 {
             return Err(ModelError::input("a calibration sample needs at least 2 tokens"));
         }
-        let logits = self.forward(ids, probe)?;
-        let n = ids.len() - 1;
+        let labels: Vec<bool> = (0..ids.len()).map(|i| i > 0).collect();
+        let (sum, n) = self.loss_sum(&[Sample { ids, labels: &labels }], probe)?;
+        Ok((sum / n as f64)?)
+    }
+
+    /// The next-token cross-entropy summed over every label of a micro-batch, and the number of
+    /// labels: the sequences run as one forward call, right-padded to the longest (the causal
+    /// mask keeps padding out of every real token's view). Dividing by the labels of the whole
+    /// accumulated batch gives HF Trainer's loss (`num_items_in_batch`).
+    pub fn loss_sum(&self, batch: &[Sample], probe: &mut Probe) -> Result<(Tensor, usize)> {
+        let seq = batch.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(batch.len() * seq);
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for (b, sample) in batch.iter().enumerate() {
+            self.check_ids(sample.ids)?;
+            if sample.labels.len() != sample.ids.len() {
+                return Err(ModelError::input(format!(
+                    "{} labels for a sample of {} tokens",
+                    sample.labels.len(),
+                    sample.ids.len()
+                )));
+            }
+            for (i, (&id, &label)) in sample.ids.iter().zip(sample.labels).enumerate() {
+                if label && i > 0 {
+                    rows.push((b * seq + i - 1) as u32);
+                    targets.push(id);
+                }
+            }
+            ids.extend_from_slice(sample.ids);
+            // Padding: any valid id; it sits after every real token, so none attends to it.
+            ids.resize((b + 1) * seq, 0);
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Err(ModelError::input("a training batch holds no label tokens"));
+        }
+        let idx = Tensor::from_vec(ids, batch.len() * seq, &self.device)?;
+        let x = self.embed.index_select(&idx, 0)?;
+        let (cos, sin) = self.cos_sin(seq)?;
+        let at = Positions { cos, sin, mask: self.causal_mask(seq)?, batch: batch.len() };
+        probe.input_tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
+        let x = self.run_layers(0..self.layers.len(), x, &at, probe)?;
+        // Only the rows that predict a label reach the LM head.
+        let x = x.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
+        let logits = self.lm_head.forward(&self.final_norm.forward(&x)?, &self.dropout)?;
         // The log-sum-exp runs over the whole vocabulary: in f64, so that a long f32 sum does not
         // put ~1e-5 relative noise into every gradient.
-        let logits = logits.narrow(0, 0, n)?.to_dtype(DType::F64)?;
+        let logits = logits.to_dtype(DType::F64)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;
         let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let targets = Tensor::from_vec(ids[1..].to_vec(), (n, 1), &self.device)?;
+        let targets = Tensor::from_vec(targets, (n, 1), &self.device)?;
         let picked = shifted.gather(&targets, 1)?;
-        Ok((log_z - picked)?.mean_all()?)
+        Ok(((log_z - picked)?.sum_all()?, n))
     }
 }

@@ -8,6 +8,7 @@ use pare_formats::{save_safetensors, write_gguf, GgmlType, GgufTensorData, GgufV
 use serde_json::{json, Value};
 
 use crate::config::{Arch, RopeScaling};
+use crate::diff::Role;
 use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Norm};
 use crate::model::Model;
@@ -64,19 +65,12 @@ pub fn hf_tensors(model: &Model, dtype: DType) -> Result<Vec<(String, Tensor)>> 
                 };
                 out.push((format!("{p}.attention.query_key_value.bias"), fuse(&bias)?));
             }
-            push_linear(&mut out, format!("{p}.attention.dense"), &a.o)?;
-            push_linear(&mut out, format!("{p}.mlp.dense_h_to_4h"), &block.mlp.up)?;
-            push_linear(&mut out, format!("{p}.mlp.dense_4h_to_h"), &block.mlp.down)?;
-        } else {
-            push_linear(&mut out, format!("{p}.self_attn.q_proj"), &a.q)?;
-            push_linear(&mut out, format!("{p}.self_attn.k_proj"), &a.k)?;
-            push_linear(&mut out, format!("{p}.self_attn.v_proj"), &a.v)?;
-            push_linear(&mut out, format!("{p}.self_attn.o_proj"), &a.o)?;
-            if let Some(gate) = &block.mlp.gate {
-                push_linear(&mut out, format!("{p}.mlp.gate_proj"), gate)?;
+        }
+        // Every projection HF keeps as a module of its own (GPT-NeoX's fused q/k/v went above).
+        for role in Role::ALL {
+            if let (Some(name), Some(linear)) = (hf_module_name(model.config.arch, i, role), model.linear(i, role)) {
+                push_linear(&mut out, name, linear)?;
             }
-            push_linear(&mut out, format!("{p}.mlp.up_proj"), &block.mlp.up)?;
-            push_linear(&mut out, format!("{p}.mlp.down_proj"), &block.mlp.down)?;
         }
     }
     push_norm(&mut out, final_norm.to_string(), &model.final_norm)?;
@@ -84,6 +78,27 @@ pub fn hf_tensors(model: &Model, dtype: DType) -> Result<Vec<(String, Tensor)>> 
         push_linear(&mut out, head.to_string(), &model.lm_head)?;
     }
     Ok(out)
+}
+
+/// The HF module name of layer `layer`'s projection in `role` (`model.layers.3.self_attn.q_proj`),
+/// as HF checkpoints and peft adapters name it; None where HF has no module of its own for it
+/// (GPT-NeoX fuses q, k and v into `query_key_value` and has no gate).
+pub fn hf_module_name(arch: Arch, layer: usize, role: Role) -> Option<String> {
+    let suffix = match (arch, role) {
+        (Arch::GptNeoX, Role::O) => "attention.dense",
+        (Arch::GptNeoX, Role::Up) => "mlp.dense_h_to_4h",
+        (Arch::GptNeoX, Role::Down) => "mlp.dense_4h_to_h",
+        (Arch::GptNeoX, _) => return None,
+        (_, Role::Q) => "self_attn.q_proj",
+        (_, Role::K) => "self_attn.k_proj",
+        (_, Role::V) => "self_attn.v_proj",
+        (_, Role::O) => "self_attn.o_proj",
+        (_, Role::Gate) => "mlp.gate_proj",
+        (_, Role::Up) => "mlp.up_proj",
+        (_, Role::Down) => "mlp.down_proj",
+    };
+    let layers = if arch == Arch::GptNeoX { "gpt_neox.layers" } else { "model.layers" };
+    Some(format!("{layers}.{layer}.{suffix}"))
 }
 
 /// transformers classes for exports whose shapes its own classes cannot hold, named in

@@ -12,11 +12,61 @@ const DENSE_ROWS: usize = 32;
 /// From this many rows on, pare's quantized layers run as a dense GEMM (see `native_matmul`).
 const NATIVE_DENSE_ROWS: usize = 64;
 
-/// y = x Wᵀ + b, with W dense (out, in) or kept quantized (`--dtype q`).
+/// y = x Wᵀ + b, with W dense (out, in) or kept quantized (`--dtype q`), or such a map with a
+/// LoRA adapter beside it.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense { weight: Tensor, bias: Option<Tensor> },
     Quantized { weight: QuantWeight, out_features: usize, in_features: usize, bias: Option<Tensor> },
+    Lora(Box<LoraLinear>),
+}
+
+/// y = base(x) + scale · (x Aᵀ) Bᵀ: a LoRA adapter kept apart from its base map (HF peft's
+/// unmerged `LoraLayer`), so a quantized base stays quantized.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    pub base: Linear,
+    /// (rank, in)
+    pub a: Tensor,
+    /// (out, rank)
+    pub b: Tensor,
+    /// lora_alpha / rank
+    pub scale: f64,
+}
+
+impl LoraLinear {
+    /// Checks A and B against the base map's shape and puts them on its device, in f32 (the
+    /// adapter is small; its product is added to the base output in that output's dtype).
+    pub fn new(base: Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
+        let (rank, input) = a.dims2()?;
+        let (output, rank_b) = b.dims2()?;
+        if input != base.in_features() || output != base.out_features() || rank != rank_b || rank == 0 {
+            return Err(crate::ModelError::input(format!(
+                "LoRA adapter of shapes A {:?}, B {:?} does not fit a {}×{} map",
+                a.dims(),
+                b.dims(),
+                base.out_features(),
+                base.in_features()
+            )));
+        }
+        let device = base.device();
+        Ok(LoraLinear {
+            a: a.to_dtype(DType::F32)?.to_device(&device)?,
+            b: b.to_dtype(DType::F32)?.to_device(&device)?,
+            base,
+            scale,
+        })
+    }
+
+    fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows = x.elem_count() / dims[dims.len() - 1];
+        let x2 = x.reshape((rows, dims[dims.len() - 1]))?.to_dtype(DType::F32)?;
+        let y = (x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank ≥ 1") = self.b.dim(0)?;
+        Ok(y.reshape(out_dims)?.to_dtype(x.dtype())?)
+    }
 }
 
 /// A quantized weight: GGUF blocks under pare's CPU kernels, or candle's QMatMul (on CUDA, and
@@ -84,6 +134,8 @@ impl Linear {
                 dense.forward(x)?
             }
             Linear::Quantized { weight: QuantWeight::Candle(w), .. } => w.forward(x)?,
+            // The base adds its own bias.
+            Linear::Lora(l) => return Ok((l.base.forward(x)? + l.delta(x)?)?),
         };
         match self.bias() {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -94,6 +146,7 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
+            Linear::Lora(l) => l.base.bias(),
         }
     }
 
@@ -101,6 +154,7 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => weight.dims()[0],
             Linear::Quantized { out_features, .. } => *out_features,
+            Linear::Lora(l) => l.base.out_features(),
         }
     }
 
@@ -108,12 +162,31 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => weight.dims()[1],
             Linear::Quantized { in_features, .. } => *in_features,
+            Linear::Lora(l) => l.base.in_features(),
         }
     }
 
-    /// The weight as a dense (out, in) tensor in `dtype` (dequantizing if needed).
+    fn device(&self) -> candle_core::Device {
+        match self {
+            Linear::Dense { weight, .. } => weight.device().clone(),
+            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(q)), .. } => q.device(),
+            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)), .. } => {
+                t.device().clone()
+            }
+            Linear::Quantized { weight: QuantWeight::Native(_), .. } => candle_core::Device::Cpu,
+            Linear::Lora(l) => l.base.device(),
+        }
+    }
+
+    /// The weight as a dense (out, in) tensor in `dtype` (dequantizing if needed; with a LoRA
+    /// adapter, merged: W + scale · B A, as peft's `merge_and_unload`).
     pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
         match self {
+            Linear::Lora(l) => {
+                let base = l.base.dense_weight(DType::F32)?;
+                let delta = (l.b.matmul(&l.a)? * l.scale)?;
+                Ok((base + delta)?.to_dtype(dtype)?)
+            }
             Linear::Dense { weight, .. } => Ok(weight.to_dtype(dtype)?),
             Linear::Quantized { weight, .. } => match weight {
                 QuantWeight::Native(m) => {
@@ -151,15 +224,18 @@ impl Linear {
     /// Bytes the weights occupy as stored (quantized blocks count as their packed size).
     pub fn storage_bytes(&self) -> usize {
         let bias = self.bias().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
-        bias + match self {
-            Linear::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
-            Linear::Quantized { weight, .. } => match weight {
-                QuantWeight::Native(m) => m.data().len(),
-                QuantWeight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-                QuantWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                    t.elem_count() * t.dtype().size_in_bytes()
+        match self {
+            Linear::Dense { weight, .. } => bias + weight.elem_count() * weight.dtype().size_in_bytes(),
+            Linear::Quantized { weight, .. } => {
+                bias + match weight {
+                    QuantWeight::Native(m) => m.data().len(),
+                    QuantWeight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+                    QuantWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                        t.elem_count() * t.dtype().size_in_bytes()
+                    }
                 }
-            },
+            }
+            Linear::Lora(l) => l.base.storage_bytes() + (l.a.elem_count() + l.b.elem_count()) * 4,
         }
     }
 }
@@ -194,7 +270,7 @@ pub fn fuse(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
     for p in parts {
         match p {
             Linear::Dense { weight, .. } => weights.push(weight.clone()),
-            Linear::Quantized { .. } => return Ok(None),
+            Linear::Quantized { .. } | Linear::Lora(_) => return Ok(None),
         }
     }
     if weights.windows(2).any(|w| w[0].dtype() != w[1].dtype() || w[0].dim(1).ok() != w[1].dim(1).ok()) {

@@ -6,9 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::{Attention, AttentionInputs, KvSlot};
 use crate::cache::{KvCache, KvDtype, MaskCache, PAD_POSITION};
 use crate::config::{LayerShapes, ModelConfig};
+use crate::diff::Role;
 use crate::error::{ModelError, Result};
 use crate::hooks::{Hooks, Phase, TokenPruner};
-use crate::layers::{Linear, Mlp, Norm};
+use crate::layers::{Linear, LoraLinear, Mlp, Norm};
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -196,6 +197,69 @@ impl Model {
         for block in &mut self.blocks {
             block.attn.fuse_qkv()?;
             block.mlp.fuse_gate_up()?;
+        }
+        Ok(())
+    }
+
+    /// Layer `layer`'s map in `role`; None where the architecture has none (no gate in GPT-NeoX's
+    /// MLP) or the layer does not exist.
+    pub fn linear(&self, layer: usize, role: Role) -> Option<&Linear> {
+        let block = self.blocks.get(layer)?;
+        match role {
+            Role::Q => Some(&block.attn.q),
+            Role::K => Some(&block.attn.k),
+            Role::V => Some(&block.attn.v),
+            Role::O => Some(&block.attn.o),
+            Role::Gate => block.mlp.gate.as_ref(),
+            Role::Up => Some(&block.mlp.up),
+            Role::Down => Some(&block.mlp.down),
+        }
+    }
+
+    /// Put a LoRA adapter (A (rank, in), B (out, rank), scale alpha/rank) beside layer `layer`'s
+    /// map in `role`. A stacked q/k/v or gate/up map holding the plain weight is dropped first,
+    /// so the adapted map is the one that runs.
+    pub fn attach_lora(&mut self, layer: usize, role: Role, a: &Tensor, b: &Tensor, scale: f64) -> Result<()> {
+        let missing = || ModelError::input(format!("the model has no {} projection in layer {layer}", role.name()));
+        let block = self.blocks.get_mut(layer).ok_or_else(missing)?;
+        let slot = match role {
+            Role::Q | Role::K | Role::V | Role::O => {
+                block.attn.qkv = None;
+                match role {
+                    Role::Q => &mut block.attn.q,
+                    Role::K => &mut block.attn.k,
+                    Role::V => &mut block.attn.v,
+                    _ => &mut block.attn.o,
+                }
+            }
+            Role::Gate | Role::Up | Role::Down => {
+                block.mlp.gate_up = None;
+                match role {
+                    Role::Gate => block.mlp.gate.as_mut().ok_or_else(missing)?,
+                    Role::Up => &mut block.mlp.up,
+                    _ => &mut block.mlp.down,
+                }
+            }
+        };
+        *slot = Linear::Lora(Box::new(LoraLinear::new(slot.clone(), a, b, scale)?));
+        Ok(())
+    }
+
+    /// Fold every attached LoRA adapter into its map's weight (W + scale · B A, dense in the
+    /// model's dtype): what peft's `merge_and_unload` does.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let dtype = if self.dtype.is_float() { self.dtype } else { DType::F32 };
+        for block in &mut self.blocks {
+            let a = &mut block.attn;
+            let m = &mut block.mlp;
+            for slot in
+                [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.up, &mut m.down].into_iter().chain(m.gate.as_mut())
+            {
+                if let Linear::Lora(l) = slot {
+                    let bias = l.base.bias().cloned();
+                    *slot = Linear::Dense { weight: slot.dense_weight(dtype)?, bias };
+                }
+            }
         }
         Ok(())
     }

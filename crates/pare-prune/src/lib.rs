@@ -17,7 +17,6 @@ pub mod importance;
 pub mod plan;
 pub mod ratios;
 pub mod report;
-mod rng;
 #[cfg(test)]
 mod testing;
 

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use pare_model::Model;
 use pare_test_support::TinyLlama;
 
-use crate::rng::SplitMix64;
+use pare_model::rng::SplitMix64;
 
 /// A random Llama with `layers` layers, `heads` query heads of dim 8 over `kv_heads` KV heads,
 /// MLP width 24, vocabulary 256, untied head.

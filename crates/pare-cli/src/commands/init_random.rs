@@ -79,25 +79,16 @@ fn preset(name: &str) -> Option<Value> {
     })
 }
 
-/// Counter-based random numbers (SplitMix64): every element depends only on the seed, the tensor
-/// and its index, so filling runs on all cores and still gives the same weights everywhere.
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Uniform values with standard deviation `std` (HF's initializer_range, 0.02), never all zero:
 /// zeros would make kernels look faster than on real weights.
 fn random_tensor(shape: &[usize], std: f32, stream: u64, dtype: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let half_width = std * 3f32.sqrt();
-    let key = splitmix(stream);
+    let key = pare_model::rng::mix(stream);
     let data: Vec<f32> = (0..n)
         .into_par_iter()
         .map(|i| {
-            let u = (splitmix(key ^ i as u64) >> 40) as f32 / (1u64 << 24) as f32;
+            let u = (pare_model::rng::mix(key ^ i as u64) >> 40) as f32 / (1u64 << 24) as f32;
             (2.0 * u - 1.0) * half_width
         })
         .collect();

@@ -1,6 +1,6 @@
 //! Random importance: a seeded uniform score per unit (the baseline every method must beat).
 
-use crate::rng::SplitMix64;
+use pare_model::rng::SplitMix64;
 
 /// `n` scores for (layer, kind), drawn from a stream fixed by `seed`, the layer and the kind, so
 /// adding layers to a range does not reshuffle the others.

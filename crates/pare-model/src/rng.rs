@@ -1,7 +1,18 @@
 //! SplitMix64: a tiny seeded generator whose stream never changes with a dependency's version,
-//! so `--importance random --seed S` picks the same units forever.
+//! so `--importance random --seed S` picks the same units forever and LoRA dropout repeats.
 
 pub struct SplitMix64(u64);
+
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The value SplitMix64 seeded with `z` draws first: a counter-based generator, so that element
+/// i of a stream can be computed on any thread (`mix(key ^ i)`).
+pub fn mix(z: u64) -> u64 {
+    let mut z = z.wrapping_add(GOLDEN_GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
 impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
@@ -9,11 +20,9 @@ impl SplitMix64 {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let out = mix(self.0);
+        self.0 = self.0.wrapping_add(GOLDEN_GAMMA);
+        out
     }
 
     /// Uniform in [0, 1).
