@@ -24,6 +24,10 @@ pub struct ModelArgs {
     /// --dtype f32 stays HF-exact).
     #[arg(long, value_enum)]
     pub kv_dtype: Option<KvDtypeArg>,
+    /// A LoRA adapter directory in HF peft's format (`pare finetune --out`, or peft's
+    /// `save_pretrained`), applied beside the weights, unmerged.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// `--kv-dtype`.
@@ -147,7 +151,18 @@ impl ModelArgs {
         let device = self.device()?;
         let mut loaded = pare_model::load(&self.model, self.weight_dtype(), &device)?;
         loaded.model.set_kv_dtype(self.kv_dtype()).context("--kv-dtype")?;
+        self.apply_adapter(&mut loaded.model)?;
         Ok(loaded)
+    }
+
+    /// Attach `--adapter`, if given, to a model loaded from `--model`.
+    pub fn apply_adapter(&self, model: &mut pare_model::Model) -> Result<()> {
+        if let Some(dir) = &self.adapter {
+            let adapter =
+                pare_finetune::peft::load(dir, model).with_context(|| format!("--adapter {}", dir.display()))?;
+            adapter.attach(model).with_context(|| format!("--adapter {}", dir.display()))?;
+        }
+        Ok(())
     }
 
     /// For commands that compute in float32 only: an error naming any other --dtype given.

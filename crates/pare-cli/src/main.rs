@@ -2,6 +2,7 @@
 
 mod commands;
 mod common;
+mod export_args;
 mod output;
 mod press_args;
 mod sampling_args;
@@ -43,6 +44,8 @@ enum Command {
     InitRandom(commands::init_random::Args),
     /// Structured pruning (LLM-Pruner style): remove heads and MLP channels, export HF / GGUF.
     Prune(commands::prune::Args),
+    /// LoRA fine-tuning (LLM-Pruner's recovery after pruning): adapters in HF peft's format.
+    Finetune(commands::finetune::Args),
     /// Prefill and decode FLOPs by component and KV-cache bytes, against the unpruned run.
     Flops(commands::flops::Args),
     /// Train a learned token scorer for prefill token pruning (`--prune-score learned:FILE`).
@@ -85,6 +88,7 @@ fn main() {
         Command::Convert(a) => commands::convert::run(a),
         Command::InitRandom(a) => commands::init_random::run(a),
         Command::Prune(a) => commands::prune::run(a),
+        Command::Finetune(a) => commands::finetune::run(a),
         Command::Flops(a) => commands::flops::run(a),
         Command::TrainScorer(a) => commands::train_scorer::run(a),
         Command::Serve(a) => commands::serve::run(a),

@@ -17,6 +17,9 @@ use tokenizers::Tokenizer;
 use crate::error::{FormatError, Result};
 use crate::gguf::GgufFile;
 
+/// A token's start and end byte in the encoded text.
+pub type ByteSpan = (usize, usize);
+
 /// A tokenizer and its special-token facts.
 #[derive(Clone)]
 pub struct TokenizerBundle {
@@ -76,7 +79,7 @@ impl TokenizerBundle {
 
     /// Token ids of `text` with each token's byte range in `text` (special tokens the
     /// tokenizer adds get an empty range at 0).
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let encoding = self
             .tokenizer
             .encode(text, add_special_tokens)

@@ -98,7 +98,13 @@ impl DiffLinear {
 
     /// x: (rows, in) → (rows, out).
     fn forward(&self, x: &Tensor, dropout: &RefCell<Option<Dropout>>) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match self.var {
+            Some(_) => x.matmul(&self.weight.t()?)?,
+            None => {
+                let product = x.detach().matmul(&self.weight.t()?)?;
+                x.apply_op2(&product, FrozenProduct { weight: self.weight.clone() })?
+            }
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -112,6 +118,64 @@ impl DiffLinear {
         let delta = (x.to_dtype(a.dtype())?.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
         let delta = delta.to_dtype(y.dtype())?;
         Ok((y + delta)?)
+    }
+}
+
+/// y = x Wᵀ for a constant W, with only x's gradient (dy W) recorded. candle's matmul backward
+/// also computes the right operand's gradient, constant or not: a second GEMM as large as the
+/// forward and a weight-sized buffer per call, which made LoRA training (every weight frozen)
+/// half again as slow. The product is computed outside the graph and passed in; the op returns it.
+struct FrozenProduct {
+    weight: Tensor,
+}
+
+impl FrozenProduct {
+    fn check(layout: &candle_core::Layout) -> candle_core::Result<()> {
+        if layout.is_contiguous() && layout.start_offset() == 0 {
+            Ok(())
+        } else {
+            Err(candle_core::Error::Msg("frozen product: the product must be a fresh contiguous tensor".into()))
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        product: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Self::check(layout)?;
+        Ok((product.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::cuda::CudaStorage,
+        _: &candle_core::Layout,
+        product: &candle_core::cuda::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::cuda::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Self::check(layout)?;
+        Ok((product.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _product: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.weight)?), None))
     }
 }
 

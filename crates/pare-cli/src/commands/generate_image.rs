@@ -17,6 +17,9 @@ use crate::token_prune_args::TokenPruneArgs;
 
 /// Load the LLaVA checkpoint `args.model` names (an HF directory).
 pub fn load_llava(args: &crate::common::ModelArgs) -> Result<LoadedLlava> {
+    if args.adapter.is_some() {
+        bail!("--adapter applies to causal language models; LLaVA checkpoints take none");
+    }
     let path = pare_model::loader::resolve_model(&args.model)?;
     if !pare_vision::is_llava_dir(&path) {
         bail!(

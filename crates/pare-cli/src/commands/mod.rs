@@ -2,6 +2,7 @@ pub mod bench;
 pub mod bench_serve;
 pub mod convert;
 pub mod eval;
+pub mod finetune;
 pub mod flops;
 pub mod generate;
 pub mod generate_image;

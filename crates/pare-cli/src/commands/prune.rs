@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use pare_formats::{GgmlType, GgufFile, GgufValue};
+use pare_formats::GgmlType;
 use pare_model::{Model, WeightDType};
 use pare_prune::importance::TaylorVariant;
 use pare_prune::report::{layer_shapes, LayerReport, ParamCounts};
@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
+use crate::export_args::{print_export, write_model, GgufArgs, ModelExport};
 use crate::output::Output;
 
 #[derive(clap::Args, Debug)]
@@ -70,12 +71,8 @@ pub struct Args {
     /// Replace an existing --out.
     #[arg(long)]
     pub force: bool,
-    /// Also write OUT/model.gguf.
-    #[arg(long)]
-    pub gguf: bool,
-    /// GGUF matrix type.
-    #[arg(long, value_enum, default_value_t = GgufDtypeArg::F16)]
-    pub gguf_dtype: GgufDtypeArg,
+    #[command(flatten)]
+    pub gguf: GgufArgs,
     /// Perplexity before and after (ctx --ppl-ctx, non-overlapping windows, first --ppl-tokens tokens of --ppl-text).
     #[arg(long)]
     pub eval_ppl: bool,
@@ -124,13 +121,6 @@ pub enum ReductionArg {
 pub enum GqaArg {
     KvGroups,
     QueryHeads,
-}
-
-/// `--gguf-dtype`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgufDtypeArg {
-    F16,
-    F32,
 }
 
 /// `--mode`: a closed set plus `per-layer:FILE`, parsed once (the file is read later).
@@ -200,27 +190,15 @@ struct PplReport {
 
 #[derive(Serialize)]
 struct ExportReport {
-    dir: String,
+    #[serde(flatten)]
+    model: ModelExport,
     plan: String,
-    /// Whether transformers needs `trust_remote_code=True` (the directory's modeling_pare.py)
-    /// because its own class cannot hold the pruned shapes.
-    trust_remote_code: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gguf: Option<String>,
-    /// Which llama.cpp architecture model.gguf declares (`deci` when layers differ).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gguf_arch: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gguf_note: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
     args.model.require_f32("pare prune works on float32 weights (gradients and exports)")?;
-    let gguf_type = match args.gguf_dtype {
-        GgufDtypeArg::F16 => GgmlType::F16,
-        GgufDtypeArg::F32 => GgmlType::F32,
-    };
-    if args.gguf && args.out.is_none() {
+    let gguf_type = args.gguf.ggml_type();
+    if gguf_type.is_some() && args.out.is_none() {
         bail!("--gguf writes OUT/model.gguf: give --out DIR");
     }
     if args.eval_ppl && (args.ppl_ctx == 0 || args.ppl_tokens < 2) {
@@ -233,8 +211,11 @@ pub fn run(args: Args) -> Result<()> {
     let settings = if plan_file.is_none() { Some(settings(&args)?) } else { None };
 
     let device = args.model.device()?;
-    let loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
-    if let Some(why) = args.gguf.then(|| pare_model::export::gguf_unsupported(&loaded.model)).flatten() {
+    let mut loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
+    // Pruning scores and cuts the adapted model: its weights with the adapter folded in.
+    args.model.apply_adapter(&mut loaded.model)?;
+    loaded.model.merge_lora()?;
+    if let Some(why) = gguf_type.and_then(|_| pare_model::export::gguf_unsupported(&loaded.model)) {
         bail!("--gguf: cannot write GGUF: {why}");
     }
     // Checked before any work; written in full (HF directory, plan, GGUF) before it appears.
@@ -296,7 +277,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let pruned = pare_prune::apply(model, &plan)?;
     bar.finish_and_clear();
-    if let Some(why) = args.gguf.then(|| pare_model::export::gguf_unsupported(&pruned)).flatten() {
+    if let Some(why) = gguf_type.and_then(|_| pare_model::export::gguf_unsupported(&pruned)) {
         bail!("--gguf: cannot write the pruned model as GGUF: {why}");
     }
 
@@ -304,7 +285,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let export = match out {
         Some(out) => {
-            let report = export(&args, &loaded, &pruned, &plan, &out, gguf_type)?;
+            let report = export(&loaded, &pruned, &plan, &out, gguf_type)?;
             out.commit()?;
             Some(report)
         }
@@ -418,52 +399,19 @@ fn perplexity(args: &Args, loaded: &pare_model::LoadedModel, before: &Model, aft
 }
 
 /// The source GGUF's tokenizer keys, so the exported GGUF tokenizes as the original did.
-fn gguf_tokenizer_keys(loaded: &pare_model::LoadedModel) -> Result<Option<Vec<(String, GgufValue)>>> {
-    if loaded.format != "gguf" {
-        return Ok(None);
-    }
-    let src = GgufFile::open(&loaded.path)?;
-    let keys: Vec<(String, GgufValue)> =
-        src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    Ok(Some(keys))
-}
-
 fn export(
-    args: &Args,
     loaded: &pare_model::LoadedModel,
     pruned: &Model,
     plan: &PruningPlan,
     out: &Output,
-    gguf_type: GgmlType,
+    gguf_type: Option<GgmlType>,
 ) -> Result<ExportReport> {
     let (dir, staging) = (out.target(), out.path());
-    pare_model::export::export_hf_dir(pruned, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), staging)?;
+    let model = write_model(loaded, pruned, dir, staging, gguf_type)?;
     let plan_path = dir.join("pruning_plan.json");
     std::fs::write(staging.join("pruning_plan.json"), plan.to_json())
         .with_context(|| format!("cannot write {}", plan_path.display()))?;
-    let (mut gguf, mut gguf_arch, mut gguf_note) = (None, None, None);
-    if args.gguf {
-        let path = dir.join("model.gguf");
-        let staged = staging.join("model.gguf");
-        let keys = gguf_tokenizer_keys(loaded)?;
-        if keys.is_none() && loaded.tokenizer.is_some() {
-            gguf_note = Some(
-                "the source is not a GGUF, so model.gguf carries no tokenizer; use the directory's tokenizer files"
-                    .into(),
-            );
-        }
-        pare_model::export::export_gguf(pruned, keys.as_deref().unwrap_or(&[]), gguf_type, &staged)?;
-        gguf = Some(path.display().to_string());
-        gguf_arch = Some(pare_model::export::gguf_architecture(pruned).to_string());
-    }
-    Ok(ExportReport {
-        dir: dir.display().to_string(),
-        plan: plan_path.display().to_string(),
-        trust_remote_code: pare_model::export::needs_remote_code(pruned),
-        gguf,
-        gguf_arch,
-        gguf_note,
-    })
+    Ok(ExportReport { model, plan: plan_path.display().to_string() })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -515,18 +463,7 @@ fn print_report(
         println!("perplexity {:.4} → {:.4} ({}, ctx {}, {} tokens)", p.before, p.after, p.text, p.ctx, p.tokens);
     }
     if let Some(e) = export {
-        println!("wrote {} (plan {})", e.dir, e.plan);
-        if e.trust_remote_code {
-            println!(
-                "note: transformers loads it with trust_remote_code=True (modeling_pare.py): its own class \
-                 cannot hold these shapes"
-            );
-        }
-        if let (Some(g), Some(arch)) = (&e.gguf, &e.gguf_arch) {
-            println!("wrote {g} (llama.cpp architecture {arch})");
-        }
-        if let Some(note) = &e.gguf_note {
-            println!("note: {note}");
-        }
+        println!("wrote {} (plan {})", e.model.dir, e.plan);
+        print_export(&e.model);
     }
 }

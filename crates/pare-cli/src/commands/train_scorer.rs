@@ -174,7 +174,8 @@ pub fn run(args: Args) -> Result<()> {
     let text = read_text(&args.text)?;
 
     let device = args.model.device()?;
-    let loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
+    let mut loaded = pare_model::load(&args.model.model, WeightDType::Float(DType::F32), &device)?;
+    args.model.apply_adapter(&mut loaded.model)?;
     let model = &loaded.model;
     settings.check(model.num_layers(), model.config().max_position_embeddings)?;
     // Weights, gradients and AdamW's two moments, all f32.
