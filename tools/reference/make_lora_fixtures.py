@@ -1,6 +1,6 @@
 """LoRA training fixtures: HF peft + torch AdamW on the tiny random Llama, for `pare finetune`.
 
-    tools/reference/.venv/bin/python tools/reference/make_lora_fixtures.py
+    tools/reference/.venv/bin/python tools/reference/make_lora_fixtures.py [--pare target/debug/pare]
 
 Writes tests/fixtures/lora/:
   init/                 the starting adapter, saved by peft (adapter_config.json +
@@ -15,15 +15,25 @@ Writes tests/fixtures/lora/:
                         after training, and the merged model's (merge_and_unload)
   schedule.json         learning rates of transformers' linear and cosine schedules with warm-up
 
-Everything runs in float64, so the comparison measures the algorithm, not rounding.
+  ids.jsonl             tokenized training records (HF's input_ids + labels with -100)
+  pare_adapters.json    with --pare: `pare finetune` runs (a dense Llama, a pruned Llama whose
+                        layers differ, GPT-NeoX), each adapter loaded by
+                        `PeftModel.from_pretrained` and its merged model by
+                        `AutoModelForCausalLM.from_pretrained`; their logits on fixed ids. The
+                        Rust test re-runs each command and compares pare's.
+
+The step-for-step part runs in float64, so the comparison measures the algorithm, not rounding.
 """
 
+import argparse
 import json
 import math
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -65,7 +75,76 @@ def step_loss(model, seqs):
     return total / count
 
 
+def ids_jsonl():
+    """Twelve tokenized records, half with a masked prompt."""
+    g = torch.Generator().manual_seed(5)
+    lines = []
+    for i in range(12):
+        ids = torch.randint(3, 256, (8 + i % 5,), generator=g).tolist()
+        if i % 2:
+            labels = [-100] * 3 + ids[3:]
+            lines.append(json.dumps({"input_ids": ids, "labels": labels}))
+        else:
+            lines.append(json.dumps({"input_ids": ids}))
+    (OUT / "ids.jsonl").write_text("\n".join(lines) + "\n")
+
+
+FINETUNE = ["--data", "tests/fixtures/lora/ids.jsonl", "--steps", "3", "--batch-size", "4", "--micro-batch", "2",
+            "--max-len", "64", "--eval-examples", "2", "--warmup-steps", "1", "--lr", "0.01", "--seed", "1",
+            "--lora-r", "4", "--lora-alpha", "8", "--merge"]
+PROBE = [5, 17, 42, 99, 3, 250, 7]
+
+# (name, model, pare prune flags to run first or None, pare finetune flags)
+ADAPTER_CASES = [
+    ("llama-dense", "tests/fixtures/llama-tiny/model", None, []),
+    ("llama-pruned-layers-differ", "tests/fixtures/prune/llama-gqa-tiny/model",
+     ["--importance", "l1", "--ratio", "0.5", "--attn-layers", "1..3", "--mlp-layers", "2..4"], ["--lora-targets", "q,v,down"]),
+    ("gptneox", "tests/fixtures/gptneox-tiny/model", None, ["--lora-dropout", "0.1"]),
+]
+
+
+def adapter_cases(pare):
+    results = []
+    for name, model, prune, flags in ADAPTER_CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = model
+            if prune is not None:
+                base = str(Path(tmp) / "pruned")
+                subprocess.run([pare, "prune", "--model", model, *prune, "--out", base], check=True, cwd=ROOT,
+                               capture_output=True)
+            out = Path(tmp) / "adapter"
+            cmd = ["finetune", "--model", base, *FINETUNE, *flags, "--out", str(out), "--json"]
+            report = json.loads(subprocess.run([pare, *cmd], check=True, capture_output=True, text=True,
+                                               cwd=ROOT).stdout)
+            remote = prune is not None
+            hf = AutoModelForCausalLM.from_pretrained(ROOT / base, dtype=torch.float32, trust_remote_code=remote,
+                                                      attn_implementation="eager")
+            peft_model = PeftModel.from_pretrained(hf, out)
+            peft_model.eval()
+            merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32,
+                                                          trust_remote_code=remote, attn_implementation="eager")
+            with torch.no_grad():
+                ids = torch.tensor([PROBE])
+                adapted = peft_model(input_ids=ids).logits[0]
+                merged_logits = merged(input_ids=ids).logits[0]
+            results.append({
+                "name": name,
+                "model": model,
+                "prune": prune,
+                "finetune": [*FINETUNE, *flags],
+                "targets": report["adapter"]["targets"],
+                "last_loss": report["last_loss"],
+                "peft_logits": adapted.tolist(),
+                "merged_logits": merged_logits.tolist(),
+            })
+            print(name, report["adapter"], report["last_loss"])
+    (OUT / "pare_adapters.json").write_text(json.dumps({"ids": PROBE, "cases": results}) + "\n")
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pare", help="a pare binary: also check its adapters load in peft")
+    args = parser.parse_args()
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     base = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float64)
@@ -141,6 +220,9 @@ def main():
     (OUT / "schedule.json").write_text(json.dumps(sched_out) + "\n")
     print("wrote", OUT, [round(s["loss"], 6) for s in steps], [round(s["grad_norm"], 4) for s in steps])
     assert not math.isnan(steps[-1]["loss"])
+    ids_jsonl()
+    if args.pare:
+        adapter_cases(str(Path(args.pare).resolve()))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 //!   `max_len` tokens, every token a label (language-model recovery, as LLM-Pruner's PPL data).
 //! - JSON Lines, one record per line, or a JSON list of records. A record is one of
 //!   `{"text"}`, `{"prompt", "response"}` (or `"completion"`), Alpaca's `{"instruction",
-//!   "input", "output"}`, chat `{"messages": [{"role", "content"}]}`, or ShareGPT's
-//!   `{"conversations": [{"from", "value"}]}`. Conversations are rendered with the model's chat
-//!   template; only the assistant's turns are labels. Records longer than `max_len` are cut.
+//!   "input", "output"}`, chat `{"messages": [{"role", "content"}]}`, ShareGPT's
+//!   `{"conversations": [{"from", "value"}]}`, or already tokenized `{"input_ids", "labels"}`
+//!   (HF's convention: a label of -100 is not predicted; without `labels` every token is).
+//!   Conversations are rendered with the model's chat template; only the assistant's turns are
+//!   labels. Records longer than `max_len` are cut.
 
 use std::path::{Path, PathBuf};
 
@@ -44,7 +46,7 @@ pub struct Dataset {
 
 /// Reads `path` into examples of at most `max_len` tokens; `max_records` reads only the first
 /// records (or pieces of text).
-pub fn load(path: &Path, tok: &TokenizerBundle, max_len: usize, max_records: Option<usize>) -> Result<Dataset> {
+pub fn load(path: &Path, tok: Option<&TokenizerBundle>, max_len: usize, max_records: Option<usize>) -> Result<Dataset> {
     if max_len < 2 {
         return Err(FinetuneError::input(format!("--max-len must be at least 2, got {max_len}")));
     }
@@ -74,6 +76,7 @@ pub fn load(path: &Path, tok: &TokenizerBundle, max_len: usize, max_records: Opt
             items.into_iter().take(limit).enumerate().map(|(i, v)| (i + 1, v)).collect()
         }
         _ => {
+            let tok = tok.ok_or_else(|| data_error(path, 1, "plain text needs the model's tokenizer".into()))?;
             let ids = tok.encode(&text, true)?;
             for piece in ids.chunks(max_len).filter(|c| c.len() >= 2).take(limit) {
                 data.examples.push(Example { ids: piece.to_vec(), labels: vec![true; piece.len()] });
@@ -120,15 +123,19 @@ fn str_field<'a>(record: &'a Value, name: &str) -> std::result::Result<Option<&'
     match record.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(format!("`{name}` must be a string, got {other}")),
+        Some(other) => Err(format!("\"{name}\" must be a string, got {other}")),
     }
 }
 
 /// One record → one example.
-fn example(record: &Value, tok: &TokenizerBundle) -> std::result::Result<Example, String> {
+fn example(record: &Value, tok: Option<&TokenizerBundle>) -> std::result::Result<Example, String> {
     if !record.is_object() {
         return Err("a record must be a JSON object".into());
     }
+    if let Some(ids) = record.get("input_ids") {
+        return tokenized(ids, record.get("labels"));
+    }
+    let tok = tok.ok_or("text records need the model's tokenizer (or give \"input_ids\")")?;
     if let Some(text) = str_field(record, "text")? {
         let ids = tok.encode(text, true).map_err(|e| e.to_string())?;
         return Ok(Example { labels: vec![true; ids.len()], ids });
@@ -149,14 +156,14 @@ fn example(record: &Value, tok: &TokenizerBundle) -> std::result::Result<Example
                 Some(input) => format!("{instruction}\n\n{input}"),
                 None => instruction.to_string(),
             };
-            (prompt, str_field(record, "output")?.ok_or("an Alpaca record needs `output`")?.to_string())
+            (prompt, str_field(record, "output")?.ok_or("an Alpaca record needs \"output\"")?.to_string())
         } else {
             let prompt = str_field(record, "prompt")?.ok_or(
-                "expected `text`, `prompt` + `response`, `instruction` + `output`, `messages` or `conversations`",
+                "expected \"text\", \"prompt\" + \"response\", \"instruction\" + \"output\", \"messages\" or \"conversations\"",
             )?;
             let response = str_field(record, "response")?
                 .or(str_field(record, "completion")?)
-                .ok_or("a prompt record needs `response` (or `completion`)")?;
+                .ok_or("a prompt record needs \"response\" (or \"completion\")")?;
             (prompt.to_string(), response.to_string())
         };
         if tok.chat_template.is_none() {
@@ -165,6 +172,36 @@ fn example(record: &Value, tok: &TokenizerBundle) -> std::result::Result<Example
         vec![ChatMessage::new("user", prompt), ChatMessage::new("assistant", response)]
     };
     chat(&messages, tok)
+}
+
+/// `{"input_ids", "labels"}` as HF datasets hold them.
+fn tokenized(ids: &Value, labels: Option<&Value>) -> std::result::Result<Example, String> {
+    let ints = |v: &Value, name: &str| -> std::result::Result<Vec<i64>, String> {
+        v.as_array()
+            .ok_or_else(|| format!("\"{name}\" must be a list of integers"))?
+            .iter()
+            .map(|x| x.as_i64().ok_or_else(|| format!("\"{name}\" must be a list of integers, found {x}")))
+            .collect()
+    };
+    let raw = ints(ids, "input_ids")?;
+    let ids: Vec<u32> = raw
+        .iter()
+        .map(|&i| u32::try_from(i).map_err(|_| format!("\"input_ids\" holds {i}, not a token id")))
+        .collect::<std::result::Result<_, _>>()?;
+    let labels = match labels.filter(|l| !l.is_null()) {
+        None => vec![true; ids.len()],
+        Some(l) => {
+            let l = ints(l, "labels")?;
+            if l.len() != ids.len() {
+                return Err(format!("{} labels for {} input_ids", l.len(), ids.len()));
+            }
+            if let Some(i) = (0..l.len()).find(|&i| l[i] != -100 && l[i] != raw[i]) {
+                return Err(format!("labels[{i}] is {}, neither -100 nor input_ids[{i}]", l[i]));
+            }
+            l.iter().map(|&x| x != -100).collect()
+        }
+    };
+    Ok(Example { ids, labels })
 }
 
 fn messages(
@@ -176,9 +213,10 @@ fn messages(
     let items = list.as_array().ok_or("the conversation must be a list of turns")?;
     let mut out = Vec::with_capacity(items.len());
     for (i, turn) in items.iter().enumerate() {
-        let role = str_field(turn, role_key)?.ok_or_else(|| format!("turn {} has no `{role_key}`", i + 1))?;
-        let content = str_field(turn, content_key)?.ok_or_else(|| format!("turn {} has no `{content_key}`", i + 1))?;
-        let role = role_of(role).ok_or_else(|| format!("turn {}: unknown speaker `{role}`", i + 1))?;
+        let role = str_field(turn, role_key)?.ok_or_else(|| format!("turn {} has no \"{role_key}\"", i + 1))?;
+        let content =
+            str_field(turn, content_key)?.ok_or_else(|| format!("turn {} has no \"{content_key}\"", i + 1))?;
+        let role = role_of(role).ok_or_else(|| format!("turn {}: unknown speaker \"{role}\"", i + 1))?;
         out.push(ChatMessage::new(role, content));
     }
     if !out.iter().any(|m| m.role == "assistant") {

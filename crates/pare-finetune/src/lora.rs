@@ -61,7 +61,7 @@ impl LoraConfig {
         for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let short = name.strip_suffix("_proj").unwrap_or(name);
             let role = Role::ALL.into_iter().find(|r| r.name() == short).ok_or_else(|| {
-                FinetuneError::input(format!("unknown LoRA target `{name}` (expected q, k, v, o, gate, up, down)"))
+                FinetuneError::input(format!("unknown LoRA target \"{name}\" (expected q, k, v, o, gate, up, down)"))
             })?;
             if !out.contains(&role) {
                 out.push(role);
@@ -81,14 +81,14 @@ pub fn check_targets(model: &Model, targets: &[Role]) -> Result<()> {
                 _ => "HF fuses q, k and v into one query_key_value module",
             };
             return Err(FinetuneError::input(format!(
-                "LoRA target `{}`: {} has no such module ({why}); available: {}",
+                "LoRA target \"{}\": {} has no such module ({why}); available: {}",
                 role.name(),
                 arch.model_type(),
                 LoraConfig::default_targets(arch).iter().map(|r| r.name()).collect::<Vec<_>>().join(", ")
             )));
         }
         if let Some(l) = (0..model.num_layers()).find(|&l| model.linear(l, role).is_none()) {
-            return Err(FinetuneError::input(format!("LoRA target `{}`: layer {l} has no such map", role.name())));
+            return Err(FinetuneError::input(format!("LoRA target \"{}\": layer {l} has no such map", role.name())));
         }
     }
     Ok(())

@@ -90,10 +90,10 @@ pub fn load(dir: &Path, model: &Model) -> Result<Adapter> {
         ("rank_pattern", field("rank_pattern").and_then(Value::as_object).is_some_and(|m| !m.is_empty())),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
-        return Err(bad(format!("`{name}` is set; pare applies plain LoRA adapters only")));
+        return Err(bad(format!("\"{name}\" is set; pare applies plain LoRA adapters only")));
     }
-    let rank = field("r").and_then(Value::as_u64).ok_or_else(|| bad("no rank `r`".into()))? as usize;
-    let alpha = field("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("no `lora_alpha`".into()))?;
+    let rank = field("r").and_then(Value::as_u64).ok_or_else(|| bad("no rank \"r\"".into()))? as usize;
+    let alpha = field("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("no \"lora_alpha\"".into()))?;
     let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
 
     let arch = model.config().arch;
@@ -112,7 +112,7 @@ pub fn load(dir: &Path, model: &Model) -> Result<Adapter> {
     for name in store.names() {
         let &(layer, role, is_a) = expected.get(&name).ok_or_else(|| {
             FinetuneError::input(format!(
-                "{}: tensor `{name}` is not a LoRA matrix of a {} model with {} layers",
+                "{}: tensor \"{name}\" is not a LoRA matrix of a {} model with {} layers",
                 weights_path.display(),
                 arch.model_type(),
                 model.num_layers()

@@ -77,7 +77,7 @@ fn adapted_logits(adapter: &Adapter, ids: &[u32], merge: bool) -> Tensor {
     if merge {
         model.merge_lora().unwrap();
     }
-    logits_all(&model, ids).unwrap().squeeze(0).unwrap().to_dtype(DType::F32).unwrap()
+    logits_all(&model, ids).unwrap().to_dtype(DType::F32).unwrap()
 }
 
 #[test]

@@ -27,8 +27,8 @@ pub struct Args {
     pub model: ModelArgs,
     /// Training data: plain text, or JSON Lines / a JSON list of records ({"text"}, {"prompt",
     /// "response"}, Alpaca's {"instruction", "input", "output"}, {"messages"}, ShareGPT's
-    /// {"conversations"}); conversations go through the chat template and train on the
-    /// assistant's turns only.
+    /// {"conversations"}, tokenized {"input_ids", "labels"}); conversations go through the chat
+    /// template and train on the assistant's turns only.
     #[arg(long)]
     pub data: PathBuf,
     /// Read only the first N records (or pieces of plain text).
@@ -187,8 +187,7 @@ pub fn run(args: Args) -> Result<()> {
     pare_finetune::lora::check_targets(model, &lora.targets)?;
     let out = Output::dir(&args.out, "--out", args.force, &[loaded.path.as_path(), args.data.as_path()])?;
 
-    let tok = loaded.tokenizer().context("--data is text: the model needs its tokenizer")?;
-    let dataset = data::load(&args.data, tok, args.max_len, args.max_records)?;
+    let dataset = data::load(&args.data, loaded.tokenizer.as_ref(), args.max_len, args.max_records)?;
     let Dataset { examples, format, records, truncated, skipped } = dataset;
     let (train, eval) = data::split(examples, args.eval_examples, args.seed)?;
     let total_steps = match args.steps {
