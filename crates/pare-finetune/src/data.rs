@@ -48,7 +48,7 @@ pub struct Dataset {
 /// records (or pieces of text).
 pub fn load(path: &Path, tok: Option<&TokenizerBundle>, max_len: usize, max_records: Option<usize>) -> Result<Dataset> {
     if max_len < 2 {
-        return Err(FinetuneError::input(format!("--max-len must be at least 2, got {max_len}")));
+        return Err(FinetuneError::input(format!("`max_len` must be at least 2, got {max_len}")));
     }
     let text = std::fs::read_to_string(path).map_err(|e| FinetuneError::io(path, e))?;
     let limit = max_records.unwrap_or(usize::MAX);
@@ -267,7 +267,7 @@ fn chat(messages: &[ChatMessage], tok: &TokenizerBundle) -> std::result::Result<
 pub fn split(mut examples: Vec<Example>, eval: usize, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
     if examples.len() <= eval {
         return Err(FinetuneError::input(format!(
-            "{} examples cannot hold out {eval} for evaluation and still train (lower --eval-examples)",
+            "{} examples cannot hold out {eval} for evaluation and still train (lower `eval_examples`)",
             examples.len()
         )));
     }

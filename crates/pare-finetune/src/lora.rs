@@ -25,13 +25,13 @@ pub struct LoraConfig {
 impl LoraConfig {
     pub fn new(rank: usize, alpha: f64, dropout: f64, targets: &[Role]) -> Result<Self> {
         if rank == 0 {
-            return Err(FinetuneError::input("--lora-r must be at least 1"));
+            return Err(FinetuneError::input("`lora_r` must be at least 1"));
         }
         if !(alpha.is_finite() && alpha > 0.0) {
-            return Err(FinetuneError::input(format!("--lora-alpha must be positive, got {alpha}")));
+            return Err(FinetuneError::input(format!("`lora_alpha` must be positive, got {alpha}")));
         }
         if !(0.0..1.0).contains(&dropout) {
-            return Err(FinetuneError::input(format!("--lora-dropout must be in [0, 1), got {dropout}")));
+            return Err(FinetuneError::input(format!("`lora_dropout` must be in [0, 1), got {dropout}")));
         }
         if targets.is_empty() {
             return Err(FinetuneError::input("no LoRA target module given"));

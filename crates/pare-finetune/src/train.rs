@@ -72,14 +72,14 @@ impl<'d> Trainer<'d> {
         eval: &'d [Example],
     ) -> Result<Self> {
         if config.batch_size == 0 || config.micro_batch == 0 {
-            return Err(FinetuneError::input("--batch-size and --micro-batch must be at least 1"));
+            return Err(FinetuneError::input("`batch_size` and `micro_batch` must be at least 1"));
         }
         if train.is_empty() {
             return Err(FinetuneError::input("no training examples"));
         }
         if let Some(e) = train.iter().chain(eval).find(|e| e.ids.len() > model.config().max_position_embeddings) {
             return Err(FinetuneError::input(format!(
-                "an example of {} tokens is longer than the model's {} positions (lower --max-len)",
+                "an example of {} tokens is longer than the model's {} positions (lower `max_len`)",
                 e.ids.len(),
                 model.config().max_position_embeddings
             )));
@@ -166,7 +166,7 @@ impl<'d> Trainer<'d> {
         let entry = StepLog { step: self.step, lr, loss: loss_sum / labels as f64, grad_norm, tokens, eval_loss: None };
         if !entry.loss.is_finite() {
             return Err(FinetuneError::input(format!(
-                "the loss became {} at step {} (lower --lr?)",
+                "the loss became {} at step {} (lower `lr`?)",
                 entry.loss, self.step
             )));
         }
@@ -236,14 +236,14 @@ impl<'d> Trainer<'d> {
         })?;
         if state.get("model") != Some(&fingerprint(model)) {
             return Err(FinetuneError::input(format!(
-                "--resume: {} was trained on another model (its architecture or layer shapes differ)",
+                "`resume`: {} was trained on another model (its architecture or layer shapes differ)",
                 dir.display()
             )));
         }
         let adapter = peft::load(dir, model)?;
         if adapter.config.rank != self.adapter_config.rank || adapter.config.targets != self.adapter_config.targets {
             return Err(FinetuneError::input(format!(
-                "--resume: {} has rank {} on {:?}, this run asks for rank {} on {:?}",
+                "`resume`: {} has rank {} on {:?}, this run asks for rank {} on {:?}",
                 dir.display(),
                 adapter.config.rank,
                 adapter.config.targets.iter().map(|r| r.name()).collect::<Vec<_>>(),

@@ -259,12 +259,13 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
+    // Training speed counts the updates only, not the final evaluation.
+    let seconds = start.elapsed().as_secs_f64();
     let eval_loss = match trainer.log.last().and_then(|l| l.eval_loss) {
         Some(l) => Some(l),
         None => trainer.evaluate()?,
     };
     bar.finish_and_clear();
-    let seconds = start.elapsed().as_secs_f64();
 
     let trained = trainer.adapter()?;
     let staging = out.path().to_path_buf();
