@@ -3,11 +3,12 @@
 //! A [`Batch`] holds groups of rows. A group is what one prefill made: one KV cache with its
 //! hooks, one row per prompt and returned sequence, one random stream. The CLI admits one group
 //! holding all its prompts (left-padded, as HF batches them); the server admits one group per
-//! request, whenever it arrives. Each [`Batch::step`] chooses the next token of every running
-//! row from its group's logits (processors, then greedy or sampling), reports it, and then runs
-//! ONE decode step over every group that still runs — caches of different lengths and budgets
-//! side by side. A group whose rows are all finished is no longer decoded, and
-//! [`Batch::retire_finished`] frees its cache.
+//! request, whenever it arrives. Each [`Batch::step`] runs ONE forward over every group that
+//! still runs — a decode row per running row, beside the next chunk of every prompt waiting to
+//! be prefilled, caches of different lengths and budgets side by side — and then chooses the next
+//! token of every row whose logits are ready (processors, then greedy or sampling) and reports
+//! it. A group whose rows are all finished is no longer decoded, and [`Batch::retire_finished`]
+//! frees its cache.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -148,7 +149,7 @@ struct Group {
     candidates: Option<(usize, f32)>,
     top_logprobs: usize,
     /// The logits the next token is chosen from: (rows, vocab); None while the prompt is still
-    /// being prefilled chunk by chunk.
+    /// being prefilled, and once chosen from until the chosen tokens are decoded.
     logits: Option<Tensor>,
     /// The prompt tokens not prefilled yet (chunked prefill).
     pending: Vec<u32>,
@@ -160,9 +161,9 @@ impl Group {
         self.rows.iter().any(|r| !r.done)
     }
 
-    /// Running and prefilled: takes part in choosing and decoding.
+    /// Running, prefilled and its last choice not decoded yet: takes part in the next decode.
     fn decoding(&self) -> bool {
-        self.running() && self.logits.is_some()
+        self.running() && self.logits.is_none() && self.pending.is_empty()
     }
 }
 
@@ -184,20 +185,43 @@ pub struct Batch<'m> {
     next_id: SeqId,
     /// Rows that finished without generating (max_new_tokens 0), reported at the next step.
     finished_early: Vec<Event>,
-    /// Prefill long prompts this many tokens per step (see [`Batch::with_prefill_chunk`]).
+    /// Prefill prompts in steps, this many tokens per step (see [`Batch::with_prefill_chunk`]).
     prefill_chunk: Option<usize>,
+    /// At most this many prompt tokens per step (see [`Batch::with_step_tokens`]).
+    step_tokens: usize,
+    /// Prompt chunks the last step's forward ran.
+    last_step_prefills: usize,
 }
 
 impl<'m> Batch<'m> {
     pub fn new(model: &'m Model, tokenizer: Option<&'m TokenizerBundle>) -> Self {
-        Batch { model, tokenizer, groups: Vec::new(), next_id: 0, finished_early: Vec::new(), prefill_chunk: None }
+        Batch {
+            model,
+            tokenizer,
+            groups: Vec::new(),
+            next_id: 0,
+            finished_early: Vec::new(),
+            prefill_chunk: None,
+            step_tokens: usize::MAX,
+            last_step_prefills: 0,
+        }
     }
 
-    /// Prefill a hook-free single prompt longer than `tokens` over several steps, `tokens` at a
-    /// time, so a long prompt does not stall the sequences already decoding. Prompts with a press
-    /// or a pruner prefill whole: their hooks act on the whole prompt at once.
+    /// Prefill hook-free single prompts in the steps, not at admission: every prompt waiting
+    /// runs in the step's one forward beside the decode rows (so waiting prompts share their
+    /// products instead of running one by one), a long one `tokens` at a time so it does not
+    /// stall the sequences already decoding. Prompts with a press or a pruner prefill whole at
+    /// admission: their hooks act on the whole prompt at once.
     pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
         self.prefill_chunk = Some(tokens.max(1));
+        self
+    }
+
+    /// Run at most `tokens` prompt tokens in one step (at least one chunk): waiting prompts
+    /// beyond it take their turn at the next steps, in admission order. A sequence's chunks are
+    /// the same whatever this allows, so its tokens do not depend on it.
+    pub fn with_step_tokens(mut self, tokens: usize) -> Self {
+        self.step_tokens = tokens.max(1);
         self
     }
 
@@ -278,9 +302,7 @@ impl<'m> Batch<'m> {
     ) -> Result<Vec<SeqId>> {
         let started = Instant::now();
         let chunked = match (&input, self.prefill_chunk) {
-            (PrefillInput::Tokens([prompt]), Some(chunk)) if hooks.is_empty() && prompt.len() > chunk => {
-                Some(prompt.clone())
-            }
+            (PrefillInput::Tokens([prompt]), Some(_)) if hooks.is_empty() => Some(prompt.clone()),
             _ => None,
         };
         let (logits, cache, pending) = match (start, chunked) {
@@ -363,7 +385,7 @@ impl<'m> Batch<'m> {
     pub fn resume(&mut self, suspended: Suspended) -> Result<()> {
         let mut group = suspended.0;
         let tokens = group.rows[0].input_ids.clone();
-        if self.prefill_chunk.is_some_and(|chunk| tokens.len() > chunk) {
+        if self.prefill_chunk.is_some() {
             group.pending = tokens;
         } else {
             let logits = extend(self.model, &mut group.cache, &mut group.hooks, tokens)?;
@@ -392,6 +414,11 @@ impl<'m> Batch<'m> {
     /// Prompt tokens admitted but not prefilled yet (chunked prefill): cache they will take.
     pub fn pending_prefill_tokens(&self) -> usize {
         self.groups.iter().map(|g| g.pending.len()).sum()
+    }
+
+    /// Prompt chunks (of as many sequences) the last step's forward ran beside its decode rows.
+    pub fn last_step_prefills(&self) -> usize {
+        self.last_step_prefills
     }
 
     /// KV-cache bytes over every group held.
@@ -426,64 +453,70 @@ impl<'m> Batch<'m> {
         retired
     }
 
-    /// Choose every running row's next token, then decode one step for every group that still
-    /// runs. Returns what happened, row by row.
+    /// Run one forward (the decode rows of every running row, and the next chunk of the prompts
+    /// waiting to be prefilled), then choose the next token of every row whose logits are ready.
+    /// Returns what happened, row by row.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.finished_early);
-        for group in self.groups.iter_mut().filter(|g| g.decoding()) {
+        self.forward_step()?;
+        for group in self.groups.iter_mut().filter(|g| g.running() && g.logits.is_some()) {
             choose(group, self.tokenizer, &mut events)?;
-        }
-        self.decode_step()?;
-        // Prompts still prefilling take their next chunk after the decode step: a group whose
-        // last chunk lands here chooses its first token at the next step.
-        if let Some(chunk) = self.prefill_chunk {
-            for group in self.groups.iter_mut().filter(|g| g.running() && !g.pending.is_empty()) {
-                prefill_chunk(self.model, group, chunk)?;
-            }
         }
         Ok(events)
     }
 
-    /// One decode step over every group that chose a token this step.
-    fn decode_step(&mut self) -> Result<()> {
-        let mut live: Vec<&mut Group> = self.groups.iter_mut().filter(|g| g.decoding()).collect();
+    /// One forward over every group that chose tokens at the last step (a decode row each) and
+    /// the next chunk of every prompt still prefilling, within the step's token budget: decode
+    /// rows first, so that they form one run of one-token rows.
+    fn forward_step(&mut self) -> Result<()> {
+        let chunk = self.prefill_chunk.unwrap_or(usize::MAX);
+        let mut budget = self.step_tokens;
+        let (decoding, prefilling): (Vec<&mut Group>, Vec<&mut Group>) =
+            self.groups.iter_mut().filter(|g| g.running()).partition(|g| g.decoding());
+        let mut live: Vec<&mut Group> = Vec::new();
+        let mut tokens: Vec<Vec<Vec<u32>>> = Vec::new();
+        for group in decoding {
+            // Finished rows of a running group keep stepping with their last token; their
+            // outputs are discarded.
+            tokens.push(group.rows.iter().map(|r| vec![r.input_ids.last().copied().unwrap_or(0)]).collect());
+            live.push(group);
+        }
+        let decode_groups = live.len();
+        for group in prefilling.into_iter().filter(|g| !g.pending.is_empty()) {
+            let take = chunk.min(group.pending.len());
+            // Whole chunks only: a sequence's chunks stay what they are alone.
+            if take > budget && live.len() > decode_groups {
+                break;
+            }
+            budget = budget.saturating_sub(take);
+            tokens.push(vec![group.pending.drain(..take).collect()]);
+            live.push(group);
+        }
+        self.last_step_prefills = live.len() - decode_groups;
         if live.is_empty() {
             return Ok(());
         }
-        // Finished rows of a running group keep stepping with their last token; their outputs
-        // are discarded.
-        let next: Vec<u32> =
-            live.iter().flat_map(|g| g.rows.iter().map(|r| r.input_ids.last().copied().unwrap_or(0))).collect();
         let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = live.iter_mut().map(|g| (&mut g.cache, &mut g.hooks)).collect();
-        let logits = self.model.decode(&mut seqs, &next)?;
+        let logits = self.model.step(&mut seqs, &tokens)?;
         // One finiteness test for the whole step; only a failure looks at groups one by one.
         let all_finite = pare_model::finite::all_finite(&logits)?;
         let mut start = 0;
         for group in live {
             let rows = group.rows.len();
             let group_logits = logits.narrow(0, start, rows)?;
+            start += rows;
+            // A prompt's chunk before its last only fills the cache.
+            if !group.pending.is_empty() {
+                continue;
+            }
             if !all_finite {
                 let inputs: Vec<&[u32]> = group.rows.iter().map(|r| r.input_ids.as_slice()).collect();
                 check_finite(self.model, &group_logits, &inputs)?;
             }
             group.logits = Some(group_logits);
-            start += rows;
         }
         Ok(())
     }
-}
-
-/// The next chunk of a group's prompt into its cache; the last chunk's logits start decoding.
-fn prefill_chunk(model: &Model, group: &mut Group, chunk: usize) -> Result<()> {
-    let take = chunk.min(group.pending.len());
-    let tokens: Vec<u32> = group.pending.drain(..take).collect();
-    let logits = extend(model, &mut group.cache, &mut group.hooks, tokens)?;
-    if group.pending.is_empty() {
-        let inputs: Vec<&[u32]> = group.rows.iter().map(|r| r.input_ids.as_slice()).collect();
-        check_finite(model, &logits, &inputs)?;
-        group.logits = Some(logits);
-    }
-    Ok(())
 }
 
 /// Run one row's `tokens` into `cache` at the positions after what it holds: a prefill into an
@@ -513,8 +546,8 @@ fn choose(group: &mut Group, tokenizer: Option<&TokenizerBundle>, events: &mut V
     let config = &group.settings.config;
     let eos = config.eos_token_id.clone().unwrap_or_default();
     let max_new = config.max_new_tokens();
-    let Some(logits) = &group.logits else { return Ok(()) };
-    let scores = step_scores(logits, group.candidates)?;
+    let Some(logits) = group.logits.take() else { return Ok(()) };
+    let scores = step_scores(&logits, group.candidates)?;
     let decode = |tokens: &[u32]| tokenizer.and_then(|t| t.decode(tokens, true).ok()).unwrap_or_default();
     for (row, scores) in group.rows.iter_mut().zip(scores) {
         if row.done {

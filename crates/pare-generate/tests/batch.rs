@@ -1,10 +1,22 @@
 //! Continuous batching: sequences admitted at different steps, with different lengths, samplers
 //! and presses, decode in one step together and each produce what it produces alone.
 
+use std::sync::OnceLock;
+
+use candle_core::Device;
 use pare_generate::{Batch, Event, GenerationConfig, GroupSpec, Settings};
-use pare_model::{Hooks, PrefillInput};
+use pare_model::{Hooks, LoadedModel, PrefillInput, WeightDType};
 use pare_press::PressOptions;
-use pare_test_support::smollm2;
+use pare_test_support::{smollm2, smollm2_path};
+
+/// SmolLM2 with its weights kept in their GGUF blocks: 8-bit kernels for fewer than 32 rows, a
+/// GEMM on the dequantized weight for more (two paths that round differently).
+fn smollm2_quantized() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        pare_model::load(smollm2_path().to_str().unwrap(), WeightDType::Quantized, &Device::Cpu).unwrap()
+    })
+}
 
 fn text_tokens(start: usize, n: usize) -> Vec<u32> {
     let text = std::fs::read_to_string(pare_test_support::asset("texts/wiki.utf8")).expect("make assets");
@@ -38,8 +50,17 @@ fn spec(r: &Request) -> GroupSpec<'_> {
 
 /// Every request's tokens and log-probs, stepping all of them in one batch.
 fn run_together(requests: &[Request], prefill_chunk: Option<usize>) -> Vec<(Vec<u32>, Vec<f32>)> {
-    let model = &smollm2().model;
-    let mut batch = Batch::new(model, smollm2().tokenizer().ok());
+    run_on(smollm2(), requests, prefill_chunk, usize::MAX)
+}
+
+/// [`run_together`] on `loaded`, with at most `step_tokens` prompt tokens per step.
+fn run_on(
+    loaded: &LoadedModel,
+    requests: &[Request],
+    prefill_chunk: Option<usize>,
+    step_tokens: usize,
+) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let mut batch = Batch::new(&loaded.model, loaded.tokenizer().ok()).with_step_tokens(step_tokens);
     if let Some(chunk) = prefill_chunk {
         batch = batch.with_prefill_chunk(chunk);
     }
@@ -99,6 +120,36 @@ fn sequences_that_share_steps_match_running_alone() {
         for (a, b) in together[i].1.iter().zip(&alone[0].1) {
             assert!((a - b).abs() < 2e-3, "request {i}: log-prob {a} vs {b}");
         }
+        assert_eq!(together[i].0.len(), r.config.max_new_tokens.unwrap());
+    }
+}
+
+#[test]
+fn prompts_prefilled_in_one_forward_match_prefilling_alone_bit_for_bit() {
+    // Quantized weights, prompts on both sides of the 32-row switch between the 8-bit kernels
+    // and the GEMM, several arriving together and beside decoding rows, one chunked: each
+    // sequence's rows take the path they take alone, so its log-probs are equal to the bit.
+    let loaded = smollm2_quantized();
+    let greedy = |n| GenerationConfig { max_new_tokens: Some(n), ..Default::default() };
+    let requests = vec![
+        Request { prompt: text_tokens(0, 12), config: greedy(6), press: None, arrives: 0 },
+        Request { prompt: text_tokens(50, 70), config: greedy(5), press: None, arrives: 0 },
+        Request { prompt: text_tokens(200, 24), config: greedy(5), press: None, arrives: 0 },
+        Request { prompt: text_tokens(300, 100), config: greedy(4), press: None, arrives: 2 },
+        Request { prompt: text_tokens(450, 9), config: greedy(4), press: None, arrives: 2 },
+        Request { prompt: text_tokens(600, 150), config: greedy(3), press: Some("knorm"), arrives: 3 },
+        Request { prompt: text_tokens(800, 200), config: greedy(3), press: None, arrives: 3 },
+    ];
+    // Chunks of 128 (the press's prompt prefills whole at admission: its press acts on all of
+    // it), and at most 160 prompt tokens a step, so some prompts wait a step or two.
+    let chunk = 128;
+    let together = run_on(loaded, &requests, Some(chunk), 160);
+    for (i, r) in requests.iter().enumerate() {
+        let one = [Request { prompt: r.prompt.clone(), config: r.config.clone(), press: r.press, arrives: 0 }];
+        // Alone: prefilled at admission in one forward, or chunk by chunk where it is longer.
+        let alone = run_on(loaded, &one, Some(chunk).filter(|&c| r.prompt.len() > c), usize::MAX).remove(0);
+        assert_eq!(together[i].0, alone.0, "request {i}: tokens beside others vs alone");
+        assert_eq!(together[i].1, alone.1, "request {i}: log-probs beside others vs alone");
         assert_eq!(together[i].0.len(), r.config.max_new_tokens.unwrap());
     }
 }

@@ -27,25 +27,41 @@ pub struct Attention {
 /// What every layer's attention shares during one forward call.
 pub struct AttentionInputs<'a> {
     pub rope: &'a Rope,
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
-    /// Positions of the new tokens, per batch row.
+    /// Positions of the new tokens, per cache row (rows of different caches may run different
+    /// numbers of tokens).
     pub positions: &'a [Vec<i64>],
+    /// The call's tokens in runs of caches whose rows run equally many tokens, in order.
+    pub runs: &'a [RowRun],
     pub sliding_window: Option<usize>,
     pub num_layers: usize,
     /// How new keys and values are cached.
     pub kv_dtype: KvDtype,
-    pub phase: Phase,
 }
 
-/// One cache's share of a forward call's rows: the call's batch may hold several sequences, each
-/// with its own cache, press and masks (continuous batching).
+/// Consecutive caches whose rows each run `seq` tokens: their rows form one (rows, seq) grid, so
+/// projections are split into heads and rotated once for all of them.
+pub struct RowRun {
+    /// The slots (caches) in the run.
+    pub slots: Range<usize>,
+    /// The cache rows they hold (indices into [`AttentionInputs::positions`]).
+    pub rows: Range<usize>,
+    pub seq: usize,
+    /// Where the run's tokens start among the call's tokens.
+    pub offset: usize,
+    /// RoPE's cos and sin for the run's (rows × seq) positions.
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// One cache's share of a forward call's rows: the call may hold several sequences, each with
+/// its own cache, press, masks and phase (continuous batching).
 pub struct KvSlot<'a> {
-    /// The call's rows that belong to this cache.
+    /// The call's cache rows that belong to this cache.
     pub rows: Range<usize>,
     pub kv: &'a mut LayerKv,
     pub press: Option<&'a mut (dyn CachePress + 'static)>,
     pub masks: &'a MaskCache,
+    pub phase: Phase,
 }
 
 /// A layer's attention output, and the tokens a pruner keeps if it cut after this layer.
@@ -104,9 +120,10 @@ impl Attention {
         Ok(())
     }
 
-    /// x: (batch, seq, hidden) → (batch, seq, hidden). Projects every row at once; then each slot
-    /// appends its rows' keys and values to its cache and attends over it, its press acting
-    /// before the append and after attending. A pruner (prefill, one slot) may cut after it.
+    /// x: (1, tokens, hidden) → (1, tokens, hidden), the tokens of every slot in order (see
+    /// [`AttentionInputs::runs`]). Projects every token at once; then each slot appends its rows'
+    /// keys and values to its cache and attends over it, its press acting before the append and
+    /// after attending. A pruner (prefill, one slot) may cut after it.
     pub fn forward(
         &self,
         layer: usize,
@@ -115,69 +132,89 @@ impl Attention {
         slots: &mut [KvSlot],
         pruner: Option<&dyn TokenPruner>,
     ) -> Result<AttentionOutput> {
-        let (batch, seq, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let split_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let (q_proj, k_proj, v_proj) = match &self.qkv {
-            Some(qkv) if crate::layers::few_rows(x)? => {
-                let y = qkv.forward(x)?;
-                (y.narrow(2, 0, h * d)?, y.narrow(2, h * d, kvh * d)?, y.narrow(2, (h + kvh) * d, kvh * d)?)
-            }
-            _ => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
-        };
-        let v = inputs.kv_dtype.store(&split_heads(v_proj, kvh)?)?;
-        let q = inputs.rope.apply_split_heads(&q_proj, h, d, inputs.cos, inputs.sin)?;
-        let k = inputs.kv_dtype.store(&inputs.rope.apply_split_heads(&k_proj, kvh, d, inputs.cos, inputs.sin)?)?;
-        // Pre-RoPE queries are read only by a press or a pruner: split them out only for those.
-        let hooked = pruner.is_some() || slots.iter().any(|s| s.press.is_some());
-        let q_prerope = if hooked { Some(split_heads(q_proj, h)?) } else { None };
         if pruner.is_some() && slots.len() != 1 {
             return Err(crate::ModelError::input("token pruning runs on one cache at a time"));
         }
-
-        let mut outs = Vec::with_capacity(slots.len());
+        // Each slot's rows take the product path they would take alone.
+        let segments: Vec<usize> =
+            inputs.runs.iter().flat_map(|r| slots[r.slots.clone()].iter().map(|s| s.rows.len() * r.seq)).collect();
+        let (q_proj, k_proj, v_proj) = match &self.qkv {
+            Some(qkv) if crate::layers::few_rows(x)? => {
+                let y = qkv.forward_segments(x, &segments)?;
+                (y.narrow(2, 0, h * d)?, y.narrow(2, h * d, kvh * d)?, y.narrow(2, (h + kvh) * d, kvh * d)?)
+            }
+            _ => (
+                self.q.forward_segments(x, &segments)?,
+                self.k.forward_segments(x, &segments)?,
+                self.v.forward_segments(x, &segments)?,
+            ),
+        };
+        let mut run_outs = Vec::with_capacity(inputs.runs.len());
         let mut kept = None;
-        for slot in slots.iter_mut() {
-            let rows = |t: &Tensor| t.narrow(0, slot.rows.start, slot.rows.len());
-            let (q, k, v, x) = (rows(&q)?, rows(&k)?, rows(&v)?, rows(x)?);
-            let q_prerope = q_prerope.as_ref().map(rows).transpose()?;
-            let positions = &inputs.positions[slot.rows.clone()];
-            let ctx = LayerContext {
-                layer,
-                num_layers: inputs.num_layers,
-                attention: self,
-                rope: inputs.rope,
-                queries: q_prerope.as_ref().unwrap_or(&q),
-                positions,
-                hidden: &x,
-                phase: inputs.phase,
+        for run in inputs.runs {
+            let (batch, seq) = (run.rows.len(), run.seq);
+            let grid = |t: &Tensor| -> Result<Tensor> {
+                let t = if inputs.runs.len() == 1 { t.clone() } else { t.narrow(1, run.offset, batch * seq)? };
+                Ok(t.reshape((batch, seq, t.dim(2)?))?)
             };
-            if let Some(p) = slot.press.as_deref_mut() {
-                p.before_attention(&ctx, slot.kv)?;
-            }
-            slot.kv.append(&k, &v, positions)?;
-            let window = inputs.sliding_window;
-            let out = match self.attend_fused(&q, slot.kv, positions, window)? {
-                Some(out) => out,
-                None => match slot.kv.row_positions() {
-                    Some(entry_rows) => self.attend_batched(&q, slot.kv, &entry_rows, positions, window, slot.masks)?,
-                    None => self.attend_per_head(&q, slot.kv, positions, window)?,
-                },
+            let split_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
+                Ok(t.reshape((batch, seq, heads, d))?.transpose(1, 2)?.contiguous()?)
             };
-            // Token pruning scores the full layer, before a press shrinks its cache.
-            if let (Some(pruner), Phase::Prefill) = (pruner, inputs.phase) {
-                kept = pruner.after_attention(&ctx, slot.kv)?;
+            let (q_proj, k_proj) = (grid(&q_proj)?, grid(&k_proj)?);
+            let v = inputs.kv_dtype.store(&split_heads(grid(&v_proj)?, kvh)?)?;
+            let q = inputs.rope.apply_split_heads(&q_proj, h, d, &run.cos, &run.sin)?;
+            let k = inputs.kv_dtype.store(&inputs.rope.apply_split_heads(&k_proj, kvh, d, &run.cos, &run.sin)?)?;
+            let slots = &mut slots[run.slots.clone()];
+            // Pre-RoPE queries are read only by a press or a pruner: split them out only for those.
+            let hooked = pruner.is_some() || slots.iter().any(|s| s.press.is_some());
+            let q_prerope = if hooked { Some(split_heads(q_proj, h)?) } else { None };
+            let hidden = grid(x)?;
+
+            let mut outs = Vec::with_capacity(slots.len());
+            for slot in slots.iter_mut() {
+                let rows = |t: &Tensor| t.narrow(0, slot.rows.start - run.rows.start, slot.rows.len());
+                let (q, k, v, x) = (rows(&q)?, rows(&k)?, rows(&v)?, rows(&hidden)?);
+                let q_prerope = q_prerope.as_ref().map(rows).transpose()?;
+                let positions = &inputs.positions[slot.rows.clone()];
+                let ctx = LayerContext {
+                    layer,
+                    num_layers: inputs.num_layers,
+                    attention: self,
+                    rope: inputs.rope,
+                    queries: q_prerope.as_ref().unwrap_or(&q),
+                    positions,
+                    hidden: &x,
+                    phase: slot.phase,
+                };
+                if let Some(p) = slot.press.as_deref_mut() {
+                    p.before_attention(&ctx, slot.kv)?;
+                }
+                slot.kv.append(&k, &v, positions)?;
+                let window = inputs.sliding_window;
+                let out = match self.attend_fused(&q, slot.kv, positions, window)? {
+                    Some(out) => out,
+                    None => match slot.kv.row_positions() {
+                        Some(entry_rows) => {
+                            self.attend_batched(&q, slot.kv, &entry_rows, positions, window, slot.masks)?
+                        }
+                        None => self.attend_per_head(&q, slot.kv, positions, window)?,
+                    },
+                };
+                // Token pruning scores the full layer, before a press shrinks its cache.
+                if let (Some(pruner), Phase::Prefill) = (pruner, slot.phase) {
+                    kept = pruner.after_attention(&ctx, slot.kv)?;
+                }
+                if let Some(p) = slot.press.as_deref_mut() {
+                    p.after_attention(&ctx, slot.kv)?;
+                }
+                outs.push(out);
             }
-            if let Some(p) = slot.press.as_deref_mut() {
-                p.after_attention(&ctx, slot.kv)?;
-            }
-            outs.push(out);
+            let out = if outs.len() == 1 { outs.pop().expect("one slot") } else { Tensor::cat(&outs, 0)? };
+            run_outs.push(out.transpose(1, 2)?.reshape((1, batch * seq, h * d))?);
         }
-        let out = if outs.len() == 1 { outs.pop().expect("one slot") } else { Tensor::cat(&outs, 0)? };
-        let out = out.transpose(1, 2)?.reshape((batch, seq, h * d))?;
-        Ok(AttentionOutput { out: self.o.forward(&out)?, kept })
+        let out = if run_outs.len() == 1 { run_outs.pop().expect("one run") } else { Tensor::cat(&run_outs, 1)? };
+        Ok(AttentionOutput { out: self.o.forward_segments(&out, &segments)?, kept })
     }
 
     /// pare-kernels' fused attention where it applies (CUDA and CPU): a decode step over the

@@ -10,7 +10,10 @@ use crate::error::Result;
 /// From this many rows on, a quantized layer runs as a dense GEMM (see `forward`).
 const DENSE_ROWS: usize = 32;
 /// From this many rows on, pare's quantized layers run as a dense GEMM (see `native_matmul`).
-const NATIVE_DENSE_ROWS: usize = 64;
+/// Alone the break-even is near 50 rows; in a shared forward (`Linear::forward_segments`) one
+/// dequantization serves every sequence on the GEMM path, so prompts of 32 tokens and more take
+/// it: waiting prompts (63 tokens on average in the ShareGPT load) then share the faster GEMM.
+const NATIVE_DENSE_ROWS: usize = 32;
 
 /// y = x Wᵀ + b, with W dense (out, in) or kept quantized (`--dtype q`), or such a map with a
 /// LoRA adapter beside it.
@@ -81,14 +84,25 @@ pub enum QuantWeight {
 /// read the compact blocks once; from [`NATIVE_DENSE_ROWS`] rows on (prefill) the blocks are dequantized
 /// and multiplied by an f32 GEMM, which on AVX2 CPUs does twice the multiply-adds per cycle of the
 /// 8-bit integer kernels (measured on the dev VM: 36 against 17 GMAC per CPU-second at 512×576×1536;
-/// `cargo run --release -p pare-kernels --example quant_matmul`), more than paying for decoding
-/// each weight once per forward (1.4 CPU-ms for that matrix: the break-even is near 50 rows).
+/// `cargo run --release -p pare-kernels --example quant_matmul`), paying for decoding each weight
+/// once per forward (1.4 CPU-ms for that matrix: alone the break-even is near 50 rows).
 fn native_matmul(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
     if x.elem_count() / m.cols().max(1) >= NATIVE_DENSE_ROWS {
-        let w = Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), x.device())?;
-        return Linear::Dense { weight: w, bias: None }.forward(&x.to_dtype(DType::F32)?);
+        return native_dense(m, x.device())?.forward(&x.to_dtype(DType::F32)?);
     }
+    native_kernel(m, x)
+}
+
+/// The dense map the GEMM path multiplies by: the blocks dequantized to f32.
+fn native_dense(m: &QuantMatrix, device: &candle_core::Device) -> Result<Linear> {
+    let weight = Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), device)?;
+    Ok(Linear::Dense { weight, bias: None })
+}
+
+/// `x · mᵀ` through the 8-bit kernels, whatever the row count. Each row is quantized and
+/// multiplied on its own, so a row's result does not depend on the other rows of the call.
+fn native_kernel(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let y = {
         let (storage, layout) = x.storage_and_layout();
@@ -127,11 +141,10 @@ impl Linear {
             Linear::Quantized { weight: QuantWeight::Native(m), .. } => native_matmul(m, x)?,
             // Many rows (prefill): a dense GEMM on the dequantized weight beats candle's
             // row-by-row quantized dot products; one row (decode) reads the compact blocks.
-            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(q)), .. }
+            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(_)), .. }
                 if x.elem_count() / x.dim(D::Minus1)? >= DENSE_ROWS =>
             {
-                let dense = Linear::Dense { weight: q.dequantize(&q.device())?, bias: None };
-                dense.forward(x)?
+                self.dequantized(x.device())?.forward(x)?
             }
             Linear::Quantized { weight: QuantWeight::Candle(w), .. } => w.forward(x)?,
             // The base adds its own bias.
@@ -140,6 +153,84 @@ impl Linear {
         match self.bias() {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
+        }
+    }
+
+    /// [`Self::forward`] over the rows of several sequences at once, `segments[i]` rows each, in
+    /// order. A quantized map's path depends on its row count (8-bit kernels for a few rows, the
+    /// dequantized GEMM for many; they round differently), so each sequence's rows take the path
+    /// they would take alone: what a sequence gets does not depend on what shares the call.
+    /// Consecutive kernel-path sequences share one kernel call (its rows are independent); GEMM-path
+    /// sequences share one dequantization, each its own GEMM of the shape it has alone.
+    pub fn forward_segments(&self, x: &Tensor, segments: &[usize]) -> Result<Tensor> {
+        let threshold = match self {
+            Linear::Quantized { weight: QuantWeight::Native(_), .. } => NATIVE_DENSE_ROWS,
+            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(_)), .. } => DENSE_ROWS,
+            // One product over all rows: a dense map has one path.
+            _ => return self.forward(x),
+        };
+        if segments.len() <= 1 {
+            return self.forward(x);
+        }
+        let in_features = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / in_features.max(1);
+        if segments.iter().sum::<usize>() != rows {
+            return Err(crate::ModelError::input(format!(
+                "segments of {} rows for an input of {rows}",
+                segments.iter().sum::<usize>()
+            )));
+        }
+        let x2 = x.reshape((rows, in_features))?;
+        let mut dense: Option<Linear> = None;
+        let mut outs = Vec::new();
+        let (mut start, mut run) = (0, 0);
+        for &n in segments.iter().chain([&0]) {
+            // A zero-row end marker flushes the last run of kernel-path rows.
+            if n >= threshold || n == 0 {
+                if run > 0 {
+                    outs.push(self.kernel_forward(&x2.narrow(0, start - run, run)?)?);
+                    run = 0;
+                }
+                if n == 0 {
+                    break;
+                }
+                let dense = match &mut dense {
+                    Some(d) => d,
+                    None => dense.insert(self.dequantized(x.device())?),
+                };
+                outs.push(dense.forward(&x2.narrow(0, start, n)?.to_dtype(DType::F32)?)?);
+            } else {
+                run += n;
+            }
+            start += n;
+        }
+        let y = Tensor::cat(&outs, 0)?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = self.out_features();
+        let y = y.reshape(dims)?;
+        match self.bias() {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+
+    /// A quantized map's product through its kernels, whatever the row count (no bias).
+    fn kernel_forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Quantized { weight: QuantWeight::Native(m), .. } => native_kernel(m, x),
+            Linear::Quantized { weight: QuantWeight::Candle(w), .. } => Ok(w.forward(x)?),
+            Linear::Dense { weight, .. } => Linear::Dense { weight: weight.clone(), bias: None }.forward(x),
+        }
+    }
+
+    /// The dense map a quantized map's GEMM path multiplies by (no bias).
+    fn dequantized(&self, device: &candle_core::Device) -> Result<Linear> {
+        match self {
+            Linear::Quantized { weight: QuantWeight::Native(m), .. } => native_dense(m, device),
+            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(q)), .. } => {
+                Ok(Linear::Dense { weight: q.dequantize(&q.device())?, bias: None })
+            }
+            _ => Ok(Linear::Dense { weight: self.dense_weight(DType::F32)?, bias: None }),
         }
     }
 
@@ -423,22 +514,26 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// x holds the rows of one or more sequences, `segments[i]` rows each (see
+    /// [`Linear::forward_segments`]).
+    pub fn forward(&self, x: &Tensor, segments: &[usize]) -> Result<Tensor> {
         // Stacked only for a few rows (decode): over many rows the halves of the stacked output
         // would need strided copies, and GEMMs of either shape run at the same rate.
         if let (Some(gate_up), true, true) = (&self.gate_up, self.activation == Activation::Silu, few_rows(x)?) {
             let width = self.width();
-            let y = gate_up.forward(x)?;
+            let y = gate_up.forward_segments(x, segments)?;
             let hidden = crate::ops::swiglu(&y.narrow(D::Minus1, 0, width)?, &y.narrow(D::Minus1, width, width)?)?;
-            return self.down.forward(&hidden);
+            return self.down.forward_segments(&hidden, segments);
         }
-        let up = self.up.forward(x)?;
+        let up = self.up.forward_segments(x, segments)?;
         let hidden = match &self.gate {
-            Some(gate) if self.activation == Activation::Silu => crate::ops::swiglu(&gate.forward(x)?, &up)?,
-            Some(gate) => (activate(&gate.forward(x)?, self.activation)? * up)?,
+            Some(gate) if self.activation == Activation::Silu => {
+                crate::ops::swiglu(&gate.forward_segments(x, segments)?, &up)?
+            }
+            Some(gate) => (activate(&gate.forward_segments(x, segments)?, self.activation)? * up)?,
             None => activate(&up, self.activation)?,
         };
-        self.down.forward(&hidden)
+        self.down.forward_segments(&hidden, segments)
     }
 
     /// Stack gate and up into one map (a SwiGLU MLP with dense weights; otherwise unchanged).

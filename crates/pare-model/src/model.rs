@@ -1,9 +1,11 @@
 //! The decoder: embed → layers (attention, MLP) → final norm → LM head, in explicit prefill and
 //! decode phases over a [`KvCache`].
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{Attention, AttentionInputs, KvSlot};
+use crate::attention::{Attention, AttentionInputs, KvSlot, RowRun};
 use crate::cache::{KvCache, KvDtype, MaskCache, PAD_POSITION};
 use crate::config::{LayerShapes, ModelConfig};
 use crate::diff::Role;
@@ -21,7 +23,8 @@ pub struct Block {
 }
 
 impl Block {
-    /// Returns the block's output and, when a pruner cut after this layer, the kept tokens.
+    /// x: (1, tokens, hidden), the tokens of every slot in order. Returns the block's output and,
+    /// when a pruner cut after this layer, the kept tokens.
     fn forward(
         &self,
         layer: usize,
@@ -31,14 +34,16 @@ impl Block {
         pruner: Option<&dyn TokenPruner>,
         parallel_residual: bool,
     ) -> Result<(Tensor, Option<Vec<Vec<usize>>>)> {
+        let segments: Vec<usize> =
+            inputs.runs.iter().flat_map(|r| slots[r.slots.clone()].iter().map(|s| s.rows.len() * r.seq)).collect();
         let attn = self.attn.forward(layer, &self.attn_norm.forward(x)?, inputs, slots, pruner)?;
         let out = if parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            let mlp_out = self.mlp.forward(&self.mlp_norm.forward(x)?)?;
+            let mlp_out = self.mlp.forward(&self.mlp_norm.forward(x)?, &segments)?;
             ((x + attn.out)? + mlp_out)?
         } else {
             let (h, normed) = self.mlp_norm.forward_residual(&attn.out, x)?;
-            (h + self.mlp.forward(&normed)?)?
+            (h + self.mlp.forward(&normed, &segments)?)?
         };
         Ok((out, attn.kept))
     }
@@ -306,8 +311,8 @@ impl Model {
     }
 
     /// One decode step for many sequences at once, each over its own cache with its own hooks:
-    /// `next_tokens` holds one token per cache row, caches in order. The projections and the MLP
-    /// run once over all rows; attention runs per cache. Returns logits (rows, vocab) in f32.
+    /// `next_tokens` holds one token per cache row, caches in order. Returns logits (rows, vocab)
+    /// in f32 (see [`Model::step`]).
     pub fn decode(&self, seqs: &mut [(&mut KvCache, &mut Hooks)], next_tokens: &[u32]) -> Result<Tensor> {
         let rows: usize = seqs.iter().map(|(c, _)| c.batch()).sum();
         if next_tokens.len() != rows {
@@ -316,10 +321,45 @@ impl Model {
                 next_tokens.len()
             )));
         }
-        let tokens: Vec<Vec<u32>> = next_tokens.iter().map(|&t| vec![t]).collect();
-        let positions: Vec<Vec<i64>> =
-            seqs.iter().flat_map(|(c, _)| c.next_position.iter().map(|&p| vec![p])).collect();
-        self.run(self.embed(&tokens)?, &positions, seqs, Phase::Extend, Logits::Last)
+        let mut next = next_tokens.iter();
+        let tokens: Vec<Vec<Vec<u32>>> =
+            seqs.iter().map(|(c, _)| next.by_ref().take(c.batch()).map(|&t| vec![t]).collect()).collect();
+        self.step(seqs, &tokens)
+    }
+
+    /// One forward over many sequences, each over its own cache with its own hooks, each running
+    /// its own tokens at the positions after what its cache holds: `tokens[i][row]` are the
+    /// tokens row `row` of cache i runs (as many for every row of a cache; one in a decode step,
+    /// a prompt or a chunk of it in a prefill). The projections, the MLP and the LM head run once
+    /// over all tokens, each sequence's rows on the product path they would take alone, so a
+    /// sequence's result does not depend on what runs beside it; attention runs per cache, causal
+    /// within its own tokens. Returns the logits (cache rows, vocab) of every row's last token,
+    /// in f32. A pruner, which cuts tokens out of the forward, needs a cache of its own.
+    pub fn step(&self, seqs: &mut [(&mut KvCache, &mut Hooks)], tokens: &[Vec<Vec<u32>>]) -> Result<Tensor> {
+        if tokens.len() != seqs.len() || seqs.iter().zip(tokens).any(|((c, _), t)| t.len() != c.batch()) {
+            return Err(ModelError::input("a step needs one token list per cache row"));
+        }
+        if seqs.len() > 1 && seqs.iter().any(|(_, h)| h.pruner.is_some()) {
+            return Err(ModelError::input("token pruning runs on one cache at a time"));
+        }
+        let mut flat = Vec::new();
+        let mut positions = Vec::new();
+        let mut shapes = Vec::with_capacity(seqs.len());
+        for ((cache, _), rows) in seqs.iter().zip(tokens) {
+            let seq = rows.first().map_or(0, Vec::len);
+            if rows.iter().any(|r| r.len() != seq) {
+                return Err(ModelError::input("every row of a cache runs as many tokens"));
+            }
+            for (row, &next) in rows.iter().zip(&cache.next_position) {
+                flat.extend_from_slice(row);
+                positions.push((next..next + seq as i64).collect());
+            }
+            // A cache that holds nothing yet is being prefilled.
+            let phase = if cache.next_position.iter().all(|&p| p == 0) { Phase::Prefill } else { Phase::Extend };
+            shapes.push((seq, phase));
+        }
+        let x = self.embed(&[flat])?;
+        self.run(x, &positions, seqs, &shapes, Logits::Last)
     }
 
     /// Run input embeddings x (batch, seq, hidden) at `positions` through the decoder, extending
@@ -335,60 +375,72 @@ impl Model {
         phase: Phase,
         logits: Logits,
     ) -> Result<Tensor> {
-        self.run(x, positions, &mut [(cache, hooks)], phase, logits)
+        let (batch, seq, hidden) = x.dims3()?;
+        let x = x.reshape((1, batch * seq, hidden))?;
+        self.run(x, positions, &mut [(cache, hooks)], &[(seq, phase)], logits)
     }
 
-    /// embed → blocks → norm → head, over the rows of one or more caches.
+    /// embed → blocks → norm → head over the tokens x (1, tokens, hidden) of one or more caches:
+    /// cache i's rows run `shapes[i].0` tokens each (in `positions`, one list per cache row), in
+    /// phase `shapes[i].1`. `Logits::All` is for one cache: (batch, seq, vocab).
     fn run(
         &self,
         x: Tensor,
         positions: &[Vec<i64>],
         seqs: &mut [(&mut KvCache, &mut Hooks)],
-        phase: Phase,
+        shapes: &[(usize, Phase)],
         logits: Logits,
     ) -> Result<Tensor> {
-        let (batch, seq, _) = x.dims3()?;
-        self.check_input(batch, seq, positions, seqs)?;
-        let pruner = match seqs {
-            [(_, hooks)] if phase == Phase::Prefill => hooks.pruner.clone(),
+        self.check_input(&x, positions, seqs, shapes)?;
+        if logits == Logits::All && seqs.len() != 1 {
+            return Err(ModelError::input("logits at every position come from one cache"));
+        }
+        let pruner = match (&*seqs, shapes) {
+            ([(_, hooks)], [(_, Phase::Prefill)]) => hooks.pruner.clone(),
             _ => None,
         };
         let masks: Vec<MaskCache> = seqs.iter().map(|_| MaskCache::default()).collect();
+        let batches: Vec<usize> = seqs.iter().map(|(c, _)| c.batch()).collect();
+        let mut seq_lens: Vec<usize> = shapes.iter().map(|&(s, _)| s).collect();
         let mut x = x;
         let mut current: Vec<Vec<i64>> = positions.to_vec();
-        let (mut cos, mut sin) = self.rope_for(&current)?;
+        let mut runs = self.row_runs(&batches, &seq_lens, &current)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let inputs = AttentionInputs {
                 rope: &self.rope,
-                cos: &cos,
-                sin: &sin,
                 positions: &current,
+                runs: &runs,
                 sliding_window: self.config.sliding_window,
                 num_layers: self.num_layers(),
                 kv_dtype: self.kv_dtype,
-                phase,
             };
             let mut start = 0;
             let mut slots: Vec<KvSlot> = seqs
                 .iter_mut()
                 .zip(&masks)
-                .map(|((cache, hooks), masks)| {
+                .zip(shapes)
+                .map(|(((cache, hooks), masks), &(_, phase))| {
                     let rows = start..start + cache.batch();
                     start = rows.end;
-                    KvSlot { rows, kv: &mut cache.layers[layer], press: hooks.press.as_deref_mut(), masks }
+                    KvSlot { rows, kv: &mut cache.layers[layer], press: hooks.press.as_deref_mut(), masks, phase }
                 })
                 .collect();
             let kept;
             (x, kept) =
                 block.forward(layer, &x, &inputs, &mut slots, pruner.as_deref(), self.config.parallel_residual)?;
             if let Some(keep) = kept {
-                (x, current) = keep_tokens(&x, &current, &keep)?;
-                (cos, sin) = self.rope_for(&current)?;
+                // One cache (pruning runs alone): its (batch, seq) grid loses tokens.
+                let (batch, hidden) = (batches[0], x.dim(2)?);
+                let grid = x.reshape((batch, seq_lens[0], hidden))?;
+                let (kept_x, kept_positions) = keep_tokens(&grid, &current, &keep)?;
+                seq_lens[0] = kept_x.dim(1)?;
+                x = kept_x.reshape((1, batch * seq_lens[0], hidden))?;
+                current = kept_positions;
+                runs = self.row_runs(&batches, &seq_lens, &current)?;
                 // Later layers see other positions: their masks are built afresh.
                 masks[0].clear();
             }
         }
-        let seq = x.dim(1)?;
 
         let mut start = 0;
         for (cache, hooks) in seqs.iter_mut() {
@@ -403,36 +455,81 @@ impl Model {
                 cache.next_position = press.next_positions(&cache.layers, &cache.next_position);
             }
         }
-        let x = match logits {
-            Logits::Last => x.narrow(1, seq - 1, 1)?.contiguous()?,
-            Logits::All => x,
-        };
-        let out = self.lm_head.forward(&self.final_norm.forward(&x)?)?.to_dtype(DType::F32)?;
-        Ok(match logits {
-            Logits::Last => out.squeeze(1)?,
-            Logits::All => out,
-        })
+        match logits {
+            Logits::Last => {
+                // Each row's last token; the head runs each cache's rows as it would alone.
+                let x = if seq_lens.iter().all(|&s| s == 1) {
+                    x
+                } else {
+                    let mut last = Vec::with_capacity(positions.len());
+                    let mut offset = 0;
+                    for (&batch, &seq) in batches.iter().zip(&seq_lens) {
+                        last.extend((0..batch).map(|r| (offset + r * seq + seq - 1) as u32));
+                        offset += batch * seq;
+                    }
+                    let last = Tensor::from_vec(last, positions.len(), &self.device)?;
+                    x.index_select(&last, 1)?
+                };
+                let out = self.lm_head.forward_segments(&self.final_norm.forward(&x)?, &batches)?;
+                Ok(out.to_dtype(DType::F32)?.squeeze(0)?)
+            }
+            Logits::All => {
+                let out = self.lm_head.forward(&self.final_norm.forward(&x)?)?.to_dtype(DType::F32)?;
+                Ok(out.reshape((batches[0], seq_lens[0], ()))?)
+            }
+        }
+    }
+
+    /// Group consecutive caches whose rows run equally many tokens (see [`RowRun`]).
+    fn row_runs(&self, batches: &[usize], seq_lens: &[usize], positions: &[Vec<i64>]) -> Result<Vec<RowRun>> {
+        // (slots, rows, seq, offset) of each run, then its rotation.
+        let mut runs: Vec<(Range<usize>, Range<usize>, usize, usize)> = Vec::new();
+        let (mut row, mut offset) = (0, 0);
+        for (slot, (&batch, &seq)) in batches.iter().zip(seq_lens).enumerate() {
+            match runs.last_mut() {
+                Some((slots, rows, run_seq, _)) if *run_seq == seq => {
+                    slots.end = slot + 1;
+                    rows.end = row + batch;
+                }
+                _ => runs.push((slot..slot + 1, row..row + batch, seq, offset)),
+            }
+            row += batch;
+            offset += batch * seq;
+        }
+        runs.into_iter()
+            .map(|(slots, rows, seq, offset)| {
+                let (cos, sin) = self.rope_for(&positions[rows.clone()])?;
+                Ok(RowRun { slots, rows, seq, offset, cos, sin })
+            })
+            .collect()
     }
 
     fn check_input(
         &self,
-        batch: usize,
-        seq: usize,
+        x: &Tensor,
         positions: &[Vec<i64>],
         seqs: &[(&mut KvCache, &mut Hooks)],
+        shapes: &[(usize, Phase)],
     ) -> Result<()> {
-        if batch == 0 || seq == 0 {
+        let (_, tokens, _) = x.dims3()?;
+        if tokens == 0 || shapes.iter().any(|&(s, _)| s == 0) {
             return Err(ModelError::input("empty input: no tokens to run"));
         }
-        if positions.len() != batch || positions.iter().any(|p| p.len() != seq) {
-            return Err(ModelError::input("positions must form the input's (batch, seq) grid"));
-        }
         let rows: usize = seqs.iter().map(|(c, _)| c.batch()).sum();
-        if rows != batch || seqs.iter().any(|(c, _)| c.layers.len() != self.num_layers()) {
+        if shapes.len() != seqs.len() || seqs.iter().any(|(c, _)| c.layers.len() != self.num_layers()) {
             return Err(ModelError::input(format!(
-                "caches hold {rows} rows for {} layers, input has {batch} rows",
-                self.num_layers()
+                "{} caches for {} layers, input for {} caches",
+                seqs.len(),
+                self.num_layers(),
+                shapes.len()
             )));
+        }
+        let row_seqs = seqs.iter().zip(shapes).flat_map(|((c, _), &(s, _))| std::iter::repeat_n(s, c.batch()));
+        if positions.len() != rows || positions.iter().zip(row_seqs).any(|(p, s)| p.len() != s) {
+            return Err(ModelError::input("positions must give every cache row's tokens"));
+        }
+        if positions.iter().map(Vec::len).sum::<usize>() != tokens {
+            return Err(ModelError::input(format!("caches hold {rows} rows; the input's tokens do not match them")));
         }
         let max_pos = positions.iter().flatten().copied().max().unwrap_or(0);
         if max_pos as usize >= self.config.max_position_embeddings {

@@ -204,6 +204,10 @@ impl Engine {
 /// beside it (a prompt with a press or pruner prefills whole: its hooks act on all of it).
 const PREFILL_CHUNK: usize = 256;
 
+/// Prompt tokens one step runs at most, over all waiting prompts (llama-server's default
+/// `--batch-size`): waiting prompts share one forward up to it, the rest wait a step.
+const STEP_TOKENS: usize = 2048;
+
 /// Growth a plain sequence needs room for at admission, in tokens (vLLM keeps a watermark of
 /// free blocks for the same reason: so that admitting does not at once force a preemption).
 const WATERMARK: usize = 16;
@@ -215,7 +219,9 @@ fn run(
     waiting_count: &AtomicUsize,
     contexts: &Contexts,
 ) {
-    let mut batch = Batch::new(&loaded.model, loaded.tokenizer.as_ref()).with_prefill_chunk(PREFILL_CHUNK);
+    let mut batch = Batch::new(&loaded.model, loaded.tokenizer.as_ref())
+        .with_prefill_chunk(PREFILL_CHUNK)
+        .with_step_tokens(STEP_TOKENS);
     let mut engine = State { limits, contexts, prefix: PrefixCache::default(), admitted: 0 };
     let mut queue: VecDeque<Waiting> = VecDeque::new();
     // Preempted sequences, oldest first: they go back before anything new is admitted.
@@ -311,7 +317,12 @@ fn run(
             }
         }
 
-        match batch.step() {
+        let stepped = batch.step();
+        if batch.last_step_prefills() > 0 {
+            metrics::counter!(m::PREFILL_STEPS).increment(1);
+            metrics::counter!(m::PREFILL_CHUNKS).increment(batch.last_step_prefills() as u64);
+        }
+        match stepped {
             Ok(events) => {
                 for event in events {
                     if let BatchEvent::Token { id, .. } = &event {

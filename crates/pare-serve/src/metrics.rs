@@ -19,6 +19,8 @@ pub const KV_BUDGET: &str = "pare_kv_cache_budget_bytes";
 pub const CANCELLED: &str = "pare_cancelled_sequences_total";
 pub const PREEMPTIONS: &str = "pare_preemptions_total";
 pub const PREFILL_TOKENS: &str = "pare_prefill_tokens_total";
+pub const PREFILL_STEPS: &str = "pare_prefill_steps_total";
+pub const PREFILL_CHUNKS: &str = "pare_prefill_chunks_total";
 pub const PREFIX_HITS: &str = "pare_prefix_cache_hits_total";
 pub const PREFIX_MISSES: &str = "pare_prefix_cache_misses_total";
 pub const PREFIX_HIT_TOKENS: &str = "pare_prefix_cache_hit_tokens_total";
@@ -61,6 +63,11 @@ fn describe() {
     metrics::describe_counter!(
         PREFILL_TOKENS,
         "tokens run through prefill (prompts less shared prefixes and contexts, recomputes, contexts)"
+    );
+    metrics::describe_counter!(PREFILL_STEPS, "engine steps whose forward ran prompt chunks");
+    metrics::describe_counter!(
+        PREFILL_CHUNKS,
+        "prompt chunks run in those steps (more chunks than steps: prompts prefilled together)"
     );
     metrics::describe_counter!(PREFIX_HITS, "plain prompts that continued from a shared prefix");
     metrics::describe_counter!(PREFIX_MISSES, "plain prompts that found no shared prefix");

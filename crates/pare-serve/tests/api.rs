@@ -39,7 +39,8 @@ async fn greedy_completion_equals_pare_generate() {
     assert_eq!(body["choices"][0]["finish_reason"], reason);
 }
 
-/// Requests with different samplers and presses, all at once: each equals its run alone.
+/// Requests with different samplers and presses, all at once (the plain ones prefilled in one
+/// forward, beside the others' decode rows): each equals its run alone.
 #[tokio::test]
 async fn concurrent_mixed_requests_each_equal_running_alone() {
     let base = base().await;
@@ -119,6 +120,13 @@ async fn concurrent_mixed_requests_each_equal_running_alone() {
         assert_eq!(body["choices"][0]["text"], alone.text, "{prompt} with {extra}");
         assert_eq!(body["usage"]["completion_tokens"], alone.tokens.len(), "{prompt}");
     }
+    // The hook-free prompts that arrived together were prefilled together: some step ran more
+    // than one prompt's chunk in its one forward.
+    let m = common::get_metrics(&base).await;
+    assert!(
+        common::metric(&m, "pare_prefill_chunks_total") > common::metric(&m, "pare_prefill_steps_total"),
+        "no step prefilled two prompts at once:\n{m}"
+    );
 }
 
 async fn stream_text(base: &str, path: &str, body: &Value) -> (String, Vec<Value>) {
