@@ -116,6 +116,24 @@ fn native_kernel(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, dims, x.device())?)
 }
 
+/// A quantized weight's product through its kernels, whatever the row count (no bias).
+fn kernel_forward(weight: &QuantWeight, x: &Tensor) -> Result<Tensor> {
+    match weight {
+        QuantWeight::Native(m) => native_kernel(m, x),
+        QuantWeight::Candle(w) => Ok(w.forward(x)?),
+    }
+}
+
+/// The dense map a quantized weight's GEMM path multiplies by (no bias).
+fn dequantized(weight: &QuantWeight, device: &candle_core::Device) -> Result<Linear> {
+    let weight = match weight {
+        QuantWeight::Native(m) => return native_dense(m, device),
+        QuantWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+        QuantWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
+    };
+    Ok(Linear::Dense { weight, bias: None })
+}
+
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self {
@@ -141,10 +159,10 @@ impl Linear {
             Linear::Quantized { weight: QuantWeight::Native(m), .. } => native_matmul(m, x)?,
             // Many rows (prefill): a dense GEMM on the dequantized weight beats candle's
             // row-by-row quantized dot products; one row (decode) reads the compact blocks.
-            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(_)), .. }
+            Linear::Quantized { weight: w @ QuantWeight::Candle(QMatMul::QTensor(_)), .. }
                 if x.elem_count() / x.dim(D::Minus1)? >= DENSE_ROWS =>
             {
-                self.dequantized(x.device())?.forward(x)?
+                dequantized(w, x.device())?.forward(x)?
             }
             Linear::Quantized { weight: QuantWeight::Candle(w), .. } => w.forward(x)?,
             // The base adds its own bias.
@@ -163,9 +181,9 @@ impl Linear {
     /// Consecutive kernel-path sequences share one kernel call (its rows are independent); GEMM-path
     /// sequences share one dequantization, each its own GEMM of the shape it has alone.
     pub fn forward_segments(&self, x: &Tensor, segments: &[usize]) -> Result<Tensor> {
-        let threshold = match self {
-            Linear::Quantized { weight: QuantWeight::Native(_), .. } => NATIVE_DENSE_ROWS,
-            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(_)), .. } => DENSE_ROWS,
+        let (weight, threshold) = match self {
+            Linear::Quantized { weight: w @ QuantWeight::Native(_), .. } => (w, NATIVE_DENSE_ROWS),
+            Linear::Quantized { weight: w @ QuantWeight::Candle(QMatMul::QTensor(_)), .. } => (w, DENSE_ROWS),
             // One product over all rows: a dense map has one path.
             _ => return self.forward(x),
         };
@@ -188,7 +206,7 @@ impl Linear {
             // A zero-row end marker flushes the last run of kernel-path rows.
             if n >= threshold || n == 0 {
                 if run > 0 {
-                    outs.push(self.kernel_forward(&x2.narrow(0, start - run, run)?)?);
+                    outs.push(kernel_forward(weight, &x2.narrow(0, start - run, run)?)?);
                     run = 0;
                 }
                 if n == 0 {
@@ -196,7 +214,7 @@ impl Linear {
                 }
                 let dense = match &mut dense {
                     Some(d) => d,
-                    None => dense.insert(self.dequantized(x.device())?),
+                    None => dense.insert(dequantized(weight, x.device())?),
                 };
                 outs.push(dense.forward(&x2.narrow(0, start, n)?.to_dtype(DType::F32)?)?);
             } else {
@@ -211,26 +229,6 @@ impl Linear {
         match self.bias() {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
-        }
-    }
-
-    /// A quantized map's product through its kernels, whatever the row count (no bias).
-    fn kernel_forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Quantized { weight: QuantWeight::Native(m), .. } => native_kernel(m, x),
-            Linear::Quantized { weight: QuantWeight::Candle(w), .. } => Ok(w.forward(x)?),
-            Linear::Dense { weight, .. } => Linear::Dense { weight: weight.clone(), bias: None }.forward(x),
-        }
-    }
-
-    /// The dense map a quantized map's GEMM path multiplies by (no bias).
-    fn dequantized(&self, device: &candle_core::Device) -> Result<Linear> {
-        match self {
-            Linear::Quantized { weight: QuantWeight::Native(m), .. } => native_dense(m, device),
-            Linear::Quantized { weight: QuantWeight::Candle(QMatMul::QTensor(q)), .. } => {
-                Ok(Linear::Dense { weight: q.dequantize(&q.device())?, bias: None })
-            }
-            _ => Ok(Linear::Dense { weight: self.dense_weight(DType::F32)?, bias: None }),
         }
     }
 
