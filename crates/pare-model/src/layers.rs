@@ -184,6 +184,8 @@ impl Linear {
         let (weight, threshold) = match self {
             Linear::Quantized { weight: w @ QuantWeight::Native(_), .. } => (w, NATIVE_DENSE_ROWS),
             Linear::Quantized { weight: w @ QuantWeight::Candle(QMatMul::QTensor(_)), .. } => (w, DENSE_ROWS),
+            // The adapter's product is row by row; the base map keeps each sequence's path.
+            Linear::Lora(l) => return Ok((l.base.forward_segments(x, segments)? + l.delta(x)?)?),
             // One product over all rows: a dense map has one path.
             _ => return self.forward(x),
         };
