@@ -93,7 +93,7 @@ impl Fitter<'_> {
             }
             if size <= incremental {
                 return Err(ModelError::input(format!(
-                    "{}: even the smallest haystack takes {} tokens, more than --ctx {max_len}",
+                    "{}: even the smallest haystack takes {} tokens, more than the context length of {max_len}",
                     self.task.name(),
                     self.length(&item)
                 )));
@@ -320,7 +320,7 @@ fn fwe(fitter: &Fitter, rng: &mut StdRng, max_seq_length: usize, samples: usize,
     let max_len = max_seq_length.saturating_sub(answer);
     let vocab_size = max_len / 50;
     if vocab_size < 4 {
-        return Err(ModelError::input(format!("fwe needs --ctx of at least {}", 4 * 50 + answer)));
+        return Err(ModelError::input(format!("fwe needs a context length of at least {} tokens", 4 * 50 + answer)));
     }
     let incremental = (max_len / 32).max(1);
     let mut draw = |num_words: usize| {

@@ -98,7 +98,7 @@ impl Task {
     pub fn from_name(name: &str) -> Result<Task> {
         Task::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| {
             let names: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
-            ModelError::input(format!("unknown RULER task `{name}` (known: {})", names.join(", ")))
+            ModelError::input(format!("unknown RULER task \"{name}\" (known: {})", names.join(", ")))
         })
     }
 
