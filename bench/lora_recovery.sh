@@ -7,7 +7,8 @@
 # Usage: bench/lora_recovery.sh [MODEL]
 #   env: STEPS (default 100), LR (2e-4), BATCH (8), LIMIT (items per task; default all), OUT, PARE,
 #        BASELINES=0 skips the dense and pruned rows (bench/pruning_table.sh measures them too),
-#        MAXLEN (training tokens per sequence, 256), TASKS=0 skips the zero-shot tasks
+#        MAXLEN (training tokens per sequence, 256), TASKS=0 skips the zero-shot tasks,
+#        ROWS (the adapters to train: "lora lora-mlp")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/serve_lib.sh
@@ -37,7 +38,7 @@ if [[ ${BASELINES:-1} != 0 ]]; then
   evaluate dense "$MODEL"
   evaluate pruned "$WORK/pruned"
 fi
-for row in lora lora-mlp; do
+for row in ${ROWS:-lora lora-mlp}; do
   targets=q,k,v,o,gate,up,down
   [[ $row == lora-mlp ]] && targets=gate,up,down
   "$PARE" finetune --model "$WORK/pruned" --data assets/texts/c4.utf8 --lora-targets "$targets" \
