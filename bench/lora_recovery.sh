@@ -6,7 +6,9 @@
 # c4.utf8, so the evaluation text is never trained on.
 # Usage: bench/lora_recovery.sh [MODEL]
 #   env: STEPS (default 100), LR (2e-4), BATCH (8), LIMIT (items per task; default all), OUT, PARE,
-#        BASELINES=0 skips the dense and pruned rows (bench/pruning_table.sh measures them too)
+#        BASELINES=0 skips the dense and pruned rows (bench/pruning_table.sh measures them too),
+#        MAXLEN (training tokens per sequence, 256), TASKS=0 skips the zero-shot tasks,
+#        ROWS (the adapters to train: "lora lora-mlp")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/serve_lib.sh
@@ -14,11 +16,12 @@ MODEL=${1:-smollm2-135m}
 STEPS=${STEPS:-100}
 LR=${LR:-2e-4}
 BATCH=${BATCH:-8}
+MAXLEN=${MAXLEN:-256}
 OUT=${OUT:-bench/results/lora-recovery-$(date -u +%Y%m%dT%H%M)}
 mkdir -p "$OUT"
 pare_binary
 scripts/assets.sh tasks
-{ machine_line; echo "commit: $(git rev-parse --short HEAD)"; echo "steps $STEPS lr $LR batch $BATCH limit ${LIMIT:-all}"; } > "$OUT/env.txt"
+{ machine_line; echo "commit: $(git rev-parse --short HEAD)"; echo "steps $STEPS lr $LR batch $BATCH max-len $MAXLEN limit ${LIMIT:-all}"; } > "$OUT/env.txt"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 "$PARE" prune --model "$MODEL" --importance taylor --ratio 0.25 --out "$WORK/pruned" --json > "$OUT/prune.json"
@@ -27,17 +30,19 @@ evaluate() { # ROW MODEL [--adapter DIR]
   local row=$1 model=$2; shift 2
   "$PARE" eval ppl --model "$model" "$@" --dtype f32 --text assets/texts/wiki.utf8 --ctx 512 --max-tokens 8192 \
     --json > "$OUT/$row-ppl.json"
-  "$PARE" eval tasks --model "$model" "$@" --dtype f32 ${LIMIT:+--limit "$LIMIT"} --json > "$OUT/$row-tasks.json"
+  if [[ ${TASKS:-1} != 0 ]]; then
+    "$PARE" eval tasks --model "$model" "$@" --dtype f32 ${LIMIT:+--limit "$LIMIT"} --json > "$OUT/$row-tasks.json"
+  fi
 }
 if [[ ${BASELINES:-1} != 0 ]]; then
   evaluate dense "$MODEL"
   evaluate pruned "$WORK/pruned"
 fi
-for row in lora lora-mlp; do
+for row in ${ROWS:-lora lora-mlp}; do
   targets=q,k,v,o,gate,up,down
   [[ $row == lora-mlp ]] && targets=gate,up,down
   "$PARE" finetune --model "$WORK/pruned" --data assets/texts/c4.utf8 --lora-targets "$targets" \
-    --steps "$STEPS" --batch-size "$BATCH" --micro-batch 4 --max-len 256 --lr "$LR" --warmup-steps $((STEPS / 10)) \
+    --steps "$STEPS" --batch-size "$BATCH" --micro-batch 4 --max-len "$MAXLEN" --lr "$LR" --warmup-steps $((STEPS / 10)) \
     --eval-examples 16 --eval-every 25 --checkpoint-every 0 --out "$WORK/$row" --json > "$OUT/$row-finetune.json"
   cp "$WORK/$row/training_log.json" "$OUT/$row-training_log.json"
   cp "$WORK/$row/loss.svg" "$OUT/$row-loss.svg"
@@ -53,9 +58,12 @@ for row in ["dense", "pruned", "lora", "lora-mlp"]:
     if not os.path.exists(f"{out}/{row}-ppl.json"):
         continue
     ppl = json.load(open(f"{out}/{row}-ppl.json"))["ppl"]
-    tasks = json.load(open(f"{out}/{row}-tasks.json"))["tasks"]
-    acc = {t["task"]: (t.get("acc_norm") or t["acc"])["value"] for t in tasks}
-    avg = 100 * sum(acc[t] for t in order) / len(order)
+    cells, avg = ["-"] * len(order), float("nan")
+    if os.path.exists(f"{out}/{row}-tasks.json"):
+        tasks = json.load(open(f"{out}/{row}-tasks.json"))["tasks"]
+        acc = {t["task"]: (t.get("acc_norm") or t["acc"])["value"] for t in tasks}
+        cells = [f"{100 * acc[t]:.2f}" for t in order]
+        avg = 100 * sum(acc[t] for t in order) / len(order)
     extra = ""
     try:
         ft = json.load(open(f"{out}/{row}-finetune.json"))
@@ -63,5 +71,5 @@ for row in ["dense", "pruned", "lora", "lora-mlp"]:
                  f"{ft['adapter']['parameters'] / 1e6:.2f} M adapter parameters")
     except FileNotFoundError:
         pass
-    print(f"| {row} | {ppl:.2f} | " + " | ".join(f"{100 * acc[t]:.2f}" for t in order) + f" | {avg:.2f} | {extra} |")
+    print(f"| {row} | {ppl:.2f} | " + " | ".join(cells) + f" | {avg:.2f} | {extra} |")
 PY

@@ -1,9 +1,10 @@
 //! Evaluation: perplexity by the sliding-window method of HF's "Perplexity of fixed-length
-//! models", needle-in-a-haystack retrieval, and zero-shot tasks as lm-eval-harness scores them.
+//! models", needle-in-a-haystack retrieval, RULER's synthetic tasks, and zero-shot tasks as lm-eval-harness scores them.
 
 pub mod needle;
 pub mod perplexity;
 pub mod plot;
+pub mod ruler;
 pub mod tasks;
 
 pub use perplexity::{

@@ -73,11 +73,15 @@ impl AdamW {
 /// Scale every gradient so that their joint L2 norm is at most `max_norm` (torch's
 /// `clip_grad_norm_`: factor max_norm / (norm + 1e-6), never above 1). Returns the norm before.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let mut sq = 0.0;
-    for g in grads.iter() {
-        sq += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    }
-    let norm = sq.sqrt();
+    // Summed on the device, read back once (not once per tensor: a sync each on a GPU).
+    let squares = grads
+        .iter()
+        .map(|g| g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let norm = match squares.as_slice() {
+        [] => 0.0,
+        parts => Tensor::stack(parts, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt(),
+    };
     if max_norm > 0.0 {
         let factor = (max_norm / (norm + 1e-6)).min(1.0);
         if factor < 1.0 {

@@ -268,7 +268,12 @@ impl<'d> Trainer<'d> {
         self.opt.moments = restored;
         self.step = state.get("step").and_then(serde_json::Value::as_u64).unwrap_or(0);
         self.opt.step = self.step;
-        self.log = serde_json::from_value(state.get("log").cloned().unwrap_or_default()).unwrap_or_default();
+        let log = state.get("log").cloned().unwrap_or_else(|| serde_json::Value::Array(Vec::new()));
+        self.log = serde_json::from_value(log).map_err(|e| FinetuneError::Data {
+            path,
+            line: 1,
+            message: format!("\"log\": {e}"),
+        })?;
         Ok(())
     }
 }

@@ -386,11 +386,16 @@ impl DiffModel {
 
     /// Every LoRA adapter under training: (layer, role, adapter).
     pub fn loras(&self) -> Vec<(usize, Role, &DiffLora)> {
+        self.each_linear(|lin| lin.lora.as_ref())
+    }
+
+    /// What `pick` finds in each layer's maps, in layer then [`Role::ALL`] order.
+    fn each_linear<'a, T>(&'a self, pick: impl Fn(&'a DiffLinear) -> Option<&'a T>) -> Vec<(usize, Role, &'a T)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             for role in Role::ALL {
-                if let Some(lora) = layer.linear(role).and_then(|lin| lin.lora.as_ref()) {
-                    out.push((l, role, lora));
+                if let Some(found) = layer.linear(role).and_then(&pick) {
+                    out.push((l, role, found));
                 }
             }
         }
@@ -409,15 +414,7 @@ impl DiffModel {
 
     /// Every variable, with its layer and role.
     pub fn vars(&self) -> Vec<(usize, Role, &Var)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            for role in Role::ALL {
-                if let Some(var) = layer.linear(role).and_then(|lin| lin.var.as_ref()) {
-                    out.push((l, role, var));
-                }
-            }
-        }
-        out
+        self.each_linear(|lin| lin.var.as_ref())
     }
 
     /// cos and sin (seq, rotary_dim) for positions 0..seq, halves repeated (HF's rotate_half form).

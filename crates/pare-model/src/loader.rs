@@ -16,11 +16,17 @@ use crate::model::{Block, Model};
 use crate::rope::Rope;
 use crate::weights::{WeightDType, WeightSource, Weights};
 
-/// Model aliases that resolve to files `make assets` / `make assets-extra` fetch.
+/// Model aliases that resolve to files `make assets` / `make assets-extra` fetch, weakest first.
 pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     ("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"),
 ];
+
+/// The alias of the most capable model whose file is present (the last of [`ALIASES`] found),
+/// else the first alias.
+pub fn strongest_present() -> &'static str {
+    ALIASES.iter().rev().find(|(_, file)| assets_dir().join(file).exists()).unwrap_or(&ALIASES[0]).0
+}
 
 pub struct LoadedModel {
     pub model: Model,

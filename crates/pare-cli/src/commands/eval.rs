@@ -21,6 +21,9 @@ pub enum EvalCommand {
     Needle(NeedleArgs),
     /// Quality against KV-cache compression: presses × ratios, one table and an SVG plot.
     Compare(CompareArgs),
+    /// RULER's synthetic long-context tasks (needles, variable tracking, common and frequent
+    /// words), generated over the Paul Graham essays and scored as RULER scores them.
+    Ruler(RulerArgs),
     /// Zero-shot multiple choice (and MMLU few-shot) as lm-eval-harness scores it: BoolQ, PIQA,
     /// HellaSwag, WinoGrande, ARC, OpenBookQA, LAMBADA, MMLU.
     Tasks(TasksArgs),
@@ -124,6 +127,42 @@ pub struct CompareArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(mut_arg("model", |a| a.default_value(pare_model::loader::strongest_present())))]
+pub struct RulerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// RULER's task names (default: all of them): niah_single_1..3, niah_multikey_1..3,
+    /// niah_multivalue, niah_multiquery, vt, cwe, fwe.
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// Context lengths in model tokens (prompt plus answer), as RULER's max_seq_length.
+    #[arg(long, value_delimiter = ',', default_value = "4096")]
+    pub ctx: Vec<usize>,
+    /// Items per task and context length.
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// Seed of the items' random draws (RULER's default is 42).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Directory of .txt essays (default: the Paul Graham essays in assets/).
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
+    /// Write the generated items (with every random draw) as JSON to FILE and stop before any
+    /// answer is generated; tools/reference/ruler_reference.py checks them against RULER's code.
+    #[arg(long)]
+    pub dump_items: Option<PathBuf>,
+    /// Replace an existing --dump-items file.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub press: PressArgs,
+    #[command(flatten)]
+    pub token_prune: TokenPruneArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct TasksArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -154,6 +193,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         EvalCommand::Ppl(args) => ppl(args),
         EvalCommand::Needle(args) => needle(args),
         EvalCommand::Compare(args) => compare(args),
+        EvalCommand::Ruler(args) => ruler(args),
         EvalCommand::Tasks(args) => tasks(args),
     }
 }
@@ -511,5 +551,118 @@ fn tasks(args: TasksArgs) -> Result<()> {
             row("perplexity", format!("{ppl:.4}"), "".into());
         }
     }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct RulerScore {
+    task: &'static str,
+    ctx: usize,
+    /// RULER's task score: mean string_match_all × 100.
+    score: f64,
+    items: Vec<pare_eval::ruler::ItemResult>,
+}
+
+fn ruler(args: RulerArgs) -> Result<()> {
+    use pare_eval::ruler::{self, Task};
+    let tasks = if args.tasks.is_empty() {
+        Task::ALL.to_vec()
+    } else {
+        args.tasks.iter().map(|name| Task::from_name(name)).collect::<Result<Vec<_>, _>>()?
+    };
+    if args.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if args.ctx.is_empty() || args.ctx.contains(&0) {
+        bail!("--ctx lengths must be positive");
+    }
+    let plan = HookPlan::check(&args.press, &args.token_prune)?;
+    let haystack_path = haystack_dir(&args.haystack);
+    let dump = match &args.dump_items {
+        Some(path) => Some(Output::file(path, "--dump-items", args.force, &[haystack_path.as_path()])?),
+        None => None,
+    };
+    let haystack = ruler::haystack_words(&pare_eval::needle::load_haystack(&haystack_path)?);
+    let session = plan.open(&args.model)?;
+    let loaded = &session.loaded;
+    let tokenizer = loaded.tokenizer()?;
+    let limit = loaded.model.config().max_position_embeddings;
+    if let Some(c) = args.ctx.iter().find(|&&c| c > limit) {
+        bail!("--ctx {c} exceeds the model's context of {limit}");
+    }
+
+    let cells: Vec<(Task, usize)> = args.ctx.iter().flat_map(|&c| tasks.iter().map(move |&t| (t, c))).collect();
+    let bar = progress_bar(cells.len() as u64, "generating");
+    let mut generated = Vec::new();
+    for &(task, ctx) in &cells {
+        bar.set_message(format!("generating {} {ctx}", task.name()));
+        generated.push(ruler::generate(task, tokenizer, &haystack, ctx, args.samples, args.seed)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let (Some(out), Some(path)) = (dump, &args.dump_items) {
+        let items: Vec<_> = cells
+            .iter()
+            .zip(&generated)
+            .flat_map(|(&(_, ctx), items)| items.iter().map(move |i| serde_json::json!({ "ctx": ctx, "item": i })))
+            .collect();
+        let json = serde_json::json!({ "seed": args.seed, "haystack": haystack_path, "items": items });
+        std::fs::write(out.path(), serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        out.commit()?;
+        if args.json {
+            return print_json(&serde_json::json!({ "items": items.len(), "dump_items": path }));
+        }
+        println!("{} items written to {}", items.len(), path.display());
+        return Ok(());
+    }
+
+    let bar = progress_bar((cells.len() * args.samples) as u64, "ruler");
+    let mut scores = Vec::new();
+    for (&(task, ctx), items) in cells.iter().zip(&generated) {
+        bar.set_message(format!("{} {ctx}", task.name()));
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(ruler::run_item(&loaded.model, tokenizer, item, &session.hooks)?);
+            bar.inc(1);
+        }
+        let score = ruler::task_score(&results.iter().map(|r| r.score).collect::<Vec<_>>());
+        scores.push(RulerScore { task: task.name(), ctx, score, items: results });
+    }
+    bar.finish_and_clear();
+    let average = |ctx: usize| {
+        let s: Vec<f64> = scores.iter().filter(|s| s.ctx == ctx).map(|s| s.score).collect();
+        s.iter().sum::<f64>() / s.len() as f64
+    };
+    if args.json {
+        let averages: Vec<_> =
+            args.ctx.iter().map(|&c| serde_json::json!({ "ctx": c, "average": average(c) })).collect();
+        return print_json(&serde_json::json!({
+            "model": args.model.model,
+            "press": args.press.press,
+            "ratio": args.press.options.ratio,
+            "samples": args.samples,
+            "seed": args.seed,
+            "averages": averages,
+            "tasks": scores,
+        }));
+    }
+    print!("{:<18}", "task");
+    for c in &args.ctx {
+        print!(" {:>8}", c);
+    }
+    println!();
+    for task in &tasks {
+        print!("{:<18}", task.name());
+        for s in scores.iter().filter(|s| s.task == task.name()) {
+            print!(" {:>8.2}", s.score);
+        }
+        println!();
+    }
+    print!("{:<18}", "average");
+    for &c in &args.ctx {
+        print!(" {:>8.2}", average(c));
+    }
+    println!();
     Ok(())
 }
