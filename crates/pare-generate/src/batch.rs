@@ -191,6 +191,8 @@ pub struct Batch<'m> {
     step_tokens: usize,
     /// Prompt chunks the last step's forward ran.
     last_step_prefills: usize,
+    /// Groups a step ended on their own (see [`Batch::take_failures`]).
+    failures: Vec<(Vec<SeqId>, GenerateError)>,
 }
 
 impl<'m> Batch<'m> {
@@ -204,6 +206,7 @@ impl<'m> Batch<'m> {
             prefill_chunk: None,
             step_tokens: usize::MAX,
             last_step_prefills: 0,
+            failures: Vec::new(),
         }
     }
 
@@ -421,6 +424,13 @@ impl<'m> Batch<'m> {
         self.last_step_prefills
     }
 
+    /// The sequences a step ended because of their own failure (a prompt whose logits are not
+    /// finite, say), with the reason; each failure once. The rest of the batch runs on: rows of
+    /// one shared forward do not depend on each other.
+    pub fn take_failures(&mut self) -> Vec<(Vec<SeqId>, GenerateError)> {
+        std::mem::take(&mut self.failures)
+    }
+
     /// KV-cache bytes over every group held.
     pub fn cache_bytes(&self) -> CacheBytes {
         self.groups.iter().fold(CacheBytes::default(), |acc, g| CacheBytes {
@@ -455,7 +465,8 @@ impl<'m> Batch<'m> {
 
     /// Run one forward (the decode rows of every running row, and the next chunk of the prompts
     /// waiting to be prefilled), then choose the next token of every row whose logits are ready.
-    /// Returns what happened, row by row.
+    /// Returns what happened, row by row. A sequence that fails on its own ends alone (see
+    /// [`Batch::take_failures`]); an error returned here leaves no row's state trustworthy.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.finished_early);
         self.forward_step()?;
@@ -511,7 +522,14 @@ impl<'m> Batch<'m> {
             }
             if !all_finite {
                 let inputs: Vec<&[u32]> = group.rows.iter().map(|r| r.input_ids.as_slice()).collect();
-                check_finite(self.model, &group_logits, &inputs)?;
+                if let Err(e) = check_finite(self.model, &group_logits, &inputs) {
+                    let ids = group.rows.iter_mut().filter(|r| !r.done).map(|r| {
+                        r.done = true;
+                        r.id
+                    });
+                    self.failures.push((ids.collect(), e));
+                    continue;
+                }
             }
             group.logits = Some(group_logits);
         }

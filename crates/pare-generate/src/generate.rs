@@ -169,7 +169,11 @@ impl<'a> Generator<'a> {
         let mut steps = 0usize;
         let mut sequences: Vec<Option<Sequence>> = vec![None; rows.len()];
         loop {
-            for event in batch.step()? {
+            let events = batch.step()?;
+            if let Some((_, e)) = batch.take_failures().into_iter().next() {
+                return Err(e);
+            }
+            for event in events {
                 match event {
                     Event::Token { id, token, text, .. } => {
                         timings.generated_tokens += 1;

@@ -278,3 +278,77 @@ fn a_group_continues_a_copy_of_a_prefix_cache() {
     }
     assert_eq!(tokens, alone);
 }
+
+/// llama-tiny with token `bad`'s embedding row set to NaN: a prompt holding it gets NaN logits,
+/// every other prompt is unaffected.
+fn llama_tiny_with_nan_token(bad: u32) -> LoadedModel {
+    let src = pare_test_support::fixture_path("llama-tiny/model");
+    let dir = std::env::temp_dir().join(format!("pare-nan-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let embed = tensors.get_mut("model.embed_tokens.weight").unwrap();
+    let mut rows = embed.to_vec2::<f32>().unwrap();
+    rows[bad as usize].fill(f32::NAN);
+    *embed = candle_core::Tensor::new(rows, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let loaded = pare_model::load(dir.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    loaded
+}
+
+/// The tokens `events` report for row `id`.
+fn tokens_for(events: &[Event], id: u64) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| matches!(e, Event::Token { id: i, .. } if *i == id).then_some(e))
+        .map(|e| match e {
+            Event::Token { token, .. } => *token,
+            Event::Finished { .. } => unreachable!("filtered"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_prompt_that_fails_in_a_shared_step_ends_alone() {
+    let loaded = llama_tiny_with_nan_token(7);
+    let greedy = GenerationConfig { max_new_tokens: Some(5), ..Default::default() };
+    let spec = |prompt: &'static [Vec<u32>]| GroupSpec {
+        input: PrefillInput::Tokens(prompt),
+        prompt_ids: prompt.to_vec(),
+        settings: Settings::new(greedy.clone(), None).unwrap(),
+        hooks: Hooks::default(),
+        top_logprobs: 0,
+    };
+    let good: &'static [Vec<u32>] = Box::leak(Box::new([(10..30).collect::<Vec<u32>>()]));
+    let bad: &'static [Vec<u32>] = Box::leak(Box::new([vec![11, 12, 7, 13]]));
+    let run_out = |batch: &mut Batch, id| {
+        let mut out = Vec::new();
+        while !batch.is_empty() {
+            out.extend(tokens_for(&batch.step().unwrap(), id));
+            batch.retire_finished();
+        }
+        out
+    };
+    let alone = {
+        let mut batch = Batch::new(&loaded.model, None).with_prefill_chunk(64);
+        let id = batch.admit(spec(good)).unwrap()[0];
+        run_out(&mut batch, id)
+    };
+    // Both prompts wait for the first step and prefill in its one forward.
+    let mut batch = Batch::new(&loaded.model, None).with_prefill_chunk(64);
+    let good_id = batch.admit(spec(good)).unwrap()[0];
+    let bad_id = batch.admit(spec(bad)).unwrap()[0];
+    let first = batch.step().unwrap();
+    let failures = batch.take_failures();
+    assert_eq!(failures.len(), 1, "one failure: {failures:?}");
+    assert_eq!(failures[0].0, vec![bad_id]);
+    assert!(failures[0].1.to_string().contains("NaN or infinite logits"), "{}", failures[0].1);
+    assert!(tokens_for(&first, bad_id).is_empty());
+    assert!(batch.take_failures().is_empty(), "each failure is reported once");
+    let mut together = tokens_for(&first, good_id);
+    batch.retire_finished();
+    together.extend(run_out(&mut batch, good_id));
+    assert_eq!(together, alone, "the other prompt runs on as alone");
+    assert_eq!(alone.len(), 5);
+}

@@ -322,6 +322,12 @@ fn run(
             metrics::counter!(m::PREFILL_STEPS).increment(1);
             metrics::counter!(m::PREFILL_CHUNKS).increment(batch.last_step_prefills() as u64);
         }
+        for (ids, e) in batch.take_failures() {
+            let failure = Event::failed(&e);
+            for a in ids.iter().filter_map(|id| active.remove(id)) {
+                let _ = a.events.send((a.index, failure.clone()));
+            }
+        }
         match stepped {
             Ok(events) => {
                 for event in events {
