@@ -292,7 +292,8 @@ fn llama_tiny_with_nan_token(bad: u32) -> LoadedModel {
     rows[bad as usize].fill(f32::NAN);
     *embed = candle_core::Tensor::new(rows, &Device::Cpu).unwrap();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    let loaded = pare_model::load(dir.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu).unwrap();
+    let loaded =
+        pare_model::load(dir.to_str().unwrap(), WeightDType::Float(candle_core::DType::F32), &Device::Cpu).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     loaded
 }
@@ -301,10 +302,9 @@ fn llama_tiny_with_nan_token(bad: u32) -> LoadedModel {
 fn tokens_for(events: &[Event], id: u64) -> Vec<u32> {
     events
         .iter()
-        .filter_map(|e| matches!(e, Event::Token { id: i, .. } if *i == id).then_some(e))
-        .map(|e| match e {
-            Event::Token { token, .. } => *token,
-            Event::Finished { .. } => unreachable!("filtered"),
+        .filter_map(|e| match e {
+            Event::Token { id: i, token, .. } if *i == id => Some(*token),
+            _ => None,
         })
         .collect()
 }
