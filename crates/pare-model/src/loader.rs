@@ -16,10 +16,12 @@ use crate::model::{Block, Model};
 use crate::rope::Rope;
 use crate::weights::{WeightDType, WeightSource, Weights};
 
-/// Model aliases that resolve to files `make assets` / `make assets-extra` fetch, weakest first.
+/// Model aliases that resolve to files `make assets` / `make assets-extra` / `make assets-large`
+/// fetch, weakest first.
 pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     ("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"),
+    ("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"),
 ];
 
 /// The alias of the most capable model whose file is present (the last of [`ALIASES`] found),

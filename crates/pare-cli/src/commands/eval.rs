@@ -62,6 +62,7 @@ pub struct PplArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(mut_arg("model", |a| a.default_value(pare_model::loader::strongest_present())))]
 pub struct NeedleArgs {
     #[command(flatten)]
     pub model: ModelArgs,
