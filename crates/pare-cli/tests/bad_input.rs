@@ -613,6 +613,12 @@ fn class9_messages_name_what_the_user_gave_on_one_line() {
     let err = fails(&["inspect", "--model", dir.to_str().unwrap()]);
     assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
     expect(&["eval", "compare", "--text", "README.md", "--needle-ctx", "0"], "--needle-ctx lengths must be positive");
+    expect(&["eval", "compare", "--text", "README.md", "--ruler-ctx", "0"], "--ruler-ctx lengths must be positive");
+    expect(&["eval", "compare", "--text", "README.md", "--ruler-samples", "0"], "--ruler-samples must be at least 1");
+    expect(&["eval", "compare", "--text", "README.md", "--ruler-tasks", "nope"], "unknown RULER task \"nope\"");
+    let wiki = repo().join("assets/texts/wiki.utf8");
+    let wiki = wiki.to_str().unwrap();
+    expect(&["eval", "compare", "--text", wiki, "--ruler-ctx", "1000000"], "--ruler-ctx 1000000 exceeds");
     let err = fails(&["eval", "ppl", "--text", "README.md", "--ctx", "0"]);
     assert!(err.contains("--ctx") && !err.contains("--stride"), "{err}");
     let (a, b) = (scratch("loop-a"), scratch("loop-b"));

@@ -429,6 +429,71 @@ fn eval_compare_writes_a_table_and_a_plot() {
 }
 
 #[test]
+fn eval_compare_scores_ruler_beside_perplexity() {
+    let plot = std::env::temp_dir().join(format!("pare-compare-ruler-{}.svg", std::process::id()));
+    let args = ["eval", "compare", "--text", &wiki(), "--max-tokens", "260", "--ctx", "128", "--continuation", "64"];
+    let more = [
+        "--presses",
+        "knorm",
+        "--ratios",
+        "0.5",
+        "--needle-ctx",
+        "--ruler-ctx",
+        "1024",
+        "--ruler-samples",
+        "1",
+        "--ruler-tasks",
+        "niah_single_1,niah_single_2",
+        "--plot",
+        plot.to_str().unwrap(),
+    ];
+    let v = pare_json(&[&args[..], &more[..]].concat());
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let score = r["ruler"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&score), "{r}");
+    }
+    // Perplexity and RULER panels, one line each for knorm.
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert!(svg.contains("RULER average at 1024 tokens"));
+    std::fs::remove_file(&plot).unwrap();
+}
+
+#[test]
+fn eval_ruler_prints_scores_and_plots_them_by_length() {
+    let plot = std::env::temp_dir().join(format!("pare-ruler-{}.svg", std::process::id()));
+    let v = pare_json(&[
+        "eval",
+        "ruler",
+        "--model",
+        "smollm2-135m",
+        "--tasks",
+        "niah_single_1",
+        "--ctx",
+        "512,768",
+        "--samples",
+        "1",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    let tasks = v["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "one task at two lengths");
+    let averages = v["averages"].as_array().unwrap();
+    assert_eq!(averages.len(), 2);
+    for (t, a) in tasks.iter().zip(averages) {
+        assert_eq!(t["ctx"], a["ctx"]);
+        assert_eq!(t["score"], a["average"], "one task: its score is the average");
+    }
+    // The task and the average, each a line over the two lengths.
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert!(svg.contains("RULER, no compression"));
+    std::fs::remove_file(&plot).unwrap();
+}
+
+#[test]
 fn eval_needle_reports_accuracy_per_cell() {
     let v = pare_json(&[
         "eval",

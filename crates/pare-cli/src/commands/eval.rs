@@ -117,6 +117,16 @@ pub struct CompareArgs {
     pub needle_depths: Vec<f64>,
     #[arg(long)]
     pub haystack: Option<PathBuf>,
+    /// RULER context lengths (model tokens) to score every press on, beside PPL: the average over
+    /// its tasks. None by default: each item prefills that many tokens (minutes per row on a CPU).
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub ruler_ctx: Vec<usize>,
+    /// RULER items per task and context length.
+    #[arg(long, default_value_t = 2)]
+    pub ruler_samples: usize,
+    /// RULER tasks (default: all of them; see `pare eval ruler --help`).
+    #[arg(long, value_delimiter = ',')]
+    pub ruler_tasks: Vec<String>,
     /// Where the plot goes.
     #[arg(long, default_value = "compare.svg")]
     pub plot: PathBuf,
@@ -152,7 +162,10 @@ pub struct RulerArgs {
     /// answer is generated; tools/reference/ruler_reference.py checks them against RULER's code.
     #[arg(long)]
     pub dump_items: Option<PathBuf>,
-    /// Replace an existing --dump-items file.
+    /// Also draw each task's score against the context length (SVG) to FILE.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Replace an existing --dump-items or --plot file.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -388,6 +401,8 @@ struct CompareRow {
     ppl: f64,
     kv_bytes: usize,
     needle_accuracy: Option<f64>,
+    /// RULER's average over its tasks and the --ruler-ctx lengths.
+    ruler: Option<f64>,
 }
 
 fn compare(args: CompareArgs) -> Result<()> {
@@ -398,6 +413,8 @@ fn compare(args: CompareArgs) -> Result<()> {
         bail!("--continuation must be between 1 and --ctx − 1 (the rest of each window is the compressed context)");
     }
     check_needle_args(&COMPARE_NEEDLE_FLAGS, &args.needle_ctx, &args.needle_depths)?;
+    let ruler_tasks = pare_eval::ruler::Task::parse_list(&args.ruler_tasks)?;
+    check_ruler_args(&args.ruler_ctx, args.ruler_samples, "--ruler-ctx", "--ruler-samples")?;
     // Every press and ratio is checked before the long run starts.
     for press in &args.presses {
         for &ratio in &args.ratios {
@@ -409,10 +426,23 @@ fn compare(args: CompareArgs) -> Result<()> {
     let model_path = pare_model::loader::resolve_model(&args.model.model).ok();
     let inputs = [Some(args.text.as_path()), Some(haystack_path.as_path()), model_path.as_deref()];
     let plot = Output::file(&args.plot, "--plot", args.force, &inputs.into_iter().flatten().collect::<Vec<_>>())?;
-    let haystack =
-        if args.needle_ctx.is_empty() { None } else { Some(pare_eval::needle::load_haystack(&haystack_path)?) };
+    let essays = if args.needle_ctx.is_empty() && args.ruler_ctx.is_empty() {
+        None
+    } else {
+        Some(pare_eval::needle::load_haystack(&haystack_path)?)
+    };
+    let haystack = essays.as_ref().filter(|_| !args.needle_ctx.is_empty());
     let loaded = args.model.load()?;
     check_needle_ctx(&COMPARE_NEEDLE_FLAGS, &args.needle_ctx, &loaded.model)?;
+    check_ruler_ctx(&args.ruler_ctx, &loaded.model, "--ruler-ctx")?;
+    let ruler_items = match essays.as_deref().filter(|_| !args.ruler_ctx.is_empty()) {
+        Some(essays) => {
+            let words = pare_eval::ruler::haystack_words(essays);
+            ruler_items(loaded.tokenizer()?, &words, &ruler_tasks, &args.ruler_ctx, args.ruler_samples, RULER_SEED)?
+        }
+        None => Vec::new(),
+    };
+    let ruler_runs: u64 = ruler_items.iter().map(|c| c.items.len() as u64).sum();
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     tokens.truncate(args.max_tokens);
     if tokens.len() <= args.ctx {
@@ -424,7 +454,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         .collect();
     let windows = pare_eval::perplexity::windows(tokens.len(), args.ctx, stride)?.len() as u64;
     let needle_runs = (args.needle_ctx.len() * args.needle_depths.len()) as u64;
-    let bar = progress_bar(runs.len() as u64 * (windows + needle_runs), "compare");
+    let bar = progress_bar(runs.len() as u64 * (windows + needle_runs + ruler_runs), "compare");
     let grid = NeedleGrid { ctx: &args.needle_ctx, depths: &args.needle_depths, trials: 1, seed: 0 };
     let mut rows = Vec::new();
     for (name, ratio) in &runs {
@@ -439,12 +469,18 @@ fn compare(args: CompareArgs) -> Result<()> {
         let ppl = pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &hooks, |done, _| {
             bar.set_position(start + done as u64)
         })?;
-        let needle_accuracy = match &haystack {
+        let needle_accuracy = match haystack {
             Some(h) => {
                 let cells = needle_grid(&loaded, h, &grid, &hooks, &bar)?;
                 Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
             }
             None => None,
+        };
+        let ruler = if ruler_items.is_empty() {
+            None
+        } else {
+            let scores = ruler_scores(&loaded, &ruler_items, &hooks, || bar.inc(1))?;
+            Some(scores.iter().map(|s| s.score).sum::<f64>() / scores.len() as f64)
         };
         rows.push(CompareRow {
             press: name.clone(),
@@ -452,6 +488,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             ppl: ppl.ppl,
             kv_bytes: ppl.kv_bytes_context.unwrap_or(ppl.kv_bytes_peak),
             needle_accuracy,
+            ruler,
         });
     }
     bar.finish_and_clear();
@@ -483,6 +520,17 @@ fn compare(args: CompareArgs) -> Result<()> {
             series: series(&|r| r.needle_accuracy),
         });
     }
+    if !ruler_items.is_empty() {
+        panels.push(pare_eval::plot::Panel {
+            title: format!(
+                "RULER average at {} tokens",
+                args.ruler_ctx.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            x_label: "compression ratio".into(),
+            y_label: "score".into(),
+            series: series(&|r| r.ruler),
+        });
+    }
     std::fs::write(plot.path(), pare_eval::plot::svg(&panels))
         .with_context(|| format!("cannot write {}", args.plot.display()))?;
     plot.commit()?;
@@ -490,10 +538,19 @@ fn compare(args: CompareArgs) -> Result<()> {
     if args.json {
         return print_json(&serde_json::json!({ "rows": rows, "plot": args.plot }));
     }
-    println!("{:<24} {:>6} {:>10} {:>12} {:>8}", "press", "ratio", "ppl", "KV context", "needle");
+    println!("{:<24} {:>6} {:>10} {:>12} {:>8} {:>8}", "press", "ratio", "ppl", "KV context", "needle", "RULER");
     for r in &rows {
         let needle = r.needle_accuracy.map_or("-".to_string(), |a| format!("{a:.2}"));
-        println!("{:<24} {:>6.2} {:>10.4} {:>12} {:>8}", r.press, r.ratio, r.ppl, human_bytes(r.kv_bytes), needle);
+        let ruler = r.ruler.map_or("-".to_string(), |a| format!("{a:.2}"));
+        println!(
+            "{:<24} {:>6.2} {:>10.4} {:>12} {:>8} {:>8}",
+            r.press,
+            r.ratio,
+            r.ppl,
+            human_bytes(r.kv_bytes),
+            needle,
+            ruler
+        );
     }
     println!("plot: {}", args.plot.display());
     Ok(())
@@ -564,48 +621,101 @@ struct RulerScore {
     items: Vec<pare_eval::ruler::ItemResult>,
 }
 
+/// RULER's own default seed; `eval compare` draws its items with it.
+const RULER_SEED: u64 = 42;
+
+/// The items of one RULER task at one context length.
+struct RulerCell {
+    task: pare_eval::ruler::Task,
+    ctx: usize,
+    items: Vec<pare_eval::ruler::Item>,
+}
+
+fn check_ruler_args(ctx: &[usize], samples: usize, ctx_flag: &str, samples_flag: &str) -> Result<()> {
+    if samples == 0 {
+        bail!("{samples_flag} must be at least 1");
+    }
+    if ctx.contains(&0) {
+        bail!("{ctx_flag} lengths must be positive");
+    }
+    Ok(())
+}
+
+fn check_ruler_ctx(ctx: &[usize], model: &pare_model::Model, ctx_flag: &str) -> Result<()> {
+    let limit = model.config().max_position_embeddings;
+    if let Some(c) = ctx.iter().find(|&&c| c > limit) {
+        bail!("{ctx_flag} {c} exceeds the model's context of {limit}");
+    }
+    Ok(())
+}
+
+/// Every task's items at every length (lengths outermost), with a progress bar.
+fn ruler_items(
+    tokenizer: &pare_formats::tokenizer::TokenizerBundle,
+    haystack: &[String],
+    tasks: &[pare_eval::ruler::Task],
+    ctxs: &[usize],
+    samples: usize,
+    seed: u64,
+) -> Result<Vec<RulerCell>> {
+    let bar = progress_bar((ctxs.len() * tasks.len()) as u64, "generating");
+    let mut cells = Vec::new();
+    for &ctx in ctxs {
+        for &task in tasks {
+            bar.set_message(format!("generating {} {ctx}", task.name()));
+            let items = pare_eval::ruler::generate(task, tokenizer, haystack, ctx, samples, seed)?;
+            cells.push(RulerCell { task, ctx, items });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(cells)
+}
+
+/// Every cell's score with `hooks` compressing each item's context; `on_item` after each item.
+fn ruler_scores(
+    loaded: &pare_model::LoadedModel,
+    cells: &[RulerCell],
+    hooks: &Hooks,
+    mut on_item: impl FnMut(),
+) -> Result<Vec<RulerScore>> {
+    let tokenizer = loaded.tokenizer()?;
+    let mut scores = Vec::new();
+    for cell in cells {
+        let mut results = Vec::with_capacity(cell.items.len());
+        for item in &cell.items {
+            results.push(pare_eval::ruler::run_item(&loaded.model, tokenizer, item, hooks)?);
+            on_item();
+        }
+        let score = pare_eval::ruler::task_score(&results.iter().map(|r| r.score).collect::<Vec<_>>());
+        scores.push(RulerScore { task: cell.task.name(), ctx: cell.ctx, score, items: results });
+    }
+    Ok(scores)
+}
+
 fn ruler(args: RulerArgs) -> Result<()> {
-    use pare_eval::ruler::{self, Task};
-    let tasks = if args.tasks.is_empty() {
-        Task::ALL.to_vec()
-    } else {
-        args.tasks.iter().map(|name| Task::from_name(name)).collect::<Result<Vec<_>, _>>()?
-    };
-    if args.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
-    if args.ctx.is_empty() || args.ctx.contains(&0) {
-        bail!("--ctx lengths must be positive");
-    }
+    use pare_eval::ruler;
+    let tasks = ruler::Task::parse_list(&args.tasks)?;
+    check_ruler_args(&args.ctx, args.samples, "--ctx", "--samples")?;
     let plan = HookPlan::check(&args.press, &args.token_prune)?;
     let haystack_path = haystack_dir(&args.haystack);
     let dump = match &args.dump_items {
         Some(path) => Some(Output::file(path, "--dump-items", args.force, &[haystack_path.as_path()])?),
         None => None,
     };
+    let plot = match &args.plot {
+        Some(path) => Some(Output::file(path, "--plot", args.force, &[haystack_path.as_path()])?),
+        None => None,
+    };
     let haystack = ruler::haystack_words(&pare_eval::needle::load_haystack(&haystack_path)?);
     let session = plan.open(&args.model)?;
     let loaded = &session.loaded;
-    let tokenizer = loaded.tokenizer()?;
-    let limit = loaded.model.config().max_position_embeddings;
-    if let Some(c) = args.ctx.iter().find(|&&c| c > limit) {
-        bail!("--ctx {c} exceeds the model's context of {limit}");
-    }
-
-    let cells: Vec<(Task, usize)> = args.ctx.iter().flat_map(|&c| tasks.iter().map(move |&t| (t, c))).collect();
-    let bar = progress_bar(cells.len() as u64, "generating");
-    let mut generated = Vec::new();
-    for &(task, ctx) in &cells {
-        bar.set_message(format!("generating {} {ctx}", task.name()));
-        generated.push(ruler::generate(task, tokenizer, &haystack, ctx, args.samples, args.seed)?);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    check_ruler_ctx(&args.ctx, &loaded.model, "--ctx")?;
+    let cells = ruler_items(loaded.tokenizer()?, &haystack, &tasks, &args.ctx, args.samples, args.seed)?;
     if let (Some(out), Some(path)) = (dump, &args.dump_items) {
         let items: Vec<_> = cells
             .iter()
-            .zip(&generated)
-            .flat_map(|(&(_, ctx), items)| items.iter().map(move |i| serde_json::json!({ "ctx": ctx, "item": i })))
+            .flat_map(|c| c.items.iter().map(move |i| serde_json::json!({ "ctx": c.ctx, "item": i })))
             .collect();
         let json = serde_json::json!({ "seed": args.seed, "haystack": haystack_path, "items": items });
         std::fs::write(out.path(), serde_json::to_string_pretty(&json)?)
@@ -619,22 +729,35 @@ fn ruler(args: RulerArgs) -> Result<()> {
     }
 
     let bar = progress_bar((cells.len() * args.samples) as u64, "ruler");
-    let mut scores = Vec::new();
-    for (&(task, ctx), items) in cells.iter().zip(&generated) {
-        bar.set_message(format!("{} {ctx}", task.name()));
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            results.push(ruler::run_item(&loaded.model, tokenizer, item, &session.hooks)?);
-            bar.inc(1);
-        }
-        let score = ruler::task_score(&results.iter().map(|r| r.score).collect::<Vec<_>>());
-        scores.push(RulerScore { task: task.name(), ctx, score, items: results });
-    }
+    let scores = ruler_scores(loaded, &cells, &session.hooks, || bar.inc(1))?;
     bar.finish_and_clear();
     let average = |ctx: usize| {
         let s: Vec<f64> = scores.iter().filter(|s| s.ctx == ctx).map(|s| s.score).collect();
         s.iter().sum::<f64>() / s.len() as f64
     };
+    if let (Some(out), Some(path)) = (plot, &args.plot) {
+        let line = |name: &str, score: &dyn Fn(usize) -> f64| pare_eval::plot::Series {
+            name: name.to_string(),
+            points: args.ctx.iter().map(|&c| (c as f64, score(c))).collect(),
+        };
+        let score_of =
+            |task: &str, ctx: usize| scores.iter().find(|s| s.task == task && s.ctx == ctx).map_or(0.0, |s| s.score);
+        let mut series: Vec<_> = tasks.iter().map(|t| line(t.name(), &|c| score_of(t.name(), c))).collect();
+        series.push(line("average", &average));
+        let panel = pare_eval::plot::Panel {
+            title: match (&args.press.press, args.press.options.ratio) {
+                (Some(p), Some(r)) => format!("RULER, {p} at ratio {r}"),
+                (Some(p), None) => format!("RULER, {p}"),
+                _ => "RULER, no compression".into(),
+            },
+            x_label: "context length (tokens)".into(),
+            y_label: "score".into(),
+            series,
+        };
+        std::fs::write(out.path(), pare_eval::plot::svg(&[panel]))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        out.commit()?;
+    }
     if args.json {
         let averages: Vec<_> =
             args.ctx.iter().map(|&c| serde_json::json!({ "ctx": c, "average": average(c) })).collect();

@@ -95,6 +95,14 @@ impl Task {
         }
     }
 
+    /// Tasks by name; every task when `names` is empty.
+    pub fn parse_list(names: &[String]) -> Result<Vec<Task>> {
+        if names.is_empty() {
+            return Ok(Task::ALL.to_vec());
+        }
+        names.iter().map(|name| Task::from_name(name)).collect()
+    }
+
     pub fn from_name(name: &str) -> Result<Task> {
         Task::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| {
             let names: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
