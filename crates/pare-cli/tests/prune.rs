@@ -135,6 +135,89 @@ fn gpt_neox_layers_llama_cpp_cannot_hold_refuse_gguf_before_writing() {
     assert!(!out.exists(), "nothing is written");
 }
 
+/// A GGUF element's text as the fixture's Python `str` gives it.
+fn element_text(v: &pare_formats::GgufValue) -> String {
+    match v {
+        pare_formats::GgufValue::Str(s) => s.clone(),
+        other => other.as_i64().map(|i| i.to_string()).unwrap_or_else(|| panic!("unexpected element {other:?}")),
+    }
+}
+
+/// A tokenizer key as the fixture records it: scalars as JSON, arrays by length and the SHA-256
+/// of each element's text, an 8-byte little-endian length first.
+fn fingerprint(v: &pare_formats::GgufValue) -> serde_json::Value {
+    use sha2::Digest;
+    match v {
+        pare_formats::GgufValue::Array(items) => {
+            let mut h = sha2::Sha256::new();
+            for item in items {
+                let text = element_text(item);
+                h.update((text.len() as u64).to_le_bytes());
+                h.update(text.as_bytes());
+            }
+            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            serde_json::json!({"len": items.len(), "sha256": hex})
+        }
+        pare_formats::GgufValue::Bool(b) => (*b).into(),
+        pare_formats::GgufValue::Str(s) => s.as_str().into(),
+        other => other.as_i64().expect("an integer key").into(),
+    }
+}
+
+/// GPT-NeoX from an HF checkpoint, MLPs pruned alike: the GGUF carries the tokenizer.* keys
+/// llama.cpp's convert_hf_to_gguf.py writes for the export (each equal to the fixture's), and
+/// pare's perplexity on it, by llama-perplexity's protocol, is within 1 % of llama-perplexity's
+/// (tests/fixtures/llama-cpp-ppl/gptneox-pruned-uniform.json, tools/reference/make_llama_cpp_fixtures.sh).
+#[test]
+fn uniform_gpt_neox_gguf_carries_llama_cpps_tokenizer_and_perplexity() {
+    let fixture = pare_test_support::fixture("llama-cpp-ppl/gptneox-pruned-uniform.json");
+    let out = scratch("neox-uniform");
+    let dir = out.to_str().unwrap();
+    let mut args: Vec<&str> = fixture["prune"].as_str().unwrap().split_whitespace().collect();
+    args.extend(["--out", dir, "--json"]);
+    let r = json(&args);
+    assert_eq!(r["export"]["gguf_arch"], "gptneox");
+    assert!(r["export"]["gguf_note"].is_null(), "{}", r["export"]);
+
+    let gguf = out.join("model.gguf");
+    let f = pare_formats::GgufFile::open(&gguf).unwrap();
+    let ours: serde_json::Map<String, serde_json::Value> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), fingerprint(v)))
+        .collect();
+    let want = fixture["tokenizer_keys"].as_object().unwrap();
+    let keys =
+        |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(keys(&ours), keys(want));
+    for (key, value) in want {
+        assert_eq!(&ours[key], value, "{key}");
+    }
+
+    let text = out.join("text.txt");
+    std::fs::write(&text, pare_test_support::llama_cpp_fixture_text(&fixture)).unwrap();
+    let n_ctx = fixture["n_ctx"].to_string();
+    let (gguf, text) = (gguf.to_str().unwrap(), text.to_str().unwrap());
+    let ppl = json(&[
+        "eval",
+        "ppl",
+        "-m",
+        gguf,
+        "--text",
+        text,
+        "--ctx",
+        &n_ctx,
+        "--llama-cpp",
+        "--kv-dtype",
+        "f16",
+        "--json",
+    ]);
+    let (ours, theirs) = (ppl["ppl"].as_f64().unwrap(), fixture["ppl"].as_f64().unwrap());
+    assert!((ours / theirs - 1.0).abs() < 0.01, "pare {ours} vs llama-perplexity {theirs}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn impossible_settings_are_one_line_errors() {
     one_line_error(&["prune", "-m", TINY, "--importance", "l2", "--ratio", "1.0", "--attn-layers", "0..4"], "every");
