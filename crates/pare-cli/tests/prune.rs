@@ -218,6 +218,29 @@ fn uniform_gpt_neox_gguf_carries_llama_cpps_tokenizer_and_perplexity() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// A tokenizer llama.cpp's converter would not name stops `--gguf` before the work, as the
+/// converter stops; nothing is written.
+#[test]
+fn gguf_refuses_a_tokenizer_llama_cpp_does_not_recognise_before_writing() {
+    let src = repo().join("tests/fixtures/gptneox-tiny/model");
+    let model = scratch("neox-other-split");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let tokenizer = model.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
+    t["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+    std::fs::write(&tokenizer, t.to_string()).unwrap();
+    let out = scratch("neox-other-split-out");
+    let (m, dir) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["prune", "-m", m, "--importance", "l1", "--attn-layers", "0..0", "--mlp-layers", "0..2"];
+    one_line_error(&[&args[..], &["--out", dir, "--gguf"]].concat(), "does not recognise");
+    assert!(!out.exists(), "nothing is written");
+    std::fs::remove_dir_all(&model).unwrap();
+}
+
 #[test]
 fn impossible_settings_are_one_line_errors() {
     one_line_error(&["prune", "-m", TINY, "--importance", "l2", "--ratio", "1.0", "--attn-layers", "0..4"], "every");
