@@ -164,20 +164,36 @@ fn fingerprint(v: &pare_formats::GgufValue) -> serde_json::Value {
     }
 }
 
-/// GPT-NeoX from an HF checkpoint, MLPs pruned alike: the GGUF carries the tokenizer.* keys
-/// llama.cpp's convert_hf_to_gguf.py writes for the export (each equal to the fixture's), and
-/// pare's perplexity on it, by llama-perplexity's protocol, is within 1 % of llama-perplexity's
-/// (tests/fixtures/llama-cpp-ppl/gptneox-pruned-uniform.json, tools/reference/make_llama_cpp_fixtures.sh).
+/// From an HF checkpoint (safetensors and tokenizer.json), layers pruned alike: the GGUF carries
+/// the tokenizer.* keys llama.cpp's convert_hf_to_gguf.py writes for the export (each equal to
+/// the fixture's), and pare's perplexity on it, by llama-perplexity's protocol, is within 1 % of
+/// llama-perplexity's (tests/fixtures/llama-cpp-ppl/, tools/reference/make_llama_cpp_fixtures.sh):
+/// GPT-NeoX (llama.cpp's gptneox) and SmolLM2 first exported by pare as an HF Llama directory.
 #[test]
-fn uniform_gpt_neox_gguf_carries_llama_cpps_tokenizer_and_perplexity() {
-    let fixture = pare_test_support::fixture("llama-cpp-ppl/gptneox-pruned-uniform.json");
-    let out = scratch("neox-uniform");
-    let dir = out.to_str().unwrap();
-    let mut args: Vec<&str> = fixture["prune"].as_str().unwrap().split_whitespace().collect();
-    args.extend(["--out", dir, "--json"]);
-    let r = json(&args);
-    assert_eq!(r["export"]["gguf_arch"], "gptneox");
-    assert!(r["export"]["gguf_note"].is_null(), "{}", r["export"]);
+fn uniform_gguf_from_hf_carries_llama_cpps_tokenizer_and_perplexity() {
+    for (name, arch) in [("gptneox-pruned-uniform", "gptneox"), ("smollm2-hf-pruned-uniform", "llama")] {
+        check_gguf_from_hf(name, arch);
+    }
+}
+
+fn check_gguf_from_hf(name: &str, arch: &str) {
+    let fixture = pare_test_support::fixture(&format!("llama-cpp-ppl/{name}.json"));
+    let (src, out) = (scratch(&format!("{name}-src")), scratch(name));
+    let (src_dir, dir) = (src.to_str().unwrap(), out.to_str().unwrap());
+    // SRC in the commands: the HF directory the source export writes.
+    let words = |key: &str| -> Vec<String> {
+        fixture[key].as_str().unwrap().split_whitespace().map(|w| if w == "SRC" { src_dir } else { w }.into()).collect()
+    };
+    if fixture.get("source_export").is_some() {
+        let mut args = words("source_export");
+        args.push("--json".into());
+        json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    let mut args = words("prune");
+    args.extend(["--out", dir, "--json"].map(String::from));
+    let r = json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r["export"]["gguf_arch"], arch, "{name}");
+    assert!(r["export"]["gguf_note"].is_null(), "{name}: {}", r["export"]);
 
     let gguf = out.join("model.gguf");
     let f = pare_formats::GgufFile::open(&gguf).unwrap();
@@ -190,9 +206,9 @@ fn uniform_gpt_neox_gguf_carries_llama_cpps_tokenizer_and_perplexity() {
     let want = fixture["tokenizer_keys"].as_object().unwrap();
     let keys =
         |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<std::collections::BTreeSet<_>>();
-    assert_eq!(keys(&ours), keys(want));
+    assert_eq!(keys(&ours), keys(want), "{name}");
     for (key, value) in want {
-        assert_eq!(&ours[key], value, "{key}");
+        assert_eq!(&ours[key], value, "{name}: {key}");
     }
 
     let text = out.join("text.txt");
@@ -214,8 +230,11 @@ fn uniform_gpt_neox_gguf_carries_llama_cpps_tokenizer_and_perplexity() {
         "--json",
     ]);
     let (ours, theirs) = (ppl["ppl"].as_f64().unwrap(), fixture["ppl"].as_f64().unwrap());
-    assert!((ours / theirs - 1.0).abs() < 0.01, "pare {ours} vs llama-perplexity {theirs}");
+    assert!((ours / theirs - 1.0).abs() < 0.01, "{name}: pare {ours} vs llama-perplexity {theirs}");
     std::fs::remove_dir_all(&out).unwrap();
+    if src.exists() {
+        std::fs::remove_dir_all(&src).unwrap();
+    }
 }
 
 /// A tokenizer llama.cpp's converter would not name stops `--gguf` before the work, as the
