@@ -97,8 +97,11 @@ pub(super) fn metadata(bundle: &TokenizerBundle, n_vocab: usize) -> Result<Vec<(
     if let Some((token, id)) = vocab.iter().find(|(_, &id)| id as usize >= n_vocab) {
         return Err(bad(format!("token `{token}` has id {id}, beyond the model's `vocab_size` {n_vocab}")));
     }
-    let reverse: HashMap<u32, &str> = vocab.iter().map(|(t, &id)| (id, t.as_str())).collect();
     let added = bundle.tokenizer.get_added_tokens_decoder();
+    // An added token's id spells the added token, as in transformers' `vocab` (added ones last).
+    let base = bundle.tokenizer.get_vocab(false);
+    let mut reverse: HashMap<u32, &str> = base.iter().map(|(t, &id)| (id, t.as_str())).collect();
+    reverse.extend(added.iter().map(|(&id, t)| (id, t.content.as_str())));
     let added_by_content: HashMap<&str, u32> = added.iter().map(|(&id, t)| (t.content.as_str(), id)).collect();
     let mut tokens = Vec::with_capacity(n_vocab);
     let mut types = Vec::with_capacity(n_vocab);
