@@ -51,13 +51,13 @@ pub struct ModelExport {
 }
 
 /// Write `model` into `staging` (what becomes `dir` once the output is committed): the HF files,
-/// and model.gguf of type `gguf` when given.
+/// and model.gguf of type `gguf` with `tokenizer_keys` ([`gguf_tokenizer_keys`]) when given.
 pub fn write_model(
     loaded: &pare_model::LoadedModel,
     model: &Model,
     dir: &Path,
     staging: &Path,
-    gguf: Option<GgmlType>,
+    gguf: Option<(GgmlType, &[(String, GgufValue)])>,
 ) -> Result<ModelExport> {
     pare_model::export::export_hf_dir(model, loaded.tokenizer.as_ref(), &loaded.eos_token_ids(), staging)?;
     let mut report = ModelExport {
@@ -67,30 +67,35 @@ pub fn write_model(
         gguf_arch: None,
         gguf_note: None,
     };
-    if let Some(ty) = gguf {
-        let keys = gguf_tokenizer_keys(loaded)?;
-        if keys.is_none() && loaded.tokenizer.is_some() {
-            report.gguf_note = Some(
-                "the source is not a GGUF, so model.gguf carries no tokenizer; use the directory's tokenizer files"
-                    .into(),
-            );
+    if let Some((ty, keys)) = gguf {
+        if keys.is_empty() {
+            report.gguf_note =
+                Some("the source has no tokenizer, so model.gguf carries none; llama.cpp needs one".into());
         }
-        pare_model::export::export_gguf(model, keys.as_deref().unwrap_or(&[]), ty, &staging.join("model.gguf"))?;
+        pare_model::export::export_gguf(model, keys, ty, &staging.join("model.gguf"))?;
         report.gguf = Some(dir.join("model.gguf").display().to_string());
         report.gguf_arch = Some(pare_model::export::gguf_architecture(model).to_string());
     }
     Ok(report)
 }
 
-/// The tokenizer keys of a GGUF source, to carry into the written GGUF; None for other sources.
-fn gguf_tokenizer_keys(loaded: &pare_model::LoadedModel) -> Result<Option<Vec<(String, GgufValue)>>> {
-    if loaded.format != "gguf" {
-        return Ok(None);
+/// The `tokenizer.*` keys for a GGUF of `loaded`: a GGUF source's own, or those llama.cpp's
+/// converter writes for an HF source's tokenizer; none for a source without a tokenizer.
+/// Called before any work, so that a tokenizer llama.cpp would not take stops the command early.
+pub fn gguf_tokenizer_keys(loaded: &pare_model::LoadedModel) -> Result<Vec<(String, GgufValue)>> {
+    if loaded.format == "gguf" {
+        let src = GgufFile::open(&loaded.path)?;
+        return Ok(src
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect());
     }
-    let src = GgufFile::open(&loaded.path)?;
-    let keys: Vec<(String, GgufValue)> =
-        src.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    Ok(Some(keys))
+    match &loaded.tokenizer {
+        Some(t) => Ok(t.gguf_metadata(loaded.model.config().vocab_size)?),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// The notes a user needs about what was written.

@@ -135,6 +135,131 @@ fn gpt_neox_layers_llama_cpp_cannot_hold_refuse_gguf_before_writing() {
     assert!(!out.exists(), "nothing is written");
 }
 
+/// A GGUF element's text as the fixture's Python `str` gives it.
+fn element_text(v: &pare_formats::GgufValue) -> String {
+    match v {
+        pare_formats::GgufValue::Str(s) => s.clone(),
+        other => other.as_i64().map(|i| i.to_string()).unwrap_or_else(|| panic!("unexpected element {other:?}")),
+    }
+}
+
+/// A tokenizer key as the fixture records it: scalars as JSON, arrays by length and the SHA-256
+/// of each element's text, an 8-byte little-endian length first.
+fn fingerprint(v: &pare_formats::GgufValue) -> serde_json::Value {
+    use sha2::Digest;
+    match v {
+        pare_formats::GgufValue::Array(items) => {
+            let mut h = sha2::Sha256::new();
+            for item in items {
+                let text = element_text(item);
+                h.update((text.len() as u64).to_le_bytes());
+                h.update(text.as_bytes());
+            }
+            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            serde_json::json!({"len": items.len(), "sha256": hex})
+        }
+        pare_formats::GgufValue::Bool(b) => (*b).into(),
+        pare_formats::GgufValue::Str(s) => s.as_str().into(),
+        other => other.as_i64().expect("an integer key").into(),
+    }
+}
+
+/// From an HF checkpoint (safetensors and tokenizer.json), layers pruned alike: the GGUF carries
+/// the tokenizer.* keys llama.cpp's convert_hf_to_gguf.py writes for the export (each equal to
+/// the fixture's), and pare's perplexity on it, by llama-perplexity's protocol, is within 1 % of
+/// llama-perplexity's (tests/fixtures/llama-cpp-ppl/, tools/reference/make_llama_cpp_fixtures.sh):
+/// GPT-NeoX (llama.cpp's gptneox) and SmolLM2 first exported by pare as an HF Llama directory.
+#[test]
+fn uniform_gguf_from_hf_carries_llama_cpps_tokenizer_and_perplexity() {
+    for (name, arch) in [("gptneox-pruned-uniform", "gptneox"), ("smollm2-hf-pruned-uniform", "llama")] {
+        check_gguf_from_hf(name, arch);
+    }
+}
+
+fn check_gguf_from_hf(name: &str, arch: &str) {
+    let fixture = pare_test_support::fixture(&format!("llama-cpp-ppl/{name}.json"));
+    let (src, out) = (scratch(&format!("{name}-src")), scratch(name));
+    let (src_dir, dir) = (src.to_str().unwrap(), out.to_str().unwrap());
+    // SRC in the commands: the HF directory the source export writes.
+    let words = |key: &str| -> Vec<String> {
+        fixture[key].as_str().unwrap().split_whitespace().map(|w| if w == "SRC" { src_dir } else { w }.into()).collect()
+    };
+    if fixture.get("source_export").is_some() {
+        let mut args = words("source_export");
+        args.push("--json".into());
+        json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    let mut args = words("prune");
+    args.extend(["--out", dir, "--json"].map(String::from));
+    let r = json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(r["export"]["gguf_arch"], arch, "{name}");
+    assert!(r["export"]["gguf_note"].is_null(), "{name}: {}", r["export"]);
+
+    let gguf = out.join("model.gguf");
+    let f = pare_formats::GgufFile::open(&gguf).unwrap();
+    let ours: serde_json::Map<String, serde_json::Value> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), fingerprint(v)))
+        .collect();
+    let want = fixture["tokenizer_keys"].as_object().unwrap();
+    let keys =
+        |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(keys(&ours), keys(want), "{name}");
+    for (key, value) in want {
+        assert_eq!(&ours[key], value, "{name}: {key}");
+    }
+
+    let text = out.join("text.txt");
+    std::fs::write(&text, pare_test_support::llama_cpp_fixture_text(&fixture)).unwrap();
+    let n_ctx = fixture["n_ctx"].to_string();
+    let (gguf, text) = (gguf.to_str().unwrap(), text.to_str().unwrap());
+    let ppl = json(&[
+        "eval",
+        "ppl",
+        "-m",
+        gguf,
+        "--text",
+        text,
+        "--ctx",
+        &n_ctx,
+        "--llama-cpp",
+        "--kv-dtype",
+        "f16",
+        "--json",
+    ]);
+    let (ours, theirs) = (ppl["ppl"].as_f64().unwrap(), fixture["ppl"].as_f64().unwrap());
+    assert!((ours / theirs - 1.0).abs() < 0.01, "{name}: pare {ours} vs llama-perplexity {theirs}");
+    std::fs::remove_dir_all(&out).unwrap();
+    if src.exists() {
+        std::fs::remove_dir_all(&src).unwrap();
+    }
+}
+
+/// A tokenizer llama.cpp's converter would not name stops `--gguf` before the work, as the
+/// converter stops; nothing is written.
+#[test]
+fn gguf_refuses_a_tokenizer_llama_cpp_does_not_recognise_before_writing() {
+    let src = repo().join("tests/fixtures/gptneox-tiny/model");
+    let model = scratch("neox-other-split");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let tokenizer = model.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
+    t["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+    std::fs::write(&tokenizer, t.to_string()).unwrap();
+    let out = scratch("neox-other-split-out");
+    let (m, dir) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["prune", "-m", m, "--importance", "l1", "--attn-layers", "0..0", "--mlp-layers", "0..2"];
+    one_line_error(&[&args[..], &["--out", dir, "--gguf"]].concat(), "does not recognise");
+    assert!(!out.exists(), "nothing is written");
+    std::fs::remove_dir_all(&model).unwrap();
+}
+
 #[test]
 fn impossible_settings_are_one_line_errors() {
     one_line_error(&["prune", "-m", TINY, "--importance", "l2", "--ratio", "1.0", "--attn-layers", "0..4"], "every");

@@ -71,6 +71,11 @@ pub enum FormatError {
     #[error("tokenizer: {0}")]
     Tokenize(String),
 
+    /// A tokenizer cannot be described by GGUF `tokenizer.*` keys the way llama.cpp's converter
+    /// would describe it.
+    #[error("GGUF tokenizer: {0}")]
+    GgufTokenizer(String),
+
     /// A chat template failed to compile or render (including its own `raise_exception`).
     #[error("chat template: {0}")]
     Template(String),

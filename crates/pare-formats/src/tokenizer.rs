@@ -8,6 +8,7 @@
 mod from_gguf;
 mod hf_dir;
 mod pretokenize;
+mod to_gguf;
 
 use std::path::Path;
 
@@ -113,6 +114,13 @@ impl TokenizerBundle {
     /// The number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The GGUF `tokenizer.*` keys llama.cpp's `convert_hf_to_gguf.py` writes for this
+    /// (byte-level BPE) tokenizer, its token list padded to the model's `n_vocab` embedding rows.
+    /// A pre-tokenizer the converter does not recognise is refused, as the converter refuses it.
+    pub fn gguf_metadata(&self, n_vocab: usize) -> Result<Vec<(String, crate::gguf::GgufValue)>> {
+        to_gguf::metadata(self, n_vocab)
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` so that

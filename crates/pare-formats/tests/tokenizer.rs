@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use pare_formats::{FormatError, GgufFile, TokenizerBundle};
+use pare_formats::{FormatError, GgufFile, GgufValue, TokenizerBundle};
 
 fn bundle(path: &Path) -> TokenizerBundle {
     TokenizerBundle::from_gguf(&GgufFile::open(path).unwrap()).unwrap()
@@ -209,4 +209,91 @@ fn hf_dir_config_variants() {
 
     let err = TokenizerBundle::from_hf_dir(&scratch_dir("empty")).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
+}
+
+/// The `tokenizer.*` keys of a GGUF, in file order.
+fn tokenizer_keys(f: &GgufFile) -> Vec<(String, GgufValue)> {
+    f.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Rebuilt from the tokenizer pare reads out of them, the keys llama.cpp's converter wrote into
+/// the shipped GGUFs come out the same: vocabulary, token types, merges, special ids and the
+/// pre-tokenizer its hash picks (`smollm`, `qwen2`).
+#[test]
+fn gguf_metadata_reproduces_the_converters_keys() {
+    for path in [smollm2_path(), qwen2_path()] {
+        let f = GgufFile::open(&path).unwrap();
+        let theirs = tokenizer_keys(&f);
+        let n_vocab = f.get_array("tokenizer.ggml.tokens").unwrap().len();
+        let ours = bundle(&path).gguf_metadata(n_vocab).unwrap();
+        let name = path.display();
+        for (key, value) in &ours {
+            // The GGUFs were converted before llama.cpp wrote add_eos_token; absent means false.
+            let want = theirs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            let want = want.or((key == "tokenizer.ggml.add_eos_token").then_some(GgufValue::Bool(false)));
+            let (Some(a), Some(b)) = (value.as_array(), want.as_ref().and_then(GgufValue::as_array)) else {
+                assert_eq!(Some(value), want.as_ref(), "{name}: {key}");
+                continue;
+            };
+            // Qwen2's embedding rows past its vocabulary are `[PAD…]` tokens the converter marks
+            // unused; read back from the GGUF they are ordinary pieces of the vocabulary.
+            let unused_as_normal = |v: &GgufValue| match v {
+                GgufValue::I32(5) if key == "tokenizer.ggml.token_type" => GgufValue::I32(1),
+                v => v.clone(),
+            };
+            let differ: Vec<_> =
+                a.iter().zip(b).enumerate().filter(|(_, (x, y))| **x != unused_as_normal(y)).take(5).collect();
+            assert!(a.len() == b.len() && differ.is_empty(), "{name}: {key}: {} vs {}: {differ:?}", a.len(), b.len());
+        }
+        // add_space_prefix was the older converter's; today's does not write it for BPE vocabularies.
+        let missing: Vec<_> = theirs
+            .iter()
+            .filter(|(k, _)| k != "tokenizer.ggml.add_space_prefix" && !ours.iter().any(|(o, _)| o == k))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(missing.is_empty(), "{name}: not written: {missing:?}");
+    }
+}
+
+/// GPT-NeoX-20B's tokenizer from an HF directory: llama.cpp's `olmo` preset, the embedding's
+/// padding rows as unused `[PAD…]` tokens, and a GGUF with these keys tokenizes as the directory.
+/// (Not where runs of spaces meet GPT-NeoX's added whitespace tokens: pare reads a GGUF as
+/// transformers' GGUF loader does, which drops user-defined tokens spelled with plain spaces.)
+#[test]
+fn gguf_metadata_from_an_hf_tokenizer_reads_back_alike() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gptneox-tiny/model");
+    let hf = TokenizerBundle::from_hf_dir(&dir).unwrap();
+    let keys = hf.gguf_metadata(50304).unwrap();
+    let get = |key: &str| keys.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap();
+    assert_eq!(get("tokenizer.ggml.pre"), GgufValue::Str("olmo".into()));
+    let tokens = get("tokenizer.ggml.tokens");
+    let tokens = tokens.as_array().unwrap();
+    assert_eq!((tokens.len(), tokens[50303].as_str()), (50304, Some("[PAD50303]")));
+    let types = get("tokenizer.ggml.token_type");
+    let types = types.as_array().unwrap();
+    // <|endoftext|> is control, ordinary pieces normal, padding rows unused.
+    assert_eq!((types[0].as_i64(), types[300].as_i64(), types[50300].as_i64()), (Some(3), Some(1), Some(5)));
+
+    let scratch = scratch_dir("neox-keys");
+    let path = scratch.join("t.gguf");
+    pare_formats::write_gguf(&path, &keys, &[]).unwrap();
+    let back = bundle(&path);
+    let text = std::fs::read_to_string(assets().join("texts/wiki.utf8")).unwrap();
+    let text: String = text.chars().take(20_000).collect();
+    for t in [text.as_str(), "one space,\ttabs\n\n and <|endoftext|> inside", "I've 12345 ümlauts"] {
+        assert_eq!(back.encode(t, true).unwrap(), hf.encode(t, true).unwrap(), "{t:?}");
+    }
+    assert_eq!((back.bos_token_id, back.pad_token_id, back.add_bos), (hf.bos_token_id, hf.pad_token_id, hf.add_bos));
+}
+
+#[test]
+fn gguf_metadata_refuses_what_llama_cpp_would_not_take() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gptneox-tiny/model");
+    let mut hf = TokenizerBundle::from_hf_dir(&dir).unwrap();
+    let err = hf.gguf_metadata(100).unwrap_err().to_string();
+    assert!(err.contains("`vocab_size` 100") && !err.contains('\n'), "{err}");
+    // Another split gives other ids on the check text: a pre-tokenizer the converter does not know.
+    hf.tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace));
+    let err = hf.gguf_metadata(50304).unwrap_err().to_string();
+    assert!(err.contains("does not recognise") && err.contains("chkhsh") && !err.contains('\n'), "{err}");
 }

@@ -250,9 +250,9 @@ pub fn gguf_architecture(model: &Model) -> &'static str {
 }
 
 /// Write `model` as a GGUF file: `{arch}.*` hyper-parameters (per-layer arrays for head counts
-/// and MLP widths when layers differ, under llama.cpp's `deci` architecture), `tokenizer_metadata` (the
-/// `tokenizer.*` keys, e.g. copied from the source GGUF), matrices in `dtype` (F16 or F32) and
-/// 1-D tensors (norms, biases) in F32, as llama.cpp's converter stores them.
+/// and MLP widths when layers differ, under llama.cpp's `deci` architecture), `tokenizer_metadata`
+/// (the `tokenizer.*` keys: a source GGUF's, or `TokenizerBundle::gguf_metadata`'s), matrices in
+/// `dtype` (F16 or F32) and 1-D tensors (norms, biases) in F32, as llama.cpp's converter stores them.
 pub fn export_gguf(
     model: &Model,
     tokenizer_metadata: &[(String, GgufValue)],

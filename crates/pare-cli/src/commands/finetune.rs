@@ -185,6 +185,10 @@ pub fn run(args: Args) -> Result<()> {
         lora.targets = LoraConfig::default_targets(model.config().arch);
     }
     pare_finetune::lora::check_targets(model, &lora.targets)?;
+    let gguf_keys = match gguf {
+        Some(_) => crate::export_args::gguf_tokenizer_keys(&loaded).context("--gguf")?,
+        None => Vec::new(),
+    };
     let out = Output::dir(&args.out, "--out", args.force, &[loaded.path.as_path(), args.data.as_path()])?;
 
     let dataset = data::load(&args.data, loaded.tokenizer.as_ref(), args.max_len, args.max_records)?;
@@ -281,6 +285,7 @@ pub fn run(args: Args) -> Result<()> {
             bail!("--gguf: cannot write the merged model as GGUF: {why}");
         }
         let dir = out.target().join("merged");
+        let gguf = gguf.map(|ty| (ty, gguf_keys.as_slice()));
         Some(write_model(&loaded, &merged_model, &dir, &staging.join("merged"), gguf)?)
     } else {
         None

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use pare_formats::GgmlType;
+use pare_formats::{GgmlType, GgufValue};
 use pare_model::{Model, WeightDType};
 use pare_prune::importance::TaylorVariant;
 use pare_prune::report::{layer_shapes, LayerReport, ParamCounts};
@@ -218,6 +218,10 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(why) = gguf_type.and_then(|_| pare_model::export::gguf_unsupported(&loaded.model)) {
         bail!("--gguf: cannot write GGUF: {why}");
     }
+    let gguf_keys = match gguf_type {
+        Some(_) => crate::export_args::gguf_tokenizer_keys(&loaded).context("--gguf")?,
+        None => Vec::new(),
+    };
     // Checked before any work; written in full (HF directory, plan, GGUF) before it appears.
     let out = match &args.out {
         Some(dir) => {
@@ -285,7 +289,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let export = match out {
         Some(out) => {
-            let report = export(&loaded, &pruned, &plan, &out, gguf_type)?;
+            let report = export(&loaded, &pruned, &plan, &out, gguf_type.map(|ty| (ty, gguf_keys.as_slice())))?;
             out.commit()?;
             Some(report)
         }
@@ -398,16 +402,16 @@ fn perplexity(args: &Args, loaded: &pare_model::LoadedModel, before: &Model, aft
     Ok(PplReport { text: path.display().to_string(), ctx, tokens: tokens.len(), before: b, after: a })
 }
 
-/// The source GGUF's tokenizer keys, so the exported GGUF tokenizes as the original did.
+/// The HF directory, the plan and, with `gguf`, model.gguf with the given tokenizer keys.
 fn export(
     loaded: &pare_model::LoadedModel,
     pruned: &Model,
     plan: &PruningPlan,
     out: &Output,
-    gguf_type: Option<GgmlType>,
+    gguf: Option<(GgmlType, &[(String, GgufValue)])>,
 ) -> Result<ExportReport> {
     let (dir, staging) = (out.target(), out.path());
-    let model = write_model(loaded, pruned, dir, staging, gguf_type)?;
+    let model = write_model(loaded, pruned, dir, staging, gguf)?;
     let plan_path = dir.join("pruning_plan.json");
     std::fs::write(staging.join("pruning_plan.json"), plan.to_json())
         .with_context(|| format!("cannot write {}", plan_path.display()))?;

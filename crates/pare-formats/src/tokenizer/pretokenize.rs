@@ -51,12 +51,13 @@ pub(crate) fn split_for(pre: Option<&str>) -> Option<Split> {
         // first, which changes no id: SmolLM vocabularies were trained with digits isolated, so
         // no merge joins a digit to anything. "default" is what llama.cpp's converter writes for
         // a tokenizer it does not recognise; transformers splits it as GPT-2.
-        "gpt-2" | "default" | "smollm" => Split::Gpt2,
+        // llama.cpp's "olmo" (GPT-NeoX-20B's tokenizer) uses GPT-2's regex.
+        "gpt-2" | "default" | "smollm" | "olmo" => Split::Gpt2,
         _ => return None,
     })
 }
 
 /// The presets [`split_for`] accepts, for error messages.
-pub(crate) const KNOWN_PRESETS: &str = "gpt-2, default, smollm, llama-bpe, llama3, llama-v3, \
+pub(crate) const KNOWN_PRESETS: &str = "gpt-2, default, smollm, olmo, llama-bpe, llama3, llama-v3, \
     falcon3, falcon-h1, pixtral, midm-2.0, lfm2, jina-v5-nano, dbrx, smaug-bpe, tekken, qwen2, \
     deepseek-r1-qwen, kormo, f2llmv2, megrez, qwen35, gpt-4o, llama4, kanana2, talkie, minimax-m2";
