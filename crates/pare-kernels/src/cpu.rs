@@ -208,6 +208,25 @@ pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec
         .collect())
 }
 
+/// Reference for [`crate::top_k_keep`]: per row, a selection of the k best by (score descending
+/// under `total_cmp`, index ascending), then the kept indices in increasing order.
+pub fn top_k_keep(scores: &Tensor, k: usize, first: usize, stride: usize) -> Result<(Tensor, Tensor)> {
+    let rows: Vec<Vec<f32>> = scores.to_dtype(DType::F32)?.to_vec2()?;
+    let mut idx = Vec::with_capacity(rows.len() * k);
+    for s in &rows {
+        let mut order: Vec<u32> = (0..s.len() as u32).collect();
+        if k < order.len() {
+            order.select_nth_unstable_by(k, |&a, &b| s[b as usize].total_cmp(&s[a as usize]).then(a.cmp(&b)));
+            order.truncate(k);
+        }
+        order.sort_unstable();
+        idx.extend(order);
+    }
+    let buffer_rows: Vec<u32> = idx.iter().enumerate().map(|(j, &i)| (first + j / k * stride) as u32 + i).collect();
+    let shape = (rows.len(), k);
+    Ok((Tensor::from_vec(idx, shape, scores.device())?, Tensor::from_vec(buffer_rows, shape, scores.device())?))
+}
+
 #[cfg(test)]
 mod tests {
     //! The references against candle's own ops (and plain softmax attention), so that what the
@@ -225,6 +244,27 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// The kept set is a full sort's first k (ties to the earlier entry, -0 below +0), ascending.
+    #[test]
+    fn top_k_keep_is_a_sorts_prefix() {
+        let row = vec![1.0, -0.0, 3.0, 0.0, 3.0, f32::NEG_INFINITY, 1.0, 2.0, 0.0, 1.0];
+        let rows = [row.clone(), row.iter().rev().copied().collect()];
+        let t = Tensor::new(&[rows[0].clone(), rows[1].clone()], &Device::Cpu).unwrap();
+        for k in 0..=row.len() {
+            let (idx, buf) = crate::top_k_keep(&t, k, 7, 100).unwrap();
+            let (idx, buf): (Vec<Vec<u32>>, Vec<Vec<u32>>) = (idx.to_vec2().unwrap(), buf.to_vec2().unwrap());
+            for (r, s) in rows.iter().enumerate() {
+                let mut order: Vec<u32> = (0..s.len() as u32).collect();
+                order.sort_by(|&a, &b| s[b as usize].total_cmp(&s[a as usize]).then(a.cmp(&b)));
+                let mut want = order[..k].to_vec();
+                want.sort_unstable();
+                assert_eq!(idx[r], want, "row {r} k {k}");
+                assert!(buf[r].iter().zip(&want).all(|(&b, &i)| b == 7 + 100 * r as u32 + i));
+            }
+        }
+        assert!(crate::top_k_keep(&t, 11, 0, 10).is_err(), "k above n");
     }
 
     #[test]

@@ -349,6 +349,27 @@ pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec
     cpu::top_candidates(logits, k, temperature)
 }
 
+/// For each row of `scores` (rows, n): the indices of its `k` highest scores in increasing order,
+/// ranked by `f32::total_cmp` with ties to the earlier entry (a press's per-head top-k), and
+/// `first + row · stride + index` for each — the rows of a flat cache buffer a gather keeps. Two
+/// (rows, k) u32 tensors on the scores' device: a press selects without reading scores back.
+pub fn top_k_keep(scores: &Tensor, k: usize, first: usize, stride: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, n) = scores.dims2()?;
+    let last_row = first + rows.saturating_sub(1) * stride + n;
+    if k > n || n > i32::MAX as usize || last_row > u32::MAX as usize {
+        candle_core::bail!("top_k_keep: k {k} of {n} entries, rows from {first} by {stride}");
+    }
+    if k == 0 || rows == 0 {
+        let empty = Tensor::zeros((rows, k), candle_core::DType::U32, scores.device())?;
+        return Ok((empty.clone(), empty));
+    }
+    #[cfg(feature = "cuda")]
+    if scores.device().is_cuda() {
+        return cuda::top_k_keep(scores, k, first as u32, stride as u32);
+    }
+    cpu::top_k_keep(scores, k, first, stride)
+}
+
 fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize]) -> Result<()> {
     let (batch, heads, d) = q.dims3()?;
     let n = keys.len();

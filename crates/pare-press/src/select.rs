@@ -14,6 +14,12 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
     /// Per KV head, indices (into that head's scores) of the entries to keep.
     fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>>;
 
+    /// When this selector keeps each KV head's own top entries, how many ([`top_k`]'s rule: ties
+    /// to the earlier entry): a press may then rank on the device. None for any other rule.
+    fn head_budget(&self, _obs: &Observation, _budget: Budget) -> Option<usize> {
+        None
+    }
+
     fn box_clone(&self) -> Box<dyn Selector>;
 }
 
@@ -30,6 +36,10 @@ impl Selector for HeadTopK {
 
     fn select(&self, _obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
         Ok(scores.iter().map(|s| top_k(s, budget.kept(s.len()))).collect())
+    }
+
+    fn head_budget(&self, obs: &Observation, budget: Budget) -> Option<usize> {
+        obs.heads_share_entries().then(|| budget.kept(obs.positions.first().map_or(0, Vec::len)))
     }
 
     fn box_clone(&self) -> Box<dyn Selector> {
