@@ -251,7 +251,7 @@ mod tests {
     fn top_k_keep_is_a_sorts_prefix() {
         let row = vec![1.0, -0.0, 3.0, 0.0, 3.0, f32::NEG_INFINITY, 1.0, 2.0, 0.0, 1.0];
         let rows = [row.clone(), row.iter().rev().copied().collect()];
-        let t = Tensor::new(&[rows[0].clone(), rows[1].clone()], &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(rows.concat(), (2, row.len()), &Device::Cpu).unwrap();
         for k in 0..=row.len() {
             let (idx, buf) = crate::top_k_keep(&t, k, 7, 100).unwrap();
             let (idx, buf): (Vec<Vec<u32>>, Vec<Vec<u32>>) = (idx.to_vec2().unwrap(), buf.to_vec2().unwrap());
