@@ -845,9 +845,10 @@ TOP_CANDIDATES(bf16, bf16)
 TOP_CANDIDATES(f16, f16)
 
 // ---------------------------------------------------------------------------------------------
-// A press's selection. Per row of scores (n f32, one KV head's entries): the indices of the k
-// highest scores in increasing order — ranked as Rust's f32::total_cmp ranks them, ties to the
-// earlier entry — and first + row·stride + index for each (the cache buffer rows a gather takes).
+// A press's selection. Per row of scores (n f32): the indices of the k highest scores in increasing
+// order — ranked as Rust's f32::total_cmp ranks them, ties to the earlier entry — and the cache
+// buffer row of each: entry e = row·n + index is entry e % per_head of head e / per_head, at buffer
+// row first + head·stride + e % per_head (a row per KV head, or all heads in one row).
 // The k-th largest key by the radix select above, then one ordered pass that keeps every entry
 // above it and the first `remaining` entries equal to it. One block per row; no sort.
 __device__ __forceinline__ unsigned total_key(float s) {
@@ -856,7 +857,7 @@ __device__ __forceinline__ unsigned total_key(float s) {
 }
 
 extern "C" __global__ void top_k_keep(const float* scores, int n, int k, unsigned first, unsigned stride,
-                                      unsigned* out_idx, unsigned* out_rows) {
+                                      unsigned per_head, unsigned* out_idx, unsigned* out_rows) {
     __shared__ unsigned hist[256];
     __shared__ unsigned s_prefix, s_remaining;
     __shared__ unsigned s_gt[32], s_eq[32];
@@ -915,7 +916,8 @@ extern "C" __global__ void top_k_keep(const float* scores, int n, int k, unsigne
         if (gt || (eq && eq_before < eq_left)) {
             const unsigned pos = kept + gt_before + min(eq_before, eq_left);
             out_idx[pos] = (unsigned)i;
-            out_rows[pos] = first + row * stride + (unsigned)i;
+            const unsigned e = row * (unsigned)n + (unsigned)i;
+            out_rows[pos] = first + e / per_head * stride + e % per_head;
         }
         kept += gt_total + min(eq_total, eq_left);
         eq_seen += eq_total;

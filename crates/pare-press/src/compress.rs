@@ -77,7 +77,7 @@ pub enum Selection {
     /// Scores read back and ranked on the host.
     Host,
     /// Scored and ranked on the tensors' device where the scorer and the selector allow it
-    /// ([`Scorer::score_tensor`](crate::scorer::Scorer::score_tensor), [`Selector::head_budget`]):
+    /// ([`Scorer::score_tensor`](crate::scorer::Scorer::score_tensor), [`Selector::select_tensor`]):
     /// a row reads back only its kept indices, and the cache gathers by buffer rows computed
     /// there. Rows that do not allow it are ranked on the host.
     Device,
@@ -174,9 +174,9 @@ fn select_on_device(
     budget: Budget,
     starts: &[usize],
 ) -> Result<Option<(Vec<Vec<usize>>, Tensor)>> {
-    let Some(k) = selector.head_budget(obs, budget) else {
+    if !selector.selects_on_device(obs) {
         return Ok(None);
-    };
+    }
     // Entry i of every head is slot first + i, and head h's region starts h · stride after head 0's.
     let shared = &slots[0];
     let Some(&first) = shared.first() else {
@@ -192,10 +192,11 @@ fn select_on_device(
     let Some(scores) = selector.scorer().score_tensor(obs)? else {
         return Ok(None);
     };
-    let (idx, buffer_rows) = pare_kernels::top_k_keep(&scores, k, starts[0] + first, stride)?;
-    // The one read-back of the row: positions live on the host.
-    let kept = idx.to_vec2::<u32>()?.into_iter().map(|h| h.into_iter().map(|i| first + i as usize).collect()).collect();
-    Ok(Some((kept, buffer_rows.flatten_all()?)))
+    let Some((kept, buffer_rows)) = selector.select_tensor(obs, &scores, budget, starts[0] + first, stride)? else {
+        return Ok(None);
+    };
+    let kept = kept.into_iter().map(|h| h.into_iter().map(|i| first + i).collect()).collect();
+    Ok(Some((kept, buffer_rows)))
 }
 
 /// Slots of the non-padding entries of (row, head).

@@ -9,8 +9,9 @@ use pare_model::hooks::{CachePress, LayerContext};
 use pare_model::Hooks;
 use pare_press::compress::observe;
 use pare_press::compress::{call_queries, compress_layer_with, LayerInfo, Selection};
+use pare_press::presses::AdaKv;
 use pare_press::scorer::Scorer;
-use pare_press::select::HeadTopK;
+use pare_press::select::{HeadTopK, Selector};
 use pare_press::{build, scorers, Budget, PositionPolicy, PressOptions};
 use pare_test_support::{self as ts, press_hooks, smollm2};
 use serde_json::Value;
@@ -198,22 +199,26 @@ fn streaming_perplexity_matches_the_seed_001_reference_within_half_a_percent() {
 #[derive(Debug, Clone)]
 struct BothSelections {
     scorer: Arc<dyn Scorer>,
+    adakv: bool,
     layers: Arc<Mutex<usize>>,
 }
 
 impl CachePress for BothSelections {
     fn after_attention(&mut self, ctx: &LayerContext, kv: &mut LayerKv) -> pare_model::Result<()> {
         let err = pare_model::ModelError::from;
-        let selector = HeadTopK { scorer: Box::new(ArcScorer(self.scorer.clone())) };
+        let scorer = Box::new(ArcScorer(self.scorer.clone()));
+        let selector: Box<dyn Selector> =
+            if self.adakv { Box::new(AdaKv { scorer, alpha_safeguard: 0.2 }) } else { Box::new(HeadTopK { scorer }) };
+        let selector = selector.as_ref();
         let (rows, info, budget) = (call_queries(ctx)?, LayerInfo::of(ctx), Budget::ratio(0.5).map_err(err)?);
         let mut on_device = kv.clone();
-        compress_layer_with(kv, &info, &rows, &selector, budget, PositionPolicy::Original, Selection::Host)
+        compress_layer_with(kv, &info, &rows, selector, budget, PositionPolicy::Original, Selection::Host)
             .map_err(err)?;
         compress_layer_with(
             &mut on_device,
             &info,
             &rows,
-            &selector,
+            selector,
             budget,
             PositionPolicy::Original,
             Selection::Device,
@@ -261,13 +266,12 @@ fn ranking_on_the_device_keeps_what_the_host_keeps() {
     let prompt = ids(&fixture("snapkv_r0.5.json")["prompt_ids"]);
     // Two rows of different lengths: the shorter is left-padded, so its entries start past slot 0.
     let prompts = [prompt.clone(), prompt[..prompt.len() * 2 / 3].to_vec()];
-    let scorers: Vec<Arc<dyn Scorer>> = vec![
-        Arc::new(scorers::Knorm),
-        Arc::new(scorers::SnapKv::default()),
-        Arc::new(scorers::ExpectedAttention::default()),
-    ];
-    for scorer in scorers {
-        let press = BothSelections { scorer: scorer.clone(), layers: Arc::default() };
+    let snapkv: Arc<dyn Scorer> = Arc::new(scorers::SnapKv::default());
+    let scorers: Vec<Arc<dyn Scorer>> =
+        vec![Arc::new(scorers::Knorm), snapkv.clone(), Arc::new(scorers::ExpectedAttention::default())];
+    // Per-head top-k with each scorer, and AdaKV's budgets across heads (a ragged result).
+    for (scorer, adakv) in scorers.into_iter().map(|s| (s, false)).chain([(snapkv, true)]) {
+        let press = BothSelections { scorer: scorer.clone(), adakv, layers: Arc::default() };
         ts::prefill_hooked(model, &prompts, press_hooks(Some(&press))).unwrap();
         assert_eq!(*press.layers.lock().unwrap(), model.num_layers(), "{scorer:?}");
     }
