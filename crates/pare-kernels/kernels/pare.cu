@@ -843,3 +843,84 @@ __device__ void top_candidates_impl(const T* logits, int vocab, int k, float tem
 TOP_CANDIDATES(float, f32)
 TOP_CANDIDATES(bf16, bf16)
 TOP_CANDIDATES(f16, f16)
+
+// ---------------------------------------------------------------------------------------------
+// A press's selection. Per row of scores (n f32): the indices of the k highest scores in increasing
+// order — ranked as Rust's f32::total_cmp ranks them, ties to the earlier entry — and the cache
+// buffer row of each: entry e = row·n + index is entry e % per_head of head e / per_head, at buffer
+// row first + head·stride + e % per_head (a row per KV head, or all heads in one row).
+// The k-th largest key by the radix select above, then one ordered pass that keeps every entry
+// above it and the first `remaining` entries equal to it. One block per row; no sort.
+__device__ __forceinline__ unsigned total_key(float s) {
+    unsigned u = __float_as_uint(s);  // no -0 → +0 here: total_cmp orders -0 below +0
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+extern "C" __global__ void top_k_keep(const float* scores, int n, int k, unsigned first, unsigned stride,
+                                      unsigned per_head, unsigned* out_idx, unsigned* out_rows) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned s_prefix, s_remaining;
+    __shared__ unsigned s_gt[32], s_eq[32];
+    const unsigned row = blockIdx.x;
+    scores += (size_t)row * n;
+    out_idx += (size_t)row * k;
+    out_rows += (size_t)row * k;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+
+    unsigned prefix = 0, mask = 0, remaining = (unsigned)k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = tid; d < 256; d += blockDim.x) hist[d] = 0;
+        __syncthreads();
+        for (int i = tid; i < n; i += blockDim.x) {
+            unsigned key = total_key(scores[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned above = 0;
+            int d = 255;
+            for (; d > 0 && above + hist[d] < remaining; d--) above += hist[d];
+            s_prefix = prefix | ((unsigned)d << shift);
+            s_remaining = remaining - above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        remaining = s_remaining;
+        mask |= 255u << shift;
+    }
+
+    // Entries above the k-th key: k − remaining of them; equal to it: the first `remaining`.
+    const unsigned before_lane = (1u << lane) - 1u;
+    unsigned kept = 0, eq_seen = 0;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + tid;
+        const unsigned key = i < n ? total_key(scores[i]) : 0u;
+        const bool gt = i < n && key > prefix, eq = i < n && key == prefix;
+        const unsigned bgt = __ballot_sync(0xffffffffu, gt), beq = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) {
+            s_gt[warp] = __popc(bgt);
+            s_eq[warp] = __popc(beq);
+        }
+        __syncthreads();
+        unsigned gt_before = __popc(bgt & before_lane), eq_before = __popc(beq & before_lane);
+        unsigned gt_total = 0, eq_total = 0;
+        for (int w = 0; w < warps; w++) {
+            if (w < warp) {
+                gt_before += s_gt[w];
+                eq_before += s_eq[w];
+            }
+            gt_total += s_gt[w];
+            eq_total += s_eq[w];
+        }
+        const unsigned eq_left = remaining > eq_seen ? remaining - eq_seen : 0u;
+        if (gt || (eq && eq_before < eq_left)) {
+            const unsigned pos = kept + gt_before + min(eq_before, eq_left);
+            out_idx[pos] = (unsigned)i;
+            const unsigned e = row * (unsigned)n + (unsigned)i;
+            out_rows[pos] = first + e / per_head * stride + e % per_head;
+        }
+        kept += gt_total + min(eq_total, eq_left);
+        eq_seen += eq_total;
+        __syncthreads();  // s_gt / s_eq are rewritten by the next chunk
+    }
+}

@@ -208,6 +208,33 @@ pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec
         .collect())
 }
 
+/// Reference for [`crate::top_k_keep`]: per row, a selection of the k best by (score descending
+/// under `total_cmp`, index ascending), then the kept indices in increasing order.
+pub fn top_k_keep(scores: &Tensor, k: usize, buffer: crate::BufferRows) -> Result<(Tensor, Tensor)> {
+    let rows: Vec<Vec<f32>> = scores.to_dtype(DType::F32)?.to_vec2()?;
+    let n = rows.first().map_or(0, Vec::len);
+    let mut idx = Vec::with_capacity(rows.len() * k);
+    for s in &rows {
+        let mut order: Vec<u32> = (0..s.len() as u32).collect();
+        if k < order.len() {
+            order.select_nth_unstable_by(k, |&a, &b| s[b as usize].total_cmp(&s[a as usize]).then(a.cmp(&b)));
+            order.truncate(k);
+        }
+        order.sort_unstable();
+        idx.extend(order);
+    }
+    let buffer_rows: Vec<u32> = idx
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| {
+            let e = j / k * n + i as usize;
+            (buffer.first + e / buffer.per_head * buffer.stride + e % buffer.per_head) as u32
+        })
+        .collect();
+    let shape = (rows.len(), k);
+    Ok((Tensor::from_vec(idx, shape, scores.device())?, Tensor::from_vec(buffer_rows, shape, scores.device())?))
+}
+
 #[cfg(test)]
 mod tests {
     //! The references against candle's own ops (and plain softmax attention), so that what the
@@ -225,6 +252,35 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// The kept set is a full sort's first k (ties to the earlier entry, -0 below +0), ascending.
+    #[test]
+    fn top_k_keep_is_a_sorts_prefix() {
+        let row = vec![1.0, -0.0, 3.0, 0.0, 3.0, f32::NEG_INFINITY, 1.0, 2.0, 0.0, 1.0];
+        let rows = [row.clone(), row.iter().rev().copied().collect()];
+        let t = Tensor::from_vec(rows.concat(), (2, row.len()), &Device::Cpu).unwrap();
+        for k in 0..=row.len() {
+            let rows_at = crate::BufferRows { first: 7, stride: 100, per_head: row.len() };
+            let (idx, buf) = crate::top_k_keep(&t, k, rows_at).unwrap();
+            let (idx, buf): (Vec<Vec<u32>>, Vec<Vec<u32>>) = (idx.to_vec2().unwrap(), buf.to_vec2().unwrap());
+            for (r, s) in rows.iter().enumerate() {
+                let mut order: Vec<u32> = (0..s.len() as u32).collect();
+                order.sort_by(|&a, &b| s[b as usize].total_cmp(&s[a as usize]).then(a.cmp(&b)));
+                let mut want = order[..k].to_vec();
+                want.sort_unstable();
+                assert_eq!(idx[r], want, "row {r} k {k}");
+                assert!(buf[r].iter().zip(&want).all(|(&b, &i)| b == 7 + 100 * r as u32 + i));
+            }
+        }
+        // Both rows as one: heads of 4 entries each, 2 buffer rows apart.
+        let one = t.reshape((1, 2 * row.len())).unwrap();
+        let (idx, buf) = crate::top_k_keep(&one, 5, crate::BufferRows { first: 3, stride: 6, per_head: 4 }).unwrap();
+        let (idx, buf): (Vec<u32>, Vec<u32>) =
+            (idx.flatten_all().unwrap().to_vec1().unwrap(), buf.flatten_all().unwrap().to_vec1().unwrap());
+        assert!(idx.iter().zip(&buf).all(|(&e, &b)| b == 3 + e / 4 * 6 + e % 4));
+        let rows_at = crate::BufferRows { first: 0, stride: 10, per_head: 10 };
+        assert!(crate::top_k_keep(&t, 11, rows_at).is_err(), "k above n");
     }
 
     #[test]

@@ -604,3 +604,16 @@ pub fn reset_gpu_memory_peak(device: &Device) {
         };
     }
 }
+
+pub fn top_k_keep(scores: &Tensor, k: usize, buffer: crate::BufferRows) -> Result<(Tensor, Tensor)> {
+    let (rows, n) = scores.dims2()?;
+    let dev = device(scores)?;
+    let scores = scores.to_dtype(DType::F32)?.contiguous()?;
+    let idx = Out::new(&dev, DType::U32, rows * k)?;
+    let buffer_rows = Out::new(&dev, DType::U32, rows * k)?;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let (sa, n_i, k_i) = (address(&scores)?, n as i32, k as i32);
+    let (first, stride, per_head) = (buffer.first as u32, buffer.stride as u32, buffer.per_head as u32);
+    launch!(&dev, "top_k_keep", cfg, &sa, &n_i, &k_i, &first, &stride, &per_head, &idx.address, &buffer_rows.address);
+    Ok((idx.tensor((rows, k)), buffer_rows.tensor((rows, k))))
+}

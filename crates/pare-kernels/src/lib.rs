@@ -349,6 +349,39 @@ pub fn top_candidates(logits: &Tensor, k: usize, temperature: f32) -> Result<Vec
     cpu::top_candidates(logits, k, temperature)
 }
 
+/// Where scored cache entries sit in a flat (rows, width) cache buffer: entry `e` of the scores
+/// read row after row is entry `e % per_head` of KV head `e / per_head`, at buffer row
+/// `first + head · stride + e % per_head`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferRows {
+    pub first: usize,
+    pub stride: usize,
+    pub per_head: usize,
+}
+
+/// For each row of `scores` (rows, n): the indices of its `k` highest scores in increasing order,
+/// ranked by `f32::total_cmp` with ties to the earlier entry (a press's top-k, per head with a row
+/// per head, across heads with one row), and the cache buffer row of each ([`BufferRows`]) — what
+/// a gather keeps. Two (rows, k) u32 tensors on the scores' device: a press selects without
+/// reading scores back.
+pub fn top_k_keep(scores: &Tensor, k: usize, buffer: BufferRows) -> Result<(Tensor, Tensor)> {
+    let (rows, n) = scores.dims2()?;
+    let heads = (rows * n).div_ceil(buffer.per_head.max(1));
+    let last_row = buffer.first + heads.saturating_sub(1) * buffer.stride + buffer.per_head;
+    if k > n || n > i32::MAX as usize || buffer.per_head == 0 || last_row > u32::MAX as usize {
+        candle_core::bail!("top_k_keep: k {k} of {n} entries, buffer rows {buffer:?}");
+    }
+    if k == 0 || rows == 0 {
+        let empty = Tensor::zeros((rows, k), candle_core::DType::U32, scores.device())?;
+        return Ok((empty.clone(), empty));
+    }
+    #[cfg(feature = "cuda")]
+    if scores.device().is_cuda() {
+        return cuda::top_k_keep(scores, k, buffer);
+    }
+    cpu::top_k_keep(scores, k, buffer)
+}
+
 fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize]) -> Result<()> {
     let (batch, heads, d) = q.dims3()?;
     let n = keys.len();

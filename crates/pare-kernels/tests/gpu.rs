@@ -289,3 +289,27 @@ fn top_candidates_select_the_same_tokens() {
     let flat = Tensor::zeros((2, 5000), DType::F32, &dev).unwrap();
     assert!(pare_kernels::top_candidates(&flat, 10, 1.0).unwrap().iter().all(Option::is_none));
 }
+
+#[test]
+fn top_k_keep_selects_the_same_entries() {
+    let dev = gpu();
+    // A press's shapes: 8 KV heads × 4k or 32k entries; scores rounded to bf16 tie often, and
+    // constant rows tie everywhere (the earlier entries must win).
+    // The last case is AdaKV's: all heads in one row.
+    for (rows, n, k, first, stride, per_head) in [
+        (8, 4096, 2048, 0, 4096, 4096),
+        (8, 32768, 16384, 3, 40000, 32768),
+        (3, 1000, 1, 5, 1000, 1000),
+        (1, 8 * 4096, 16384, 7, 5000, 4096),
+    ] {
+        let at = pare_kernels::BufferRows { first, stride, per_head };
+        let scores = randn(&[rows, n], 1.0, DType::BF16, &dev).to_dtype(DType::F32).unwrap();
+        let flat = Tensor::ones((rows.max(2), n), DType::F32, &dev).unwrap();
+        for s in [&scores, &flat] {
+            let (gi, gr) = pare_kernels::top_k_keep(s, k, at).unwrap();
+            let (wi, wr) = cpu::top_k_keep(&s.to_device(&Device::Cpu).unwrap(), k, at).unwrap();
+            assert_eq!(gi.to_vec2::<u32>().unwrap(), wi.to_vec2::<u32>().unwrap(), "{rows}×{n} k {k}: indices");
+            assert_eq!(gr.to_vec2::<u32>().unwrap(), wr.to_vec2::<u32>().unwrap(), "{rows}×{n} k {k}: buffer rows");
+        }
+    }
+}

@@ -371,6 +371,34 @@ impl LayerKv {
     /// order. Counts may differ between rows and heads; the storage then becomes ragged and only
     /// what is kept stays allocated.
     pub fn keep(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        self.keep_with(keep, None)
+    }
+
+    /// Where (row, head) `i`'s entries begin in the (rows, head_dim) buffers that a gather of
+    /// [`LayerKv::keep_gathered`] reads: entry `j` is buffer row `starts[i] + j`. None when empty.
+    pub fn buffer_starts(&self) -> Option<Vec<usize>> {
+        match &self.storage {
+            Storage::Empty => None,
+            Storage::Uniform { keys, .. } => {
+                let capacity = keys.dim(2).ok()?;
+                Some((0..self.batch * self.kv_heads).map(|i| i * capacity).collect())
+            }
+            Storage::Ragged { starts, .. } => Some(starts.clone()),
+        }
+    }
+
+    /// [`LayerKv::keep`] with the buffer rows to gather already on the keys' device: `rows`
+    /// (u32, any shape) lists, in `keep`'s order, `starts[i] + j` for each kept entry `j` of each
+    /// (row, head) `i` ([`LayerKv::buffer_starts`]). Nothing is uploaded: a press that selected on
+    /// the GPU reads back only `keep` (for the positions, which live on the host).
+    pub fn keep_gathered(&mut self, keep: &[Vec<usize>], rows: &Tensor) -> Result<()> {
+        if rows.elem_count() != keep.iter().map(Vec::len).sum::<usize>() {
+            return Err(ModelError::input("cache keep: buffer rows do not match the kept entries"));
+        }
+        self.keep_with(keep, Some(rows))
+    }
+
+    fn keep_with(&mut self, keep: &[Vec<usize>], gathered: Option<&Tensor>) -> Result<()> {
         if keep.len() != self.positions.len()
             || keep.iter().zip(&self.positions).any(|(idx, pos)| idx.iter().any(|&i| i >= pos.len()))
         {
@@ -384,9 +412,20 @@ impl LayerKv {
                 .all(|b| (1..self.kv_heads).all(|h| keep[b * self.kv_heads + h] == keep[b * self.kv_heads]));
         let uniform = keep.iter().all(|idx| idx.len() == keep[0].len());
         // One gather for the whole layer, whatever the number of rows and heads.
-        let rows: Vec<u32> =
-            keep.iter().zip(&base).flat_map(|(idx, &start)| idx.iter().map(move |&j| (start + j) as u32)).collect();
-        let (keys, values) = (gather_rows(&keys, &rows)?, gather_rows(&values, &rows)?);
+        let (keys, values) = match gathered {
+            Some(rows) if !rows.dims().contains(&0) && keys.dim(0)? > 0 => {
+                let rows = rows.flatten_all()?;
+                (keys.index_select(&rows, 0)?, values.index_select(&rows, 0)?)
+            }
+            _ => {
+                let rows: Vec<u32> = keep
+                    .iter()
+                    .zip(&base)
+                    .flat_map(|(idx, &start)| idx.iter().map(move |&j| (start + j) as u32))
+                    .collect();
+                (gather_rows(&keys, &rows)?, gather_rows(&values, &rows)?)
+            }
+        };
         self.storage = if uniform {
             let shape = (self.batch, self.kv_heads, keep[0].len(), keys.dim(1)?);
             Storage::Uniform { keys: keys.reshape(shape)?, values: values.reshape(shape)?, len: keep[0].len() }

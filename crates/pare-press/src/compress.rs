@@ -1,7 +1,7 @@
 //! The machinery every press shares: observe a row, score it, keep what the selector chose, and
 //! apply the position policy.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use pare_model::cache::{LayerKv, PAD_POSITION};
 use pare_model::hooks::LayerContext;
 use pare_model::layers::Linear;
@@ -9,7 +9,7 @@ use pare_model::rope::Rope;
 
 use crate::budget::Budget;
 use crate::error::Result;
-use crate::observation::{index_tensor, Observation};
+use crate::observation::{index_tensor, Observation, Stored};
 use crate::select::Selector;
 
 /// Where kept entries sit after a compression (`--positions`, JSON `"positions"`).
@@ -25,7 +25,8 @@ pub enum PositionPolicy {
     Rerotate,
 }
 
-/// The observed queries of one row: (heads, n, head_dim) f32 before RoPE, and their positions.
+/// The observed queries of one row: (heads, n, head_dim) before RoPE in the model's dtype (a
+/// scorer converts them only if it reads them), and their positions.
 pub struct RowQueries {
     pub queries: Tensor,
     pub positions: Vec<i64>,
@@ -36,7 +37,7 @@ impl RowQueries {
     pub fn from_call(queries: &Tensor, positions: &[Vec<i64>], b: usize) -> Result<Self> {
         let row = &positions[b];
         let first_real = row.iter().position(|&p| p != PAD_POSITION).unwrap_or(row.len());
-        let q = queries.get(b)?.narrow(1, first_real, row.len() - first_real)?.to_dtype(DType::F32)?;
+        let q = queries.get(b)?.narrow(1, first_real, row.len() - first_real)?;
         Ok(RowQueries { queries: q, positions: row[first_real..].to_vec() })
     }
 }
@@ -70,6 +71,26 @@ pub fn call_queries(ctx: &LayerContext) -> pare_model::Result<Vec<RowQueries>> {
     (0..ctx.positions.len()).map(|b| Ok(RowQueries::from_call(ctx.queries, ctx.positions, b)?)).collect()
 }
 
+/// Where a compression ranks the entries it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Scores read back and ranked on the host.
+    Host,
+    /// Scored and ranked on the tensors' device where the scorer and the selector allow it
+    /// ([`Scorer::score_tensor`](crate::scorer::Scorer::score_tensor), [`Selector::select_tensor`]):
+    /// a row reads back only its kept indices, and the cache gathers by buffer rows computed
+    /// there. Rows that do not allow it are ranked on the host.
+    Device,
+}
+
+impl Selection {
+    /// On a GPU the device, where a host round trip per layer costs most; on the CPU the host.
+    pub fn for_layer(kv: &LayerKv) -> Result<Self> {
+        let on_gpu = kv.kv_stored()?.is_some_and(|(k, _)| !k.device().is_cpu());
+        Ok(if on_gpu { Selection::Device } else { Selection::Host })
+    }
+}
+
 /// Score and compress one layer, row by row, down to `budget` (each row its own budget).
 /// Padding entries are always dropped. Returns whether anything was removed.
 pub fn compress_layer(
@@ -80,17 +101,48 @@ pub fn compress_layer(
     budget: Budget,
     policy: PositionPolicy,
 ) -> Result<bool> {
+    let selection = Selection::for_layer(kv)?;
+    compress_layer_with(kv, info, rows, selector, budget, policy, selection)
+}
+
+/// [`compress_layer`] with the ranking done where `selection` says; both give the same entries.
+pub fn compress_layer_with(
+    kv: &mut LayerKv,
+    info: &LayerInfo,
+    rows: &[RowQueries],
+    selector: &dyn Selector,
+    budget: Budget,
+    policy: PositionPolicy,
+    selection: Selection,
+) -> Result<bool> {
     if budget.is_noop() || kv.is_empty() {
         return Ok(false);
     }
     let heads = kv.kv_heads();
     let mut keep: Vec<Vec<usize>> = Vec::with_capacity(kv.batch() * heads);
     let mut removed = false;
+    // Buffer rows to gather, on the device, while every row so far was ranked there.
+    let mut gathered = (selection == Selection::Device).then(Vec::new);
+    let starts = kv.buffer_starts().unwrap_or_default();
     for (b, row) in rows.iter().enumerate() {
         let Some((obs, slots)) = observe(kv, b, info, row)? else {
             keep.extend((0..heads).map(|h| real_slots(kv, b, h)));
+            gathered = None;
             continue;
         };
+        if gathered.is_some() {
+            if let Some((kept, buffer_rows)) =
+                select_on_device(&obs, &slots, selector, budget, &starts[b * heads..(b + 1) * heads])?
+            {
+                for (h, kept) in kept.into_iter().enumerate() {
+                    removed |= kept.len() < kv.entries(b, h);
+                    keep.push(kept);
+                }
+                gathered.iter_mut().for_each(|g| g.push(buffer_rows.clone()));
+                continue;
+            }
+            gathered = None;
+        }
         let scores = selector.scorer().score(&obs)?;
         let chosen = selector.select(&obs, &scores, budget)?;
         for (h, chosen) in chosen.into_iter().enumerate() {
@@ -101,12 +153,50 @@ pub fn compress_layer(
         }
     }
     if removed {
-        kv.keep(&keep)?;
+        match gathered {
+            Some(rows) if !rows.is_empty() => kv.keep_gathered(&keep, &Tensor::cat(&rows, 0)?)?,
+            _ => kv.keep(&keep)?,
+        }
         if policy == PositionPolicy::Rerotate {
             make_contiguous(kv, info.rope)?;
         }
     }
     Ok(removed)
+}
+
+/// One row ranked on the device: per head the kept cache slots (ascending, as the host path
+/// leaves them) and the flat buffer rows to gather. `starts` are the row's heads' buffer starts.
+/// None when the selector, the scorer or the layout does not allow it.
+fn select_on_device(
+    obs: &Observation,
+    slots: &[Vec<usize>],
+    selector: &dyn Selector,
+    budget: Budget,
+    starts: &[usize],
+) -> Result<Option<(Vec<Vec<usize>>, Tensor)>> {
+    if !selector.selects_on_device(obs) {
+        return Ok(None);
+    }
+    // Entry i of every head is slot first + i, and head h's region starts h · stride after head 0's.
+    let shared = &slots[0];
+    let Some(&first) = shared.first() else {
+        return Ok(None);
+    };
+    let stride = starts.get(1).map_or(0, |&s1| s1.wrapping_sub(starts[0]));
+    let laid_out = shared.iter().enumerate().all(|(i, &s)| s == first + i)
+        && slots.iter().all(|s| s == shared)
+        && starts.iter().enumerate().all(|(h, &s)| s == starts[0] + h * stride);
+    if !laid_out {
+        return Ok(None);
+    }
+    let Some(scores) = selector.scorer().score_tensor(obs)? else {
+        return Ok(None);
+    };
+    let Some((kept, buffer_rows)) = selector.select_tensor(obs, &scores, budget, starts[0] + first, stride)? else {
+        return Ok(None);
+    };
+    let kept = kept.into_iter().map(|h| h.into_iter().map(|i| first + i).collect()).collect();
+    Ok(Some((kept, buffer_rows)))
 }
 
 /// Slots of the non-padding entries of (row, head).
@@ -127,7 +217,7 @@ pub fn observe<'a>(
     if slots.iter().all(Vec::is_empty) || row.positions.is_empty() {
         return Ok(None);
     }
-    let (keys, values, stacked) = match kv.kv()?.filter(|_| slots.windows(2).all(|w| w[0] == w[1])) {
+    let stored = match kv.kv()?.filter(|_| slots.windows(2).all(|w| w[0] == w[1])) {
         // A uniform layer whose heads observe the same slots is read in one piece: one copy per
         // layer, and scorers may work on all heads at once.
         Some((k, v)) => {
@@ -136,42 +226,27 @@ pub fn observe<'a>(
                 let idx = index_tensor(&slots[0], k.device())?;
                 (k, v) = (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?);
             }
-            let (k, v) = (k.to_dtype(DType::F32)?.contiguous()?, v.to_dtype(DType::F32)?.contiguous()?);
-            let keys = (0..heads).map(|h| k.get(h)).collect::<candle_core::Result<_>>()?;
-            let values = (0..heads).map(|h| v.get(h)).collect::<candle_core::Result<_>>()?;
-            (keys, values, Some((k, v)))
+            Stored::Stacked(k, v)
         }
         None => {
             let mut keys = Vec::with_capacity(heads);
             let mut values = Vec::with_capacity(heads);
             for (h, s) in slots.iter().enumerate() {
-                let (k, v) = kv.head_kv(b, h)?.expect("the layer holds entries");
+                let Some((k, v)) = kv.head_kv(b, h)? else { return Ok(None) };
                 let (k, v) = if s.len() == kv.entries(b, h) {
                     (k, v)
                 } else {
                     let idx = index_tensor(s, k.device())?;
                     (k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)
                 };
-                keys.push(k.to_dtype(DType::F32)?);
-                values.push(v.to_dtype(DType::F32)?);
+                keys.push(k);
+                values.push(v);
             }
-            (keys, values, None)
+            Stored::PerHead(keys, values)
         }
     };
-    let obs = Observation {
-        layer: info.layer,
-        num_layers: info.num_layers,
-        group: info.group,
-        head_dim: info.head_dim,
-        keys,
-        values,
-        stacked,
-        positions: slots.iter().enumerate().map(|(h, s)| s.iter().map(|&i| kv.positions(b, h)[i]).collect()).collect(),
-        queries: row.queries.clone(),
-        query_positions: row.positions.clone(),
-        rope: info.rope,
-        output: info.output,
-    };
+    let positions = slots.iter().enumerate().map(|(h, s)| s.iter().map(|&i| kv.positions(b, h)[i]).collect()).collect();
+    let obs = Observation::new(info, stored, positions, row.queries.clone(), row.positions.clone());
     Ok(Some((obs, slots)))
 }
 

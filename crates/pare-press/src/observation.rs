@@ -1,6 +1,8 @@
 //! What a scorer sees: one batch row of one layer — its cached entries per KV head and the
 //! queries observed so far.
 
+use std::cell::OnceCell;
+
 use candle_core::{DType, Device, Tensor, D};
 use pare_model::layers::Linear;
 use pare_model::rope::Rope;
@@ -8,39 +10,139 @@ use pare_model::rope::Rope;
 use crate::error::Result;
 
 /// One row of one layer, ready to be scored. Padding entries and padding queries are left out.
+///
+/// Keys, values and queries are held as the cache and the model hold them (bf16 on a GPU) and
+/// converted to f32 only when a scorer first asks for them: a key-only scorer never pays for
+/// converting the queries of every head or the values.
 pub struct Observation<'a> {
     pub layer: usize,
     pub num_layers: usize,
     /// Query heads per KV head.
     pub group: usize,
     pub head_dim: usize,
-    /// Per KV head: keys (after RoPE) and values of the entries, (entries, head_dim) in f32,
-    /// in cache order (oldest first).
-    pub keys: Vec<Tensor>,
-    pub values: Vec<Tensor>,
-    /// The same keys and values as (kv_heads, entries, head_dim) tensors when every head
-    /// observes the same number of entries, so a scorer can treat all heads in one operation (on
-    /// a GPU, one launch and one read-back per layer instead of one per head).
-    pub stacked: Option<(Tensor, Tensor)>,
     /// Per KV head: original positions of those entries.
     pub positions: Vec<Vec<i64>>,
-    /// (heads, observed, head_dim) f32: queries before RoPE of the observed tokens — the prompt
-    /// at the end of prefill, the buffered recent steps while decoding.
-    pub queries: Tensor,
     pub query_positions: Vec<i64>,
     pub rope: &'a Rope,
     /// The layer's output projection (hidden × heads·head_dim), for selectors that weigh an
     /// entry by what its value adds to the residual stream (CriticalKV).
     pub output: &'a Linear,
+    stored: Stored,
+    /// (heads, observed, head_dim) before RoPE, as the model computed them.
+    stored_queries: Tensor,
+    keys: OnceCell<Vec<Tensor>>,
+    values: OnceCell<Vec<Tensor>>,
+    stacked_keys: OnceCell<Tensor>,
+    stacked_values: OnceCell<Tensor>,
+    queries: OnceCell<Tensor>,
 }
 
-impl Observation<'_> {
+/// Keys and values as observed: (kv_heads, entries, head_dim) when every head observes the same
+/// number of entries, else one (entries, head_dim) tensor per KV head.
+pub(crate) enum Stored {
+    Stacked(Tensor, Tensor),
+    PerHead(Vec<Tensor>, Vec<Tensor>),
+}
+
+/// The value in `cell`, computed by `init` the first time.
+fn cached<T>(cell: &OnceCell<T>, init: impl FnOnce() -> Result<T>) -> Result<&T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = init()?;
+    Ok(cell.get_or_init(|| v))
+}
+
+fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.contiguous()?)
+}
+
+impl<'a> Observation<'a> {
+    /// An observation of `stored` keys and values at `positions` and of `queries` (heads,
+    /// observed, head_dim) at `query_positions`; `info` gives the layer facts.
+    pub(crate) fn new(
+        info: &crate::compress::LayerInfo<'a>,
+        stored: Stored,
+        positions: Vec<Vec<i64>>,
+        queries: Tensor,
+        query_positions: Vec<i64>,
+    ) -> Self {
+        Observation {
+            layer: info.layer,
+            num_layers: info.num_layers,
+            group: info.group,
+            head_dim: info.head_dim,
+            positions,
+            query_positions,
+            rope: info.rope,
+            output: info.output,
+            stored,
+            stored_queries: queries,
+            keys: OnceCell::new(),
+            values: OnceCell::new(),
+            stacked_keys: OnceCell::new(),
+            stacked_values: OnceCell::new(),
+            queries: OnceCell::new(),
+        }
+    }
+
     pub fn kv_heads(&self) -> usize {
-        self.keys.len()
+        self.positions.len()
     }
 
     pub fn observed(&self) -> usize {
         self.query_positions.len()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.stored_queries.device()
+    }
+
+    /// Per KV head: keys (after RoPE) of the entries, (entries, head_dim) in f32, in cache order
+    /// (oldest first).
+    pub fn keys(&self) -> Result<&[Tensor]> {
+        Ok(cached(&self.keys, || match &self.stored {
+            Stored::Stacked(k, _) => {
+                let k = cached(&self.stacked_keys, || f32_contiguous(k))?;
+                Ok((0..self.kv_heads()).map(|h| k.get(h)).collect::<candle_core::Result<_>>()?)
+            }
+            Stored::PerHead(k, _) => k.iter().map(|k| Ok(k.to_dtype(DType::F32)?)).collect(),
+        })?)
+    }
+
+    /// Per KV head: values of the entries, as [`Observation::keys`].
+    pub fn values(&self) -> Result<&[Tensor]> {
+        Ok(cached(&self.values, || match &self.stored {
+            Stored::Stacked(_, v) => {
+                let v = cached(&self.stacked_values, || f32_contiguous(v))?;
+                Ok((0..self.kv_heads()).map(|h| v.get(h)).collect::<candle_core::Result<_>>()?)
+            }
+            Stored::PerHead(_, v) => v.iter().map(|v| Ok(v.to_dtype(DType::F32)?)).collect(),
+        })?)
+    }
+
+    /// The keys as one (kv_heads, entries, head_dim) f32 tensor when every head observes the
+    /// same number of entries, so a scorer can treat all heads in one operation (on a GPU, one
+    /// launch and one read-back per layer instead of one per head).
+    pub fn stacked_keys(&self) -> Result<Option<&Tensor>> {
+        match &self.stored {
+            Stored::Stacked(k, _) => Ok(Some(cached(&self.stacked_keys, || f32_contiguous(k))?)),
+            Stored::PerHead(..) => Ok(None),
+        }
+    }
+
+    /// The values as [`Observation::stacked_keys`] gives the keys.
+    pub fn stacked_values(&self) -> Result<Option<&Tensor>> {
+        match &self.stored {
+            Stored::Stacked(_, v) => Ok(Some(cached(&self.stacked_values, || f32_contiguous(v))?)),
+            Stored::PerHead(..) => Ok(None),
+        }
+    }
+
+    /// (heads, observed, head_dim) f32: queries before RoPE of the observed tokens — the prompt
+    /// at the end of prefill, the buffered recent steps while decoding.
+    pub fn queries(&self) -> Result<&Tensor> {
+        cached(&self.queries, || Ok(self.stored_queries.to_dtype(DType::F32)?))
     }
 
     /// Every KV head holds the same entries (nothing was chosen per head yet).
@@ -59,7 +161,8 @@ impl Observation<'_> {
     pub fn rotated_queries(&self, last: usize) -> Result<Tensor> {
         let n = self.observed();
         let last = last.min(n);
-        let q = self.queries.narrow(1, n - last, last)?;
+        // Only these queries are converted (a window of 64 out of a 4k prompt, say).
+        let q = self.stored_queries.narrow(1, n - last, last)?.to_dtype(DType::F32)?;
         let positions = &self.query_positions[n - last..];
         let (cos, sin) = self.rope.cos_sin(positions, 1, last, DType::F32, q.device())?;
         Ok(self.rope.apply(&q.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?)
@@ -75,7 +178,7 @@ impl Observation<'_> {
 
     /// Attention weights of rotated queries q (group, n, head_dim) at `positions` over KV head `head`.
     pub fn attention_of(&self, q: &Tensor, head: usize, positions: &[i64]) -> Result<Tensor> {
-        let keys = &self.keys[head];
+        let keys = &self.keys()?[head];
         let scores = (q.broadcast_matmul(&keys.t()?)? / (self.head_dim as f64).sqrt())?;
         let entries = &self.positions[head];
         let mask = Tensor::from_vec(causal_mask(positions, entries), (1, positions.len(), entries.len()), q.device())?;
@@ -85,7 +188,7 @@ impl Observation<'_> {
     /// [`Observation::attention`] of every KV head at once: (kv_heads, group, last, entries).
     /// None unless the keys are [`Observation::stacked`].
     pub fn stacked_attention(&self, last: usize) -> Result<Option<Tensor>> {
-        let Some((keys, _)) = &self.stacked else {
+        let Some(keys) = self.stacked_keys()? else {
             return Ok(None);
         };
         let q = self.rotated_queries(last)?.contiguous()?;
@@ -113,7 +216,7 @@ impl Observation<'_> {
         const CHUNK: usize = 256;
         let n = self.observed();
         let entries = &self.positions[head];
-        let mut sums = Tensor::zeros((self.group, entries.len()), DType::F32, self.queries.device())?;
+        let mut sums = Tensor::zeros((self.group, entries.len()), DType::F32, self.device())?;
         let rotated = self.rotated_queries(n)?.narrow(0, head * self.group, self.group)?;
         for start in (0..n).step_by(CHUNK) {
             let len = CHUNK.min(n - start);
@@ -128,7 +231,7 @@ impl Observation<'_> {
 
 /// Additive mask (queries × entries, row-major): 0 where the query at that position may see the
 /// entry (not in its future), f32::MIN elsewhere.
-fn causal_mask(query_positions: &[i64], entries: &[i64]) -> Vec<f32> {
+pub(crate) fn causal_mask(query_positions: &[i64], entries: &[i64]) -> Vec<f32> {
     query_positions.iter().flat_map(|&qp| entries.iter().map(move |&e| if e <= qp { 0.0 } else { f32::MIN })).collect()
 }
 
@@ -139,7 +242,7 @@ pub(crate) fn index_tensor(indices: &[usize], device: &Device) -> Result<Tensor>
 
 /// Softmax over the last dimension, in f32. Masked entries carry f32::MIN, so a query that sees
 /// no entry at all gets a uniform row rather than NaN.
-fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -153,7 +256,7 @@ pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 /// Scores computed on the host from each KV head's keys and values, read back row-major
 /// (entries × head_dim): `score(keys, values, head_dim)` per head.
 pub fn per_head_on_host(obs: &Observation, score: impl Fn(&[f32], &[f32], usize) -> Vec<f32>) -> Result<Vec<Vec<f32>>> {
-    obs.keys.iter().zip(&obs.values).map(|(k, v)| Ok(score(&to_vec(k)?, &to_vec(v)?, obs.head_dim))).collect()
+    obs.keys()?.iter().zip(obs.values()?).map(|(k, v)| Ok(score(&to_vec(k)?, &to_vec(v)?, obs.head_dim))).collect()
 }
 
 /// A (kv_heads, entries) tensor's values as one score list per KV head, in one read-back.

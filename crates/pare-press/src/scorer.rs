@@ -1,12 +1,22 @@
 //! A scorer press only computes a score per cache entry; the press around it decides what to
 //! keep (kvpress's ScorerPress split).
 
+use candle_core::Tensor;
+
 use crate::error::Result;
 use crate::observation::Observation;
 
 pub trait Scorer: std::fmt::Debug + Send + Sync {
     /// One score per entry of every KV head of one row, in cache order: higher is kept first.
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>>;
+
+    /// The scores of every KV head as one (kv_heads, entries) f32 tensor on the observation's
+    /// device, ranking the entries as [`Scorer::score`] does, when the scorer can compute them
+    /// there for this observation (its heads hold the same entries); None otherwise. A press
+    /// then selects on the device and reads back only what it keeps.
+    fn score_tensor(&self, _obs: &Observation) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 
     fn box_clone(&self) -> Box<dyn Scorer>;
 }

@@ -8,9 +8,11 @@ use pare_model::cache::LayerKv;
 use pare_model::hooks::{CachePress, LayerContext};
 use pare_model::Hooks;
 use pare_press::compress::observe;
-use pare_press::compress::{call_queries, LayerInfo};
+use pare_press::compress::{call_queries, compress_layer_with, LayerInfo, Selection};
+use pare_press::presses::AdaKv;
 use pare_press::scorer::Scorer;
-use pare_press::{build, scorers, PositionPolicy, PressOptions};
+use pare_press::select::{HeadTopK, Selector};
+use pare_press::{build, scorers, Budget, PositionPolicy, PressOptions};
 use pare_test_support::{self as ts, press_hooks, smollm2};
 use serde_json::Value;
 
@@ -190,4 +192,87 @@ fn streaming_perplexity_matches_the_seed_001_reference_within_half_a_percent() {
     let f = fixture("streaming_ppl.json");
     let full = pare_eval::perplexity_stream(model, &ids(&f["ids"]), &Hooks::default(), |_, _| {}).unwrap();
     assert!((full.ppl / f["ppl_full"].as_f64().unwrap() - 1.0).abs() < 0.005);
+}
+
+/// Compresses every prefill layer twice, ranking on the host and on the device (here the CPU
+/// runs the device path's kernels' references), and checks that both keep the same entries.
+#[derive(Debug, Clone)]
+struct BothSelections {
+    scorer: Arc<dyn Scorer>,
+    adakv: bool,
+    layers: Arc<Mutex<usize>>,
+}
+
+impl CachePress for BothSelections {
+    fn after_attention(&mut self, ctx: &LayerContext, kv: &mut LayerKv) -> pare_model::Result<()> {
+        let err = pare_model::ModelError::from;
+        let scorer = Box::new(ArcScorer(self.scorer.clone()));
+        let selector: Box<dyn Selector> =
+            if self.adakv { Box::new(AdaKv { scorer, alpha_safeguard: 0.2 }) } else { Box::new(HeadTopK { scorer }) };
+        let selector = selector.as_ref();
+        let (rows, info, budget) = (call_queries(ctx)?, LayerInfo::of(ctx), Budget::ratio(0.5).map_err(err)?);
+        let mut on_device = kv.clone();
+        compress_layer_with(kv, &info, &rows, selector, budget, PositionPolicy::Original, Selection::Host)
+            .map_err(err)?;
+        compress_layer_with(
+            &mut on_device,
+            &info,
+            &rows,
+            selector,
+            budget,
+            PositionPolicy::Original,
+            Selection::Device,
+        )
+        .map_err(err)?;
+        assert_eq!(kv.all_positions(), on_device.all_positions(), "layer {}", ctx.layer);
+        // Rows of different lengths keep different counts: the layer is ragged, read per (row, head).
+        for (b, h) in (0..kv.batch()).flat_map(|b| (0..kv.kv_heads()).map(move |h| (b, h))) {
+            let ((k, v), (dk, dv)) = (kv.head_kv(b, h)?.unwrap(), on_device.head_kv(b, h)?.unwrap());
+            assert_eq!(ts::max_abs_diff(&k, &dk), 0.0);
+            assert_eq!(ts::max_abs_diff(&v, &dv), 0.0);
+        }
+        *self.layers.lock().unwrap() += 1;
+        Ok(())
+    }
+
+    fn box_clone(&self) -> Box<dyn CachePress> {
+        Box::new(self.clone())
+    }
+}
+
+#[derive(Debug)]
+struct ArcScorer(Arc<dyn Scorer>);
+
+impl Scorer for ArcScorer {
+    fn score(&self, obs: &pare_press::observation::Observation) -> pare_press::Result<Vec<Vec<f32>>> {
+        self.0.score(obs)
+    }
+
+    fn score_tensor(
+        &self,
+        obs: &pare_press::observation::Observation,
+    ) -> pare_press::Result<Option<candle_core::Tensor>> {
+        self.0.score_tensor(obs)
+    }
+
+    fn box_clone(&self) -> Box<dyn Scorer> {
+        Box::new(ArcScorer(self.0.clone()))
+    }
+}
+
+#[test]
+fn ranking_on_the_device_keeps_what_the_host_keeps() {
+    let model = &smollm2().model;
+    let prompt = ids(&fixture("snapkv_r0.5.json")["prompt_ids"]);
+    // Two rows of different lengths: the shorter is left-padded, so its entries start past slot 0.
+    let prompts = [prompt.clone(), prompt[..prompt.len() * 2 / 3].to_vec()];
+    let snapkv: Arc<dyn Scorer> = Arc::new(scorers::SnapKv::default());
+    let scorers: Vec<Arc<dyn Scorer>> =
+        vec![Arc::new(scorers::Knorm), snapkv.clone(), Arc::new(scorers::ExpectedAttention::default())];
+    // Per-head top-k with each scorer, and AdaKV's budgets across heads (a ragged result).
+    for (scorer, adakv) in scorers.into_iter().map(|s| (s, false)).chain([(snapkv, true)]) {
+        let press = BothSelections { scorer: scorer.clone(), adakv, layers: Arc::default() };
+        ts::prefill_hooked(model, &prompts, press_hooks(Some(&press))).unwrap();
+        assert_eq!(*press.layers.lock().unwrap(), model.num_layers(), "{scorer:?}");
+    }
 }

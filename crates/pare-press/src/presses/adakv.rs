@@ -3,12 +3,15 @@
 //! share. kvpress only masks the evicted keys; here each head keeps exactly its entries and the
 //! cache becomes ragged, so the memory is really freed.
 
+use candle_core::Tensor;
+use pare_kernels::{top_k_keep, BufferRows};
+
 use crate::budget::Budget;
 use crate::compress::top_k;
 use crate::error::Result;
 use crate::observation::Observation;
 use crate::scorer::Scorer;
-use crate::select::Selector;
+use crate::select::{Selected, Selector};
 
 #[derive(Debug)]
 pub struct AdaKv {
@@ -43,6 +46,44 @@ impl Selector for AdaKv {
             chosen[h].push(i);
         }
         Ok(chosen)
+    }
+
+    fn selects_on_device(&self, obs: &Observation) -> bool {
+        obs.heads_share_entries()
+    }
+
+    /// [`Selector::select`] in two selections on the device: each head's safeguarded top entries,
+    /// which then rank above every score (a NaN above +∞ in `total_cmp` order), then the row's
+    /// budget over all heads' entries as one sequence (ties to the lower (head, entry), as above).
+    fn select_tensor(
+        &self,
+        _obs: &Observation,
+        scores: &Tensor,
+        budget: Budget,
+        first: usize,
+        stride: usize,
+    ) -> Result<Option<Selected>> {
+        let (heads, n) = scores.dims2()?;
+        let kept = budget.kept(n);
+        let total_kept = match budget {
+            Budget::Entries(k) => (k * heads).min(heads * n),
+            Budget::Ratio(_) => kept * heads,
+        };
+        let at = BufferRows { first, stride, per_head: n };
+        let safe = (kept as f64 * self.alpha_safeguard) as usize;
+        let ranked = if safe > 0 {
+            let (safe_idx, _) = top_k_keep(scores, safe, at)?;
+            let above_all = Tensor::full(f32::from_bits(0x7fff_ffff), (heads, safe), scores.device())?;
+            scores.contiguous()?.scatter(&safe_idx, &above_all, 1)?
+        } else {
+            scores.clone()
+        };
+        let (idx, rows) = top_k_keep(&ranked.reshape((1, heads * n))?, total_kept, at)?;
+        let mut chosen = vec![Vec::new(); heads];
+        for e in idx.flatten_all()?.to_vec1::<u32>()? {
+            chosen[e as usize / n].push(e as usize % n);
+        }
+        Ok(Some((chosen, rows.flatten_all()?)))
     }
 
     fn box_clone(&self) -> Box<dyn Selector> {

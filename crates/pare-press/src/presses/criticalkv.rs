@@ -28,7 +28,7 @@ fn projected_value_norms(obs: &Observation) -> Result<Vec<Vec<f32>>> {
     let d = obs.head_dim;
     // (hidden, heads·head_dim): the columns of query head q are q·d..(q+1)·d.
     let w = obs.output.dense_weight(DType::F32)?;
-    obs.values
+    obs.values()?
         .iter()
         .enumerate()
         .map(|(head, values)| {

@@ -24,9 +24,9 @@ fn negated_similarity_to_anchor(keys: &Tensor) -> Result<Tensor> {
 
 impl Scorer for KeyDiff {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
-        match &obs.stacked {
-            Some((keys, _)) => per_head(&negated_similarity_to_anchor(keys)?),
-            None => obs.keys.iter().map(|k| to_vec(&negated_similarity_to_anchor(k)?)).collect(),
+        match obs.stacked_keys()? {
+            Some(keys) => per_head(&negated_similarity_to_anchor(keys)?),
+            None => obs.keys()?.iter().map(|k| to_vec(&negated_similarity_to_anchor(k)?)).collect(),
         }
     }
 

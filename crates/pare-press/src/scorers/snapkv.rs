@@ -2,10 +2,10 @@
 //! older entry, averaged over those queries, smoothed by average pooling, averaged over the
 //! query heads of each KV head. The window's own entries are always kept.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::error::Result;
-use crate::observation::{index_tensor, per_head, to_vec, Observation};
+use crate::observation::{causal_mask, index_tensor, per_head, softmax_last_dim, to_vec, Observation};
 use crate::scorer::{protect, Scorer};
 
 #[derive(Debug, Clone)]
@@ -22,6 +22,13 @@ impl Default for SnapKv {
 
 impl Scorer for SnapKv {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
+        // On a GPU, one read-back instead of a host-built mask and index list per layer; the CPU
+        // keeps the arithmetic below (its results stay as they were).
+        if !obs.device().is_cpu() {
+            if let Some(scores) = self.score_tensor(obs)? {
+                return per_head(&scores);
+            }
+        }
         let window = self.window.min(obs.observed());
         let window_start = obs.query_positions[obs.observed() - window];
         let in_window = |h: usize, i: usize| obs.positions[h][i] >= window_start;
@@ -50,6 +57,44 @@ impl Scorer for SnapKv {
         }
         protect(&mut scores, in_window);
         Ok(scores)
+    }
+
+    fn score_tensor(&self, obs: &Observation) -> Result<Option<Tensor>> {
+        let window = self.window.min(obs.observed());
+        let queries = &obs.query_positions[obs.observed() - window..];
+        let Some(entries) = obs.positions.first().filter(|_| obs.heads_share_entries()) else {
+            return Ok(None);
+        };
+        // With positions ascending, the window's own entries are the last ones and every older
+        // entry is visible to every window query: only the window's columns need a mask, a
+        // window × window block instead of window × entries built on the host.
+        let ascending = |p: &[i64]| p.windows(2).all(|w| w[0] <= w[1]);
+        let Some(&window_start) = queries.first().filter(|_| ascending(entries) && ascending(queries)) else {
+            return Ok(None);
+        };
+        let Some(keys) = obs.stacked_keys()? else {
+            return Ok(None);
+        };
+        let (kv_heads, n, dev) = (obs.kv_heads(), entries.len(), obs.device());
+        let older = entries.partition_point(|&p| p < window_start);
+        if older == 0 {
+            // Everything is in the window: all protected alike (protect's score 1).
+            return Ok(Some(Tensor::ones((kv_heads, n), DType::F32, dev)?));
+        }
+        let q = obs.rotated_queries(window)?.contiguous()?.reshape((kv_heads, obs.group * window, obs.head_dim))?;
+        let scores =
+            (q.matmul(&keys.t()?)? / (obs.head_dim as f64).sqrt())?.reshape((kv_heads, obs.group, window, n))?;
+        let block = Tensor::from_vec(causal_mask(queries, &entries[older..]), (window, n - older), dev)?;
+        let mask = Tensor::cat(&[Tensor::zeros((window, older), DType::F32, dev)?, block], 1)?;
+        let mean = softmax_last_dim(&scores.broadcast_add(&mask)?)?.mean(2)?; // (kv_heads, group, entries)
+        let selected = mean.narrow(2, 0, older)?.contiguous()?.reshape((kv_heads * obs.group, older))?;
+        let pooled = avg_pool(&selected, self.kernel)?.reshape((kv_heads, obs.group, older))?.mean(1)?;
+        if older == n {
+            return Ok(Some(pooled));
+        }
+        // protect(): the window's entries score above every older entry of the row.
+        let top = (pooled.max_keepdim(1)?.max_keepdim(0)? + 1.0)?.broadcast_as((kv_heads, n - older))?;
+        Ok(Some(Tensor::cat(&[&pooled, &top.contiguous()?], 1)?))
     }
 
     fn box_clone(&self) -> Box<dyn Scorer> {
