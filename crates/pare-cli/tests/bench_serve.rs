@@ -114,6 +114,8 @@ fn completions_at_concurrency_1_and_2() {
     );
     assert_eq!(report["model"], "smollm2-135m", "the model comes from /v1/models");
     assert_eq!(report["endpoint"], "/v1/completions");
+    // Two runs of four requests over four usable prompts: the second run sends them again.
+    assert_eq!(report["prompts_repeated"], true);
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     for (run, concurrency) in runs.iter().zip([1u64, 2]) {
@@ -166,6 +168,7 @@ fn chat_extra_body_and_refused_requests() {
     );
     assert_eq!(report["endpoint"], "/v1/chat/completions");
     assert_eq!(report["extra_body"]["press"]["name"], "knorm");
+    assert_eq!(report["prompts_repeated"], false);
     let run = &report["runs"][0];
     assert_eq!((run["completed"].as_u64(), run["errors"].as_u64()), (Some(3), Some(0)), "{run}");
     assert_eq!(run["output_tokens"], 15, "{run}");

@@ -1,8 +1,10 @@
 //! `pare bench serve`: a load generator for any OpenAI-compatible server (`pare serve`, llama.cpp's
 //! `llama-server`, vLLM, ...). Prompts are real conversations (the first human turn of ShareGPT
 //! records, a seeded choice), sent as streaming requests with a fixed number in flight; each
-//! request's time to first token and the gaps between its streamed tokens are recorded, and every
-//! concurrency level gets one run over the same prompts.
+//! request's time to first token and the gaps between its streamed tokens are recorded. Every
+//! concurrency level gets one run over prompts no earlier run sent: servers keep finished prompts'
+//! caches (llama-server's slots, pare's prefix cache), and a prompt sent again would be answered
+//! from them instead of prefilled.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -50,7 +52,8 @@ pub struct Args {
     /// Only prompts of at most this many characters (about 4 per token in English).
     #[arg(long, default_value_t = 4096)]
     pub max_prompt_chars: usize,
-    /// Which prompts: a shuffle of those the filter keeps, by this seed; every run sends the same.
+    /// Which prompts: a shuffle of those the filter keeps, by this seed; each run takes the next
+    /// --num-requests of them.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Send `"ignore_eos": true` (llama-server, vLLM, pare serve): every request generates exactly
@@ -139,9 +142,9 @@ struct Turn {
     value: String,
 }
 
-/// The prompts of every run: `num_requests` first human turns that pass the length filter, in a
-/// seeded order (repeated when the file has fewer).
-fn choose_prompts(args: &Args) -> Result<Vec<String>> {
+/// The prompts of each run, in run order: `num_requests` first human turns that pass the length
+/// filter, in a seeded order, none sent twice while the file has enough.
+fn choose_prompts(args: &Args) -> Result<Vec<Vec<String>>> {
     let text = std::fs::read_to_string(&args.prompts).with_context(|| {
         format!("reading {} (scripts/assets.sh serve fetches the ShareGPT prompts)", args.prompts.display())
     })?;
@@ -162,7 +165,13 @@ fn choose_prompts(args: &Args) -> Result<Vec<String>> {
         );
     }
     prompts.shuffle(&mut rand::rngs::StdRng::seed_from_u64(args.seed));
-    Ok(prompts.iter().cycle().take(args.num_requests).cloned().collect())
+    Ok(per_run(&prompts, args.concurrency.len(), args.num_requests))
+}
+
+/// `runs` consecutive slices of `n` prompts, wrapping around when there are fewer than `runs · n`.
+fn per_run(prompts: &[String], runs: usize, n: usize) -> Vec<Vec<String>> {
+    let mut all = prompts.iter().cycle();
+    (0..runs).map(|_| all.by_ref().take(n).cloned().collect()).collect()
 }
 
 #[derive(Serialize)]
@@ -171,6 +180,8 @@ struct Report {
     endpoint: &'static str,
     model: String,
     prompts: String,
+    /// Whether a run sent a prompt an earlier run had sent (the file held too few).
+    prompts_repeated: bool,
     num_requests: usize,
     max_tokens: usize,
     ignore_eos: bool,
@@ -249,7 +260,7 @@ impl Client {
     }
 }
 
-async fn bench(args: &Args, prompts: Vec<String>, extra: Map<String, Value>) -> Result<Report> {
+async fn bench(args: &Args, prompts: Vec<Vec<String>>, extra: Map<String, Value>) -> Result<Report> {
     let client = Arc::new(Client {
         // A fresh connection per request: with pooled connections every other request to
         // llama-server failed ("connection closed before message completed": it had closed the
@@ -289,9 +300,11 @@ async fn bench(args: &Args, prompts: Vec<String>, extra: Map<String, Value>) -> 
         warm["max_tokens"] = json!(args.max_tokens.min(8));
         request(&client, args.endpoint, warm).await.map_err(|e| anyhow!("warm-up request failed: {e}"))?;
     }
-    let bodies: Arc<Vec<Value>> = Arc::new(prompts.iter().map(|p| body(p)).collect());
+    let distinct: std::collections::HashSet<&String> = prompts.iter().flatten().collect();
+    let prompts_repeated = distinct.len() < prompts.iter().map(Vec::len).sum::<usize>();
     let mut runs = Vec::new();
-    for &concurrency in &args.concurrency {
+    for (&concurrency, prompts) in args.concurrency.iter().zip(&prompts) {
+        let bodies: Arc<Vec<Value>> = Arc::new(prompts.iter().map(|p| body(p)).collect());
         runs.push(run_level(&client, args, &bodies, concurrency).await);
     }
     Ok(Report {
@@ -299,6 +312,7 @@ async fn bench(args: &Args, prompts: Vec<String>, extra: Map<String, Value>) -> 
         endpoint: args.endpoint.path(),
         model,
         prompts: args.prompts.display().to_string(),
+        prompts_repeated,
         num_requests: args.num_requests,
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
@@ -508,7 +522,8 @@ fn print_table(r: &Report) {
         r.max_tokens,
         if r.ignore_eos { ", ignore_eos" } else { "" }
     );
-    println!("prompts {}", r.prompts);
+    let repeated = if r.prompts_repeated { " (some sent more than once: a server's prompt cache may answer them)" } else { "" };
+    println!("prompts {}{repeated}", r.prompts);
     if !r.extra_body.is_empty() {
         println!("body    {}", Value::Object(r.extra_body.clone()));
     }
@@ -559,6 +574,15 @@ mod tests {
         let one = Percentiles::of(vec![0.002]);
         assert_eq!((one.p50, one.p99), (Some(2.0), Some(2.0)));
         assert!(Percentiles::of(Vec::new()).p50.is_none());
+    }
+
+    #[test]
+    fn each_run_sends_prompts_no_earlier_run_sent() {
+        let prompts: Vec<String> = (0..5).map(|i| format!("p{i}")).collect();
+        assert_eq!(per_run(&prompts, 2, 2), [["p0", "p1"], ["p2", "p3"]]);
+        // Too few: the runs wrap around.
+        assert_eq!(per_run(&prompts, 3, 2), [["p0", "p1"], ["p2", "p3"], ["p4", "p0"]]);
+        assert_eq!(per_run(&prompts[..1], 1, 3), [["p0", "p0", "p0"]]);
     }
 
     #[test]
