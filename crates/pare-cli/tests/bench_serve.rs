@@ -24,6 +24,7 @@ fn server() -> &'static str {
             max_concurrent: 4,
             max_queue: 64,
             kv_memory: Some(1 << 30),
+            max_batched_tokens: pare_serve::DEFAULT_MAX_BATCHED_TOKENS,
             timeout: Duration::from_secs(120),
         };
         let addr = pare_serve::spawn_local(config).expect("the server starts");

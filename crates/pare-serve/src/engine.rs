@@ -108,6 +108,8 @@ pub struct Limits {
     pub max_concurrent: usize,
     pub max_queue: usize,
     pub kv_memory: usize,
+    /// Prompt tokens one step prefills at most.
+    pub max_batched_tokens: usize,
     /// Uncompressed KV bytes of one token (all layers).
     pub kv_bytes_per_token: usize,
 }
@@ -200,13 +202,10 @@ impl Engine {
     }
 }
 
-/// Tokens of a long hook-free prompt prefilled per step, so running sequences keep decoding
-/// beside it (a prompt with a press or pruner prefills whole: its hooks act on all of it).
+/// Tokens of a long hook-free prompt prefilled per step (at most the step's budget), so running
+/// sequences keep decoding beside it (a prompt with a press or pruner prefills whole: its hooks
+/// act on all of it).
 const PREFILL_CHUNK: usize = 256;
-
-/// Prompt tokens one step runs at most, over all waiting prompts (llama-server's default
-/// `--batch-size`): waiting prompts share one forward up to it, the rest wait a step.
-const STEP_TOKENS: usize = 2048;
 
 /// Growth a plain sequence needs room for at admission, in tokens (vLLM keeps a watermark of
 /// free blocks for the same reason: so that admitting does not at once force a preemption).
@@ -220,8 +219,8 @@ fn run(
     contexts: &Contexts,
 ) {
     let mut batch = Batch::new(&loaded.model, loaded.tokenizer.as_ref())
-        .with_prefill_chunk(PREFILL_CHUNK)
-        .with_step_tokens(STEP_TOKENS);
+        .with_prefill_chunk(PREFILL_CHUNK.min(limits.max_batched_tokens))
+        .with_step_tokens(limits.max_batched_tokens);
     let mut engine = State { limits, contexts, prefix: PrefixCache::default(), admitted: 0 };
     let mut queue: VecDeque<Waiting> = VecDeque::new();
     // Preempted sequences, oldest first: they go back before anything new is admitted.

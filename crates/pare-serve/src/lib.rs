@@ -57,9 +57,17 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// KV-cache bytes admission may commit; None: half the memory available now.
     pub kv_memory: Option<usize>,
+    /// Prompt tokens one engine step prefills at most, over every waiting prompt (see
+    /// [`DEFAULT_MAX_BATCHED_TOKENS`]).
+    pub max_batched_tokens: usize,
     /// Longest a request may take, queueing included.
     pub timeout: Duration,
 }
+
+/// Prompt tokens per step by default. A step that prefills this many stalls every decoding
+/// sequence for that long, so this bounds their inter-token latency while prompts arrive; a
+/// larger budget prefills a burst of prompts in fewer, larger steps.
+pub const DEFAULT_MAX_BATCHED_TOKENS: usize = 2048;
 
 /// Serve on `listener` until `shutdown` resolves, then finish the requests in flight.
 pub async fn serve(
@@ -74,7 +82,12 @@ pub async fn serve(
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     let engine_thread = Arc::new(std::sync::Mutex::new(None));
     let (limits, name, load) = (
-        (config.max_concurrent.max(1), config.max_queue, config.kv_memory.unwrap_or_else(default_kv_memory)),
+        (
+            config.max_concurrent.max(1),
+            config.max_queue,
+            config.kv_memory.unwrap_or_else(default_kv_memory),
+            config.max_batched_tokens.max(1),
+        ),
         config.served_name,
         config.load,
     );
@@ -88,6 +101,7 @@ pub async fn serve(
                     max_concurrent: limits.0,
                     max_queue: limits.1,
                     kv_memory: limits.2,
+                    max_batched_tokens: limits.3,
                     kv_bytes_per_token,
                 };
                 ::metrics::gauge!(metrics::KV_BUDGET).set(limits.kv_memory as f64);

@@ -94,6 +94,7 @@ async fn shutdown_drains_running_requests() {
         max_concurrent: 2,
         max_queue: 4,
         kv_memory: Some(256 << 20),
+        max_batched_tokens: pare_serve::DEFAULT_MAX_BATCHED_TOKENS,
         timeout: Duration::from_secs(60),
     };
     let server = tokio::spawn(pare_serve::serve(listener, config, async {
@@ -137,6 +138,7 @@ async fn a_request_past_the_timeout_is_stopped() {
         max_concurrent: 1,
         max_queue: 1,
         kv_memory: Some(256 << 20),
+        max_batched_tokens: pare_serve::DEFAULT_MAX_BATCHED_TOKENS,
         timeout: Duration::from_secs(1),
     };
     tokio::spawn(pare_serve::serve(listener, config, std::future::pending()));

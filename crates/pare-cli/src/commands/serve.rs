@@ -30,6 +30,11 @@ pub struct Args {
     /// KV-cache bytes admission may commit (default: half the memory available at start).
     #[arg(long)]
     pub kv_memory: Option<usize>,
+    /// Prompt tokens one engine step prefills at most, over every waiting prompt (vLLM's
+    /// --max-num-batched-tokens, llama-server's --batch-size): lower keeps running sequences'
+    /// inter-token latency down while prompts arrive, higher prefills bursts in fewer steps.
+    #[arg(long, default_value_t = pare_serve::DEFAULT_MAX_BATCHED_TOKENS)]
+    pub max_batched_tokens: usize,
     /// Longest a request may take, queueing included, in seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
@@ -38,6 +43,9 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds, got {}", args.timeout);
+    }
+    if args.max_batched_tokens == 0 {
+        bail!("--max-batched-tokens must be at least 1");
     }
     // Checked before the server starts (clap has parsed --dtype): a device that cannot be
     // opened is the command's error.
@@ -50,6 +58,7 @@ pub fn run(args: Args) -> Result<()> {
         max_concurrent: args.max_concurrent,
         max_queue: args.max_queue,
         kv_memory: args.kv_memory,
+        max_batched_tokens: args.max_batched_tokens,
         timeout: Duration::from_secs_f64(args.timeout),
     };
     pare_serve::run(&args.host, args.port, config)?;

@@ -31,6 +31,7 @@ pub async fn server(limits: Limits) -> String {
             max_concurrent: limits.max_concurrent,
             max_queue: limits.max_queue,
             kv_memory: Some(limits.kv_memory),
+            max_batched_tokens: pare_serve::DEFAULT_MAX_BATCHED_TOKENS,
             timeout: Duration::from_secs(120),
         };
         let base = format!("http://{}", pare_serve::spawn_local(config).expect("the server starts"));
