@@ -267,6 +267,12 @@ fn bad_dtype_and_device() {
 }
 
 #[test]
+fn bad_serve_limits() {
+    expect(&["serve", "--max-batched-tokens", "0"], "--max-batched-tokens");
+    expect(&["serve", "--timeout", "0"], "--timeout");
+}
+
+#[test]
 fn bad_decoding_parameters() {
     let base = ["generate", "--prompt", "x"];
     let cases: &[(&[&str], &str)] = &[

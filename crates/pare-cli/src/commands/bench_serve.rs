@@ -522,7 +522,8 @@ fn print_table(r: &Report) {
         r.max_tokens,
         if r.ignore_eos { ", ignore_eos" } else { "" }
     );
-    let repeated = if r.prompts_repeated { " (some sent more than once: a server's prompt cache may answer them)" } else { "" };
+    let repeated =
+        if r.prompts_repeated { " (some sent more than once: a server's prompt cache may answer them)" } else { "" };
     println!("prompts {}{repeated}", r.prompts);
     if !r.extra_body.is_empty() {
         println!("body    {}", Value::Object(r.extra_body.clone()));
