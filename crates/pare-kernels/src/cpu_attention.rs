@@ -247,19 +247,25 @@ struct DecodeHead<'a> {
     values: Rows<'a>,
     skip: usize,
     len: usize,
+    /// Blocks its entries are split into: chosen per cache of the call, so a cache's result
+    /// does not depend on the other caches it is decoded with.
+    splits: usize,
+}
+
+/// Blocks per (row, KV head) of a cache of `heads` (row, KV head) parts: enough work items for
+/// every thread when it is decoded alone.
+fn splits_for(heads: usize) -> usize {
+    (4 * crate::threads::current()).div_ceil(heads.max(1)).max(1)
 }
 
 /// The decode over per-(row, KV head) caches; `queries` (batch, heads, d) scaled.
 fn decode(queries: &[f32], heads_of: &[DecodeHead], batch: usize, heads: usize, d: usize) -> Vec<f32> {
     let kv_heads = heads_of.len() / batch;
     let group = heads / kv_heads;
-    // Blocks per (row, KV head): enough work items for every thread, none shorter than a block.
-    let items_wanted = 4 * crate::threads::current();
-    let splits = items_wanted.div_ceil(heads_of.len()).max(1);
     let mut items = Vec::new();
     for (i, head) in heads_of.iter().enumerate() {
         let n = head.len - head.skip;
-        let block = n.div_ceil(splits).max(DECODE_BLOCK);
+        let block = n.div_ceil(head.splits).max(DECODE_BLOCK);
         let mut start = head.skip;
         while start < head.len {
             items.push((i, start, (start + block).min(head.len)));
@@ -313,29 +319,6 @@ unsafe fn decode_block_avx2(q: &[f32], keys: Rows, values: Rows, start: usize, e
     decode_block::<Fused>(q, keys, values, start, end, d)
 }
 
-/// [`crate::attention_decode`] on the CPU.
-pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize], scale: f32) -> Result<Tensor> {
-    let (batch, heads, d) = q.dims3()?;
-    let queries = scaled_queries(q, scale)?;
-    for t in keys.iter().chain(values) {
-        check_rows(t, crate::kv_row_width(d, t.dtype()))?;
-    }
-    let held_keys: Vec<Held> = keys.iter().map(Held::new).collect::<Result<_>>()?;
-    let held_values: Vec<Held> = values.iter().map(Held::new).collect::<Result<_>>()?;
-    let heads_of = held_keys
-        .iter()
-        .zip(&held_values)
-        .zip(keys.iter().zip(skip))
-        .map(|((k, v), (t, &skip))| {
-            let len = t.dim(0)?;
-            let width = crate::kv_row_width(d, t.dtype());
-            Ok(DecodeHead { keys: k.rows(0, len, width)?, values: v.rows(0, len, width)?, skip, len })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let out = decode(&queries, &heads_of, batch, heads, d);
-    Tensor::from_vec(out, (batch, heads, d), &Device::Cpu)?.to_dtype(q.dtype())
-}
-
 /// Per-(row, KV head) element offsets of a (batch, kv_heads, entries, d) tensor with contiguous rows.
 fn head_offsets(t: &Tensor) -> Result<Vec<usize>> {
     let (batch, kv_heads, len, d) = t.dims4()?;
@@ -346,29 +329,62 @@ fn head_offsets(t: &Tensor) -> Result<Vec<usize>> {
     Ok((0..batch * kv_heads).map(|i| (i / kv_heads) * stride[0] + (i % kv_heads) * stride[1]).collect())
 }
 
-/// [`crate::attention_decode_uniform`] on the CPU.
-pub fn attention_decode_uniform(
-    q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
-    skip: &[usize],
-    scale: f32,
-) -> Result<Tensor> {
+fn hold<'a>(tensors: Vec<&'a Tensor>) -> Result<Vec<Held<'a>>> {
+    tensors.into_iter().map(Held::new).collect()
+}
+
+/// [`crate::attention_decode_caches`] on the CPU: every cache's (row, KV head) parts in one pass.
+pub fn attention_decode_caches(q: &Tensor, caches: &[crate::DecodeKv], scale: f32) -> Result<Tensor> {
+    use crate::DecodeKv;
     let (batch, heads, d) = q.dims3()?;
-    let (_, kv_heads, len, width) = keys.dims4()?;
     let queries = scaled_queries(q, scale)?;
-    let (key_offsets, value_offsets) = (head_offsets(keys)?, head_offsets(values)?);
-    let (held_keys, held_values) = (Held::new(keys)?, Held::new(values)?);
-    let heads_of = (0..batch * kv_heads)
-        .map(|i| {
-            Ok(DecodeHead {
-                keys: held_keys.rows(key_offsets[i], len, width)?,
-                values: held_values.rows(value_offsets[i], len, width)?,
-                skip: skip[i / kv_heads],
-                len,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Every tensor's storage is held for the whole call; the heads below borrow from it.
+    let mut held: Vec<(Vec<Held>, Vec<Held>)> = Vec::with_capacity(caches.len());
+    for cache in caches {
+        let (keys, values): (Vec<&Tensor>, Vec<&Tensor>) = match cache {
+            DecodeKv::Uniform { keys, values, .. } => (vec![*keys], vec![*values]),
+            DecodeKv::Heads { keys, values, .. } => {
+                for t in keys.iter().chain(values.iter()) {
+                    check_rows(t, crate::kv_row_width(d, t.dtype()))?;
+                }
+                (keys.iter().collect(), values.iter().collect())
+            }
+        };
+        held.push((hold(keys)?, hold(values)?));
+    }
+    let mut heads_of = Vec::with_capacity(batch * 8);
+    for (cache, (hk, hv)) in caches.iter().zip(&held) {
+        match cache {
+            DecodeKv::Uniform { keys, values, skip } => {
+                let (rows, kv_heads, len, width) = keys.dims4()?;
+                let (key_offsets, value_offsets) = (head_offsets(keys)?, head_offsets(values)?);
+                let splits = splits_for(rows * kv_heads);
+                for i in 0..rows * kv_heads {
+                    heads_of.push(DecodeHead {
+                        keys: hk[0].rows(key_offsets[i], len, width)?,
+                        values: hv[0].rows(value_offsets[i], len, width)?,
+                        skip: skip[i / kv_heads],
+                        len,
+                        splits,
+                    });
+                }
+            }
+            DecodeKv::Heads { keys, skip, .. } => {
+                let splits = splits_for(keys.len());
+                for (i, t) in keys.iter().enumerate() {
+                    let len = t.dim(0)?;
+                    let width = crate::kv_row_width(d, t.dtype());
+                    heads_of.push(DecodeHead {
+                        keys: hk[i].rows(0, len, width)?,
+                        values: hv[i].rows(0, len, width)?,
+                        skip: skip[i],
+                        len,
+                        splits,
+                    });
+                }
+            }
+        }
+    }
     let out = decode(&queries, &heads_of, batch, heads, d);
     Tensor::from_vec(out, (batch, heads, d), &Device::Cpu)?.to_dtype(q.dtype())
 }

@@ -302,57 +302,51 @@ const DECODE_BLOCKS_PER_SM: usize = 4;
 /// Entries a block reads at least: fewer and merging the splits costs more than it saves.
 const MIN_CHUNK: usize = 64;
 
-pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize], scale: f32) -> Result<Tensor> {
-    let (_, _, d) = q.dims3()?;
+/// [`crate::attention_decode_caches`] on the GPU: one table of every cache's (row, KV head) parts.
+pub fn attention_decode_caches(q: &Tensor, caches: &[crate::DecodeKv], scale: f32) -> Result<Tensor> {
+    let d = q.dims3()?.2;
     let dtype = q.dtype();
-    let mut heads = Vec::with_capacity(keys.len());
-    for ((k, v), &s) in keys.iter().zip(values).zip(skip) {
-        for t in [k, v] {
-            if t.dtype() != dtype || (t.dim(0)? > 1 && t.stride() != [d, 1]) {
-                candle_core::bail!(
-                    "attention_decode: caches must be {dtype:?} with contiguous rows (got {:?}, strides {:?})",
-                    t.dtype(),
-                    t.stride()
-                );
-            }
-        }
-        heads.push(CacheHead { k: address(k)?, v: address(v)?, len: k.dim(0)?, skip: s });
-    }
-    decode_launch(q, &heads, scale)
-}
-
-pub fn attention_decode_uniform(
-    q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
-    skip: &[usize],
-    scale: f32,
-) -> Result<Tensor> {
-    let (batch, kv_heads, len, d) = keys.dims4()?;
-    let dtype = q.dtype();
-    for t in [keys, values] {
-        if t.dtype() != dtype || (len > 1 && t.stride()[2..] != [d, 1]) {
+    let check = |t: &Tensor, rows_contiguous: bool| {
+        if t.dtype() != dtype || !rows_contiguous {
             candle_core::bail!(
                 "attention_decode: caches must be {dtype:?} with contiguous rows (got {:?}, strides {:?})",
                 t.dtype(),
                 t.stride()
             );
         }
-    }
-    let (ka, va) = (address(keys)?, address(values)?);
-    let (ks, vs) = (keys.stride(), values.stride());
-    let bytes = dtype.size_in_bytes() as u64;
-    let heads: Vec<CacheHead> = (0..batch * kv_heads)
-        .map(|i| {
-            let (row, head) = ((i / kv_heads) as u64, (i % kv_heads) as u64);
-            CacheHead {
-                k: ka + (row * ks[0] as u64 + head * ks[1] as u64) * bytes,
-                v: va + (row * vs[0] as u64 + head * vs[1] as u64) * bytes,
-                len,
-                skip: skip[i / kv_heads],
+        Ok(())
+    };
+    let mut heads = Vec::new();
+    for cache in caches {
+        match *cache {
+            crate::DecodeKv::Heads { keys, values, skip } => {
+                for ((k, v), &s) in keys.iter().zip(values).zip(skip) {
+                    for t in [k, v] {
+                        check(t, t.dim(0)? <= 1 || t.stride() == [d, 1])?;
+                    }
+                    heads.push(CacheHead { k: address(k)?, v: address(v)?, len: k.dim(0)?, skip: s });
+                }
             }
-        })
-        .collect();
+            crate::DecodeKv::Uniform { keys, values, skip } => {
+                let (batch, kv_heads, len, d) = keys.dims4()?;
+                for t in [keys, values] {
+                    check(t, len <= 1 || t.stride()[2..] == [d, 1])?;
+                }
+                let (ka, va) = (address(keys)?, address(values)?);
+                let (ks, vs) = (keys.stride(), values.stride());
+                let bytes = dtype.size_in_bytes() as u64;
+                heads.extend((0..batch * kv_heads).map(|i| {
+                    let (row, head) = ((i / kv_heads) as u64, (i % kv_heads) as u64);
+                    CacheHead {
+                        k: ka + (row * ks[0] as u64 + head * ks[1] as u64) * bytes,
+                        v: va + (row * vs[0] as u64 + head * vs[1] as u64) * bytes,
+                        len,
+                        skip: skip[i / kv_heads],
+                    }
+                }));
+            }
+        }
+    }
     decode_launch(q, &heads, scale)
 }
 

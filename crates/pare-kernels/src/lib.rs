@@ -175,12 +175,7 @@ pub fn gemv_with(x: &Tensor, w: &Tensor, kernel: GemvKernel) -> Result<Tensor> {
 /// `h / (heads / kv_heads)`. The first `skip[i]` entries are not attended to (padding, or outside
 /// a sliding window). Returns (batch, heads, head_dim): softmax(q·kᵀ·scale)·v.
 pub fn attention_decode(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize], scale: f32) -> Result<Tensor> {
-    check_decode_args(q, keys, values, skip)?;
-    #[cfg(feature = "cuda")]
-    if q.device().is_cuda() {
-        return cuda::attention_decode(q, keys, values, skip, scale);
-    }
-    cpu_attention::attention_decode(q, keys, values, skip, scale)
+    attention_decode_caches(q, &[DecodeKv::Heads { keys, values, skip }], scale)
 }
 
 /// [`attention_decode`] over a uniform cache given whole: `keys`/`values` (batch, kv_heads,
@@ -195,29 +190,77 @@ pub fn attention_decode_uniform(
     skip: &[usize],
     scale: f32,
 ) -> Result<Tensor> {
-    let (batch, _, len, width) = keys.dims4()?;
-    let d = q.dims3()?.2;
-    if values.dims() != keys.dims()
-        || skip.len() != batch
-        || q.dims3()?.0 != batch
-        || kv_row_width(d, keys.dtype()) != width
-    {
-        candle_core::bail!(
-            "attention_decode_uniform: q {:?}, keys {:?}, values {:?}, {} skips",
-            q.dims(),
-            keys.dims(),
-            values.dims(),
-            skip.len()
-        );
+    attention_decode_caches(q, &[DecodeKv::Uniform { keys, values, skip }], scale)
+}
+
+/// The keys and values some rows of an [`attention_decode_caches`] call read.
+#[derive(Clone, Copy)]
+pub enum DecodeKv<'a> {
+    /// A uniform cache given whole, as [`attention_decode_uniform`] takes it.
+    Uniform { keys: &'a Tensor, values: &'a Tensor, skip: &'a [usize] },
+    /// Per-(row, KV head) caches, as [`attention_decode`] takes them.
+    Heads { keys: &'a [Tensor], values: &'a [Tensor], skip: &'a [usize] },
+}
+
+impl DecodeKv<'_> {
+    /// (row, KV head) caches it holds.
+    fn caches(&self) -> Result<usize> {
+        Ok(match self {
+            DecodeKv::Uniform { keys, .. } => keys.dim(0)? * keys.dim(1)?,
+            DecodeKv::Heads { keys, .. } => keys.len(),
+        })
     }
-    if skip.iter().any(|&s| s > len) {
-        candle_core::bail!("attention_decode_uniform: a skip past the {len} entries");
+}
+
+/// [`attention_decode`] over the rows of several caches in one call: `q` (batch, heads,
+/// head_dim) holds `caches[0]`'s rows, then `caches[1]`'s, and so on. The result equals one call
+/// per cache, concatenated, from one kernel launch (one pass over the thread pool on the CPU): a
+/// server's step, where every sequence has a cache of its own, would otherwise issue one per
+/// sequence and layer.
+pub fn attention_decode_caches(q: &Tensor, caches: &[DecodeKv], scale: f32) -> Result<Tensor> {
+    let (batch, _, d) = q.dims3()?;
+    let total = caches.iter().map(DecodeKv::caches).sum::<Result<usize>>()?;
+    if batch == 0 || total == 0 || !total.is_multiple_of(batch) {
+        candle_core::bail!("attention_decode: {total} (row, KV head) caches for {batch} rows");
+    }
+    let kv_heads = total / batch;
+    let mut row = 0;
+    for cache in caches {
+        let rows = cache.caches()? / kv_heads;
+        if row + rows > batch {
+            candle_core::bail!("attention_decode: caches for more than the {batch} query rows");
+        }
+        let q = q.narrow(0, row, rows)?;
+        match *cache {
+            DecodeKv::Heads { keys, values, skip } => check_decode_args(&q, keys, values, skip)?,
+            DecodeKv::Uniform { keys, values, skip } => {
+                let (cache_rows, heads, len, width) = keys.dims4()?;
+                if values.dims() != keys.dims()
+                    || skip.len() != rows
+                    || cache_rows != rows
+                    || heads != kv_heads
+                    || kv_row_width(d, keys.dtype()) != width
+                {
+                    candle_core::bail!(
+                        "attention_decode_uniform: q {:?}, keys {:?}, values {:?}, {} skips",
+                        q.dims(),
+                        keys.dims(),
+                        values.dims(),
+                        skip.len()
+                    );
+                }
+                if skip.iter().any(|&s| s > len) {
+                    candle_core::bail!("attention_decode_uniform: a skip past the {len} entries");
+                }
+            }
+        }
+        row += rows;
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        return cuda::attention_decode_uniform(q, keys, values, skip, scale);
+        return cuda::attention_decode_caches(q, caches, scale);
     }
-    cpu_attention::attention_decode_uniform(q, keys, values, skip, scale)
+    cpu_attention::attention_decode_caches(q, caches, scale)
 }
 
 /// Elements one cached entry of `head_dim` values takes in a tensor of `dtype`: the values
@@ -432,6 +475,41 @@ mod tests {
         let diff = (whole - heads).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0);
         assert!(attention_decode_uniform(&q, &kw, &vw, &[0, 2], 0.125).is_err(), "one skip per row");
+    }
+
+    /// Several caches in one call give what one call per cache gives, to the bit on the CPU:
+    /// each cache's entries are split as they are when it is decoded alone.
+    #[test]
+    fn attention_over_several_caches_matches_one_call_each() {
+        let dev = candle_core::Device::Cpu;
+        let (h, kvh, d) = (8, 2, 64);
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (k0, v0) = (randn(&[2, kvh, 700, d]), randn(&[2, kvh, 700, d]));
+        let k1: Vec<Tensor> = [90, 3000].iter().map(|&n| randn(&[n, d])).collect();
+        let v1: Vec<Tensor> = [90, 3000].iter().map(|&n| randn(&[n, d])).collect();
+        let (k2, v2) = (randn(&[1, kvh, 5, d]), randn(&[1, kvh, 5, d]));
+        let (skip0, skip1, skip2) = ([0, 7], [2, 0], [1]);
+        let q = randn(&[4, h, d]);
+        let caches = [
+            DecodeKv::Uniform { keys: &k0, values: &v0, skip: &skip0 },
+            DecodeKv::Heads { keys: &k1, values: &v1, skip: &skip1 },
+            DecodeKv::Uniform { keys: &k2, values: &v2, skip: &skip2 },
+        ];
+        let together = attention_decode_caches(&q, &caches, 0.125).unwrap();
+        let one_each = Tensor::cat(
+            &[
+                attention_decode_uniform(&q.narrow(0, 0, 2).unwrap(), &k0, &v0, &skip0, 0.125).unwrap(),
+                attention_decode(&q.narrow(0, 2, 1).unwrap(), &k1, &v1, &skip1, 0.125).unwrap(),
+                attention_decode_uniform(&q.narrow(0, 3, 1).unwrap(), &k2, &v2, &skip2, 0.125).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let diff = (together - one_each).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        // Caches for more rows than the queries hold, or fewer: refused.
+        assert!(attention_decode_caches(&q.narrow(0, 0, 3).unwrap(), &caches, 0.125).is_err());
+        assert!(attention_decode_caches(&q, &caches[..2], 0.125).is_err());
     }
 
     /// The plan names only kernels that exist for its rows, and fills the GPU.

@@ -3,7 +3,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use pare_kernels::cpu;
+use pare_kernels::{cpu, DecodeKv};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA device")
@@ -150,6 +150,45 @@ fn attention_decode_ragged_caches() {
     let reference = cpu::attention_decode(&q, &keys, &values, &skip, 0.088).unwrap();
     let e = rel_err(&out, &reference);
     assert!(e <= tol(dtype), "ragged attention: {e}");
+}
+
+#[test]
+fn attention_decode_over_several_caches() {
+    let dev = gpu();
+    // A server's step: sequences of different lengths, each its own cache (uniform, or ragged per
+    // head after a press), one launch for all; each cache's rows equal the CPU reference.
+    let (dtype, h, kvh, d) = (DType::BF16, 32, 8, 128);
+    let uniform = |b: usize, len: usize| {
+        let (k, v) = (randn(&[b, kvh, len + 5, d], 1.0, dtype, &dev), randn(&[b, kvh, len + 5, d], 1.0, dtype, &dev));
+        (k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap())
+    };
+    let (k0, v0) = uniform(2, 300);
+    let (k2, v2) = uniform(1, 4100);
+    let lens: Vec<usize> = (0..kvh).map(|i| 40 + 97 * i).collect();
+    let k1: Vec<Tensor> = lens.iter().map(|&n| randn(&[n, d], 1.0, dtype, &dev)).collect();
+    let v1: Vec<Tensor> = lens.iter().map(|&n| randn(&[n, d], 1.0, dtype, &dev)).collect();
+    let (skip0, skip1, skip2) = (vec![0, 3], vec![1; kvh], vec![0]);
+    let q = randn(&[4, h, d], 1.0, dtype, &dev);
+    let caches = [
+        DecodeKv::Uniform { keys: &k0, values: &v0, skip: &skip0 },
+        DecodeKv::Heads { keys: &k1, values: &v1, skip: &skip1 },
+        DecodeKv::Uniform { keys: &k2, values: &v2, skip: &skip2 },
+    ];
+    let out = pare_kernels::attention_decode_caches(&q, &caches, 0.088).unwrap();
+    let views = |k: &Tensor, v: &Tensor| (uniform_views(k, k.dim(2).unwrap()), uniform_views(v, v.dim(2).unwrap()));
+    let ((k0h, v0h), (k2h, v2h)) = (views(&k0, &v0), views(&k2, &v2));
+    let per_row = |skip: &[usize]| -> Vec<usize> { skip.iter().flat_map(|&s| [s; 8]).collect() };
+    let reference = Tensor::cat(
+        &[
+            cpu::attention_decode(&q.narrow(0, 0, 2).unwrap(), &k0h, &v0h, &per_row(&skip0), 0.088).unwrap(),
+            cpu::attention_decode(&q.narrow(0, 2, 1).unwrap(), &k1, &v1, &skip1, 0.088).unwrap(),
+            cpu::attention_decode(&q.narrow(0, 3, 1).unwrap(), &k2h, &v2h, &per_row(&skip2), 0.088).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let e = rel_err(&out, &reference);
+    assert!(e <= tol(dtype), "attention over several caches: {e}");
 }
 
 #[test]

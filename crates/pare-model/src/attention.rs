@@ -10,6 +10,25 @@ use crate::hooks::{CachePress, LayerContext, Phase, TokenPruner};
 use crate::layers::Linear;
 use crate::rope::Rope;
 
+/// One slot's rows of a run: queries, keys, values, layer input, and pre-RoPE queries when a
+/// hook reads them.
+type SlotParts = (Tensor, Tensor, Tensor, Tensor, Option<Tensor>);
+
+/// A cache as the fused decode kernel reads it (see [`Attention::decode_kv`]).
+enum DecodeCache {
+    Uniform { keys: Tensor, values: Tensor, skip: Vec<usize> },
+    Heads { keys: Vec<Tensor>, values: Vec<Tensor>, skip: Vec<usize> },
+}
+
+impl DecodeCache {
+    fn as_kernel_input(&self) -> pare_kernels::DecodeKv<'_> {
+        match self {
+            DecodeCache::Uniform { keys, values, skip } => pare_kernels::DecodeKv::Uniform { keys, values, skip },
+            DecodeCache::Heads { keys, values, skip } => pare_kernels::DecodeKv::Heads { keys, values, skip },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Attention {
     pub(crate) q: Linear,
@@ -171,36 +190,33 @@ impl Attention {
             let q_prerope = if hooked { Some(split_heads(q_proj, h)?) } else { None };
             let hidden = grid(x)?;
 
-            let mut outs = Vec::with_capacity(slots.len());
-            for slot in slots.iter_mut() {
+            // Each slot's rows of the run's tensors: queries, keys, values, input, pre-RoPE queries.
+            let mut parts = Vec::with_capacity(slots.len());
+            for slot in slots.iter() {
                 let rows = |t: &Tensor| t.narrow(0, slot.rows.start - run.rows.start, slot.rows.len());
-                let (q, k, v, x) = (rows(&q)?, rows(&k)?, rows(&v)?, rows(&hidden)?);
-                let q_prerope = q_prerope.as_ref().map(rows).transpose()?;
-                let positions = &inputs.positions[slot.rows.clone()];
-                let ctx = LayerContext {
-                    layer,
-                    num_layers: inputs.num_layers,
-                    attention: self,
-                    rope: inputs.rope,
-                    queries: q_prerope.as_ref().unwrap_or(&q),
-                    positions,
-                    hidden: &x,
-                    phase: slot.phase,
-                };
+                let prerope = q_prerope.as_ref().map(rows).transpose()?;
+                parts.push((rows(&q)?, rows(&k)?, rows(&v)?, rows(&hidden)?, prerope));
+            }
+            let window = inputs.sliding_window;
+            // A decode step over several caches (a server's step: one cache per sequence) appends
+            // to all of them, then attends over all in one kernel call, not one per sequence.
+            let together = seq == 1 && slots.len() > 1;
+            let mut outs = Vec::with_capacity(slots.len());
+            for (slot, part) in slots.iter_mut().zip(&parts) {
+                let ctx = self.context(layer, inputs, slot, part);
                 if let Some(p) = slot.press.as_deref_mut() {
                     p.before_attention(&ctx, slot.kv)?;
                 }
-                slot.kv.append(&k, &v, positions)?;
-                let window = inputs.sliding_window;
-                let out = match self.attend_fused(&q, slot.kv, positions, window)? {
-                    Some(out) => out,
-                    None => match slot.kv.row_positions() {
-                        Some(entry_rows) => {
-                            self.attend_batched(&q, slot.kv, &entry_rows, positions, window, slot.masks)?
-                        }
-                        None => self.attend_per_head(&q, slot.kv, positions, window)?,
-                    },
-                };
+                slot.kv.append(&part.1, &part.2, ctx.positions)?;
+                if !together {
+                    outs.push(self.attend_slot(&part.0, slot.kv, ctx.positions, window, slot.masks)?);
+                }
+            }
+            if together {
+                outs = self.attend_slots(&q, slots, &parts, inputs.positions, window)?;
+            }
+            for (slot, part) in slots.iter_mut().zip(&parts) {
+                let ctx = self.context(layer, inputs, slot, part);
                 // Token pruning scores the full layer, before a press shrinks its cache.
                 if let (Some(pruner), Phase::Prefill) = (pruner, slot.phase) {
                     kept = pruner.after_attention(&ctx, slot.kv)?;
@@ -208,13 +224,120 @@ impl Attention {
                 if let Some(p) = slot.press.as_deref_mut() {
                     p.after_attention(&ctx, slot.kv)?;
                 }
-                outs.push(out);
             }
             let out = if outs.len() == 1 { outs.pop().expect("one slot") } else { Tensor::cat(&outs, 0)? };
             run_outs.push(out.transpose(1, 2)?.reshape((1, batch * seq, h * d))?);
         }
         let out = if run_outs.len() == 1 { run_outs.pop().expect("one run") } else { Tensor::cat(&run_outs, 1)? };
         Ok(AttentionOutput { out: self.o.forward_segments(&out, &segments)?, kept })
+    }
+
+    /// What a hook sees of one slot's rows in this layer.
+    fn context<'a>(
+        &'a self,
+        layer: usize,
+        inputs: &'a AttentionInputs,
+        slot: &KvSlot,
+        (q, _, _, x, prerope): &'a SlotParts,
+    ) -> LayerContext<'a> {
+        LayerContext {
+            layer,
+            num_layers: inputs.num_layers,
+            attention: self,
+            rope: inputs.rope,
+            queries: prerope.as_ref().unwrap_or(q),
+            positions: &inputs.positions[slot.rows.clone()],
+            hidden: x,
+            phase: slot.phase,
+        }
+    }
+
+    /// One slot's attention over its cache (its keys and values already appended): the fused
+    /// kernels where they apply, else a masked product over the whole cache or head by head.
+    fn attend_slot(
+        &self,
+        q: &Tensor,
+        kv: &LayerKv,
+        positions: &[Vec<i64>],
+        window: Option<usize>,
+        masks: &MaskCache,
+    ) -> Result<Tensor> {
+        if let Some(out) = self.attend_fused(q, kv, positions, window)? {
+            return Ok(out);
+        }
+        match kv.row_positions() {
+            Some(entry_rows) => self.attend_batched(q, kv, &entry_rows, positions, window, masks),
+            None => self.attend_per_head(q, kv, positions, window),
+        }
+    }
+
+    /// Every slot's one-token decode (`q` the run's queries, the slots' rows in order), in one
+    /// fused kernel call over all their caches where it applies; else slot by slot. Returns each
+    /// slot's output.
+    fn attend_slots(
+        &self,
+        q: &Tensor,
+        slots: &[KvSlot],
+        parts: &[SlotParts],
+        positions: &[Vec<i64>],
+        window: Option<usize>,
+    ) -> Result<Vec<Tensor>> {
+        let (_, h, _, d) = q.dims4()?;
+        let mut caches = Vec::with_capacity(slots.len());
+        if pare_kernels::attention_decode_fused(q.device(), d, h, self.num_kv_heads) {
+            for slot in slots {
+                match self.decode_kv(slot.kv, &positions[slot.rows.clone()], window)? {
+                    Some(cache) => caches.push(cache),
+                    None => break,
+                }
+            }
+        }
+        if caches.len() < slots.len() {
+            let attend = |(slot, part): (&KvSlot, &SlotParts)| {
+                self.attend_slot(&part.0, slot.kv, &positions[slot.rows.clone()], window, slot.masks)
+            };
+            return slots.iter().zip(parts).map(attend).collect();
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let caches: Vec<pare_kernels::DecodeKv> = caches.iter().map(DecodeCache::as_kernel_input).collect();
+        let out = pare_kernels::attention_decode_caches(&q.squeeze(2)?, &caches, scale)?.unsqueeze(2)?;
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(slots.len());
+        for slot in slots {
+            outs.push(out.narrow(0, start, slot.rows.len())?);
+            start += slot.rows.len();
+        }
+        Ok(outs)
+    }
+
+    /// What the fused decode kernel reads of a cache for one query per row at `query_positions`:
+    /// a uniform cache whole, a ragged one head by head. None where something other than a
+    /// prefix of a head's entries is hidden from its query (then the masked path runs).
+    fn decode_kv(&self, kv: &LayerKv, query_positions: &[Vec<i64>], window: Option<usize>) -> Result<Option<DecodeCache>> {
+        let rows = query_positions.len();
+        // A uniform cache: one visibility scan per row and the cache passed whole, instead of
+        // rows × kv_heads scans and views (host work that bounded the step at 32 rows).
+        if let (Some(_), Some((keys, values))) = (kv.row_positions(), kv.kv_stored()?) {
+            let mut skip = Vec::with_capacity(rows);
+            for (b, query) in query_positions.iter().enumerate() {
+                let Some(hidden) = kv.hidden_prefix(b, 0, query[0], window) else { return Ok(None) };
+                skip.push(hidden);
+            }
+            return Ok(Some(DecodeCache::Uniform { keys, values, skip }));
+        }
+        let (mut keys, mut values, mut skip) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, query) in query_positions.iter().enumerate() {
+            for head in 0..self.num_kv_heads {
+                // The kernel skips a prefix (padding, or what left the window); anything else
+                // invisible needs the masked path.
+                let Some(hidden) = kv.hidden_prefix(b, head, query[0], window) else { return Ok(None) };
+                let (k, v) = kv.head_kv_stored(b, head)?.expect("entries were just appended");
+                keys.push(k);
+                values.push(v);
+                skip.push(hidden);
+            }
+        }
+        Ok(Some(DecodeCache::Heads { keys, values, skip }))
     }
 
     /// pare-kernels' fused attention where it applies (CUDA and CPU): a decode step over the
@@ -231,35 +354,10 @@ impl Attention {
         let kvh = self.num_kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         if seq == 1 && pare_kernels::attention_decode_fused(q.device(), d, h, kvh) {
-            // A uniform cache: one visibility scan per row and the cache passed whole, instead of
-            // batch × kv_heads scans and views (host work that bounded the step at 32 rows).
-            if let (Some(rows), Some((k, v))) = (kv.row_positions(), kv.kv_stored()?) {
-                let mut skip = Vec::with_capacity(batch);
-                for (b, query) in query_positions.iter().enumerate().take(rows.len()) {
-                    let Some(hidden) = kv.hidden_prefix(b, 0, query[0], sliding_window) else {
-                        return Ok(None);
-                    };
-                    skip.push(hidden);
-                }
-                let out = pare_kernels::attention_decode_uniform(&q.squeeze(2)?, &k, &v, &skip, scale)?;
-                return Ok(Some(out.unsqueeze(2)?));
-            }
-            let (mut keys, mut values, mut skip) = (Vec::new(), Vec::new(), Vec::new());
-            for (b, query) in query_positions.iter().enumerate().take(batch) {
-                let query_pos = query[0];
-                for head in 0..kvh {
-                    // The kernel skips a prefix (padding, or what left the window); anything else
-                    // invisible needs the masked path.
-                    let Some(hidden) = kv.hidden_prefix(b, head, query_pos, sliding_window) else {
-                        return Ok(None);
-                    };
-                    let (k, v) = kv.head_kv_stored(b, head)?.expect("entries were just appended");
-                    keys.push(k);
-                    values.push(v);
-                    skip.push(hidden);
-                }
-            }
-            let out = pare_kernels::attention_decode(&q.squeeze(2)?, &keys, &values, &skip, scale)?;
+            let Some(cache) = self.decode_kv(kv, &query_positions[..batch], sliding_window)? else {
+                return Ok(None);
+            };
+            let out = pare_kernels::attention_decode_caches(&q.squeeze(2)?, &[cache.as_kernel_input()], scale)?;
             return Ok(Some(out.unsqueeze(2)?));
         }
         let fused_prefill = pare_kernels::attention_prefill_fused(q.device(), q.dtype(), d);
