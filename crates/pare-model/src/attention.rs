@@ -313,7 +313,12 @@ impl Attention {
     /// What the fused decode kernel reads of a cache for one query per row at `query_positions`:
     /// a uniform cache whole, a ragged one head by head. None where something other than a
     /// prefix of a head's entries is hidden from its query (then the masked path runs).
-    fn decode_kv(&self, kv: &LayerKv, query_positions: &[Vec<i64>], window: Option<usize>) -> Result<Option<DecodeCache>> {
+    fn decode_kv(
+        &self,
+        kv: &LayerKv,
+        query_positions: &[Vec<i64>],
+        window: Option<usize>,
+    ) -> Result<Option<DecodeCache>> {
         let rows = query_positions.len();
         // A uniform cache: one visibility scan per row and the cache passed whole, instead of
         // rows × kv_heads scans and views (host work that bounded the step at 32 rows).
