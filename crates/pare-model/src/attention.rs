@@ -212,9 +212,8 @@ impl Attention {
                     outs.push(self.attend_slot(&part.0, slot.kv, ctx.positions, window, slot.masks)?);
                 }
             }
-            if together {
-                outs = self.attend_slots(&q, slots, &parts, inputs.positions, window)?;
-            }
+            let together_out =
+                together.then(|| self.attend_slots(&q, slots, &parts, inputs.positions, window)).transpose()?;
             for (slot, part) in slots.iter_mut().zip(&parts) {
                 let ctx = self.context(layer, inputs, slot, part);
                 // Token pruning scores the full layer, before a press shrinks its cache.
@@ -225,7 +224,11 @@ impl Attention {
                     p.after_attention(&ctx, slot.kv)?;
                 }
             }
-            let out = if outs.len() == 1 { outs.pop().expect("one slot") } else { Tensor::cat(&outs, 0)? };
+            let out = match together_out {
+                Some(out) => out,
+                None if outs.len() == 1 => outs.pop().expect("one slot"),
+                None => Tensor::cat(&outs, 0)?,
+            };
             run_outs.push(out.transpose(1, 2)?.reshape((1, batch * seq, h * d))?);
         }
         let out = if run_outs.len() == 1 { run_outs.pop().expect("one run") } else { Tensor::cat(&run_outs, 1)? };
@@ -272,8 +275,8 @@ impl Attention {
     }
 
     /// Every slot's one-token decode (`q` the run's queries, the slots' rows in order), in one
-    /// fused kernel call over all their caches where it applies; else slot by slot. Returns each
-    /// slot's output.
+    /// fused kernel call over all their caches where it applies; else slot by slot. Returns the
+    /// slots' outputs in their rows' order.
     fn attend_slots(
         &self,
         q: &Tensor,
@@ -281,7 +284,7 @@ impl Attention {
         parts: &[SlotParts],
         positions: &[Vec<i64>],
         window: Option<usize>,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Tensor> {
         let (_, h, _, d) = q.dims4()?;
         let mut caches = Vec::with_capacity(slots.len());
         if pare_kernels::attention_decode_fused(q.device(), d, h, self.num_kv_heads) {
@@ -296,18 +299,13 @@ impl Attention {
             let attend = |(slot, part): (&KvSlot, &SlotParts)| {
                 self.attend_slot(&part.0, slot.kv, &positions[slot.rows.clone()], window, slot.masks)
             };
-            return slots.iter().zip(parts).map(attend).collect();
+            let outs = slots.iter().zip(parts).map(attend).collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&outs, 0)?);
         }
         let scale = 1.0 / (d as f32).sqrt();
         let caches: Vec<pare_kernels::DecodeKv> = caches.iter().map(DecodeCache::as_kernel_input).collect();
-        let out = pare_kernels::attention_decode_caches(&q.squeeze(2)?, &caches, scale)?.unsqueeze(2)?;
-        let mut start = 0;
-        let mut outs = Vec::with_capacity(slots.len());
-        for slot in slots {
-            outs.push(out.narrow(0, start, slot.rows.len())?);
-            start += slot.rows.len();
-        }
-        Ok(outs)
+        // One tensor for every slot's rows: no per-slot pieces to concatenate again.
+        Ok(pare_kernels::attention_decode_caches(&q.squeeze(2)?, &caches, scale)?.unsqueeze(2)?)
     }
 
     /// What the fused decode kernel reads of a cache for one query per row at `query_positions`:
