@@ -17,8 +17,9 @@
 //! own dequantization in the tests.
 //!
 //! [`scalar`] holds the plain references (dequantize a block, dot in f32); they are also the
-//! fallback on CPUs without AVX2/FMA/F16C. [`avx2`] holds the vectorized kernels, picked at run
-//! time.
+//! fallback on CPUs without AVX2/FMA/F16C. [`avx2`] holds the vectorized kernels, compiled twice —
+//! for AVX2 and for AVX-512 with VNNI (`dpbusd`, as llama.cpp's `-march=native` build uses) — and
+//! picked at run time ([`Kernel::detect`]).
 
 use std::sync::Arc;
 
@@ -323,10 +324,12 @@ struct SyncPtr(*mut f32);
 unsafe impl Sync for SyncPtr {}
 
 /// Which dot-product kernels this CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
     Scalar,
     Avx2,
+    /// AVX2's kernels with AVX-512 VNNI dot products and mask registers (Zen 4, Ice Lake on).
+    Avx512,
 }
 
 impl Kernel {
@@ -334,9 +337,19 @@ impl Kernel {
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-            return Kernel::Avx2;
+            let wide = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            return if wide { Kernel::Avx512 } else { Kernel::Avx2 };
         }
         Kernel::Scalar
+    }
+
+    /// Every kernel set this CPU runs, slowest first (the tests compare each with the reference).
+    pub fn available() -> Vec<Kernel> {
+        let best = Self::detect();
+        [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512].into_iter().filter(|&k| k <= best).collect()
     }
 
     /// `out[i] = w · xs[i]` for one weight row (its blocks) and up to [`ROWS`] activation rows.
@@ -359,6 +372,9 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: detect() saw AVX2, FMA and F16C; the shapes were checked above.
             Kernel::Avx2 => unsafe { avx2::dot_rows(ty, w, row_bytes, xs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, and detect() also saw AVX-512 F, BW, VL and VNNI.
+            Kernel::Avx512 => unsafe { avx2::dot_rows_wide(ty, w, row_bytes, xs, out) },
             _ => {
                 for (j, row) in w.chunks_exact(row_bytes).enumerate() {
                     for (i, x) in xs.iter().enumerate() {
