@@ -130,7 +130,24 @@ unsafe fn rows<const R: usize, const WIDE: bool>(ty: QuantType, w: &[u8], x: [*c
 
 #[inline(always)]
 unsafe fn fp16(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<u16>().read_unaligned() as i32)))
+    // Zero-extended through a general register on purpose: left to itself the compiler inserts the
+    // 16 bits into whatever vector register is free (`vpinsrw`), which ties each block's scale to
+    // the last write of that register, often an accumulator, and serializes the loop.
+    let bits: u32;
+    std::arch::asm!(
+        "movzx {bits:e}, word ptr [{p}]",
+        p = in(reg) p,
+        bits = out(reg) bits,
+        options(pure, readonly, nostack, preserves_flags),
+    );
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Two adjacent f16 values (a block's scale and minimum) in one conversion.
+#[inline(always)]
+unsafe fn fp16_pair(p: *const u8) -> (f32, f32) {
+    let both = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
+    (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
 }
 
 #[inline(always)]
@@ -240,13 +257,22 @@ impl<const R: usize> Acc<R> {
 /// One legacy block's unsigned codes, scale and per-element offset (−8d, −16d or the minimum).
 #[inline(always)]
 unsafe fn legacy_block<const T: u8, const WIDE: bool>(p: *const u8) -> (__m256i, f32, f32) {
-    let d = fp16(p);
     match T {
-        Q4_0 => (nibbles::<WIDE>(p.add(2)), d, -8.0 * d),
-        Q4_1 => (nibbles::<WIDE>(p.add(4)), d, fp16(p.add(2))),
-        Q5_0 => (fifth_bits::<WIDE>(nibbles::<WIDE>(p.add(6)), p.add(2).cast::<u32>().read_unaligned()), d, -16.0 * d),
+        Q4_0 => {
+            let d = fp16(p);
+            (nibbles::<WIDE>(p.add(2)), d, -8.0 * d)
+        }
+        Q4_1 => {
+            let (d, min) = fp16_pair(p);
+            (nibbles::<WIDE>(p.add(4)), d, min)
+        }
+        Q5_0 => {
+            let d = fp16(p);
+            (fifth_bits::<WIDE>(nibbles::<WIDE>(p.add(6)), p.add(2).cast::<u32>().read_unaligned()), d, -16.0 * d)
+        }
         _ => {
-            (fifth_bits::<WIDE>(nibbles::<WIDE>(p.add(8)), p.add(4).cast::<u32>().read_unaligned()), d, fp16(p.add(2)))
+            let (d, min) = fp16_pair(p);
+            (fifth_bits::<WIDE>(nibbles::<WIDE>(p.add(8)), p.add(4).cast::<u32>().read_unaligned()), d, min)
         }
     }
 }
