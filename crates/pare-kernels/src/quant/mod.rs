@@ -1,12 +1,15 @@
 //! Matrix products over GGUF's quantized blocks as stored, on the CPU.
 //!
 //! A weight matrix stays in its file's blocks (Q4_0 … Q8_0, Q2_K … Q6_K); activations are
-//! quantized per row to 8-bit blocks of 32 ([`BlockQ8`], llama.cpp's Q8_0/Q8_1 with the block sum
-//! kept), and each dot product runs on integers: `maddubs` over 32 unsigned weight codes and 32
-//! signed activation codes, one float multiply-add per 32 elements. One activation format serves
-//! every weight type — k-quant sub-blocks are 16 or 32 wide, so a 32-block lines up with them — and
-//! a row of activations is quantized once for q, k and v even when their types differ (Q4_K_M
-//! mixes Q4_K, Q6_K, Q5_0 and Q8_0).
+//! quantized once per row and product, and each dot product runs on integers over unsigned
+//! weight codes and signed activation codes. The activation format follows the weight type
+//! ([`QuantType::wants_q8k`]):
+//! - [`BlockQ8`] (blocks of 32, llama.cpp's Q8_0/Q8_1 with the block sum kept) for the 32-element
+//!   types and for Q2_K, Q3_K, Q5_K, whose 16- and 32-wide sub-blocks line up with it: one float
+//!   multiply-add per 32 elements.
+//! - [`BlockQ8K`] (llama.cpp's Q8_K: one scale per 256, code sums per 16) for Q4_K and Q6_K, the
+//!   k-quants Q4_K_M files are made of: a super-block's sub-block products are scaled by their
+//!   sub-block scales in integers and converted to float once per 256 elements.
 //!
 //! pare owns these kernels rather than patching candle's: candle's CPU `QMatMul` has SIMD paths
 //! for Q4_0, Q8_0 and the k-quants only (Q4_1/Q5_x are scalar), runs one row at a time (so a
@@ -17,8 +20,9 @@
 //! own dequantization in the tests.
 //!
 //! [`scalar`] holds the plain references (dequantize a block, dot in f32); they are also the
-//! fallback on CPUs without AVX2/FMA/F16C. [`avx2`] holds the vectorized kernels, picked at run
-//! time.
+//! fallback on CPUs without AVX2/FMA/F16C. [`avx2`] holds the vectorized kernels, compiled twice —
+//! for AVX2 and for AVX-512 with VNNI (`dpbusd`, as llama.cpp's `-march=native` build uses) — and
+//! picked at run time ([`Kernel::detect`]).
 
 use std::sync::Arc;
 
@@ -88,6 +92,11 @@ impl QuantType {
         }
     }
 
+    /// Whether products with this type take [`BlockQ8K`] activations (else [`BlockQ8`]).
+    pub fn wants_q8k(self) -> bool {
+        matches!(self, QuantType::Q4K | QuantType::Q6K)
+    }
+
     /// GGUF's name for the type, e.g. `Q4_K`.
     pub fn name(self) -> &'static str {
         match self {
@@ -140,6 +149,41 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         }
         b.d = d;
         b.s = d * sum as f32;
+    }
+}
+
+/// A super-block of 256 activations quantized to 8 bits, llama.cpp's Q8_K: `x ≈ d · qs`, with
+/// the code sums of each 16 kept for the k-quants' minimums and offsets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+impl BlockQ8K {
+    pub const ZERO: BlockQ8K = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+}
+
+/// Quantize `x` (a multiple of 256 long) into `out`, llama.cpp's `quantize_row_q8_K_ref`: the
+/// element of largest magnitude maps to −127 (so its sign sets the scale's), round half to even.
+pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+    debug_assert_eq!(x.len(), out.len() * QK_K);
+    for (chunk, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let max = chunk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        if max == 0.0 {
+            *b = BlockQ8K::ZERO;
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in b.qs.iter_mut().zip(chunk) {
+            *q = (iscale * v).round_ties_even().min(127.0) as i8;
+        }
+        for (sum, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *sum = qs.iter().map(|&q| q as i16).sum();
+        }
+        b.d = 1.0 / iscale;
     }
 }
 
@@ -253,24 +297,52 @@ impl QuantMatrix {
     }
 
     /// `y = x · selfᵀ` for `x` of (m, cols) row-major, f32 out (m, rows). Activations are
-    /// quantized per row to [`BlockQ8`]; the work is split over the pool by output rows.
+    /// quantized per row to [`BlockQ8`] or, for the types that want it, [`BlockQ8K`]; the work is
+    /// split over the pool by output rows.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, QuantError> {
         if !x.len().is_multiple_of(self.cols) {
             return Err(QuantError::Input { x: x.len(), cols: self.cols });
         }
         let m = x.len() / self.cols;
-        let xq = quantize_rows(x, self.cols);
         let mut y = vec![0f32; m * self.rows];
-        self.matmul_q8(&xq, m, &mut y);
+        if self.ty.wants_q8k() {
+            let xq = quantize_rows_with(x, self.cols, QK_K, BlockQ8K::ZERO, quantize_q8k);
+            self.matmul_q8k(&xq, m, &mut y);
+        } else {
+            self.matmul_q8(&quantize_rows(x, self.cols), m, &mut y);
+        }
         Ok(y)
     }
 
     /// [`Self::matmul`] on activations already quantized by [`quantize_rows`] (`m` rows), into
     /// `y` (m, rows).
     pub fn matmul_q8(&self, xq: &[BlockQ8], m: usize, y: &mut [f32]) {
-        let nb = self.cols / QK8;
-        assert!(xq.len() == m * nb && y.len() == m * self.rows, "matmul_q8: shapes");
         let kernel = Kernel::detect();
+        self.product(xq, self.cols / QK8, m, y, |w, row_bytes, xs, dots| {
+            kernel.dot_rows(self.ty, w, row_bytes, xs, dots)
+        });
+    }
+
+    /// [`Self::matmul`] on [`BlockQ8K`] activations (`m` rows of `cols / 256` blocks), for a type
+    /// that [wants them](QuantType::wants_q8k).
+    pub fn matmul_q8k(&self, xq: &[BlockQ8K], m: usize, y: &mut [f32]) {
+        let kernel = Kernel::detect();
+        self.product(xq, self.cols / QK_K, m, y, |w, row_bytes, xs, dots| {
+            kernel.dot_rows_q8k(self.ty, w, row_bytes, xs, dots)
+        });
+    }
+
+    /// The thread split and row grouping shared by both activation formats: `dot` fills
+    /// `dots[i · n + j]` for the `n` weight rows in `w` and the activation rows `xs`.
+    fn product<B: Sync>(
+        &self,
+        xq: &[B],
+        nb: usize,
+        m: usize,
+        y: &mut [f32],
+        dot: impl Fn(&[u8], usize, &[&[B]], &mut [f32]) + Sync,
+    ) {
+        assert!(xq.len() == m * nb && y.len() == m * self.rows, "quantized matmul: shapes");
         // Output rows in chunks: small enough that both threads stay busy on a decode step's
         // 576-row matrix, large enough that a chunk's weights stay in L1 while all m activation
         // rows pass over them.
@@ -288,12 +360,12 @@ impl QuantMatrix {
             let mut dots = vec![0f32; ROWS * rows.len()];
             for m0 in (0..m).step_by(ROWS) {
                 let take = (m - m0).min(ROWS);
-                let xs: [&[BlockQ8]; ROWS] = std::array::from_fn(|i| {
+                let xs: [&[B]; ROWS] = std::array::from_fn(|i| {
                     let row = m0 + i.min(take - 1);
                     &xq[row * nb..(row + 1) * nb]
                 });
                 let dots = &mut dots[..take * rows.len()];
-                kernel.dot_rows(self.ty, w, row_bytes, &xs[..take], dots);
+                dot(w, row_bytes, &xs[..take], dots);
                 for (i, part) in dots.chunks_exact(rows.len()).enumerate() {
                     // SAFETY: chunks own disjoint output rows; (m0+i, rows) lies inside y.
                     let dst =
@@ -307,13 +379,24 @@ impl QuantMatrix {
 
 /// Quantize `x` (rows of `cols` values, cols a multiple of 32) row by row, in parallel.
 pub fn quantize_rows(x: &[f32], cols: usize) -> Vec<BlockQ8> {
-    let nb = cols / QK8;
+    quantize_rows_with(x, cols, QK8, BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK8] }, quantize_q8)
+}
+
+/// Quantize `x` row by row into blocks of `per` elements with `quantize`, rows in parallel.
+fn quantize_rows_with<B: Copy + Send + Sync>(
+    x: &[f32],
+    cols: usize,
+    per: usize,
+    zero: B,
+    quantize: impl Fn(&[f32], &mut [B]) + Sync,
+) -> Vec<B> {
+    let nb = cols / per;
     let m = x.len() / cols;
-    let mut xq = vec![BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK8] }; m * nb];
+    let mut xq = vec![zero; m * nb];
     if m == 1 {
-        quantize_q8(x, &mut xq);
+        quantize(x, &mut xq);
     } else {
-        xq.par_chunks_mut(nb).zip(x.par_chunks(cols)).for_each(|(out, row)| quantize_q8(row, out));
+        xq.par_chunks_mut(nb).zip(x.par_chunks(cols)).for_each(|(out, row)| quantize(row, out));
     }
     xq
 }
@@ -323,10 +406,12 @@ struct SyncPtr(*mut f32);
 unsafe impl Sync for SyncPtr {}
 
 /// Which dot-product kernels this CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
     Scalar,
     Avx2,
+    /// AVX2's kernels with AVX-512 VNNI dot products and mask registers (Zen 4, Ice Lake on).
+    Avx512,
 }
 
 impl Kernel {
@@ -334,35 +419,78 @@ impl Kernel {
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-            return Kernel::Avx2;
+            let wide = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            return if wide { Kernel::Avx512 } else { Kernel::Avx2 };
         }
         Kernel::Scalar
     }
 
-    /// `out[i] = w · xs[i]` for one weight row (its blocks) and up to [`ROWS`] activation rows.
+    /// Every kernel set this CPU runs, slowest first (the tests compare each with the reference).
+    pub fn available() -> Vec<Kernel> {
+        let best = Self::detect();
+        [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512].into_iter().filter(|&k| k <= best).collect()
+    }
+
+    /// `out[i] = w · xs[i]` for one weight row (its blocks) and up to [`ROWS`] activation rows;
+    /// `ty` takes [`BlockQ8`] activations.
     pub fn dot(self, ty: QuantType, w: &[u8], xs: &[&[BlockQ8]], out: &mut [f32]) {
         self.dot_rows(ty, w, w.len(), xs, out)
     }
 
     /// `out[i · n + j] = w_j · xs[i]` for the `n` weight rows of `row_bytes` each held back to back
-    /// in `w`, and up to [`ROWS`] activation rows.
+    /// in `w`, and up to [`ROWS`] activation rows; `ty` takes [`BlockQ8`] activations.
     pub fn dot_rows(self, ty: QuantType, w: &[u8], row_bytes: usize, xs: &[&[BlockQ8]], out: &mut [f32]) {
         let n = w.len() / row_bytes;
         assert!(
-            xs.len() <= ROWS
+            !ty.wants_q8k()
+                && xs.len() <= ROWS
                 && out.len() == xs.len() * n
                 && w.len() == n * row_bytes
                 && xs.iter().all(|x| x.len() * QK8 == row_bytes / ty.block_bytes() * ty.block_elems()),
-            "dot_rows: shapes"
+            "dot_rows: type or shapes"
         );
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: detect() saw AVX2, FMA and F16C; the shapes were checked above.
+            // SAFETY: detect() saw AVX2, FMA and F16C; the type and shapes were checked above.
             Kernel::Avx2 => unsafe { avx2::dot_rows(ty, w, row_bytes, xs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, and detect() also saw AVX-512 F, BW, VL and VNNI.
+            Kernel::Avx512 => unsafe { avx2::dot_rows_wide(ty, w, row_bytes, xs, out) },
             _ => {
                 for (j, row) in w.chunks_exact(row_bytes).enumerate() {
                     for (i, x) in xs.iter().enumerate() {
                         out[i * n + j] = scalar::vec_dot(ty, row, x);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::dot_rows`] for a type that [wants](QuantType::wants_q8k) [`BlockQ8K`] activations.
+    pub fn dot_rows_q8k(self, ty: QuantType, w: &[u8], row_bytes: usize, xs: &[&[BlockQ8K]], out: &mut [f32]) {
+        let n = w.len() / row_bytes;
+        assert!(
+            ty.wants_q8k()
+                && xs.len() <= ROWS
+                && out.len() == xs.len() * n
+                && w.len() == n * row_bytes
+                && xs.iter().all(|x| x.len() * QK_K == row_bytes / ty.block_bytes() * ty.block_elems()),
+            "dot_rows_q8k: type or shapes"
+        );
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: detect() saw AVX2, FMA and F16C; the type and shapes were checked above.
+            Kernel::Avx2 => unsafe { avx2::dot_rows_q8k(ty, w, row_bytes, xs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, and detect() also saw AVX-512 F, BW, VL and VNNI.
+            Kernel::Avx512 => unsafe { avx2::dot_rows_q8k_wide(ty, w, row_bytes, xs, out) },
+            _ => {
+                for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+                    for (i, x) in xs.iter().enumerate() {
+                        out[i * n + j] = scalar::vec_dot_q8k(ty, row, x);
                     }
                 }
             }

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{BlockQ8, QuantType, QK8, QK_K};
+use super::{BlockQ8, BlockQ8K, QuantType, QK8, QK_K};
 
 fn fp16(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
@@ -132,6 +132,18 @@ pub fn vec_dot(ty: QuantType, w: &[u8], x: &[BlockQ8]) -> f32 {
             let dot: f32 = y.iter().zip(&xb.qs).map(|(&w, &q)| w * q as f32).sum();
             sum += dot * xb.d;
         }
+    }
+    sum
+}
+
+/// `w · x` for one row of k-quant super-blocks and its [`BlockQ8K`] activations, in f32.
+pub fn vec_dot_q8k(ty: QuantType, w: &[u8], x: &[BlockQ8K]) -> f32 {
+    let mut y = [0f32; QK_K];
+    let mut sum = 0f32;
+    for (b, xb) in w.chunks_exact(ty.block_bytes()).zip(x) {
+        dequantize_block(ty, b, &mut y);
+        let dot: f32 = y.iter().zip(&xb.qs).map(|(&w, &q)| w * q as f32).sum();
+        sum += dot * xb.d;
     }
     sum
 }

@@ -94,9 +94,15 @@ fn dequantization_matches_candle_for_every_type() {
 
 #[test]
 fn simd_kernels_match_the_scalar_reference() {
-    let kernel = Kernel::detect();
-    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
-        let cols = 1024;
+    for kernel in Kernel::available() {
+        simd_kernel_matches_the_scalar_reference(kernel);
+    }
+}
+
+fn simd_kernel_matches_the_scalar_reference(kernel: Kernel) {
+    for (i, ty) in QuantType::ALL.into_iter().enumerate().filter(|(_, t)| !t.wants_q8k()) {
+        // An odd number of blocks, so the kernels' tails (after blocks taken in pairs) run too.
+        let cols = ty.block_elems() * if ty.block_elems() == QK_K { 5 } else { 41 };
         let m = random_matrix(ty, 2, cols, 100 + i as u64);
         let mut rng = Rng(7 + i as u64);
         let x: Vec<f32> = (0..ROWS * cols).map(|_| rng.normal()).collect();
@@ -193,4 +199,59 @@ fn activations_round_as_llama_cpp() {
     assert_eq!(b[0].s, b[0].d * sum as f32);
     quantize_q8(&[0.0; 32], &mut b);
     assert_eq!((b[0].d, b[0].qs), (0.0, [0; 32]));
+}
+
+#[test]
+fn q8k_kernels_match_the_scalar_reference() {
+    for kernel in Kernel::available() {
+        for (i, ty) in QuantType::ALL.into_iter().filter(|t| t.wants_q8k()).enumerate() {
+            let cols = 5 * QK_K;
+            let m = random_matrix(ty, 3, cols, 400 + i as u64);
+            let mut rng = Rng(9 + i as u64);
+            let x: Vec<f32> = (0..ROWS * cols).map(|_| rng.normal()).collect();
+            let mut xq = vec![BlockQ8K::ZERO; ROWS * cols / QK_K];
+            quantize_q8k(&x, &mut xq);
+            let rows: Vec<&[BlockQ8K]> = xq.chunks(cols / QK_K).collect();
+            let mut w = vec![0f32; cols];
+            // Every row count the kernels are compiled for, over all three weight rows at once.
+            for take in 1..=ROWS {
+                let mut out = vec![0f32; take * 3];
+                kernel.dot_rows_q8k(ty, m.data(), m.data().len() / 3, &rows[..take], &mut out);
+                for r in 0..3 {
+                    scalar::dequantize_row(ty, m.row(r), &mut w);
+                    for (j, x) in rows[..take].iter().enumerate() {
+                        let (got, want) = (out[j * 3 + r], scalar::vec_dot_q8k(ty, m.row(r), x));
+                        let scale: f32 = w.iter().zip(&x_row(&xq, j, cols)).map(|(a, b)| (a * b).abs()).sum();
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale,
+                            "{} ({kernel:?}), rows {take}, weight row {r}, x row {j}: {got} vs reference {want}",
+                            ty.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Activation row `j` of `xq` (rows of `cols / 256` blocks) as floats.
+fn x_row(xq: &[BlockQ8K], j: usize, cols: usize) -> Vec<f32> {
+    let per = cols / QK_K;
+    xq[j * per..(j + 1) * per].iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect()
+}
+
+#[test]
+fn q8k_activations_round_as_llama_cpp() {
+    let x: Vec<f32> = (0..QK_K).map(|i| (i as f32 - 200.3) / 10.0).collect();
+    let mut b = [BlockQ8K::ZERO];
+    quantize_q8k(&x, &mut b);
+    // The largest magnitude is x[0] = −20.03: iscale = −127 / −20.03, so x[0] → −127 and
+    // x[255] = 5.57 → round(5.57 · 127 / 20.03) = 35.
+    assert_eq!((b[0].qs[0], b[0].qs[255]), (-127, 35));
+    assert_eq!(b[0].d, 1.0 / (-127.0 / x[0]));
+    for (k, &sum) in b[0].bsums.iter().enumerate() {
+        assert_eq!(sum as i32, b[0].qs[16 * k..16 * (k + 1)].iter().map(|&q| q as i32).sum::<i32>());
+    }
+    quantize_q8k(&[0.0; QK_K], &mut b);
+    assert_eq!(b[0], BlockQ8K::ZERO);
 }
