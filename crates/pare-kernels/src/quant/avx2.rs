@@ -296,6 +296,14 @@ unsafe fn legacy<const R: usize, const T: u8, const WIDE: bool>(w: &[u8], x: [*c
             acc.off[r][k] += min * (*xb).s;
         }
     };
+    two_chains(nb, step);
+    acc.finish()
+}
+
+/// `step(block, chain)` over blocks 0..nb, alternating between two accumulator chains so one
+/// block's multiply-adds do not wait on the previous block's.
+#[inline(always)]
+fn two_chains(nb: usize, mut step: impl FnMut(usize, usize)) {
     for b in (0..nb & !1).step_by(2) {
         step(b, 0);
         step(b + 1, 1);
@@ -303,7 +311,6 @@ unsafe fn legacy<const R: usize, const T: u8, const WIDE: bool>(w: &[u8], x: [*c
     if nb % 2 == 1 {
         step(nb - 1, 0);
     }
-    acc.finish()
 }
 
 #[inline(always)]
@@ -321,13 +328,7 @@ unsafe fn q8_0<const R: usize, const WIDE: bool>(w: &[u8], x: [*const BlockQ8; R
             acc.add(r, k, idot::<WIDE>(u, _mm256_sign_epi8(load_x(xb), q)), d * (*xb).d);
         }
     };
-    for b in (0..nb & !1).step_by(2) {
-        step(b, 0);
-        step(b + 1, 1);
-    }
-    if nb % 2 == 1 {
-        step(nb - 1, 0);
-    }
+    two_chains(nb, step);
     acc.finish()
 }
 
