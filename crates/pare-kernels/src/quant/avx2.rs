@@ -288,7 +288,7 @@ unsafe fn legacy<const R: usize, const T: u8, const WIDE: bool>(w: &[u8], x: [*c
     };
     let mut acc = Acc::<R>::new();
     let nb = w.len() / size;
-    let mut step = |b: usize, k: usize| {
+    let step = |b: usize, k: usize| {
         let (u, d, min) = legacy_block::<T, WIDE>(w.as_ptr().add(b * size));
         for (r, xr) in x.iter().enumerate() {
             let xb = xr.add(b);
@@ -317,7 +317,7 @@ fn two_chains(nb: usize, mut step: impl FnMut(usize, usize)) {
 unsafe fn q8_0<const R: usize, const WIDE: bool>(w: &[u8], x: [*const BlockQ8; R]) -> [f32; R] {
     let mut acc = Acc::<R>::new();
     let nb = w.len() / 34;
-    let mut step = |b: usize, k: usize| {
+    let step = |b: usize, k: usize| {
         let p = w.as_ptr().add(b * 34);
         let d = fp16(p);
         let q = load(p.add(2));
