@@ -197,23 +197,16 @@ impl Attention {
                 let prerope = q_prerope.as_ref().map(rows).transpose()?;
                 parts.push((rows(&q)?, rows(&k)?, rows(&v)?, rows(&hidden)?, prerope));
             }
-            let window = inputs.sliding_window;
-            // A decode step over several caches (a server's step: one cache per sequence) appends
-            // to all of them, then attends over all in one kernel call, not one per sequence.
-            let together = seq == 1 && slots.len() > 1;
-            let mut outs = Vec::with_capacity(slots.len());
+            // Every slot appends first, then all attend: a decode step over several caches (a
+            // server's step, one cache per sequence) does so in one kernel call.
             for (slot, part) in slots.iter_mut().zip(&parts) {
                 let ctx = self.context(layer, inputs, slot, part);
                 if let Some(p) = slot.press.as_deref_mut() {
                     p.before_attention(&ctx, slot.kv)?;
                 }
                 slot.kv.append(&part.1, &part.2, ctx.positions)?;
-                if !together {
-                    outs.push(self.attend_slot(&part.0, slot.kv, ctx.positions, window, slot.masks)?);
-                }
             }
-            let together_out =
-                together.then(|| self.attend_slots(&q, slots, &parts, inputs.positions, window)).transpose()?;
+            let out = self.attend_slots(&q, slots, &parts, inputs.positions, inputs.sliding_window)?;
             for (slot, part) in slots.iter_mut().zip(&parts) {
                 let ctx = self.context(layer, inputs, slot, part);
                 // Token pruning scores the full layer, before a press shrinks its cache.
@@ -224,11 +217,6 @@ impl Attention {
                     p.after_attention(&ctx, slot.kv)?;
                 }
             }
-            let out = match together_out {
-                Some(out) => out,
-                None if outs.len() == 1 => outs.pop().expect("one slot"),
-                None => Tensor::cat(&outs, 0)?,
-            };
             run_outs.push(out.transpose(1, 2)?.reshape((1, batch * seq, h * d))?);
         }
         let out = if run_outs.len() == 1 { run_outs.pop().expect("one run") } else { Tensor::cat(&run_outs, 1)? };
@@ -274,9 +262,9 @@ impl Attention {
         }
     }
 
-    /// Every slot's one-token decode (`q` the run's queries, the slots' rows in order), in one
-    /// fused kernel call over all their caches where it applies; else slot by slot. Returns the
-    /// slots' outputs in their rows' order.
+    /// Every slot's attention (`q` the run's queries, the slots' rows in order; their keys and
+    /// values already appended): a one-token decode in one fused kernel call over all their
+    /// caches where it applies, else slot by slot. Returns the slots' outputs in their rows' order.
     fn attend_slots(
         &self,
         q: &Tensor,
@@ -285,9 +273,9 @@ impl Attention {
         positions: &[Vec<i64>],
         window: Option<usize>,
     ) -> Result<Tensor> {
-        let (_, h, _, d) = q.dims4()?;
+        let (_, h, seq, d) = q.dims4()?;
         let mut caches = Vec::with_capacity(slots.len());
-        if pare_kernels::attention_decode_fused(q.device(), d, h, self.num_kv_heads) {
+        if seq == 1 && pare_kernels::attention_decode_fused(q.device(), d, h, self.num_kv_heads) {
             for slot in slots {
                 match self.decode_kv(slot.kv, &positions[slot.rows.clone()], window)? {
                     Some(cache) => caches.push(cache),
@@ -299,8 +287,8 @@ impl Attention {
             let attend = |(slot, part): (&KvSlot, &SlotParts)| {
                 self.attend_slot(&part.0, slot.kv, &positions[slot.rows.clone()], window, slot.masks)
             };
-            let outs = slots.iter().zip(parts).map(attend).collect::<Result<Vec<_>>>()?;
-            return Ok(Tensor::cat(&outs, 0)?);
+            let mut outs = slots.iter().zip(parts).map(attend).collect::<Result<Vec<_>>>()?;
+            return Ok(if outs.len() == 1 { outs.pop().expect("one slot") } else { Tensor::cat(&outs, 0)? });
         }
         let scale = 1.0 / (d as f32).sqrt();
         let caches: Vec<pare_kernels::DecodeKv> = caches.iter().map(DecodeCache::as_kernel_input).collect();
