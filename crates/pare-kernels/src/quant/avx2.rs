@@ -14,6 +14,30 @@ use std::arch::x86_64::*;
 use super::scalar::{q3k_scales, scale_min_k4};
 use super::{BlockQ8, BlockQ8K, QuantType};
 
+/// `$body` for each block `$b` of 0..nb with its chain `$k`, alternating between two accumulator
+/// chains so one block's multiply-adds do not wait on the previous block's. A macro, not a
+/// function taking a closure: a closure has no target features of its own, and one left out of
+/// line (as the four-row instantiations were) called every intrinsic as a function.
+macro_rules! two_chains {
+    ($nb:expr, |$b:ident, $k:ident| $body:block) => {{
+        let nb: usize = $nb;
+        for pair in (0..nb & !1).step_by(2) {
+            {
+                let ($b, $k) = (pair, 0);
+                $body
+            }
+            {
+                let ($b, $k) = (pair + 1, 1);
+                $body
+            }
+        }
+        if nb % 2 == 1 {
+            let ($b, $k) = (nb - 1, 0);
+            $body
+        }
+    }};
+}
+
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q5_0: u8 = 2;
@@ -288,36 +312,22 @@ unsafe fn legacy<const R: usize, const T: u8, const WIDE: bool>(w: &[u8], x: [*c
     };
     let mut acc = Acc::<R>::new();
     let nb = w.len() / size;
-    let step = |b: usize, k: usize| {
+    two_chains!(nb, |b, k| {
         let (u, d, min) = legacy_block::<T, WIDE>(w.as_ptr().add(b * size));
         for (r, xr) in x.iter().enumerate() {
             let xb = xr.add(b);
             acc.add(r, k, idot::<WIDE>(u, load_x(xb)), d * (*xb).d);
             acc.off[r][k] += min * (*xb).s;
         }
-    };
-    two_chains(nb, step);
+    });
     acc.finish()
-}
-
-/// `step(block, chain)` over blocks 0..nb, alternating between two accumulator chains so one
-/// block's multiply-adds do not wait on the previous block's.
-#[inline(always)]
-fn two_chains(nb: usize, mut step: impl FnMut(usize, usize)) {
-    for b in (0..nb & !1).step_by(2) {
-        step(b, 0);
-        step(b + 1, 1);
-    }
-    if nb % 2 == 1 {
-        step(nb - 1, 0);
-    }
 }
 
 #[inline(always)]
 unsafe fn q8_0<const R: usize, const WIDE: bool>(w: &[u8], x: [*const BlockQ8; R]) -> [f32; R] {
     let mut acc = Acc::<R>::new();
     let nb = w.len() / 34;
-    let step = |b: usize, k: usize| {
+    two_chains!(nb, |b, k| {
         let p = w.as_ptr().add(b * 34);
         let d = fp16(p);
         let q = load(p.add(2));
@@ -327,8 +337,7 @@ unsafe fn q8_0<const R: usize, const WIDE: bool>(w: &[u8], x: [*const BlockQ8; R
             let xb = xr.add(b);
             acc.add(r, k, idot::<WIDE>(u, _mm256_sign_epi8(load_x(xb), q)), d * (*xb).d);
         }
-    };
-    two_chains(nb, step);
+    });
     acc.finish()
 }
 
