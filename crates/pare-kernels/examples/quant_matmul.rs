@@ -40,10 +40,19 @@ fn main() {
         let tf = time(&|| {
             std::hint::black_box(xt.matmul(&dense.t().unwrap()).unwrap());
         });
+        let tg = time(&|| {
+            std::hint::black_box(w.gemm(&x).unwrap());
+        });
         let td = time(&|| {
             std::hint::black_box(w.dequantize());
         });
         println!("{} {n}x{k}: dequantize {:.1} cpu-us", ty.name(), td * 1e6);
+        println!(
+            "{} {n}x{k} m={m}: gemm {:.1} cpu-us ({:.1} GMAC per cpu-s)",
+            ty.name(),
+            tg * 1e6,
+            (m * n * k) as f64 / 1e9 / tg
+        );
         let gmac = (m * n * k) as f64 / 1e9;
         println!(
             "{} {n}x{k} m={m}: quant {:.1} cpu-us ({:.1} GMAC per cpu-s, {:.2} GB/s of blocks), f32 {:.1} cpu-us ({:.1} GMAC per cpu-s)",

@@ -30,6 +30,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod gemm;
 pub mod scalar;
 
 /// Elements per activation block.
@@ -314,6 +315,17 @@ impl QuantMatrix {
         Ok(y)
     }
 
+    /// `y = x · selfᵀ` for many rows at once (a prefill): every weight type is decoded into one
+    /// interleaved 8-bit format per job and multiplied by a GEMM kernel (see `gemm.rs`). A row's
+    /// result depends only on that row. Fast where [`gemm_is_fast`]; elsewhere it runs the plain
+    /// form of the same kernel.
+    pub fn gemm(&self, x: &[f32]) -> Result<Vec<f32>, QuantError> {
+        if !x.len().is_multiple_of(self.cols) {
+            return Err(QuantError::Input { x: x.len(), cols: self.cols });
+        }
+        Ok(gemm::gemm(self, x, Kernel::detect()))
+    }
+
     /// [`Self::matmul`] on activations already quantized by [`quantize_rows`] (`m` rows), into
     /// `y` (m, rows).
     pub fn matmul_q8(&self, xq: &[BlockQ8], m: usize, y: &mut [f32]) {
@@ -404,6 +416,12 @@ fn quantize_rows_with<B: Copy + Send + Sync>(
 struct SyncPtr(*mut f32);
 // SAFETY: used only to write disjoint elements from the pool's threads (see matmul_q8).
 unsafe impl Sync for SyncPtr {}
+
+/// Whether [`QuantMatrix::gemm`] has its SIMD form here (AVX-512 VNNI: 64 8-bit multiply-adds
+/// per instruction). Without it, dequantizing to f32 for a float GEMM is the faster prefill.
+pub fn gemm_is_fast() -> bool {
+    Kernel::detect() == Kernel::Avx512
+}
 
 /// Which dot-product kernels this CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -147,3 +147,90 @@ pub fn vec_dot_q8k(ty: QuantType, w: &[u8], x: &[BlockQ8K]) -> f32 {
     }
     sum
 }
+
+/// One block of `ty` as the GEMM's panel format wants it ([`super::gemm`]): unsigned codes and,
+/// per group of [`super::gemm::group`] elements, a scale `dw` and offset `cw` with
+/// `w = dw · code + cw` (equal to [`dequantize_block`] up to float rounding).
+pub(crate) fn block_codes(ty: QuantType, b: &[u8], codes: &mut [u8], dw: &mut [f32], cw: &mut [f32]) {
+    match ty {
+        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 => {
+            let d = fp16(b, 0);
+            let (min, qh, qs) = match ty {
+                QuantType::Q4_0 => (-8.0 * d, 0u32, &b[2..18]),
+                QuantType::Q4_1 => (fp16(b, 2), 0, &b[4..20]),
+                QuantType::Q5_0 => (-16.0 * d, u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &b[6..22]),
+                _ => (fp16(b, 2), u32::from_le_bytes([b[4], b[5], b[6], b[7]]), &b[8..24]),
+            };
+            for j in 0..16 {
+                codes[j] = (qs[j] & 0xF) | ((((qh >> j) & 1) << 4) as u8);
+                codes[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) << 4) as u8);
+            }
+            (dw[0], cw[0]) = (d, min);
+        }
+        QuantType::Q8_0 => {
+            let d = fp16(b, 0);
+            for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
+                *c = (q as i8 as i16 + 128) as u8;
+            }
+            (dw[0], cw[0]) = (d, -128.0 * d);
+        }
+        QuantType::Q2K => {
+            let (d, dmin) = (fp16(b, 80), fp16(b, 82));
+            for (c, codes) in codes.chunks_exact_mut(32).enumerate() {
+                let (n, j) = (c / 4, c % 4);
+                for (l, code) in codes.iter_mut().enumerate() {
+                    *code = (b[16 + 32 * n + l] >> (2 * j)) & 3;
+                }
+            }
+            for (s, &sc) in b[..16].iter().enumerate() {
+                (dw[s], cw[s]) = (d * (sc & 0xF) as f32, -dmin * (sc >> 4) as f32);
+            }
+        }
+        QuantType::Q3K => {
+            let d = fp16(b, 108);
+            for (c, codes) in codes.chunks_exact_mut(32).enumerate() {
+                let (n, j) = (c / 4, c % 4);
+                for (l, code) in codes.iter_mut().enumerate() {
+                    let low = (b[32 + 32 * n + l] >> (2 * j)) & 3;
+                    let high = (b[l] >> (4 * n + j)) & 1;
+                    // q = low − 4 unless the high bit is set: code = q + 4.
+                    *code = low + 4 * high;
+                }
+            }
+            for (s, &sc) in q3k_scales(&b[96..108]).iter().enumerate() {
+                dw[s] = d * sc as f32;
+                cw[s] = -4.0 * dw[s];
+            }
+        }
+        QuantType::Q4K | QuantType::Q5K => {
+            let (d, dmin) = (fp16(b, 0), fp16(b, 2));
+            let (qh, qs) = if ty == QuantType::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+            for (c, codes) in codes.chunks_exact_mut(32).enumerate() {
+                for (l, code) in codes.iter_mut().enumerate() {
+                    let byte = qs[32 * (c / 2) + l];
+                    *code = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                    if let Some(qh) = qh {
+                        *code |= ((qh[l] >> c) & 1) << 4;
+                    }
+                }
+                let (sc, m) = scale_min_k4(c, &b[4..16]);
+                (dw[c], cw[c]) = (d * sc as f32, -dmin * m as f32);
+            }
+        }
+        QuantType::Q6K => {
+            let d = fp16(b, 208);
+            for (c, codes) in codes.chunks_exact_mut(32).enumerate() {
+                let (n, c) = (c / 4, c % 4);
+                for (l, code) in codes.iter_mut().enumerate() {
+                    let byte = b[64 * n + 32 * (c % 2) + l];
+                    let low = if c < 2 { byte & 0xF } else { byte >> 4 };
+                    *code = low | (((b[128 + 32 * n + l] >> (2 * c)) & 3) << 4);
+                }
+            }
+            for s in 0..16 {
+                dw[s] = d * (b[192 + s] as i8) as f32;
+                cw[s] = -32.0 * dw[s];
+            }
+        }
+    }
+}

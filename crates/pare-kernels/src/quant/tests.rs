@@ -255,3 +255,69 @@ fn q8k_activations_round_as_llama_cpp() {
     quantize_q8k(&[0.0; QK_K], &mut b);
     assert_eq!(b[0], BlockQ8K::ZERO);
 }
+
+#[test]
+fn panel_codes_rebuild_every_type_s_blocks() {
+    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+        let m = random_matrix(ty, 2, 512, 900 + i as u64);
+        let g = gemm::group(ty);
+        let mut want = vec![0f32; ty.block_elems()];
+        let mut codes = vec![0u8; ty.block_elems()];
+        let (mut dw, mut cw) = (vec![0f32; ty.block_elems() / g], vec![0f32; ty.block_elems() / g]);
+        for block in m.data().chunks_exact(ty.block_bytes()) {
+            scalar::dequantize_block(ty, block, &mut want);
+            scalar::block_codes(ty, block, &mut codes, &mut dw, &mut cw);
+            for (e, &v) in want.iter().enumerate() {
+                let got = dw[e / g] * codes[e] as f32 + cw[e / g];
+                let tol = 1e-6 * (dw[e / g].abs() * 256.0 + cw[e / g].abs());
+                assert!((got - v).abs() <= tol, "{}: element {e}: {got} vs {v}", ty.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_matches_the_row_reference_and_its_plain_form() {
+    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+        // Rows not a multiple of the panel, activation rows not a multiple of the kernel's.
+        let (n, k, m) = (gemm::PANEL + 5, 512, 7);
+        let w = random_matrix(ty, n, k, 700 + i as u64);
+        let mut rng = Rng(80 + i as u64);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+        let acts = gemm::Activations::new(&x, k, ty);
+        let mut plain = vec![0f32; m * n];
+        gemm::product(Kernel::Scalar, &w, &acts, &mut plain);
+        let xq = quantize_rows(&x, k);
+        let mut wrow = vec![0f32; k];
+        for col in 0..n {
+            scalar::dequantize_row(ty, w.row(col), &mut wrow);
+            for row in 0..m {
+                let xr = &xq[row * k / QK8..(row + 1) * k / QK8];
+                let want = scalar::vec_dot(ty, w.row(col), xr);
+                // The same 8-bit activations and exact integer products: only float order differs.
+                let scale: f32 = wrow.iter().zip(&x[row * k..]).map(|(a, b)| (a * b).abs()).sum();
+                let got = plain[row * n + col];
+                assert!((got - want).abs() <= 1e-5 * scale, "{} ({row}, {col}): {got} vs {want}", ty.name());
+            }
+        }
+        for kernel in Kernel::available() {
+            let mut y = vec![0f32; m * n];
+            gemm::product(kernel, &w, &acts, &mut y);
+            // The SIMD kernel takes the same float steps in the same order, lane by lane.
+            assert_eq!(y, plain, "{} on {kernel:?}", ty.name());
+        }
+        assert_eq!(w.gemm(&x).unwrap(), plain, "{}", ty.name());
+    }
+}
+
+#[test]
+fn gemm_rows_do_not_depend_on_each_other() {
+    let w = random_matrix(QuantType::Q5_0, 40, 256, 5);
+    let mut rng = Rng(9);
+    let x: Vec<f32> = (0..9 * 256).map(|_| rng.normal()).collect();
+    let all = w.gemm(&x).unwrap();
+    for row in 0..9 {
+        let alone = w.gemm(&x[row * 256..(row + 1) * 256]).unwrap();
+        assert_eq!(alone, all[row * 40..(row + 1) * 40], "row {row}");
+    }
+}
