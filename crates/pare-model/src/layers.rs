@@ -2,7 +2,7 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Module, Storage, Tensor, D};
-use pare_kernels::quant::QuantMatrix;
+use pare_kernels::quant::{self, QuantMatrix};
 
 use crate::config::Activation;
 use crate::error::Result;
@@ -80,28 +80,40 @@ pub enum QuantWeight {
     Candle(QMatMul),
 }
 
-/// `x · mᵀ`: x (…, in) → (…, out), f32. A few rows (decode) run pare's quantized kernels, which
-/// read the compact blocks once; from [`NATIVE_DENSE_ROWS`] rows on (prefill) the blocks are dequantized
-/// and multiplied by an f32 GEMM, which on AVX2 CPUs does twice the multiply-adds per cycle of the
-/// 8-bit integer kernels (measured on the dev VM: 36 against 17 GMAC per CPU-second at 512×576×1536;
-/// `cargo run --release -p pare-kernels --example quant_matmul`), paying for decoding each weight
-/// once per forward (1.4 CPU-ms for that matrix: alone the break-even is near 50 rows).
+/// `x · mᵀ`: x (…, in) → (…, out), f32. A few rows (decode) run pare's quantized row kernels,
+/// which read the compact blocks once; from [`NATIVE_DENSE_ROWS`] rows on (prefill) a GEMM: pare's
+/// 8-bit one where the CPU has AVX-512 VNNI (2.4× the f32 GEMM's multiply-adds per CPU-second at
+/// 512×896×4864, decoding included), else the blocks dequantized for an f32 GEMM, which on AVX2
+/// alone does twice the multiply-adds per cycle of the 8-bit kernels (36 against 17 GMAC per
+/// CPU-second at 512×576×1536; `cargo run --release -p pare-kernels --example quant_matmul`).
 fn native_matmul(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
-    if x.elem_count() / m.cols().max(1) >= NATIVE_DENSE_ROWS {
-        return native_dense(m, x.device())?.forward(&x.to_dtype(DType::F32)?);
+    if x.elem_count() / m.cols().max(1) < NATIVE_DENSE_ROWS {
+        return native_kernel(m, x);
     }
-    native_kernel(m, x)
+    if quant::gemm_is_fast() {
+        return native_with(m, x, QuantMatrix::gemm);
+    }
+    native_dense(m, x.device())?.forward(&x.to_dtype(DType::F32)?)
 }
 
-/// The dense map the GEMM path multiplies by: the blocks dequantized to f32.
+/// The dense map the f32 GEMM path multiplies by: the blocks dequantized to f32.
 fn native_dense(m: &QuantMatrix, device: &candle_core::Device) -> Result<Linear> {
     let weight = Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), device)?;
     Ok(Linear::Dense { weight, bias: None })
 }
 
-/// `x · mᵀ` through the 8-bit kernels, whatever the row count. Each row is quantized and
+/// `x · mᵀ` through the 8-bit row kernels, whatever the row count. Each row is quantized and
 /// multiplied on its own, so a row's result does not depend on the other rows of the call.
 fn native_kernel(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
+    native_with(m, x, QuantMatrix::matmul)
+}
+
+/// `x · mᵀ` by one of [`QuantMatrix`]'s products on `x`'s rows as f32.
+fn native_with(
+    m: &QuantMatrix,
+    x: &Tensor,
+    product: impl Fn(&QuantMatrix, &[f32]) -> std::result::Result<Vec<f32>, quant::QuantError>,
+) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let y = {
@@ -110,7 +122,7 @@ fn native_kernel(m: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
             return Err(candle_core::Error::Msg("native quantized matmul: input not on the CPU".into()).into());
         };
         let start = layout.start_offset();
-        m.matmul(&data[start..start + x.elem_count()]).map_err(|e| candle_core::Error::Msg(e.to_string()))?
+        product(m, &data[start..start + x.elem_count()]).map_err(|e| candle_core::Error::Msg(e.to_string()))?
     };
     *dims.last_mut().expect("rank ≥ 1") = m.rows();
     Ok(Tensor::from_vec(y, dims, x.device())?)
@@ -175,11 +187,12 @@ impl Linear {
     }
 
     /// [`Self::forward`] over the rows of several sequences at once, `segments[i]` rows each, in
-    /// order. A quantized map's path depends on its row count (8-bit kernels for a few rows, the
-    /// dequantized GEMM for many; they round differently), so each sequence's rows take the path
-    /// they would take alone: what a sequence gets does not depend on what shares the call.
-    /// Consecutive kernel-path sequences share one kernel call (its rows are independent); GEMM-path
-    /// sequences share one dequantization, each its own GEMM of the shape it has alone.
+    /// order. A quantized map's path depends on its row count (8-bit row kernels for a few rows,
+    /// a GEMM for many; they round differently), so each sequence's rows take the path they would
+    /// take alone: what a sequence gets does not depend on what shares the call. Consecutive
+    /// sequences on a row-independent path (the row kernels, pare's 8-bit GEMM) share one call;
+    /// on the f32 GEMM path they share one dequantization, each its own GEMM of the shape it has
+    /// alone.
     pub fn forward_segments(&self, x: &Tensor, segments: &[usize]) -> Result<Tensor> {
         let (weight, threshold) = match self {
             Linear::Quantized { weight: w @ QuantWeight::Native(_), .. } => (w, NATIVE_DENSE_ROWS),
@@ -200,29 +213,37 @@ impl Linear {
                 segments.iter().sum::<usize>()
             )));
         }
-        let x2 = x.reshape((rows, in_features))?;
-        let mut dense: Option<Linear> = None;
-        let mut outs = Vec::new();
-        let (mut start, mut run) = (0, 0);
-        for &n in segments.iter().chain([&0]) {
-            // A zero-row end marker flushes the last run of kernel-path rows.
-            if n >= threshold || n == 0 {
-                if run > 0 {
-                    outs.push(kernel_forward(weight, &x2.narrow(0, start - run, run)?)?);
-                    run = 0;
-                }
-                if n == 0 {
-                    break;
-                }
-                let dense = match &mut dense {
-                    Some(d) => d,
-                    None => dense.insert(dequantized(weight, x.device())?),
-                };
-                outs.push(dense.forward(&x2.narrow(0, start, n)?.to_dtype(DType::F32)?)?);
-            } else {
-                run += n;
+        let gemm = match weight {
+            QuantWeight::Native(m) if quant::gemm_is_fast() => Some(m),
+            _ => None,
+        };
+        // Runs of consecutive segments that one call may serve: (many rows?, first row, rows).
+        let mut runs: Vec<(bool, usize, usize)> = Vec::new();
+        let mut start = 0;
+        for &n in segments {
+            let many = n >= threshold;
+            match runs.last_mut() {
+                Some((last_many, _, rows)) if *last_many == many && (!many || gemm.is_some()) => *rows += n,
+                _ => runs.push((many, start, n)),
             }
             start += n;
+        }
+        let x2 = x.reshape((rows, in_features))?;
+        let mut dense: Option<Linear> = None;
+        let mut outs = Vec::with_capacity(runs.len());
+        for (many, start, n) in runs {
+            let part = x2.narrow(0, start, n)?;
+            outs.push(match (many, gemm) {
+                (false, _) => kernel_forward(weight, &part)?,
+                (true, Some(m)) => native_with(m, &part, QuantMatrix::gemm)?,
+                (true, None) => {
+                    let dense = match &mut dense {
+                        Some(d) => d,
+                        None => dense.insert(dequantized(weight, x.device())?),
+                    };
+                    dense.forward(&part.to_dtype(DType::F32)?)?
+                }
+            });
         }
         let y = Tensor::cat(&outs, 0)?;
         let mut dims = x.dims().to_vec();

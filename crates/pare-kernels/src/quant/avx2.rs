@@ -551,3 +551,70 @@ unsafe fn q6_k_q8k<const R: usize>(w: &[u8], x: [*const BlockQ8K; R]) -> [f32; R
     }
     std::array::from_fn(|r| hsum(acc[r]))
 }
+
+/// [`super::scalar::quantize_q8`] on 8 lanes, bit for bit: the same maximum, scale and product,
+/// rounded half to even by `cvtps2dq` (the default rounding mode).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let p = chunk.as_ptr();
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+        let a = v.map(|v| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
+        // The packs work per 128-bit lane; the permute puts the four groups of 8 back in order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), bytes);
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
+/// The GEMM's panel format ([`super::gemm`]) for the 32-element types: for each block of each of
+/// up to 16 rows, its 32 unsigned codes in groups of four at `codes[(b·8 + q)·64 + lane·4]`, its
+/// scale at `dw[b·16 + lane]` and offset at `cw[b·16 + lane]` — the values
+/// [`super::scalar::block_codes`] gives, bit for bit.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL and VNNI; `ty` is Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0; `rows` holds at
+/// most 16 rows of equally many blocks and the outputs are sized for them.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn panel_codes(ty: QuantType, rows: &[&[u8]], codes: &mut [u8], dw: &mut [f32], cw: &mut [f32]) {
+    let size = ty.block_bytes();
+    for (lane, row) in rows.iter().enumerate() {
+        for b in 0..row.len() / size {
+            let p = row.as_ptr().add(b * size);
+            let (u, d, min) = match ty {
+                QuantType::Q4_0 => legacy_block::<Q4_0, true>(p),
+                QuantType::Q4_1 => legacy_block::<Q4_1, true>(p),
+                QuantType::Q5_0 => legacy_block::<Q5_0, true>(p),
+                QuantType::Q5_1 => legacy_block::<Q5_1, true>(p),
+                _ => {
+                    // Signed codes + 128: flipping the sign bit.
+                    let d = fp16(p);
+                    (_mm256_xor_si256(load(p.add(2)), _mm256_set1_epi8(-128)), d, -128.0 * d)
+                }
+            };
+            let mut groups = [0u32; 8];
+            _mm256_storeu_si256(groups.as_mut_ptr().cast(), u);
+            for (q, &g) in groups.iter().enumerate() {
+                codes.as_mut_ptr().add((b * 8 + q) * 64 + lane * 4).cast::<u32>().write_unaligned(g);
+            }
+            dw[b * 16 + lane] = d;
+            cw[b * 16 + lane] = min;
+        }
+    }
+}

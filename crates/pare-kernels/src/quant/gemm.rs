@@ -77,8 +77,9 @@ impl Panel {
         Panel { codes: Vec::new(), dw: Vec::new(), cw: Vec::new() }
     }
 
-    /// Decode rows `first .. first + PANEL` of `w` (rows past its end are zero).
-    fn fill(&mut self, w: &QuantMatrix, first: usize) {
+    /// Decode rows `first .. first + PANEL` of `w` (rows past its end are zero), by `kernel`'s
+    /// decoder where it has one for the type.
+    fn fill(&mut self, kernel: Kernel, w: &QuantMatrix, first: usize) {
         let (ty, cols, g) = (w.ty, w.cols, group(w.ty));
         let groups = cols / g;
         self.codes.clear();
@@ -87,10 +88,20 @@ impl Panel {
         self.dw.resize(groups * PANEL, 0.0);
         self.cw.clear();
         self.cw.resize(groups * PANEL, 0.0);
+        let lanes = PANEL.min(w.rows - first);
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx512 && ty.block_elems() == QK8 {
+            let rows: Vec<&[u8]> = (first..first + lanes).map(|r| w.row(r)).collect();
+            // SAFETY: Avx512 is detected only where AVX-512 F, BW, VL and VNNI are; a 32-element
+            // type; at most PANEL rows of `groups` blocks, the buffers sized for them above.
+            unsafe { super::avx2::panel_codes(ty, &rows, &mut self.codes, &mut self.dw, &mut self.cw) };
+            return;
+        }
+        let _ = kernel;
         let per_block = ty.block_elems() / g;
         let mut codes = [0u8; super::QK_K];
         let (mut dw, mut cw) = ([0f32; super::QK_K / 16], [0f32; super::QK_K / 16]);
-        for lane in 0..PANEL.min(w.rows - first) {
+        for lane in 0..lanes {
             for (b, block) in w.row(first + lane).chunks_exact(ty.block_bytes()).enumerate() {
                 let n = ty.block_elems();
                 scalar::block_codes(ty, block, &mut codes[..n], &mut dw[..per_block], &mut cw[..per_block]);
@@ -120,7 +131,7 @@ pub fn product(kernel: Kernel, w: &QuantMatrix, x: &Activations, y: &mut [f32]) 
             static PANEL_BUF: std::cell::RefCell<Panel> = std::cell::RefCell::new(Panel::new());
         }
         PANEL_BUF.with_borrow_mut(|panel| {
-            panel.fill(w, p * PANEL);
+            panel.fill(kernel, w, p * PANEL);
             let lanes = PANEL.min(n - p * PANEL);
             let out = &out;
             let mut rows = [[0f32; PANEL]; MR];

@@ -136,20 +136,15 @@ pub struct BlockQ8 {
 }
 
 /// Quantize `x` (a multiple of 32 long) into `out`, llama.cpp's rounding: scale by 127/max|x|,
-/// round half to even.
+/// round half to even ([`scalar::quantize_q8`], vectorized where the CPU has AVX2).
 pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     debug_assert_eq!(x.len(), out.len() * QK8);
-    for (chunk, b) in x.chunks_exact(QK8).zip(out.iter_mut()) {
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(chunk) {
-            *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
-        }
-        b.d = d;
-        b.s = d * sum as f32;
+    match Kernel::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: detect() saw AVX2, FMA and F16C; the lengths match (checked in debug builds,
+        // and zip stops at the shorter).
+        Kernel::Avx2 | Kernel::Avx512 => unsafe { avx2::quantize_q8(x, out) },
+        _ => scalar::quantize_q8(x, out),
     }
 }
 

@@ -34,6 +34,23 @@ pub(crate) fn q3k_scales(b: &[u8]) -> [i8; 16] {
     })
 }
 
+/// Quantize `x` (a multiple of 32 long) into `out`, llama.cpp's rounding: scale by 127/max|x|,
+/// round half to even.
+pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    for (chunk, b) in x.chunks_exact(QK8).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(chunk) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
 /// One block of `ty` (its bytes) as `ty.block_elems()` floats.
 pub fn dequantize_block(ty: QuantType, b: &[u8], y: &mut [f32]) {
     match ty {

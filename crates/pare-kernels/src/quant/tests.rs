@@ -321,3 +321,21 @@ fn gemm_rows_do_not_depend_on_each_other() {
         assert_eq!(alone, all[row * 40..(row + 1) * 40], "row {row}");
     }
 }
+
+#[test]
+fn vectorized_activation_rounding_is_the_reference_s() {
+    let mut rng = Rng(31);
+    // Random rows, a zero block, a block with one value, and values landing on .5 steps.
+    let mut x: Vec<f32> = (0..64 * 32).map(|_| rng.normal() * 3.0).collect();
+    x[32..64].fill(0.0);
+    x[64..96].fill(0.0);
+    x[70] = -2.5;
+    for (i, v) in x[96..128].iter_mut().enumerate() {
+        *v = i as f32 * 0.5 - 7.0;
+    }
+    let blank = BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK8] };
+    let (mut want, mut got) = (vec![blank; 64], vec![blank; 64]);
+    scalar::quantize_q8(&x, &mut want);
+    quantize_q8(&x, &mut got);
+    assert_eq!(got, want);
+}
