@@ -60,6 +60,7 @@ import transformers  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from kvpress import (  # noqa: E402
     AdaKVPress,
+    BlockPress,
     ChunkKVPress,
     CriticalAdaKVPress,
     CriticalKVPress,
@@ -98,7 +99,7 @@ SNAP = dict(window_size=64, kernel_size=5)
 EXPECTED = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
 
 # name -> (kind, inner press name or None, params, ratios, attention implementation, greedy?)
-# kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "critical_adakv", "chunkkv"
+# kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "critical_adakv", "chunkkv", "block"
 INNER = {
     "knorm": (KnormPress, {}),
     "keydiff": (KeyDiffPress, {}),
@@ -140,6 +141,10 @@ CASES = {
     ),
     "chunkkv_knorm": dict(kind="chunkkv", inner="knorm", params=dict(chunk_length=20), ratios=[0.5]),
     "chunkkv_snapkv": dict(kind="chunkkv", inner="snapkv", params=dict(chunk_length=20), ratios=[0.5]),
+    # BlockPress scores each head's kept entries (best first) followed by the next block: keydiff's anchor
+    # depends on that subset. (An order-sensitive scorer such as CUR, whose local blocks follow the subset's
+    # order, is no test: torch.topk orders exactly tied scores, which repeated tokens give at layer 0, its own way.)
+    "block_keydiff": dict(kind="block", inner="keydiff", params=dict(block_size=128), ratios=[0.5, 0.25]),
 }
 
 SCORE_NOTES = {
@@ -219,7 +224,9 @@ def build(name, ratio):
         return cls(compression_ratio=ratio, **params), None
     cls, inner_params = INNER[case["inner"]]
     inner = cls(compression_ratio=ratio, **inner_params)
-    outer = {"adakv": AdaKVPress, "critical_adakv": CriticalAdaKVPress, "chunkkv": ChunkKVPress}[case["kind"]]
+    outer = {"adakv": AdaKVPress, "critical_adakv": CriticalAdaKVPress, "chunkkv": ChunkKVPress, "block": BlockPress}[
+        case["kind"]
+    ]
     return outer(press=inner, **case["params"]), inner
 
 
@@ -235,6 +242,9 @@ class Capture:
 
         def score(module, *args, **kwargs):
             s = orig_score(module, *args, **kwargs)
+            if isinstance(press, BlockPress):  # one call per block
+                self.scores.setdefault(module.layer_idx, []).append(s.detach().clone())
+                return s
             assert module.layer_idx not in self.scores
             self.scores[module.layer_idx] = s.detach().clone()  # AdaKV scatters into s in place
             return s
@@ -344,6 +354,26 @@ def select_critical_adakv(scores, values, module, ratio, alpha, first_stage_rati
     return kept, close, dict(head_budgets=budgets, n_safe=n_safe)
 
 
+def select_block(calls, k_len, ratio, block_size):
+    """BlockPress.compress restated from its scorer's calls, one per block: per head the kept set (sorted) and the
+    near-boundary (head, position) pairs of every block's selection."""
+    n_kept = compute_n_kept(k_len, ratio)
+    block_size = min(block_size, k_len)
+    n_heads = calls[0].shape[1]
+    kept = torch.arange(n_kept).expand(1, n_heads, -1)
+    starts = list(range(n_kept, k_len, block_size))
+    assert len(calls) == len(starts)
+    close = []
+    for i, scores in zip(starts, calls):
+        current = torch.cat([kept, torch.arange(i, min(i + block_size, k_len)).expand(1, n_heads, -1)], dim=-1)
+        assert scores.shape == current.shape
+        kept = current.gather(-1, scores.topk(n_kept, dim=-1).indices)
+        for h in range(n_heads):
+            ordered = scores[0, h].sort(descending=True).values
+            close += [[h, int(current[0, h, j])] for j in near(scores[0, h], ordered[n_kept - 1], ordered[n_kept])]
+    return [sorted(k.tolist()) for k in kept[0]], close
+
+
 def chunk_scores_of(scores, chunk_length):
     """ChunkKVPress.compress's chunk scores: sum over kv heads, mean over each chunk (the remainder is one chunk)."""
     k_len = scores.shape[-1]
@@ -390,8 +420,11 @@ def run_press(model, tokenizer, ids, name, ratio):
     budgets = []
     for i, module in enumerate(modules):
         scores = cap.scores[i]
-        assert scores.shape == (1, model.config.num_key_value_heads, T) and scores.dtype == torch.float32
-        if case["kind"] == "scorer":
+        if case["kind"] != "block":
+            assert scores.shape == (1, model.config.num_key_value_heads, T) and scores.dtype == torch.float32
+        if case["kind"] == "block":
+            kept, close = select_block(scores, T, ratio, press.block_size)
+        elif case["kind"] == "scorer":
             kept, close = select_topk(scores, compute_n_kept(T, ratio))
         elif case["kind"] == "pyramid":
             budget = pyramid_budget(press, module, T)
@@ -436,10 +469,11 @@ def run_press(model, tokenizer, ids, name, ratio):
     params = dict(INNER[inner_name][1]) if case["kind"] in ("scorer", "pyramid") else dict(
         case["params"], inner=inner_name, inner_params=dict(INNER[inner_name][1])
     )
-    sample = cap.scores[SAMPLE_LAYER][0, SAMPLE_HEAD]
+    sample = cap.scores[SAMPLE_LAYER]
+    sample = (sample[-1] if case["kind"] == "block" else sample)[0, SAMPLE_HEAD]
     fixture = dict(
         made_by=None,  # filled in by main
-        press=case["kind"] if case["kind"] in ("adakv", "critical_adakv", "chunkkv") else name,
+        press=case["kind"] if case["kind"] in ("adakv", "critical_adakv", "chunkkv", "block") else name,
         params=params,
         ratio=ratio,
         attn_implementation=attn,
@@ -450,6 +484,8 @@ def run_press(model, tokenizer, ids, name, ratio):
             layer=SAMPLE_LAYER,
             head=SAMPLE_HEAD,
             note=("raw scores of the inner press (before AdaKV's safeguard) " if case["kind"] == "adakv" else "")
+            + ("the last block's call of the inner press (the head's kept entries, best first, then the block): "
+               if case["kind"] == "block" else "")
             + SCORE_NOTES[inner_name],
             scores=[f32(v) for v in sample.tolist()],
         ),

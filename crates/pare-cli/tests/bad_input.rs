@@ -322,6 +322,9 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");
     check(&["--press", "knorm+snapkv", "--ratio", "0.5"], "not a wrapper");
     check(&["--press", "decoding+knorm"], "decoding needs --budget");
+    check(&["--press", "block+keydiff", "--ratio", "0.5", "--block-size", "0"], "--block-size must be at least 1");
+    check(&["--press", "block+snapkv", "--ratio", "0.5"], "block wraps a scorer that reads only keys and values");
+    check(&["--press", "knorm", "--ratio", "0.5", "--block-size", "64"], "--block-size does not apply");
     let readme = repo().join("README.md");
     let readme = readme.to_str().unwrap();
     expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");

@@ -26,7 +26,9 @@ pub use pare_model::hooks::CachePress;
 
 use serde::Deserialize;
 
-use presses::{AdaKv, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
+use presses::{
+    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress,
+};
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
 
@@ -44,7 +46,11 @@ pub const SCORERS: &[&str] = &[
     "streaming",
 ];
 /// Wrappers, written before the press they wrap.
-pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical"];
+pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical", "block"];
+/// The scorers block wraps: those that read only keys and values. kvpress's BlockPress hands a
+/// query-based scorer hidden states whose per-head slices come from different tokens, scored at
+/// the last positions of the prompt, which no query pare observes reproduces.
+pub const BLOCK_SCORERS: &[&str] = &["knorm", "keydiff", "lagkv", "cur"];
 
 /// Every option a press can take; None where the user gave none (kvpress defaults then apply).
 ///
@@ -96,6 +102,9 @@ pub struct PressOptions {
     /// critical: share of each head's budget chosen by the wrapped scorer alone (default 0.5).
     #[arg(long)]
     pub first_stage_ratio: Option<f64>,
+    /// block: entries scored per block, with what each head kept so far (default 128).
+    #[arg(long)]
+    pub block_size: Option<usize>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -124,6 +133,7 @@ impl PressOptions {
             ("n_future", o.n_future.is_some()),
             ("lag_size", o.lag_size.is_some()),
             ("first_stage_ratio", o.first_stage_ratio.is_some()),
+            ("block_size", o.block_size.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -186,6 +196,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "adakv" => &["alpha_safeguard"],
         "chunkkv" => &["chunk_length"],
         "critical" => &["first_stage_ratio"],
+        "block" => &["block_size"],
         "decoding" => &["interval", "buffer"],
         _ => &[],
     }
@@ -276,6 +287,19 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
                 } else {
                     Box::new(critical)
                 }
+            }
+            "block" => {
+                if !BLOCK_SCORERS.contains(base) {
+                    return Err(PressError::config(format!(
+                        "block wraps a scorer that reads only keys and values ({}), not {base}",
+                        BLOCK_SCORERS.join(", ")
+                    )));
+                }
+                let block_size = opts.block_size.unwrap_or(128);
+                if block_size == 0 {
+                    return Err(PressError::config("`block_size` must be at least 1"));
+                }
+                Box::new(BlockPress { scorer, block_size })
             }
             _ => unreachable!("wrappers were checked"),
         };

@@ -49,6 +49,8 @@ const CASES: &[(&str, &str)] = &[
     ("critical_snapkv_r0.5", "critical+snapkv"),
     ("critical_snapkv_r0.25", "critical+snapkv"),
     ("critical_adakv_snapkv_r0.5", "critical+adakv+snapkv"),
+    ("block_keydiff_r0.5", "block+keydiff"),
+    ("block_keydiff_r0.25", "block+keydiff"),
 ];
 
 #[test]
@@ -56,7 +58,9 @@ fn kept_entries_match_kvpress() {
     let model = &smollm2().model;
     for (file, spec) in CASES {
         let f = fixture(&format!("{file}.json"));
-        let press = build(spec, &PressOptions { ratio: f["ratio"].as_f64(), ..PressOptions::default() }).unwrap();
+        let block_size = f["params"]["block_size"].as_u64().map(|b| b as usize);
+        let press =
+            build(spec, &PressOptions { ratio: f["ratio"].as_f64(), block_size, ..PressOptions::default() }).unwrap();
         let (_, cache, _) =
             ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(press.as_ref()))).unwrap();
         // Entries whose kvpress score sits within float noise of the cut may fall either way.

@@ -42,7 +42,14 @@ fn run(model: &Model, prompts: &[Vec<u32>], press: Option<&dyn CachePress>, step
 /// Every scorer the crate builds, pyramidkv, and each selection wrapper around one of them.
 fn all_presses() -> Vec<&'static str> {
     let mut all = pare_press::SCORERS.to_vec();
-    all.extend(["pyramidkv", "adakv+snapkv", "chunkkv+knorm", "critical+snapkv", "critical+adakv+snapkv"]);
+    all.extend([
+        "pyramidkv",
+        "adakv+snapkv",
+        "chunkkv+knorm",
+        "critical+snapkv",
+        "critical+adakv+snapkv",
+        "block+keydiff",
+    ]);
     all
 }
 
@@ -75,7 +82,13 @@ fn ratio_zero_gives_exactly_the_uncompressed_logits() {
 fn budgets_shrink_the_cache_in_proportion_per_head_budgets_included() {
     let model = &smollm2().model;
     let prompt = vec![text_tokens(200)];
-    for (spec, r) in [("knorm", 0.5), ("snapkv", 0.75), ("adakv+snapkv", 0.5), ("adakv+expected-attention", 0.75)] {
+    for (spec, r) in [
+        ("knorm", 0.5),
+        ("snapkv", 0.75),
+        ("adakv+snapkv", 0.5),
+        ("adakv+expected-attention", 0.75),
+        ("block+keydiff", 0.5),
+    ] {
         let (_, cache, _) =
             ts::prefill_hooked(model, &prompt, press_hooks(Some(press(spec, ratio(r)).as_ref()))).unwrap();
         let kept_per_head = (200.0 * (1.0 - r)) as usize;

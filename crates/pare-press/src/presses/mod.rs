@@ -2,6 +2,7 @@
 //! budgets (per layer, per head, per chunk). Each wraps a scorer or another selector.
 
 pub mod adakv;
+pub mod block;
 pub mod chunkkv;
 pub mod criticalkv;
 pub mod decoding;
@@ -10,6 +11,7 @@ pub mod pyramidkv;
 pub mod streaming;
 
 pub use adakv::AdaKv;
+pub use block::BlockPress;
 pub use chunkkv::ChunkKv;
 pub use criticalkv::{CriticalAdaKv, CriticalKv};
 pub use decoding::DecodingPress;
