@@ -61,6 +61,7 @@ from importlib.metadata import version  # noqa: E402
 from kvpress import (  # noqa: E402
     AdaKVPress,
     BlockPress,
+    ComposedPress,
     ChunkKVPress,
     CriticalAdaKVPress,
     CriticalKVPress,
@@ -74,6 +75,7 @@ from kvpress import (  # noqa: E402
     ScorerPress,
     SnapKVPress,
     StreamingLLMPress,
+    ThinKPress,
     TOVAPress,
 )
 from kvpress.utils import compute_n_kept  # noqa: E402
@@ -145,6 +147,10 @@ CASES = {
     # depends on that subset. (An order-sensitive scorer such as CUR, whose local blocks follow the subset's
     # order, is no test: torch.topk orders exactly tied scores, which repeated tokens give at layer 0, its own way.)
     "block_keydiff": dict(kind="block", inner="keydiff", params=dict(block_size=128), ratios=[0.5, 0.25]),
+    # ThinK zeroes key channels; the ratio is key_channel_compression_ratio (and, composed, SnapKV's ratio too:
+    # kvpress's docstring example ComposedPress([SnapKVPress(0.5), ThinKPress(0.5)])).
+    "think": dict(kind="think", params=dict(window_size=32), ratios=[0.5, 0.25]),
+    "think_snapkv": dict(kind="think", inner="snapkv", params=dict(window_size=32), ratios=[0.5]),
 }
 
 SCORE_NOTES = {
@@ -173,6 +179,9 @@ SCORE_NOTES = {
     "critical_knorm": "CriticalKV over knorm: (score + 1e-4) x mean over the 3 query heads of ||v W_o,q||_1; the "
     "top int(n_kept * 0.5) knorm entries of each head set to float32 max.",
     "critical_snapkv": "CriticalKV over snapkv: as critical_knorm with snapkv's scores.",
+    "think": "per key channel of the kv head: mean over the last 32 queries (q_proj + RoPE) of q^2, averaged over the "
+    "3 query heads, times the mean over the cached entries (after the composed press, if any) of k^2 (post-RoPE); "
+    "the int(64 * ratio) lowest channels are zeroed.",
 }
 
 
@@ -400,8 +409,88 @@ def select_chunks(scores, ratio, chunk_length):
 # ---------------------------------------------------------------- one fixture
 
 
+def run_think(model, ids, name, ratio):
+    """ThinKPress alone or after a sequence press (ComposedPress): the zeroed channels per (layer, head), each
+    checked against the channel scores restated from ThinK's own window queries, and the inner press's kept entries."""
+    case = CASES[name]
+    set_attn(model, "sdpa")
+    think = ThinKPress(key_channel_compression_ratio=ratio, **case["params"])
+    inner = None
+    if case.get("inner"):
+        cls, params = INNER[case["inner"]]
+        inner = cls(compression_ratio=ratio, **params)
+        cap = Capture(inner, inner)
+    press = ComposedPress([inner, think]) if inner is not None else think
+    channel_scores = {}
+    orig_compress = think.compress
+
+    def compress(module, hidden_states, keys, values, attentions, kwargs):
+        q = think.compute_window_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
+        _, n_kv, _, d = keys.shape
+        qn = q.pow(2).mean(dim=2).view(1, n_kv, -1, d).mean(2)
+        channel_scores[module.layer_idx] = (qn * keys.pow(2).mean(dim=2))[0].detach().clone()
+        return orig_compress(module, hidden_states, keys, values, attentions, kwargs)
+
+    think.compress = compress
+    T = len(ids)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, cache_position=torch.arange(T))
+    pruned_all, close, kept_all, kept_close = [], [], [], []
+    for i in range(len(attn_modules(model))):
+        keys = cache.layers[i].keys[0]
+        n_pruned = int(keys.shape[-1] * ratio)
+        pruned = []
+        for h in range(keys.shape[0]):
+            s = channel_scores[i][h]
+            zero = sorted(torch.nonzero((keys[h] == 0).all(0)).flatten().tolist())
+            assert zero == sorted(s.topk(n_pruned, largest=False).indices.tolist()), f"{name} layer {i} head {h}"
+            pruned.append(zero)
+            ordered = s.sort().values
+            close += [[i, h, c] for c in near(s, ordered[n_pruned - 1], ordered[n_pruned])]
+        pruned_all.append(pruned)
+        if inner is not None:
+            kept, near_kept = select_topk(cap.scores[i], compute_n_kept(T, ratio))
+            for h in range(len(kept)):
+                assert sorted(rows_taken(cap.keys_out[i][0, h], cap.keys_in[i][0, h])) == kept[h]
+                assert torch.equal(cache.layers[i].values[0, h], cap.values_out[i][0, h])
+            kept_all.append(kept)
+            kept_close += [[i] + c for c in near_kept]
+    fixture = dict(
+        made_by=None,
+        press="think",
+        params=dict(case["params"], key_channel_compression_ratio=ratio)
+        | (dict(inner=case["inner"], inner_params=dict(INNER[case["inner"]][1]), inner_ratio=ratio) if inner else {}),
+        ratio=ratio,
+        seq_len=T,
+        prompt_ids=ids,
+        pruned_channels=pruned_all,
+        scores_sample=dict(
+            layer=SAMPLE_LAYER,
+            head=SAMPLE_HEAD,
+            note=SCORE_NOTES["think"],
+            scores=[f32(v) for v in channel_scores[SAMPLE_LAYER][SAMPLE_HEAD].tolist()],
+        ),
+        near_boundary=dict(
+            rel_tol=NEAR_TOL,
+            note="[layer, head, channel]: channels whose score is within rel_tol of the midpoint between the last "
+            "pruned and the first kept channel score",
+            entries=close,
+        ),
+    )
+    if inner is not None:
+        fixture["kept"] = kept_all
+        fixture["kept_near_boundary"] = dict(
+            note="[layer, head, position]: entries near the inner press's cut, as near_boundary of its own fixtures",
+            entries=kept_close,
+        )
+    return fixture, None
+
+
 def run_press(model, tokenizer, ids, name, ratio):
     case = CASES[name]
+    if case["kind"] == "think":
+        return run_think(model, ids, name, ratio)
     attn = case.get("attn", "sdpa")
     set_attn(model, attn)
     press, inner = build(name, ratio)

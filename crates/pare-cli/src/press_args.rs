@@ -9,7 +9,7 @@ use pare_press::{CachePress, PressOptions};
 pub struct PressArgs {
     /// KV-cache press: knorm, snapkv, tova, observed-attention, expected-attention, random,
     /// streaming, pyramidkv; wrappers compose with `+`: adakv+snapkv, chunkkv+knorm,
-    /// decoding+snapkv, block+keydiff.
+    /// decoding+snapkv, block+keydiff; think (key channels) first: think+snapkv.
     #[arg(long, help_heading = "KV-cache compression")]
     pub press: Option<String>,
     #[command(flatten)]

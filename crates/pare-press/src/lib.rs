@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use presses::{
     AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress,
+    ThinkPress,
 };
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
@@ -105,6 +106,9 @@ pub struct PressOptions {
     /// block: entries scored per block, with what each head kept so far (default 128).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// think: fraction of each KV head's key channels zeroed at prefill, in [0, 1).
+    #[arg(long)]
+    pub key_channel_ratio: Option<f64>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -134,6 +138,7 @@ impl PressOptions {
             ("lag_size", o.lag_size.is_some()),
             ("first_stage_ratio", o.first_stage_ratio.is_some()),
             ("block_size", o.block_size.is_some()),
+            ("key_channel_ratio", o.key_channel_ratio.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -177,7 +182,7 @@ impl PressSpec {
     pub fn kept_after_prefill(&self, prompt_len: usize) -> usize {
         let o = &self.options;
         let by_ratio = o.ratio.map(|r| ((prompt_len as f64) * (1.0 - r)).ceil() as usize);
-        let decoding = self.name.split('+').next().map(str::trim) == Some("decoding");
+        let decoding = self.name.split('+').map(str::trim).find(|&n| n != "think") == Some("decoding");
         let by_budget = if decoding { None } else { o.budget.or(o.capacity) };
         by_ratio.into_iter().chain(by_budget).fold(prompt_len, usize::min)
     }
@@ -197,6 +202,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "chunkkv" => &["chunk_length"],
         "critical" => &["first_stage_ratio"],
         "block" => &["block_size"],
+        "think" => &["key_channel_ratio"],
         "decoding" => &["interval", "buffer"],
         _ => &[],
     }
@@ -205,13 +211,19 @@ fn options_of(name: &str) -> &'static [&'static str] {
 /// Build the press `spec` (a `+` chain) with `opts`; every mistake is one clear message.
 pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let chain: Vec<&str> = spec.split('+').map(str::trim).collect();
-    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || n == "pyramidkv";
+    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || n == "pyramidkv" || n == "think";
     if let Some(bad) = chain.iter().find(|n| !known(n)) {
         return Err(PressError::config(format!(
-            "unknown press {bad:?} (presses: {}, pyramidkv; wrappers: {})",
+            "unknown press {bad:?} (presses: {}, pyramidkv, think; wrappers: {})",
             SCORERS.join(", "),
             WRAPPERS.join(", ")
         )));
+    }
+    if let Some(&"think") = chain.first() {
+        return build_think(&chain[1..], opts);
+    }
+    if chain.contains(&"think") {
+        return Err(PressError::config("think must come first: think+snapkv prunes key channels after snapkv"));
     }
     // ratio, budget and positions apply to every press.
     for option in opts.given().into_iter().filter(|o| !["ratio", "budget", "positions"].contains(o)) {
@@ -329,6 +341,35 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         }
     };
     Ok(Box::new(PrefillPress { selector, budget, positions: opts.positions }))
+}
+
+/// ThinK's key-channel pruning after the sequence press `inner` (a `+` chain, maybe empty), as
+/// kvpress's `ComposedPress([inner, ThinKPress])`.
+fn build_think(inner: &[&str], opts: &PressOptions) -> Result<Box<dyn CachePress>> {
+    let ratio = opts
+        .key_channel_ratio
+        .ok_or_else(|| PressError::config("think needs `key_channel_ratio` R: the fraction of key channels zeroed"))?;
+    if !(0.0..1.0).contains(&ratio) {
+        return Err(PressError::config(format!("`key_channel_ratio` must be in [0, 1), got {ratio}")));
+    }
+    let inner = if inner.is_empty() {
+        if let Some(option) = opts.given().into_iter().find(|&o| o != "key_channel_ratio") {
+            return Err(PressError::config(format!(
+                "`{option}` does not apply to think alone: name a sequence press after it (think+snapkv)"
+            )));
+        }
+        None
+    } else {
+        // A later re-rotation would rotate the zeroed channels back into their nonzero partners.
+        let rotates_later = inner[0] == "decoding" || opts.capacity.is_some();
+        if rotates_later && opts.positions == PositionPolicy::Rerotate {
+            return Err(PressError::config(
+                "think zeroes key channels at prefill; `positions` rerotate while decoding would rotate them back",
+            ));
+        }
+        Some(build(&inner.join("+"), &PressOptions { key_channel_ratio: None, ..opts.clone() })?)
+    };
+    Ok(Box::new(ThinkPress { inner, key_channel_ratio: ratio, window: 32 }))
 }
 
 fn alpha_safeguard(opts: &PressOptions) -> Result<f64> {

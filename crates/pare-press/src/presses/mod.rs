@@ -9,6 +9,7 @@ pub mod decoding;
 pub mod prefill;
 pub mod pyramidkv;
 pub mod streaming;
+pub mod think;
 
 pub use adakv::AdaKv;
 pub use block::BlockPress;
@@ -18,3 +19,4 @@ pub use decoding::DecodingPress;
 pub use prefill::PrefillPress;
 pub use pyramidkv::PyramidKv;
 pub use streaming::StreamingPress;
+pub use think::ThinkPress;
