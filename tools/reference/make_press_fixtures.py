@@ -67,6 +67,7 @@ from kvpress import (  # noqa: E402
     CriticalKVPress,
     CURPress,
     ExpectedAttentionPress,
+    FinchPress,
     KeyDiffPress,
     KnormPress,
     LagKVPress,
@@ -113,6 +114,12 @@ INNER = {
     "expected_attention": (ExpectedAttentionPress, EXPECTED),
     "streaming_llm": (StreamingLLMPress, dict(n_sink=4)),
     "pyramidkv": (PyramidKVPress, dict(SNAP, beta=20)),
+    # FinchPress takes its window from a delimiter token (embed hook); here delimiter_token_id is an id absent from
+    # the prompt, so the hook leaves window_size as set: the last 32 prompt tokens. rerotate_keys=False leaves the kept
+    # keys as they were, so the cache rows show which entries were kept (re-rotation moves positions only).
+    "finch": (FinchPress, dict(window_size=32, rerotate_keys=False)),
+    # Chunks of 100: the last one (entries 200..299) keeps 50, more than the 32 tied window entries it holds.
+    "finch_chunked": (FinchPress, dict(window_size=32, rerotate_keys=False, chunk_length=100)),
     "critical_knorm": (lambda compression_ratio: CriticalKVPress(KnormPress(compression_ratio)), {}),
     "critical_snapkv": (lambda compression_ratio: CriticalKVPress(SnapKVPress(compression_ratio, **SNAP)), {}),
 }
@@ -130,6 +137,8 @@ CASES = {
     "expected_attention": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "streaming_llm": dict(kind="scorer", ratios=[0.5]),
     "pyramidkv": dict(kind="pyramid", ratios=[0.5]),
+    "finch": dict(kind="scorer", ratios=[0.5, 0.25]),
+    "finch_chunked": dict(kind="finch_chunked", ratios=[0.5]),
     # CriticalKVPress is a ScorerPress: its score is the wrapped score reweighted (epsilon 1e-4,
     # first_stage_ratio 0.5), then each head keeps its top entries.
     "critical_knorm": dict(kind="scorer", ratios=[0.5]),
@@ -176,6 +185,10 @@ SCORE_NOTES = {
     "the first n_sink entries are padded with max+1 (max over all kv heads of the layer).",
     "streaming_llm": "1 for kept, 0 for positions n_sink..n_sink+n_pruned-1 (n_pruned = T - int(T*(1-ratio))).",
     "pyramidkv": "same as snapkv (last 64 entries padded with max+1).",
+    "finch": "mean over the last 32 queries (as snapkv computes them, causal inside the window) of the attention to "
+    "keys 0..T-33, query j weighted by T-32+j, no pooling, mean over the 3 query heads; the last 32 entries padded "
+    "with max+1.",
+    "finch_chunked": "as finch; chunks of 100 entries each keep int(len * (1 - ratio)).",
     "critical_knorm": "CriticalKV over knorm: (score + 1e-4) x mean over the 3 query heads of ||v W_o,q||_1; the "
     "top int(n_kept * 0.5) knorm entries of each head set to float32 max.",
     "critical_snapkv": "CriticalKV over snapkv: as critical_knorm with snapkv's scores.",
@@ -228,9 +241,14 @@ def attn_modules(model):
 
 def build(name, ratio):
     case = CASES[name]
-    if case["kind"] in ("scorer", "pyramid"):
+    if case["kind"] in ("scorer", "pyramid", "finch_chunked"):
         cls, params = INNER[name]
-        return cls(compression_ratio=ratio, **params), None
+        press = cls(compression_ratio=ratio, **{k: v for k, v in params.items() if k != "window_size"})
+        if isinstance(press, FinchPress):
+            press.delimiter_token_id, press.window_size = -1, params["window_size"]
+        else:
+            press = cls(compression_ratio=ratio, **params)
+        return press, None
     cls, inner_params = INNER[case["inner"]]
     inner = cls(compression_ratio=ratio, **inner_params)
     outer = {"adakv": AdaKVPress, "critical_adakv": CriticalAdaKVPress, "chunkkv": ChunkKVPress, "block": BlockPress}[
@@ -515,6 +533,13 @@ def run_press(model, tokenizer, ids, name, ratio):
             kept, close = select_block(scores, T, ratio, press.block_size)
         elif case["kind"] == "scorer":
             kept, close = select_topk(scores, compute_n_kept(T, ratio))
+        elif case["kind"] == "finch_chunked":
+            kept, close = [[] for _ in range(scores.shape[1])], []
+            for start in range(0, T, press.chunk_length):
+                part = scores[..., start : start + press.chunk_length]
+                k, c = select_topk(part, compute_n_kept(part.shape[-1], ratio))
+                kept = [a + [start + j for j in b] for a, b in zip(kept, k)]
+                close += [[h, start + j] for h, j in c]
         elif case["kind"] == "pyramid":
             budget = pyramid_budget(press, module, T)
             assert budget == press.get_layer_budget(module, T)
@@ -555,7 +580,7 @@ def run_press(model, tokenizer, ids, name, ratio):
         kept_all.append(kept)
 
     inner_name = case.get("inner", name)
-    params = dict(INNER[inner_name][1]) if case["kind"] in ("scorer", "pyramid") else dict(
+    params = dict(INNER[inner_name][1]) if case["kind"] in ("scorer", "pyramid", "finch_chunked") else dict(
         case["params"], inner=inner_name, inner_params=dict(INNER[inner_name][1])
     )
     sample = cap.scores[SAMPLE_LAYER]

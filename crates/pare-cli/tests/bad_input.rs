@@ -332,6 +332,9 @@ fn bad_press_settings_are_one_line_errors() {
         "--ratio does not apply to think alone",
     );
     check(&["--press", "snapkv+think", "--ratio", "0.5"], "think must come first");
+    check(&["--press", "adakv+finch", "--ratio", "0.5"], "finch chooses its kept entries itself");
+    check(&["--press", "finch", "--ratio", "0.5", "--window", "0"], "--window and --chunk-length must be at least 1");
+    check(&["--press", "finch", "--ratio", "0.5", "--chunk-length", "64"], "--chunk-length must exceed --window");
     check(&["--press", "knorm", "--ratio", "0.5", "--key-channel-ratio", "0.5"], "--key-channel-ratio does not apply");
     let readme = repo().join("README.md");
     let readme = readme.to_str().unwrap();

@@ -27,8 +27,8 @@ pub use pare_model::hooks::CachePress;
 use serde::Deserialize;
 
 use presses::{
-    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress,
-    ThinkPress,
+    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, Finch, FinchScorer, PrefillPress, PyramidKv,
+    StreamingPress, ThinkPress,
 };
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
@@ -194,6 +194,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "streaming" => &["sinks", "capacity"],
         "snapkv" => &["window", "kernel"],
         "pyramidkv" => &["window", "kernel", "beta"],
+        "finch" => &["window", "chunk_length"],
         "expected-attention" => &["sinks", "n_future"],
         "lagkv" => &["sinks", "lag_size"],
         "cur" => &["sinks"],
@@ -211,10 +212,10 @@ fn options_of(name: &str) -> &'static [&'static str] {
 /// Build the press `spec` (a `+` chain) with `opts`; every mistake is one clear message.
 pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let chain: Vec<&str> = spec.split('+').map(str::trim).collect();
-    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || n == "pyramidkv" || n == "think";
+    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || ["pyramidkv", "finch", "think"].contains(&n);
     if let Some(bad) = chain.iter().find(|n| !known(n)) {
         return Err(PressError::config(format!(
-            "unknown press {bad:?} (presses: {}, pyramidkv, think; wrappers: {})",
+            "unknown press {bad:?} (presses: {}, pyramidkv, finch, think; wrappers: {})",
             SCORERS.join(", "),
             WRAPPERS.join(", ")
         )));
@@ -271,9 +272,9 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     }
     let mut selector = base_selector(base, opts)?;
     for wrapper in selecting.iter().rev().filter(|&&w| !(critical_adakv && w == "adakv")) {
-        if *base == "pyramidkv" {
+        if *base == "pyramidkv" || *base == "finch" {
             return Err(PressError::config(format!(
-                "pyramidkv sets per-layer budgets itself and cannot be wrapped by {wrapper}"
+                "{base} chooses its kept entries itself and cannot be wrapped by {wrapper}"
             )));
         }
         let scorer = selector.scorer().box_clone();
@@ -409,6 +410,13 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
         }),
         "random" => Box::new(scorers::Random { seed: opts.seed.unwrap_or(0) }),
         "streaming" => Box::new(scorers::StreamingScorer { sinks: opts.sinks.unwrap_or(4) }),
+        "finch" => {
+            let window = opts.window.unwrap_or(64);
+            if window == 0 || opts.chunk_length == Some(0) {
+                return Err(PressError::config("finch: `window` and `chunk_length` must be at least 1"));
+            }
+            return Ok(Box::new(Finch { scorer: FinchScorer { window }, chunk_length: opts.chunk_length }));
+        }
         "pyramidkv" => {
             let beta = opts.beta.unwrap_or(20);
             if beta == 0 {

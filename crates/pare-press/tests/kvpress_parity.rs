@@ -9,7 +9,7 @@ use pare_model::hooks::{CachePress, LayerContext};
 use pare_model::Hooks;
 use pare_press::compress::observe;
 use pare_press::compress::{call_queries, compress_layer_with, LayerInfo, Selection};
-use pare_press::presses::{think, AdaKv};
+use pare_press::presses::{think, AdaKv, FinchScorer};
 use pare_press::scorer::Scorer;
 use pare_press::select::{HeadTopK, Selector};
 use pare_press::{build, scorers, Budget, PositionPolicy, PressOptions};
@@ -51,6 +51,9 @@ const CASES: &[(&str, &str)] = &[
     ("critical_adakv_snapkv_r0.5", "critical+adakv+snapkv"),
     ("block_keydiff_r0.5", "block+keydiff"),
     ("block_keydiff_r0.25", "block+keydiff"),
+    ("finch_r0.5", "finch"),
+    ("finch_r0.25", "finch"),
+    ("finch_chunked_r0.5", "finch"),
 ];
 
 #[test]
@@ -58,9 +61,16 @@ fn kept_entries_match_kvpress() {
     let model = &smollm2().model;
     for (file, spec) in CASES {
         let f = fixture(&format!("{file}.json"));
-        let block_size = f["params"]["block_size"].as_u64().map(|b| b as usize);
-        let press =
-            build(spec, &PressOptions { ratio: f["ratio"].as_f64(), block_size, ..PressOptions::default() }).unwrap();
+        let param = |name: &str| f["params"][name].as_u64().map(|v| v as usize);
+        let opts = PressOptions {
+            ratio: f["ratio"].as_f64(),
+            block_size: param("block_size"),
+            // FinchPress's window: the last tokens of the prompt (kvpress: those after its delimiter).
+            window: if *spec == "finch" { param("window_size") } else { None },
+            chunk_length: if *spec == "finch" { param("chunk_length") } else { None },
+            ..PressOptions::default()
+        };
+        let press = build(spec, &opts).unwrap();
         let (_, cache, _) =
             ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(press.as_ref()))).unwrap();
         // Entries whose kvpress score sits within float noise of the cut may fall either way.
@@ -126,6 +136,7 @@ fn scores_match_kvpress_within_1e4_relative() {
         ("tova_r0.5", Arc::new(scorers::Tova)),
         ("observed_attention_r0.5", Arc::new(scorers::ObservedAttention)),
         ("expected_attention_r0.5", Arc::new(scorers::ExpectedAttention::default())),
+        ("finch_r0.5", Arc::new(FinchScorer { window: 32 })),
     ];
     for (file, scorer) in cases {
         let f = fixture(&format!("{file}.json"));

@@ -49,6 +49,7 @@ fn all_presses() -> Vec<&'static str> {
         "critical+snapkv",
         "critical+adakv+snapkv",
         "block+keydiff",
+        "finch",
     ]);
     all
 }
