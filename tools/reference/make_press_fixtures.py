@@ -60,11 +60,14 @@ import transformers  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from kvpress import (  # noqa: E402
     AdaKVPress,
+    BlockPress,
+    ComposedPress,
     ChunkKVPress,
     CriticalAdaKVPress,
     CriticalKVPress,
     CURPress,
     ExpectedAttentionPress,
+    FinchPress,
     KeyDiffPress,
     KnormPress,
     LagKVPress,
@@ -73,6 +76,7 @@ from kvpress import (  # noqa: E402
     ScorerPress,
     SnapKVPress,
     StreamingLLMPress,
+    ThinKPress,
     TOVAPress,
 )
 from kvpress.utils import compute_n_kept  # noqa: E402
@@ -98,7 +102,7 @@ SNAP = dict(window_size=64, kernel_size=5)
 EXPECTED = dict(n_future_positions=512, n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)
 
 # name -> (kind, inner press name or None, params, ratios, attention implementation, greedy?)
-# kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "critical_adakv", "chunkkv"
+# kind: "scorer" (ScorerPress.compress), "pyramid", "adakv", "critical_adakv", "chunkkv", "block"
 INNER = {
     "knorm": (KnormPress, {}),
     "keydiff": (KeyDiffPress, {}),
@@ -110,6 +114,12 @@ INNER = {
     "expected_attention": (ExpectedAttentionPress, EXPECTED),
     "streaming_llm": (StreamingLLMPress, dict(n_sink=4)),
     "pyramidkv": (PyramidKVPress, dict(SNAP, beta=20)),
+    # FinchPress takes its window from a delimiter token (embed hook); here delimiter_token_id is an id absent from
+    # the prompt, so the hook leaves window_size as set: the last 32 prompt tokens. rerotate_keys=False leaves the kept
+    # keys as they were, so the cache rows show which entries were kept (re-rotation moves positions only).
+    "finch": (FinchPress, dict(window_size=32, rerotate_keys=False)),
+    # Chunks of 100: the last one (entries 200..299) keeps 50, more than the 32 tied window entries it holds.
+    "finch_chunked": (FinchPress, dict(window_size=32, rerotate_keys=False, chunk_length=100)),
     "critical_knorm": (lambda compression_ratio: CriticalKVPress(KnormPress(compression_ratio)), {}),
     "critical_snapkv": (lambda compression_ratio: CriticalKVPress(SnapKVPress(compression_ratio, **SNAP)), {}),
 }
@@ -127,6 +137,8 @@ CASES = {
     "expected_attention": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "streaming_llm": dict(kind="scorer", ratios=[0.5]),
     "pyramidkv": dict(kind="pyramid", ratios=[0.5]),
+    "finch": dict(kind="scorer", ratios=[0.5, 0.25]),
+    "finch_chunked": dict(kind="finch_chunked", ratios=[0.5]),
     # CriticalKVPress is a ScorerPress: its score is the wrapped score reweighted (epsilon 1e-4,
     # first_stage_ratio 0.5), then each head keeps its top entries.
     "critical_knorm": dict(kind="scorer", ratios=[0.5]),
@@ -140,6 +152,14 @@ CASES = {
     ),
     "chunkkv_knorm": dict(kind="chunkkv", inner="knorm", params=dict(chunk_length=20), ratios=[0.5]),
     "chunkkv_snapkv": dict(kind="chunkkv", inner="snapkv", params=dict(chunk_length=20), ratios=[0.5]),
+    # BlockPress scores each head's kept entries (best first) followed by the next block: keydiff's anchor
+    # depends on that subset. (An order-sensitive scorer such as CUR, whose local blocks follow the subset's
+    # order, is no test: torch.topk orders exactly tied scores, which repeated tokens give at layer 0, its own way.)
+    "block_keydiff": dict(kind="block", inner="keydiff", params=dict(block_size=128), ratios=[0.5, 0.25]),
+    # ThinK zeroes key channels; the ratio is key_channel_compression_ratio (and, composed, SnapKV's ratio too:
+    # kvpress's docstring example ComposedPress([SnapKVPress(0.5), ThinKPress(0.5)])).
+    "think": dict(kind="think", params=dict(window_size=32), ratios=[0.5, 0.25]),
+    "think_snapkv": dict(kind="think", inner="snapkv", params=dict(window_size=32), ratios=[0.5]),
 }
 
 SCORE_NOTES = {
@@ -165,9 +185,16 @@ SCORE_NOTES = {
     "the first n_sink entries are padded with max+1 (max over all kv heads of the layer).",
     "streaming_llm": "1 for kept, 0 for positions n_sink..n_sink+n_pruned-1 (n_pruned = T - int(T*(1-ratio))).",
     "pyramidkv": "same as snapkv (last 64 entries padded with max+1).",
+    "finch": "mean over the last 32 queries (as snapkv computes them, causal inside the window) of the attention to "
+    "keys 0..T-33, query j weighted by T-32+j, no pooling, mean over the 3 query heads; the last 32 entries padded "
+    "with max+1.",
+    "finch_chunked": "as finch; chunks of 100 entries each keep int(len * (1 - ratio)).",
     "critical_knorm": "CriticalKV over knorm: (score + 1e-4) x mean over the 3 query heads of ||v W_o,q||_1; the "
     "top int(n_kept * 0.5) knorm entries of each head set to float32 max.",
     "critical_snapkv": "CriticalKV over snapkv: as critical_knorm with snapkv's scores.",
+    "think": "per key channel of the kv head: mean over the last 32 queries (q_proj + RoPE) of q^2, averaged over the "
+    "3 query heads, times the mean over the cached entries (after the composed press, if any) of k^2 (post-RoPE); "
+    "the int(64 * ratio) lowest channels are zeroed.",
 }
 
 
@@ -214,12 +241,19 @@ def attn_modules(model):
 
 def build(name, ratio):
     case = CASES[name]
-    if case["kind"] in ("scorer", "pyramid"):
+    if case["kind"] in ("scorer", "pyramid", "finch_chunked"):
         cls, params = INNER[name]
-        return cls(compression_ratio=ratio, **params), None
+        press = cls(compression_ratio=ratio, **{k: v for k, v in params.items() if k != "window_size"})
+        if isinstance(press, FinchPress):
+            press.delimiter_token_id, press.window_size = -1, params["window_size"]
+        else:
+            press = cls(compression_ratio=ratio, **params)
+        return press, None
     cls, inner_params = INNER[case["inner"]]
     inner = cls(compression_ratio=ratio, **inner_params)
-    outer = {"adakv": AdaKVPress, "critical_adakv": CriticalAdaKVPress, "chunkkv": ChunkKVPress}[case["kind"]]
+    outer = {"adakv": AdaKVPress, "critical_adakv": CriticalAdaKVPress, "chunkkv": ChunkKVPress, "block": BlockPress}[
+        case["kind"]
+    ]
     return outer(press=inner, **case["params"]), inner
 
 
@@ -235,6 +269,9 @@ class Capture:
 
         def score(module, *args, **kwargs):
             s = orig_score(module, *args, **kwargs)
+            if isinstance(press, BlockPress):  # one call per block
+                self.scores.setdefault(module.layer_idx, []).append(s.detach().clone())
+                return s
             assert module.layer_idx not in self.scores
             self.scores[module.layer_idx] = s.detach().clone()  # AdaKV scatters into s in place
             return s
@@ -344,6 +381,26 @@ def select_critical_adakv(scores, values, module, ratio, alpha, first_stage_rati
     return kept, close, dict(head_budgets=budgets, n_safe=n_safe)
 
 
+def select_block(calls, k_len, ratio, block_size):
+    """BlockPress.compress restated from its scorer's calls, one per block: per head the kept set (sorted) and the
+    near-boundary (head, position) pairs of every block's selection."""
+    n_kept = compute_n_kept(k_len, ratio)
+    block_size = min(block_size, k_len)
+    n_heads = calls[0].shape[1]
+    kept = torch.arange(n_kept).expand(1, n_heads, -1)
+    starts = list(range(n_kept, k_len, block_size))
+    assert len(calls) == len(starts)
+    close = []
+    for i, scores in zip(starts, calls):
+        current = torch.cat([kept, torch.arange(i, min(i + block_size, k_len)).expand(1, n_heads, -1)], dim=-1)
+        assert scores.shape == current.shape
+        kept = current.gather(-1, scores.topk(n_kept, dim=-1).indices)
+        for h in range(n_heads):
+            ordered = scores[0, h].sort(descending=True).values
+            close += [[h, int(current[0, h, j])] for j in near(scores[0, h], ordered[n_kept - 1], ordered[n_kept])]
+    return [sorted(k.tolist()) for k in kept[0]], close
+
+
 def chunk_scores_of(scores, chunk_length):
     """ChunkKVPress.compress's chunk scores: sum over kv heads, mean over each chunk (the remainder is one chunk)."""
     k_len = scores.shape[-1]
@@ -370,8 +427,88 @@ def select_chunks(scores, ratio, chunk_length):
 # ---------------------------------------------------------------- one fixture
 
 
+def run_think(model, ids, name, ratio):
+    """ThinKPress alone or after a sequence press (ComposedPress): the zeroed channels per (layer, head), each
+    checked against the channel scores restated from ThinK's own window queries, and the inner press's kept entries."""
+    case = CASES[name]
+    set_attn(model, "sdpa")
+    think = ThinKPress(key_channel_compression_ratio=ratio, **case["params"])
+    inner = None
+    if case.get("inner"):
+        cls, params = INNER[case["inner"]]
+        inner = cls(compression_ratio=ratio, **params)
+        cap = Capture(inner, inner)
+    press = ComposedPress([inner, think]) if inner is not None else think
+    channel_scores = {}
+    orig_compress = think.compress
+
+    def compress(module, hidden_states, keys, values, attentions, kwargs):
+        q = think.compute_window_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
+        _, n_kv, _, d = keys.shape
+        qn = q.pow(2).mean(dim=2).view(1, n_kv, -1, d).mean(2)
+        channel_scores[module.layer_idx] = (qn * keys.pow(2).mean(dim=2))[0].detach().clone()
+        return orig_compress(module, hidden_states, keys, values, attentions, kwargs)
+
+    think.compress = compress
+    T = len(ids)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, cache_position=torch.arange(T))
+    pruned_all, close, kept_all, kept_close = [], [], [], []
+    for i in range(len(attn_modules(model))):
+        keys = cache.layers[i].keys[0]
+        n_pruned = int(keys.shape[-1] * ratio)
+        pruned = []
+        for h in range(keys.shape[0]):
+            s = channel_scores[i][h]
+            zero = sorted(torch.nonzero((keys[h] == 0).all(0)).flatten().tolist())
+            assert zero == sorted(s.topk(n_pruned, largest=False).indices.tolist()), f"{name} layer {i} head {h}"
+            pruned.append(zero)
+            ordered = s.sort().values
+            close += [[i, h, c] for c in near(s, ordered[n_pruned - 1], ordered[n_pruned])]
+        pruned_all.append(pruned)
+        if inner is not None:
+            kept, near_kept = select_topk(cap.scores[i], compute_n_kept(T, ratio))
+            for h in range(len(kept)):
+                assert sorted(rows_taken(cap.keys_out[i][0, h], cap.keys_in[i][0, h])) == kept[h]
+                assert torch.equal(cache.layers[i].values[0, h], cap.values_out[i][0, h])
+            kept_all.append(kept)
+            kept_close += [[i] + c for c in near_kept]
+    fixture = dict(
+        made_by=None,
+        press="think",
+        params=dict(case["params"], key_channel_compression_ratio=ratio)
+        | (dict(inner=case["inner"], inner_params=dict(INNER[case["inner"]][1]), inner_ratio=ratio) if inner else {}),
+        ratio=ratio,
+        seq_len=T,
+        prompt_ids=ids,
+        pruned_channels=pruned_all,
+        scores_sample=dict(
+            layer=SAMPLE_LAYER,
+            head=SAMPLE_HEAD,
+            note=SCORE_NOTES["think"],
+            scores=[f32(v) for v in channel_scores[SAMPLE_LAYER][SAMPLE_HEAD].tolist()],
+        ),
+        near_boundary=dict(
+            rel_tol=NEAR_TOL,
+            note="[layer, head, channel]: channels whose score is within rel_tol of the midpoint between the last "
+            "pruned and the first kept channel score",
+            entries=close,
+        ),
+    )
+    if inner is not None:
+        fixture["kept"] = kept_all
+        fixture["kept_near_boundary"] = dict(
+            note="[layer, head, position]: entries near the inner press's cut, as near_boundary of its own fixtures",
+            entries=kept_close,
+        )
+    return fixture, None
+
+
 def run_press(model, tokenizer, ids, name, ratio):
     case = CASES[name]
+    if case["kind"] == "think":
+        return run_think(model, ids, name, ratio)
     attn = case.get("attn", "sdpa")
     set_attn(model, attn)
     press, inner = build(name, ratio)
@@ -390,9 +527,19 @@ def run_press(model, tokenizer, ids, name, ratio):
     budgets = []
     for i, module in enumerate(modules):
         scores = cap.scores[i]
-        assert scores.shape == (1, model.config.num_key_value_heads, T) and scores.dtype == torch.float32
-        if case["kind"] == "scorer":
+        if case["kind"] != "block":
+            assert scores.shape == (1, model.config.num_key_value_heads, T) and scores.dtype == torch.float32
+        if case["kind"] == "block":
+            kept, close = select_block(scores, T, ratio, press.block_size)
+        elif case["kind"] == "scorer":
             kept, close = select_topk(scores, compute_n_kept(T, ratio))
+        elif case["kind"] == "finch_chunked":
+            kept, close = [[] for _ in range(scores.shape[1])], []
+            for start in range(0, T, press.chunk_length):
+                part = scores[..., start : start + press.chunk_length]
+                k, c = select_topk(part, compute_n_kept(part.shape[-1], ratio))
+                kept = [a + [start + j for j in b] for a, b in zip(kept, k)]
+                close += [[h, start + j] for h, j in c]
         elif case["kind"] == "pyramid":
             budget = pyramid_budget(press, module, T)
             assert budget == press.get_layer_budget(module, T)
@@ -433,13 +580,14 @@ def run_press(model, tokenizer, ids, name, ratio):
         kept_all.append(kept)
 
     inner_name = case.get("inner", name)
-    params = dict(INNER[inner_name][1]) if case["kind"] in ("scorer", "pyramid") else dict(
+    params = dict(INNER[inner_name][1]) if case["kind"] in ("scorer", "pyramid", "finch_chunked") else dict(
         case["params"], inner=inner_name, inner_params=dict(INNER[inner_name][1])
     )
-    sample = cap.scores[SAMPLE_LAYER][0, SAMPLE_HEAD]
+    sample = cap.scores[SAMPLE_LAYER]
+    sample = (sample[-1] if case["kind"] == "block" else sample)[0, SAMPLE_HEAD]
     fixture = dict(
         made_by=None,  # filled in by main
-        press=case["kind"] if case["kind"] in ("adakv", "critical_adakv", "chunkkv") else name,
+        press=case["kind"] if case["kind"] in ("adakv", "critical_adakv", "chunkkv", "block") else name,
         params=params,
         ratio=ratio,
         attn_implementation=attn,
@@ -450,6 +598,8 @@ def run_press(model, tokenizer, ids, name, ratio):
             layer=SAMPLE_LAYER,
             head=SAMPLE_HEAD,
             note=("raw scores of the inner press (before AdaKV's safeguard) " if case["kind"] == "adakv" else "")
+            + ("the last block's call of the inner press (the head's kept entries, best first, then the block): "
+               if case["kind"] == "block" else "")
             + SCORE_NOTES[inner_name],
             scores=[f32(v) for v in sample.tolist()],
         ),

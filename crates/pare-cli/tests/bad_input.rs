@@ -322,6 +322,20 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");
     check(&["--press", "knorm+snapkv", "--ratio", "0.5"], "not a wrapper");
     check(&["--press", "decoding+knorm"], "decoding needs --budget");
+    check(&["--press", "block+keydiff", "--ratio", "0.5", "--block-size", "0"], "--block-size must be at least 1");
+    check(&["--press", "block+snapkv", "--ratio", "0.5"], "block wraps a scorer that reads only keys and values");
+    check(&["--press", "knorm", "--ratio", "0.5", "--block-size", "64"], "--block-size does not apply");
+    check(&["--press", "think", "--key-channel-ratio", "1.5"], "--key-channel-ratio must be in [0, 1), got 1.5");
+    check(&["--press", "think+snapkv", "--ratio", "0.5"], "think needs --key-channel-ratio");
+    check(
+        &["--press", "think", "--key-channel-ratio", "0.5", "--ratio", "0.5"],
+        "--ratio does not apply to think alone",
+    );
+    check(&["--press", "snapkv+think", "--ratio", "0.5"], "think must come first");
+    check(&["--press", "adakv+finch", "--ratio", "0.5"], "finch chooses its kept entries itself");
+    check(&["--press", "finch", "--ratio", "0.5", "--window", "0"], "--window and --chunk-length must be at least 1");
+    check(&["--press", "finch", "--ratio", "0.5", "--chunk-length", "64"], "--chunk-length must exceed --window");
+    check(&["--press", "knorm", "--ratio", "0.5", "--key-channel-ratio", "0.5"], "--key-channel-ratio does not apply");
     let readme = repo().join("README.md");
     let readme = readme.to_str().unwrap();
     expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");

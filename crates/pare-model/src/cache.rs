@@ -528,6 +528,49 @@ impl LayerKv {
         Ok(())
     }
 
+    /// Zero, in every entry (row, head) `i = row * kv_heads + head` holds, the key channels
+    /// `channels[i]` (ThinK's key-channel pruning). The buffers keep their shape: attention reads
+    /// every channel, so nothing is freed. A q8_0 cache re-encodes the masked keys.
+    pub fn zero_key_channels(&mut self, channels: &[Vec<usize>]) -> Result<()> {
+        if channels.len() != self.positions.len() {
+            return Err(ModelError::input("cache zero_key_channels: one channel list per (row, head) expected"));
+        }
+        let (keys, regions) = match &self.storage {
+            Storage::Empty => return Ok(()),
+            Storage::Uniform { keys, .. } => (keys, None),
+            Storage::Ragged { keys, caps, .. } => (keys, Some(caps)),
+        };
+        let stored_q8 = keys.dtype() == DType::U8;
+        let floats = readable(keys.clone())?;
+        let dim = floats.dims().last().copied().unwrap_or(0);
+        if channels.iter().flatten().any(|&c| c >= dim) {
+            return Err(ModelError::input(format!("cache zero_key_channels: a channel beyond head_dim {dim}")));
+        }
+        let mut mask = vec![1f32; channels.len() * dim];
+        for (i, list) in channels.iter().enumerate() {
+            list.iter().for_each(|&c| mask[i * dim + c] = 0.0);
+        }
+        let mask = match regions {
+            // (batch, kv_heads, 1, dim): every slot of a (row, head) alike.
+            None => Tensor::from_vec(mask, (self.batch, self.kv_heads, 1, dim), floats.device())?,
+            // One mask row per buffer row: region i owns caps[i] rows, one after another.
+            Some(caps) => {
+                let region_of_row: Vec<u32> =
+                    caps.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n(i as u32, c)).collect();
+                let rows = region_of_row.len();
+                let ids = Tensor::from_vec(region_of_row, rows, floats.device())?;
+                Tensor::from_vec(mask, (channels.len(), dim), floats.device())?.index_select(&ids, 0)?
+            }
+        };
+        let masked = floats.broadcast_mul(&mask.to_dtype(floats.dtype())?)?;
+        let masked = if stored_q8 { KvDtype::Q8_0.store(&masked)? } else { masked };
+        match &mut self.storage {
+            Storage::Uniform { keys, .. } | Storage::Ragged { keys, .. } => *keys = masked,
+            Storage::Empty => unreachable!("returned above"),
+        }
+        Ok(())
+    }
+
     /// Bytes held by the used entries (keys and values).
     pub fn bytes(&self) -> usize {
         let per_entry = |t: &Tensor| 2 * t.dims().last().copied().unwrap_or(0) * t.dtype().size_in_bytes();
@@ -774,6 +817,34 @@ mod tests {
         );
         assert_eq!(kv.positions(1, 1).last(), Some(&20));
         assert_eq!(kv.bytes(), 2 * 2 * 2 * 21 * 3 * 4);
+    }
+
+    #[test]
+    fn zeroed_key_channels_stay_zero_in_uniform_and_ragged_layers_and_values_are_untouched() {
+        let mut kv = LayerKv::new(2, 2);
+        kv.append(&entries(2, 4, 1.0), &entries(2, 4, 0.5), &[(0..4).collect(), (0..4).collect()]).unwrap();
+        let channels = vec![vec![0], vec![], vec![1, 2], vec![2]];
+        let zeroed = |kv: &LayerKv| {
+            for (i, list) in channels.iter().enumerate() {
+                let (k, v) = kv.head_kv(i / 2, i % 2).unwrap().unwrap();
+                for row in row_head(&k) {
+                    assert!((0..3).all(|c| (row[c] == 0.0) == list.contains(&c)), "(row, head) {i}: {row:?}");
+                }
+                assert!(row_head(&v).iter().flatten().all(|&x| x != 0.0));
+            }
+        };
+        let before = kv.bytes();
+        kv.zero_key_channels(&channels).unwrap();
+        zeroed(&kv);
+        assert_eq!(kv.bytes(), before, "nothing is freed");
+        // Ragged: heads keep different entries; regions are masked each with its own channels.
+        let mut ragged = LayerKv::new(2, 2);
+        ragged.append(&entries(2, 4, 1.0), &entries(2, 4, 0.5), &[(0..4).collect(), (0..4).collect()]).unwrap();
+        ragged.keep(&[vec![0, 1, 2], vec![1], vec![0, 3], vec![2, 3]]).unwrap();
+        ragged.zero_key_channels(&channels).unwrap();
+        zeroed(&ragged);
+        assert!(ragged.zero_key_channels(&[vec![3], vec![], vec![], vec![]]).is_err());
+        assert!(ragged.zero_key_channels(&[vec![0]]).is_err());
     }
 
     #[test]

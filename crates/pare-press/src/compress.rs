@@ -143,7 +143,7 @@ pub fn compress_layer_with(
             }
             gathered = None;
         }
-        let scores = selector.scorer().score(&obs)?;
+        let scores = if selector.scores_whole_row() { selector.scorer().score(&obs)? } else { Vec::new() };
         let chosen = selector.select(&obs, &scores, budget)?;
         for (h, chosen) in chosen.into_iter().enumerate() {
             let mut kept: Vec<usize> = chosen.into_iter().map(|i| slots[h][i]).collect();

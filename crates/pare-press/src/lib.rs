@@ -26,7 +26,10 @@ pub use pare_model::hooks::CachePress;
 
 use serde::Deserialize;
 
-use presses::{AdaKv, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
+use presses::{
+    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, Finch, FinchScorer, PrefillPress, PyramidKv,
+    StreamingPress, ThinkPress,
+};
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
 
@@ -44,7 +47,11 @@ pub const SCORERS: &[&str] = &[
     "streaming",
 ];
 /// Wrappers, written before the press they wrap.
-pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical"];
+pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical", "block"];
+/// The scorers block wraps: those that read only keys and values. kvpress's BlockPress hands a
+/// query-based scorer hidden states whose per-head slices come from different tokens, scored at
+/// the last positions of the prompt, which no query pare observes reproduces.
+pub const BLOCK_SCORERS: &[&str] = &["knorm", "keydiff", "lagkv", "cur"];
 
 /// Every option a press can take; None where the user gave none (kvpress defaults then apply).
 ///
@@ -96,6 +103,12 @@ pub struct PressOptions {
     /// critical: share of each head's budget chosen by the wrapped scorer alone (default 0.5).
     #[arg(long)]
     pub first_stage_ratio: Option<f64>,
+    /// block: entries scored per block, with what each head kept so far (default 128).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// think: fraction of each KV head's key channels zeroed at prefill, in [0, 1).
+    #[arg(long)]
+    pub key_channel_ratio: Option<f64>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -124,6 +137,8 @@ impl PressOptions {
             ("n_future", o.n_future.is_some()),
             ("lag_size", o.lag_size.is_some()),
             ("first_stage_ratio", o.first_stage_ratio.is_some()),
+            ("block_size", o.block_size.is_some()),
+            ("key_channel_ratio", o.key_channel_ratio.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -167,7 +182,7 @@ impl PressSpec {
     pub fn kept_after_prefill(&self, prompt_len: usize) -> usize {
         let o = &self.options;
         let by_ratio = o.ratio.map(|r| ((prompt_len as f64) * (1.0 - r)).ceil() as usize);
-        let decoding = self.name.split('+').next().map(str::trim) == Some("decoding");
+        let decoding = self.name.split('+').map(str::trim).find(|&n| n != "think") == Some("decoding");
         let by_budget = if decoding { None } else { o.budget.or(o.capacity) };
         by_ratio.into_iter().chain(by_budget).fold(prompt_len, usize::min)
     }
@@ -179,6 +194,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "streaming" => &["sinks", "capacity"],
         "snapkv" => &["window", "kernel"],
         "pyramidkv" => &["window", "kernel", "beta"],
+        "finch" => &["window", "chunk_length"],
         "expected-attention" => &["sinks", "n_future"],
         "lagkv" => &["sinks", "lag_size"],
         "cur" => &["sinks"],
@@ -186,6 +202,8 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "adakv" => &["alpha_safeguard"],
         "chunkkv" => &["chunk_length"],
         "critical" => &["first_stage_ratio"],
+        "block" => &["block_size"],
+        "think" => &["key_channel_ratio"],
         "decoding" => &["interval", "buffer"],
         _ => &[],
     }
@@ -194,13 +212,19 @@ fn options_of(name: &str) -> &'static [&'static str] {
 /// Build the press `spec` (a `+` chain) with `opts`; every mistake is one clear message.
 pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let chain: Vec<&str> = spec.split('+').map(str::trim).collect();
-    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || n == "pyramidkv";
+    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || ["pyramidkv", "finch", "think"].contains(&n);
     if let Some(bad) = chain.iter().find(|n| !known(n)) {
         return Err(PressError::config(format!(
-            "unknown press {bad:?} (presses: {}, pyramidkv; wrappers: {})",
+            "unknown press {bad:?} (presses: {}, pyramidkv, finch, think; wrappers: {})",
             SCORERS.join(", "),
             WRAPPERS.join(", ")
         )));
+    }
+    if let Some(&"think") = chain.first() {
+        return build_think(&chain[1..], opts);
+    }
+    if chain.contains(&"think") {
+        return Err(PressError::config("think must come first: think+snapkv prunes key channels after snapkv"));
     }
     // ratio, budget and positions apply to every press.
     for option in opts.given().into_iter().filter(|o| !["ratio", "budget", "positions"].contains(o)) {
@@ -248,9 +272,9 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     }
     let mut selector = base_selector(base, opts)?;
     for wrapper in selecting.iter().rev().filter(|&&w| !(critical_adakv && w == "adakv")) {
-        if *base == "pyramidkv" {
+        if *base == "pyramidkv" || *base == "finch" {
             return Err(PressError::config(format!(
-                "pyramidkv sets per-layer budgets itself and cannot be wrapped by {wrapper}"
+                "{base} chooses its kept entries itself and cannot be wrapped by {wrapper}"
             )));
         }
         let scorer = selector.scorer().box_clone();
@@ -276,6 +300,19 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
                 } else {
                     Box::new(critical)
                 }
+            }
+            "block" => {
+                if !BLOCK_SCORERS.contains(base) {
+                    return Err(PressError::config(format!(
+                        "block wraps a scorer that reads only keys and values ({}), not {base}",
+                        BLOCK_SCORERS.join(", ")
+                    )));
+                }
+                let block_size = opts.block_size.unwrap_or(128);
+                if block_size == 0 {
+                    return Err(PressError::config("`block_size` must be at least 1"));
+                }
+                Box::new(BlockPress { scorer, block_size })
             }
             _ => unreachable!("wrappers were checked"),
         };
@@ -305,6 +342,35 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         }
     };
     Ok(Box::new(PrefillPress { selector, budget, positions: opts.positions }))
+}
+
+/// ThinK's key-channel pruning after the sequence press `inner` (a `+` chain, maybe empty), as
+/// kvpress's `ComposedPress([inner, ThinKPress])`.
+fn build_think(inner: &[&str], opts: &PressOptions) -> Result<Box<dyn CachePress>> {
+    let ratio = opts
+        .key_channel_ratio
+        .ok_or_else(|| PressError::config("think needs `key_channel_ratio` R: the fraction of key channels zeroed"))?;
+    if !(0.0..1.0).contains(&ratio) {
+        return Err(PressError::config(format!("`key_channel_ratio` must be in [0, 1), got {ratio}")));
+    }
+    let inner = if inner.is_empty() {
+        if let Some(option) = opts.given().into_iter().find(|&o| o != "key_channel_ratio") {
+            return Err(PressError::config(format!(
+                "`{option}` does not apply to think alone: name a sequence press after it (think+snapkv)"
+            )));
+        }
+        None
+    } else {
+        // A later re-rotation would rotate the zeroed channels back into their nonzero partners.
+        let rotates_later = inner[0] == "decoding" || opts.capacity.is_some();
+        if rotates_later && opts.positions == PositionPolicy::Rerotate {
+            return Err(PressError::config(
+                "think zeroes key channels at prefill; `positions` rerotate while decoding would rotate them back",
+            ));
+        }
+        Some(build(&inner.join("+"), &PressOptions { key_channel_ratio: None, ..opts.clone() })?)
+    };
+    Ok(Box::new(ThinkPress { inner, key_channel_ratio: ratio, window: 32 }))
 }
 
 fn alpha_safeguard(opts: &PressOptions) -> Result<f64> {
@@ -344,6 +410,13 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
         }),
         "random" => Box::new(scorers::Random { seed: opts.seed.unwrap_or(0) }),
         "streaming" => Box::new(scorers::StreamingScorer { sinks: opts.sinks.unwrap_or(4) }),
+        "finch" => {
+            let window = opts.window.unwrap_or(64);
+            if window == 0 || opts.chunk_length == Some(0) {
+                return Err(PressError::config("finch: `window` and `chunk_length` must be at least 1"));
+            }
+            return Ok(Box::new(Finch { scorer: FinchScorer { window }, chunk_length: opts.chunk_length }));
+        }
         "pyramidkv" => {
             let beta = opts.beta.unwrap_or(20);
             if beta == 0 {

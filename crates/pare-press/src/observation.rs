@@ -145,6 +145,42 @@ impl<'a> Observation<'a> {
         cached(&self.queries, || Ok(self.stored_queries.to_dtype(DType::F32)?))
     }
 
+    /// The same row restricted to `entries[h]` of each KV head (indices into its entries, in
+    /// that order): BlockPress scores a head's kept entries followed by the next block.
+    pub(crate) fn subset(&self, entries: &[Vec<usize>]) -> Result<Observation<'a>> {
+        let shared = entries.windows(2).all(|w| w[0] == w[1]);
+        let stored = match (self.stacked_keys()?, self.stacked_values()?) {
+            (Some(k), Some(v)) if shared => {
+                let idx = index_tensor(&entries[0], k.device())?;
+                Stored::Stacked(k.index_select(&idx, 1)?, v.index_select(&idx, 1)?)
+            }
+            _ => {
+                let pick = |t: &[Tensor]| -> Result<Vec<Tensor>> {
+                    t.iter().zip(entries).map(|(t, e)| Ok(t.index_select(&index_tensor(e, t.device())?, 0)?)).collect()
+                };
+                Stored::PerHead(pick(self.keys()?)?, pick(self.values()?)?)
+            }
+        };
+        let positions = self.positions.iter().zip(entries).map(|(p, e)| e.iter().map(|&i| p[i]).collect()).collect();
+        Ok(Observation {
+            layer: self.layer,
+            num_layers: self.num_layers,
+            group: self.group,
+            head_dim: self.head_dim,
+            positions,
+            query_positions: self.query_positions.clone(),
+            rope: self.rope,
+            output: self.output,
+            stored,
+            stored_queries: self.stored_queries.clone(),
+            keys: OnceCell::new(),
+            values: OnceCell::new(),
+            stacked_keys: OnceCell::new(),
+            stacked_values: OnceCell::new(),
+            queries: OnceCell::new(),
+        })
+    }
+
     /// Every KV head holds the same entries (nothing was chosen per head yet).
     pub fn heads_share_entries(&self) -> bool {
         self.positions.windows(2).all(|w| w[0] == w[1])

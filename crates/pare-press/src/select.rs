@@ -21,6 +21,12 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
     /// Per KV head, indices (into that head's scores) of the entries to keep.
     fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>>;
 
+    /// Whether [`Selector::select`] reads the scorer's scores of the whole row. A selector that
+    /// scores parts of the row itself (BlockPress) says no, and is handed no scores.
+    fn scores_whole_row(&self) -> bool {
+        true
+    }
+
     /// Whether [`Selector::select_tensor`] selects for this observation (asked before scoring).
     fn selects_on_device(&self, _obs: &Observation) -> bool {
         false

@@ -9,7 +9,7 @@ use pare_model::hooks::{CachePress, LayerContext};
 use pare_model::Hooks;
 use pare_press::compress::observe;
 use pare_press::compress::{call_queries, compress_layer_with, LayerInfo, Selection};
-use pare_press::presses::AdaKv;
+use pare_press::presses::{think, AdaKv, FinchScorer};
 use pare_press::scorer::Scorer;
 use pare_press::select::{HeadTopK, Selector};
 use pare_press::{build, scorers, Budget, PositionPolicy, PressOptions};
@@ -49,6 +49,11 @@ const CASES: &[(&str, &str)] = &[
     ("critical_snapkv_r0.5", "critical+snapkv"),
     ("critical_snapkv_r0.25", "critical+snapkv"),
     ("critical_adakv_snapkv_r0.5", "critical+adakv+snapkv"),
+    ("block_keydiff_r0.5", "block+keydiff"),
+    ("block_keydiff_r0.25", "block+keydiff"),
+    ("finch_r0.5", "finch"),
+    ("finch_r0.25", "finch"),
+    ("finch_chunked_r0.5", "finch"),
 ];
 
 #[test]
@@ -56,7 +61,16 @@ fn kept_entries_match_kvpress() {
     let model = &smollm2().model;
     for (file, spec) in CASES {
         let f = fixture(&format!("{file}.json"));
-        let press = build(spec, &PressOptions { ratio: f["ratio"].as_f64(), ..PressOptions::default() }).unwrap();
+        let param = |name: &str| f["params"][name].as_u64().map(|v| v as usize);
+        let opts = PressOptions {
+            ratio: f["ratio"].as_f64(),
+            block_size: param("block_size"),
+            // FinchPress's window: the last tokens of the prompt (kvpress: those after its delimiter).
+            window: if *spec == "finch" { param("window_size") } else { None },
+            chunk_length: if *spec == "finch" { param("chunk_length") } else { None },
+            ..PressOptions::default()
+        };
+        let press = build(spec, &opts).unwrap();
         let (_, cache, _) =
             ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(press.as_ref()))).unwrap();
         // Entries whose kvpress score sits within float noise of the cut may fall either way.
@@ -122,6 +136,7 @@ fn scores_match_kvpress_within_1e4_relative() {
         ("tova_r0.5", Arc::new(scorers::Tova)),
         ("observed_attention_r0.5", Arc::new(scorers::ObservedAttention)),
         ("expected_attention_r0.5", Arc::new(scorers::ExpectedAttention::default())),
+        ("finch_r0.5", Arc::new(FinchScorer { window: 32 })),
     ];
     for (file, scorer) in cases {
         let f = fixture(&format!("{file}.json"));
@@ -274,5 +289,104 @@ fn ranking_on_the_device_keeps_what_the_host_keeps() {
         let press = BothSelections { scorer: scorer.clone(), adakv, layers: Arc::default() };
         ts::prefill_hooked(model, &prompts, press_hooks(Some(&press))).unwrap();
         assert_eq!(*press.layers.lock().unwrap(), model.num_layers(), "{scorer:?}");
+    }
+}
+
+/// `[layer, head, x]` triples of a fixture's near-boundary list.
+fn near_triples(v: &Value) -> Vec<(usize, usize, i64)> {
+    let e = v["entries"].as_array().unwrap();
+    e.iter()
+        .map(|e| (e[0].as_u64().unwrap() as usize, e[1].as_u64().unwrap() as usize, e[2].as_i64().unwrap()))
+        .collect()
+}
+
+/// The key channels that are zero in every entry of (row 0, head) of a layer.
+fn zero_channels(layer: &LayerKv, head: usize) -> Vec<i64> {
+    let (k, _) = layer.head_kv(0, head).unwrap().unwrap();
+    let rows = k.to_dtype(candle_core::DType::F32).unwrap().to_vec2::<f32>().unwrap();
+    (0..rows[0].len()).filter(|&c| rows.iter().all(|r| r[c] == 0.0)).map(|c| c as i64).collect()
+}
+
+#[test]
+fn think_zeroes_the_key_channels_kvpress_zeroes() {
+    let model = &smollm2().model;
+    for (file, spec) in [("think_r0.5", "think"), ("think_r0.25", "think"), ("think_snapkv_r0.5", "think+snapkv")] {
+        let f = fixture(&format!("{file}.json"));
+        let opts = PressOptions {
+            key_channel_ratio: f["ratio"].as_f64(),
+            ratio: f["params"]["inner_ratio"].as_f64(),
+            ..PressOptions::default()
+        };
+        let press = build(spec, &opts).unwrap();
+        let (_, cache, _) =
+            ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(press.as_ref()))).unwrap();
+        let near = near_triples(&f["near_boundary"]);
+        let kept_near = if f["kept"].is_null() { Vec::new() } else { near_triples(&f["kept_near_boundary"]) };
+        for (layer, heads) in f["pruned_channels"].as_array().unwrap().iter().enumerate() {
+            for (head, pruned) in heads.as_array().unwrap().iter().enumerate() {
+                let expected: Vec<i64> = pruned.as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
+                let got = zero_channels(cache.layer(layer), head);
+                assert_eq!(got.len(), expected.len(), "{file}: layer {layer} head {head}");
+                for c in
+                    expected.iter().filter(|c| !got.contains(c)).chain(got.iter().filter(|c| !expected.contains(c)))
+                {
+                    assert!(
+                        near.contains(&(layer, head, *c)),
+                        "{file}: layer {layer} head {head}: channel {c} differs"
+                    );
+                }
+                if let Some(kept) = f["kept"].get(layer) {
+                    let expected: Vec<i64> =
+                        kept[head].as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+                    let got = cache.layer(layer).positions(0, head);
+                    for p in
+                        expected.iter().filter(|p| !got.contains(p)).chain(got.iter().filter(|p| !expected.contains(p)))
+                    {
+                        assert!(kept_near.contains(&(layer, head, *p)), "{file}: layer {layer} head {head}: entry {p}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Captures ThinK's channel scores of one layer's cached keys, changing nothing.
+#[derive(Debug, Clone)]
+struct ChannelScores {
+    layer: usize,
+    scores: Arc<Mutex<Vec<Vec<f32>>>>,
+}
+
+impl CachePress for ChannelScores {
+    fn after_attention(&mut self, ctx: &LayerContext, kv: &mut LayerKv) -> pare_model::Result<()> {
+        if ctx.layer == self.layer {
+            let keys: Vec<_> = (0..kv.kv_heads()).map(|h| kv.head_kv(0, h).unwrap().unwrap().0).collect();
+            let group = ctx.attention.num_heads() / ctx.attention.num_kv_heads();
+            let scores = think::channel_scores(&call_queries(ctx)?[0], &keys, ctx.rope, group, 32)
+                .map_err(pare_model::ModelError::from)?;
+            *self.scores.lock().unwrap() = scores;
+        }
+        Ok(())
+    }
+
+    fn box_clone(&self) -> Box<dyn CachePress> {
+        Box::new(self.clone())
+    }
+}
+
+#[test]
+fn think_channel_scores_match_kvpress_within_1e4_relative() {
+    let model = &smollm2().model;
+    let f = fixture("think_r0.5.json");
+    let sample = &f["scores_sample"];
+    let (layer, head) = (sample["layer"].as_u64().unwrap() as usize, sample["head"].as_u64().unwrap() as usize);
+    let capture = ChannelScores { layer, scores: Arc::default() };
+    ts::prefill_hooked(model, &[ids(&f["prompt_ids"])], press_hooks(Some(&capture))).unwrap();
+    let got = capture.scores.lock().unwrap()[head].clone();
+    let expected: Vec<f64> = sample["scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(got.len(), expected.len());
+    let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+        assert!((g as f64 - e).abs() <= 1e-4 * e.abs().max(1e-3 * scale), "channel {i}: {g} vs {e}");
     }
 }

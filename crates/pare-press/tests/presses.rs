@@ -42,7 +42,15 @@ fn run(model: &Model, prompts: &[Vec<u32>], press: Option<&dyn CachePress>, step
 /// Every scorer the crate builds, pyramidkv, and each selection wrapper around one of them.
 fn all_presses() -> Vec<&'static str> {
     let mut all = pare_press::SCORERS.to_vec();
-    all.extend(["pyramidkv", "adakv+snapkv", "chunkkv+knorm", "critical+snapkv", "critical+adakv+snapkv"]);
+    all.extend([
+        "pyramidkv",
+        "adakv+snapkv",
+        "chunkkv+knorm",
+        "critical+snapkv",
+        "critical+adakv+snapkv",
+        "block+keydiff",
+        "finch",
+    ]);
     all
 }
 
@@ -59,11 +67,13 @@ fn ratio_zero_gives_exactly_the_uncompressed_logits() {
         }
         assert_eq!(cache.bytes(), cache.uncompressed_bytes(), "{spec}");
     }
-    // The streaming rule with room for everything, and a decoding press that never fires.
+    // The streaming rule with room for everything, a decoding press that never fires, and ThinK
+    // pruning no channel.
     let streaming = press("streaming", PressOptions { capacity: Some(1000), ..PressOptions::default() });
     let decoding =
         press("decoding+knorm", PressOptions { budget: Some(1000), interval: Some(2), ..PressOptions::default() });
-    for p in [streaming, decoding] {
+    let think = press("think+snapkv", PressOptions { key_channel_ratio: Some(0.0), ..ratio(0.0) });
+    for p in [streaming, decoding, think] {
         let (got, _) = run(model, &prompt, Some(p.as_ref()), 3);
         for (a, b) in reference.iter().zip(&got) {
             assert_eq!(pare_test_support::max_abs_diff(a, b), 0.0, "{p:?}");
@@ -75,7 +85,13 @@ fn ratio_zero_gives_exactly_the_uncompressed_logits() {
 fn budgets_shrink_the_cache_in_proportion_per_head_budgets_included() {
     let model = &smollm2().model;
     let prompt = vec![text_tokens(200)];
-    for (spec, r) in [("knorm", 0.5), ("snapkv", 0.75), ("adakv+snapkv", 0.5), ("adakv+expected-attention", 0.75)] {
+    for (spec, r) in [
+        ("knorm", 0.5),
+        ("snapkv", 0.75),
+        ("adakv+snapkv", 0.5),
+        ("adakv+expected-attention", 0.75),
+        ("block+keydiff", 0.5),
+    ] {
         let (_, cache, _) =
             ts::prefill_hooked(model, &prompt, press_hooks(Some(press(spec, ratio(r)).as_ref()))).unwrap();
         let kept_per_head = (200.0 * (1.0 - r)) as usize;
@@ -260,4 +276,28 @@ fn beam_search_runs_over_a_compressed_cache() {
     .unwrap();
     assert_eq!(hyps.len(), 1);
     assert_eq!(hyps[0].tokens.len(), 6);
+}
+
+#[test]
+fn think_zeroes_key_channels_in_the_prompt_only_and_frees_nothing() {
+    let model = &smollm2().model;
+    let prompt = vec![text_tokens(120)];
+    let (_, snapkv) = run(model, &prompt, Some(press("snapkv", ratio(0.5)).as_ref()), 2);
+    let opts = PressOptions { key_channel_ratio: Some(0.25), ..ratio(0.5) };
+    let (logits, think) = run(model, &prompt, Some(press("think+snapkv", opts).as_ref()), 2);
+    assert!(logits.iter().all(|l| l.to_vec2::<f32>().unwrap()[0].iter().all(|x| x.is_finite())));
+    // The same entries, as wide as before: kvpress's ThinK saves no memory, nor does pare's.
+    assert_eq!(think.bytes(), snapkv.bytes());
+    for (layer, kept) in think.layers().iter().zip(snapkv.layers()) {
+        assert_eq!(layer.all_positions(), kept.all_positions());
+        for head in 0..layer.kv_heads() {
+            let (k, _) = layer.head_kv(0, head).unwrap().unwrap();
+            let rows = k.to_vec2::<f32>().unwrap();
+            let (prompt_rows, decoded) = rows.split_at(rows.len() - 2);
+            // 16 of 64 channels zero in every prompt entry; the two decoded entries keep them all.
+            let zero = (0..64).filter(|&c| prompt_rows.iter().all(|r| r[c] == 0.0)).count();
+            assert_eq!(zero, 16);
+            assert!(decoded.iter().all(|r| r.iter().all(|&x| x != 0.0)));
+        }
+    }
 }
