@@ -26,7 +26,9 @@ pub use pare_model::hooks::CachePress;
 
 use serde::Deserialize;
 
-use presses::{AdaKv, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, PrefillPress, PyramidKv, StreamingPress};
+use presses::{
+    AdaKv, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, KvZip, PrefillPress, PyramidKv, StreamingPress,
+};
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
 
@@ -43,6 +45,8 @@ pub const SCORERS: &[&str] = &[
     "random",
     "streaming",
 ];
+/// Presses that choose their entries their own way rather than by a scorer's top entries per head.
+pub const STANDALONE: &[&str] = &["pyramidkv", "kvzip"];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical"];
 
@@ -96,6 +100,15 @@ pub struct PressOptions {
     /// critical: share of each head's budget chosen by the wrapped scorer alone (default 0.5).
     #[arg(long)]
     pub first_stage_ratio: Option<f64>,
+    /// kvzip: context tokens each replay pass repeats (default 2048).
+    #[arg(long)]
+    pub chunk_size: Option<usize>,
+    /// kvzip: evict as many entries in every layer (default: the lowest scores over all layers).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub layerwise: Option<bool>,
+    /// kvzip: KVzip+ normalization (weights ÷ ‖h‖ of the replay token × ‖v·W_o‖ of the entry).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub kvzip_plus: Option<bool>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -124,6 +137,9 @@ impl PressOptions {
             ("n_future", o.n_future.is_some()),
             ("lag_size", o.lag_size.is_some()),
             ("first_stage_ratio", o.first_stage_ratio.is_some()),
+            ("chunk_size", o.chunk_size.is_some()),
+            ("layerwise", o.layerwise.is_some()),
+            ("kvzip_plus", o.kvzip_plus.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -182,6 +198,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "expected-attention" => &["sinks", "n_future"],
         "lagkv" => &["sinks", "lag_size"],
         "cur" => &["sinks"],
+        "kvzip" => &["sinks", "chunk_size", "layerwise", "kvzip_plus"],
         "random" => &["seed"],
         "adakv" => &["alpha_safeguard"],
         "chunkkv" => &["chunk_length"],
@@ -194,11 +211,12 @@ fn options_of(name: &str) -> &'static [&'static str] {
 /// Build the press `spec` (a `+` chain) with `opts`; every mistake is one clear message.
 pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let chain: Vec<&str> = spec.split('+').map(str::trim).collect();
-    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || n == "pyramidkv";
+    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || STANDALONE.contains(&n);
     if let Some(bad) = chain.iter().find(|n| !known(n)) {
         return Err(PressError::config(format!(
-            "unknown press {bad:?} (presses: {}, pyramidkv; wrappers: {})",
+            "unknown press {bad:?} (presses: {}, {}; wrappers: {})",
             SCORERS.join(", "),
+            STANDALONE.join(", "),
             WRAPPERS.join(", ")
         )));
     }
@@ -219,6 +237,14 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         return Err(PressError::config(format!(
             "{base} wraps a scorer press: write it as {base}+snapkv (or another press)"
         )));
+    }
+    if *base == "kvzip" {
+        if !wrappers.is_empty() {
+            return Err(PressError::config(
+                "kvzip chooses its entries itself (globally over layers and heads) and takes no wrapper",
+            ));
+        }
+        return Ok(Box::new(KvZip::new(opts)?));
     }
     let decoding = wrappers.first() == Some(&"decoding");
     if wrappers.iter().skip(usize::from(decoding)).any(|&w| w == "decoding") {
@@ -294,17 +320,19 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
             opts.positions,
         )?));
     }
-    let budget = match (opts.ratio, opts.budget) {
-        (Some(r), None) => Budget::ratio(r)?,
-        (None, Some(n)) => Budget::entries(n)?,
-        (Some(_), Some(_)) => return Err(PressError::config("give either `ratio` or `budget`, not both")),
-        (None, None) => {
-            return Err(PressError::config(format!(
-                "press {spec:?} needs `ratio` R (fraction removed) or `budget` N (entries kept)"
-            )))
-        }
-    };
-    Ok(Box::new(PrefillPress { selector, budget, positions: opts.positions }))
+    Ok(Box::new(PrefillPress { selector, budget: budget(opts, spec)?, positions: opts.positions }))
+}
+
+/// `ratio` or `budget`, exactly one of them.
+pub(crate) fn budget(opts: &PressOptions, spec: &str) -> Result<Budget> {
+    match (opts.ratio, opts.budget) {
+        (Some(r), None) => Budget::ratio(r),
+        (None, Some(n)) => Budget::entries(n),
+        (Some(_), Some(_)) => Err(PressError::config("give either `ratio` or `budget`, not both")),
+        (None, None) => Err(PressError::config(format!(
+            "press {spec:?} needs `ratio` R (fraction removed) or `budget` N (entries kept)"
+        ))),
+    }
 }
 
 fn alpha_safeguard(opts: &PressOptions) -> Result<f64> {
