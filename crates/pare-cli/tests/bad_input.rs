@@ -322,6 +322,11 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");
     check(&["--press", "knorm+snapkv", "--ratio", "0.5"], "not a wrapper");
     check(&["--press", "decoding+knorm"], "decoding needs --budget");
+    check(&["--press", "kvzip", "--ratio", "0.5", "--chunk-size", "0"], "--chunk-size must be at least 1");
+    check(&["--press", "adakv+kvzip", "--ratio", "0.5"], "kvzip chooses its entries itself");
+    check(&["--press", "knorm", "--ratio", "0.5", "--layerwise"], "--layerwise does not apply");
+    check(&["--press", "snapkv", "--ratio", "0.5", "--kvzip-plus", "true"], "--kvzip-plus does not apply");
+    check(&["--press", "kvzip"], "needs --ratio");
     let readme = repo().join("README.md");
     let readme = readme.to_str().unwrap();
     expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");
