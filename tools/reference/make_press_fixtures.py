@@ -21,6 +21,11 @@ transformers 5.x no longer passes cache_position, so the prefill passes it expli
 kvpress's optional dependencies that are not in the venv (cachetools, datasets, fire: used only by
 presses not run here) are stubbed before the import.
 
+KVzipPress (kvzip*) runs its own replay after the prefill and masks what it evicts; its fixtures
+prefill the chat template's user prefix followed by the wiki tokens (PROMPT_TOKENS in all), as
+kvpress's pipeline gives it a templated context, and record each chunk's replay ids, the raw
+scores (before the sinks' padding) and the kept sets read back from masked_key_indices.
+
 For knorm, snapkv and expected_attention at ratio 0.5 the fixture also records a 16-token greedy
 continuation the way kvpress's pipeline decodes (generate_answer): no compression while decoding,
 the i-th generated token fed at position T + i (explicit position_ids; the cache holds fewer entries).
@@ -70,6 +75,7 @@ from kvpress import (  # noqa: E402
     FinchPress,
     KeyDiffPress,
     KnormPress,
+    KVzipPress,
     LagKVPress,
     ObservedAttentionPress,
     PyramidKVPress,
@@ -162,6 +168,13 @@ CASES = {
     "think_snapkv": dict(kind="think", inner="snapkv", params=dict(window_size=32), ratios=[0.5]),
 }
 
+# name -> KVzipPress parameters and ratios (chunk_size 128: the ~280 context tokens replay in three chunks)
+KVZIP = {
+    "kvzip": dict(params=dict(chunk_size=128), ratios=[0.5, 0.25]),
+    "kvzip_layerwise": dict(params=dict(chunk_size=128, layerwise=True), ratios=[0.5]),
+    "kvzip_plus": dict(params=dict(chunk_size=128, kvzip_plus_normalization=True), ratios=[0.5]),
+}
+
 SCORE_NOTES = {
     "knorm": "-||k||_2 of the cached (post-RoPE) key, float32.",
     "keydiff": "-cos(k, anchor) of the cached (post-RoPE) key, anchor = mean over the layer's cached keys of k/||k||, "
@@ -195,6 +208,11 @@ SCORE_NOTES = {
     "think": "per key channel of the kv head: mean over the last 32 queries (q_proj + RoPE) of q^2, averaged over the "
     "3 query heads, times the mean over the cached entries (after the composed press, if any) of k^2 (post-RoPE); "
     "the int(64 * ratio) lowest channels are zeroed.",
+    "kvzip": "max over the replay queries and the 3 query heads of each kv head of the softmax attention (over the "
+    "sinks min(4, chunk start), the chunk's entries and the replay tokens, causal among them) to each entry of the "
+    "chunk; entries before the template prefix's end score 0; raw, before the sinks are padded with max+1.",
+    "kvzip_plus": "as kvzip, each weight divided by ||h|| of the replay token (the attention input) and multiplied "
+    "by ||v W_o,q||_2 of the entry for its query head q, before the max.",
 }
 
 
@@ -678,6 +696,111 @@ def uncompressed(model, ids):
     return out.logits[0, -1], greedy(model, cache, out.logits[0, -1], len(ids))
 
 
+# ---------------------------------------------------------------- KVzip
+
+
+def kvzip_ids(tokenizer):
+    """The chat template's user prefix (what KVzipPress takes as prefix_length), then wiki tokens."""
+    dummy = "dummy context"
+    separator = "\n" + "#" * len(dummy)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": dummy + separator}], add_generation_prompt=True, tokenize=False
+    )
+    prefix = tokenizer.encode(rendered.split(separator)[0].split(dummy)[0], add_special_tokens=False)
+    return prefix + prompt_ids(tokenizer)[: PROMPT_TOKENS - len(prefix)], len(prefix)
+
+
+def run_kvzip(model, tokenizer, name, ratio):
+    """KVzipPress with its replay and compress_post captured; the kept sets recomputed from its scores as
+    compress_post selects (global or layerwise bottom-k) and checked against masked_key_indices."""
+    import kvpress.presses.kvzip_press as kvzip_module
+
+    set_attn(model, "sdpa")
+    params = KVZIP[name]["params"]
+    press = KVzipPress(compression_ratio=ratio, **params)
+    # KVzipPress loads the tokenizer by the model's name_or_path; the GGUF's is the one.
+    kvzip_module.AutoTokenizer = types.SimpleNamespace(from_pretrained=lambda *a, **k: tokenizer)
+    ids, prefix_length = kvzip_ids(tokenizer)
+    T = len(ids)
+    cap = {}
+    orig_prepare, orig_post = press.prepare, press.compress_post
+
+    def prepare(model, tokenizer, prev_postfix_size=8):
+        pairs = orig_prepare(model, tokenizer, prev_postfix_size)
+        cap["replay"] = [repeat[0].tolist() for _, repeat in pairs]
+        return pairs
+
+    def compress_post(model):
+        cap["scores"] = press.score_val.detach().clone()  # compress_post pads the sinks in place
+        cap["prefix_length"] = press.prefix_length
+        return orig_post(model)
+
+    press.prepare, press.compress_post = prepare, compress_post
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, cache_position=torch.arange(T))
+    assert cap["prefix_length"] == prefix_length
+    raw = cap["scores"]
+    n_layers, _, n_heads, _ = raw.shape
+    assert raw.shape == (n_layers, 1, n_heads, T) and raw.dtype == torch.float32
+
+    s = raw.clone()
+    s[..., : press.n_sink] = s.amax() + 1.0
+    close = []
+    if press.layerwise:
+        n_pruned = [int(n_heads * T * ratio)] * n_layers
+        for layer in range(n_layers):
+            flat = s[layer].reshape(-1)
+            ordered = flat.sort().values
+            close += [[layer, i // T, i % T] for i in near(flat, ordered[n_pruned[layer]], ordered[n_pruned[layer] - 1])]
+    else:
+        flat = s.reshape(-1)
+        total = int(flat.numel() * ratio)
+        pruned = torch.topk(-flat, total).indices
+        n_pruned = torch.bincount(pruned // (n_heads * T), minlength=n_layers).tolist()
+        ordered = flat.sort().values
+        close = [[i // (n_heads * T), i // T % n_heads, i % T] for i in near(flat, ordered[total], ordered[total - 1])]
+    kept_all = []
+    for layer, module in enumerate(attn_modules(model)):
+        assert cache.layers[layer].keys.shape[2] == T  # the replay left nothing behind; KVzip masks
+        flat = s[layer].reshape(-1)
+        recomputed = set(torch.topk(-flat, n_pruned[layer]).indices.tolist())
+        b, h, j = module.masked_key_indices
+        assert (b == 0).all() and len(j) == n_pruned[layer]
+        masked = {hh * T + jj for hh, jj in zip(h.tolist(), j.tolist())}
+        assert masked == recomputed, f"{name} layer {layer}: masked_key_indices differ from the recomputed selection"
+        kept_all.append([sorted(set(range(T)) - {i % T for i in masked if i // T == hh}) for hh in range(n_heads)])
+        del module.masked_key_indices  # later presses run on the same modules
+
+    fixture = dict(
+        made_by=None,
+        press="kvzip",
+        params=dict(params, n_sink=press.n_sink),
+        ratio=ratio,
+        attn_implementation="sdpa",
+        seq_len=T,
+        prompt_ids=ids,
+        prefix_length=prefix_length,
+        replay_ids=cap["replay"],
+        n_pruned_per_layer=n_pruned,
+        kept=kept_all,
+        scores_sample=dict(
+            layer=SAMPLE_LAYER,
+            head=SAMPLE_HEAD,
+            note=SCORE_NOTES["kvzip_plus" if params.get("kvzip_plus_normalization") else "kvzip"],
+            scores=[f32(v) for v in raw[SAMPLE_LAYER, 0, SAMPLE_HEAD].tolist()],
+        ),
+        near_boundary=dict(
+            rel_tol=NEAR_TOL,
+            note="[layer, head, position]: entries whose score is within rel_tol of the midpoint between the last "
+            "pruned and the first kept score (over all layers, or the layer's own with layerwise); float-level "
+            "score differences may swap them",
+            entries=close,
+        ),
+    )
+    return fixture
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -687,11 +810,11 @@ def file_name(name, ratio):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", metavar="NAME", help=", ".join(CASES) + " (default: all)")
+    ap.add_argument("names", nargs="*", metavar="NAME", help=", ".join([*CASES, *KVZIP]) + " (default: all)")
     args = ap.parse_args()
-    names = args.names or list(CASES)
-    if set(names) - set(CASES):
-        ap.error(f"names among {', '.join(CASES)}")
+    names = args.names or [*CASES, *KVZIP]
+    if set(names) - set(CASES) - set(KVZIP):
+        ap.error(f"names among {', '.join([*CASES, *KVZIP])}")
 
     model, tokenizer = load()
     ids = prompt_ids(tokenizer)
@@ -704,7 +827,15 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     base_logits, base_greedy = uncompressed(model, ids)
     snap_eager_check = {}
-    for name in names:
+    for name in [n for n in names if n in KVZIP]:
+        for ratio in KVZIP[name]["ratios"]:
+            fixture = run_kvzip(model, tokenizer, name, ratio)
+            fixture["made_by"] = made_by
+            path = OUT / file_name(name, ratio)
+            path.write_text(to_json(fixture) + "\n", encoding="utf-8")
+            print(f"  {path.relative_to(ROOT)} ({path.stat().st_size / 1e3:.1f} kB) "
+                  f"near_boundary={len(fixture['near_boundary']['entries'])}")
+    for name in [n for n in names if n in CASES]:
         for ratio in CASES[name]["ratios"]:
             fixture, cap = run_press(model, tokenizer, ids, name, ratio)
             fixture["made_by"] = made_by

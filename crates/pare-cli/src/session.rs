@@ -35,7 +35,9 @@ impl<'a> HookPlan<'a> {
     pub fn open(self, model: &ModelArgs) -> Result<Session> {
         let loaded = model.load()?;
         let pruner = self.token_prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
-        Ok(Session { loaded, hooks: Hooks::new(self.press, pruner) })
+        let mut hooks = Hooks::new(self.press, pruner);
+        hooks.bind(&loaded)?;
+        Ok(Session { loaded, hooks })
     }
 }
 

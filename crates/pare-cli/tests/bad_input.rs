@@ -336,6 +336,11 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "finch", "--ratio", "0.5", "--window", "0"], "--window and --chunk-length must be at least 1");
     check(&["--press", "finch", "--ratio", "0.5", "--chunk-length", "64"], "--chunk-length must exceed --window");
     check(&["--press", "knorm", "--ratio", "0.5", "--key-channel-ratio", "0.5"], "--key-channel-ratio does not apply");
+    check(&["--press", "kvzip", "--ratio", "0.5", "--chunk-size", "0"], "--chunk-size must be at least 1");
+    check(&["--press", "adakv+kvzip", "--ratio", "0.5"], "kvzip chooses its entries itself");
+    check(&["--press", "knorm", "--ratio", "0.5", "--layerwise"], "--layerwise does not apply");
+    check(&["--press", "snapkv", "--ratio", "0.5", "--kvzip-plus", "true"], "--kvzip-plus does not apply");
+    check(&["--press", "kvzip"], "needs --ratio");
     let readme = repo().join("README.md");
     let readme = readme.to_str().unwrap();
     expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");

@@ -19,6 +19,13 @@ pub struct PerplexityResult {
     /// With a press: the most bytes a compressed window context held.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_bytes_context: Option<usize>,
+    /// Tokens the press ran beyond the windows' contexts (KVzip's replay, ~1× each context).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub press_tokens: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One window: tokens `begin..end` run through the model, targets `score_from..end` scored.
@@ -132,6 +139,7 @@ fn perplexity_over(
     let mut nll_sum = 0.0f64;
     let mut scored = 0usize;
     let (mut kv_bytes_peak, mut kv_bytes_context) = (0usize, 0usize);
+    let mut press_tokens = 0;
     for (i, w) in windows.iter().enumerate() {
         if w.score_from < w.end {
             let mut window = tokens[w.begin..w.end].to_vec();
@@ -152,6 +160,7 @@ fn perplexity_over(
             } else {
                 let context = [window[..split].to_vec()];
                 let (first, mut cache) = model.prefill(PrefillInput::Tokens(&context), &mut hooks)?;
+                press_tokens += hooks.extra_tokens();
                 kv_bytes_context = kv_bytes_context.max(cache.bytes());
                 let rest = &window[split..window.len() - 1];
                 if rest.is_empty() {
@@ -178,6 +187,7 @@ fn perplexity_over(
         tokens: tokens.len(),
         kv_bytes_peak: kv_bytes_peak.max(kv_bytes_context),
         kv_bytes_context: (!hooks.is_empty()).then_some(kv_bytes_context),
+        press_tokens,
     })
 }
 

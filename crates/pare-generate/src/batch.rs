@@ -432,6 +432,11 @@ impl<'m> Batch<'m> {
     }
 
     /// KV-cache bytes over every group held.
+    /// Tokens the groups' presses ran beyond their prompts (see [`Hooks::extra_tokens`]).
+    pub fn press_tokens(&self) -> usize {
+        self.groups.iter().map(|g| g.hooks.extra_tokens()).sum()
+    }
+
     pub fn cache_bytes(&self) -> CacheBytes {
         self.groups.iter().fold(CacheBytes::default(), |acc, g| CacheBytes {
             in_use: acc.in_use + g.cache.bytes(),

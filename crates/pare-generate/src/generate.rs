@@ -67,6 +67,9 @@ pub struct Timings {
     pub prefill_tok_s: f64,
     /// Tokens per second of decode, counting every row's token of each step.
     pub decode_tok_s: f64,
+    /// Tokens the press ran through the model beyond the prompts, inside `prefill_s` (KVzip's
+    /// replay of the context: about as many as the prompt, plus its instruction per chunk).
+    pub press_tokens: usize,
 }
 
 /// KV-cache bytes in use: what a press saved.
@@ -164,6 +167,7 @@ impl<'a> Generator<'a> {
         };
         let rows = batch.admit(spec)?;
         timings.prefill_s = start.elapsed().as_secs_f64();
+        timings.press_tokens = batch.press_tokens();
         let mut stats = CacheStats { kv_bytes_prefill: batch.cache_bytes().in_use, ..CacheStats::default() };
         let decode_start = Instant::now();
         let mut steps = 0usize;

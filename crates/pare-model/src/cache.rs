@@ -660,6 +660,12 @@ impl KvCache {
         &self.layers[layer]
     }
 
+    /// One layer to compress outside a forward call (a press that scores after the prefill, as
+    /// KVzip does); its own methods keep it consistent.
+    pub fn layer_mut(&mut self, layer: usize) -> &mut LayerKv {
+        &mut self.layers[layer]
+    }
+
     /// The position the next token of each row will take.
     pub fn next_positions(&self) -> &[i64] {
         &self.next_position

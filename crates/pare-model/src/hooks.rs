@@ -10,10 +10,13 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use pare_formats::TokenizerBundle;
 
 use crate::attention::Attention;
-use crate::cache::LayerKv;
+use crate::cache::{KvCache, LayerKv};
 use crate::error::Result;
+use crate::loader::LoadedModel;
+use crate::model::Model;
 use crate::rope::Rope;
 
 /// What a forward call is. A prefill fills an empty cache from a prompt: token pruning acts, and
@@ -65,6 +68,27 @@ pub trait CachePress: std::fmt::Debug + Send + Sync {
         next.to_vec()
     }
 
+    /// Called by [`Model::prefill`] once the prefill ran every layer and its logits are taken,
+    /// with the model and the prompts (None for input embeddings): a press that decides with
+    /// further forward passes over the filled cache (KVzip's context replay) runs them here
+    /// through the model's public API. It must leave the cache holding prompt entries only and
+    /// its next positions as they were; [`CachePress::next_positions`] is asked again after it.
+    fn after_prefill(&mut self, _model: &Model, _cache: &mut KvCache, _prompts: Option<&[Vec<u32>]>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once the model is loaded, before the press runs: a press that runs text of its
+    /// own through the model (KVzip's replay prompt) tokenizes it here.
+    fn bind(&mut self, _tokenizer: &TokenizerBundle) -> Result<()> {
+        Ok(())
+    }
+
+    /// Tokens the press ran through the model beyond the prompts so far (KVzip's replay): work
+    /// that the prefill's time includes.
+    fn extra_tokens(&self) -> usize {
+        0
+    }
+
     /// Batch rows were reordered or duplicated (beam search): row i is old row `rows[i]`.
     fn select_rows(&mut self, _rows: &[usize]) -> Result<()> {
         Ok(())
@@ -105,5 +129,19 @@ impl Hooks {
 
     pub fn is_empty(&self) -> bool {
         self.press.is_none() && self.pruner.is_none()
+    }
+
+    /// Bind the press to the loaded model's tokenizer (see [`CachePress::bind`]); every front end
+    /// calls this once it built the hooks for a model.
+    pub fn bind(&mut self, loaded: &LoadedModel) -> Result<()> {
+        match (&mut self.press, &loaded.tokenizer) {
+            (Some(press), Some(tokenizer)) => press.bind(tokenizer),
+            _ => Ok(()),
+        }
+    }
+
+    /// Tokens the press ran beyond the prompts (see [`CachePress::extra_tokens`]).
+    pub fn extra_tokens(&self) -> usize {
+        self.press.as_ref().map_or(0, |p| p.extra_tokens())
     }
 }

@@ -298,15 +298,19 @@ impl Model {
     /// the filled cache. Token prompts of any lengths are left-padded, with positions counted
     /// from 0 at each row's first real token, as HF `generate` does with an attention mask.
     pub fn prefill(&self, input: PrefillInput, hooks: &mut Hooks) -> Result<(Tensor, KvCache)> {
-        let (x, positions) = match input {
+        let (x, positions, prompts) = match input {
             PrefillInput::Tokens(prompts) => {
                 let (tokens, positions) = left_pad(prompts)?;
-                (self.embed(&tokens)?, positions)
+                (self.embed(&tokens)?, positions, Some(prompts))
             }
-            PrefillInput::Embeds { x, positions } => (x, positions),
+            PrefillInput::Embeds { x, positions } => (x, positions, None),
         };
         let mut cache = self.new_cache(positions.len());
         let logits = self.forward(x, &positions, &mut cache, hooks, Phase::Prefill, Logits::Last)?;
+        if let Some(press) = hooks.press.as_deref_mut() {
+            press.after_prefill(self, &mut cache, prompts)?;
+            cache.next_position = press.next_positions(&cache.layers, &cache.next_position);
+        }
         Ok((logits, cache))
     }
 

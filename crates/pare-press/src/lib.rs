@@ -27,8 +27,8 @@ pub use pare_model::hooks::CachePress;
 use serde::Deserialize;
 
 use presses::{
-    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, Finch, FinchScorer, PrefillPress, PyramidKv,
-    StreamingPress, ThinkPress,
+    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, Finch, FinchScorer, KvZip, PrefillPress,
+    PyramidKv, StreamingPress, ThinkPress,
 };
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
@@ -46,6 +46,9 @@ pub const SCORERS: &[&str] = &[
     "random",
     "streaming",
 ];
+/// Presses that choose their entries their own way rather than by a scorer's top entries per head
+/// (and think, which prunes key channels, first in a chain).
+pub const STANDALONE: &[&str] = &["pyramidkv", "finch", "kvzip", "think"];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical", "block"];
 /// The scorers block wraps: those that read only keys and values. kvpress's BlockPress hands a
@@ -109,6 +112,15 @@ pub struct PressOptions {
     /// think: fraction of each KV head's key channels zeroed at prefill, in [0, 1).
     #[arg(long)]
     pub key_channel_ratio: Option<f64>,
+    /// kvzip: context tokens each replay pass repeats (default 2048).
+    #[arg(long)]
+    pub chunk_size: Option<usize>,
+    /// kvzip: evict as many entries in every layer (default: the lowest scores over all layers).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub layerwise: Option<bool>,
+    /// kvzip: KVzip+ normalization (weights ÷ ‖h‖ of the replay token × ‖v·W_o‖ of the entry).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub kvzip_plus: Option<bool>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -139,6 +151,9 @@ impl PressOptions {
             ("first_stage_ratio", o.first_stage_ratio.is_some()),
             ("block_size", o.block_size.is_some()),
             ("key_channel_ratio", o.key_channel_ratio.is_some()),
+            ("chunk_size", o.chunk_size.is_some()),
+            ("layerwise", o.layerwise.is_some()),
+            ("kvzip_plus", o.kvzip_plus.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -198,6 +213,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "expected-attention" => &["sinks", "n_future"],
         "lagkv" => &["sinks", "lag_size"],
         "cur" => &["sinks"],
+        "kvzip" => &["sinks", "chunk_size", "layerwise", "kvzip_plus"],
         "random" => &["seed"],
         "adakv" => &["alpha_safeguard"],
         "chunkkv" => &["chunk_length"],
@@ -212,11 +228,12 @@ fn options_of(name: &str) -> &'static [&'static str] {
 /// Build the press `spec` (a `+` chain) with `opts`; every mistake is one clear message.
 pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let chain: Vec<&str> = spec.split('+').map(str::trim).collect();
-    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || ["pyramidkv", "finch", "think"].contains(&n);
+    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || STANDALONE.contains(&n);
     if let Some(bad) = chain.iter().find(|n| !known(n)) {
         return Err(PressError::config(format!(
-            "unknown press {bad:?} (presses: {}, pyramidkv, finch, think; wrappers: {})",
+            "unknown press {bad:?} (presses: {}, {}; wrappers: {})",
             SCORERS.join(", "),
+            STANDALONE.join(", "),
             WRAPPERS.join(", ")
         )));
     }
@@ -243,6 +260,14 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
         return Err(PressError::config(format!(
             "{base} wraps a scorer press: write it as {base}+snapkv (or another press)"
         )));
+    }
+    if *base == "kvzip" {
+        if !wrappers.is_empty() {
+            return Err(PressError::config(
+                "kvzip chooses its entries itself (globally over layers and heads) and takes no wrapper",
+            ));
+        }
+        return Ok(Box::new(KvZip::new(opts)?));
     }
     let decoding = wrappers.first() == Some(&"decoding");
     if wrappers.iter().skip(usize::from(decoding)).any(|&w| w == "decoding") {
@@ -331,17 +356,19 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
             opts.positions,
         )?));
     }
-    let budget = match (opts.ratio, opts.budget) {
-        (Some(r), None) => Budget::ratio(r)?,
-        (None, Some(n)) => Budget::entries(n)?,
-        (Some(_), Some(_)) => return Err(PressError::config("give either `ratio` or `budget`, not both")),
-        (None, None) => {
-            return Err(PressError::config(format!(
-                "press {spec:?} needs `ratio` R (fraction removed) or `budget` N (entries kept)"
-            )))
-        }
-    };
-    Ok(Box::new(PrefillPress { selector, budget, positions: opts.positions }))
+    Ok(Box::new(PrefillPress { selector, budget: budget(opts, spec)?, positions: opts.positions }))
+}
+
+/// `ratio` or `budget`, exactly one of them.
+pub(crate) fn budget(opts: &PressOptions, spec: &str) -> Result<Budget> {
+    match (opts.ratio, opts.budget) {
+        (Some(r), None) => Budget::ratio(r),
+        (None, Some(n)) => Budget::entries(n),
+        (Some(_), Some(_)) => Err(PressError::config("give either `ratio` or `budget`, not both")),
+        (None, None) => Err(PressError::config(format!(
+            "press {spec:?} needs `ratio` R (fraction removed) or `budget` N (entries kept)"
+        ))),
+    }
 }
 
 /// ThinK's key-channel pruning after the sequence press `inner` (a `+` chain, maybe empty), as

@@ -9,7 +9,7 @@ use pare_model::hooks::{CachePress, LayerContext};
 use pare_model::Hooks;
 use pare_press::compress::observe;
 use pare_press::compress::{call_queries, compress_layer_with, LayerInfo, Selection};
-use pare_press::presses::{think, AdaKv, FinchScorer};
+use pare_press::presses::{think, AdaKv, FinchScorer, ReplayPrompt};
 use pare_press::scorer::Scorer;
 use pare_press::select::{HeadTopK, Selector};
 use pare_press::{build, scorers, Budget, PositionPolicy, PressOptions};
@@ -388,5 +388,95 @@ fn think_channel_scores_match_kvpress_within_1e4_relative() {
     let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
     for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
         assert!((g as f64 - e).abs() <= 1e-4 * e.abs().max(1e-3 * scale), "channel {i}: {g} vs {e}");
+    }
+}
+
+/// kvzip fixture stem → the options kvpress ran with.
+fn kvzip_options(f: &Value) -> PressOptions {
+    let p = &f["params"];
+    PressOptions {
+        ratio: f["ratio"].as_f64(),
+        chunk_size: p["chunk_size"].as_u64().map(|v| v as usize),
+        layerwise: p["layerwise"].as_bool(),
+        kvzip_plus: p["kvzip_plus_normalization"].as_bool(),
+        sinks: p["n_sink"].as_u64().map(|v| v as usize),
+        ..PressOptions::default()
+    }
+}
+
+const KVZIP_CASES: &[&str] = &["kvzip_r0.5", "kvzip_r0.25", "kvzip_layerwise_r0.5", "kvzip_plus_r0.5"];
+
+#[test]
+fn kvzip_replays_the_tokens_kvpress_replays() {
+    let replay = ReplayPrompt::new(smollm2().tokenizer().unwrap()).unwrap();
+    for file in KVZIP_CASES {
+        let f = fixture(&format!("{file}.json"));
+        let prompt = ids(&f["prompt_ids"]);
+        let chunks = replay.chunks(&prompt, f["params"]["chunk_size"].as_u64().unwrap() as usize);
+        assert_eq!(replay.prefix.len() as u64, f["prefix_length"].as_u64().unwrap(), "{file}");
+        let expected: Vec<Vec<u32>> = f["replay_ids"].as_array().unwrap().iter().map(ids).collect();
+        assert_eq!(chunks.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), expected, "{file}");
+    }
+}
+
+#[test]
+fn kvzip_keeps_the_entries_kvpress_keeps() {
+    let loaded = smollm2();
+    for file in KVZIP_CASES {
+        let f = fixture(&format!("{file}.json"));
+        let mut hooks = Hooks::new(Some(build("kvzip", &kvzip_options(&f)).unwrap()), None);
+        hooks.bind(loaded).unwrap();
+        let (_, cache, _) = ts::prefill_hooked(&loaded.model, &[ids(&f["prompt_ids"])], hooks).unwrap();
+        let near: Vec<(usize, usize, i64)> = f["near_boundary"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_u64().unwrap() as usize, e[1].as_u64().unwrap() as usize, e[2].as_i64().unwrap()))
+            .collect();
+        let mut differing = Vec::new();
+        for (layer, heads) in f["kept"].as_array().unwrap().iter().enumerate() {
+            for (head, kept) in heads.as_array().unwrap().iter().enumerate() {
+                let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+                let got = cache.layer(layer).positions(0, head);
+                for p in
+                    expected.iter().filter(|p| !got.contains(p)).chain(got.iter().filter(|p| !expected.contains(p)))
+                {
+                    differing.push((layer, head, *p));
+                }
+            }
+        }
+        // A swap across the cut moves an entry out and another in: both near the boundary.
+        assert!(differing.iter().all(|d| near.contains(d)), "{file}: {differing:?} differ, near the cut: {near:?}");
+        eprintln!("{file}: {} entries differ from kvpress's, {} near its cut", differing.len(), near.len());
+        // The replay left nothing behind and the context continues where it ended.
+        let n = f["seq_len"].as_i64().unwrap();
+        assert_eq!(cache.next_positions(), &[n]);
+        assert!(cache.layers().iter().flat_map(|l| l.all_positions().iter().flatten()).all(|&p| p < n));
+    }
+}
+
+#[test]
+fn kvzip_scores_match_kvpress_within_1e4_relative() {
+    let loaded = smollm2();
+    for file in KVZIP_CASES {
+        let f = fixture(&format!("{file}.json"));
+        let mut press = pare_press::presses::KvZip::new(&kvzip_options(&f)).unwrap();
+        press.bind(loaded.tokenizer().unwrap()).unwrap();
+        let prompt = ids(&f["prompt_ids"]);
+        let (_, mut cache) = ts::prefill(&loaded.model, std::slice::from_ref(&prompt)).unwrap();
+        let scores = press.replay_scores(&loaded.model, &mut cache, &prompt).unwrap();
+        let sample = &f["scores_sample"];
+        let (layer, head) = (sample["layer"].as_u64().unwrap() as usize, sample["head"].as_u64().unwrap() as usize);
+        let got = &scores[layer][head];
+        let expected: Vec<f64> = sample["scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(got.len(), expected.len(), "{file}");
+        let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let mut worst = 0f64;
+        for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+            let tol = 1e-4 * e.abs().max(1e-3 * scale);
+            worst = worst.max((g as f64 - e).abs() / e.abs().max(1e-3 * scale));
+            assert!((g as f64 - e).abs() <= tol, "{file}: entry {i}: {g} vs {e}");
+        }
+        eprintln!("{file}: largest relative score difference {worst:.2e}");
     }
 }

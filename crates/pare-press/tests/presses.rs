@@ -39,11 +39,12 @@ fn run(model: &Model, prompts: &[Vec<u32>], press: Option<&dyn CachePress>, step
     (all, cache)
 }
 
-/// Every scorer the crate builds, pyramidkv, and each selection wrapper around one of them.
+/// Every scorer the crate builds, pyramidkv, kvzip, and each selection wrapper around one of them.
 fn all_presses() -> Vec<&'static str> {
     let mut all = pare_press::SCORERS.to_vec();
     all.extend([
         "pyramidkv",
+        "kvzip",
         "adakv+snapkv",
         "chunkkv+knorm",
         "critical+snapkv",
@@ -300,4 +301,40 @@ fn think_zeroes_key_channels_in_the_prompt_only_and_frees_nothing() {
             assert!(decoded.iter().all(|r| r.iter().all(|&x| x != 0.0)));
         }
     }
+}
+
+#[test]
+fn kvzip_frees_its_share_over_all_layers_and_leaves_no_replay_behind() {
+    let loaded = smollm2();
+    let model = &loaded.model;
+    let prompt = text_tokens(80);
+    let heads: usize = model.new_cache(1).layers().iter().map(|l| l.kv_heads()).sum();
+    for positions in [PositionPolicy::Original, PositionPolicy::Rerotate] {
+        let opts = PressOptions { ratio: Some(0.5), chunk_size: Some(32), positions, ..PressOptions::default() };
+        let mut hooks = Hooks::new(Some(press("kvzip", opts)), None);
+        hooks.bind(loaded).unwrap();
+        let (logits, mut cache, mut hooks) = ts::prefill_hooked(model, std::slice::from_ref(&prompt), hooks).unwrap();
+        // Raw text (no chat template prefix): all 80 tokens replay, in chunks of 32, 32 and 16.
+        assert!(hooks.extra_tokens() > 80, "{}", hooks.extra_tokens());
+        assert_eq!(cache.total_entries(), heads * 80 - heads * 80 / 2, "{positions:?}");
+        let counts: Vec<usize> = cache.layers().iter().flat_map(|l| l.entry_counts()).collect();
+        assert!(counts.iter().any(|&c| c != counts[0]), "global eviction gives heads different budgets");
+        let newest = cache.layers().iter().flat_map(|l| l.all_positions().iter().flatten()).max().copied().unwrap();
+        match positions {
+            PositionPolicy::Original => {
+                assert!(newest < 80);
+                assert_eq!(cache.next_positions(), &[80]);
+            }
+            PositionPolicy::Rerotate => assert_eq!(cache.next_positions(), &[newest + 1]),
+        }
+        // The prefill's logits are the uncompressed ones; decoding continues over the kept cache.
+        assert_eq!(ts::max_abs_diff(&logits, &run(model, std::slice::from_ref(&prompt), None, 0).0[0]), 0.0);
+        let next: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+        let after = ts::decode_hooked(model, &mut cache, &mut hooks, &next).unwrap();
+        assert!(after.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    }
+    // Without the tokenizer bound there is no replay prompt: an error, not a silent no-op.
+    let unbound = press_hooks(Some(press("kvzip", ratio(0.5)).as_ref()));
+    let err = ts::prefill_hooked(model, &[prompt], unbound).unwrap_err();
+    assert!(err.to_string().contains("tokenizer"), "{err}");
 }

@@ -224,7 +224,8 @@ impl Sampling {
     }
 
     /// A fresh press and pruner (each sequence owns its own); checked before anything is queued.
-    pub fn hooks(&self, num_layers: usize) -> Result<Hooks, ApiError> {
+    pub fn hooks(&self, loaded: &LoadedModel) -> Result<Hooks, ApiError> {
+        let num_layers = loaded.model.num_layers();
         let f = &self.fields;
         let press = match &f.press {
             Some(spec) => Some(spec.build().map_err(|e| ApiError::invalid(e.to_string(), Some("press")))?),
@@ -258,7 +259,9 @@ impl Sampling {
                 None
             }
         };
-        Ok(Hooks::new(press, pruner))
+        let mut hooks = Hooks::new(press, pruner);
+        hooks.bind(loaded).map_err(|e| ApiError::invalid(e.to_string(), Some("press")))?;
+        Ok(hooks)
     }
 
     /// KV bytes one sequence may come to hold: its prompt after prefill compression, plus every

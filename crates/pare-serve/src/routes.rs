@@ -323,7 +323,9 @@ async fn create_context(State(state): State<AppState>, ApiJson(body): ApiJson) -
         Some(spec) => Some(spec.build().map_err(|e| ApiError::invalid(e.to_string(), Some("press")))?),
         None => None,
     };
-    let context = r.engine.create_context(tokens, pare_model::Hooks::new(press, None)).await?;
+    let mut hooks = pare_model::Hooks::new(press, None);
+    hooks.bind(&r.loaded).map_err(|e| ApiError::invalid(e.to_string(), Some("press")))?;
+    let context = r.engine.create_context(tokens, hooks).await?;
     Ok(Json(context_json(&context)))
 }
 
@@ -540,7 +542,6 @@ fn sequences(
         }
     }
     let settings = sampling.settings(&r.loaded, max_tokens)?;
-    let num_layers = r.loaded.model.num_layers();
     let limits = r.engine.limits;
     let mut seqs = Vec::new();
     for prompt in prompts {
@@ -550,7 +551,7 @@ fn sequences(
             seqs.push(SeqRequest {
                 prompt: prompt.clone(),
                 settings,
-                hooks: sampling.hooks(num_layers)?,
+                hooks: sampling.hooks(&r.loaded)?,
                 top_logprobs: logprobs.unwrap_or(0),
                 prompt_logprobs: logprobs.filter(|_| echo),
                 kv_estimate: context.as_ref().map_or(0, |c| c.cache.bytes())

@@ -282,6 +282,9 @@ fn ppl(args: PplArgs) -> Result<()> {
             "ppl {:.4} over {} scored tokens ({} tokens, ctx {}, stride {})",
             result.ppl, result.scored_tokens, result.tokens, args.ctx, stride
         );
+        if result.press_tokens > 0 {
+            println!("the press replayed {} tokens over the windows' contexts", result.press_tokens);
+        }
     }
     Ok(())
 }
@@ -403,6 +406,8 @@ struct CompareRow {
     needle_accuracy: Option<f64>,
     /// RULER's average over its tasks and the --ruler-ctx lengths.
     ruler: Option<f64>,
+    /// Tokens the press ran beyond the perplexity windows' contexts (KVzip's replay).
+    press_tokens: usize,
 }
 
 fn compare(args: CompareArgs) -> Result<()> {
@@ -462,7 +467,9 @@ fn compare(args: CompareArgs) -> Result<()> {
             Hooks::default()
         } else {
             let press = pare_press::build(name, &PressOptions { ratio: Some(*ratio), ..PressOptions::default() })?;
-            Hooks::new(Some(press), None)
+            let mut hooks = Hooks::new(Some(press), None);
+            hooks.bind(&loaded)?;
+            hooks
         };
         bar.set_message(format!("{name} {ratio}"));
         let start = bar.position();
@@ -489,6 +496,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             kv_bytes: ppl.kv_bytes_context.unwrap_or(ppl.kv_bytes_peak),
             needle_accuracy,
             ruler,
+            press_tokens: ppl.press_tokens,
         });
     }
     bar.finish_and_clear();

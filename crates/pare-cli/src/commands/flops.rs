@@ -211,6 +211,7 @@ fn reset_peak_rss() -> bool {
 
 fn measure(args: &Args, sc: &Scenario, pruning: Option<(PruneSchedule, SpanKind)>, is_llava: bool) -> Result<Measured> {
     let device = args.model.device()?;
+    let mut tokenizer = None;
     let runner = if is_llava {
         let llava = super::generate_image::load_llava(&args.model)?;
         let size = llava.model.config.vision.image_size;
@@ -218,7 +219,9 @@ fn measure(args: &Args, sc: &Scenario, pruning: Option<(PruneSchedule, SpanKind)
         let pixels = Tensor::randn(0f32, 1.0, (1, 3, size, size), &device)?.to_dtype(llava.model.language.dtype())?;
         Runner::Llava(Box::new(llava), pixels)
     } else {
-        Runner::Text(Box::new(args.model.load()?.model))
+        let loaded = args.model.load()?;
+        tokenizer = loaded.tokenizer;
+        Runner::Text(Box::new(loaded.model))
     };
     let language = runner.language();
     let (image_id, per_image) = match &runner {
@@ -237,7 +240,10 @@ fn measure(args: &Args, sc: &Scenario, pruning: Option<(PruneSchedule, SpanKind)
             language.config().max_position_embeddings
         );
     }
-    let press = args.press.build()?;
+    let mut press = args.press.build()?;
+    if let (Some(press), Some(tokenizer)) = (press.as_mut(), &tokenizer) {
+        press.bind(tokenizer)?;
+    }
     let pruner: Option<Arc<dyn TokenPruner>> = match pruning {
         None => None,
         Some((schedule, span)) => {

@@ -153,8 +153,11 @@ pub fn report(
     }
     let t = &output.timings;
     let image = prompt.image_tokens.map(|n| format!(" ({n} image)")).unwrap_or_default();
+    // A press that replays the context (KVzip) spends that much more inside the prefill.
+    let replay =
+        if t.press_tokens > 0 { format!(" + {} replayed by the press", t.press_tokens) } else { String::new() };
     eprintln!(
-        "[{} prompt tokens{image}, {} generated: prefill {:.1} tok/s, decode {:.1} tok/s]",
+        "[{} prompt tokens{image}{replay}, {} generated: prefill {:.1} tok/s, decode {:.1} tok/s]",
         t.prompt_tokens, t.generated_tokens, t.prefill_tok_s, t.decode_tok_s
     );
     if let (Some(c), true) = (&output.cache, hooked) {
