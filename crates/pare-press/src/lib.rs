@@ -27,8 +27,8 @@ pub use pare_model::hooks::CachePress;
 use serde::Deserialize;
 
 use presses::{
-    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, Finch, FinchScorer, PrefillPress, PyramidKv,
-    StreamingPress, ThinkPress,
+    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, DuoAttention, DuoPattern, Finch, FinchScorer,
+    PrefillPress, PyramidKv, StreamingPress, ThinkPress,
 };
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
@@ -48,6 +48,8 @@ pub const SCORERS: &[&str] = &[
 ];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical", "block"];
+/// Presses that are neither scorers nor wrappers.
+pub const OTHERS: &[&str] = &["pyramidkv", "finch", "think", "duo-attention"];
 /// The scorers block wraps: those that read only keys and values. kvpress's BlockPress hands a
 /// query-based scorer hidden states whose per-head slices come from different tokens, scored at
 /// the last positions of the prompt, which no query pare observes reproduces.
@@ -109,6 +111,12 @@ pub struct PressOptions {
     /// think: fraction of each KV head's key channels zeroed at prefill, in [0, 1).
     #[arg(long)]
     pub key_channel_ratio: Option<f64>,
+    /// duo-attention: fraction of all (layer, KV head) pairs that become streaming heads, in [0, 1].
+    #[arg(long)]
+    pub head_ratio: Option<f64>,
+    /// duo-attention: the model's head pattern (JSON, written by `pare duo-pattern`).
+    #[arg(long, value_name = "FILE")]
+    pub duo_pattern: Option<std::path::PathBuf>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -139,6 +147,8 @@ impl PressOptions {
             ("first_stage_ratio", o.first_stage_ratio.is_some()),
             ("block_size", o.block_size.is_some()),
             ("key_channel_ratio", o.key_channel_ratio.is_some()),
+            ("head_ratio", o.head_ratio.is_some()),
+            ("duo_pattern", o.duo_pattern.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -204,6 +214,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "critical" => &["first_stage_ratio"],
         "block" => &["block_size"],
         "think" => &["key_channel_ratio"],
+        "duo-attention" => &["head_ratio", "duo_pattern"],
         "decoding" => &["interval", "buffer"],
         _ => &[],
     }
@@ -212,13 +223,20 @@ fn options_of(name: &str) -> &'static [&'static str] {
 /// Build the press `spec` (a `+` chain) with `opts`; every mistake is one clear message.
 pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let chain: Vec<&str> = spec.split('+').map(str::trim).collect();
-    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || ["pyramidkv", "finch", "think"].contains(&n);
+    let known = |n: &str| SCORERS.contains(&n) || WRAPPERS.contains(&n) || OTHERS.contains(&n);
     if let Some(bad) = chain.iter().find(|n| !known(n)) {
         return Err(PressError::config(format!(
-            "unknown press {bad:?} (presses: {}, pyramidkv, finch, think; wrappers: {})",
+            "unknown press {bad:?} (presses: {}, {}; wrappers: {})",
             SCORERS.join(", "),
+            OTHERS.join(", "),
             WRAPPERS.join(", ")
         )));
+    }
+    if chain == ["duo-attention"] {
+        return build_duo(opts);
+    }
+    if chain.contains(&"duo-attention") {
+        return Err(PressError::config("duo-attention chooses its kept entries itself and runs on its own"));
     }
     if let Some(&"think") = chain.first() {
         return build_think(&chain[1..], opts);
@@ -371,6 +389,24 @@ fn build_think(inner: &[&str], opts: &PressOptions) -> Result<Box<dyn CachePress
         Some(build(&inner.join("+"), &PressOptions { key_channel_ratio: None, ..opts.clone() })?)
     };
     Ok(Box::new(ThinkPress { inner, key_channel_ratio: ratio, window: 32 }))
+}
+
+/// DuoAttention from its head pattern file: `head_ratio` of the heads stream.
+fn build_duo(opts: &PressOptions) -> Result<Box<dyn CachePress>> {
+    if let Some(option) = opts.given().into_iter().find(|o| !["head_ratio", "duo_pattern", "positions"].contains(o)) {
+        return Err(PressError::config(format!(
+            "`{option}` does not apply to duo-attention: `head_ratio` sets the fraction of streaming heads"
+        )));
+    }
+    let head_ratio = opts
+        .head_ratio
+        .ok_or_else(|| PressError::config("duo-attention needs `head_ratio` R: the fraction of heads that stream"))?;
+    let path = opts.duo_pattern.as_ref().ok_or_else(|| {
+        PressError::config(
+            "duo-attention needs `duo_pattern` FILE: the model's head pattern (pare duo-pattern writes one)",
+        )
+    })?;
+    Ok(Box::new(DuoAttention::new(&DuoPattern::load(path)?, head_ratio, opts.positions)?))
 }
 
 fn alpha_safeguard(opts: &PressOptions) -> Result<f64> {
