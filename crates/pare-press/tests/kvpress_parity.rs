@@ -449,7 +449,8 @@ fn duo_attention_keeps_kvpress_entries_and_reports_its_compression_ratio() {
             PressOptions { head_ratio: f["ratio"].as_f64(), duo_pattern: Some(path.clone()), ..Default::default() };
         let press = build("duo-attention", &opts).unwrap();
         let prompt = ids(&f["prompt_ids"]);
-        let (_, cache, _) = ts::prefill_hooked(model, &[prompt.clone()], press_hooks(Some(press.as_ref()))).unwrap();
+        let (_, cache, _) =
+            ts::prefill_hooked(model, std::slice::from_ref(&prompt), press_hooks(Some(press.as_ref()))).unwrap();
         for (layer, heads) in f["kept"].as_array().unwrap().iter().enumerate() {
             for (head, kept) in heads.as_array().unwrap().iter().enumerate() {
                 let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
