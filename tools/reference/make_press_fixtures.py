@@ -166,7 +166,14 @@ CASES = {
     # kvpress's docstring example ComposedPress([SnapKVPress(0.5), ThinKPress(0.5)])).
     "think": dict(kind="think", params=dict(window_size=32), ratios=[0.5, 0.25]),
     "think_snapkv": dict(kind="think", inner="snapkv", params=dict(window_size=32), ratios=[0.5]),
+    # DuoAttentionPress(on_the_fly_scoring=True) on DUO_SAMPLES windows of c4.utf8 instead of BookSum (no download);
+    # the ratio is head_compression_ratio. sink/recent are set to 16/64 after post_init (kvpress: 128/256), so the
+    # 300-token prompt is cut.
+    "duo_attention": dict(kind="duo", ratios=[0.5, 0.25]),
 }
+DUO_TEXT = "assets/texts/c4.utf8"
+DUO_SAMPLES = [(0, 256), (2000, 256), (5000, 256)]  # (start, length) in the text's token ids
+DUO_SINK, DUO_RECENT, DUO_Q_LEN = 16, 64, 500
 
 # name -> KVzipPress parameters and ratios (chunk_size 128: the ~280 context tokens replay in three chunks)
 KVZIP = {
@@ -523,10 +530,91 @@ def run_think(model, ids, name, ratio):
     return fixture, None
 
 
+def run_duo(model, tokenizer, ids, ratio):
+    """DuoAttentionPress with on-the-fly head scores: kvpress's duo_attention_on_the_fly runs unchanged, fed the
+    DUO_SAMPLES token windows where it would draw BookSum chapters (load_dataset, pandas' sample(random_state=42),
+    AutoTokenizer patched), with num_samples = their count. The kept entries are read from masked_key_indices."""
+    import kvpress.presses.duo_attention_press as duo
+
+    set_attn(model, "sdpa")
+    text_ids = tokenizer((ROOT / DUO_TEXT).read_text(encoding="utf-8")).input_ids
+    samples = [text_ids[a : a + n] for a, n in DUO_SAMPLES]
+    assert all(len(x) == n for x, (_, n) in zip(samples, DUO_SAMPLES))
+    chapters = types.SimpleNamespace(tolist=lambda: list(range(len(samples))))
+    frame = types.SimpleNamespace(sample=lambda n, random_state: {"chapter": chapters})
+    duo.load_dataset = lambda *a, **k: types.SimpleNamespace(to_pandas=lambda: frame)
+    fake_tok = lambda i, return_tensors: transformers.BatchEncoding({"input_ids": torch.tensor([samples[i]])})
+    duo.AutoTokenizer = types.SimpleNamespace(from_pretrained=lambda *a, **k: fake_tok)
+    captured = {}
+    on_the_fly = duo.duo_attention_on_the_fly
+
+    def scores_of(m):
+        captured["scores"] = on_the_fly(m, num_samples=len(samples), q_len=DUO_Q_LEN)
+        return captured["scores"]
+
+    duo.duo_attention_on_the_fly = scores_of
+    press = duo.DuoAttentionPress(head_compression_ratio=ratio, on_the_fly_scoring=True)
+    post_init = press.post_init_from_model
+
+    def post_init_small(m):
+        post_init(m)
+        assert (press.sink_size, press.recent_size) == (128, 256)
+        press.sink_size, press.recent_size = DUO_SINK, DUO_RECENT
+
+    press.post_init_from_model = post_init_small
+    T = len(ids)
+    with torch.no_grad(), press(model):
+        model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(), cache_position=torch.arange(T))
+    duo.duo_attention_on_the_fly = on_the_fly
+    scores = torch.tensor(captured["scores"], dtype=torch.float32)
+    mask = press.streaming_mask.cpu()
+    n_pruned = round(scores.numel() * ratio)
+    flat = scores.flatten()
+    ordered = flat.sort().values
+    close = [[i // scores.shape[1], i % scores.shape[1]] for i in near(flat, ordered[n_pruned - 1], ordered[n_pruned])]
+    kept_all = []
+    for i, module in enumerate(attn_modules(model)):
+        b, h, s = module.masked_key_indices
+        assert (b == 0).all()
+        pruned = [set() for _ in range(scores.shape[1])]
+        for hh, ss in zip(h.tolist(), s.tolist()):
+            pruned[hh].add(ss)
+        for hh in range(scores.shape[1]):
+            window = set(range(DUO_SINK)) | set(range(T - DUO_RECENT, T))
+            assert pruned[hh] == (set(range(T)) - window if mask[i, hh] else set())
+        kept_all.append([sorted(set(range(T)) - p) for p in pruned])
+    fixture = dict(
+        made_by=None,
+        press="duo_attention",
+        params=dict(head_compression_ratio=ratio, on_the_fly_scoring=True, sink_size=DUO_SINK,
+                    recent_size=DUO_RECENT, q_len=DUO_Q_LEN, calibration_text=DUO_TEXT),
+        ratio=ratio,
+        seq_len=T,
+        prompt_ids=ids,
+        calibration_samples=samples,
+        head_scores=[[f32(v) for v in row] for row in scores.tolist()],
+        head_scores_note="duo_attention_on_the_fly: per sample and layer, mean pre-RoPE q and k over the sample's "
+        "tokens, repeated q_len times and rotated at 0..q_len-1; the last query's softmax attention over those keys, "
+        "cumsum along the keys, mean; mean over the 3 query heads of each kv head; mean over the samples (f32).",
+        streaming_mask=mask.int().tolist(),
+        compression_ratio=press.compression_ratio_,
+        kept=kept_all,
+        near_boundary=dict(
+            rel_tol=NEAR_TOL,
+            note="[layer, head]: heads whose score is within rel_tol of the midpoint between the last streaming and the "
+            "first retrieval score",
+            entries=close,
+        ),
+    )
+    return fixture, None
+
+
 def run_press(model, tokenizer, ids, name, ratio):
     case = CASES[name]
     if case["kind"] == "think":
         return run_think(model, ids, name, ratio)
+    if case["kind"] == "duo":
+        return run_duo(model, tokenizer, ids, ratio)
     attn = case.get("attn", "sdpa")
     set_attn(model, attn)
     press, inner = build(name, ratio)

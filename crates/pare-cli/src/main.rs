@@ -48,6 +48,8 @@ enum Command {
     Finetune(commands::finetune::Args),
     /// Prefill and decode FLOPs by component and KV-cache bytes, against the unpruned run.
     Flops(commands::flops::Args),
+    /// Learn a model's DuoAttention head pattern from calibration text (`--press duo-attention`).
+    DuoPattern(commands::duo_pattern::Args),
     /// Train a learned token scorer for prefill token pruning (`--prune-score learned:FILE`).
     TrainScorer(commands::train_scorer::Args),
     /// Serve the model over an OpenAI-compatible HTTP API (docs/serving.md).
@@ -91,6 +93,7 @@ fn main() {
         Command::Finetune(a) => commands::finetune::run(a),
         Command::Flops(a) => commands::flops::run(a),
         Command::TrainScorer(a) => commands::train_scorer::run(a),
+        Command::DuoPattern(a) => commands::duo_pattern::run(a),
         Command::Serve(a) => commands::serve::run(a),
     };
     if let Err(e) = result {

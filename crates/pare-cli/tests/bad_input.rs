@@ -341,6 +341,55 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "knorm", "--ratio", "0.5", "--layerwise"], "--layerwise does not apply");
     check(&["--press", "snapkv", "--ratio", "0.5", "--kvzip-plus", "true"], "--kvzip-plus does not apply");
     check(&["--press", "kvzip"], "needs --ratio");
+    // DuoAttention's head pattern: SmolLM2 has 30 layers × 3 KV heads.
+    let pattern = |name: &str, text: &str| -> String {
+        let path = scratch(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let row = "[0.1, 0.2, 0.3]";
+    let good = pattern(
+        "duo-good.json",
+        &format!(r#"{{"sink_size": 4, "recent_size": 8, "scores": [{}]}}"#, vec![row; 30].join(", ")),
+    );
+    let small =
+        pattern("duo-small.json", &format!(r#"{{"sink_size": 4, "recent_size": 8, "scores": [{row}, {row}]}}"#));
+    let ragged = pattern("duo-ragged.json", r#"{"sink_size": 4, "recent_size": 8, "scores": [[0.1, 0.2], [0.3]]}"#);
+    let broken = pattern("duo-broken.json", r#"{"sink_size": 4, "scores": []}"#);
+    check(&["--press", "duo-attention", "--duo-pattern", &good], "duo-attention needs --head-ratio");
+    check(&["--press", "duo-attention", "--head-ratio", "0.5"], "duo-attention needs --duo-pattern");
+    check(
+        &["--press", "duo-attention", "--head-ratio", "1.5", "--duo-pattern", &good],
+        "--head-ratio must be in [0, 1], got 1.5",
+    );
+    check(
+        &["--press", "duo-attention", "--head-ratio", "0.5", "--duo-pattern", "/nonexistent.json"],
+        "cannot read --duo-pattern",
+    );
+    check(&["--press", "duo-attention", "--head-ratio", "0.5", "--duo-pattern", &broken], "is not a head pattern");
+    check(
+        &["--press", "duo-attention", "--head-ratio", "0.5", "--duo-pattern", &ragged],
+        "the same number of head scores",
+    );
+    check(
+        &["--press", "duo-attention", "--head-ratio", "0.5", "--duo-pattern", &small],
+        "2 layers × 3 KV heads, the model 30 × 3",
+    );
+    check(
+        &["--press", "duo-attention", "--ratio", "0.5", "--head-ratio", "0.5", "--duo-pattern", &good],
+        "--ratio does not apply to duo-attention",
+    );
+    check(&["--press", "adakv+duo-attention", "--ratio", "0.5"], "duo-attention chooses its kept entries itself");
+    check(&["--press", "knorm", "--ratio", "0.5", "--head-ratio", "0.5"], "--head-ratio does not apply");
+    let out = scratch("duo-out.json");
+    let out = out.to_str().unwrap();
+    expect(&["duo-pattern", "--out", out, "--samples", "0"], "--samples and --sample-tokens must be at least 1");
+    expect(&["duo-pattern", "--out", out, "--text", "/nonexistent.txt"], "cannot read --text /nonexistent.txt");
+    let readme = repo().join("README.md");
+    expect(
+        &["duo-pattern", "--out", out, "--text", readme.to_str().unwrap(), "--sample-tokens", "10000000"],
+        "fewer than one sample",
+    );
     let readme = repo().join("README.md");
     let readme = readme.to_str().unwrap();
     expect(&["eval", "ppl", "--text", readme, "--press", "tova", "--ratio", "2"], "--ratio must be in [0, 1)");

@@ -27,8 +27,8 @@ pub use pare_model::hooks::CachePress;
 use serde::Deserialize;
 
 use presses::{
-    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, Finch, FinchScorer, KvZip, PrefillPress,
-    PyramidKv, StreamingPress, ThinkPress,
+    AdaKv, BlockPress, ChunkKv, CriticalAdaKv, CriticalKv, DecodingPress, DuoAttention, DuoPattern, Finch, FinchScorer,
+    KvZip, PrefillPress, PyramidKv, StreamingPress, ThinkPress,
 };
 use scorer::Scorer;
 use select::{HeadTopK, Selector};
@@ -48,7 +48,7 @@ pub const SCORERS: &[&str] = &[
 ];
 /// Presses that choose their entries their own way rather than by a scorer's top entries per head
 /// (and think, which prunes key channels, first in a chain).
-pub const STANDALONE: &[&str] = &["pyramidkv", "finch", "kvzip", "think"];
+pub const STANDALONE: &[&str] = &["pyramidkv", "finch", "kvzip", "think", "duo-attention"];
 /// Wrappers, written before the press they wrap.
 pub const WRAPPERS: &[&str] = &["decoding", "adakv", "chunkkv", "critical", "block"];
 /// The scorers block wraps: those that read only keys and values. kvpress's BlockPress hands a
@@ -121,6 +121,12 @@ pub struct PressOptions {
     /// kvzip: KVzip+ normalization (weights ÷ ‖h‖ of the replay token × ‖v·W_o‖ of the entry).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub kvzip_plus: Option<bool>,
+    /// duo-attention: fraction of all (layer, KV head) pairs that become streaming heads, in [0, 1].
+    #[arg(long)]
+    pub head_ratio: Option<f64>,
+    /// duo-attention: the model's head pattern (JSON, written by `pare duo-pattern`).
+    #[arg(long, value_name = "FILE")]
+    pub duo_pattern: Option<std::path::PathBuf>,
     /// random: seed of the scores.
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
@@ -154,6 +160,8 @@ impl PressOptions {
             ("chunk_size", o.chunk_size.is_some()),
             ("layerwise", o.layerwise.is_some()),
             ("kvzip_plus", o.kvzip_plus.is_some()),
+            ("head_ratio", o.head_ratio.is_some()),
+            ("duo_pattern", o.duo_pattern.is_some()),
             ("seed", o.seed.is_some()),
             ("positions", o.positions != PositionPolicy::Original),
         ]
@@ -182,6 +190,10 @@ impl<'de> Deserialize<'de> for PressSpec {
             Some(other) => return Err(D::Error::custom(format!("name must be a string, got {other}"))),
             None => return Err(D::Error::missing_field("name")),
         };
+        // A request names no file on the server's disk: a head pattern comes with the server.
+        if fields.contains_key("duo_pattern") {
+            return Err(D::Error::custom("duo_pattern names a file on the server and cannot come from a request"));
+        }
         let options = PressOptions::deserialize(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
         Ok(PressSpec { name, options })
     }
@@ -220,6 +232,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "critical" => &["first_stage_ratio"],
         "block" => &["block_size"],
         "think" => &["key_channel_ratio"],
+        "duo-attention" => &["head_ratio", "duo_pattern"],
         "decoding" => &["interval", "buffer"],
         _ => &[],
     }
@@ -236,6 +249,12 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
             STANDALONE.join(", "),
             WRAPPERS.join(", ")
         )));
+    }
+    if chain == ["duo-attention"] {
+        return build_duo(opts);
+    }
+    if chain.contains(&"duo-attention") {
+        return Err(PressError::config("duo-attention chooses its kept entries itself and runs on its own"));
     }
     if let Some(&"think") = chain.first() {
         return build_think(&chain[1..], opts);
@@ -398,6 +417,24 @@ fn build_think(inner: &[&str], opts: &PressOptions) -> Result<Box<dyn CachePress
         Some(build(&inner.join("+"), &PressOptions { key_channel_ratio: None, ..opts.clone() })?)
     };
     Ok(Box::new(ThinkPress { inner, key_channel_ratio: ratio, window: 32 }))
+}
+
+/// DuoAttention from its head pattern file: `head_ratio` of the heads stream.
+fn build_duo(opts: &PressOptions) -> Result<Box<dyn CachePress>> {
+    if let Some(option) = opts.given().into_iter().find(|o| !["head_ratio", "duo_pattern", "positions"].contains(o)) {
+        return Err(PressError::config(format!(
+            "`{option}` does not apply to duo-attention: `head_ratio` sets the fraction of streaming heads"
+        )));
+    }
+    let head_ratio = opts
+        .head_ratio
+        .ok_or_else(|| PressError::config("duo-attention needs `head_ratio` R: the fraction of heads that stream"))?;
+    let path = opts.duo_pattern.as_ref().ok_or_else(|| {
+        PressError::config(
+            "duo-attention needs `duo_pattern` FILE: the model's head pattern (pare duo-pattern writes one)",
+        )
+    })?;
+    Ok(Box::new(DuoAttention::new(&DuoPattern::load(path)?, head_ratio, opts.positions)?))
 }
 
 fn alpha_safeguard(opts: &PressOptions) -> Result<f64> {

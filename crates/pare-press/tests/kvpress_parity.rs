@@ -9,8 +9,9 @@ use pare_model::hooks::{CachePress, LayerContext};
 use pare_model::Hooks;
 use pare_press::compress::observe;
 use pare_press::compress::{call_queries, compress_layer_with, LayerInfo, Selection};
-use pare_press::presses::{think, AdaKv, FinchScorer, ReplayPrompt};
+use pare_press::presses::{think, AdaKv, DuoAttention, DuoPattern, FinchScorer, ReplayPrompt};
 use pare_press::scorer::Scorer;
+use pare_press::scorers::duo_attention::score_heads;
 use pare_press::select::{HeadTopK, Selector};
 use pare_press::{build, scorers, Budget, PositionPolicy, PressOptions};
 use pare_test_support::{self as ts, press_hooks, smollm2};
@@ -478,5 +479,81 @@ fn kvzip_scores_match_kvpress_within_1e4_relative() {
             assert!((g as f64 - e).abs() <= tol, "{file}: entry {i}: {g} vs {e}");
         }
         eprintln!("{file}: largest relative score difference {worst:.2e}");
+    }
+}
+
+/// A DuoAttention head pattern with `scores`, written where a test may read it back.
+fn duo_pattern_file(name: &str, scores: Vec<Vec<f32>>, sink_size: usize, recent_size: usize) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("pare-duo-{}-{name}.json", std::process::id()));
+    DuoPattern { sink_size, recent_size, scores, calibration: None }.save(&path).unwrap();
+    path
+}
+
+fn f32_rows(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect()
+}
+
+#[test]
+fn duo_attention_head_scores_match_kvpress_on_the_fly_scoring() {
+    let model = &smollm2().model;
+    let f = fixture("duo_attention_r0.5.json");
+    let samples: Vec<Vec<u32>> = f["calibration_samples"].as_array().unwrap().iter().map(ids).collect();
+    let got = score_heads(model, &samples, f["params"]["q_len"].as_u64().unwrap() as usize).unwrap();
+    let expected = f32_rows(&f["head_scores"]);
+    assert_eq!((got.len(), got[0].len()), (expected.len(), expected[0].len()));
+    for (layer, (g, e)) in got.iter().zip(&expected).enumerate() {
+        for (head, (&g, &e)) in g.iter().zip(e).enumerate() {
+            assert!((g - e).abs() <= 1e-4 * e.abs(), "layer {layer} head {head}: {g} vs {e}");
+        }
+    }
+    // pare's own scores choose kvpress's streaming heads, up to heads tied within float noise.
+    let near: Vec<(usize, usize)> = f["near_boundary"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap() as usize, e[1].as_u64().unwrap() as usize))
+        .collect();
+    let pattern = DuoPattern { sink_size: 16, recent_size: 64, scores: got, calibration: None };
+    let mask = pattern.streaming_mask(f["ratio"].as_f64().unwrap());
+    for (layer, heads) in f["streaming_mask"].as_array().unwrap().iter().enumerate() {
+        for (head, m) in heads.as_array().unwrap().iter().enumerate() {
+            let want = m.as_u64().unwrap() == 1;
+            assert!(mask[layer][head] == want || near.contains(&(layer, head)), "layer {layer} head {head}");
+        }
+    }
+}
+
+#[test]
+fn duo_attention_keeps_kvpress_entries_and_reports_its_compression_ratio() {
+    let model = &smollm2().model;
+    for file in ["duo_attention_r0.5", "duo_attention_r0.25"] {
+        let f = fixture(&format!("{file}.json"));
+        let p = &f["params"];
+        let (sink, recent) = (p["sink_size"].as_u64().unwrap() as usize, p["recent_size"].as_u64().unwrap() as usize);
+        let path = duo_pattern_file(file, f32_rows(&f["head_scores"]), sink, recent);
+        let opts =
+            PressOptions { head_ratio: f["ratio"].as_f64(), duo_pattern: Some(path.clone()), ..Default::default() };
+        let press = build("duo-attention", &opts).unwrap();
+        let prompt = ids(&f["prompt_ids"]);
+        let (_, cache, _) =
+            ts::prefill_hooked(model, std::slice::from_ref(&prompt), press_hooks(Some(press.as_ref()))).unwrap();
+        for (layer, heads) in f["kept"].as_array().unwrap().iter().enumerate() {
+            for (head, kept) in heads.as_array().unwrap().iter().enumerate() {
+                let expected: Vec<i64> = kept.as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+                assert_eq!(cache.layer(layer).positions(0, head), expected, "{file}: layer {layer} head {head}");
+            }
+        }
+        // The memory is freed: the cache holds exactly the kept share, kvpress's compression_ratio_.
+        let pattern = DuoPattern::load(&path).unwrap();
+        let duo = DuoAttention::new(&pattern, f["ratio"].as_f64().unwrap(), PositionPolicy::Original).unwrap();
+        let want = f["compression_ratio"].as_f64().unwrap();
+        assert!((duo.compression_ratio(prompt.len()) - want).abs() < 1e-9, "{file}");
+        let achieved = 1.0 - cache.bytes() as f64 / cache.uncompressed_bytes() as f64;
+        assert!((achieved - want).abs() < 1e-9, "{file}: {achieved} vs {want}");
+        std::fs::remove_file(path).unwrap();
     }
 }

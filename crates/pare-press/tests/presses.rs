@@ -74,7 +74,16 @@ fn ratio_zero_gives_exactly_the_uncompressed_logits() {
     let decoding =
         press("decoding+knorm", PressOptions { budget: Some(1000), interval: Some(2), ..PressOptions::default() });
     let think = press("think+snapkv", PressOptions { key_channel_ratio: Some(0.0), ..ratio(0.0) });
-    for p in [streaming, decoding, think] {
+    // DuoAttention with no streaming head, its window shorter than the prompt.
+    let pattern = std::env::temp_dir().join(format!("pare-duo-zero-{}.json", std::process::id()));
+    let scores = (0..model.num_layers()).map(|l| (0..3).map(|h| (l * 3 + h) as f32).collect()).collect();
+    pare_press::presses::DuoPattern { sink_size: 4, recent_size: 8, scores, calibration: None }.save(&pattern).unwrap();
+    let duo = press(
+        "duo-attention",
+        PressOptions { head_ratio: Some(0.0), duo_pattern: Some(pattern.clone()), ..PressOptions::default() },
+    );
+    std::fs::remove_file(pattern).unwrap();
+    for p in [streaming, decoding, think, duo] {
         let (got, _) = run(model, &prompt, Some(p.as_ref()), 3);
         for (a, b) in reference.iter().zip(&got) {
             assert_eq!(pare_test_support::max_abs_diff(a, b), 0.0, "{p:?}");

@@ -422,6 +422,12 @@ async fn bad_input_is_a_400_with_an_openai_error() {
             Some("press"),
         ),
         ("press without a budget", r#"{"prompt": "a", "press": {"name": "knorm"}}"#.into(), Some("press")),
+        (
+            "a file on the server's disk",
+            r#"{"prompt": "a", "press": {"name": "duo-attention", "head_ratio": 0.5, "duo_pattern": "/etc/passwd"}}"#
+                .into(),
+            None,
+        ),
         ("bad prune spec", r#"{"prompt": "a", "prune_tokens": "99:0.5"}"#.into(), Some("prune_tokens")),
         (
             "n × max_tokens beyond the KV budget",

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod bench_serve;
 pub mod convert;
+pub mod duo_pattern;
 pub mod eval;
 pub mod finetune;
 pub mod flops;

@@ -64,6 +64,8 @@ pub fn run(args: Args) -> Result<()> {
     let (mut logits, mut cache) =
         loaded.model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
     let kv_bytes_prefill = cache.bytes();
+    // kvpress's `compression_ratio`: the share of the prompt's entries a press removed.
+    let compression_ratio = 1.0 - kv_bytes_prefill as f64 / cache.uncompressed_bytes().max(1) as f64;
     let mut context = prompt.clone();
     if let Some(then) = &args.then {
         // A compressed prompt only matters to what comes after it: score after a continuation.
@@ -105,7 +107,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         return print_json(&json!({
             "prompt_tokens": prompt.len(), "top": top, "processed": processed, "processors": chain.names(),
-            "kv_bytes_prefill": kv_bytes_prefill, "kv_bytes": cache.bytes(), "kv_bytes_uncompressed": cache.uncompressed_bytes(),
+            "kv_bytes_prefill": kv_bytes_prefill, "compression_ratio": compression_ratio, "kv_bytes": cache.bytes(), "kv_bytes_uncompressed": cache.uncompressed_bytes(),
         }));
     }
     println!("{:>4}  {:>8}  {:>9}  {:>7}  token", "rank", "id", "logprob", "prob");

@@ -1,6 +1,7 @@
 //! One file per scorer press. Names, defaults and scoring follow NVIDIA kvpress.
 
 pub mod cur;
+pub mod duo_attention;
 pub mod expected_attention;
 pub mod keydiff;
 pub mod knorm;
