@@ -25,6 +25,17 @@ pub enum PositionPolicy {
     Rerotate,
 }
 
+impl PositionPolicy {
+    /// Where the next token of each row goes after a press compressed `layers` (the model's
+    /// `next` otherwise): the row's next position, or right after its cache when re-rotating.
+    pub fn next_positions(self, layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
+        match self {
+            PositionPolicy::Original => next.to_vec(),
+            PositionPolicy::Rerotate => next_after_cache(layers, next),
+        }
+    }
+}
+
 /// The observed queries of one row: (heads, n, head_dim) before RoPE in the model's dtype (a
 /// scorer converts them only if it reads them), and their positions.
 pub struct RowQueries {

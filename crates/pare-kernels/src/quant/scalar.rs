@@ -55,18 +55,11 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
 pub fn dequantize_block(ty: QuantType, b: &[u8], y: &mut [f32]) {
     match ty {
         QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 => {
-            let d = fp16(b, 0);
-            let (min, qh, qs) = match ty {
-                QuantType::Q4_0 => (-8.0 * d, 0u32, &b[2..18]),
-                QuantType::Q4_1 => (fp16(b, 2), 0, &b[4..20]),
-                QuantType::Q5_0 => (-16.0 * d, u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &b[6..22]),
-                _ => (fp16(b, 2), u32::from_le_bytes([b[4], b[5], b[6], b[7]]), &b[8..24]),
-            };
-            for j in 0..16 {
-                let lo = (qs[j] & 0xF) as u32 | (((qh >> j) & 1) << 4);
-                let hi = (qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
-                y[j] = d * lo as f32 + min;
-                y[j + 16] = d * hi as f32 + min;
+            // d · code + (−8d, −16d or the minimum): ggml's formula, through the GEMM's decoder.
+            let (mut codes, mut d, mut min) = ([0u8; QK8], [0f32], [0f32]);
+            block_codes(ty, b, &mut codes, &mut d, &mut min);
+            for (v, &code) in y.iter_mut().zip(&codes) {
+                *v = d[0] * code as f32 + min[0];
             }
         }
         QuantType::Q8_0 => {

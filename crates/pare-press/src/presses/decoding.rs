@@ -9,7 +9,7 @@ use pare_model::hooks::{CachePress, LayerContext};
 
 use crate::budget::Budget;
 use crate::compress::{call_queries, LayerInfo};
-use crate::compress::{compress_layer, next_after_cache, PositionPolicy, RowQueries};
+use crate::compress::{compress_layer, PositionPolicy, RowQueries};
 use crate::error::{PressError, Result};
 use crate::observation::index_tensor;
 use crate::select::Selector;
@@ -98,10 +98,7 @@ impl CachePress for DecodingPress {
     }
 
     fn next_positions(&self, layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
-        match self.positions {
-            PositionPolicy::Original => next.to_vec(),
-            PositionPolicy::Rerotate => next_after_cache(layers, next),
-        }
+        self.positions.next_positions(layers, next)
     }
 
     fn select_rows(&mut self, rows: &[usize]) -> pare_model::Result<()> {

@@ -12,7 +12,7 @@ use pare_model::cache::{LayerKv, PAD_POSITION};
 use pare_model::hooks::{CachePress, LayerContext};
 use serde::{Deserialize, Serialize};
 
-use crate::compress::{keep_where, make_contiguous, next_after_cache, PositionPolicy};
+use crate::compress::{keep_where, make_contiguous, PositionPolicy};
 use crate::error::{PressError, Result};
 
 /// A model's head pattern: per layer, per KV head, a score (higher: more retrieval-like), and the
@@ -154,10 +154,7 @@ impl CachePress for DuoAttention {
     }
 
     fn next_positions(&self, layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
-        match self.positions {
-            PositionPolicy::Original => next.to_vec(),
-            PositionPolicy::Rerotate => next_after_cache(layers, next),
-        }
+        self.positions.next_positions(layers, next)
     }
 
     fn box_clone(&self) -> Box<dyn CachePress> {

@@ -21,7 +21,7 @@ use pare_model::hooks::{CachePress, LayerContext};
 use pare_model::{Hooks, Model};
 
 use crate::budget::Budget;
-use crate::compress::{make_contiguous, next_after_cache, top_k, PositionPolicy};
+use crate::compress::{make_contiguous, top_k, PositionPolicy};
 use crate::error::{PressError, Result};
 use crate::observation::softmax_last_dim;
 use crate::PressOptions;
@@ -250,10 +250,7 @@ impl CachePress for KvZip {
     }
 
     fn next_positions(&self, layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
-        match self.positions {
-            PositionPolicy::Original => next.to_vec(),
-            PositionPolicy::Rerotate => next_after_cache(layers, next),
-        }
+        self.positions.next_positions(layers, next)
     }
 
     fn box_clone(&self) -> Box<dyn CachePress> {

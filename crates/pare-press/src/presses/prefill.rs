@@ -5,7 +5,7 @@ use pare_model::cache::LayerKv;
 use pare_model::hooks::{CachePress, LayerContext};
 
 use crate::budget::Budget;
-use crate::compress::{call_queries, compress_layer, next_after_cache, LayerInfo, PositionPolicy};
+use crate::compress::{call_queries, compress_layer, LayerInfo, PositionPolicy};
 use crate::select::Selector;
 
 #[derive(Debug)]
@@ -31,10 +31,7 @@ impl CachePress for PrefillPress {
     }
 
     fn next_positions(&self, layers: &[LayerKv], next: &[i64]) -> Vec<i64> {
-        match self.positions {
-            PositionPolicy::Original => next.to_vec(),
-            PositionPolicy::Rerotate => next_after_cache(layers, next),
-        }
+        self.positions.next_positions(layers, next)
     }
 
     fn box_clone(&self) -> Box<dyn CachePress> {
