@@ -13,11 +13,13 @@ M=/tmp/${MODEL_DIR:-q05}.gguf
 [[ -f $M ]] || cat .xfer/${MODEL_DIR:-q05}/p?? > $M
 echo "$(cut -d" " -f1 .xfer/${MODEL_DIR:-q05}/SHA256)  $M" | sha256sum -c || exit 1
 echo "gpu: $GPU_NAME"
+# PRESSES: space-separated runs, each one press or a comma list sharing one uncompressed row.
 for P in ${PRESSES:-"knorm snapkv expected-attention adakv+expected-attention kvzip"}; do
   t0=$(date +%s)
+  N=${P//[+,]/_}  # the device returns only plain file names
   timeout ${PER:-200} $PARE eval compare --model $M --device cuda --presses "$P" --ratios ${RATIOS:-0.25,0.5,0.75,0.9} \
     --text .xfer/rdata/wiki.utf8 --haystack .xfer/rdata/pg --needle-ctx --ruler-ctx 4096 --ruler-samples ${SAMPLES:-2} \
-    --ctx 1024 --continuation 256 --max-tokens 8192 --json --plot "$OUT/compare-${P//+/_}.svg" --force \
-    > "$OUT/compare-${P//+/_}.json" 2> "$OUT/compare-${P//+/_}.err"
-  echo "$P rc=$? $(( $(date +%s) - t0 ))s"; tail -2 "$OUT/compare-${P//+/_}.err"
+    --ctx 1024 --continuation 256 --max-tokens 8192 --json --plot "$OUT/compare-$N.svg" --force \
+    > "$OUT/compare-$N.json" 2> "$OUT/compare-$N.err"
+  echo "$P rc=$? $(( $(date +%s) - t0 ))s"; tail -2 "$OUT/compare-$N.err"
 done

@@ -689,6 +689,8 @@ fn class9_messages_name_what_the_user_gave_on_one_line() {
     expect(&["eval", "compare", "--text", "README.md", "--needle-ctx", "0"], "--needle-ctx lengths must be positive");
     expect(&["eval", "compare", "--text", "README.md", "--ruler-ctx", "0"], "--ruler-ctx lengths must be positive");
     expect(&["eval", "compare", "--text", "README.md", "--ruler-samples", "0"], "--ruler-samples must be at least 1");
+    expect(&["eval", "compare", "--text", "README.md", "--ruler-batch", "0"], "--ruler-batch must be at least 1");
+    expect(&["eval", "ruler", "--batch", "0"], "--batch must be at least 1");
     expect(&["eval", "compare", "--text", "README.md", "--ruler-tasks", "nope"], "unknown RULER task \"nope\"");
     let wiki = repo().join("assets/texts/wiki.utf8");
     let wiki = wiki.to_str().unwrap();

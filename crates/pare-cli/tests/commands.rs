@@ -494,6 +494,34 @@ fn eval_ruler_prints_scores_and_plots_them_by_length() {
 }
 
 #[test]
+fn eval_ruler_answers_alike_alone_and_batched() {
+    // Items of different tasks and lengths, each under its own press, decoding together.
+    let run = |batch: &str| {
+        pare_json(&[
+            "eval",
+            "ruler",
+            "--model",
+            "smollm2-135m",
+            "--tasks",
+            "niah_single_1,vt",
+            "--ctx",
+            "512",
+            "--samples",
+            "2",
+            "--press",
+            "snapkv",
+            "--ratio",
+            "0.5",
+            "--batch",
+            batch,
+        ])
+    };
+    let (alone, batched) = (run("1"), run("3"));
+    assert_eq!(alone["tasks"], batched["tasks"]);
+    assert_eq!(alone["tasks"].as_array().unwrap().len(), 2);
+}
+
+#[test]
 fn eval_needle_reports_accuracy_per_cell() {
     let v = pare_json(&[
         "eval",

@@ -138,7 +138,7 @@ impl<'d> Trainer<'d> {
         let (mut loss_sum, mut tokens) = (0.0, 0);
         for (m, micro) in examples.chunks(self.config.micro_batch).enumerate() {
             self.diff
-                .set_lora_dropout(self.adapter_config.dropout, mix(self.config.seed ^ (self.step << 20) ^ m as u64));
+                .set_lora_dropout(self.adapter_config.dropout, mix(self.config.seed ^ (self.step << 20) ^ m as u64))?;
             let samples: Vec<Sample> = micro.iter().map(|e| Sample { ids: &e.ids, labels: &e.labels }).collect();
             let (sum, _) = self.diff.loss_sum(&samples, &mut Probe::default())?;
             loss_sum += sum.to_scalar::<f64>()?;
@@ -153,7 +153,7 @@ impl<'d> Trainer<'d> {
                 }
             }
         }
-        self.diff.set_lora_dropout(0.0, 0);
+        self.diff.set_lora_dropout(0.0, 0)?;
         let mut grads: Vec<Tensor> = grads
             .into_iter()
             .zip(flat(&self.vars))

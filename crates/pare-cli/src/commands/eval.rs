@@ -127,6 +127,9 @@ pub struct CompareArgs {
     /// RULER tasks (default: all of them; see `pare eval ruler --help`).
     #[arg(long, value_delimiter = ',')]
     pub ruler_tasks: Vec<String>,
+    /// RULER items whose answers decode together (each prefills alone, under its own press).
+    #[arg(long, default_value_t = 8)]
+    pub ruler_batch: usize,
     /// Where the plot goes.
     #[arg(long, default_value = "compare.svg")]
     pub plot: PathBuf,
@@ -152,6 +155,10 @@ pub struct RulerArgs {
     /// Items per task and context length.
     #[arg(long, default_value_t = 4)]
     pub samples: usize,
+    /// Items whose answers decode together (each prefills alone, under its own press): one step
+    /// reads the weights once for all of them.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
     /// Seed of the items' random draws (RULER's default is 42).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -419,7 +426,11 @@ fn compare(args: CompareArgs) -> Result<()> {
     }
     check_needle_args(&COMPARE_NEEDLE_FLAGS, &args.needle_ctx, &args.needle_depths)?;
     let ruler_tasks = pare_eval::ruler::Task::parse_list(&args.ruler_tasks)?;
-    check_ruler_args(&args.ruler_ctx, args.ruler_samples, "--ruler-ctx", "--ruler-samples")?;
+    check_ruler_args(
+        &args.ruler_ctx,
+        "--ruler-ctx",
+        &[(args.ruler_samples, "--ruler-samples"), (args.ruler_batch, "--ruler-batch")],
+    )?;
     // Every press and ratio is checked before the long run starts.
     for press in &args.presses {
         for &ratio in &args.ratios {
@@ -486,7 +497,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         let ruler = if ruler_items.is_empty() {
             None
         } else {
-            let scores = ruler_scores(&loaded, &ruler_items, &hooks, || bar.inc(1))?;
+            let scores = ruler_scores(&loaded, &ruler_items, &hooks, args.ruler_batch, || bar.inc(1))?;
             Some(scores.iter().map(|s| s.score).sum::<f64>() / scores.len() as f64)
         };
         rows.push(CompareRow {
@@ -639,9 +650,10 @@ struct RulerCell {
     items: Vec<pare_eval::ruler::Item>,
 }
 
-fn check_ruler_args(ctx: &[usize], samples: usize, ctx_flag: &str, samples_flag: &str) -> Result<()> {
-    if samples == 0 {
-        bail!("{samples_flag} must be at least 1");
+/// (value, flag) pairs of the RULER flags that count items.
+fn check_ruler_args(ctx: &[usize], ctx_flag: &str, counts: &[(usize, &str)]) -> Result<()> {
+    if let Some((_, flag)) = counts.iter().find(|(n, _)| *n == 0) {
+        bail!("{flag} must be at least 1");
     }
     if ctx.contains(&0) {
         bail!("{ctx_flag} lengths must be positive");
@@ -680,21 +692,21 @@ fn ruler_items(
     Ok(cells)
 }
 
-/// Every cell's score with `hooks` compressing each item's context; `on_item` after each item.
+/// Every cell's score with `hooks` compressing each item's context, `batch` items (of any cells)
+/// decoding together; `on_item` after each item.
 fn ruler_scores(
     loaded: &pare_model::LoadedModel,
     cells: &[RulerCell],
     hooks: &Hooks,
-    mut on_item: impl FnMut(),
+    batch: usize,
+    on_item: impl FnMut(),
 ) -> Result<Vec<RulerScore>> {
-    let tokenizer = loaded.tokenizer()?;
+    let items: Vec<_> = cells.iter().flat_map(|c| c.items.iter().cloned()).collect();
+    let mut results =
+        pare_eval::ruler::run_items(&loaded.model, loaded.tokenizer()?, &items, hooks, batch, on_item)?.into_iter();
     let mut scores = Vec::new();
     for cell in cells {
-        let mut results = Vec::with_capacity(cell.items.len());
-        for item in &cell.items {
-            results.push(pare_eval::ruler::run_item(&loaded.model, tokenizer, item, hooks)?);
-            on_item();
-        }
+        let results: Vec<_> = results.by_ref().take(cell.items.len()).collect();
         let score = pare_eval::ruler::task_score(&results.iter().map(|r| r.score).collect::<Vec<_>>());
         scores.push(RulerScore { task: cell.task.name(), ctx: cell.ctx, score, items: results });
     }
@@ -704,7 +716,7 @@ fn ruler_scores(
 fn ruler(args: RulerArgs) -> Result<()> {
     use pare_eval::ruler;
     let tasks = ruler::Task::parse_list(&args.tasks)?;
-    check_ruler_args(&args.ctx, args.samples, "--ctx", "--samples")?;
+    check_ruler_args(&args.ctx, "--ctx", &[(args.samples, "--samples"), (args.batch, "--batch")])?;
     let plan = HookPlan::check(&args.press, &args.token_prune)?;
     let haystack_path = haystack_dir(&args.haystack);
     let dump = match &args.dump_items {
@@ -737,7 +749,7 @@ fn ruler(args: RulerArgs) -> Result<()> {
     }
 
     let bar = progress_bar((cells.len() * args.samples) as u64, "ruler");
-    let scores = ruler_scores(loaded, &cells, &session.hooks, || bar.inc(1))?;
+    let scores = ruler_scores(loaded, &cells, &session.hooks, args.batch, || bar.inc(1))?;
     bar.finish_and_clear();
     let average = |ctx: usize| {
         let s: Vec<f64> = scores.iter().filter(|s| s.ctx == ctx).map(|s| s.score).collect();

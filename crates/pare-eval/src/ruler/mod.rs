@@ -13,7 +13,7 @@ mod render;
 
 use candle_core::{DType, D};
 use pare_formats::{ChatMessage, TokenizerBundle};
-use pare_model::{Hooks, Logits, Model, ModelError, Phase, PrefillInput, Result};
+use pare_model::{Hooks, KvCache, Logits, Model, ModelError, Phase, PrefillInput, Result};
 use serde::{Deserialize, Serialize};
 
 pub use generate::generate;
@@ -280,47 +280,131 @@ pub struct ItemResult {
 /// Prefill the context with `hooks` (its press compresses it), run the question over that cache,
 /// and answer greedily.
 pub fn run_item(model: &Model, tokenizer: &TokenizerBundle, item: &Item, hooks: &Hooks) -> Result<ItemResult> {
-    let prompt = Prompt::new(tokenizer, &item.context, &item.question, &item.answer_prefix)?;
-    if prompt.context.is_empty() || prompt.question.is_empty() {
-        return Err(ModelError::input(format!("{} item {}: empty context or question", item.task, item.index)));
+    let mut results = run_items(model, tokenizer, std::slice::from_ref(item), hooks, 1, || ())?;
+    Ok(results.pop().expect("one item in, one result out"))
+}
+
+/// [`run_item`] for every item, `batch` items at a time: each item's context and question run
+/// alone (its press sees only its own context), then the answers of the batch decode together,
+/// one step for all of them. `Model::step` keeps each cache's rows on the path they would take
+/// alone, so an answer does not depend on its neighbours; what batching changes is the cost: the
+/// weights are read once per step instead of once per item. A token pruner needs a cache of its
+/// own, so its items decode one at a time. `on_item` runs as each item finishes.
+pub fn run_items(
+    model: &Model,
+    tokenizer: &TokenizerBundle,
+    items: &[Item],
+    hooks: &Hooks,
+    batch: usize,
+    mut on_item: impl FnMut(),
+) -> Result<Vec<ItemResult>> {
+    if batch == 0 {
+        return Err(ModelError::input("a RULER batch needs at least one item"));
     }
-    let limit = model.config().max_position_embeddings;
-    if prompt.len() + item.max_new_tokens > limit {
-        return Err(ModelError::input(format!(
-            "{} item {}: {} prompt tokens + {} to generate exceed the model's context of {limit}",
-            item.task,
-            item.index,
-            prompt.len(),
-            item.max_new_tokens
-        )));
-    }
-    let mut hooks = hooks.clone();
-    let (_, mut cache) = model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt.context)), &mut hooks)?;
-    let kv_bytes = cache.bytes();
-    let start = cache.next_positions()[0];
-    let positions = vec![(start..start + prompt.question.len() as i64).collect::<Vec<_>>()];
-    let x = model.embed(std::slice::from_ref(&prompt.question))?;
-    let mut logits = model.forward(x, &positions, &mut cache, &mut hooks, Phase::Extend, Logits::Last)?;
-    let mut answer = Vec::new();
-    for _ in 0..item.max_new_tokens {
-        let next = logits.squeeze(0)?.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
-        if tokenizer.eos_token_ids.contains(&next) {
-            break;
+    let batch = if hooks.pruner.is_some() { 1 } else { batch };
+    let mut results = Vec::with_capacity(items.len());
+    for group in items.chunks(batch) {
+        let mut answers: Vec<Answer> =
+            group.iter().map(|item| Answer::start(model, tokenizer, item, hooks)).collect::<Result<_>>()?;
+        let mut next: Vec<u32> = answers.iter().filter(|a| a.state.is_some()).map(|a| a.first).collect();
+        answers.iter().filter(|a| a.state.is_none()).for_each(|_| on_item());
+        loop {
+            // Each unfinished answer takes its next token or ends, in order.
+            let mut tokens = Vec::new();
+            let mut next_tokens = next.iter();
+            for answer in answers.iter_mut().filter(|a| a.state.is_some()) {
+                let token = *next_tokens.next().expect("one token per unfinished answer");
+                if !answer.take(token, &tokenizer.eos_token_ids) {
+                    on_item();
+                    continue;
+                }
+                tokens.push(token);
+            }
+            if tokens.is_empty() {
+                break;
+            }
+            let mut seqs: Vec<(&mut KvCache, &mut Hooks)> =
+                answers.iter_mut().filter_map(|a| a.state.as_mut()).map(|(c, h)| (c, h)).collect();
+            let logits = model.decode(&mut seqs, &tokens)?;
+            next = logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
         }
-        answer.push(next);
-        logits = model.decode(&mut [(&mut cache, &mut hooks)], &[next])?;
+        for (answer, item) in answers.into_iter().zip(group) {
+            let pred = postprocess(&tokenizer.decode(&answer.tokens, true)?);
+            results.push(ItemResult {
+                task: item.task.clone(),
+                index: item.index,
+                prompt_tokens: answer.prompt_tokens,
+                context_tokens: answer.context_tokens,
+                score: string_match_all(&pred, &item.outputs),
+                pred,
+                outputs: item.outputs.clone(),
+                kv_bytes: answer.kv_bytes,
+            });
+        }
     }
-    let pred = postprocess(&tokenizer.decode(&answer, true)?);
-    Ok(ItemResult {
-        task: item.task.clone(),
-        index: item.index,
-        prompt_tokens: prompt.len(),
-        context_tokens: prompt.context.len(),
-        score: string_match_all(&pred, &item.outputs),
-        pred,
-        outputs: item.outputs.clone(),
-        kv_bytes,
-    })
+    Ok(results)
+}
+
+/// One item's answer in progress: its cache and hooks while it still generates.
+struct Answer {
+    state: Option<(KvCache, Hooks)>,
+    tokens: Vec<u32>,
+    max_new_tokens: usize,
+    /// The greedy token after the question.
+    first: u32,
+    prompt_tokens: usize,
+    context_tokens: usize,
+    kv_bytes: usize,
+}
+
+impl Answer {
+    /// Prefill the context (compressed by the press), then run the question over that cache.
+    fn start(model: &Model, tokenizer: &TokenizerBundle, item: &Item, hooks: &Hooks) -> Result<Answer> {
+        let prompt = Prompt::new(tokenizer, &item.context, &item.question, &item.answer_prefix)?;
+        if prompt.context.is_empty() || prompt.question.is_empty() {
+            return Err(ModelError::input(format!("{} item {}: empty context or question", item.task, item.index)));
+        }
+        let limit = model.config().max_position_embeddings;
+        if prompt.len() + item.max_new_tokens > limit {
+            return Err(ModelError::input(format!(
+                "{} item {}: {} prompt tokens + {} to generate exceed the model's context of {limit}",
+                item.task,
+                item.index,
+                prompt.len(),
+                item.max_new_tokens
+            )));
+        }
+        let mut hooks = hooks.clone();
+        let (_, mut cache) = model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt.context)), &mut hooks)?;
+        let kv_bytes = cache.bytes();
+        let start = cache.next_positions()[0];
+        let positions = vec![(start..start + prompt.question.len() as i64).collect::<Vec<_>>()];
+        let x = model.embed(std::slice::from_ref(&prompt.question))?;
+        let logits = model.forward(x, &positions, &mut cache, &mut hooks, Phase::Extend, Logits::Last)?;
+        let first = logits.squeeze(0)?.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+        let state = (item.max_new_tokens > 0).then_some((cache, hooks));
+        Ok(Answer {
+            state,
+            tokens: Vec::new(),
+            max_new_tokens: item.max_new_tokens,
+            first,
+            prompt_tokens: prompt.len(),
+            context_tokens: prompt.context.len(),
+            kv_bytes,
+        })
+    }
+
+    /// Takes the greedy `token`; false (and the cache freed) once the answer is complete.
+    fn take(&mut self, token: u32, eos: &[u32]) -> bool {
+        if !eos.contains(&token) {
+            self.tokens.push(token);
+        }
+        let more = !eos.contains(&token) && self.tokens.len() < self.max_new_tokens;
+        if !more {
+            self.state = None;
+        }
+        more
+    }
 }
 
 #[cfg(test)]

