@@ -276,7 +276,9 @@ pub fn run(args: Args) -> Result<()> {
     peft::save(&trained, model, &base_name, &staging)?;
     let log_text = serde_json::to_string_pretty(&trainer.log)? + "\n";
     std::fs::write(staging.join("training_log.json"), log_text).context("cannot write training_log.json")?;
-    std::fs::write(staging.join("loss.svg"), loss_svg(&trainer.log, &args.data)).context("cannot write loss.svg")?;
+    let loss_plot = [loss_panel(&trainer.log, &args.data)];
+    pare_eval::plot::write(&loss_plot, pare_eval::plot::Format::Svg, &staging.join("loss.svg"))
+        .context("cannot write loss.svg")?;
     let merged = if args.merge {
         let mut merged_model = loaded.model.clone();
         trained.attach(&mut merged_model)?;
@@ -353,20 +355,20 @@ fn progress_message(log: &StepLog, eval: Option<f64>, tokens: usize, start: Inst
     format!("loss {:.3}{eval} lr {:.1e} {rate:.0} tok/s", log.loss, log.lr)
 }
 
-fn loss_svg(log: &[StepLog], data: &Path) -> String {
-    use pare_eval::plot::{svg, Panel, Series};
+fn loss_panel(log: &[StepLog], data: &Path) -> pare_eval::plot::Panel {
+    use pare_eval::plot::{Panel, Series};
     let mut series =
         vec![Series { name: "train loss".into(), points: log.iter().map(|l| (l.step as f64, l.loss)).collect() }];
     let eval: Vec<(f64, f64)> = log.iter().filter_map(|l| l.eval_loss.map(|e| (l.step as f64, e))).collect();
     if !eval.is_empty() {
         series.push(Series { name: "held-out loss".into(), points: eval });
     }
-    svg(&[Panel {
+    Panel {
         title: format!("LoRA on {}", data.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()),
         x_label: "step".into(),
         y_label: "cross-entropy".into(),
         series,
-    }])
+    }
 }
 
 fn print_report(r: &Report) {
