@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
 use crate::export_args::{print_export, write_model, GgufArgs, ModelExport};
-use crate::output::Output;
+use crate::output::{plot_format, Output};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,9 +34,13 @@ pub struct Args {
     /// Read only the first N records (or pieces of plain text).
     #[arg(long)]
     pub max_records: Option<usize>,
-    /// Write the adapter here (adapter_config.json, adapter_model.safetensors, training_log.json).
+    /// Write the adapter here (adapter_config.json, adapter_model.safetensors, training_log.json,
+    /// and the loss curve).
     #[arg(long)]
     pub out: PathBuf,
+    /// File name of the loss curve inside --out: NAME.svg or NAME.png.
+    #[arg(long, default_value = "loss.svg")]
+    pub loss_plot: PathBuf,
     /// Replace an existing --out.
     #[arg(long)]
     pub force: bool,
@@ -162,6 +166,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
+    let loss_format = plot_format(&args.loss_plot, "--loss-plot")?;
+    // A bare name: the curve is written with the adapter, in --out's staging directory.
+    if args.loss_plot.file_name() != Some(args.loss_plot.as_os_str()) {
+        bail!("--loss-plot {}: a file name inside --out, not a path", args.loss_plot.display());
+    }
     let targets = args.lora_targets.as_deref().map(LoraConfig::parse_targets).transpose()?;
     let mut lora = LoraConfig::new(
         args.lora_r,
@@ -276,9 +285,8 @@ pub fn run(args: Args) -> Result<()> {
     peft::save(&trained, model, &base_name, &staging)?;
     let log_text = serde_json::to_string_pretty(&trainer.log)? + "\n";
     std::fs::write(staging.join("training_log.json"), log_text).context("cannot write training_log.json")?;
-    let loss_plot = [loss_panel(&trainer.log, &args.data)];
-    pare_eval::plot::write(&loss_plot, pare_eval::plot::Format::Svg, &staging.join("loss.svg"))
-        .context("cannot write loss.svg")?;
+    pare_eval::plot::write(&[loss_panel(&trainer.log, &args.data)], loss_format, &staging.join(&args.loss_plot))
+        .with_context(|| format!("cannot write {}", args.loss_plot.display()))?;
     let merged = if args.merge {
         let mut merged_model = loaded.model.clone();
         trained.attach(&mut merged_model)?;
