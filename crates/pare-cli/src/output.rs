@@ -1,5 +1,5 @@
 //! Outputs that never destroy anything: every command that writes files (convert, prune,
-//! init-random, train-scorer, eval compare --plot) goes through [`Output`].
+//! init-random, finetune, train-scorer, eval compare and eval ruler --plot) goes through [`Output`].
 //!
 //! - an existing output (a file, or a non-empty directory) is refused unless `--force`;
 //! - an output that is one of the inputs, or a directory holding one, is refused even with
@@ -12,7 +12,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use pare_eval::plot::Format;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -126,6 +127,12 @@ impl Drop for Output {
             remove(&self.staging);
         }
     }
+}
+
+/// The format (SVG or PNG) a plot's file name asks for, as a one-line error naming `flag`:
+/// called before any work, since the plot is drawn last.
+pub fn plot_format(target: &Path, flag: &str) -> Result<Format> {
+    Format::from_path(target).map_err(|e| anyhow!("{flag} {e}"))
 }
 
 /// The path `target` will have: its parent canonicalized (the target itself may not exist yet,

@@ -606,7 +606,12 @@ fn class6_outputs_never_replace_inputs_or_existing_files() {
     let text = scratch("compare-text.txt");
     std::fs::write(&text, "some text ".repeat(100)).unwrap();
     let t = text.to_str().unwrap();
-    expect(&["eval", "compare", "--text", t, "--plot", t, "--force"], "would overwrite the input");
+    // Named as a plot, or the name's extension is the error.
+    let svg_text = scratch("compare-text.svg");
+    std::fs::write(&svg_text, "some text ".repeat(100)).unwrap();
+    let s = svg_text.to_str().unwrap();
+    expect(&["eval", "compare", "--text", s, "--plot", s, "--force"], "would overwrite the input");
+    assert!(std::fs::read_to_string(&svg_text).unwrap().starts_with("some text"));
     expect(&["train-scorer", "--layer", "2", "--text", t, "--out", t, "--force"], "would overwrite the input");
     let weights = repo().join("tests/fixtures/gptneox-tiny/model/model-00001-of-00002.safetensors");
     let w = weights.to_str().unwrap();
@@ -695,6 +700,12 @@ fn class9_messages_name_what_the_user_gave_on_one_line() {
     let wiki = repo().join("assets/texts/wiki.utf8");
     let wiki = wiki.to_str().unwrap();
     expect(&["eval", "compare", "--text", wiki, "--ruler-ctx", "1000000"], "--ruler-ctx 1000000 exceeds");
+    // A plot is SVG or PNG by its name, refused before the model loads.
+    let bad_plot = "--plot plot.jpg: not a plot format (the name must end in .svg or .png)";
+    expect(&["eval", "compare", "--text", wiki, "--plot", "plot.jpg"], bad_plot);
+    expect(&["eval", "ruler", "--plot", "plot.jpg"], bad_plot);
+    expect(&["train-scorer", "--layer", "2", "--text", wiki, "--plot", "plot.jpg"], bad_plot);
+    assert!(!Path::new("plot.jpg").exists());
     let err = fails(&["eval", "ppl", "--text", "README.md", "--ctx", "0"]);
     assert!(err.contains("--ctx") && !err.contains("--stride"), "{err}");
     let (a, b) = (scratch("loop-a"), scratch("loop-b"));

@@ -415,17 +415,22 @@ fn eval_compare_writes_a_table_and_a_plot() {
     assert_eq!(rows.len(), 3, "baseline plus one row per press and ratio");
     assert_eq!(rows[0]["press"], "none");
     assert!(rows[1]["kv_bytes"].as_u64().unwrap() * 2 <= rows[0]["kv_bytes"].as_u64().unwrap() + 46080);
+    // Perplexity and needle panels, one line per press in each (series are the 2-pixel lines).
     let svg = std::fs::read_to_string(&plot).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 4);
+    assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 4, "{svg}");
+    assert!(svg.contains("streaming") && svg.contains("Needle-in-a-haystack accuracy"));
+    std::fs::remove_file(&plot).unwrap();
 
-    // `--needle-ctx` without a value: perplexity only.
+    // `--needle-ctx` without a value: perplexity only; a .png --plot is a PNG.
+    let png = plot.with_extension("png");
     let args = ["eval", "compare", "--text", &wiki(), "--max-tokens", "260", "--ctx", "128", "--continuation", "64"];
-    let more = ["--presses", "knorm", "--ratios", "0.5", "--needle-ctx", "--plot", plot.to_str().unwrap(), "--force"];
+    let more = ["--presses", "knorm", "--ratios", "0.5", "--needle-ctx", "--plot", png.to_str().unwrap()];
     let v = pare_json(&[&args[..], &more[..]].concat());
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r["needle_accuracy"].is_null() && r["ppl"].as_f64().unwrap() > 1.0));
-    std::fs::remove_file(&plot).unwrap();
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
+    std::fs::remove_file(&png).unwrap();
 }
 
 #[test]
@@ -456,7 +461,7 @@ fn eval_compare_scores_ruler_beside_perplexity() {
     }
     // Perplexity and RULER panels, one line each for knorm.
     let svg = std::fs::read_to_string(&plot).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 2, "{svg}");
     assert!(svg.contains("RULER average at 1024 tokens"));
     std::fs::remove_file(&plot).unwrap();
 }
@@ -488,7 +493,7 @@ fn eval_ruler_prints_scores_and_plots_them_by_length() {
     }
     // The task and the average, each a line over the two lengths.
     let svg = std::fs::read_to_string(&plot).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 2, "{svg}");
     assert!(svg.contains("RULER, no compression"));
     std::fs::remove_file(&plot).unwrap();
 }

@@ -193,6 +193,8 @@ fn bad_settings_and_data_are_one_line_errors() {
         "fuses q, k and v into one query_key_value module",
     );
     one_line_error(&["finetune", "-m", TINY, "--data", DATA, "--out", out, "--eval-examples", "12"], "--eval-examples");
+    one_line_error(&with(&["--loss-plot", "loss.jpg"]), "--loss-plot loss.jpg: not a plot format");
+    one_line_error(&with(&["--loss-plot", "plots/loss.png"]), "a file name inside --out, not a path");
 
     let dir = scratch("bad-data");
     std::fs::create_dir_all(&dir).unwrap();
@@ -232,7 +234,9 @@ fn generate_applies_an_adapter_and_refuses_one_for_another_model() {
     let adapted = json(&[&args[..], &["--adapter", adapter]].concat());
     assert!(adapted["text"].is_string() && plain["text"].is_string());
     let llama = scratch("llama-adapter");
-    finetune(&llama, &["--steps", "1"]);
+    finetune(&llama, &["--steps", "1", "--loss-plot", "loss.png"]);
+    assert!(std::fs::read(llama.join("loss.png")).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
+    assert!(!llama.join("loss.svg").exists());
     one_line_error(&[&args[..5], &["--adapter", llama.to_str().unwrap()]].concat(), "--adapter");
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_dir_all(&llama).unwrap();

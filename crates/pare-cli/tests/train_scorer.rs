@@ -56,7 +56,9 @@ fn train_scorer_writes_the_scorer_and_its_curve_and_eval_uses_it() {
     assert!(held["random"].as_f64().unwrap() >= held["unpruned"].as_f64().unwrap() - 0.5);
     assert_eq!(r["samples"], 2000 / 48 - 8);
     let svg = std::fs::read_to_string(dir.join("scorer.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    assert!(svg.starts_with("<svg") && svg.contains("tail NLL (mean of 10 steps)"), "{svg}");
+    // Loss, its mean and the tail NLL; the kept share; learned, random and unpruned held out.
+    assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 7, "{svg}");
     assert_eq!(r["plot"].as_str().unwrap(), dir.join("scorer.svg").to_str().unwrap());
 
     // The scorer prunes an evaluation: prefills of 40 tokens drop half of their first 32.
@@ -87,8 +89,8 @@ fn train_scorer_writes_the_scorer_and_its_curve_and_eval_uses_it() {
     assert_ne!(p, full["ppl"].as_f64().unwrap());
     assert!(pruned["kv_bytes_context"].as_u64().unwrap() < full["kv_bytes_peak"].as_u64().unwrap());
 
-    // Text output and an explicit --plot.
-    let plot = dir.join("curve.svg");
+    // Text output and an explicit --plot, as PNG.
+    let plot = dir.join("curve.png");
     let text = pare(&[
         "train-scorer",
         "-m",
@@ -120,7 +122,7 @@ fn train_scorer_writes_the_scorer_and_its_curve_and_eval_uses_it() {
     ]);
     assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
     assert!(String::from_utf8_lossy(&text.stdout).contains("--prune-score learned:"));
-    assert!(plot.is_file());
+    assert!(std::fs::read(&plot).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -8,7 +8,7 @@ use pare_model::Hooks;
 use pare_press::PressOptions;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
-use crate::output::Output;
+use crate::output::{plot_format, Output};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::session::HookPlan;
 use crate::token_prune_args::TokenPruneArgs;
@@ -19,7 +19,7 @@ pub enum EvalCommand {
     Ppl(PplArgs),
     /// Needle-in-a-haystack retrieval accuracy over long contexts.
     Needle(NeedleArgs),
-    /// Quality against KV-cache compression: presses × ratios, one table and an SVG plot.
+    /// Quality against KV-cache compression: presses × ratios, one table and a plot (SVG or PNG).
     Compare(CompareArgs),
     /// RULER's synthetic long-context tasks (needles, variable tracking, common and frequent
     /// words), generated over the Paul Graham essays and scored as RULER scores them.
@@ -130,7 +130,7 @@ pub struct CompareArgs {
     /// RULER items whose answers decode together (each prefills alone, under its own press).
     #[arg(long, default_value_t = 8)]
     pub ruler_batch: usize,
-    /// Where the plot goes.
+    /// Where the plot goes: FILE.svg or FILE.png.
     #[arg(long, default_value = "compare.svg")]
     pub plot: PathBuf,
     /// Replace an existing --plot.
@@ -169,7 +169,7 @@ pub struct RulerArgs {
     /// answer is generated; tools/reference/ruler_reference.py checks them against RULER's code.
     #[arg(long)]
     pub dump_items: Option<PathBuf>,
-    /// Also draw each task's score against the context length (SVG) to FILE.
+    /// Also draw each task's score against the context length to FILE (.svg or .png).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Replace an existing --dump-items or --plot file.
@@ -441,6 +441,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let haystack_path = haystack_dir(&args.haystack);
     let model_path = pare_model::loader::resolve_model(&args.model.model).ok();
     let inputs = [Some(args.text.as_path()), Some(haystack_path.as_path()), model_path.as_deref()];
+    let plot_format = plot_format(&args.plot, "--plot")?;
     let plot = Output::file(&args.plot, "--plot", args.force, &inputs.into_iter().flatten().collect::<Vec<_>>())?;
     let essays = if args.needle_ctx.is_empty() && args.ruler_ctx.is_empty() {
         None
@@ -550,7 +551,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             series: series(&|r| r.ruler),
         });
     }
-    std::fs::write(plot.path(), pare_eval::plot::svg(&panels))
+    pare_eval::plot::write(&panels, plot_format, plot.path())
         .with_context(|| format!("cannot write {}", args.plot.display()))?;
     plot.commit()?;
 
@@ -724,7 +725,9 @@ fn ruler(args: RulerArgs) -> Result<()> {
         None => None,
     };
     let plot = match &args.plot {
-        Some(path) => Some(Output::file(path, "--plot", args.force, &[haystack_path.as_path()])?),
+        Some(path) => {
+            Some((plot_format(path, "--plot")?, Output::file(path, "--plot", args.force, &[haystack_path.as_path()])?))
+        }
         None => None,
     };
     let haystack = ruler::haystack_words(&pare_eval::needle::load_haystack(&haystack_path)?);
@@ -755,7 +758,7 @@ fn ruler(args: RulerArgs) -> Result<()> {
         let s: Vec<f64> = scores.iter().filter(|s| s.ctx == ctx).map(|s| s.score).collect();
         s.iter().sum::<f64>() / s.len() as f64
     };
-    if let (Some(out), Some(path)) = (plot, &args.plot) {
+    if let (Some((format, out)), Some(path)) = (plot, &args.plot) {
         let line = |name: &str, score: &dyn Fn(usize) -> f64| pare_eval::plot::Series {
             name: name.to_string(),
             points: args.ctx.iter().map(|&c| (c as f64, score(c))).collect(),
@@ -774,7 +777,7 @@ fn ruler(args: RulerArgs) -> Result<()> {
             y_label: "score".into(),
             series,
         };
-        std::fs::write(out.path(), pare_eval::plot::svg(&[panel]))
+        pare_eval::plot::write(&[panel], format, out.path())
             .with_context(|| format!("cannot write {}", path.display()))?;
         out.commit()?;
     }

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
 use crate::export_args::{print_export, write_model, GgufArgs, ModelExport};
-use crate::output::Output;
+use crate::output::{plot_format, Output};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,9 +34,13 @@ pub struct Args {
     /// Read only the first N records (or pieces of plain text).
     #[arg(long)]
     pub max_records: Option<usize>,
-    /// Write the adapter here (adapter_config.json, adapter_model.safetensors, training_log.json).
+    /// Write the adapter here (adapter_config.json, adapter_model.safetensors, training_log.json,
+    /// and the loss curve).
     #[arg(long)]
     pub out: PathBuf,
+    /// File name of the loss curve inside --out: NAME.svg or NAME.png.
+    #[arg(long, default_value = "loss.svg")]
+    pub loss_plot: PathBuf,
     /// Replace an existing --out.
     #[arg(long)]
     pub force: bool,
@@ -162,6 +166,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
+    let loss_format = plot_format(&args.loss_plot, "--loss-plot")?;
+    // A bare name: the curve is written with the adapter, in --out's staging directory.
+    if args.loss_plot.file_name() != Some(args.loss_plot.as_os_str()) {
+        bail!("--loss-plot {}: a file name inside --out, not a path", args.loss_plot.display());
+    }
     let targets = args.lora_targets.as_deref().map(LoraConfig::parse_targets).transpose()?;
     let mut lora = LoraConfig::new(
         args.lora_r,
@@ -276,7 +285,8 @@ pub fn run(args: Args) -> Result<()> {
     peft::save(&trained, model, &base_name, &staging)?;
     let log_text = serde_json::to_string_pretty(&trainer.log)? + "\n";
     std::fs::write(staging.join("training_log.json"), log_text).context("cannot write training_log.json")?;
-    std::fs::write(staging.join("loss.svg"), loss_svg(&trainer.log, &args.data)).context("cannot write loss.svg")?;
+    pare_eval::plot::write(&[loss_panel(&trainer.log, &args.data)], loss_format, &staging.join(&args.loss_plot))
+        .with_context(|| format!("cannot write {}", args.loss_plot.display()))?;
     let merged = if args.merge {
         let mut merged_model = loaded.model.clone();
         trained.attach(&mut merged_model)?;
@@ -353,20 +363,20 @@ fn progress_message(log: &StepLog, eval: Option<f64>, tokens: usize, start: Inst
     format!("loss {:.3}{eval} lr {:.1e} {rate:.0} tok/s", log.loss, log.lr)
 }
 
-fn loss_svg(log: &[StepLog], data: &Path) -> String {
-    use pare_eval::plot::{svg, Panel, Series};
+fn loss_panel(log: &[StepLog], data: &Path) -> pare_eval::plot::Panel {
+    use pare_eval::plot::{Panel, Series};
     let mut series =
         vec![Series { name: "train loss".into(), points: log.iter().map(|l| (l.step as f64, l.loss)).collect() }];
     let eval: Vec<(f64, f64)> = log.iter().filter_map(|l| l.eval_loss.map(|e| (l.step as f64, e))).collect();
     if !eval.is_empty() {
         series.push(Series { name: "held-out loss".into(), points: eval });
     }
-    svg(&[Panel {
+    Panel {
         title: format!("LoRA on {}", data.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()),
         x_label: "step".into(),
         y_label: "cross-entropy".into(),
         series,
-    }])
+    }
 }
 
 fn print_report(r: &Report) {

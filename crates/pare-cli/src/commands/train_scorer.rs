@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
+use pare_eval::plot::{Panel, Series};
 use pare_model::WeightDType;
 use pare_token_prune::train::{train, Frozen, HeldOut, MaskKind, StepStats, TrainSettings};
 use pare_token_prune::{ScorerInfo, ScorerShape};
 use serde_json::json;
 
 use crate::common::{print_json, progress_bar, ModelArgs};
-use crate::output::Output;
+use crate::output::{plot_format, Output};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -76,7 +77,7 @@ pub struct Args {
     /// Where the scorer goes.
     #[arg(long, default_value = "scorer.safetensors")]
     pub out: PathBuf,
-    /// Where the loss curve goes [default: OUT with .svg].
+    /// Where the loss curve goes, FILE.svg or FILE.png [default: OUT with .svg].
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Replace an existing --out or --plot.
@@ -95,8 +96,7 @@ fn read_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-fn curve_svg(curve: &[StepStats], held_out: Option<&HeldOut>, title: &str) -> String {
-    use pare_eval::plot::{svg, Panel, Series};
+fn curve_panels(curve: &[StepStats], held_out: Option<&HeldOut>, title: &str) -> Vec<Panel> {
     let smooth = |values: Vec<f64>| -> Vec<(f64, f64)> {
         // Trailing mean over 10 steps: one sample per step is noisy.
         (0..values.len())
@@ -143,7 +143,7 @@ fn curve_svg(curve: &[StepStats], held_out: Option<&HeldOut>, title: &str) -> St
             ],
         });
     }
-    svg(&panels)
+    panels
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -171,6 +171,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--max-tokens must be positive");
     }
     let plot = args.plot.clone().unwrap_or_else(|| args.out.with_extension("svg"));
+    let plot_format = plot_format(&plot, "--plot")?;
     let text = read_text(&args.text)?;
 
     let device = args.model.device()?;
@@ -243,7 +244,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     outcome.net.save(out.path(), &info)?;
     let title = format!("train-scorer: cut {} keep {} ({} steps)", settings.cut_layer, settings.keep, settings.steps);
-    std::fs::write(plot_out.path(), curve_svg(curve, outcome.held_out.as_ref(), &title))
+    pare_eval::plot::write(&curve_panels(curve, outcome.held_out.as_ref(), &title), plot_format, plot_out.path())
         .with_context(|| format!("cannot write {}", plot.display()))?;
     out.commit()?;
     plot_out.commit()?;
