@@ -126,7 +126,7 @@ pub struct PressOptions {
     pub sketch_dimension: Option<usize>,
     /// compactor: weight of the leverage scores against the attention scores, in [0, 1]
     /// (default: the ratio, else 0.35).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub blending: Option<f64>,
     /// kvzip: evict as many entries in every layer (default: the lowest scores over all layers).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
