@@ -36,9 +36,9 @@ impl Default for Compactor {
 }
 
 /// The Gaussian sketch of one layer's KV head: head_dim × k, N(0, 1) entries (row-major) times
-/// 1/√k. Element e draws two uniforms u = (mix(key ^ 2e) >> 11) / 2⁵³ and v = (mix(key ^ (2e+1))
-/// >> 11) / 2⁵³ and is √(−2 ln(1 − u)) cos(2π v) (Box–Muller, f64, then f32), with key =
-/// mix(mix(seed) ^ (layer << 16 | head)). The fixture script restates exactly this in Python.
+/// 1/√k. With key = mix(mix(seed) ^ (layer << 16 | head)) and uniform(n) = (mix(key ^ n) >> 11)
+/// / 2⁵³, element e is √(−2 ln(1 − u)) cos(2π v) for u = uniform(2e), v = uniform(2e + 1)
+/// (Box–Muller in f64, then f32). The fixture script restates exactly this in Python.
 pub fn sketch(seed: u64, layer: usize, head: usize, head_dim: usize, k: usize) -> Vec<f32> {
     let key = mix(mix(seed) ^ ((layer as u64) << 16 | head as u64));
     let uniform = |n: u64| (mix(key ^ n) >> 11) as f64 / (1u64 << 53) as f64;
