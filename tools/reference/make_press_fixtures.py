@@ -26,13 +26,18 @@ prefill the chat template's user prefix followed by the wiki tokens (PROMPT_TOKE
 kvpress's pipeline gives it a templated context, and record each chunk's replay ids, the raw
 scores (before the sinks' padding) and the kept sets read back from masked_key_indices.
 
+CompactorPress's LeverageScorePress draws a Gaussian sketch with torch.randn on every call; its fixtures replace that
+one call by pare's seeded draw (seeded_sketch: SplitMix64, Box-Muller), so pare's scores can be compared exactly.
+
 For knorm, snapkv and expected_attention at ratio 0.5 the fixture also records a 16-token greedy
 continuation the way kvpress's pipeline decodes (generate_answer): no compression while decoding,
 the i-th generated token fed at position T + i (explicit position_ids; the cache holds fewer entries).
 """
 
 import argparse
+import contextlib
 import datetime
+import math
 import sys
 import types
 from pathlib import Path
@@ -68,6 +73,7 @@ from kvpress import (  # noqa: E402
     BlockPress,
     ComposedPress,
     ChunkKVPress,
+    CompactorPress,
     CriticalAdaKVPress,
     CriticalKVPress,
     CURPress,
@@ -126,6 +132,8 @@ INNER = {
     "finch": (FinchPress, dict(window_size=32, rerotate_keys=False)),
     # Chunks of 100: the last one (entries 200..299) keeps 50, more than the 32 tied window entries it holds.
     "finch_chunked": (FinchPress, dict(window_size=32, rerotate_keys=False, chunk_length=100)),
+    # The Gaussian sketch is pare's seeded one (seeded_sketch below), so the scores can be compared.
+    "compactor": (CompactorPress, dict(sink_size_start=8, sink_size_end=4, chunk_size=256, sketch_dimension=48)),
     "critical_knorm": (lambda compression_ratio: CriticalKVPress(KnormPress(compression_ratio)), {}),
     "critical_snapkv": (lambda compression_ratio: CriticalKVPress(SnapKVPress(compression_ratio, **SNAP)), {}),
 }
@@ -142,6 +150,9 @@ CASES = {
     "observed_attention": dict(kind="scorer", ratios=[0.5], attn="eager"),
     "expected_attention": dict(kind="scorer", ratios=[0.5, 0.25], greedy=True),
     "streaming_llm": dict(kind="scorer", ratios=[0.5]),
+    # blending defaults to the ratio: the two ratios weigh the leverage scores differently. The 288 scored entries
+    # (300 less 8 + 4 sinks) make one full chunk of 256 and one padded one.
+    "compactor": dict(kind="scorer", ratios=[0.5, 0.25]),
     "pyramidkv": dict(kind="pyramid", ratios=[0.5]),
     "finch": dict(kind="scorer", ratios=[0.5, 0.25]),
     "finch_chunked": dict(kind="finch_chunked", ratios=[0.5]),
@@ -205,6 +216,12 @@ SCORE_NOTES = {
     "the first n_sink entries are padded with max+1 (max over all kv heads of the layer).",
     "streaming_llm": "1 for kept, 0 for positions n_sink..n_sink+n_pruned-1 (n_pruned = T - int(T*(1-ratio))).",
     "pyramidkv": "same as snapkv (last 64 entries padded with max+1).",
+    "compactor": "entries 8..T-5 only: blending (= ratio) x z(leverage) + z(attention), z over all kv heads of the "
+    "layer (unbiased std). leverage: pre-RoPE keys (k_proj of the attention input), centred over the entries, times "
+    "the sketch Phi (64 x 48, pare's SplitMix64 Box-Muller draw for seed 0, layer, kv head, times 1/sqrt(48)), "
+    "diag(X (X^T X + 0.01 I)^-1 X^T) by Cholesky. attention: queries (q_proj + RoPE) and keys zero-padded to chunks "
+    "of 256, softmax(q.k) without 1/sqrt(d) within each chunk, summed over queries, mean over the 3 query heads, "
+    "times ||v||, avg_pool1d(kernel 3, padding 1). The first 8 and last 4 entries padded with the max (not max+1).",
     "finch": "mean over the last 32 queries (as snapkv computes them, causal inside the window) of the attention to "
     "keys 0..T-33, query j weighted by T-32+j, no pooling, mean over the 3 query heads; the last 32 entries padded "
     "with max+1.",
@@ -609,6 +626,67 @@ def run_duo(model, tokenizer, ids, ratio):
     return fixture, None
 
 
+# ---------------------------------------------------------------- Compactor's sketch
+
+SKETCH_SEED = 0
+MASK64 = (1 << 64) - 1
+
+
+def splitmix_mix(z):
+    """pare_model::rng::mix: the first value SplitMix64 seeded with z draws."""
+    z = (z + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def pare_sketch(seed, layer, head, d, k):
+    """pare's Compactor sketch (crates/pare-press/src/scorers/compactor.rs, sketch()): N(0, 1) by Box-Muller from
+    counter-based SplitMix64 uniforms, f64 then f32, (d, k) row-major. Without the 1/sqrt(k): kvpress applies it."""
+    key = splitmix_mix(splitmix_mix(seed) ^ (layer << 16 | head))
+
+    def uniform(n):
+        return (splitmix_mix(key ^ n) >> 11) / float(1 << 53)
+
+    values = []
+    for e in range(d * k):
+        u, v = uniform(2 * e), uniform(2 * e + 1)
+        values.append(math.sqrt(-2.0 * math.log(1.0 - u)) * math.cos(2.0 * math.pi * v))
+    return torch.tensor(values, dtype=torch.float64).to(torch.float32).view(d, k)
+
+
+@contextlib.contextmanager
+def seeded_sketch(press, seed):
+    """kvpress's LeverageScorePress draws its sketch with torch.randn(B, H, d, k) on every call. Inside this context
+    that one call returns pare's seeded draw for the layer being scored (and the press's kv heads); every other
+    line of kvpress runs unchanged. The layer comes from the module the leverage press is handed."""
+    import kvpress.presses.leverage_press as leverage
+
+    lev = press._leverage_press
+    current = {}
+    orig_score = lev.score
+
+    def score(module, *args, **kwargs):
+        current["layer"] = module.layer_idx
+        return orig_score(module, *args, **kwargs)
+
+    class SeededTorch:
+        def __getattr__(self, attr):
+            return getattr(torch, attr)
+
+        def randn(self, b, h, d, k, device=None, dtype=None):
+            assert b == 1
+            phi = torch.stack([pare_sketch(seed, current["layer"], hh, d, k) for hh in range(h)])
+            return phi.unsqueeze(0).to(device=device, dtype=dtype)
+
+    lev.score, leverage.torch = score, SeededTorch()
+    try:
+        yield
+    finally:
+        del lev.score
+        leverage.torch = torch
+
+
 def run_press(model, tokenizer, ids, name, ratio):
     case = CASES[name]
     if case["kind"] == "think":
@@ -623,7 +701,8 @@ def run_press(model, tokenizer, ids, name, ratio):
     x = torch.tensor([ids])
     T = len(ids)
     cache = DynamicCache()
-    with torch.no_grad(), press(model):
+    sketch = seeded_sketch(press, SKETCH_SEED) if isinstance(press, CompactorPress) else contextlib.nullcontext()
+    with torch.no_grad(), press(model), sketch:
         out = model(input_ids=x, past_key_values=cache, cache_position=torch.arange(T))
     modules = attn_modules(model)
     n_layers = len(modules)
@@ -689,6 +768,8 @@ def run_press(model, tokenizer, ids, name, ratio):
     params = dict(INNER[inner_name][1]) if case["kind"] in ("scorer", "pyramid", "finch_chunked") else dict(
         case["params"], inner=inner_name, inner_params=dict(INNER[inner_name][1])
     )
+    if name == "compactor":
+        params["sketch_seed"] = SKETCH_SEED
     sample = cap.scores[SAMPLE_LAYER]
     sample = (sample[-1] if case["kind"] == "block" else sample)[0, SAMPLE_HEAD]
     fixture = dict(

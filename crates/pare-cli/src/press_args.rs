@@ -7,8 +7,8 @@ use pare_press::{CachePress, PressOptions};
 /// `--press NAME` and the options pare-press defines (the same ones the server's JSON takes).
 #[derive(Args, Debug, Clone, Default)]
 pub struct PressArgs {
-    /// KV-cache press: knorm, snapkv, tova, observed-attention, expected-attention, random,
-    /// streaming, pyramidkv, finch, kvzip, duo-attention (with --duo-pattern); wrappers compose
+    /// KV-cache press: knorm, snapkv, tova, observed-attention, expected-attention, compactor,
+    /// random, streaming, pyramidkv, finch, kvzip, duo-attention (with --duo-pattern); wrappers compose
     /// with `+`: adakv+snapkv, chunkkv+knorm,
     /// decoding+snapkv, block+keydiff; think (key channels) first: think+snapkv.
     #[arg(long, help_heading = "KV-cache compression")]

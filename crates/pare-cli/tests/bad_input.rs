@@ -341,6 +341,18 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "knorm", "--ratio", "0.5", "--layerwise"], "--layerwise does not apply");
     check(&["--press", "snapkv", "--ratio", "0.5", "--kvzip-plus", "true"], "--kvzip-plus does not apply");
     check(&["--press", "kvzip"], "needs --ratio");
+    let compactor = |extra: &[&str], needle: &str| {
+        check(&[&["--press", "compactor", "--ratio", "0.5"], extra].concat(), needle);
+    };
+    let at_least_1 = "compactor: --chunk-size and --sketch-dimension must be at least 1";
+    compactor(&["--sketch-dimension", "0"], at_least_1);
+    compactor(&["--chunk-size", "0"], at_least_1);
+    compactor(&["--blending", "1.5"], "--blending must be in [0, 1], got 1.5");
+    compactor(&["--blending", "-0.1"], "--blending must be in [0, 1], got -0.1");
+    check(&["--press", "decoding+compactor", "--budget", "64"], "compactor scores a prompt at prefill only");
+    check(&["--press", "block+compactor", "--ratio", "0.5"], "block wraps a scorer that reads only keys and values");
+    check(&["--press", "knorm", "--ratio", "0.5", "--sketch-dimension", "8"], "--sketch-dimension does not apply");
+    check(&["--press", "snapkv", "--ratio", "0.5", "--sinks-end", "2"], "--sinks-end does not apply");
     // DuoAttention's head pattern: SmolLM2 has 30 layers × 3 KV heads.
     let pattern = |name: &str, text: &str| -> String {
         let path = scratch(name);

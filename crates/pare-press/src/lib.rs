@@ -39,6 +39,7 @@ pub const SCORERS: &[&str] = &[
     "keydiff",
     "lagkv",
     "cur",
+    "compactor",
     "snapkv",
     "tova",
     "observed-attention",
@@ -70,9 +71,13 @@ pub struct PressOptions {
     /// Entries kept per layer and KV head (with decoding: the target while decoding).
     #[arg(long)]
     pub budget: Option<usize>,
-    /// streaming, expected-attention, lagkv, cur: first entries always kept (default 4).
+    /// streaming, expected-attention, lagkv, cur, compactor: first entries always kept (default
+    /// 4; compactor 8).
     #[arg(long)]
     pub sinks: Option<usize>,
+    /// compactor: last entries always kept (default 4).
+    #[arg(long)]
+    pub sinks_end: Option<usize>,
     /// streaming: cut every layer to this many entries before each forward (StreamingLLM).
     #[arg(long)]
     pub capacity: Option<usize>,
@@ -112,9 +117,17 @@ pub struct PressOptions {
     /// think: fraction of each KV head's key channels zeroed at prefill, in [0, 1).
     #[arg(long)]
     pub key_channel_ratio: Option<f64>,
-    /// kvzip: context tokens each replay pass repeats (default 2048).
+    /// kvzip: context tokens each replay pass repeats (default 2048); compactor: tokens per chunk
+    /// of its non-causal attention (default 256).
     #[arg(long)]
     pub chunk_size: Option<usize>,
+    /// compactor: columns of the Gaussian sketch of the keys (default 48).
+    #[arg(long)]
+    pub sketch_dimension: Option<usize>,
+    /// compactor: weight of the leverage scores against the attention scores, in [0, 1]
+    /// (default: the ratio, else 0.35).
+    #[arg(long, allow_negative_numbers = true)]
+    pub blending: Option<f64>,
     /// kvzip: evict as many entries in every layer (default: the lowest scores over all layers).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub layerwise: Option<bool>,
@@ -127,7 +140,7 @@ pub struct PressOptions {
     /// duo-attention: the model's head pattern (JSON, written by `pare duo-pattern`).
     #[arg(long, value_name = "FILE")]
     pub duo_pattern: Option<std::path::PathBuf>,
-    /// random: seed of the scores.
+    /// random: seed of the scores; compactor: seed of the Gaussian sketch (default 0).
     #[arg(id = "press_seed", long = "press-seed", value_name = "SEED")]
     pub seed: Option<u64>,
     /// Kept entries keep their original positions, or move to contiguous ones (keys re-rotated).
@@ -144,6 +157,7 @@ impl PressOptions {
             ("ratio", o.ratio.is_some()),
             ("budget", o.budget.is_some()),
             ("sinks", o.sinks.is_some()),
+            ("sinks_end", o.sinks_end.is_some()),
             ("capacity", o.capacity.is_some()),
             ("window", o.window.is_some()),
             ("kernel", o.kernel.is_some()),
@@ -158,6 +172,8 @@ impl PressOptions {
             ("block_size", o.block_size.is_some()),
             ("key_channel_ratio", o.key_channel_ratio.is_some()),
             ("chunk_size", o.chunk_size.is_some()),
+            ("sketch_dimension", o.sketch_dimension.is_some()),
+            ("blending", o.blending.is_some()),
             ("layerwise", o.layerwise.is_some()),
             ("kvzip_plus", o.kvzip_plus.is_some()),
             ("head_ratio", o.head_ratio.is_some()),
@@ -225,6 +241,7 @@ fn options_of(name: &str) -> &'static [&'static str] {
         "expected-attention" => &["sinks", "n_future"],
         "lagkv" => &["sinks", "lag_size"],
         "cur" => &["sinks"],
+        "compactor" => &["sinks", "sinks_end", "chunk_size", "sketch_dimension", "blending", "seed"],
         "kvzip" => &["sinks", "chunk_size", "layerwise", "kvzip_plus"],
         "random" => &["seed"],
         "adakv" => &["alpha_safeguard"],
@@ -291,6 +308,10 @@ pub fn build(spec: &str, opts: &PressOptions) -> Result<Box<dyn CachePress>> {
     let decoding = wrappers.first() == Some(&"decoding");
     if wrappers.iter().skip(usize::from(decoding)).any(|&w| w == "decoding") {
         return Err(PressError::config("decoding must be the outermost wrapper"));
+    }
+    if decoding && *base == "compactor" {
+        // Its attention pairs every entry with the query of its own token: a prompt's.
+        return Err(PressError::config("compactor scores a prompt at prefill only and cannot run inside decoding"));
     }
     if *base == "streaming" && opts.capacity.is_some() {
         if !wrappers.is_empty() {
@@ -445,6 +466,27 @@ fn alpha_safeguard(opts: &PressOptions) -> Result<f64> {
     Ok(alpha)
 }
 
+fn compactor(opts: &PressOptions) -> Result<scorers::Compactor> {
+    let d = scorers::Compactor::default();
+    let c = scorers::Compactor {
+        sinks_start: opts.sinks.unwrap_or(d.sinks_start),
+        sinks_end: opts.sinks_end.unwrap_or(d.sinks_end),
+        chunk_size: opts.chunk_size.unwrap_or(d.chunk_size),
+        sketch_dimension: opts.sketch_dimension.unwrap_or(d.sketch_dimension),
+        // kvpress blends by the compression ratio unless told otherwise; with a budget there is
+        // none, and 0.35 is kvpress's own fallback.
+        blending: opts.blending.or(opts.ratio).unwrap_or(d.blending as f64) as f32,
+        seed: opts.seed.unwrap_or(d.seed),
+    };
+    if c.chunk_size == 0 || c.sketch_dimension == 0 {
+        return Err(PressError::config("compactor: `chunk_size` and `sketch_dimension` must be at least 1"));
+    }
+    if let Some(b) = opts.blending.filter(|b| !(0.0..=1.0).contains(b)) {
+        return Err(PressError::config(format!("`blending` must be in [0, 1], got {b}")));
+    }
+    Ok(c)
+}
+
 fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
     let snapkv = || -> Result<scorers::SnapKv> {
         let s = scorers::SnapKv { window: opts.window.unwrap_or(64), kernel: opts.kernel.unwrap_or(5) };
@@ -464,6 +506,7 @@ fn base_selector(name: &str, opts: &PressOptions) -> Result<Box<dyn Selector>> {
             }
             Box::new(scorers::LagKv { sinks: opts.sinks.unwrap_or(4), lag })
         }
+        "compactor" => Box::new(compactor(opts)?),
         "snapkv" => Box::new(snapkv()?),
         "tova" => Box::new(scorers::Tova),
         "observed-attention" => Box::new(scorers::ObservedAttention),

@@ -130,7 +130,7 @@ fn each_row_of_a_batch_keeps_its_own_budget_and_matches_running_alone() {
     let model = &smollm2().model;
     let long = text_tokens(120);
     let short = long[30..100].to_vec();
-    for spec in ["snapkv", "adakv+knorm", "expected-attention"] {
+    for spec in ["snapkv", "adakv+knorm", "expected-attention", "compactor"] {
         let p = press(spec, ratio(0.5));
         let (batch, cache) = run(model, &[long.clone(), short.clone()], Some(p.as_ref()), 2);
         assert_eq!(
@@ -149,6 +149,48 @@ fn each_row_of_a_batch_keeps_its_own_budget_and_matches_running_alone() {
             }
         }
     }
+}
+
+#[test]
+fn compactor_keeps_its_sinks_whatever_the_prompt_length_and_settings() {
+    let model = &smollm2().model;
+    let tokens = text_tokens(60);
+    let kept = |n: usize, spec: &str, opts: PressOptions| -> KvCache {
+        let p = press(spec, opts);
+        ts::prefill_hooked(model, &[tokens[..n].to_vec()], press_hooks(Some(p.as_ref()))).unwrap().1
+    };
+    let with = |o: PressOptions| PressOptions { ratio: Some(0.5), ..o };
+    // 40 tokens: the first 8 and the last 4 survive in every layer and head, among 20 kept.
+    for opts in [
+        with(PressOptions::default()),
+        // Each token its own chunk; chunks that divide the 28 scored entries; a sketch wider than
+        // the 64 key channels (its Gram matrix is singular but for the jitter).
+        with(PressOptions { chunk_size: Some(1), ..Default::default() }),
+        with(PressOptions { chunk_size: Some(14), ..Default::default() }),
+        with(PressOptions { sketch_dimension: Some(100), blending: Some(1.0), ..Default::default() }),
+    ] {
+        let cache = kept(40, "compactor", opts.clone());
+        for layer in cache.layers() {
+            for h in 0..3 {
+                let p = layer.positions(0, h);
+                assert_eq!(p.len(), 20, "{opts:?}");
+                assert!((0..8).chain(36..40).all(|s| p.contains(&s)), "{opts:?}: {p:?}");
+            }
+        }
+    }
+    // No sinks at all, every entry a sink (10 ≤ 8 + 4), one scored entry, and wrapped by adakv and chunkkv.
+    let none = with(PressOptions { sinks: Some(0), sinks_end: Some(0), ..Default::default() });
+    assert_eq!(kept(40, "compactor", none).layers()[3].entries(0, 1), 20);
+    assert_eq!(kept(10, "compactor", with(PressOptions::default())).layers()[3].positions(0, 1), &[0, 1, 2, 3, 4]);
+    assert_eq!(kept(13, "compactor", with(PressOptions::default())).layers()[3].entries(0, 1), 6);
+    for spec in ["adakv+compactor", "chunkkv+compactor"] {
+        assert_eq!(kept(40, spec, with(PressOptions::default())).total_entries(), 30 * 3 * 20, "{spec}");
+    }
+    // The sketch is seeded: the same seed keeps the same entries, another seed may not.
+    let seeded = |seed| kept(60, "compactor", with(PressOptions { seed: Some(seed), ..Default::default() }));
+    let all = |c: &KvCache| c.layers().iter().map(|l| l.all_positions().to_vec()).collect::<Vec<_>>();
+    assert_eq!(all(&seeded(1)), all(&seeded(1)));
+    assert_ne!(all(&seeded(1)), all(&seeded(2)));
 }
 
 #[test]
@@ -216,7 +258,7 @@ fn presses_run_on_gpt_neox_and_other_architectures() {
         let model = &loaded.model;
         let prompt: Vec<u32> = (0..48u32).map(|i| (i * 37 + 5) % 200).collect();
         let (reference, _) = run(model, std::slice::from_ref(&prompt), None, 2);
-        for spec in ["snapkv", "expected-attention", "adakv+tova", "observed-attention"] {
+        for spec in ["snapkv", "expected-attention", "adakv+tova", "observed-attention", "compactor"] {
             let (zero, _) = run(model, std::slice::from_ref(&prompt), Some(press(spec, ratio(0.0)).as_ref()), 2);
             assert_eq!(pare_test_support::max_abs_diff(&zero[2], &reference[2]), 0.0, "{name} {spec}");
             let (got, cache) = run(model, std::slice::from_ref(&prompt), Some(press(spec, ratio(0.5)).as_ref()), 2);

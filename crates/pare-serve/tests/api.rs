@@ -423,6 +423,11 @@ async fn bad_input_is_a_400_with_an_openai_error() {
         ),
         ("press without a budget", r#"{"prompt": "a", "press": {"name": "knorm"}}"#.into(), Some("press")),
         (
+            "press option out of range",
+            r#"{"prompt": "a", "press": {"name": "compactor", "ratio": 0.5, "blending": 2}}"#.into(),
+            Some("press"),
+        ),
+        (
             "a file on the server's disk",
             r#"{"prompt": "a", "press": {"name": "duo-attention", "head_ratio": 0.5, "duo_pattern": "/etc/passwd"}}"#
                 .into(),

@@ -1,5 +1,6 @@
 //! One file per scorer press. Names, defaults and scoring follow NVIDIA kvpress.
 
+pub mod compactor;
 pub mod cur;
 pub mod duo_attention;
 pub mod expected_attention;
@@ -12,6 +13,7 @@ pub mod snapkv;
 pub mod streaming;
 pub mod tova;
 
+pub use compactor::Compactor;
 pub use cur::Cur;
 pub use expected_attention::ExpectedAttention;
 pub use keydiff::KeyDiff;
