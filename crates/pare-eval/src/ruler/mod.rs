@@ -277,15 +277,9 @@ pub struct ItemResult {
     pub kv_bytes: usize,
 }
 
-/// Prefill the context with `hooks` (its press compresses it), run the question over that cache,
-/// and answer greedily.
-pub fn run_item(model: &Model, tokenizer: &TokenizerBundle, item: &Item, hooks: &Hooks) -> Result<ItemResult> {
-    let mut results = run_items(model, tokenizer, std::slice::from_ref(item), hooks, 1, || ())?;
-    Ok(results.pop().expect("one item in, one result out"))
-}
-
-/// [`run_item`] for every item, `batch` items at a time: each item's context and question run
-/// alone (its press sees only its own context), then the answers of the batch decode together,
+/// Every item answered, `batch` items at a time: each item's context is prefilled alone with
+/// `hooks` (its press compresses it without seeing the question), the question runs over that
+/// cache, and the answers of the batch are decoded greedily together,
 /// one step for all of them. `Model::step` keeps each cache's rows on the path they would take
 /// alone, so an answer does not depend on its neighbours; what batching changes is the cost: the
 /// weights are read once per step instead of once per item. A token pruner needs a cache of its
