@@ -702,7 +702,7 @@ fn ruler_scores(
     batch: usize,
     on_item: impl FnMut(),
 ) -> Result<Vec<RulerScore>> {
-    let items: Vec<_> = cells.iter().flat_map(|c| c.items.iter().cloned()).collect();
+    let items: Vec<_> = cells.iter().flat_map(|c| &c.items).collect();
     let mut results =
         pare_eval::ruler::run_items(&loaded.model, loaded.tokenizer()?, &items, hooks, batch, on_item)?.into_iter();
     let mut scores = Vec::new();

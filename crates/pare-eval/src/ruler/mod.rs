@@ -287,7 +287,7 @@ pub struct ItemResult {
 pub fn run_items(
     model: &Model,
     tokenizer: &TokenizerBundle,
-    items: &[Item],
+    items: &[&Item],
     hooks: &Hooks,
     batch: usize,
     mut on_item: impl FnMut(),
