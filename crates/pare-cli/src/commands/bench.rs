@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use pare_model::{Hooks, PrefillInput};
+use candle_core::Tensor;
+use pare_model::{Hooks, KvCache, PrefillInput};
 
 use crate::common::{ensure_run_fits, gpu_memory, peak_rss_bytes, print_json, reset_gpu_memory_peak, ModelArgs};
 use crate::press_args::PressArgs;
@@ -48,6 +49,10 @@ pub struct Args {
     pub gen_len: usize,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// How the batch's rows hold their KV: one cache for all (`pare generate`'s batch), or a
+    /// cache per row stepped together (what `pare serve` does with concurrent requests).
+    #[arg(long, value_enum, default_value_t = Caches::Shared)]
+    pub caches: Caches,
     /// Untimed warm-up steps before measuring.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -60,6 +65,23 @@ pub struct Args {
     pub token_prune: TokenPruneArgs,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caches {
+    /// One cache holds every row: one prefill of the left-padded batch.
+    Shared,
+    /// Each row its own cache, prefilled alone; a decode step runs them all.
+    PerRow,
+}
+
+impl Caches {
+    fn name(self) -> &'static str {
+        match self {
+            Caches::Shared => "shared",
+            Caches::PerRow => "per-row",
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -94,32 +116,46 @@ pub fn run(args: Args) -> Result<()> {
     device.synchronize()?;
     reset_gpu_memory_peak(&device);
 
+    // The rows of each cache: all in one, or one each.
+    let groups: Vec<&[Vec<u32>]> = match args.caches {
+        Caches::Shared => vec![&prompts[..]],
+        Caches::PerRow => prompts.chunks(1).collect(),
+    };
     let mut prefill_times = Vec::new();
-    let mut filled = None;
+    let mut filled: Vec<(KvCache, Hooks)> = Vec::new();
+    let mut logits = Vec::new();
     for _ in 0..args.repeat.max(1) {
-        // Free the last run's cache first: two caches at once would inflate peak memory.
-        drop(filled.take());
+        // Free the last run's caches first: two sets at once would inflate peak memory.
+        filled.clear();
+        logits.clear();
         let start = Instant::now();
-        let mut hooks = session.hooks.clone();
-        filled = Some((model.prefill(PrefillInput::Tokens(&prompts), &mut hooks)?, hooks));
+        for rows in &groups {
+            let mut hooks = session.hooks.clone();
+            let (l, cache) = model.prefill(PrefillInput::Tokens(rows), &mut hooks)?;
+            logits.push(l);
+            filled.push((cache, hooks));
+        }
         // GPU work is asynchronous: stop the clock when it is done, not when it is queued.
         device.synchronize()?;
         prefill_times.push(start.elapsed().as_secs_f64());
     }
     prefill_times.sort_by(f64::total_cmp);
     let prefill_s = prefill_times[prefill_times.len() / 2];
-    let ((mut logits, mut cache), mut hooks) = filled.expect("at least one prefill");
-    let kv_bytes_prefill = cache.bytes();
+    let bytes = |f: &[(KvCache, Hooks)], of: fn(&KvCache) -> usize| f.iter().map(|(c, _)| of(c)).sum::<usize>();
+    let kv_bytes_prefill = bytes(&filled, KvCache::bytes);
+    let mut logits = if logits.len() == 1 { logits.pop().expect("one") } else { Tensor::cat(&logits, 0)? };
     let start = Instant::now();
     for _ in 0..args.gen_len {
         let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        logits = model.decode(&mut [(&mut cache, &mut hooks)], &next)?;
+        let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = filled.iter_mut().map(|(c, h)| (c, h)).collect();
+        logits = model.decode(&mut seqs, &next)?;
     }
     device.synchronize()?;
     let decode_s = start.elapsed().as_secs_f64();
     let prefill_tok_s = (args.batch * args.prompt_len) as f64 / prefill_s;
     let decode_tok_s = if args.gen_len > 0 { (args.batch * args.gen_len) as f64 / decode_s } else { 0.0 };
-    let kv_bytes = cache.bytes();
+    let kv_bytes = bytes(&filled, KvCache::bytes);
+    let (allocated, uncompressed) = (bytes(&filled, KvCache::allocated_bytes), bytes(&filled, KvCache::uncompressed_bytes));
     let peak = peak_rss_bytes();
     let gpu = gpu_memory(&device);
     // Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
@@ -138,11 +174,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         print_json(&json!({
             "model": args.model.model, "dtype": args.model.dtype_name(), "kv_dtype": args.model.kv_dtype().name(), "device": args.model.device.to_string(),
-            "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+            "batch": args.batch, "caches": args.caches.name(), "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "prefill_s": prefill_s, "decode_s": decode_s,
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
-            "kv_cache_bytes": kv_bytes, "kv_cache_allocated_bytes": cache.allocated_bytes(),
-            "kv_cache_bytes_prefill": kv_bytes_prefill, "kv_cache_uncompressed_bytes": cache.uncompressed_bytes(),
+            "kv_cache_bytes": kv_bytes, "kv_cache_allocated_bytes": allocated,
+            "kv_cache_bytes_prefill": kv_bytes_prefill, "kv_cache_uncompressed_bytes": uncompressed,
             "press": args.press.press,
             "peak_rss_bytes": peak, "decode_weight_bytes": weight_bytes,
             "gpu_mem_peak_bytes": gpu.map(|g| g.peak), "gpu_mem_used_bytes": gpu.map(|g| g.used),
@@ -150,13 +186,14 @@ pub fn run(args: Args) -> Result<()> {
         }))?;
     } else {
         println!("model      {} ({}, {})", args.model.model, args.model.dtype_name(), args.model.device);
-        println!("shape      batch {} × prompt {} + {} new", args.batch, args.prompt_len, args.gen_len);
+        let caches = if args.caches == Caches::PerRow { ", a cache per row" } else { "" };
+        println!("shape      batch {} × prompt {} + {} new{caches}", args.batch, args.prompt_len, args.gen_len);
         println!("prefill    {prefill_tok_s:.1} tok/s ({prefill_s:.3} s)");
         println!("decode     {decode_tok_s:.1} tok/s ({decode_s:.3} s)");
         println!(
             "kv cache   {:.2} MiB ({:.2} MiB uncompressed)",
             kv_bytes as f64 / (1 << 20) as f64,
-            cache.uncompressed_bytes() as f64 / (1 << 20) as f64
+            uncompressed as f64 / (1 << 20) as f64
         );
         if let Some(p) = peak {
             println!("peak rss   {:.1} MiB", p as f64 / (1 << 20) as f64);
