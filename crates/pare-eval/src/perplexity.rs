@@ -16,9 +16,9 @@ pub struct PerplexityResult {
     pub tokens: usize,
     /// The most KV-cache bytes in use in any window.
     pub kv_bytes_peak: usize,
-    /// With a press: the most bytes a compressed window context held.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kv_bytes_context: Option<usize>,
+    /// The most bytes a window's context held once prefilled (compressed, with a press): the
+    /// cache the continuation is scored over, before it grows by the continuation itself.
+    pub kv_bytes_context: usize,
     /// Tokens the press ran beyond the windows' contexts (KVzip's replay, ~1× each context).
     #[serde(skip_serializing_if = "is_zero")]
     pub press_tokens: usize,
@@ -156,6 +156,8 @@ fn perplexity_over(
                 let all =
                     model.forward(x, &positions, &mut cache, &mut hooks, Phase::Prefill, Logits::All)?.squeeze(0)?;
                 kv_bytes_peak = kv_bytes_peak.max(cache.bytes());
+                // Uncompressed, every entry weighs the same: the context's share of the window's.
+                kv_bytes_context = kv_bytes_context.max(cache.bytes() / window.len() * split);
                 all.narrow(0, split - 1, window.len() - split)?
             } else {
                 let context = [window[..split].to_vec()];
@@ -186,7 +188,7 @@ fn perplexity_over(
         scored_tokens: scored,
         tokens: tokens.len(),
         kv_bytes_peak: kv_bytes_peak.max(kv_bytes_context),
-        kv_bytes_context: (!hooks.is_empty()).then_some(kv_bytes_context),
+        kv_bytes_context,
         press_tokens,
     })
 }

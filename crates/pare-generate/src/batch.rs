@@ -11,7 +11,7 @@
 //! frees its cache.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use pare_formats::TokenizerBundle;
@@ -191,6 +191,8 @@ pub struct Batch<'m> {
     step_tokens: usize,
     /// Prompt chunks the last step's forward ran.
     last_step_prefills: usize,
+    /// How long the last step's forward took, until its logits were ready.
+    last_forward: Duration,
     /// Groups a step ended on their own (see [`Batch::take_failures`]).
     failures: Vec<(Vec<SeqId>, GenerateError)>,
 }
@@ -206,6 +208,7 @@ impl<'m> Batch<'m> {
             prefill_chunk: None,
             step_tokens: usize::MAX,
             last_step_prefills: 0,
+            last_forward: Duration::ZERO,
             failures: Vec::new(),
         }
     }
@@ -424,6 +427,12 @@ impl<'m> Batch<'m> {
         self.last_step_prefills
     }
 
+    /// How long the last step's forward took, until its logits were on hand (the rest of
+    /// [`Batch::step`] chooses the tokens).
+    pub fn last_forward(&self) -> Duration {
+        self.last_forward
+    }
+
     /// The sequences a step ended because of their own failure (a prompt whose logits are not
     /// finite, say), with the reason; each failure once. The rest of the batch runs on: rows of
     /// one shared forward do not depend on each other.
@@ -512,10 +521,13 @@ impl<'m> Batch<'m> {
         if live.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = live.iter_mut().map(|g| (&mut g.cache, &mut g.hooks)).collect();
         let logits = self.model.step(&mut seqs, &tokens)?;
         // One finiteness test for the whole step; only a failure looks at groups one by one.
+        // It reads a flag back, so on a GPU the forward is done when it returns.
         let all_finite = pare_model::finite::all_finite(&logits)?;
+        self.last_forward = started.elapsed();
         let mut start = 0;
         for group in live {
             let rows = group.rows.len();

@@ -845,6 +845,38 @@ TOP_CANDIDATES(bf16, bf16)
 TOP_CANDIDATES(f16, f16)
 
 // ---------------------------------------------------------------------------------------------
+// New cache entries written in place (crate::write_rows): block e copies `bytes` of keys and of
+// values, entry first + e of the sources, to the addresses in the table (passed by value, like
+// HeadTable: no upload). One launch appends a decode step's entries to every cache of the step.
+#define MAX_ROWS_TABLE 256
+struct RowTable {
+    unsigned long long k[MAX_ROWS_TABLE];
+    unsigned long long v[MAX_ROWS_TABLE];
+};
+
+extern "C" __global__ void write_rows(const __grid_constant__ RowTable table, long long first,
+                                      const unsigned char* src_k, const unsigned char* src_v, long long bytes) {
+    const int e = blockIdx.x;
+    const unsigned char* sk = src_k + (first + e) * bytes;
+    const unsigned char* sv = src_v + (first + e) * bytes;
+    unsigned char* dk = reinterpret_cast<unsigned char*>(table.k[e]);
+    unsigned char* dv = reinterpret_cast<unsigned char*>(table.v[e]);
+    const unsigned long long align = (unsigned long long)sk | (unsigned long long)sv | (unsigned long long)dk |
+                                     (unsigned long long)dv | (unsigned long long)bytes;
+    if (align % 16 == 0) {
+        for (long long i = threadIdx.x; i < bytes / 16; i += blockDim.x) {
+            reinterpret_cast<uint4*>(dk)[i] = reinterpret_cast<const uint4*>(sk)[i];
+            reinterpret_cast<uint4*>(dv)[i] = reinterpret_cast<const uint4*>(sv)[i];
+        }
+    } else {
+        for (long long i = threadIdx.x; i < bytes; i += blockDim.x) {
+            dk[i] = sk[i];
+            dv[i] = sv[i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // A press's selection. Per row of scores (n f32): the indices of the k highest scores in increasing
 // order — ranked as Rust's f32::total_cmp ranks them, ties to the earlier entry — and the cache
 // buffer row of each: entry e = row·n + index is entry e % per_head of head e / per_head, at buffer

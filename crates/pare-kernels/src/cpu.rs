@@ -235,6 +235,21 @@ pub fn top_k_keep(scores: &Tensor, k: usize, buffer: crate::BufferRows) -> Resul
     Ok((Tensor::from_vec(idx, shape, scores.device())?, Tensor::from_vec(buffer_rows, shape, scores.device())?))
 }
 
+/// Reference for [`crate::write_rows`]: each entry's rows copied into its buffers one by one.
+pub fn write_rows(keys: &Tensor, values: &Tensor, writes: &[crate::RowWrites]) -> Result<()> {
+    let keys = keys.contiguous()?;
+    let values = values.contiguous()?;
+    let mut entry = 0;
+    for w in writes {
+        for &row in w.rows {
+            w.keys.slice_set(&keys.get(entry)?, 0, row)?;
+            w.values.slice_set(&values.get(entry)?, 0, row)?;
+            entry += 1;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     //! The references against candle's own ops (and plain softmax attention), so that what the

@@ -297,6 +297,45 @@ struct HeadTable {
 // SAFETY: plain old data with the kernel's layout (repr(C), 8-byte aligned like the C struct).
 unsafe impl DeviceRepr for HeadTable {}
 
+/// kernels/pare.cu's RowTable: where each entry of one `write_rows` launch goes.
+const MAX_ROWS_TABLE: usize = 256;
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RowTable {
+    k: [u64; MAX_ROWS_TABLE],
+    v: [u64; MAX_ROWS_TABLE],
+}
+// SAFETY: plain old data with the kernel's layout (repr(C), 8-byte aligned like the C struct).
+unsafe impl DeviceRepr for RowTable {}
+
+/// [`crate::write_rows`] on the GPU: one launch per [`MAX_ROWS_TABLE`] entries.
+pub fn write_rows(keys: &Tensor, values: &Tensor, writes: &[crate::RowWrites]) -> Result<()> {
+    let (entries, n, width) = keys.dims3()?;
+    let dev = device(keys)?;
+    let elem = keys.dtype().size_in_bytes() as u64;
+    let (keys, values) = (keys.contiguous()?, values.contiguous()?);
+    let (src_k, src_v) = (address(&keys)?, address(&values)?);
+    let row_bytes = width as u64 * elem;
+    let mut dst = Vec::with_capacity(entries);
+    for w in writes {
+        let (ka, va) = (address(w.keys)?, address(w.values)?);
+        dst.extend(w.rows.iter().map(|&r| (ka + r as u64 * row_bytes, va + r as u64 * row_bytes)));
+    }
+    let bytes = (n as u64 * row_bytes) as i64;
+    for first in (0..entries).step_by(MAX_ROWS_TABLE) {
+        let count = (entries - first).min(MAX_ROWS_TABLE);
+        let mut table = RowTable { k: [0; MAX_ROWS_TABLE], v: [0; MAX_ROWS_TABLE] };
+        for (j, &(k, v)) in dst[first..first + count].iter().enumerate() {
+            table.k[j] = k;
+            table.v[j] = v;
+        }
+        let first_i = first as i64;
+        let cfg = LaunchConfig { grid_dim: (count as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        launch!(&dev, "write_rows", cfg, &table, &first_i, &src_k, &src_v, &bytes);
+    }
+    Ok(())
+}
+
 /// Blocks per multiprocessor the split targets: enough loads in flight to cover HBM latency.
 const DECODE_BLOCKS_PER_SM: usize = 4;
 /// Entries a block reads at least: fewer and merging the splits costs more than it saves.

@@ -26,6 +26,17 @@ pub struct GpuMemory {
     pub peak: u64,
 }
 
+/// Bytes free on a CUDA device now; None on the CPU and in builds without CUDA.
+pub fn gpu_free_memory(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    return gpu_memory(device).map(|m| m.total - m.used);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
 /// RMSNorm over the last dim, as HF's LlamaRMSNorm: `w * T(x * rsqrt(mean(x²) + eps))`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -423,6 +434,60 @@ pub fn top_k_keep(scores: &Tensor, k: usize, buffer: BufferRows) -> Result<(Tens
         return cuda::top_k_keep(scores, k, buffer);
     }
     cpu::top_k_keep(scores, k, buffer)
+}
+
+/// One cache's part of a [`write_rows`]: its flat (rows, width) key and value buffers (views of
+/// the cache's storage, written in place) and, per entry, the buffer row its first new row goes to.
+pub struct RowWrites<'a> {
+    pub keys: &'a Tensor,
+    pub values: &'a Tensor,
+    pub rows: &'a [usize],
+}
+
+/// Write new cache entries in place: `keys`/`values` (entries, n, width) hold every entry of
+/// `writes[0]`, then of `writes[1]`, and so on; entry j of a write fills rows `rows[j]..rows[j] +
+/// n` of its buffers. On CUDA one launch writes them all, where a decode step over many caches (a
+/// server's step, a cache per sequence) would otherwise issue two copies per cache and layer.
+pub fn write_rows(keys: &Tensor, values: &Tensor, writes: &[RowWrites]) -> Result<()> {
+    let (entries, n, width) = keys.dims3()?;
+    let dtype = keys.dtype();
+    if values.dims() != keys.dims()
+        || values.dtype() != dtype
+        || writes.iter().map(|w| w.rows.len()).sum::<usize>() != entries
+    {
+        candle_core::bail!(
+            "write_rows: keys {:?}, values {:?} for {} entries",
+            keys.dims(),
+            values.dims(),
+            writes.iter().map(|w| w.rows.len()).sum::<usize>()
+        );
+    }
+    for w in writes {
+        let (rows, w_width) = w.keys.dims2()?;
+        let fits = w.rows.iter().all(|&r| r + n <= rows);
+        if w.values.dims() != w.keys.dims()
+            || w_width != width
+            || w.keys.dtype() != dtype
+            || w.values.dtype() != dtype
+            || !w.keys.is_contiguous()
+            || !w.values.is_contiguous()
+            || !fits
+        {
+            candle_core::bail!(
+                "write_rows: {n} rows of width {width} into buffers {:?} at rows {:?}",
+                w.keys.dims(),
+                w.rows
+            );
+        }
+    }
+    if entries == 0 || n == 0 {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if keys.device().is_cuda() {
+        return cuda::write_rows(keys, values, writes);
+    }
+    cpu::write_rows(keys, values, writes)
 }
 
 fn check_decode_args(q: &Tensor, keys: &[Tensor], values: &[Tensor], skip: &[usize]) -> Result<()> {

@@ -352,3 +352,39 @@ fn top_k_keep_selects_the_same_entries() {
         }
     }
 }
+
+#[test]
+fn write_rows_writes_what_the_reference_writes() {
+    let dev = gpu();
+    // Two caches as the model holds them: a uniform (batch 2, 4 heads, capacity 9, 64) buffer read
+    // flat, and a ragged (rows, 64) one; new entries of 1 and of 3 rows; more entries than one
+    // launch's table takes (300 > 256).
+    for (dtype, n, many) in [(DType::BF16, 1, false), (DType::F32, 3, false), (DType::BF16, 1, true)] {
+        let uniform = randn(&[2, 4, 9, 64], 1.0, dtype, &dev);
+        let ragged = randn(&[if many { 600 } else { 40 }, 64], 1.0, dtype, &dev);
+        let uniform_rows: Vec<usize> = (0..8).map(|i| i * 9 + 5).collect();
+        let ragged_rows: Vec<usize> = if many { (0..292).map(|i| i * 2).collect() } else { vec![0, 7, 20, 33] };
+        let entries = uniform_rows.len() + ragged_rows.len();
+        let (k, v) = (randn(&[entries, n, 64], 1.0, dtype, &dev), randn(&[entries, n, 64], 1.0, dtype, &dev));
+        let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        // Copies: a clone shares its storage, and the writes change storage in place.
+        let (gu_k, gu_v) = (uniform.copy().unwrap(), uniform.affine(2.0, 0.0).unwrap());
+        let (gr_k, gr_v) = (ragged.copy().unwrap(), ragged.affine(2.0, 0.0).unwrap());
+        let (cu_k, cu_v, cr_k, cr_v) = (host(&gu_k), host(&gu_v), host(&gr_k), host(&gr_v));
+        let flat = |t: &Tensor| t.reshape((t.elem_count() / 64, 64)).unwrap();
+        let (gu_kf, gu_vf, cu_kf, cu_vf) = (flat(&gu_k), flat(&gu_v), flat(&cu_k), flat(&cu_v));
+        let writes = |uk, uv, rk, rv| {
+            [
+                pare_kernels::RowWrites { keys: uk, values: uv, rows: &uniform_rows },
+                pare_kernels::RowWrites { keys: rk, values: rv, rows: &ragged_rows },
+            ]
+        };
+        pare_kernels::write_rows(&k, &v, &writes(&gu_kf, &gu_vf, &gr_k, &gr_v)).unwrap();
+        cpu::write_rows(&host(&k), &host(&v), &writes(&cu_kf, &cu_vf, &cr_k, &cr_v)).unwrap();
+        for (g, c) in [(&gu_k, &cu_k), (&gu_v, &cu_v), (&gr_k, &cr_k), (&gr_v, &cr_v)] {
+            assert_eq!(rel_err(g, c), 0.0, "{dtype:?} n {n}");
+        }
+        // The buffers the caches hold changed in place, where the writes said.
+        assert_ne!(rel_err(&gu_k, &uniform), 0.0);
+    }
+}

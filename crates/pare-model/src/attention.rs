@@ -10,9 +10,8 @@ use crate::hooks::{CachePress, LayerContext, Phase, TokenPruner};
 use crate::layers::Linear;
 use crate::rope::Rope;
 
-/// One slot's rows of a run: queries, keys, values, layer input, and pre-RoPE queries when a
-/// hook reads them.
-type SlotParts = (Tensor, Tensor, Tensor, Tensor, Option<Tensor>);
+/// One slot's rows of a run: queries, layer input, and pre-RoPE queries when a hook reads them.
+type SlotParts = (Tensor, Tensor, Option<Tensor>);
 
 /// A cache as the fused decode kernel reads it (see [`Attention::decode_kv`]).
 enum DecodeCache {
@@ -190,22 +189,25 @@ impl Attention {
             let q_prerope = if hooked { Some(split_heads(q_proj, h)?) } else { None };
             let hidden = grid(x)?;
 
-            // Each slot's rows of the run's tensors: queries, keys, values, input, pre-RoPE queries.
+            // Each slot's rows of the run's tensors: queries, input, pre-RoPE queries.
             let mut parts = Vec::with_capacity(slots.len());
             for slot in slots.iter() {
                 let rows = |t: &Tensor| t.narrow(0, slot.rows.start - run.rows.start, slot.rows.len());
                 let prerope = q_prerope.as_ref().map(rows).transpose()?;
-                parts.push((rows(&q)?, rows(&k)?, rows(&v)?, rows(&hidden)?, prerope));
+                parts.push((rows(&q)?, rows(&hidden)?, prerope));
             }
             // Every slot appends first, then all attend: a decode step over several caches (a
-            // server's step, one cache per sequence) does so in one kernel call.
+            // server's step, one cache per sequence) writes all their entries in one call and
+            // attends in one kernel call.
             for (slot, part) in slots.iter_mut().zip(&parts) {
                 let ctx = self.context(layer, inputs, slot, part);
                 if let Some(p) = slot.press.as_deref_mut() {
                     p.before_attention(&ctx, slot.kv)?;
                 }
-                slot.kv.append(&part.1, &part.2, ctx.positions)?;
             }
+            let positions: Vec<&[Vec<i64>]> = slots.iter().map(|s| &inputs.positions[s.rows.clone()]).collect();
+            let mut kvs: Vec<&mut LayerKv> = slots.iter_mut().map(|s| &mut *s.kv).collect();
+            crate::cache::append_all(&mut kvs, &k, &v, &positions)?;
             let out = self.attend_slots(&q, slots, &parts, inputs.positions, inputs.sliding_window)?;
             for (slot, part) in slots.iter_mut().zip(&parts) {
                 let ctx = self.context(layer, inputs, slot, part);
@@ -229,7 +231,7 @@ impl Attention {
         layer: usize,
         inputs: &'a AttentionInputs,
         slot: &KvSlot,
-        (q, _, _, x, prerope): &'a SlotParts,
+        (q, x, prerope): &'a SlotParts,
     ) -> LayerContext<'a> {
         LayerContext {
             layer,

@@ -167,6 +167,36 @@ fn grown_capacity(needed: usize, capacity: usize) -> usize {
     needed.max(capacity + capacity / 4).max(16)
 }
 
+/// Append one step's new entries to the same layer of several caches at once: `k` and `v`
+/// (rows, kv_heads, n, head_dim) hold `kvs[0]`'s rows, then `kvs[1]`'s, and so on, at
+/// `positions[i]` for cache i. One write for all of them (on a GPU one launch,
+/// [`pare_kernels::write_rows`]): a server's decode step appends to a cache per sequence.
+pub fn append_all(kvs: &mut [&mut LayerKv], k: &Tensor, v: &Tensor, positions: &[&[Vec<i64>]]) -> Result<()> {
+    let (rows, heads, n, dim) = k.dims4()?;
+    if v.dims() != k.dims() || kvs.len() != positions.len() || kvs.iter().map(|kv| kv.batch).sum::<usize>() != rows {
+        return Err(ModelError::input(format!(
+            "cache append: keys {:?} and values {:?} for caches of {} rows",
+            k.dims(),
+            v.dims(),
+            kvs.iter().map(|kv| kv.batch).sum::<usize>()
+        )));
+    }
+    for (kv, p) in kvs.iter().zip(positions) {
+        kv.check_append(heads, n, p)?;
+    }
+    let buffers =
+        kvs.iter_mut().map(|kv| kv.reserve(n, dim, k.dtype(), k.device())).collect::<Result<Vec<_>>>()?;
+    let writes: Vec<pare_kernels::RowWrites> =
+        buffers.iter().map(|(keys, values, rows)| pare_kernels::RowWrites { keys, values, rows }).collect();
+    let entries = (rows * heads, n, dim);
+    pare_kernels::write_rows(&k.contiguous()?.reshape(entries)?, &v.contiguous()?.reshape(entries)?, &writes)?;
+    let entry_bytes = 2 * dim * k.dtype().size_in_bytes();
+    for (kv, p) in kvs.iter_mut().zip(positions) {
+        kv.commit(n, p, entry_bytes);
+    }
+    Ok(())
+}
+
 impl LayerKv {
     pub fn new(batch: usize, kv_heads: usize) -> Self {
         LayerKv {
@@ -277,16 +307,29 @@ impl LayerKv {
     /// Append new entries (batch, kv_heads, n, head_dim) with their positions (batch × n); every
     /// head of a row gets the new entries.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, positions: &[Vec<i64>]) -> Result<()> {
-        let (batch, heads, n, dim) = k.dims4()?;
-        if batch != self.batch || heads != self.kv_heads {
+        append_all(&mut [self], k, v, &[positions])
+    }
+
+    fn check_append(&self, heads: usize, n: usize, positions: &[Vec<i64>]) -> Result<()> {
+        if heads != self.kv_heads || positions.len() != self.batch {
             return Err(ModelError::input(format!(
-                "cache append: {batch} rows × {heads} KV heads for a cache of {} × {}",
-                self.batch, self.kv_heads
+                "cache append: {} rows × {heads} KV heads for a cache of {} × {}",
+                positions.len(),
+                self.batch,
+                self.kv_heads
             )));
         }
-        if positions.len() != batch || positions.iter().any(|p| p.len() != n) {
+        if positions.iter().any(|p| p.len() != n) {
             return Err(ModelError::input("cache append: positions do not match the new entries"));
         }
+        Ok(())
+    }
+
+    /// Room for `n` more entries in every (row, head), growing the buffers where needed: the flat
+    /// (rows, width) key and value buffers (sharing the layer's storage) and the buffer row each
+    /// (row, head)'s next entry goes to.
+    fn reserve(&mut self, n: usize, dim: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor, Vec<usize>)> {
+        let (batch, heads) = (self.batch, self.kv_heads);
         match &mut self.storage {
             Storage::Empty | Storage::Uniform { .. } => {
                 let (old_len, capacity) = match &self.storage {
@@ -297,7 +340,7 @@ impl LayerKv {
                 if needed > capacity {
                     let new_capacity = grown_capacity(needed, capacity);
                     let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-                        let buf = Tensor::zeros((batch, heads, new_capacity, dim), k.dtype(), k.device())?;
+                        let buf = Tensor::zeros((batch, heads, new_capacity, dim), dtype, device)?;
                         if let Some(old) = old {
                             buf.slice_set(&old.narrow(2, 0, old_len)?.contiguous()?, 2, 0)?;
                         }
@@ -313,9 +356,13 @@ impl LayerKv {
                 let Storage::Uniform { keys, values, len } = &mut self.storage else {
                     unreachable!("just made uniform")
                 };
-                keys.slice_set(&k.contiguous()?, 2, *len)?;
-                values.slice_set(&v.contiguous()?, 2, *len)?;
-                *len = needed;
+                // Writes go through flat views of the buffers, so the buffers must be dense.
+                if !keys.is_contiguous() || !values.is_contiguous() {
+                    (*keys, *values) = (keys.contiguous()?, values.contiguous()?);
+                }
+                let capacity = keys.dim(2)?;
+                let flat = |t: &Tensor| t.reshape((batch * heads * capacity, dim));
+                Ok((flat(keys)?, flat(values)?, (0..batch * heads).map(|i| i * capacity + *len).collect()))
             }
             Storage::Ragged { keys, values, starts, caps, lens } => {
                 if lens.iter().zip(caps.iter()).any(|(&l, &c)| l + n > c) {
@@ -338,23 +385,24 @@ impl LayerKv {
                     *starts = new_starts;
                     *caps = new_caps;
                 }
-                // New entry t of (row, head) i goes to buffer row starts[i] + lens[i] + t.
-                let rows = batch * heads * n;
-                let ids: Vec<u32> = (0..rows)
-                    .flat_map(|r| {
-                        let (i, t) = (r / n, r % n);
-                        std::iter::repeat_n((starts[i] + lens[i] + t) as u32, dim)
-                    })
-                    .collect();
-                let ids = Tensor::from_vec(ids, (rows, dim), k.device())?;
-                keys.scatter_set(&ids, &k.contiguous()?.reshape((rows, dim))?, 0)?;
-                values.scatter_set(&ids, &v.contiguous()?.reshape((rows, dim))?, 0)?;
-                for l in lens.iter_mut() {
-                    *l += n;
+                if !keys.is_contiguous() || !values.is_contiguous() {
+                    (*keys, *values) = (keys.contiguous()?, values.contiguous()?);
                 }
+                Ok((keys.clone(), values.clone(), starts.iter().zip(lens.iter()).map(|(s, l)| s + l).collect()))
             }
         }
-        self.appended_bytes += 2 * batch * heads * n * dim * k.dtype().size_in_bytes();
+    }
+
+    /// Count `n` entries per (row, head) appended at `positions`, their rows already written;
+    /// `entry_bytes` is one entry's key and value.
+    fn commit(&mut self, n: usize, positions: &[Vec<i64>], entry_bytes: usize) {
+        let heads = self.kv_heads;
+        match &mut self.storage {
+            Storage::Uniform { len, .. } => *len += n,
+            Storage::Ragged { lens, .. } => lens.iter_mut().for_each(|l| *l += n),
+            Storage::Empty => unreachable!("reserve made room"),
+        }
+        self.appended_bytes += self.batch * heads * n * entry_bytes;
         for (b, new) in positions.iter().enumerate() {
             self.ascending &= new.windows(2).all(|w| w[0] <= w[1])
                 && new.first().is_none_or(|&first| {
@@ -364,7 +412,6 @@ impl LayerKv {
                 self.positions[b * heads + h].extend_from_slice(new);
             }
         }
-        Ok(())
     }
 
     /// Keep, for every (row, head) `i = row * kv_heads + head`, the entries at `keep[i]`, in that

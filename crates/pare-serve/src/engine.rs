@@ -316,7 +316,10 @@ fn run(
             }
         }
 
+        let started = Instant::now();
         let stepped = batch.step();
+        metrics::histogram!(m::STEP_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::FORWARD_SECONDS).record(batch.last_forward().as_secs_f64());
         if batch.last_step_prefills() > 0 {
             metrics::counter!(m::PREFILL_STEPS).increment(1);
             metrics::counter!(m::PREFILL_CHUNKS).increment(batch.last_step_prefills() as u64);

@@ -55,7 +55,8 @@ pub struct ServeConfig {
     pub max_concurrent: usize,
     /// Sequences waiting for admission before requests get 429.
     pub max_queue: usize,
-    /// KV-cache bytes admission may commit; None: half the memory available now.
+    /// KV-cache bytes admission may commit; None: half the memory free where the caches live
+    /// (the GPU's once the weights are in, else the host's).
     pub kv_memory: Option<usize>,
     /// Prompt tokens one engine step prefills at most, over every waiting prompt (see
     /// [`DEFAULT_MAX_BATCHED_TOKENS`]).
@@ -85,7 +86,7 @@ pub async fn serve(
         (
             config.max_concurrent.max(1),
             config.max_queue,
-            config.kv_memory.unwrap_or_else(default_kv_memory),
+            config.kv_memory,
             config.max_batched_tokens.max(1),
         ),
         config.served_name,
@@ -100,7 +101,7 @@ pub async fn serve(
                 let limits = engine::Limits {
                     max_concurrent: limits.0,
                     max_queue: limits.1,
-                    kv_memory: limits.2,
+                    kv_memory: limits.2.unwrap_or_else(|| default_kv_memory(loaded.model.device())),
                     max_batched_tokens: limits.3,
                     kv_bytes_per_token,
                 };
@@ -155,8 +156,12 @@ fn load_model(load: Loader) -> Result<(LoadedModel, usize), String> {
     Ok((loaded, cache.uncompressed_bytes()))
 }
 
-/// Half the memory the kernel says is available now (Linux), else 4 GiB.
-pub fn default_kv_memory() -> usize {
+/// Half the memory free where the caches live: on a GPU, its memory once the weights are in;
+/// on the CPU what the kernel says is available now (Linux), else 4 GiB.
+pub fn default_kv_memory(device: &candle_core::Device) -> usize {
+    if let Some(free) = pare_kernels::gpu_free_memory(device) {
+        return (free / 2) as usize;
+    }
     let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
         let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
         line.split_whitespace().nth(1)?.parse::<usize>().ok()

@@ -26,6 +26,8 @@ pub const PREFIX_MISSES: &str = "pare_prefix_cache_misses_total";
 pub const PREFIX_HIT_TOKENS: &str = "pare_prefix_cache_hit_tokens_total";
 pub const PREFIX_CACHE_BYTES: &str = "pare_prefix_cache_bytes";
 pub const CONTEXT_BYTES: &str = "pare_context_bytes";
+pub const STEP_SECONDS: &str = "pare_engine_step_seconds";
+pub const FORWARD_SECONDS: &str = "pare_model_forward_seconds";
 
 /// The recorder is global to the process (the `metrics` macros write to it), so a second server
 /// in one process shares it.
@@ -74,4 +76,6 @@ fn describe() {
     metrics::describe_counter!(PREFIX_HIT_TOKENS, "prompt tokens taken from shared prefixes instead of prefilled");
     metrics::describe_gauge!(PREFIX_CACHE_BYTES, "KV bytes of shared prompt prefixes held");
     metrics::describe_gauge!(CONTEXT_BYTES, "KV bytes of the contexts held (POST /v1/contexts)");
+    metrics::describe_histogram!(STEP_SECONDS, "one engine step: the batch's forward and the choice of every token");
+    metrics::describe_histogram!(FORWARD_SECONDS, "the model's forward of one engine step, until its logits are ready");
 }

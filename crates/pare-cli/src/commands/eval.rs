@@ -409,6 +409,7 @@ struct CompareRow {
     press: String,
     ratio: f64,
     ppl: f64,
+    /// KV bytes of a perplexity window's context once prefilled (and compressed).
     kv_bytes: usize,
     needle_accuracy: Option<f64>,
     /// RULER's average over its tasks and the --ruler-ctx lengths.
@@ -505,7 +506,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             press: name.clone(),
             ratio: *ratio,
             ppl: ppl.ppl,
-            kv_bytes: ppl.kv_bytes_context.unwrap_or(ppl.kv_bytes_peak),
+            kv_bytes: ppl.kv_bytes_context,
             needle_accuracy,
             ruler,
             press_tokens: ppl.press_tokens,

@@ -27,7 +27,8 @@ pub struct Args {
     /// Sequences waiting for admission; beyond it requests get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
-    /// KV-cache bytes admission may commit (default: half the memory available at start).
+    /// KV-cache bytes admission may commit (default: half the memory free once the model is
+    /// loaded: the GPU's on CUDA, else the host's).
     #[arg(long)]
     pub kv_memory: Option<usize>,
     /// Prompt tokens one engine step prefills at most, over every waiting prompt (vLLM's
