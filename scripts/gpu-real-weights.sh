@@ -6,11 +6,16 @@
 #  - the 4 prompts as one left-padded batch: each row identical (tokens and log-probs) to the
 #    prompt run alone.
 # HF reads the GGUF with its own reader (the `gguf` package, carried as a wheel in .whl), so the
-# dequantization is checked too. Usage: MODELS="q05 q15" bash scripts/gpu-real-weights.sh
+# dequantization is checked too (reading and dequantizing in Python takes HF about two minutes per
+# model: HF_FROM=DIR takes HF's side from DIR/hf-<model>.json, an earlier run's output on the same
+# kind of card, when only pare changed).
+# Usage: MODELS="q05 q15" [HF_FROM=bench/results/...] bash scripts/gpu-real-weights.sh
 set -uo pipefail
 source scripts/gpu-env.sh || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
+if [[ -z ${HF_FROM:-} ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
 PROMPTS=/tmp/real-weights-prompts.txt
 printf '%s\n' "The capital of France is" "def fibonacci(n):" \
   "Once upon a time, in a small village by the sea," "The three primary colors are" > $PROMPTS
@@ -21,7 +26,11 @@ for D in ${MODELS:-q05 q15}; do
   [[ -f $M ]] || cat .xfer/$D/p?? > $M
   echo "$(cut -d" " -f1 .xfer/$D/SHA256)  $M" | sha256sum -c --quiet || { status=1; continue; }
   t0=$(date +%s)
-  python3 bench/hf_real_weights.py --gguf $M --prompts-file $PROMPTS --new-tokens 16 > $OUT/hf-$D.json || { status=1; continue; }
+  if [[ -n ${HF_FROM:-} ]]; then
+    cp "$HF_FROM/hf-$D.json" $OUT/hf-$D.json || { status=1; continue; }
+  else
+    python3 bench/hf_real_weights.py --gguf $M --prompts-file $PROMPTS --new-tokens 16 > $OUT/hf-$D.json || { status=1; continue; }
+  fi
   t1=$(date +%s)
   : > $OUT/pare-$D.jsonl
   while IFS= read -r p; do
@@ -36,7 +45,7 @@ import json, sys
 hf = json.load(open(sys.argv[1]))
 alone = [json.loads(l) for l in open(sys.argv[2])]
 batch = json.load(open(sys.argv[3]))["sequences"]
-print(f"HF transformers {hf['meta']['transformers']}, torch {hf['meta']['torch']}")
+print(f"HF transformers {hf['meta']['transformers']}, torch {hf['meta']['torch']}, {hf['meta']['gpu']}")
 same_greedy, worst, ok = 0, 0.0, True
 for case, mine, row in zip(hf["cases"], alone, batch):
     got = {e["id"]: e["logprob"] for e in mine["score"]["top"]}

@@ -39,7 +39,7 @@ for shape in ${SHAPES:-smollm2-135m llama3-8b}; do
     --concurrency "${CONCURRENCY:-1,4,16,64}" --num-requests "${NUM_REQUESTS:-64}" --max-tokens "${MAX_TOKENS:-128}" \
     --max-prompt-chars 2048 --peak-metric pare_kv_cache_bytes --json >"$OUT/load-$shape.json" 2>"$OUT/load-$shape.err" \
     || tail -3 "$OUT/load-$shape.err"
-  curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^pare_(preemptions|prefill_steps|prefill_chunks|prefill_tokens)_total" | tr '\n' ' '; echo
+  curl -s "http://127.0.0.1:$PORT/metrics" | grep -E "^pare_((preemptions|prefill_steps|prefill_chunks|prefill_tokens)_total|(engine_step|model_forward)_seconds_(sum|count)) " | tr '\n' ' '; echo
   kill -TERM $server; wait $server
   python3 - "$OUT/load-$shape.json" "$shape" <<'PY'
 import json, sys

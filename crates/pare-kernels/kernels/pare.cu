@@ -387,6 +387,20 @@ __device__ void flash_prefill_impl(const T* q, const T* k, const T* v, long long
     const T* K = k + row * k_row_stride + kvh * k_head_stride;
     const T* V = v + row * v_row_stride + kvh * v_head_stride;
     const int* EP = epos + (size_t)row * n;
+    // Key tiles start at the row's first real entry, past its left padding: its tiles then hold
+    // the keys they hold when the prompt runs alone, so a batch row sums in the same order and
+    // equals the prompt run alone, bit for bit.
+    __shared__ int sStart;
+    if (threadIdx.x == 0) sStart = n;
+    __syncthreads();
+    for (int e = threadIdx.x; e < n; e += blockDim.x) {
+        if (EP[e] >= 0) {
+            atomicMin(&sStart, e);
+            break;
+        }
+    }
+    __syncthreads();
+    const int start = sStart;
     // Rows past the end see nothing (position -2 is below every entry's).
     const int qp0 = r0 < sq ? qpos[(size_t)row * sq + r0] : -2;
     const int qp1 = r1 < sq ? qpos[(size_t)row * sq + r1] : -2;
@@ -421,7 +435,7 @@ __device__ void flash_prefill_impl(const T* q, const T* k, const T* v, long long
     for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-    for (int n0 = 0; n0 < n; n0 += FA_BN) {
+    for (int n0 = start; n0 < n; n0 += FA_BN) {
         bool useful = false;
         if (threadIdx.x < FA_BN) {
             int e = n0 + threadIdx.x;
