@@ -271,6 +271,28 @@ mod tests {
 
     /// The kept set is a full sort's first k (ties to the earlier entry, -0 below +0), ascending.
     #[test]
+    fn write_rows_lands_where_the_writes_say() {
+        let buf = |rows| Tensor::zeros((rows, 2), DType::F32, &Device::Cpu).unwrap();
+        let (ka, va, kb, vb) = (buf(4), buf(4), buf(6), buf(6));
+        // Three entries of two rows each: one into the first buffers at row 1, two into the second.
+        let k = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 2, 2)).unwrap();
+        let v = (&k + 100.0).unwrap();
+        let writes = [
+            crate::RowWrites { keys: &ka, values: &va, rows: &[1] },
+            crate::RowWrites { keys: &kb, values: &vb, rows: &[4, 0] },
+        ];
+        crate::write_rows(&k, &v, &writes).unwrap();
+        let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        assert_eq!(rows(&ka), [[0., 0.], [0., 1.], [2., 3.], [0., 0.]]);
+        assert_eq!(rows(&kb), [[8., 9.], [10., 11.], [0., 0.], [0., 0.], [4., 5.], [6., 7.]]);
+        assert_eq!(rows(&va)[1], [100., 101.]);
+        // Past the end of a buffer, or fewer destinations than entries: an error, nothing written.
+        let past = [crate::RowWrites { keys: &ka, values: &va, rows: &[3] }, writes[1].clone()];
+        assert!(crate::write_rows(&k, &v, &past).is_err());
+        assert!(crate::write_rows(&k, &v, &writes[..1]).is_err());
+    }
+
+    #[test]
     fn top_k_keep_is_a_sorts_prefix() {
         let row = vec![1.0, -0.0, 3.0, 0.0, 3.0, f32::NEG_INFINITY, 1.0, 2.0, 0.0, 1.0];
         let rows = [row.clone(), row.iter().rev().copied().collect()];

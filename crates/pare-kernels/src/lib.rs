@@ -438,6 +438,7 @@ pub fn top_k_keep(scores: &Tensor, k: usize, buffer: BufferRows) -> Result<(Tens
 
 /// One cache's part of a [`write_rows`]: its flat (rows, width) key and value buffers (views of
 /// the cache's storage, written in place) and, per entry, the buffer row its first new row goes to.
+#[derive(Clone)]
 pub struct RowWrites<'a> {
     pub keys: &'a Tensor,
     pub values: &'a Tensor,

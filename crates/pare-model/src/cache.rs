@@ -184,8 +184,7 @@ pub fn append_all(kvs: &mut [&mut LayerKv], k: &Tensor, v: &Tensor, positions: &
     for (kv, p) in kvs.iter().zip(positions) {
         kv.check_append(heads, n, p)?;
     }
-    let buffers =
-        kvs.iter_mut().map(|kv| kv.reserve(n, dim, k.dtype(), k.device())).collect::<Result<Vec<_>>>()?;
+    let buffers = kvs.iter_mut().map(|kv| kv.reserve(n, dim, k.dtype(), k.device())).collect::<Result<Vec<_>>>()?;
     let writes: Vec<pare_kernels::RowWrites> =
         buffers.iter().map(|(keys, values, rows)| pare_kernels::RowWrites { keys, values, rows }).collect();
     let entries = (rows * heads, n, dim);

@@ -83,12 +83,7 @@ pub async fn serve(
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     let engine_thread = Arc::new(std::sync::Mutex::new(None));
     let (limits, name, load) = (
-        (
-            config.max_concurrent.max(1),
-            config.max_queue,
-            config.kv_memory,
-            config.max_batched_tokens.max(1),
-        ),
+        (config.max_concurrent.max(1), config.max_queue, config.kv_memory, config.max_batched_tokens.max(1)),
         config.served_name,
         config.load,
     );

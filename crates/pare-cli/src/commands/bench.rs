@@ -155,7 +155,8 @@ pub fn run(args: Args) -> Result<()> {
     let prefill_tok_s = (args.batch * args.prompt_len) as f64 / prefill_s;
     let decode_tok_s = if args.gen_len > 0 { (args.batch * args.gen_len) as f64 / decode_s } else { 0.0 };
     let kv_bytes = bytes(&filled, KvCache::bytes);
-    let (allocated, uncompressed) = (bytes(&filled, KvCache::allocated_bytes), bytes(&filled, KvCache::uncompressed_bytes));
+    let (allocated, uncompressed) =
+        (bytes(&filled, KvCache::allocated_bytes), bytes(&filled, KvCache::uncompressed_bytes));
     let peak = peak_rss_bytes();
     let gpu = gpu_memory(&device);
     // Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
