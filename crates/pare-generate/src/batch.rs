@@ -528,10 +528,24 @@ impl<'m> Batch<'m> {
         // It reads a flag back, so on a GPU the forward is done when it returns.
         let all_finite = pare_model::finite::all_finite(&logits)?;
         self.last_forward = started.elapsed();
+        // Groups that choose from whole rows read them from one host copy of the step's logits:
+        // reading a view of a GPU tensor copies its whole buffer (candle), so a group's own
+        // read-back would move every group's rows (64 × 32 MB a step at 64 sequences of 128k
+        // vocabulary).
+        let whole_rows = live.iter().any(|g| g.pending.is_empty() && g.candidates.is_none());
+        let host = if whole_rows && !logits.device().is_cpu() {
+            Some(logits.to_device(&candle_core::Device::Cpu)?)
+        } else {
+            None
+        };
         let mut start = 0;
         for group in live {
             let rows = group.rows.len();
-            let group_logits = logits.narrow(0, start, rows)?;
+            let source = match (&host, group.candidates) {
+                (Some(host), None) => host,
+                _ => &logits,
+            };
+            let group_logits = source.narrow(0, start, rows)?;
             start += rows;
             // A prompt's chunk before its last only fills the cache.
             if !group.pending.is_empty() {
