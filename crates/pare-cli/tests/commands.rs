@@ -143,6 +143,11 @@ fn bench_reports_speed_and_cache_bytes() {
     // 30 layers × (K and V) × 3 kv heads × 64 dims × 2 bytes × (16 + 4 tokens) × 2 rows
     assert_eq!(v["kv_dtype"], "f16");
     assert_eq!(v["kv_cache_bytes"], 30 * 2 * 3 * 64 * 2 * 20 * 2);
+    // A cache per row (the server's step): the same rows, the same bytes, the same tokens.
+    let per_row = pare_json(&["bench", "--prompt-len", "16", "--gen-len", "4", "--batch", "2", "--caches", "per-row"]);
+    assert_eq!(per_row["caches"], "per-row");
+    assert_eq!(per_row["kv_cache_bytes"], v["kv_cache_bytes"]);
+    assert!(per_row["decode_tok_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
@@ -414,6 +419,8 @@ fn eval_compare_writes_a_table_and_a_plot() {
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3, "baseline plus one row per press and ratio");
     assert_eq!(rows[0]["press"], "none");
+    // KV bytes of a window's context (128 − 64 tokens, f16), uncompressed or pressed.
+    assert_eq!(rows[0]["kv_bytes"], 30 * 2 * 3 * 64 * 2 * 64);
     assert!(rows[1]["kv_bytes"].as_u64().unwrap() * 2 <= rows[0]["kv_bytes"].as_u64().unwrap() + 46080);
     // Perplexity and needle panels, one line per press in each (series are the 2-pixel lines).
     let svg = std::fs::read_to_string(&plot).unwrap();

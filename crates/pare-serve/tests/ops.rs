@@ -159,3 +159,20 @@ async fn a_request_past_the_timeout_is_stopped() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn every_step_is_timed_and_its_forward_is_part_of_it() {
+    let _serial = SERIAL.lock().await;
+    let base = base().await;
+    let before = get_metrics(&base).await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 5, "min_new_tokens": 5, "temperature": 0});
+    let (status, _) = common::post(&base, "/v1/completions", &body).await;
+    assert_eq!(status, 200);
+    let after = get_metrics(&base).await;
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    // The prompt's step chooses the first token; each later token is a step of its own.
+    assert!(delta("pare_engine_step_seconds_count") >= 5.0, "{after}");
+    assert_eq!(delta("pare_engine_step_seconds_count"), delta("pare_model_forward_seconds_count"));
+    let (step, forward) = (delta("pare_engine_step_seconds_sum"), delta("pare_model_forward_seconds_sum"));
+    assert!(forward > 0.0 && forward <= step, "forward {forward} s of steps {step} s");
+}
