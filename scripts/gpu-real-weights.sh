@@ -4,7 +4,9 @@
 #  - the next-token top-10 log-probs of 4 prompts: pare's within 0.05 nats of HF's;
 #  - the 16-token greedy continuations: identical to HF's on at least 3 of the 4 prompts;
 #  - the 4 prompts as one left-padded batch: each row identical (tokens and log-probs) to the
-#    prompt run alone.
+#    prompt run alone;
+#  - beside, how far each bf16 run's top 10 is from HF float32's (tests/fixtures/qwen2/
+#    real_weights_f32.json): HF's own bf16 strays from it by as much as 0.11 nats here.
 # HF reads the GGUF with its own reader (the `gguf` package, carried as a wheel in .whl), so the
 # dequantization is checked too (reading and dequantizing in Python takes HF about two minutes per
 # model: HF_FROM=DIR takes HF's side from DIR/hf-<model>.json, an earlier run's output on the same
@@ -40,11 +42,18 @@ for D in ${MODELS:-q05 q15}; do
   done < $PROMPTS
   $PARE generate -m $M --device cuda --dtype bf16 --max-new-tokens 16 --json --prompts-file $PROMPTS > $OUT/pare-batch-$D.json || status=1
   echo "## $D ($(basename $M)): HF $((t1 - t0)) s, pare $(( $(date +%s) - t1 )) s"
-  python3 - $OUT/hf-$D.json $OUT/pare-$D.jsonl $OUT/pare-batch-$D.json <<'PY' || status=1
+  python3 - $OUT/hf-$D.json $OUT/pare-$D.jsonl $OUT/pare-batch-$D.json $D <<'PY' || status=1
 import json, sys
 hf = json.load(open(sys.argv[1]))
 alone = [json.loads(l) for l in open(sys.argv[2])]
 batch = json.load(open(sys.argv[3]))["sequences"]
+# HF float32 on the CPU (tests/fixtures/qwen2/real_weights_f32.json): how far each bf16 run strays.
+f32 = json.load(open("tests/fixtures/qwen2/real_weights_f32.json"))["models"][sys.argv[4]]["cases"]
+def stray(top, ref):
+    got = {e["id"]: e["logprob"] for e in top}
+    return max(abs(e["logprob"] - got[e["id"]]) if e["id"] in got else float("inf") for e in ref["top"])
+for case, mine, ref in zip(hf["cases"], alone, f32):
+    print(f"  from HF f32, top 10: HF bf16 {stray(case['top'], ref):.4f}, pare bf16 {stray(mine['score']['top'], ref):.4f} nats: {case['prompt']!r}")
 print(f"HF transformers {hf['meta']['transformers']}, torch {hf['meta']['torch']}, {hf['meta']['gpu']}")
 same_greedy, worst, ok = 0, 0.0, True
 for case, mine, row in zip(hf["cases"], alone, batch):
