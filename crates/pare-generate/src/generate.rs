@@ -302,14 +302,18 @@ pub(crate) fn step_scores(logits: &candle_core::Tensor, candidates: Option<(usiz
     let Some((k, t)) = candidates else {
         return Ok(logits.to_vec2::<f32>()?.into_iter().map(whole).collect());
     };
-    pare_kernels::top_candidates(logits, k, t)?
+    let candidates = pare_kernels::top_candidates(logits, k, t)?;
+    // Rows with more ties than fit are read whole, from one host copy: on a GPU, reading one row
+    // of the tensor would copy all of it.
+    let host = if candidates.iter().any(Option::is_none) { Some(logits.to_vec2::<f32>()?) } else { None };
+    Ok(candidates
         .into_iter()
         .enumerate()
         .map(|(r, c)| match c {
-            Some(c) => Ok(RowScores { logits: c.logits, ids: Some(c.ids), lse: c.lse }),
-            None => Ok(whole(logits.get(r)?.to_vec1::<f32>()?)),
+            Some(c) => RowScores { logits: c.logits, ids: Some(c.ids), lse: c.lse },
+            None => whole(host.as_ref().expect("read when a row has no candidates")[r].clone()),
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]

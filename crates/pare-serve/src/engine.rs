@@ -635,10 +635,11 @@ fn prompt_logprobs(
         .forward(x, &positions, &mut cache, &mut Hooks::default(), Phase::Prefill, Logits::All)?
         .squeeze(0)?
         .to_dtype(DType::F32)?;
+    // One read-back: on a GPU, reading a row of the tensor would copy all of it, once per token.
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
     let mut out = vec![None];
-    for (i, &token) in prompt.iter().enumerate().skip(1) {
-        let row: Vec<f32> = logits.get(i - 1)?.to_vec1()?;
-        out.push(Some(token_logprob(&row, token, top)));
+    for (row, &token) in rows.iter().zip(&prompt[1..]) {
+        out.push(Some(token_logprob(row, token, top)));
     }
     Ok(out)
 }
