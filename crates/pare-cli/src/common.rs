@@ -238,25 +238,6 @@ pub fn progress_bar(total: u64, label: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// GPU memory figures on a CUDA device (None elsewhere, and in builds without CUDA).
-pub fn gpu_memory(device: &Device) -> Option<pare_kernels::GpuMemory> {
-    #[cfg(feature = "cuda")]
-    return pare_kernels::gpu_memory(device);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = device;
-        None
-    }
-}
-
-/// Start a new GPU peak-memory measurement (nothing to do off CUDA).
-pub fn reset_gpu_memory_peak(device: &Device) {
-    #[cfg(feature = "cuda")]
-    pare_kernels::reset_gpu_memory_peak(device);
-    #[cfg(not(feature = "cuda"))]
-    let _ = device;
-}
-
 /// Peak resident memory of this process in bytes (Linux VmHWM), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -303,17 +303,14 @@ pub(crate) fn step_scores(logits: &candle_core::Tensor, candidates: Option<(usiz
         return Ok(logits.to_vec2::<f32>()?.into_iter().map(whole).collect());
     };
     let candidates = pare_kernels::top_candidates(logits, k, t)?;
-    // Rows with more ties than fit are read whole, from one host copy: on a GPU, reading one row
-    // of the tensor would copy all of it.
-    let host = if candidates.iter().any(Option::is_none) { Some(logits.to_vec2::<f32>()?) } else { None };
-    Ok(candidates
-        .into_iter()
-        .enumerate()
-        .map(|(r, c)| match c {
-            Some(c) => RowScores { logits: c.logits, ids: Some(c.ids), lse: c.lse },
-            None => whole(host.as_ref().expect("read when a row has no candidates")[r].clone()),
-        })
-        .collect())
+    let chosen = |c: pare_kernels::Candidates| RowScores { logits: c.logits, ids: Some(c.ids), lse: c.lse };
+    if candidates.iter().all(Option::is_some) {
+        return Ok(candidates.into_iter().flatten().map(chosen).collect());
+    }
+    // Rows with more ties than fit are read whole, all from one host copy: on a GPU, reading one
+    // row of the tensor would copy all of it.
+    let all = logits.to_vec2::<f32>()?;
+    Ok(candidates.into_iter().zip(all).map(|(c, row)| c.map_or_else(|| whole(row), chosen)).collect())
 }
 
 #[cfg(test)]

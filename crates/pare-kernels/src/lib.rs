@@ -15,7 +15,7 @@ mod cuda;
 pub mod quant;
 pub mod threads;
 #[cfg(feature = "cuda")]
-pub use cuda::{gpu_memory, memory_bandwidth, reset_gpu_memory_peak};
+pub use cuda::memory_bandwidth;
 
 /// GPU memory in bytes: in use on the device (all processes), its size, and the most this process
 /// held in tensors since the last [`reset_gpu_memory_peak`] (the stream-ordered pool's high mark).
@@ -26,15 +26,25 @@ pub struct GpuMemory {
     pub peak: u64,
 }
 
-/// Bytes free on a CUDA device now; None on the CPU and in builds without CUDA.
-pub fn gpu_free_memory(device: &candle_core::Device) -> Option<u64> {
+/// Memory figures of a CUDA device; None on other devices, in builds without CUDA, or if the
+/// driver will not say.
+pub fn gpu_memory(device: &candle_core::Device) -> Option<GpuMemory> {
     #[cfg(feature = "cuda")]
-    return gpu_memory(device).map(|m| m.total - m.used);
+    return cuda::gpu_memory(device);
     #[cfg(not(feature = "cuda"))]
     {
         let _ = device;
         None
     }
+}
+
+/// Start a new GPU peak-memory measurement (the high mark drops to what is in use now); nothing
+/// to do off CUDA.
+pub fn reset_gpu_memory_peak(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    cuda::reset_gpu_memory_peak(device);
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// RMSNorm over the last dim, as HF's LlamaRMSNorm: `w * T(x * rsqrt(mean(x²) + eps))`.

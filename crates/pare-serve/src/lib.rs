@@ -154,8 +154,8 @@ fn load_model(load: Loader) -> Result<(LoadedModel, usize), String> {
 /// Half the memory free where the caches live: on a GPU, its memory once the weights are in;
 /// on the CPU what the kernel says is available now (Linux), else 4 GiB.
 pub fn default_kv_memory(device: &candle_core::Device) -> usize {
-    if let Some(free) = pare_kernels::gpu_free_memory(device) {
-        return (free / 2) as usize;
+    if let Some(m) = pare_kernels::gpu_memory(device) {
+        return ((m.total - m.used) / 2) as usize;
     }
     let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
         let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;

@@ -10,7 +10,9 @@ use serde_json::json;
 use candle_core::Tensor;
 use pare_model::{Hooks, KvCache, PrefillInput};
 
-use crate::common::{ensure_run_fits, gpu_memory, peak_rss_bytes, print_json, reset_gpu_memory_peak, ModelArgs};
+use pare_kernels::{gpu_memory, reset_gpu_memory_peak};
+
+use crate::common::{ensure_run_fits, peak_rss_bytes, print_json, ModelArgs};
 use crate::press_args::PressArgs;
 use crate::session::Session;
 use crate::token_prune_args::TokenPruneArgs;
@@ -143,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
     let prefill_s = prefill_times[prefill_times.len() / 2];
     let bytes = |f: &[(KvCache, Hooks)], of: fn(&KvCache) -> usize| f.iter().map(|(c, _)| of(c)).sum::<usize>();
     let kv_bytes_prefill = bytes(&filled, KvCache::bytes);
-    let mut logits = if logits.len() == 1 { logits.pop().expect("one") } else { Tensor::cat(&logits, 0)? };
+    let mut logits = Tensor::cat(&logits, 0)?;
     let start = Instant::now();
     for _ in 0..args.gen_len {
         let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
