@@ -8,6 +8,7 @@ use crate::cache::{KvDtype, LayerKv, MaskCache};
 use crate::error::Result;
 use crate::hooks::{CachePress, LayerContext, Phase, TokenPruner};
 use crate::layers::Linear;
+use crate::parallel::Shard;
 use crate::rope::Rope;
 
 /// One slot's rows of a run: queries, layer input, and pre-RoPE queries when a hook reads them.
@@ -54,6 +55,8 @@ pub struct AttentionInputs<'a> {
     pub num_layers: usize,
     /// How new keys and values are cached.
     pub kv_dtype: KvDtype,
+    /// The rank's place when the model is split for tensor parallelism.
+    pub shard: Option<&'a Shard>,
 }
 
 /// Consecutive caches whose rows each run `seq` tokens: their rows form one (rows, seq) grid, so
@@ -242,6 +245,7 @@ impl Attention {
             positions: &inputs.positions[slot.rows.clone()],
             hidden: x,
             phase: slot.phase,
+            shard: inputs.shard,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::cache::{KvCache, LayerKv};
 use crate::error::Result;
 use crate::loader::LoadedModel;
 use crate::model::Model;
+use crate::parallel::Shard;
 use crate::rope::Rope;
 
 /// What a forward call is. A prefill fills an empty cache from a prompt: token pruning acts, and
@@ -42,6 +43,10 @@ pub struct LayerContext<'a> {
     /// for scorers that read the tokens themselves rather than their attention.
     pub hidden: &'a Tensor,
     pub phase: Phase,
+    /// Set when the model is split for tensor parallelism: the layer's heads here are this rank's
+    /// (the first at [`Shard::head_offset`]); a hook that decides over all heads at once (a
+    /// budget shared by a layer's heads) exchanges what it needs through its `comm`.
+    pub shard: Option<&'a Shard>,
 }
 
 impl LayerContext<'_> {

@@ -333,6 +333,14 @@ impl Linear {
         Ok(Linear::Dense { weight: weight.index_select(&idx, 1)?.contiguous()?, bias: self.bias().cloned() })
     }
 
+    /// Remove the bias (a row-parallel map's bias is added by one rank only).
+    pub fn drop_bias(&mut self) {
+        match self {
+            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => *bias = None,
+            Linear::Lora(l) => l.base.drop_bias(),
+        }
+    }
+
     /// Bytes the weights occupy as stored (quantized blocks count as their packed size).
     pub fn storage_bytes(&self) -> usize {
         let bias = self.bias().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());

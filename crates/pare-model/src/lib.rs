@@ -17,6 +17,7 @@ pub mod loader;
 pub mod memory;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod rng;
 pub mod rope;
 pub mod weights;

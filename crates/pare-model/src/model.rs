@@ -2,6 +2,7 @@
 //! decode phases over a [`KvCache`].
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -12,6 +13,7 @@ use crate::diff::Role;
 use crate::error::{ModelError, Result};
 use crate::hooks::{Hooks, Phase, TokenPruner};
 use crate::layers::{Linear, LoraLinear, Mlp, Norm};
+use crate::parallel::{block, Comm, Shard};
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -24,7 +26,9 @@ pub struct Block {
 
 impl Block {
     /// x: (1, tokens, hidden), the tokens of every slot in order. Returns the block's output and,
-    /// when a pruner cut after this layer, the kept tokens.
+    /// when a pruner cut after this layer, the kept tokens. On a rank of a sharded model the
+    /// attention's and the MLP's outputs are partial sums over the rank's heads and channels,
+    /// summed across ranks before they join the residual stream.
     fn forward(
         &self,
         layer: usize,
@@ -34,16 +38,21 @@ impl Block {
         pruner: Option<&dyn TokenPruner>,
         parallel_residual: bool,
     ) -> Result<(Tensor, Option<Vec<Vec<usize>>>)> {
+        let reduce = |partial: Tensor| match inputs.shard {
+            Some(shard) => shard.comm.all_reduce_sum(&partial),
+            None => Ok(partial),
+        };
         let segments: Vec<usize> =
             inputs.runs.iter().flat_map(|r| slots[r.slots.clone()].iter().map(|s| s.rows.len() * r.seq)).collect();
         let attn = self.attn.forward(layer, &self.attn_norm.forward(x)?, inputs, slots, pruner)?;
+        let attn_out = reduce(attn.out)?;
         let out = if parallel_residual {
             // GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            let mlp_out = self.mlp.forward(&self.mlp_norm.forward(x)?, &segments)?;
-            ((x + attn.out)? + mlp_out)?
+            let mlp_out = reduce(self.mlp.forward(&self.mlp_norm.forward(x)?, &segments)?)?;
+            ((x + attn_out)? + mlp_out)?
         } else {
-            let (h, normed) = self.mlp_norm.forward_residual(&attn.out, x)?;
-            (h + self.mlp.forward(&normed, &segments)?)?
+            let (h, normed) = self.mlp_norm.forward_residual(&attn_out, x)?;
+            (h + reduce(self.mlp.forward(&normed, &segments)?)?)?
         };
         Ok((out, attn.kept))
     }
@@ -75,6 +84,9 @@ pub struct Model {
     /// How keys and values are cached.
     pub(crate) kv_dtype: KvDtype,
     pub(crate) device: Device,
+    /// Set on a rank of a tensor-parallel model: its blocks hold its heads and channels, its
+    /// embedding and head its slice of the vocabulary.
+    pub(crate) shard: Option<Shard>,
 }
 
 impl Model {
@@ -124,7 +136,61 @@ impl Model {
         Ok(())
     }
 
-    /// (vocab, hidden), in the activation dtype.
+    /// What this rank holds of a tensor-parallel model; None for a whole model.
+    pub fn shard(&self) -> Option<&Shard> {
+        self.shard.as_ref()
+    }
+
+    /// Rank `comm.rank()` of this model split over `comm.world_size()` ranks (see
+    /// [`crate::parallel`]): whole query and KV heads and a block of MLP channels per layer, a
+    /// slice of the vocabulary. A map's bias after the split (o, down) stays on rank 0 alone, so
+    /// the ranks' partial sums add up to the whole layer's output once. Dense weights (quantized
+    /// ones are dequantized to the activations' dtype). Refuses a split that does not divide
+    /// some layer's query or KV heads.
+    pub fn into_shard(&self, comm: Arc<dyn Comm>) -> Result<Model> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        if self.shard.is_some() {
+            return Err(ModelError::input("the model is already split for tensor parallelism"));
+        }
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let (heads, kv_heads) = (b.attn.num_heads, b.attn.num_kv_heads);
+            if heads % world != 0 || kv_heads % world != 0 {
+                return Err(ModelError::input(format!(
+                    "`tp` = {world} does not divide layer {layer}'s {heads} query heads and {kv_heads} KV heads among the GPUs (each needs whole heads, the same number)"
+                )));
+            }
+            if b.mlp.width() < world {
+                return Err(ModelError::input(format!(
+                    "`tp` = {world} is more than layer {layer}'s {} MLP channels",
+                    b.mlp.width()
+                )));
+            }
+        }
+        let dtype = self.dtype;
+        let mut m = self.clone();
+        for b in &mut m.blocks {
+            let heads: Vec<usize> = block(b.attn.num_heads, world, rank).collect();
+            let kv_heads: Vec<usize> = block(b.attn.num_kv_heads, world, rank).collect();
+            b.attn.keep_heads(&heads, &kv_heads, dtype)?;
+            let channels: Vec<usize> = block(b.mlp.width(), world, rank).collect();
+            b.mlp.keep_channels(&channels, dtype)?;
+            if rank != 0 {
+                b.attn.o.drop_bias();
+                b.mlp.down.drop_bias();
+            }
+        }
+        let vocab = block(self.config.vocab_size, world, rank);
+        m.embed_tokens = self.embed_tokens.narrow(0, vocab.start, vocab.len())?.contiguous()?;
+        m.lm_head = self.lm_head.keep_outputs(&vocab.clone().collect::<Vec<_>>(), dtype)?;
+        m.restate_shapes();
+        if m.device.is_cuda() {
+            m.fuse_projections()?;
+        }
+        m.shard = Some(Shard { comm, vocab });
+        Ok(m)
+    }
+
+    /// (vocab, hidden), in the activation dtype (a rank's slice of the vocabulary when sharded).
     pub fn embed_tokens(&self) -> &Tensor {
         &self.embed_tokens
     }
@@ -285,13 +351,35 @@ impl Model {
         if tokens.iter().any(|t| t.len() != seq) {
             return Err(ModelError::input("tokens must form a (batch, seq) grid"));
         }
-        let vocab = self.embed_tokens.dim(0)?;
+        let vocab = self.config.vocab_size;
         if let Some(&bad) = tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
             return Err(ModelError::input(format!("token id {bad} is outside the vocabulary ({vocab})")));
         }
         let flat_ids: Vec<u32> = tokens.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat_ids, batch * seq, &self.device)?;
-        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((batch, seq, self.config.hidden_size))?)
+        let shape = (batch, seq, self.config.hidden_size);
+        let Some(shard) = &self.shard else {
+            let ids = Tensor::from_vec(flat_ids, batch * seq, &self.device)?;
+            return Ok(self.embed_tokens.index_select(&ids, 0)?.reshape(shape)?);
+        };
+        // Each rank embeds the ids in its slice and zeros elsewhere; the sum is every embedding.
+        let held = |id: u32| shard.vocab.contains(&(id as usize));
+        let local: Vec<u32> =
+            flat_ids.iter().map(|&id| if held(id) { id - shard.vocab.start as u32 } else { 0 }).collect();
+        let mask: Vec<f32> = flat_ids.iter().map(|&id| if held(id) { 1.0 } else { 0.0 }).collect();
+        let ids = Tensor::from_vec(local, batch * seq, &self.device)?;
+        let mask = Tensor::from_vec(mask, (batch * seq, 1), &self.device)?.to_dtype(self.dtype)?;
+        let partial = self.embed_tokens.index_select(&ids, 0)?.broadcast_mul(&mask)?;
+        Ok(shard.comm.all_reduce_sum(&partial)?.reshape(shape)?)
+    }
+
+    /// The LM head over x (1, rows, hidden), rows in segments (see [`Linear::forward_segments`]):
+    /// (1, rows, vocab) in f32; a rank's slices of the vocabulary are gathered.
+    fn head(&self, x: &Tensor, segments: &[usize]) -> Result<Tensor> {
+        let logits = self.lm_head.forward_segments(&self.final_norm.forward(x)?, segments)?.to_dtype(DType::F32)?;
+        match &self.shard {
+            Some(shard) => shard.comm.all_gather(&logits, 2),
+            None => Ok(logits),
+        }
     }
 
     /// Prefill prompts into a fresh cache: the last position's logits (batch, vocab) in f32 and
@@ -417,6 +505,7 @@ impl Model {
                 sliding_window: self.config.sliding_window,
                 num_layers: self.num_layers(),
                 kv_dtype: self.kv_dtype,
+                shard: self.shard.as_ref(),
             };
             let mut start = 0;
             let mut slots: Vec<KvSlot> = seqs
@@ -474,12 +563,11 @@ impl Model {
                     let last = Tensor::from_vec(last, positions.len(), &self.device)?;
                     x.index_select(&last, 1)?
                 };
-                let out = self.lm_head.forward_segments(&self.final_norm.forward(&x)?, &batches)?;
-                Ok(out.to_dtype(DType::F32)?.squeeze(0)?)
+                Ok(self.head(&x, &batches)?.squeeze(0)?)
             }
             Logits::All => {
-                let out = self.lm_head.forward(&self.final_norm.forward(&x)?)?.to_dtype(DType::F32)?;
-                Ok(out.reshape((batches[0], seq_lens[0], ()))?)
+                let rows = x.dim(1)?;
+                Ok(self.head(&x, &[rows])?.reshape((batches[0], seq_lens[0], ()))?)
             }
         }
     }
