@@ -3,8 +3,37 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use pare_model::{KvDtype, LoadedModel, WeightDType};
+use pare_model::parallel::LocalComm;
+use pare_model::{KvDtype, LoadedModel, Model, WeightDType};
 use serde::Serialize;
+
+/// `--tp`: one model split over ranks by heads.
+#[derive(Args, Debug, Clone)]
+pub struct ParallelArgs {
+    /// Tensor parallelism: split the model over N ranks, each holding whole query and KV heads,
+    /// a block of every MLP's channels and a slice of the vocabulary (Megatron's split); presses
+    /// compress each rank's heads. On cpu the ranks are threads of this process exchanging
+    /// through memory: every result equals the whole model's (within float rounding), which is
+    /// what it is for, not speed. The ranks hold dense weights in the activations' dtype (a
+    /// quantized model's blocks are dequantized, f32 on cpu).
+    #[arg(long, default_value = "1", value_name = "N")]
+    pub tp: std::num::NonZeroUsize,
+}
+
+impl ParallelArgs {
+    /// The ranks of `model` split `--tp` ways; none when it is not split.
+    pub fn split(&self, model: &Model) -> Result<Vec<Model>> {
+        let world = self.tp.get();
+        if world == 1 {
+            return Ok(Vec::new());
+        }
+        if model.device().is_cuda() {
+            bail!("--tp {world} on cuda needs NCCL between GPUs, which this build does not include; --tp runs on --device cpu");
+        }
+        let comms = LocalComm::group(world)?;
+        Ok(comms.into_iter().map(|comm| model.into_shard(comm)).collect::<pare_model::Result<_>>()?)
+    }
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use pare_model::{Hooks, LoadedModel};
+use pare_model::parallel::on_every_rank;
+use pare_model::{Hooks, LoadedModel, Model};
 
-use crate::common::ModelArgs;
+use crate::common::{ModelArgs, ParallelArgs};
 use crate::press_args::PressArgs;
 use crate::token_prune_args::TokenPruneArgs;
 
@@ -15,6 +16,8 @@ use crate::token_prune_args::TokenPruneArgs;
 pub struct Session {
     pub loaded: LoadedModel,
     pub hooks: Hooks,
+    /// The model's ranks under `--tp` (none when it runs whole).
+    pub ranks: Vec<Model>,
 }
 
 /// The hook flags, checked: what is left once the model is known.
@@ -37,7 +40,7 @@ impl<'a> HookPlan<'a> {
         let pruner = self.token_prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
         let mut hooks = Hooks::new(self.press, pruner);
         hooks.bind(&loaded)?;
-        Ok(Session { loaded, hooks })
+        Ok(Session { loaded, hooks, ranks: Vec::new() })
     }
 }
 
@@ -45,6 +48,23 @@ impl Session {
     /// Check the hook flags, then load the model and build its hooks.
     pub fn open(model: &ModelArgs, press: &PressArgs, token_prune: &TokenPruneArgs) -> Result<Session> {
         HookPlan::check(press, token_prune)?.open(model)
+    }
+
+    /// Split the model as `--tp` asks (see [`Session::on_model`]).
+    pub fn split(&mut self, parallel: &ParallelArgs) -> Result<()> {
+        self.ranks = parallel.split(&self.loaded.model)?;
+        Ok(())
+    }
+
+    /// Run `work` on the model: once on the whole model, or on every rank of a `--tp` split at
+    /// once, each rank running the same work (the collectives inside the forward keep them in
+    /// step and give every rank the same logits). Results in rank order; the first is what a
+    /// command reports, summing what each rank holds (cache bytes) where it matters.
+    pub fn on_model<T: Send>(&self, work: impl Fn(&Model) -> Result<T> + Sync) -> Result<Vec<T>> {
+        if self.ranks.is_empty() {
+            return Ok(vec![work(&self.loaded.model)?]);
+        }
+        on_every_rank(&self.ranks, |m| &m.shard().expect("a rank of a split model").comm, work)
     }
 
     /// Whether any hook acts (reports then show what it saved).

@@ -318,6 +318,8 @@ fn bad_press_settings_are_one_line_errors() {
     check(&["--press", "critical", "--ratio", "0.5"], "critical wraps a scorer");
     check(&["--press", "adakv+chunkkv+knorm", "--ratio", "0.5"], "adakv and chunkkv cannot be combined");
     check(&["--ratio", "0.5"], "--ratio needs --press");
+    check(&["--tp", "2"], "--tp 2 does not divide layer 0's 9 query heads and 3 KV heads");
+    check(&["--tp", "0"], "--tp");
     check(&["--press", "knorm"], "needs --ratio");
     check(&["--press", "adakv", "--ratio", "0.5"], "adakv wraps a scorer");
     check(&["--press", "knorm+snapkv", "--ratio", "0.5"], "not a wrapper");

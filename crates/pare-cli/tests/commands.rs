@@ -575,3 +575,32 @@ fn eval_tasks_scores_each_task_with_and_without_a_press() {
     let ppl = |v: &Value| v["tasks"][2]["perplexity"].as_f64().unwrap();
     assert_ne!(ppl(&plain), ppl(&pressed), "the press changes what the last word is scored against");
 }
+
+#[test]
+fn tp_splits_the_model_and_reports_what_the_whole_model_does() {
+    // SmolLM2's 3 KV heads over 3 ranks, in f32 (the ranks hold dense weights), with a press
+    // whose per-head budgets span the ranks.
+    let args = |tp: &str| -> Vec<String> {
+        ["--prompt", "The capital of France is", "--dtype", "f32", "--press", "adakv+snapkv", "--ratio", "0.5"]
+            .iter()
+            .chain(&["--tp", tp])
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |command: &str, tp: &str| {
+        let mut a = vec![command.to_string()];
+        a.extend(args(tp));
+        pare_json(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (whole, split) = (run("generate", "1"), run("generate", "3"));
+    assert_eq!(whole["tokens"], split["tokens"]);
+    assert_eq!(whole["cache"], split["cache"], "the ranks' caches add up to the whole model's");
+    let (whole, split) = (run("score", "1"), run("score", "3"));
+    for key in ["kv_bytes", "kv_bytes_prefill", "kv_bytes_uncompressed", "compression_ratio"] {
+        assert_eq!(whole[key], split[key], "{key}");
+    }
+    for (a, b) in whole["top"].as_array().unwrap().iter().zip(split["top"].as_array().unwrap()) {
+        assert_eq!(a["id"], b["id"]);
+        assert!((a["logprob"].as_f64().unwrap() - b["logprob"].as_f64().unwrap()).abs() < 1e-4);
+    }
+}

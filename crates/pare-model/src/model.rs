@@ -156,12 +156,12 @@ impl Model {
             let (heads, kv_heads) = (b.attn.num_heads, b.attn.num_kv_heads);
             if heads % world != 0 || kv_heads % world != 0 {
                 return Err(ModelError::input(format!(
-                    "`tp` = {world} does not divide layer {layer}'s {heads} query heads and {kv_heads} KV heads among the GPUs (each needs whole heads, the same number)"
+                    "`tp` {world} does not divide layer {layer}'s {heads} query heads and {kv_heads} KV heads (each rank needs as many whole heads)"
                 )));
             }
             if b.mlp.width() < world {
                 return Err(ModelError::input(format!(
-                    "`tp` = {world} is more than layer {layer}'s {} MLP channels",
+                    "`tp` {world} is more than layer {layer}'s {} MLP channels",
                     b.mlp.width()
                 )));
             }

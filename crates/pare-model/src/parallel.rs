@@ -114,7 +114,7 @@ impl LocalComm {
 
     /// Every rank's `x`, in rank order.
     fn exchange(&self, x: &Tensor) -> Result<Arc<Vec<Tensor>>> {
-        let aborted = || ModelError::input("tensor parallelism: another rank failed");
+        let aborted = || ModelError::input(PEER_FAILED);
         let group = &self.group;
         let mut state = group.state.lock().map_err(|_| aborted())?;
         // Wait for the previous round's set to be taken by everyone.
@@ -181,15 +181,18 @@ impl Comm for LocalComm {
     }
 }
 
+/// What a rank's collective reports when it stops because another rank failed.
+const PEER_FAILED: &str = "tensor parallelism: another rank failed";
+
 /// Run `work` on every rank at once, one thread each, and return the ranks' results in rank
 /// order. A rank that fails aborts the group, so the others stop at their next collective; the
-/// first error is returned.
-pub fn on_every_rank<M: Sync, T: Send>(
+/// failing rank's own error is returned, not its peers' reports that they were stopped.
+pub fn on_every_rank<M: Sync, T: Send, E: fmt::Display + From<ModelError> + Send>(
     ranks: &[M],
     comm: impl Fn(&M) -> &Arc<dyn Comm> + Sync,
-    work: impl Fn(&M) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    let results: Vec<Result<T>> = std::thread::scope(|scope| {
+    work: impl Fn(&M) -> std::result::Result<T, E> + Sync,
+) -> std::result::Result<Vec<T>, E> {
+    let results: Vec<std::result::Result<T, E>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ranks
             .iter()
             .map(|rank| {
@@ -205,17 +208,16 @@ pub fn on_every_rank<M: Sync, T: Send>(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(ModelError::input("tensor parallelism: a rank panicked"))))
+            .map(|h| h.join().unwrap_or_else(|_| Err(ModelError::input("tensor parallelism: a rank panicked").into())))
             .collect()
     });
-    // The failing rank's own error, not a peer's report that it was aborted.
-    let mut first_error = None;
+    let mut first_error: Option<(bool, E)> = None;
     let mut outs = Vec::with_capacity(results.len());
     for r in results {
         match r {
             Ok(v) => outs.push(v),
             Err(e) => {
-                let peer = e.to_string().contains("another rank failed");
+                let peer = e.to_string().contains(PEER_FAILED);
                 if first_error.as_ref().is_none_or(|(p, _)| *p && !peer) {
                     first_error = Some((peer, e));
                 }
@@ -246,7 +248,7 @@ mod tests {
         let outs = on_every_rank(
             &comms,
             |c| c,
-            |c| {
+            |c| -> Result<_> {
                 let r = c.rank() as f32;
                 let mut sums = Vec::new();
                 // Many rounds back to back: no rank may take a later round's set.

@@ -46,7 +46,8 @@ fn check_split(model: &Model, world: usize) {
     let ids = [3u32, 9, 27, 81, 243, 1, 2, 4];
     let whole_all = logits_all(model, &ids).unwrap();
     let ranks = shards(model, world);
-    let outs = on_every_rank(&ranks, comm_of, |m| Ok((run(m, 6)?, logits_all(m, &ids)?))).unwrap();
+    let outs = on_every_rank(&ranks, comm_of, |m| -> pare_model::Result<_> { Ok((run(m, 6)?, logits_all(m, &ids)?)) })
+        .unwrap();
     for (rank, ((logits, tokens, cache), all)) in outs.iter().enumerate() {
         assert_eq!(tokens, &whole_tokens, "rank {rank} of {world}: greedy tokens");
         for (step, (a, b)) in logits.iter().zip(&whole_logits).enumerate() {
@@ -112,7 +113,7 @@ fn a_split_that_does_not_divide_the_heads_is_refused() {
     let err = loaded.model.into_shard(comm).unwrap_err().to_string();
     assert_eq!(
         err,
-        "`tp` = 2 does not divide layer 0's 4 query heads and 1 KV heads among the GPUs (each needs whole heads, the same number)"
+        "`tp` 2 does not divide layer 0's 4 query heads and 1 KV heads (each rank needs as many whole heads)"
     );
 }
 

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use pare_model::cache::{LayerKv, PAD_POSITION};
 use pare_model::hooks::LayerContext;
 use pare_model::layers::Linear;
+use pare_model::parallel::Shard;
 use pare_model::rope::Rope;
 
 use crate::budget::Budget;
@@ -61,6 +62,7 @@ pub struct LayerInfo<'a> {
     pub head_dim: usize,
     pub rope: &'a Rope,
     pub output: &'a Linear,
+    pub shard: Option<&'a Shard>,
 }
 
 impl<'a> LayerInfo<'a> {
@@ -73,6 +75,7 @@ impl<'a> LayerInfo<'a> {
             head_dim: ctx.attention.head_dim(),
             rope: ctx.rope,
             output: ctx.attention.o(),
+            shard: ctx.shard,
         }
     }
 }

@@ -2,9 +2,11 @@
 //! queries observed so far.
 
 use std::cell::OnceCell;
+use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor, D};
 use pare_model::layers::Linear;
+use pare_model::parallel::Shard;
 use pare_model::rope::Rope;
 
 use crate::error::Result;
@@ -27,6 +29,8 @@ pub struct Observation<'a> {
     /// The layer's output projection (hidden × heads·head_dim), for selectors that weigh an
     /// entry by what its value adds to the residual stream (CriticalKV).
     pub output: &'a Linear,
+    /// Set when the model is split for tensor parallelism: the observed heads are this rank's.
+    pub shard: Option<&'a Shard>,
     stored: Stored,
     /// (heads, observed, head_dim) before RoPE, as the model computed them.
     stored_queries: Tensor,
@@ -76,6 +80,7 @@ impl<'a> Observation<'a> {
             query_positions,
             rope: info.rope,
             output: info.output,
+            shard: info.shard,
             stored,
             stored_queries: queries,
             keys: OnceCell::new(),
@@ -88,6 +93,35 @@ impl<'a> Observation<'a> {
 
     pub fn kv_heads(&self) -> usize {
         self.positions.len()
+    }
+
+    /// Where this observation's KV heads sit among the whole layer's: all of them unless the
+    /// model is split for tensor parallelism.
+    pub fn head_range(&self) -> Range<usize> {
+        let offset = self.shard.map_or(0, |s| s.head_offset(self.kv_heads()));
+        offset..offset + self.kv_heads()
+    }
+
+    /// `local` (one list per observed head) with every rank's heads' lists, in the whole layer's
+    /// head order: what a rule that decides over all of a layer's heads needs when the model is
+    /// split (one exchange). `local` itself when it is not.
+    pub fn every_head(&self, local: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let Some(shard) = self.shard else { return Ok(local.to_vec()) };
+        // Each rank sends its heads' lengths, then their values; every rank holds as many heads.
+        let packed: Vec<f32> = local.iter().map(|h| h.len() as f32).chain(local.iter().flatten().copied()).collect();
+        let n = packed.len();
+        let all = shard.comm.all_gather(&Tensor::from_vec(packed, n, &Device::Cpu)?, 0)?.to_vec1::<f32>()?;
+        let mut heads = Vec::with_capacity(local.len() * shard.world_size());
+        let mut at = 0;
+        for _ in 0..shard.world_size() {
+            let lens: Vec<usize> = all[at..at + local.len()].iter().map(|&l| l as usize).collect();
+            at += local.len();
+            for len in lens {
+                heads.push(all[at..at + len].to_vec());
+                at += len;
+            }
+        }
+        Ok(heads)
     }
 
     pub fn observed(&self) -> usize {
@@ -171,6 +205,7 @@ impl<'a> Observation<'a> {
             query_positions: self.query_positions.clone(),
             rope: self.rope,
             output: self.output,
+            shard: self.shard,
             stored,
             stored_queries: self.stored_queries.clone(),
             keys: OnceCell::new(),
@@ -184,6 +219,21 @@ impl<'a> Observation<'a> {
     /// Every KV head holds the same entries (nothing was chosen per head yet).
     pub fn heads_share_entries(&self) -> bool {
         self.positions.windows(2).all(|w| w[0] == w[1])
+    }
+
+    /// [`Observation::heads_share_entries`] over all of the layer's heads: on a split model, on
+    /// every rank and with the same entries on each (one exchange).
+    pub fn all_heads_share_entries(&self) -> Result<bool> {
+        let local = self.heads_share_entries();
+        if self.shard.is_none() {
+            return Ok(local);
+        }
+        // The first head's positions as a fingerprint: shared everywhere iff every rank's heads
+        // agree among themselves and with every other rank's first head.
+        let first: Vec<f32> = self.positions[0].iter().map(|&p| p as f32).collect();
+        let mine = vec![vec![f32::from(u8::from(local))], first];
+        let all = self.every_head(&mine)?;
+        Ok(all.chunks(2).all(|r| r[0] == [1.0] && r[1] == all[1]))
     }
 
     /// The first position after everything observed: where future queries start.

@@ -22,13 +22,19 @@ pub trait Scorer: std::fmt::Debug + Send + Sync {
 }
 
 /// Give `protected` entries a score above every other score of the row (kvpress pads them with
-/// `max + 1`), so a budget never removes them before the rest.
-pub(crate) fn protect(scores: &mut [Vec<f32>], protected: impl Fn(usize, usize) -> bool) {
-    let max = scores
+/// `max + 1`, the maximum over all of the layer's heads: every rank's, on a split model, so rules
+/// that rank entries across heads see the value the whole model gives them).
+pub(crate) fn protect(
+    obs: &Observation,
+    scores: &mut [Vec<f32>],
+    protected: impl Fn(usize, usize) -> bool,
+) -> Result<()> {
+    let local = scores
         .iter()
         .enumerate()
         .flat_map(|(h, s)| s.iter().enumerate().filter(|&(i, _)| !protected(h, i)).map(|(_, &v)| v).collect::<Vec<_>>())
         .fold(f32::NEG_INFINITY, f32::max);
+    let max = obs.every_head(&[vec![local]])?.into_iter().flatten().fold(f32::NEG_INFINITY, f32::max);
     let top = if max.is_finite() { max + 1.0 } else { 1.0 };
     for (h, s) in scores.iter_mut().enumerate() {
         for (i, v) in s.iter_mut().enumerate() {
@@ -37,4 +43,5 @@ pub(crate) fn protect(scores: &mut [Vec<f32>], protected: impl Fn(usize, usize) 
             }
         }
     }
+    Ok(())
 }

@@ -109,10 +109,12 @@ impl Pruner {
                         let row = RowQueries::from_call(ctx.queries, ctx.positions, b)?;
                         let (obs, slots) = observe(kv, b, &info, &row)?
                             .ok_or_else(|| TokenPruneError::config("token pruning: an empty row"))?;
-                        let per_head = scorer.score(&obs)?;
+                        // Averaged over all of the layer's heads (every rank's, on a split model).
+                        let per_head = obs.every_head(&scorer.score(&obs)?)?;
                         // Cache slot i holds this call's token i (the cache was empty before the prefill).
                         for (h, scores) in per_head.iter().enumerate() {
-                            for (&slot, &s) in slots[h].iter().zip(scores) {
+                            // Every head holds this call's tokens in the same slots.
+                            for (&slot, &s) in slots[h % slots.len()].iter().zip(scores) {
                                 score_of[slot] += s as f64 / per_head.len() as f64;
                             }
                         }

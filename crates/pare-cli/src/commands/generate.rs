@@ -7,7 +7,7 @@ use pare_generate::{GenerationOutput, Generator, Prompts};
 use serde_json::json;
 
 use super::generate_image::ImagePrompt;
-use crate::common::{encode_prompt, ensure_run_fits, print_json, ModelArgs};
+use crate::common::{encode_prompt, ensure_run_fits, print_json, ModelArgs, ParallelArgs};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::sampling_args::SamplingArgs;
 use crate::session::Session;
@@ -17,6 +17,8 @@ use crate::token_prune_args::TokenPruneArgs;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
@@ -52,7 +54,8 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(file)) => read_prompts(file)?,
         (None, None) => bail!("give --prompt or --prompts-file"),
     };
-    let session = Session::open(&args.model, &args.press, &args.token_prune)?;
+    let mut session = Session::open(&args.model, &args.press, &args.token_prune)?;
+    session.split(&args.parallel)?;
     let loaded = &session.loaded;
     let config = args.sampling.generation_config(loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;
@@ -64,12 +67,22 @@ pub fn run(args: Args) -> Result<()> {
 
     // Stream only when exactly one sequence is produced token by token.
     let streaming = !args.json && prompts.len() == 1 && config.num_return_sequences() == 1 && config.num_beams() == 1;
-    let mut out = Stdout::new();
-    let output = generator.generate(&loaded.model, Prompts::Tokens(&prompts), |_, _, text| {
-        if streaming {
-            out.stream(text);
-        }
+    let out = std::sync::Mutex::new(Stdout::new());
+    // Under --tp every rank generates the same tokens; the first streams them.
+    let mut outputs = session.on_model(|model| {
+        let first = model.shard().is_none_or(|s| s.rank() == 0);
+        Ok(generator.generate(model, Prompts::Tokens(&prompts), |_, _, text| {
+            if streaming && first {
+                out.lock().expect("not poisoned").stream(text);
+            }
+        })?)
     })?;
+    let mut output = outputs.remove(0);
+    // Each rank caches its own heads: the model's cache is all of them.
+    if let Some(total) = output.cache.as_mut() {
+        outputs.iter().filter_map(|o| o.cache.as_ref()).for_each(|c| total.add(c));
+    }
+    let mut out = out.into_inner().expect("not poisoned");
     let shape = PromptShape { tokens: prompts[0].len(), image_tokens: None };
     report(&args, &output, shape, session.hooked(), streaming, &mut out)
 }

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::common::{encode_prompt, print_json, ModelArgs};
+use crate::common::{encode_prompt, print_json, ModelArgs, ParallelArgs};
 use crate::press_args::PressArgs;
 use crate::sampling_args::SamplingArgs;
 use crate::session::Session;
@@ -20,6 +20,8 @@ use crate::token_prune_args::TokenPruneArgs;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
@@ -54,26 +56,34 @@ struct Processed {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let session = Session::open(&args.model, &args.press, &args.token_prune)?;
+    let mut session = Session::open(&args.model, &args.press, &args.token_prune)?;
+    session.split(&args.parallel)?;
     let loaded = &session.loaded;
-    let mut hooks = session.hooks.clone();
     let tok = loaded.tokenizer()?;
     let prompt = encode_prompt(loaded, &args.prompt, args.chat)?;
     let config = args.sampling.generation_config(loaded, Some(1))?;
     let generator = Generator::new(config.clone(), Some(tok))?;
-    let (mut logits, mut cache) =
-        loaded.model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
-    let kv_bytes_prefill = cache.bytes();
-    // kvpress's `compression_ratio`: the share of the prompt's entries a press removed.
-    let compression_ratio = 1.0 - kv_bytes_prefill as f64 / cache.uncompressed_bytes().max(1) as f64;
+    // A compressed prompt only matters to what comes after it: score after a continuation.
+    let then = args.then.as_deref().map(|t| tok.encode(t, false)).transpose()?.unwrap_or_default();
     let mut context = prompt.clone();
-    if let Some(then) = &args.then {
-        // A compressed prompt only matters to what comes after it: score after a continuation.
-        for token in tok.encode(then, false)? {
-            logits = loaded.model.decode(&mut [(&mut cache, &mut hooks)], &[token])?;
-            context.push(token);
+    context.extend(&then);
+    // Per rank of a --tp split (else once): the logits, which every rank gets alike, and the
+    // cache's bytes after the prefill and at the end, each also uncompressed (each rank holds its
+    // heads).
+    let runs = session.on_model(|model| {
+        let mut hooks = session.hooks.clone();
+        let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
+        let prefilled = [cache.bytes(), cache.uncompressed_bytes()];
+        for &token in &then {
+            logits = model.decode(&mut [(&mut cache, &mut hooks)], &[token])?;
         }
-    }
+        Ok((logits, [prefilled[0], prefilled[1], cache.bytes(), cache.uncompressed_bytes()]))
+    })?;
+    let logits = runs[0].0.clone();
+    let bytes = |i: usize| runs.iter().map(|(_, b)| b[i]).sum::<usize>();
+    let (kv_bytes_prefill, kv_bytes, kv_bytes_uncompressed) = (bytes(0), bytes(2), bytes(3));
+    // kvpress's `compression_ratio`: the share of the prompt's entries a press removed.
+    let compression_ratio = 1.0 - kv_bytes_prefill as f64 / bytes(1).max(1) as f64;
     pare_model::finite::check_logits(&loaded.model, &logits, &prompt)?;
     let logits = logits.squeeze(0)?;
     let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1()?;
@@ -107,7 +117,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         return print_json(&json!({
             "prompt_tokens": prompt.len(), "top": top, "processed": processed, "processors": chain.names(),
-            "kv_bytes_prefill": kv_bytes_prefill, "compression_ratio": compression_ratio, "kv_bytes": cache.bytes(), "kv_bytes_uncompressed": cache.uncompressed_bytes(),
+            "kv_bytes_prefill": kv_bytes_prefill, "compression_ratio": compression_ratio, "kv_bytes": kv_bytes, "kv_bytes_uncompressed": kv_bytes_uncompressed,
         }));
     }
     println!("{:>4}  {:>8}  {:>9}  {:>7}  token", "rank", "id", "logprob", "prob");

@@ -19,12 +19,9 @@ pub struct AdaKv {
     pub alpha_safeguard: f64,
 }
 
-impl Selector for AdaKv {
-    fn scorer(&self) -> &dyn Scorer {
-        self.scorer.as_ref()
-    }
-
-    fn select(&self, _obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
+impl AdaKv {
+    /// Per head the entries kept under the row's budget over all `scores`' heads.
+    fn select_heads(&self, scores: &[Vec<f32>], budget: Budget) -> Vec<Vec<usize>> {
         // Safeguarded entries first, then the best of the rest across heads.
         let mut candidates: Vec<(bool, f32, usize, usize)> = Vec::new();
         let mut total_kept = 0;
@@ -45,11 +42,24 @@ impl Selector for AdaKv {
         for &(_, _, h, i) in candidates.iter().take(total_kept) {
             chosen[h].push(i);
         }
-        Ok(chosen)
+        chosen
+    }
+}
+
+impl Selector for AdaKv {
+    fn scorer(&self) -> &dyn Scorer {
+        self.scorer.as_ref()
+    }
+
+    fn select(&self, obs: &Observation, scores: &[Vec<f32>], budget: Budget) -> Result<Vec<Vec<usize>>> {
+        // The budget is spent across all of the layer's heads, on every rank of a split model.
+        let all = obs.every_head(scores)?;
+        let chosen = self.select_heads(&all, budget);
+        Ok(chosen[obs.head_range()].to_vec())
     }
 
     fn selects_on_device(&self, obs: &Observation) -> bool {
-        obs.heads_share_entries()
+        obs.heads_share_entries() && obs.shard.is_none()
     }
 
     /// [`Selector::select`] in two selections on the device: each head's safeguarded top entries,

@@ -33,7 +33,9 @@ impl Selector for ChunkKv {
             // Shorter than one chunk: the inner scorer's own top-k, as kvpress falls back to.
             return Ok(scores.iter().map(|s| top_k(s, budget.kept(s.len()))).collect());
         }
-        let summed: Vec<f32> = (0..n).map(|i| scores.iter().map(|s| s[i]).sum()).collect();
+        // Over all of the layer's heads, on every rank of a split model.
+        let all = obs.every_head(scores)?;
+        let summed: Vec<f32> = (0..n).map(|i| all.iter().map(|s| s[i]).sum()).collect();
         let chunks: Vec<std::ops::Range<usize>> = (0..complete)
             .map(|c| c * self.chunk_length..(c + 1) * self.chunk_length)
             .chain((!n.is_multiple_of(self.chunk_length)).then(|| complete * self.chunk_length..n))

@@ -120,15 +120,18 @@ impl CachePress for DuoAttention {
             return Ok(());
         }
         let (layers, heads) = (self.streaming.len(), self.streaming[0].len());
-        if ctx.num_layers != layers || kv.kv_heads() != heads {
+        // A rank of a split model holds a block of the layer's heads.
+        let (ranks, offset) = ctx.shard.map_or((1, 0), |s| (s.world_size(), s.head_offset(kv.kv_heads())));
+        if ctx.num_layers != layers || kv.kv_heads() * ranks != heads {
             return Err(PressError::config(format!(
                 "the DuoAttention head pattern has {layers} layers × {heads} KV heads, the model {} × {}",
                 ctx.num_layers,
-                kv.kv_heads()
+                kv.kv_heads() * ranks
             ))
             .into());
         }
-        let mask = &self.streaming[ctx.layer];
+        let mask = &self.streaming[ctx.layer][offset..offset + kv.kv_heads()];
+        let heads = mask.len();
         let window = self.sink_size + self.recent_size;
         let cuts = (0..kv.batch()).any(|b| {
             (0..heads).any(|h| {

@@ -35,7 +35,7 @@ impl Scorer for FinchScorer {
                 .map(|h| to_vec(&weighted_mean(&obs.attention(h, window)?, obs.positions[h].len())?.mean(0)?))
                 .collect::<Result<_>>()?,
         };
-        protect(&mut scores, |h, i| obs.positions[h][i] >= window_start);
+        protect(obs, &mut scores, |h, i| obs.positions[h][i] >= window_start)?;
         Ok(scores)
     }
 

@@ -206,6 +206,19 @@ impl KvZip {
     }
 }
 
+/// Per layer, every rank's heads' scores in the whole layer's head order: the selection spans
+/// all heads of all layers, so a rank of a split model needs the others' (one exchange). The
+/// scores themselves when the model is whole.
+fn every_rank_heads(model: &Model, scores: Vec<Vec<Vec<f32>>>) -> Result<Vec<Vec<Vec<f32>>>> {
+    let Some(shard) = model.shard() else { return Ok(scores) };
+    let (layers, heads) = (scores.len(), scores.first().map_or(0, Vec::len));
+    let n = scores.first().and_then(|l| l.first()).map_or(0, Vec::len);
+    let flat: Vec<f32> = scores.into_iter().flatten().flatten().collect();
+    let local = Tensor::from_vec(flat, (layers, heads, n), &candle_core::Device::Cpu)?;
+    let all = shard.comm.all_gather(&local, 1)?.to_vec3::<f32>()?;
+    Ok(all)
+}
+
 impl CachePress for KvZip {
     fn after_prefill(
         &mut self,
@@ -229,10 +242,11 @@ impl CachePress for KvZip {
             return Ok(());
         }
         let scores = self.replay_scores(model, cache, &prompts[0])?;
-        let chosen = self.select(scores);
+        let chosen = self.select(every_rank_heads(model, scores)?);
         for (layer, kept) in chosen.iter().enumerate() {
             let kv = cache.layer_mut(layer);
-            kv.keep(kept)?;
+            let mine = model.shard().map_or(0, |s| s.head_offset(kv.kv_heads()));
+            kv.keep(&kept[mine..mine + kv.kv_heads()])?;
             if self.positions == PositionPolicy::Rerotate {
                 make_contiguous(kv, model.rope())?;
             }

@@ -113,13 +113,14 @@ fn inverse_transposed(l: &[f64], k: usize) -> Vec<f64> {
 
 impl Compactor {
     /// LeverageScorePress on entries `range` of the row: pre-RoPE keys (the cached keys rotated
-    /// back), centred over the entries, sketched, then diag(X (XᵀX + jitter·I)⁻¹ Xᵀ), z-scored.
+    /// back), centred over the entries, sketched, then diag(X (XᵀX + jitter·I)⁻¹ Xᵀ) (z-scored
+    /// by the caller).
     fn leverage(&self, obs: &Observation, keys: &Tensor, positions: &[i64]) -> Result<Tensor> {
         let (kv_heads, n, d) = keys.dims3()?;
         let k = self.sketch_dimension;
         let (cos, sin) = obs.rope.cos_sin(positions, 1, n, DType::F32, keys.device())?;
         let keys = obs.rope.apply(&keys.unsqueeze(0)?, &cos, &sin.neg()?)?.squeeze(0)?;
-        let phi: Vec<f32> = (0..kv_heads).flat_map(|h| sketch(self.seed, obs.layer, h, d, k)).collect();
+        let phi: Vec<f32> = obs.head_range().flat_map(|h| sketch(self.seed, obs.layer, h, d, k)).collect();
         let phi = Tensor::from_vec(phi, (kv_heads, d, k), keys.device())?;
         let x = keys.broadcast_sub(&keys.mean_keepdim(1)?)?.matmul(&phi)?; // (kv_heads, n, k)
         let gram = x.t()?.matmul(&x)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
@@ -130,13 +131,13 @@ impl Compactor {
         }
         let factors = Tensor::from_vec(factors, (kv_heads, k, k), keys.device())?;
         // A sum of squares: kvpress's clamp_min(0) has nothing left to clamp.
-        z_score(&x.matmul(&factors)?.sqr()?.sum(D::Minus1)?)
+        Ok(x.matmul(&factors)?.sqr()?.sum(D::Minus1)?)
     }
 
     /// NonCausalAttnPress: queries and keys (RoPE applied) cut into chunks of `chunk_size`, each
     /// query attending to every key of its own chunk (no 1/√d, as kvpress), the weights summed
     /// over queries and averaged over each KV head's query heads, times ‖v‖, avg-pooled (kernel
-    /// 3), z-scored. kvpress pads the sequence with zero queries and keys to whole chunks; the
+    /// 3) (z-scored by the caller). kvpress pads the sequence with zero queries and keys to whole chunks; the
     /// zero queries' uniform rows add (padding / chunk_size) to every real key of the last chunk,
     /// and so they do here. (kvpress sets padded keys' logits to −1e-9 rather than 0: the same
     /// weights in f32.)
@@ -156,7 +157,7 @@ impl Compactor {
         }
         let attention = Tensor::cat(&sums, 1)?.narrow(1, 0, n)?;
         let scores = (attention * values.sqr()?.sum(D::Minus1)?.sqrt()?)?;
-        z_score(&avg_pool(&scores, 3)?)
+        avg_pool(&scores, 3)
     }
 
     /// Every KV head's scores, (kv_heads, entries), on the observation's device.
@@ -179,13 +180,25 @@ impl Compactor {
         let keys = keys.narrow(1, left, m)?;
         let values = values.narrow(1, left, m)?;
         let q = obs.rotated_queries(n)?.narrow(1, left, m)?;
-        let leverage = self.leverage(obs, &keys, &positions[left..left + m])?;
-        let attention = self.non_causal_attention(obs, &q, &keys, &values)?;
+        // Both are z-scored over all of the layer's heads: a rank of a split model scores the
+        // others' heads' too.
+        let every_head = |t: Tensor| -> Result<Tensor> {
+            if obs.shard.is_none() {
+                return Ok(t);
+            }
+            let all = obs.every_head(&per_head(&t)?)?;
+            let shape = (all.len(), t.dim(1)?);
+            Ok(Tensor::from_vec(all.concat(), shape, obs.device())?)
+        };
+        let leverage = z_score(&every_head(self.leverage(obs, &keys, &positions[left..left + m])?)?)?;
+        let attention = z_score(&every_head(self.non_causal_attention(obs, &q, &keys, &values)?)?)?;
         let middle = ((leverage * self.blending as f64)? + attention)?;
         // kvpress pads the sinks with the maximum over the row (not max + 1).
         let top = middle.max_keepdim(1)?.max_keepdim(0)?;
-        let side = |len: usize| -> Result<Tensor> { Ok(top.broadcast_as((kv_heads, len))?.contiguous()?) };
-        Ok(Tensor::cat(&[side(left)?, middle, side(right)?], 1)?)
+        let all_heads = middle.dim(0)?;
+        let side = |len: usize| -> Result<Tensor> { Ok(top.broadcast_as((all_heads, len))?.contiguous()?) };
+        let scores = Tensor::cat(&[side(left)?, middle, side(right)?], 1)?;
+        Ok(scores.narrow(0, obs.head_range().start, kv_heads)?)
     }
 }
 

@@ -76,7 +76,8 @@ impl Scorer for ExpectedAttention {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         // On a GPU, all heads in one batch of operations and one read-back instead of one per
         // head; the CPU keeps the per-head arithmetic below (its results stay as they were).
-        if !obs.device().is_cpu() {
+        // Not on a split model: the device path protects entries by the rank's own maximum.
+        if !obs.device().is_cpu() && obs.shard.is_none() {
             if let Some(scores) = self.score_tensor(obs)? {
                 return per_head(&scores);
             }
@@ -110,7 +111,7 @@ impl Scorer for ExpectedAttention {
             }
             scores.push(s);
         }
-        protect(&mut scores, |_, i| i < self.sinks);
+        protect(obs, &mut scores, |_, i| i < self.sinks)?;
         Ok(scores)
     }
 

@@ -24,7 +24,8 @@ impl Scorer for SnapKv {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         // On a GPU, one read-back instead of a host-built mask and index list per layer; the CPU
         // keeps the arithmetic below (its results stay as they were).
-        if !obs.device().is_cpu() {
+        // Not on a split model: the device path protects entries by the rank's own maximum.
+        if !obs.device().is_cpu() && obs.shard.is_none() {
             if let Some(scores) = self.score_tensor(obs)? {
                 return per_head(&scores);
             }
@@ -35,7 +36,7 @@ impl Scorer for SnapKv {
         if obs.heads_share_entries() {
             if let Some(weights) = obs.stacked_attention(window)? {
                 let mut scores = shared_entry_scores(&weights.mean(2)?, |i| in_window(0, i), self.kernel)?;
-                protect(&mut scores, in_window);
+                protect(obs, &mut scores, in_window)?;
                 return Ok(scores);
             }
         }
@@ -55,7 +56,7 @@ impl Scorer for SnapKv {
             }
             scores.push(s);
         }
-        protect(&mut scores, in_window);
+        protect(obs, &mut scores, in_window)?;
         Ok(scores)
     }
 

@@ -15,7 +15,7 @@ impl Scorer for StreamingScorer {
     fn score(&self, obs: &Observation) -> Result<Vec<Vec<f32>>> {
         let mut scores: Vec<Vec<f32>> =
             obs.positions.iter().map(|p| (0..p.len()).map(|i| i as f32).collect()).collect();
-        protect(&mut scores, |_, i| i < self.sinks);
+        protect(obs, &mut scores, |_, i| i < self.sinks)?;
         Ok(scores)
     }
 

@@ -16,17 +16,18 @@ impl Scorer for Tova {
             Some(weights) => per_head(&weights.mean(1)?.squeeze(1)?)?,
             None => (0..obs.kv_heads()).map(|h| to_vec(&obs.attention(h, 1)?.mean(0)?)).collect::<Result<_>>()?,
         };
-        let mut scores = if obs.heads_share_entries() {
-            // kvpress averages over every query head; heads hold the same entries here.
-            let n = per_head[0].len();
-            let mean: Vec<f32> =
-                (0..n).map(|i| per_head.iter().map(|s| s[i]).sum::<f32>() / per_head.len() as f32).collect();
+        let mut scores = if obs.all_heads_share_entries()? {
+            // kvpress averages over every query head (every rank's, when split); heads hold the
+            // same entries here.
+            let all = obs.every_head(&per_head)?;
+            let n = all[0].len();
+            let mean: Vec<f32> = (0..n).map(|i| all.iter().map(|s| s[i]).sum::<f32>() / all.len() as f32).collect();
             vec![mean; obs.kv_heads()]
         } else {
             // Heads chose different entries earlier: each KV head's own query heads vote.
             per_head
         };
-        protect(&mut scores, |h, i| obs.positions[h][i] >= last);
+        protect(obs, &mut scores, |h, i| obs.positions[h][i] >= last)?;
         Ok(scores)
     }
 
