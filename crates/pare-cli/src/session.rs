@@ -44,6 +44,12 @@ impl<'a> HookPlan<'a> {
     }
 }
 
+/// Whether `model` speaks for the run: the whole model, or rank 0 of a `--tp` split (every rank
+/// computes the same results; one shows progress and streams).
+pub fn reports(model: &Model) -> bool {
+    model.shard().is_none_or(|s| s.rank() == 0)
+}
+
 impl Session {
     /// Check the hook flags, then load the model and build its hooks.
     pub fn open(model: &ModelArgs, press: &PressArgs, token_prune: &TokenPruneArgs) -> Result<Session> {

@@ -603,4 +603,24 @@ fn tp_splits_the_model_and_reports_what_the_whole_model_does() {
         assert_eq!(a["id"], b["id"]);
         assert!((a["logprob"].as_f64().unwrap() - b["logprob"].as_f64().unwrap()).abs() < 1e-4);
     }
+    let bench = |tp: &str| {
+        let a =
+            ["bench", "--prompt-len", "24", "--gen-len", "4", "--dtype", "f32", "--press", "knorm", "--ratio", "0.5"];
+        pare_json(&[&a[..], &["--tp", tp]].concat())
+    };
+    let (whole, split) = (bench("1"), bench("3"));
+    for key in ["kv_cache_bytes", "kv_cache_bytes_prefill", "kv_cache_uncompressed_bytes", "decode_weight_bytes"] {
+        assert_eq!(whole[key], split[key], "bench {key}");
+    }
+    let text = repo().join("assets/texts/wiki.utf8");
+    let ppl = |tp: &str| {
+        let a = ["eval", "ppl", "--text", text.to_str().unwrap(), "--max-tokens", "200", "--ctx", "64"];
+        pare_json(&[&a[..], &["--dtype", "f32", "--press", "snapkv", "--ratio", "0.5", "--tp", tp]].concat())
+    };
+    let (whole, split) = (ppl("1"), ppl("3"));
+    assert!((whole["ppl"].as_f64().unwrap() - split["ppl"].as_f64().unwrap()).abs() < 1e-4, "{whole} {split}");
+    assert_eq!(whole["kv_bytes_peak"], split["kv_bytes_peak"]);
+    let tasks =
+        |tp: &str| pare_json(&["eval", "tasks", "--tasks", "piqa", "--limit", "4", "--dtype", "f32", "--tp", tp]);
+    assert_eq!(tasks("1")["tasks"], tasks("3")["tasks"]);
 }

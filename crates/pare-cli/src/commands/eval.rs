@@ -4,13 +4,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use pare_model::Hooks;
+use pare_formats::TokenizerBundle;
+use pare_model::{Hooks, Model};
 use pare_press::PressOptions;
 
-use crate::common::{print_json, progress_bar, ModelArgs};
+use crate::common::{print_json, progress_bar, ModelArgs, ParallelArgs};
 use crate::output::{plot_format, Output};
 use crate::press_args::{human_bytes, PressArgs};
-use crate::session::HookPlan;
+use crate::session::{reports, HookPlan};
 use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(Subcommand, Debug)]
@@ -33,6 +34,8 @@ pub enum EvalCommand {
 pub struct PplArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// UTF-8 text file, tokenized whole.
     #[arg(long)]
     pub text: PathBuf,
@@ -66,6 +69,8 @@ pub struct PplArgs {
 pub struct NeedleArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// Directory of .txt essays (default: the Paul Graham essays in assets/).
     #[arg(long)]
     pub haystack: Option<PathBuf>,
@@ -145,6 +150,8 @@ pub struct CompareArgs {
 pub struct RulerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// RULER's task names (default: all of them): niah_single_1..3, niah_multikey_1..3,
     /// niah_multivalue, niah_multiquery, vt, cwe, fwe.
     #[arg(long, value_delimiter = ',')]
@@ -187,6 +194,8 @@ pub struct RulerArgs {
 pub struct TasksArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// Tasks, by lm-eval's names: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge,
     /// openbookqa, lambada_openai, mmlu. Default: LLM-Pruner's seven (all but the last two).
     #[arg(long, value_delimiter = ',')]
@@ -240,7 +249,8 @@ fn ppl(args: PplArgs) -> Result<()> {
         bail!("--stream runs one token per forward: there is no prompt to prune (drop --prune-tokens)");
     }
     let text = read_text(&args.text)?;
-    let session = plan.open(&args.model)?;
+    let mut session = plan.open(&args.model)?;
+    session.split(&args.parallel)?;
     let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
@@ -251,8 +261,21 @@ fn ppl(args: PplArgs) -> Result<()> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
+    // Under --tp every rank scores the same tokens; the first shows the progress, and the cache
+    // bytes are every rank's heads' together.
+    let progress_of = |model: &Model| {
+        let shows = reports(model);
+        move |done, total| {
+            if shows {
+                progress(done, total)
+            }
+        }
+    };
     if args.stream {
-        let result = pare_eval::perplexity_stream(&loaded.model, &tokens, &session.hooks, progress)?;
+        let runs =
+            session.on_model(|m| Ok(pare_eval::perplexity_stream(m, &tokens, &session.hooks, progress_of(m))?))?;
+        let mut result = runs[0].clone();
+        result.kv_bytes_peak = runs.iter().map(|r| r.kv_bytes_peak).sum();
         bar.finish_and_clear();
         if args.json {
             print_json(&result)?;
@@ -266,13 +289,17 @@ fn ppl(args: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let result = if args.llama_cpp {
-        let tok = loaded.tokenizer()?;
-        let bos = tok.added_bos();
-        pare_eval::perplexity_llama_cpp(&loaded.model, &tokens, args.ctx, bos, &session.hooks, progress)?
-    } else {
-        pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &session.hooks, progress)?
-    };
+    let bos = loaded.tokenizer()?.added_bos();
+    let runs = session.on_model(|m| {
+        Ok(if args.llama_cpp {
+            pare_eval::perplexity_llama_cpp(m, &tokens, args.ctx, bos, &session.hooks, progress_of(m))?
+        } else {
+            pare_eval::perplexity_with(m, &tokens, args.ctx, stride, &session.hooks, progress_of(m))?
+        })
+    })?;
+    let mut result = runs[0].clone();
+    result.kv_bytes_peak = runs.iter().map(|r| r.kv_bytes_peak).sum();
+    result.kv_bytes_context = runs.iter().map(|r| r.kv_bytes_context).sum();
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
@@ -346,22 +373,24 @@ struct NeedleGrid<'a> {
 
 /// Every cell of the grid.
 fn needle_grid(
-    loaded: &pare_model::LoadedModel,
+    model: &Model,
+    tok: &TokenizerBundle,
     haystack: &str,
     grid: &NeedleGrid,
     hooks: &Hooks,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<NeedleCell>> {
     let NeedleGrid { ctx, depths, trials, seed } = *grid;
-    let tok = loaded.tokenizer()?;
     let mut cells = Vec::new();
     for &c in ctx {
         for &d in depths {
             let mut runs = Vec::new();
             for t in 0..trials {
                 let trial_seed = seed ^ (c as u64) << 20 ^ (d as u64) << 8 ^ t as u64;
-                runs.push(pare_eval::needle::needle_trial(&loaded.model, tok, haystack, c, d, trial_seed, hooks)?);
-                bar.inc(1);
+                runs.push(pare_eval::needle::needle_trial(model, tok, haystack, c, d, trial_seed, hooks)?);
+                if reports(model) {
+                    bar.inc(1);
+                }
             }
             let accuracy = runs.iter().filter(|r| r.found).count() as f64 / runs.len() as f64;
             cells.push(NeedleCell { ctx: c, depth_percent: d, accuracy, trials: runs });
@@ -377,12 +406,21 @@ fn needle(args: NeedleArgs) -> Result<()> {
     }
     let plan = HookPlan::check(&args.press, &args.token_prune)?;
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
-    let session = plan.open(&args.model)?;
+    let mut session = plan.open(&args.model)?;
+    session.split(&args.parallel)?;
     let loaded = &session.loaded;
     check_needle_ctx(&NEEDLE_FLAGS, &args.ctx, &loaded.model)?;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
     let grid = NeedleGrid { ctx: &args.ctx, depths: &args.depths, trials: args.trials, seed: args.seed };
-    let cells = needle_grid(loaded, &haystack, &grid, &session.hooks, &bar)?;
+    let tok = loaded.tokenizer()?;
+    let mut runs = session.on_model(|m| needle_grid(m, tok, &haystack, &grid, &session.hooks, &bar))?;
+    // Each rank caches its own heads: a trial's cache is all of them.
+    let mut cells = runs.remove(0);
+    for rank in &runs {
+        for (cell, other) in cells.iter_mut().zip(rank) {
+            cell.trials.iter_mut().zip(&other.trials).for_each(|(t, o)| t.kv_bytes += o.kv_bytes);
+        }
+    }
     bar.finish_and_clear();
     let overall = cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64;
     if args.json {
@@ -491,7 +529,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         })?;
         let needle_accuracy = match haystack {
             Some(h) => {
-                let cells = needle_grid(&loaded, h, &grid, &hooks, &bar)?;
+                let cells = needle_grid(&loaded.model, loaded.tokenizer()?, h, &grid, &hooks, &bar)?;
                 Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
             }
             None => None,
@@ -499,7 +537,10 @@ fn compare(args: CompareArgs) -> Result<()> {
         let ruler = if ruler_items.is_empty() {
             None
         } else {
-            let scores = ruler_scores(&loaded, &ruler_items, &hooks, args.ruler_batch, || bar.inc(1))?;
+            let scores =
+                ruler_scores(&loaded.model, loaded.tokenizer()?, &ruler_items, &hooks, args.ruler_batch, || {
+                    bar.inc(1)
+                })?;
             Some(scores.iter().map(|s| s.score).sum::<f64>() / scores.len() as f64)
         };
         rows.push(CompareRow {
@@ -597,21 +638,32 @@ fn tasks(args: TasksArgs) -> Result<()> {
         .iter()
         .map(|&task| Ok((task, task.items(&data, args.num_fewshot, args.limit)?)))
         .collect::<Result<Vec<_>>>()?;
-    let session = plan.open(&args.model)?;
+    let mut session = plan.open(&args.model)?;
+    session.split(&args.parallel)?;
     let loaded = &session.loaded;
     let tokenizer = loaded.tokenizer()?;
     let bar = progress_bar(items.iter().map(|(_, i)| i.len() as u64).sum(), "tasks");
-    let mut results = Vec::new();
-    for (task, task_items) in &items {
-        bar.set_message(task.name());
-        let mut scorer = Scorer::new(&loaded.model, tokenizer, &session.hooks);
-        let mut scored = Vec::with_capacity(task_items.len());
-        for item in task_items {
-            scored.push(score_item(&mut scorer, item)?);
-            bar.inc(1);
-        }
-        results.push(aggregate(*task, args.num_fewshot, &scored)?);
-    }
+    // Under --tp every rank scores every item alike; the first shows the progress.
+    let results = session
+        .on_model(|model| {
+            let mut results = Vec::new();
+            for (task, task_items) in &items {
+                if reports(model) {
+                    bar.set_message(task.name());
+                }
+                let mut scorer = Scorer::new(model, tokenizer, &session.hooks);
+                let mut scored = Vec::with_capacity(task_items.len());
+                for item in task_items {
+                    scored.push(score_item(&mut scorer, item)?);
+                    if reports(model) {
+                        bar.inc(1);
+                    }
+                }
+                results.push(aggregate(*task, args.num_fewshot, &scored)?);
+            }
+            Ok(results)
+        })?
+        .remove(0);
     bar.finish_and_clear();
     if args.json {
         return print_json(&serde_json::json!({ "model": args.model.model, "tasks": results }));
@@ -697,15 +749,15 @@ fn ruler_items(
 /// Every cell's score with `hooks` compressing each item's context, `batch` items (of any cells)
 /// decoding together; `on_item` after each item.
 fn ruler_scores(
-    loaded: &pare_model::LoadedModel,
+    model: &Model,
+    tok: &TokenizerBundle,
     cells: &[RulerCell],
     hooks: &Hooks,
     batch: usize,
     on_item: impl FnMut(),
 ) -> Result<Vec<RulerScore>> {
     let items: Vec<_> = cells.iter().flat_map(|c| &c.items).collect();
-    let mut results =
-        pare_eval::ruler::run_items(&loaded.model, loaded.tokenizer()?, &items, hooks, batch, on_item)?.into_iter();
+    let mut results = pare_eval::ruler::run_items(model, tok, &items, hooks, batch, on_item)?.into_iter();
     let mut scores = Vec::new();
     for cell in cells {
         let results: Vec<_> = results.by_ref().take(cell.items.len()).collect();
@@ -732,7 +784,8 @@ fn ruler(args: RulerArgs) -> Result<()> {
         None => None,
     };
     let haystack = ruler::haystack_words(&pare_eval::needle::load_haystack(&haystack_path)?);
-    let session = plan.open(&args.model)?;
+    let mut session = plan.open(&args.model)?;
+    session.split(&args.parallel)?;
     let loaded = &session.loaded;
     check_ruler_ctx(&args.ctx, &loaded.model, "--ctx")?;
     let cells = ruler_items(loaded.tokenizer()?, &haystack, &tasks, &args.ctx, args.samples, args.seed)?;
@@ -753,7 +806,16 @@ fn ruler(args: RulerArgs) -> Result<()> {
     }
 
     let bar = progress_bar((cells.len() * args.samples) as u64, "ruler");
-    let scores = ruler_scores(loaded, &cells, &session.hooks, args.batch, || bar.inc(1))?;
+    let tok = loaded.tokenizer()?;
+    let scores = session
+        .on_model(|m| {
+            ruler_scores(m, tok, &cells, &session.hooks, args.batch, || {
+                if reports(m) {
+                    bar.inc(1)
+                }
+            })
+        })?
+        .remove(0);
     bar.finish_and_clear();
     let average = |ctx: usize| {
         let s: Vec<f64> = scores.iter().filter(|s| s.ctx == ctx).map(|s| s.score).collect();

@@ -10,7 +10,7 @@ use super::generate_image::ImagePrompt;
 use crate::common::{encode_prompt, ensure_run_fits, print_json, ModelArgs, ParallelArgs};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::sampling_args::SamplingArgs;
-use crate::session::Session;
+use crate::session::{reports, Session};
 use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(clap::Args, Debug)]
@@ -70,9 +70,8 @@ pub fn run(args: Args) -> Result<()> {
     let out = std::sync::Mutex::new(Stdout::new());
     // Under --tp every rank generates the same tokens; the first streams them.
     let mut outputs = session.on_model(|model| {
-        let first = model.shard().is_none_or(|s| s.rank() == 0);
         Ok(generator.generate(model, Prompts::Tokens(&prompts), |_, _, text| {
-            if streaming && first {
+            if streaming && reports(model) {
                 out.lock().expect("not poisoned").stream(text);
             }
         })?)
