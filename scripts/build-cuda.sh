@@ -48,6 +48,18 @@ if [[ ! -f $LINK/libcuda.so ]]; then
   echo "libcuda stub: $(wc -l <"$CUDA_DIR/cuda_stub.c") symbols" >&2
 fi
 
+# NCCL=1 also builds dist/pare-cuda-nccl (`--tp N` over GPUs): linked against a stub of
+# libnccl.so.2 made the same way; at run time the GPU host's NCCL is loaded (e.g. from a torch
+# install: LD_LIBRARY_PATH=.../site-packages/nvidia/nccl/lib).
+if [[ ${NCCL:-0} == 1 && ! -f $LINK/libnccl.so ]]; then
+  CUDARC=$(cargo metadata --format-version 1 --locked --features pare-cli/cuda --manifest-path "$ROOT/Cargo.toml" \
+    | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc").rsplit("/",1)[0])')
+  grep -ohE '\bpub unsafe fn nccl[A-Za-z0-9_]+' "$CUDARC/src/nccl/sys/"*.rs | awk '{print $4}' | sort -u \
+    | awk '{print "int " $1 "(void) { return 1; }"}' >"$CUDA_DIR/nccl_stub.c"
+  cc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$LINK/libnccl.so" "$CUDA_DIR/nccl_stub.c"
+  echo "libnccl stub: $(wc -l <"$CUDA_DIR/nccl_stub.c") symbols" >&2
+fi
+
 export PATH=$CU/bin:$PATH NVCC=$CU/bin/nvcc
 export CUDA_HOME=$CU CUDA_PATH=$CU CUDA_ROOT=$CU
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}   # no GPU here to ask; 90 = H100/H200
@@ -65,6 +77,12 @@ TESTS=$(cargo test --release --locked -p pare-cli -p pare-kernels --features par
 cargo build --release --locked -p pare-cli -p pare-kernels --features pare-cli/cuda --example kernel_bench
 mkdir -p dist
 cp "$CARGO_TARGET_DIR/release/pare" dist/pare-cuda
+if [[ ${NCCL:-0} == 1 ]]; then
+  cargo build --release --locked -p pare-cli --features nccl
+  cp "$CARGO_TARGET_DIR/release/pare" dist/pare-cuda-nccl
+  strip dist/pare-cuda-nccl
+  mkdir -p .xfer/bin && xz -T2 -6 -c dist/pare-cuda-nccl >.xfer/bin/pare-cuda-nccl.xz
+fi
 cp "$TESTS" dist/pare-kernels-gpu-tests
 cp "$CARGO_TARGET_DIR/release/examples/kernel_bench" dist/pare-kernels-bench
 strip dist/pare-cuda dist/pare-kernels-gpu-tests dist/pare-kernels-bench

@@ -21,18 +21,43 @@ pub struct ParallelArgs {
 }
 
 impl ParallelArgs {
-    /// The ranks of `model` split `--tp` ways; none when it is not split.
-    pub fn split(&self, model: &Model) -> Result<Vec<Model>> {
+    /// The ranks of `loaded` split `--tp` ways; none when it is not split. On cpu the ranks are
+    /// threads over host memory; on cuda rank r runs on GPU r through NCCL, each GPU loading
+    /// the model from `args` and keeping its part.
+    pub fn split(&self, loaded: &LoadedModel, args: &ModelArgs) -> Result<Vec<Model>> {
         let world = self.tp.get();
         if world == 1 {
             return Ok(Vec::new());
         }
-        if model.device().is_cuda() {
-            bail!("--tp {world} on cuda needs NCCL between GPUs, which this build does not include; --tp runs on --device cpu");
+        if !loaded.model.device().is_cuda() {
+            let comms = LocalComm::group(world)?;
+            return Ok(comms
+                .into_iter()
+                .map(|comm| loaded.model.into_shard(comm))
+                .collect::<pare_model::Result<_>>()?);
         }
-        let comms = LocalComm::group(world)?;
-        Ok(comms.into_iter().map(|comm| model.into_shard(comm)).collect::<pare_model::Result<_>>()?)
+        if args.device != DeviceArg::Cuda(0) {
+            bail!("--tp {world} runs on GPUs 0..{world}: give --device cuda");
+        }
+        split_over_gpus(world, loaded, args)
     }
+}
+
+#[cfg(feature = "nccl")]
+fn split_over_gpus(world: usize, loaded: &LoadedModel, args: &ModelArgs) -> Result<Vec<Model>> {
+    let mut ranks = Vec::with_capacity(world);
+    for (rank, (comm, device)) in pare_model::parallel::nccl::NcclComm::group(world)?.into_iter().enumerate() {
+        // Rank 0 cuts its part from the model already on GPU 0; the others load theirs.
+        let shard =
+            if rank == 0 { loaded.model.into_shard(comm)? } else { args.load_on(&device)?.model.into_shard(comm)? };
+        ranks.push(shard);
+    }
+    Ok(ranks)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn split_over_gpus(world: usize, _: &LoadedModel, _: &ModelArgs) -> Result<Vec<Model>> {
+    bail!("--tp {world} on cuda needs NCCL, which this build does not include (NCCL=1 scripts/build-cuda.sh)")
 }
 
 #[derive(Args, Debug, Clone)]
@@ -178,8 +203,12 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<LoadedModel> {
-        let device = self.device()?;
-        let mut loaded = pare_model::load(&self.model, self.weight_dtype(), &device)?;
+        self.load_on(&self.device()?)
+    }
+
+    /// [`ModelArgs::load`] onto `device` (a rank's GPU) instead of `--device`.
+    pub fn load_on(&self, device: &Device) -> Result<LoadedModel> {
+        let mut loaded = pare_model::load(&self.model, self.weight_dtype(), device)?;
         loaded.model.set_kv_dtype(self.kv_dtype()).context("--kv-dtype")?;
         self.apply_adapter(&mut loaded.model)?;
         Ok(loaded)

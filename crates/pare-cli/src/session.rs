@@ -56,9 +56,9 @@ impl Session {
         HookPlan::check(press, token_prune)?.open(model)
     }
 
-    /// Split the model as `--tp` asks (see [`Session::on_model`]).
-    pub fn split(&mut self, parallel: &ParallelArgs) -> Result<()> {
-        self.ranks = parallel.split(&self.loaded.model)?;
+    /// Split the model (loaded from `model`) as `--tp` asks (see [`Session::on_model`]).
+    pub fn split(&mut self, parallel: &ParallelArgs, model: &ModelArgs) -> Result<()> {
+        self.ranks = parallel.split(&self.loaded, model)?;
         Ok(())
     }
 

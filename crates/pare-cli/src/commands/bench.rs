@@ -93,7 +93,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--prompt-len and --batch must be at least 1");
     }
     let mut session = Session::open(&args.model, &args.press, &args.token_prune)?;
-    session.split(&args.parallel)?;
+    session.split(&args.parallel, &args.model)?;
     let model = &session.loaded.model;
     let ctx = model.config().max_position_embeddings;
     let total = args.prompt_len.saturating_add(args.gen_len);

@@ -250,7 +250,7 @@ fn ppl(args: PplArgs) -> Result<()> {
     }
     let text = read_text(&args.text)?;
     let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel)?;
+    session.split(&args.parallel, &args.model)?;
     let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
@@ -407,7 +407,7 @@ fn needle(args: NeedleArgs) -> Result<()> {
     let plan = HookPlan::check(&args.press, &args.token_prune)?;
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
     let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel)?;
+    session.split(&args.parallel, &args.model)?;
     let loaded = &session.loaded;
     check_needle_ctx(&NEEDLE_FLAGS, &args.ctx, &loaded.model)?;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
@@ -639,7 +639,7 @@ fn tasks(args: TasksArgs) -> Result<()> {
         .map(|&task| Ok((task, task.items(&data, args.num_fewshot, args.limit)?)))
         .collect::<Result<Vec<_>>>()?;
     let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel)?;
+    session.split(&args.parallel, &args.model)?;
     let loaded = &session.loaded;
     let tokenizer = loaded.tokenizer()?;
     let bar = progress_bar(items.iter().map(|(_, i)| i.len() as u64).sum(), "tasks");
@@ -785,7 +785,7 @@ fn ruler(args: RulerArgs) -> Result<()> {
     };
     let haystack = ruler::haystack_words(&pare_eval::needle::load_haystack(&haystack_path)?);
     let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel)?;
+    session.split(&args.parallel, &args.model)?;
     let loaded = &session.loaded;
     check_ruler_ctx(&args.ctx, &loaded.model, "--ctx")?;
     let cells = ruler_items(loaded.tokenizer()?, &haystack, &tasks, &args.ctx, args.samples, args.seed)?;

@@ -9,7 +9,8 @@
 //! rank's KV cache holds its own heads only, so per-head compression needs no communication.
 //!
 //! [`Comm`] is the seam between the model and a transport; [`LocalComm`] runs a group's ranks as
-//! threads of one process over host tensors (what CI checks sharded against unsharded with).
+//! threads of one process over host tensors (what CI checks sharded against unsharded with), and
+//! `nccl::NcclComm` (feature `nccl`) runs them over the GPUs of one host.
 
 use std::fmt;
 use std::ops::Range;
@@ -18,6 +19,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use candle_core::Tensor;
 
 use crate::error::{ModelError, Result};
+
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// The collectives a sharded forward needs, across the ranks of one group. Every rank calls the
 /// same collectives in the same order with tensors of the same shape and dtype.
