@@ -4,7 +4,7 @@
 PARE=${PARE:-dist/pare-cuda}
 # Binaries travel xz-compressed in .xfer/bin (a call takes 64 MiB): unpack them into dist/.
 mkdir -p dist
-for f in pare-cuda pare-kernels-gpu-tests pare-kernels-bench; do
+for f in pare-cuda pare-cuda-nccl pare-kernels-gpu-tests pare-kernels-bench; do
   if [[ -f .xfer/bin/$f.xz && ! dist/$f -nt .xfer/bin/$f.xz ]]; then xz -dc ".xfer/bin/$f.xz" >"dist/$f" && chmod +x "dist/$f"; fi
 done
 [[ -x $PARE ]] || { echo "error: no pare binary at $PARE (build it with scripts/build-cuda.sh)" >&2; exit 1; }

@@ -53,7 +53,7 @@ fn pruning_image_tokens_shrinks_the_cache() {
 
 #[test]
 fn bad_input_is_one_line() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["generate", "-m", MODEL, "--image", "nope.png", "-p", "hi"], "no such file"),
         (
             &[
@@ -96,6 +96,20 @@ fn bad_input_is_one_line() {
                 "2",
             ],
             "no --num-beams",
+        ),
+        (
+            &[
+                "generate",
+                "-m",
+                MODEL,
+                "--image",
+                "tests/fixtures/llava-tiny/images/rgb_45x31.png",
+                "-p",
+                "hi",
+                "--tp",
+                "2",
+            ],
+            "a LLaVA model runs whole",
         ),
     ];
     for (args, needle) in cases {

@@ -47,6 +47,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(image) = &args.image {
+        if args.parallel.tp.get() > 1 {
+            bail!("--tp with --image: a LLaVA model runs whole (its vision tower and projector are not split)");
+        }
         return run_image(&args, image);
     }
     let prompts_text = match (&args.prompt, &args.prompts_file) {
