@@ -21,15 +21,20 @@ pub struct ParallelArgs {
 }
 
 impl ParallelArgs {
+    /// Whether the ranks are GPUs: the whole model then loads into host memory, and each GPU
+    /// receives only its part.
+    pub fn over_gpus(&self, model: &ModelArgs) -> bool {
+        self.tp.get() > 1 && model.device != DeviceArg::Cpu
+    }
+
     /// The ranks of `loaded` split `--tp` ways; none when it is not split. On cpu the ranks are
-    /// threads over host memory; on cuda rank r runs on GPU r through NCCL, each GPU loading
-    /// the model from `args` and keeping its part.
+    /// threads over host memory; on cuda rank r runs on GPU r through NCCL.
     pub fn split(&self, loaded: &LoadedModel, args: &ModelArgs) -> Result<Vec<Model>> {
         let world = self.tp.get();
         if world == 1 {
             return Ok(Vec::new());
         }
-        if !loaded.model.device().is_cuda() {
+        if !self.over_gpus(args) {
             let comms = LocalComm::group(world)?;
             return Ok(comms
                 .into_iter()
@@ -39,24 +44,21 @@ impl ParallelArgs {
         if args.device != DeviceArg::Cuda(0) {
             bail!("--tp {world} runs on GPUs 0..{world}: give --device cuda");
         }
-        split_over_gpus(world, loaded, args)
+        split_over_gpus(world, &loaded.model)
     }
 }
 
 #[cfg(feature = "nccl")]
-fn split_over_gpus(world: usize, loaded: &LoadedModel, args: &ModelArgs) -> Result<Vec<Model>> {
-    let mut ranks = Vec::with_capacity(world);
-    for (rank, (comm, device)) in pare_model::parallel::nccl::NcclComm::group(world)?.into_iter().enumerate() {
-        // Rank 0 cuts its part from the model already on GPU 0; the others load theirs.
-        let shard =
-            if rank == 0 { loaded.model.into_shard(comm)? } else { args.load_on(&device)?.model.into_shard(comm)? };
-        ranks.push(shard);
-    }
-    Ok(ranks)
+fn split_over_gpus(world: usize, model: &Model) -> Result<Vec<Model>> {
+    let groups = pare_model::parallel::nccl::NcclComm::group(world)?;
+    Ok(groups
+        .into_iter()
+        .map(|(comm, device)| model.into_shard_on(comm, &device))
+        .collect::<pare_model::Result<_>>()?)
 }
 
 #[cfg(not(feature = "nccl"))]
-fn split_over_gpus(world: usize, _: &LoadedModel, _: &ModelArgs) -> Result<Vec<Model>> {
+fn split_over_gpus(world: usize, _: &Model) -> Result<Vec<Model>> {
     bail!("--tp {world} on cuda needs NCCL, which this build does not include (NCCL=1 scripts/build-cuda.sh)")
 }
 

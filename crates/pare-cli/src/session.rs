@@ -1,10 +1,11 @@
 //! Flags turned into objects once: every command that runs the model goes through here, so the
 //! order is the same everywhere — the hook flags are checked before any weight loads, then the
-//! model loads, then the hooks are built for it.
+//! model loads (and is split over `--tp` ranks), then the hooks are built for it.
 
 use std::sync::Arc;
 
 use anyhow::Result;
+use candle_core::Device;
 use pare_model::parallel::on_every_rank;
 use pare_model::{Hooks, LoadedModel, Model};
 
@@ -16,7 +17,8 @@ use crate::token_prune_args::TokenPruneArgs;
 pub struct Session {
     pub loaded: LoadedModel,
     pub hooks: Hooks,
-    /// The model's ranks under `--tp` (none when it runs whole).
+    /// The model's ranks under `--tp` (none when it runs whole); `loaded` then holds the whole
+    /// model (in host memory when the ranks are GPUs).
     pub ranks: Vec<Model>,
 }
 
@@ -34,13 +36,14 @@ impl<'a> HookPlan<'a> {
         Ok(HookPlan { press, token_prune })
     }
 
-    /// Load the model and build the hooks for it.
-    pub fn open(self, model: &ModelArgs) -> Result<Session> {
-        let loaded = model.load()?;
+    /// Load the model, split it as `--tp` asks, and build the hooks for it.
+    pub fn open(self, model: &ModelArgs, parallel: &ParallelArgs) -> Result<Session> {
+        let loaded = if parallel.over_gpus(model) { model.load_on(&Device::Cpu)? } else { model.load()? };
+        let ranks = parallel.split(&loaded, model)?;
         let pruner = self.token_prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
         let mut hooks = Hooks::new(self.press, pruner);
         hooks.bind(&loaded)?;
-        Ok(Session { loaded, hooks, ranks: Vec::new() })
+        Ok(Session { loaded, hooks, ranks })
     }
 }
 
@@ -51,15 +54,19 @@ pub fn reports(model: &Model) -> bool {
 }
 
 impl Session {
-    /// Check the hook flags, then load the model and build its hooks.
-    pub fn open(model: &ModelArgs, press: &PressArgs, token_prune: &TokenPruneArgs) -> Result<Session> {
-        HookPlan::check(press, token_prune)?.open(model)
+    /// Check the hook flags, then load (and split) the model and build its hooks.
+    pub fn open(
+        model: &ModelArgs,
+        parallel: &ParallelArgs,
+        press: &PressArgs,
+        token_prune: &TokenPruneArgs,
+    ) -> Result<Session> {
+        HookPlan::check(press, token_prune)?.open(model, parallel)
     }
 
-    /// Split the model (loaded from `model`) as `--tp` asks (see [`Session::on_model`]).
-    pub fn split(&mut self, parallel: &ParallelArgs, model: &ModelArgs) -> Result<()> {
-        self.ranks = parallel.split(&self.loaded, model)?;
-        Ok(())
+    /// The device the model runs on: rank 0's under `--tp`.
+    pub fn device(&self) -> &Device {
+        self.ranks.first().map_or(self.loaded.model.device(), Model::device)
     }
 
     /// Run `work` on the model: once on the whole model, or on every rank of a `--tp` split at

@@ -333,6 +333,24 @@ impl Linear {
         Ok(Linear::Dense { weight: weight.index_select(&idx, 1)?.contiguous()?, bias: self.bias().cloned() })
     }
 
+    /// The same map with its tensors on `device` (a rank's GPU). Dense and LoRA maps only:
+    /// quantized blocks stay where they were loaded.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Linear> {
+        let bias = self.bias().map(|b| b.to_device(device)).transpose()?;
+        Ok(match self {
+            Linear::Dense { weight, .. } => Linear::Dense { weight: weight.to_device(device)?, bias },
+            Linear::Lora(l) => Linear::Lora(Box::new(LoraLinear {
+                base: l.base.to_device(device)?,
+                a: l.a.to_device(device)?,
+                b: l.b.to_device(device)?,
+                scale: l.scale,
+            })),
+            Linear::Quantized { .. } => {
+                return Err(crate::ModelError::input("a quantized map is used where it was loaded"));
+            }
+        })
+    }
+
     /// Remove the bias (a row-parallel map's bias is added by one rank only).
     pub fn drop_bias(&mut self) {
         match self {
@@ -465,6 +483,16 @@ pub enum Norm {
 }
 
 impl Norm {
+    /// The same norm with its tensors on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Norm> {
+        Ok(match self {
+            Norm::Rms { weight, eps } => Norm::Rms { weight: weight.to_device(device)?, eps: *eps },
+            Norm::Layer { weight, bias, eps } => {
+                Norm::Layer { weight: weight.to_device(device)?, bias: bias.to_device(device)?, eps: *eps }
+            }
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Norm::Rms { weight, eps } = self {
             if x.device().is_cuda() && x.dtype() == weight.dtype() {

@@ -146,8 +146,15 @@ impl Model {
     /// slice of the vocabulary. A map's bias after the split (o, down) stays on rank 0 alone, so
     /// the ranks' partial sums add up to the whole layer's output once. Dense weights (quantized
     /// ones are dequantized to the activations' dtype). Refuses a split that does not divide
-    /// some layer's query or KV heads.
+    /// some layer's query or KV heads. The rank stays on this model's device.
     pub fn into_shard(&self, comm: Arc<dyn Comm>) -> Result<Model> {
+        let device = self.device.clone();
+        self.into_shard_on(comm, &device)
+    }
+
+    /// [`Model::into_shard`], the rank's part moved to `device` (its GPU): the whole model can
+    /// stay in host memory and each GPU receive only its part.
+    pub fn into_shard_on(&self, comm: Arc<dyn Comm>, device: &Device) -> Result<Model> {
         let (rank, world) = (comm.rank(), comm.world_size());
         if self.shard.is_some() {
             return Err(ModelError::input("the model is already split for tensor parallelism"));
@@ -183,11 +190,34 @@ impl Model {
         m.embed_tokens = self.embed_tokens.narrow(0, vocab.start, vocab.len())?.contiguous()?;
         m.lm_head = self.lm_head.keep_outputs(&vocab.clone().collect::<Vec<_>>(), dtype)?;
         m.restate_shapes();
+        if !device.same_device(&m.device) {
+            m.move_to(device)?;
+        }
         if m.device.is_cuda() {
             m.fuse_projections()?;
         }
         m.shard = Some(Shard { comm, vocab });
         Ok(m)
+    }
+
+    /// Move every weight to `device`: a rank's maps, dense and not stacked yet (see
+    /// [`Linear::to_device`]).
+    fn move_to(&mut self, device: &Device) -> Result<()> {
+        for b in &mut self.blocks {
+            b.attn_norm = b.attn_norm.to_device(device)?;
+            b.mlp_norm = b.mlp_norm.to_device(device)?;
+            let (a, m) = (&mut b.attn, &mut b.mlp);
+            for map in
+                [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.up, &mut m.down].into_iter().chain(m.gate.as_mut())
+            {
+                *map = map.to_device(device)?;
+            }
+        }
+        self.embed_tokens = self.embed_tokens.to_device(device)?;
+        self.final_norm = self.final_norm.to_device(device)?;
+        self.lm_head = self.lm_head.to_device(device)?;
+        self.device = device.clone();
+        Ok(())
     }
 
     /// (vocab, hidden), in the activation dtype (a rank's slice of the vocabulary when sharded).

@@ -92,8 +92,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt_len == 0 || args.batch == 0 {
         bail!("--prompt-len and --batch must be at least 1");
     }
-    let mut session = Session::open(&args.model, &args.press, &args.token_prune)?;
-    session.split(&args.parallel, &args.model)?;
+    let session = Session::open(&args.model, &args.parallel, &args.press, &args.token_prune)?;
     let model = &session.loaded.model;
     let ctx = model.config().max_position_embeddings;
     let total = args.prompt_len.saturating_add(args.gen_len);
@@ -123,7 +122,7 @@ pub fn run(args: Args) -> Result<()> {
     let prefill_tok_s = (args.batch * args.prompt_len) as f64 / prefill_s;
     let decode_tok_s = if args.gen_len > 0 { (args.batch * args.gen_len) as f64 / decode_s } else { 0.0 };
     let peak = peak_rss_bytes();
-    let gpu = gpu_memory(model.device());
+    let gpu = gpu_memory(session.device());
     if args.json {
         print_json(&json!({
             "model": args.model.model, "dtype": args.model.dtype_name(), "kv_dtype": args.model.kv_dtype().name(), "device": args.model.device.to_string(),

@@ -249,8 +249,7 @@ fn ppl(args: PplArgs) -> Result<()> {
         bail!("--stream runs one token per forward: there is no prompt to prune (drop --prune-tokens)");
     }
     let text = read_text(&args.text)?;
-    let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel, &args.model)?;
+    let session = plan.open(&args.model, &args.parallel)?;
     let loaded = &session.loaded;
     let mut tokens = loaded.tokenizer()?.encode(&text, true)?;
     if let Some(max) = args.max_tokens {
@@ -406,8 +405,7 @@ fn needle(args: NeedleArgs) -> Result<()> {
     }
     let plan = HookPlan::check(&args.press, &args.token_prune)?;
     let haystack = pare_eval::needle::load_haystack(&haystack_dir(&args.haystack))?;
-    let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel, &args.model)?;
+    let session = plan.open(&args.model, &args.parallel)?;
     let loaded = &session.loaded;
     check_needle_ctx(&NEEDLE_FLAGS, &args.ctx, &loaded.model)?;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
@@ -638,8 +636,7 @@ fn tasks(args: TasksArgs) -> Result<()> {
         .iter()
         .map(|&task| Ok((task, task.items(&data, args.num_fewshot, args.limit)?)))
         .collect::<Result<Vec<_>>>()?;
-    let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel, &args.model)?;
+    let session = plan.open(&args.model, &args.parallel)?;
     let loaded = &session.loaded;
     let tokenizer = loaded.tokenizer()?;
     let bar = progress_bar(items.iter().map(|(_, i)| i.len() as u64).sum(), "tasks");
@@ -784,8 +781,7 @@ fn ruler(args: RulerArgs) -> Result<()> {
         None => None,
     };
     let haystack = ruler::haystack_words(&pare_eval::needle::load_haystack(&haystack_path)?);
-    let mut session = plan.open(&args.model)?;
-    session.split(&args.parallel, &args.model)?;
+    let session = plan.open(&args.model, &args.parallel)?;
     let loaded = &session.loaded;
     check_ruler_ctx(&args.ctx, &loaded.model, "--ctx")?;
     let cells = ruler_items(loaded.tokenizer()?, &haystack, &tasks, &args.ctx, args.samples, args.seed)?;

@@ -57,8 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(file)) => read_prompts(file)?,
         (None, None) => bail!("give --prompt or --prompts-file"),
     };
-    let mut session = Session::open(&args.model, &args.press, &args.token_prune)?;
-    session.split(&args.parallel, &args.model)?;
+    let session = Session::open(&args.model, &args.parallel, &args.press, &args.token_prune)?;
     let loaded = &session.loaded;
     let config = args.sampling.generation_config(loaded, args.max_new_tokens)?;
     let tok = loaded.tokenizer()?;

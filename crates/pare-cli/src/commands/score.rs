@@ -56,8 +56,7 @@ struct Processed {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut session = Session::open(&args.model, &args.press, &args.token_prune)?;
-    session.split(&args.parallel, &args.model)?;
+    let session = Session::open(&args.model, &args.parallel, &args.press, &args.token_prune)?;
     let loaded = &session.loaded;
     let tok = loaded.tokenizer()?;
     let prompt = encode_prompt(loaded, &args.prompt, args.chat)?;
