@@ -35,29 +35,31 @@ for lib in cudart cublas cublasLt curand nvrtc; do
   ln -sf "$so" "$LINK/lib$lib.so"
 done
 
-# No wheel ships libcuda.so (the driver). candle forces cudarc's dynamic linking, so link against a
-# stub with the driver's SONAME exporting every cu* symbol cudarc declares, each failing with
-# CUDA_ERROR_STUB_LIBRARY (34). Only the linker sees it; the GPU machine's driver is used at run time.
-if [[ ! -f $LINK/libcuda.so ]]; then
+# A stub library for the linker: every `pub unsafe fn PREFIX*` cudarc declares under SYS, each
+# returning CODE, with the real library's SONAME. Only the linker sees it.
+# Usage: stub NAME SONAME PREFIX SYS CODE
+stub() {
+  local name=$1 soname=$2 prefix=$3 sys=$4 code=$5
+  [[ -f $LINK/lib$name.so ]] && return
   cargo fetch --locked --manifest-path "$ROOT/Cargo.toml" >/dev/null
-  CUDARC=$(cargo metadata --format-version 1 --locked --features pare-cli/cuda --manifest-path "$ROOT/Cargo.toml" \
+  local cudarc
+  cudarc=$(cargo metadata --format-version 1 --locked --features pare-cli/cuda --manifest-path "$ROOT/Cargo.toml" \
     | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc").rsplit("/",1)[0])')
-  grep -ohE '\bpub unsafe fn cu[A-Za-z0-9_]+' "$CUDARC/src/driver/sys/"*.rs | awk '{print $4}' | sort -u \
-    | awk '{print "int " $1 "(void) { return 34; }"}' >"$CUDA_DIR/cuda_stub.c"
-  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$CUDA_DIR/cuda_stub.c"
-  echo "libcuda stub: $(wc -l <"$CUDA_DIR/cuda_stub.c") symbols" >&2
-fi
+  grep -ohE "\\bpub unsafe fn $prefix[A-Za-z0-9_]+" "$cudarc/src/$sys/"*.rs | awk '{print $4}' | sort -u \
+    | awk -v code="$code" '{print "int " $1 "(void) { return " code "; }"}' >"$CUDA_DIR/${name}_stub.c"
+  cc -shared -fPIC -Wl,-soname,"$soname" -o "$LINK/lib$name.so" "$CUDA_DIR/${name}_stub.c"
+  echo "lib$name stub: $(wc -l <"$CUDA_DIR/${name}_stub.c") symbols" >&2
+}
 
-# NCCL=1 also builds dist/pare-cuda-nccl (`--tp N` over GPUs): linked against a stub of
-# libnccl.so.2 made the same way; at run time the GPU host's NCCL is loaded (e.g. from a torch
-# install: LD_LIBRARY_PATH=.../site-packages/nvidia/nccl/lib).
-if [[ ${NCCL:-0} == 1 && ! -f $LINK/libnccl.so ]]; then
-  CUDARC=$(cargo metadata --format-version 1 --locked --features pare-cli/cuda --manifest-path "$ROOT/Cargo.toml" \
-    | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc").rsplit("/",1)[0])')
-  grep -ohE '\bpub unsafe fn nccl[A-Za-z0-9_]+' "$CUDARC/src/nccl/sys/"*.rs | awk '{print $4}' | sort -u \
-    | awk '{print "int " $1 "(void) { return 1; }"}' >"$CUDA_DIR/nccl_stub.c"
-  cc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$LINK/libnccl.so" "$CUDA_DIR/nccl_stub.c"
-  echo "libnccl stub: $(wc -l <"$CUDA_DIR/nccl_stub.c") symbols" >&2
+# No wheel ships libcuda.so (the driver). candle forces cudarc's dynamic linking, so link against a
+# stub whose functions fail with CUDA_ERROR_STUB_LIBRARY (34); the GPU machine's driver is used at
+# run time.
+stub cuda libcuda.so.1 cu driver/sys 34
+# NCCL=1 also builds dist/pare-cuda-nccl (`--tp N` over GPUs), linked against a stub of
+# libnccl.so.2; at run time the GPU host's NCCL is loaded (e.g. from a torch install:
+# LD_LIBRARY_PATH=.../site-packages/nvidia/nccl/lib, which scripts/gpu-env.sh sets).
+if [[ ${NCCL:-0} == 1 ]]; then
+  stub nccl libnccl.so.2 nccl nccl/sys 1
 fi
 
 export PATH=$CU/bin:$PATH NVCC=$CU/bin/nvcc
