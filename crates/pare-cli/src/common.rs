@@ -21,44 +21,35 @@ pub struct ParallelArgs {
 }
 
 impl ParallelArgs {
-    /// Whether the ranks are GPUs: the whole model then loads into host memory, and each GPU
-    /// receives only its part.
-    pub fn over_gpus(&self, model: &ModelArgs) -> bool {
-        self.tp.get() > 1 && model.device != DeviceArg::Cpu
-    }
-
-    /// The ranks of `loaded` split `--tp` ways; none when it is not split. On cpu the ranks are
-    /// threads over host memory; on cuda rank r runs on GPU r through NCCL.
-    pub fn split(&self, loaded: &LoadedModel, args: &ModelArgs) -> Result<Vec<Model>> {
+    /// Load the model and split it `--tp` ways. On cpu the ranks are threads over host memory;
+    /// on cuda the whole model loads into host memory and rank r's part goes to GPU r, the ranks
+    /// exchanging through NCCL.
+    pub fn load(&self, args: &ModelArgs) -> Result<LoadedModel> {
         let world = self.tp.get();
         if world == 1 {
-            return Ok(Vec::new());
+            return args.load();
         }
-        if !self.over_gpus(args) {
-            let comms = LocalComm::group(world)?;
-            return Ok(comms
-                .into_iter()
-                .map(|comm| loaded.model.into_shard(comm))
-                .collect::<pare_model::Result<_>>()?);
+        if args.device == DeviceArg::Cpu {
+            let mut loaded = args.load()?;
+            loaded.model = loaded.model.split(LocalComm::group(world)?)?;
+            return Ok(loaded);
         }
         if args.device != DeviceArg::Cuda(0) {
             bail!("--tp {world} runs on GPUs 0..{world}: give --device cuda");
         }
-        split_over_gpus(world, &loaded.model)
+        let mut loaded = args.load_on(&candle_core::Device::Cpu)?;
+        loaded.model = split_over_gpus(world, &loaded.model)?;
+        Ok(loaded)
     }
 }
 
 #[cfg(feature = "nccl")]
-fn split_over_gpus(world: usize, model: &Model) -> Result<Vec<Model>> {
-    let groups = pare_model::parallel::nccl::NcclComm::group(world)?;
-    Ok(groups
-        .into_iter()
-        .map(|(comm, device)| model.into_shard_on(comm, &device))
-        .collect::<pare_model::Result<_>>()?)
+fn split_over_gpus(world: usize, model: &Model) -> Result<Model> {
+    Ok(model.split_on(pare_model::parallel::nccl::NcclComm::group(world)?)?)
 }
 
 #[cfg(not(feature = "nccl"))]
-fn split_over_gpus(world: usize, _: &Model) -> Result<Vec<Model>> {
+fn split_over_gpus(world: usize, _: &Model) -> Result<Model> {
     bail!("--tp {world} on cuda needs NCCL, which this build does not include (NCCL=1 scripts/build-cuda.sh)")
 }
 

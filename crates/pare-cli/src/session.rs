@@ -5,21 +5,16 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use candle_core::Device;
-use pare_model::parallel::on_every_rank;
-use pare_model::{Hooks, LoadedModel, Model};
+use pare_model::{Hooks, LoadedModel};
 
 use crate::common::{ModelArgs, ParallelArgs};
 use crate::press_args::PressArgs;
 use crate::token_prune_args::TokenPruneArgs;
 
-/// A loaded model and the hooks the flags asked for.
+/// A loaded model (split as `--tp` asks) and the hooks the flags asked for.
 pub struct Session {
     pub loaded: LoadedModel,
     pub hooks: Hooks,
-    /// The model's ranks under `--tp` (none when it runs whole); `loaded` then holds the whole
-    /// model (in host memory when the ranks are GPUs).
-    pub ranks: Vec<Model>,
 }
 
 /// The hook flags, checked: what is left once the model is known.
@@ -38,19 +33,12 @@ impl<'a> HookPlan<'a> {
 
     /// Load the model, split it as `--tp` asks, and build the hooks for it.
     pub fn open(self, model: &ModelArgs, parallel: &ParallelArgs) -> Result<Session> {
-        let loaded = if parallel.over_gpus(model) { model.load_on(&Device::Cpu)? } else { model.load()? };
-        let ranks = parallel.split(&loaded, model)?;
+        let loaded = parallel.load(model)?;
         let pruner = self.token_prune.build(loaded.model.num_layers(), None)?.map(Arc::from);
         let mut hooks = Hooks::new(self.press, pruner);
         hooks.bind(&loaded)?;
-        Ok(Session { loaded, hooks, ranks })
+        Ok(Session { loaded, hooks })
     }
-}
-
-/// Whether `model` speaks for the run: the whole model, or rank 0 of a `--tp` split (every rank
-/// computes the same results; one shows progress and streams).
-pub fn reports(model: &Model) -> bool {
-    model.shard().is_none_or(|s| s.rank() == 0)
 }
 
 impl Session {
@@ -62,22 +50,6 @@ impl Session {
         token_prune: &TokenPruneArgs,
     ) -> Result<Session> {
         HookPlan::check(press, token_prune)?.open(model, parallel)
-    }
-
-    /// The device the model runs on: rank 0's under `--tp`.
-    pub fn device(&self) -> &Device {
-        self.ranks.first().map_or(self.loaded.model.device(), Model::device)
-    }
-
-    /// Run `work` on the model: once on the whole model, or on every rank of a `--tp` split at
-    /// once, each rank running the same work (the collectives inside the forward keep them in
-    /// step and give every rank the same logits). Results in rank order; the first is what a
-    /// command reports, summing what each rank holds (cache bytes) where it matters.
-    pub fn on_model<T: Send>(&self, work: impl Fn(&Model) -> Result<T> + Sync) -> Result<Vec<T>> {
-        if self.ranks.is_empty() {
-            return Ok(vec![work(&self.loaded.model)?]);
-        }
-        on_every_rank(&self.ranks, |m| &m.shard().expect("a rank of a split model").comm, work)
     }
 
     /// Whether any hook acts (reports then show what it saved).

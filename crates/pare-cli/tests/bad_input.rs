@@ -270,6 +270,7 @@ fn bad_dtype_and_device() {
 fn bad_serve_limits() {
     expect(&["serve", "--max-batched-tokens", "0"], "--max-batched-tokens");
     expect(&["serve", "--timeout", "0"], "--timeout");
+    expect(&["serve", "--port", "0", "--tp", "2"], "--tp 2 does not divide layer 0's 9 query heads");
 }
 
 #[test]

@@ -300,9 +300,7 @@ pub fn beam_search_with(
             break;
         }
         cache.select_rows(&rows_for_cache)?;
-        if let Some(press) = &mut hooks.press {
-            press.select_rows(&rows_for_cache)?;
-        }
+        hooks.select_rows(&rows_for_cache)?;
         let next: Vec<u32> = running.iter().map(|b| *b.tokens.last().expect("a running beam has a token")).collect();
         logits = model.decode(&mut [(&mut cache, &mut hooks)], &next)?;
     }

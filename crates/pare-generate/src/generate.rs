@@ -83,15 +83,6 @@ pub struct CacheStats {
     pub kv_bytes_uncompressed: usize,
 }
 
-impl CacheStats {
-    /// Count another cache's bytes in too (the other ranks' heads of a split model).
-    pub fn add(&mut self, other: &CacheStats) {
-        self.kv_bytes_prefill += other.kv_bytes_prefill;
-        self.kv_bytes_final += other.kv_bytes_final;
-        self.kv_bytes_uncompressed += other.kv_bytes_uncompressed;
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationOutput {
     pub sequences: Vec<Sequence>,

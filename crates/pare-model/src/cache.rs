@@ -677,11 +677,17 @@ impl LayerKv {
 
 /// The whole model's cache: one [`LayerKv`] per layer and the next position of every row. What
 /// it keeps is decided by the press in the sequence's [`Hooks`](crate::Hooks).
+///
+/// A model split over threads ([`Model::split`](crate::Model::split)) makes caches of every
+/// rank's heads: the layers here hold rank 0's, and the other ranks' parts travel inside
+/// ([`KvCache::parts`]); sizes count every part.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub(crate) layers: Vec<LayerKv>,
     /// The position the next token of each row will take.
     pub(crate) next_position: Vec<i64>,
+    /// Ranks 1.. of a split model's cache.
+    pub(crate) peers: Vec<KvCache>,
 }
 
 impl KvCache {
@@ -690,7 +696,25 @@ impl KvCache {
         KvCache {
             layers: kv_heads_per_layer.iter().map(|&h| LayerKv::new(batch, h)).collect(),
             next_position: vec![0; batch],
+            peers: Vec::new(),
         }
+    }
+
+    /// Every rank's part of a split model's cache in rank order (this cache alone when the
+    /// model runs whole); part r holds rank r's KV heads.
+    pub fn parts(&self) -> impl Iterator<Item = &KvCache> {
+        std::iter::once(self).chain(&self.peers)
+    }
+
+    /// Ok if this cache has a part for each of `ranks` ranks (a model split so made it).
+    pub(crate) fn check_parts(&self, ranks: usize) -> Result<()> {
+        if self.peers.len() + 1 != ranks {
+            return Err(ModelError::input(format!(
+                "a cache made for {} rank(s) given to a model split over {ranks} (a model's caches come from its new_cache or prefill)",
+                self.peers.len() + 1
+            )));
+        }
+        Ok(())
     }
 
     pub fn batch(&self) -> usize {
@@ -717,23 +741,23 @@ impl KvCache {
         &self.next_position
     }
 
-    /// Bytes of keys and values in use, over all layers.
+    /// Bytes of keys and values in use, over all layers (and ranks).
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::bytes).sum()
+        self.parts().flat_map(|p| &p.layers).map(LayerKv::bytes).sum()
     }
 
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::allocated_bytes).sum()
+        self.parts().flat_map(|p| &p.layers).map(LayerKv::allocated_bytes).sum()
     }
 
     /// Bytes the cache would hold had nothing been evicted.
     pub fn uncompressed_bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::uncompressed_bytes).sum()
+        self.parts().flat_map(|p| &p.layers).map(LayerKv::uncompressed_bytes).sum()
     }
 
-    /// Entries held, summed over layers, rows and heads.
+    /// Entries held, summed over layers, rows and heads (and ranks).
     pub fn total_entries(&self) -> usize {
-        self.layers.iter().map(|l| l.entry_counts().iter().sum::<usize>()).sum()
+        self.parts().flat_map(|p| &p.layers).map(|l| l.entry_counts().iter().sum::<usize>()).sum()
     }
 
     /// The cache of the first `len` positions (a prompt's prefix, to share it): entries at
@@ -747,6 +771,9 @@ impl KvCache {
         for next in &mut self.next_position {
             *next = (*next).min(end);
         }
+        for peer in &mut self.peers {
+            peer.truncate(len)?;
+        }
         Ok(())
     }
 
@@ -759,6 +786,9 @@ impl KvCache {
             layer.select_rows(rows)?;
         }
         self.next_position = rows.iter().map(|&r| self.next_position[r]).collect();
+        for peer in &mut self.peers {
+            peer.select_rows(rows)?;
+        }
         Ok(())
     }
 }

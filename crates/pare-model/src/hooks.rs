@@ -114,22 +114,40 @@ pub trait TokenPruner: std::fmt::Debug + Send + Sync {
 }
 
 /// The hooks of one sequence (or one batch that shares them): its press, which keeps state
-/// between calls, and its token pruner, which does not.
+/// between calls, and its token pruner, which does not. On a model split over threads
+/// ([`Model::split`]) the hooks act on rank 0's heads and carry a fresh copy for each other rank
+/// from their first forward call on.
 #[derive(Debug, Default)]
 pub struct Hooks {
     pub press: Option<Box<dyn CachePress>>,
     pub pruner: Option<Arc<dyn TokenPruner>>,
+    /// Ranks 1.. of a split model.
+    pub(crate) peers: Vec<Hooks>,
 }
 
 impl Clone for Hooks {
     fn clone(&self) -> Self {
-        Hooks { press: self.press.as_ref().map(|p| p.box_clone()), pruner: self.pruner.clone() }
+        Hooks {
+            press: self.press.as_ref().map(|p| p.box_clone()),
+            pruner: self.pruner.clone(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
 impl Hooks {
     pub fn new(press: Option<Box<dyn CachePress>>, pruner: Option<Arc<dyn TokenPruner>>) -> Self {
-        Hooks { press, pruner }
+        Hooks { press, pruner, peers: Vec::new() }
+    }
+
+    /// The other ranks' hooks of a model split `n + 1` ways, taken out so that each rank's thread
+    /// runs with its own: copies of these as they are before their first call.
+    pub(crate) fn take_peers(&mut self, n: usize) -> Vec<Hooks> {
+        if self.peers.len() != n {
+            self.peers =
+                (0..n).map(|_| Hooks::new(self.press.as_ref().map(|p| p.box_clone()), self.pruner.clone())).collect();
+        }
+        std::mem::take(&mut self.peers)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,6 +161,15 @@ impl Hooks {
             (Some(press), Some(tokenizer)) => press.bind(tokenizer),
             _ => Ok(()),
         }
+    }
+
+    /// Reorder or duplicate the press's per-row state as the cache's rows are (beam search,
+    /// continuations forked from one prompt): row i becomes row `rows[i]`; every rank's press.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(press) = self.press.as_mut() {
+            press.select_rows(rows)?;
+        }
+        self.peers.iter_mut().try_for_each(|peer| peer.select_rows(rows))
     }
 
     /// Tokens the press ran beyond the prompts (see [`CachePress::extra_tokens`]).

@@ -238,6 +238,7 @@ pub fn build(config: &ModelConfig, w: &Weights, names: &DecoderNames) -> Result<
         kv_dtype: KvDtype::Float(w.dtype.activation_dtype()),
         device: w.device.clone(),
         shard: None,
+        ranks: Vec::new(),
     };
     // On a GPU a decode step is a pass over the weights: fewer, larger products run nearer the
     // memory bandwidth. On CPU the separate dense products are as fast and keep the weights

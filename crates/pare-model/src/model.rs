@@ -13,7 +13,7 @@ use crate::diff::Role;
 use crate::error::{ModelError, Result};
 use crate::hooks::{Hooks, Phase, TokenPruner};
 use crate::layers::{Linear, LoraLinear, Mlp, Norm};
-use crate::parallel::{block, Comm, Shard};
+use crate::parallel::{block, on_every_rank, Comm, Shard};
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -87,6 +87,9 @@ pub struct Model {
     /// Set on a rank of a tensor-parallel model: its blocks hold its heads and channels, its
     /// embedding and head its slice of the vocabulary.
     pub(crate) shard: Option<Shard>,
+    /// Set on a model split over the threads of this process ([`Model::split`]): every rank, rank
+    /// 0 first (this model's own weights are rank 0's, shared). Each forward call runs them all.
+    pub(crate) ranks: Vec<Model>,
 }
 
 impl Model {
@@ -141,20 +144,60 @@ impl Model {
         self.shard.as_ref()
     }
 
+    /// This model split over the ranks of `comms` (rank order) as one model that callers use as
+    /// they use the whole: each forward call runs every rank at once, one thread each, and
+    /// returns rank 0's logits (every rank computes the same bits); its caches hold every rank's
+    /// heads ([`KvCache::parts`]), and hooks get a copy of their press per rank, so each rank
+    /// compresses its own heads. The ranks stay on this model's device. See
+    /// [`Model::split_rank`] for what a rank holds; settings that change the model (KV dtype,
+    /// adapters) are made before the split.
+    pub fn split(&self, comms: Vec<Arc<dyn Comm>>) -> Result<Model> {
+        let device = self.device.clone();
+        self.split_on(comms.into_iter().map(|comm| (comm, device.clone())).collect())
+    }
+
+    /// [`Model::split`] with rank r's part moved to the rank's device (its GPU): the whole model
+    /// can stay in host memory and each GPU receive only its part.
+    pub fn split_on(&self, group: Vec<(Arc<dyn Comm>, Device)>) -> Result<Model> {
+        let world = group.len();
+        let ranks = group
+            .into_iter()
+            .enumerate()
+            .map(|(rank, (comm, device))| {
+                if comm.rank() != rank || comm.world_size() != world {
+                    return Err(ModelError::input("a split's communicators must come in rank order"));
+                }
+                self.split_rank_on(comm, &device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut split = ranks.first().ok_or_else(|| ModelError::input("a split needs at least one rank"))?.clone();
+        split.ranks = ranks;
+        Ok(split)
+    }
+
+    /// The ranks a split model runs on, rank 0 first; the model itself when it runs whole.
+    pub fn ranks(&self) -> &[Model] {
+        if self.ranks.is_empty() {
+            std::slice::from_ref(self)
+        } else {
+            &self.ranks
+        }
+    }
+
     /// Rank `comm.rank()` of this model split over `comm.world_size()` ranks (see
     /// [`crate::parallel`]): whole query and KV heads and a block of MLP channels per layer, a
     /// slice of the vocabulary. A map's bias after the split (o, down) stays on rank 0 alone, so
     /// the ranks' partial sums add up to the whole layer's output once. Dense weights (quantized
     /// ones are dequantized to the activations' dtype). Refuses a split that does not divide
-    /// some layer's query or KV heads. The rank stays on this model's device.
-    pub fn into_shard(&self, comm: Arc<dyn Comm>) -> Result<Model> {
+    /// some layer's query or KV heads. The rank stays on this model's device. A rank runs only
+    /// beside the group's other ranks, each in its own thread ([`Model::split`] does that).
+    pub fn split_rank(&self, comm: Arc<dyn Comm>) -> Result<Model> {
         let device = self.device.clone();
-        self.into_shard_on(comm, &device)
+        self.split_rank_on(comm, &device)
     }
 
-    /// [`Model::into_shard`], the rank's part moved to `device` (its GPU): the whole model can
-    /// stay in host memory and each GPU receive only its part.
-    pub fn into_shard_on(&self, comm: Arc<dyn Comm>, device: &Device) -> Result<Model> {
+    /// [`Model::split_rank`], the rank's part moved to `device`.
+    pub fn split_rank_on(&self, comm: Arc<dyn Comm>, device: &Device) -> Result<Model> {
         let (rank, world) = (comm.rank(), comm.world_size());
         if self.shard.is_some() {
             return Err(ModelError::input("the model is already split for tensor parallelism"));
@@ -368,11 +411,17 @@ impl Model {
     /// An empty cache for `batch` rows.
     pub fn new_cache(&self, batch: usize) -> KvCache {
         let kv_heads: Vec<usize> = self.blocks.iter().map(|b| b.attn.num_kv_heads).collect();
-        KvCache::new(&kv_heads, batch)
+        let mut cache = KvCache::new(&kv_heads, batch);
+        cache.peers = self.ranks.iter().skip(1).map(|rank| rank.new_cache(batch)).collect();
+        cache
     }
 
     /// Token embeddings (batch, seq, hidden) of a (batch × seq) grid of ids.
     pub fn embed(&self, tokens: &[Vec<u32>]) -> Result<Tensor> {
+        if !self.ranks.is_empty() {
+            let states = self.ranks.iter().map(|_| ()).collect();
+            return Ok(self.on_ranks(states, |rank, ()| rank.embed(tokens))?.swap_remove(0));
+        }
         let batch = tokens.len();
         let seq = tokens.first().map_or(0, Vec::len);
         if batch == 0 || seq == 0 {
@@ -416,6 +465,9 @@ impl Model {
     /// the filled cache. Token prompts of any lengths are left-padded, with positions counted
     /// from 0 at each row's first real token, as HF `generate` does with an attention mask.
     pub fn prefill(&self, input: PrefillInput, hooks: &mut Hooks) -> Result<(Tensor, KvCache)> {
+        if !self.ranks.is_empty() {
+            return self.prefill_split(input, hooks);
+        }
         let (x, positions, prompts) = match input {
             PrefillInput::Tokens(prompts) => {
                 let (tokens, positions) = left_pad(prompts)?;
@@ -458,6 +510,9 @@ impl Model {
     /// within its own tokens. Returns the logits (cache rows, vocab) of every row's last token,
     /// in f32. A pruner, which cuts tokens out of the forward, needs a cache of its own.
     pub fn step(&self, seqs: &mut [(&mut KvCache, &mut Hooks)], tokens: &[Vec<Vec<u32>>]) -> Result<Tensor> {
+        if !self.ranks.is_empty() {
+            return self.on_ranks_caches(seqs, |rank, seqs| rank.step(seqs, tokens));
+        }
         if tokens.len() != seqs.len() || seqs.iter().zip(tokens).any(|((c, _), t)| t.len() != c.batch()) {
             return Err(ModelError::input("a step needs one token list per cache row"));
         }
@@ -497,6 +552,12 @@ impl Model {
         phase: Phase,
         logits: Logits,
     ) -> Result<Tensor> {
+        if !self.ranks.is_empty() {
+            return self.on_ranks_caches(&mut [(cache, hooks)], |rank, seqs| {
+                let [(cache, hooks)] = seqs else { unreachable!("one cache per rank") };
+                rank.forward(x.to_device(rank.device())?, positions, cache, hooks, phase, logits)
+            });
+        }
         let (batch, seq, hidden) = x.dims3()?;
         let x = x.reshape((1, batch * seq, hidden))?;
         self.run(x, positions, &mut [(cache, hooks)], &[(seq, phase)], logits)
@@ -602,6 +663,59 @@ impl Model {
         }
     }
 
+    /// Run `work` on every rank of a split model at once, rank r with `states[r]`: the ranks'
+    /// results in rank order (see [`on_every_rank`]).
+    fn on_ranks<S: Send, T: Send>(
+        &self,
+        states: Vec<S>,
+        work: impl Fn(&Model, S) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        on_every_rank(&self.ranks, states, |rank| &rank.shard.as_ref().expect("a rank of a split model").comm, work)
+    }
+
+    /// [`Model::prefill`] on every rank: rank 0's logits, and a cache of every rank's part.
+    fn prefill_split(&self, input: PrefillInput, hooks: &mut Hooks) -> Result<(Tensor, KvCache)> {
+        let mut peers = hooks.take_peers(self.ranks.len() - 1);
+        let inputs = self.ranks.iter().map(|rank| input.to_device(rank.device())).collect::<Result<Vec<_>>>()?;
+        let states = inputs.into_iter().zip(std::iter::once(&mut *hooks).chain(&mut peers)).collect();
+        let out = self.on_ranks(states, |rank, (input, hooks)| rank.prefill(input, hooks));
+        hooks.peers = peers;
+        let mut parts = out?.into_iter();
+        let (logits, mut cache) = parts.next().expect("rank 0");
+        cache.peers = parts.map(|(_, part)| part).collect();
+        Ok((logits, cache))
+    }
+
+    /// `work` over caches on every rank, each rank with its parts of the caches and its copy of
+    /// the hooks: rank 0's logits.
+    fn on_ranks_caches(
+        &self,
+        seqs: &mut [(&mut KvCache, &mut Hooks)],
+        work: impl Fn(&Model, &mut [(&mut KvCache, &mut Hooks)]) -> Result<Tensor> + Sync,
+    ) -> Result<Tensor> {
+        for (cache, _) in seqs.iter() {
+            cache.check_parts(self.ranks.len())?;
+        }
+        let peers = self.ranks.len() - 1;
+        let mut taken: Vec<(Vec<KvCache>, Vec<Hooks>)> =
+            seqs.iter_mut().map(|(c, h)| (std::mem::take(&mut c.peers), h.take_peers(peers))).collect();
+        let mut states: Vec<Vec<(&mut KvCache, &mut Hooks)>> = self.ranks.iter().map(|_| Vec::new()).collect();
+        for (cache, hooks) in seqs.iter_mut() {
+            states[0].push((&mut **cache, &mut **hooks));
+        }
+        for (caches, hooks) in &mut taken {
+            for (rank, part) in caches.iter_mut().zip(hooks.iter_mut()).enumerate() {
+                states[rank + 1].push(part);
+            }
+        }
+        let out = self.on_ranks(states, |rank, mut seqs| work(rank, &mut seqs));
+        for ((cache, hooks), (cache_peers, hook_peers)) in seqs.iter_mut().zip(taken) {
+            cache.peers = cache_peers;
+            hooks.peers = hook_peers;
+        }
+        Ok(out?.swap_remove(0))
+    }
+
     /// Group consecutive caches whose rows run equally many tokens (see [`RowRun`]).
     fn row_runs(&self, batches: &[usize], seq_lens: &[usize], positions: &[Vec<i64>]) -> Result<Vec<RowRun>> {
         // (slots, rows, seq, offset) of each run, then its rotation.
@@ -675,6 +789,18 @@ impl Model {
 pub enum PrefillInput<'a> {
     Tokens(&'a [Vec<u32>]),
     Embeds { x: Tensor, positions: Vec<Vec<i64>> },
+}
+
+impl PrefillInput<'_> {
+    /// The same input with its embeddings on `device` (a rank's).
+    fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(match self {
+            PrefillInput::Tokens(prompts) => PrefillInput::Tokens(prompts),
+            PrefillInput::Embeds { x, positions } => {
+                PrefillInput::Embeds { x: x.to_device(device)?, positions: positions.clone() }
+            }
+        })
+    }
 }
 
 /// Token ids and their positions, (batch × seq) each.

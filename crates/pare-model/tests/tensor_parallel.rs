@@ -1,20 +1,14 @@
 //! A model split over ranks (in-process transport) computes what the whole model computes:
-//! logits within 1e-5 in f32, the same greedy tokens, and each rank's cache holding exactly its
-//! heads' entries of the whole model's cache.
-
-use std::sync::Arc;
+//! logits within 1e-5 in f32, the same greedy tokens, and each rank's part of the cache holding
+//! exactly its heads' entries of the whole model's cache.
 
 use candle_core::{DType, Device, Tensor};
-use pare_model::parallel::{on_every_rank, Comm, LocalComm};
-use pare_model::{Hooks, KvCache, Model};
+use pare_model::parallel::LocalComm;
+use pare_model::{Hooks, KvCache, Model, PrefillInput};
 use pare_test_support::{decode, fixture_path, load_f32, logits_all, max_abs_diff, prefill, TinyLlama};
 
-fn shards(model: &Model, world: usize) -> Vec<Model> {
-    LocalComm::group(world).unwrap().into_iter().map(|comm| model.into_shard(comm).unwrap()).collect()
-}
-
-fn comm_of(m: &Model) -> &Arc<dyn Comm> {
-    &m.shard().expect("a shard").comm
+fn split(model: &Model, world: usize) -> Model {
+    model.split(LocalComm::group(world).unwrap()).unwrap()
 }
 
 /// Prefill two prompts of different lengths, then greedy-decode: the logits of every call and
@@ -36,7 +30,7 @@ fn run(model: &Model, steps: usize) -> pare_model::Result<(Vec<Tensor>, Vec<Vec<
 }
 
 /// Every rank's keys of `layer` (row, head, entries, head_dim), heads stacked in rank order.
-fn gathered_keys(caches: &[KvCache], layer: usize) -> Tensor {
+fn gathered_keys(caches: &[&KvCache], layer: usize) -> Tensor {
     let keys: Vec<Tensor> = caches.iter().map(|c| c.layer(layer).kv().unwrap().unwrap().0).collect();
     Tensor::cat(&keys, 1).unwrap()
 }
@@ -45,25 +39,22 @@ fn check_split(model: &Model, world: usize) {
     let (whole_logits, whole_tokens, whole_cache) = run(model, 6).unwrap();
     let ids = [3u32, 9, 27, 81, 243, 1, 2, 4];
     let whole_all = logits_all(model, &ids).unwrap();
-    let ranks = shards(model, world);
-    let outs = on_every_rank(&ranks, comm_of, |m| -> pare_model::Result<_> { Ok((run(m, 6)?, logits_all(m, &ids)?)) })
-        .unwrap();
-    for (rank, ((logits, tokens, cache), all)) in outs.iter().enumerate() {
-        assert_eq!(tokens, &whole_tokens, "rank {rank} of {world}: greedy tokens");
-        for (step, (a, b)) in logits.iter().zip(&whole_logits).enumerate() {
-            assert!(max_abs_diff(a, b) < 1e-5, "rank {rank} of {world}, call {step}: {}", max_abs_diff(a, b));
-        }
-        assert!(
-            max_abs_diff(all, &whole_all) < 1e-5,
-            "rank {rank}: every position's logits: {}",
-            max_abs_diff(all, &whole_all)
-        );
-        let heads = whole_cache.layer(0).kv_heads() / world;
-        assert_eq!(cache.layer(0).kv_heads(), heads, "rank {rank} caches its own heads");
-        // Every rank gets the same bits, so their decisions agree without a broadcast.
-        assert_eq!(max_abs_diff(&logits[0], &outs[0].0 .0[0]), 0.0);
+    let split = split(model, world);
+    assert_eq!(split.ranks().len(), world);
+    let (logits, tokens, cache) = run(&split, 6).unwrap();
+    assert_eq!(tokens, whole_tokens, "{world} ranks: greedy tokens");
+    for (step, (a, b)) in logits.iter().zip(&whole_logits).enumerate() {
+        assert!(max_abs_diff(a, b) < 1e-5, "{world} ranks, call {step}: {}", max_abs_diff(a, b));
     }
-    let caches: Vec<KvCache> = outs.into_iter().map(|((_, _, c), _)| c).collect();
+    let all = logits_all(&split, &ids).unwrap();
+    assert!(max_abs_diff(&all, &whole_all) < 1e-5, "every position's logits: {}", max_abs_diff(&all, &whole_all));
+    assert_eq!(cache.bytes(), whole_cache.bytes(), "the parts hold what the whole cache holds");
+    let caches: Vec<&KvCache> = cache.parts().collect();
+    assert_eq!(caches.len(), world);
+    for (rank, part) in caches.iter().enumerate() {
+        let heads = whole_cache.layer(0).kv_heads() / world;
+        assert_eq!(part.layer(0).kv_heads(), heads, "rank {rank} caches its own heads");
+    }
     for layer in 0..model.num_layers() {
         let whole = whole_cache.layer(layer).kv().unwrap().unwrap().0;
         assert!(max_abs_diff(&gathered_keys(&caches, layer), &whole) < 1e-5, "layer {layer}'s keys");
@@ -109,8 +100,7 @@ fn three_ranks_compute_what_the_whole_model_does() {
 fn a_split_that_does_not_divide_the_heads_is_refused() {
     // Mistral-tiny has one KV head.
     let loaded = load_f32(&fixture_path("mistral-tiny/model"));
-    let comm = LocalComm::group(2).unwrap().remove(0);
-    let err = loaded.model.into_shard(comm).unwrap_err().to_string();
+    let err = loaded.model.split(LocalComm::group(2).unwrap()).unwrap_err().to_string();
     assert_eq!(
         err,
         "`tp` 2 does not divide layer 0's 4 query heads and 1 KV heads (each rank needs as many whole heads)"
@@ -128,8 +118,22 @@ fn ranks_run_batches_of_caches_in_one_step() {
         m.decode(&mut [(&mut a, &mut ha), (&mut b, &mut hb)], &[8, 9, 10])
     };
     let whole = step(&loaded.model).unwrap();
-    let ranks = shards(&loaded.model, 2);
-    for logits in on_every_rank(&ranks, comm_of, step).unwrap() {
-        assert!(max_abs_diff(&logits, &whole) < 1e-5);
-    }
+    let logits = step(&split(&loaded.model, 2)).unwrap();
+    assert!(max_abs_diff(&logits, &whole) < 1e-5);
+}
+
+#[test]
+fn a_failed_call_leaves_the_split_model_usable() {
+    let loaded = load_f32(&fixture_path("llama-tiny/model"));
+    let split = split(&loaded.model, 2);
+    let vocab = loaded.model.config().vocab_size as u32;
+    let err = prefill(&split, &[vec![1, vocab]]).unwrap_err().to_string();
+    assert_eq!(err, format!("token id {vocab} is outside the vocabulary ({vocab})"));
+    // A cache the whole model made has no parts for the other rank.
+    let (_, mut whole_cache) = prefill(&loaded.model, &[vec![1, 2]]).unwrap();
+    let err = split.decode(&mut [(&mut whole_cache, &mut Hooks::default())], &[3]).unwrap_err().to_string();
+    assert!(err.starts_with("a cache made for 1 rank(s) given to a model split over 2"), "{err}");
+    let (logits, _) = split.prefill(PrefillInput::Tokens(&[vec![1, 2]]), &mut Hooks::default()).unwrap();
+    let (whole, _) = prefill(&loaded.model, &[vec![1, 2]]).unwrap();
+    assert!(max_abs_diff(&logits, &whole) < 1e-5);
 }

@@ -4,10 +4,8 @@
 //! (AdaKV's budgets, ChunkKV's chunks, TOVA's mean, Compactor's z-scores, KVzip's global
 //! ranking, FastV-style pruning) must exchange what it needs.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
-use pare_model::parallel::{on_every_rank, Comm, LocalComm};
+use pare_model::parallel::LocalComm;
 use pare_model::{CachePress, Hooks, KvCache, LoadedModel, Model};
 use pare_press::{build, PressOptions};
 use pare_test_support::{self as ts, max_abs_diff, repo, smollm2};
@@ -21,12 +19,8 @@ fn text_tokens(n: usize) -> Vec<u32> {
     ids
 }
 
-fn shards(model: &Model) -> Vec<Model> {
-    LocalComm::group(RANKS).unwrap().into_iter().map(|comm| model.into_shard(comm).unwrap()).collect()
-}
-
-fn comm_of(m: &Model) -> &Arc<dyn Comm> {
-    &m.shard().expect("a shard").comm
+fn split(model: &Model) -> Model {
+    model.split(LocalComm::group(RANKS).unwrap()).unwrap()
 }
 
 /// Prefill with `hooks`, then 3 greedy steps: every call's logits, the tokens, the cache.
@@ -49,15 +43,15 @@ fn hooks_for(press: &dyn CachePress, loaded: &LoadedModel) -> Hooks {
     hooks
 }
 
-/// The whole model's run against the ranks': the same tokens, logits within 5e-4 (f32 over 30
-/// layers, sums in another order), and rank r's cache holding exactly whole head r's entries.
-fn check(name: &str, loaded: &LoadedModel, ranks: &[Model], prompts: &[Vec<u32>], hooks: Hooks) {
+/// The whole model's run against the split model's: the same tokens, logits within 5e-4 (f32
+/// over 30 layers, sums in another order), and rank r's part of the cache holding exactly whole
+/// head r's entries.
+fn check(name: &str, loaded: &LoadedModel, split: &Model, prompts: &[Vec<u32>], hooks: Hooks) {
     let (whole_logits, whole_tokens, whole) = run(&loaded.model, prompts, hooks.clone()).unwrap();
-    let outs =
-        on_every_rank(ranks, comm_of, |m| run(m, prompts, hooks.clone())).unwrap_or_else(|e| panic!("{name}: {e}"));
-    for (rank, (logits, tokens, cache)) in outs.iter().enumerate() {
-        for (layer, (mine, all)) in cache.layers().iter().zip(whole.layers()).enumerate() {
-            for row in 0..cache.batch() {
+    let (logits, tokens, cache) = run(split, prompts, hooks).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (rank, part) in cache.parts().enumerate() {
+        for (layer, (mine, all)) in part.layers().iter().zip(whole.layers()).enumerate() {
+            for row in 0..part.batch() {
                 assert_eq!(
                     mine.positions(row, 0),
                     all.positions(row, rank),
@@ -65,10 +59,12 @@ fn check(name: &str, loaded: &LoadedModel, ranks: &[Model], prompts: &[Vec<u32>]
                 );
             }
         }
-        assert_eq!(tokens, &whole_tokens, "{name}: rank {rank}'s tokens");
-        for (a, b) in logits.iter().zip(&whole_logits) {
-            assert!(max_abs_diff(a, b) < 5e-4, "{name}: rank {rank}: {}", max_abs_diff(a, b));
-        }
+    }
+    assert_eq!(cache.parts().count(), RANKS);
+    assert_eq!(cache.bytes(), whole.bytes(), "{name}: the parts hold what the whole cache holds");
+    assert_eq!(tokens, whole_tokens, "{name}: tokens");
+    for (a, b) in logits.iter().zip(&whole_logits) {
+        assert!(max_abs_diff(a, b) < 5e-4, "{name}: {}", max_abs_diff(a, b));
     }
     assert!(whole.bytes() < whole.uncompressed_bytes(), "{name} compressed something");
 }
@@ -76,7 +72,7 @@ fn check(name: &str, loaded: &LoadedModel, ranks: &[Model], prompts: &[Vec<u32>]
 #[test]
 fn every_press_keeps_on_each_rank_what_it_keeps_of_that_rank_s_heads() {
     let loaded = smollm2();
-    let ranks = shards(&loaded.model);
+    let split = split(&loaded.model);
     let long = text_tokens(90);
     // Two rows of different lengths: padding, and each row its own budget.
     let two = vec![long.clone(), long[20..].to_vec()];
@@ -96,14 +92,14 @@ fn every_press_keeps_on_each_rank_what_it_keeps_of_that_rank_s_heads() {
         let press = build(spec, &ratio).unwrap_or_else(|e| panic!("{spec}: {e}"));
         // kvzip and compactor score one prompt at a time.
         let prompts = if ["kvzip", "compactor"].contains(&spec) { &two[..1] } else { &two[..] };
-        check(spec, loaded, &ranks, prompts, hooks_for(press.as_ref(), loaded));
+        check(spec, loaded, &split, prompts, hooks_for(press.as_ref(), loaded));
     }
     let decoding = PressOptions { budget: Some(40), interval: Some(2), ..PressOptions::default() };
     let press = build("decoding+adakv+knorm", &decoding).unwrap();
-    check("decoding+adakv+knorm", loaded, &ranks, &two, hooks_for(press.as_ref(), loaded));
+    check("decoding+adakv+knorm", loaded, &split, &two, hooks_for(press.as_ref(), loaded));
     let think = PressOptions { key_channel_ratio: Some(0.5), ..ratio.clone() };
     let press = build("think+snapkv", &think).unwrap();
-    check("think+snapkv", loaded, &ranks, &two, hooks_for(press.as_ref(), loaded));
+    check("think+snapkv", loaded, &split, &two, hooks_for(press.as_ref(), loaded));
 }
 
 #[test]
@@ -116,7 +112,6 @@ fn duo_attention_streams_the_same_heads_on_their_ranks() {
     pare_press::presses::DuoPattern { sink_size: 4, recent_size: 8, scores, calibration: None }.save(&pattern).unwrap();
     let opts = PressOptions { head_ratio: Some(0.5), duo_pattern: Some(pattern.clone()), ..PressOptions::default() };
     let press = build("duo-attention", &opts).unwrap();
-    let ranks = shards(model);
-    check("duo-attention", loaded, &ranks, &[text_tokens(60)], hooks_for(press.as_ref(), loaded));
+    check("duo-attention", loaded, &split(model), &[text_tokens(60)], hooks_for(press.as_ref(), loaded));
     std::fs::remove_file(pattern).unwrap();
 }

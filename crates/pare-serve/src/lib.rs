@@ -96,7 +96,7 @@ pub async fn serve(
                 let limits = engine::Limits {
                     max_concurrent: limits.0,
                     max_queue: limits.1,
-                    kv_memory: limits.2.unwrap_or_else(|| default_kv_memory(loaded.model.device())),
+                    kv_memory: limits.2.unwrap_or_else(|| default_kv_memory(&loaded.model)),
                     max_batched_tokens: limits.3,
                     kv_bytes_per_token,
                 };
@@ -151,11 +151,13 @@ fn load_model(load: Loader) -> Result<(LoadedModel, usize), String> {
     Ok((loaded, cache.uncompressed_bytes()))
 }
 
-/// Half the memory free where the caches live: on a GPU, its memory once the weights are in;
-/// on the CPU what the kernel says is available now (Linux), else 4 GiB.
-pub fn default_kv_memory(device: &candle_core::Device) -> usize {
-    if let Some(m) = pare_kernels::gpu_memory(device) {
-        return ((m.total - m.used) / 2) as usize;
+/// Half the memory free where the caches live: on GPUs, their memory once the weights are in
+/// (every rank's GPU for a model split over several); on the CPU what the kernel says is
+/// available now (Linux), else 4 GiB.
+fn default_kv_memory(model: &pare_model::Model) -> usize {
+    let gpus: Vec<_> = model.ranks().iter().filter_map(|rank| pare_kernels::gpu_memory(rank.device())).collect();
+    if !gpus.is_empty() {
+        return gpus.iter().map(|m| ((m.total - m.used) / 2) as usize).sum();
     }
     let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
         let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;

@@ -117,23 +117,18 @@ fn pruned_prefill_matches_the_python_reference() {
 
 #[test]
 fn ranks_of_a_split_model_keep_the_tokens_the_whole_model_keeps() {
-    use pare_model::parallel::{on_every_rank, LocalComm};
+    use pare_model::parallel::LocalComm;
     let model = &smollm2().model;
     let prompt = vec![text_tokens(100)];
     // SmolLM2's 3 KV heads, one per rank: every rank's scores join the head average.
-    let ranks: Vec<_> = LocalComm::group(3).unwrap().into_iter().map(|comm| model.into_shard(comm).unwrap()).collect();
+    let split = model.split(LocalComm::group(3).unwrap()).unwrap();
     for score in ["last-attn", "mean-attn", "knorm", "random"] {
         let p = pruner("3:0.5,20:10", Span::Prompt { protect_last: 8 }, score);
         let (whole_logits, whole) = model.prefill(PrefillInput::Tokens(&prompt), &mut ts::pruner_hooks(&p)).unwrap();
-        let outs = on_every_rank(
-            &ranks,
-            |m| &m.shard().expect("a shard").comm,
-            |m| m.prefill(PrefillInput::Tokens(&prompt), &mut ts::pruner_hooks(&p)),
-        )
-        .unwrap();
-        for (rank, (logits, cache)) in outs.iter().enumerate() {
-            assert!(ts::max_abs_diff(logits, &whole_logits) < 5e-4, "{score}: rank {rank}");
-            for (layer, (mine, all)) in cache.layers().iter().zip(whole.layers()).enumerate() {
+        let (logits, cache) = split.prefill(PrefillInput::Tokens(&prompt), &mut ts::pruner_hooks(&p)).unwrap();
+        assert!(ts::max_abs_diff(&logits, &whole_logits) < 5e-4, "{score}");
+        for (rank, part) in cache.parts().enumerate() {
+            for (layer, (mine, all)) in part.layers().iter().zip(whole.layers()).enumerate() {
                 assert_eq!(mine.positions(0, 0), all.positions(0, rank), "{score}: layer {layer}, rank {rank}");
             }
         }

@@ -106,23 +106,12 @@ pub fn run(args: Args) -> Result<()> {
         .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
         .collect();
 
-    let measure = |model: &Model| measure(model, &session.hooks, &prompts, &args);
-    // Under --tp every rank runs the same steps in lockstep: rank 0's clock times them all, and
-    // the caches and weights are every rank's together.
-    let runs = session.on_model(measure)?;
-    let m = Measured {
-        kv_bytes_prefill: runs.iter().map(|r| r.kv_bytes_prefill).sum(),
-        kv_bytes: runs.iter().map(|r| r.kv_bytes).sum(),
-        allocated: runs.iter().map(|r| r.allocated).sum(),
-        uncompressed: runs.iter().map(|r| r.uncompressed).sum(),
-        weight_bytes: runs.iter().map(|r| r.weight_bytes).sum(),
-        ..runs[0]
-    };
-    let Measured { prefill_s, decode_s, kv_bytes_prefill, kv_bytes, allocated, uncompressed, weight_bytes } = m;
+    let Measured { prefill_s, decode_s, kv_bytes_prefill, kv_bytes, allocated, uncompressed, weight_bytes } =
+        measure(model, &session.hooks, &prompts, &args)?;
     let prefill_tok_s = (args.batch * args.prompt_len) as f64 / prefill_s;
     let decode_tok_s = if args.gen_len > 0 { (args.batch * args.gen_len) as f64 / decode_s } else { 0.0 };
     let peak = peak_rss_bytes();
-    let gpu = gpu_memory(session.device());
+    let gpu = gpu_memory(model.device());
     if args.json {
         print_json(&json!({
             "model": args.model.model, "dtype": args.model.dtype_name(), "kv_dtype": args.model.kv_dtype().name(), "device": args.model.device.to_string(),
@@ -161,8 +150,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// One model's (or rank's) timings and bytes.
-#[derive(Clone, Copy)]
+/// A model's timings and bytes.
 struct Measured {
     prefill_s: f64,
     decode_s: f64,
@@ -170,9 +158,24 @@ struct Measured {
     kv_bytes: usize,
     allocated: usize,
     uncompressed: usize,
-    /// Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
-    /// matrix once; an untied embedding table only a row per token.
+    /// See [`decode_weight_bytes`].
     weight_bytes: usize,
+}
+
+/// Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
+/// matrix once; an untied embedding table only a row per token.
+fn decode_weight_bytes(model: &Model) -> usize {
+    model
+        .blocks()
+        .iter()
+        .map(|b| {
+            let a = &b.attn;
+            let m = &b.mlp;
+            [&a.q(), &a.k(), &a.v(), &a.o(), &m.up(), &m.down()].iter().map(|l| l.storage_bytes()).sum::<usize>()
+                + m.gate().as_ref().map_or(0, |g| g.storage_bytes())
+        })
+        .sum::<usize>()
+        + model.lm_head().storage_bytes()
 }
 
 /// Warm up, prefill `prompts` (the median of `--repeat` runs), then decode `--gen-len` greedy
@@ -228,17 +231,8 @@ fn measure(model: &Model, hooks: &Hooks, prompts: &[Vec<u32>], args: &Args) -> R
     }
     device.synchronize()?;
     let decode_s = start.elapsed().as_secs_f64();
-    let weight_bytes: usize = model
-        .blocks()
-        .iter()
-        .map(|b| {
-            let a = &b.attn;
-            let m = &b.mlp;
-            [&a.q(), &a.k(), &a.v(), &a.o(), &m.up(), &m.down()].iter().map(|l| l.storage_bytes()).sum::<usize>()
-                + m.gate().as_ref().map_or(0, |g| g.storage_bytes())
-        })
-        .sum::<usize>()
-        + model.lm_head().storage_bytes();
+    // Under --tp every rank reads its own part.
+    let weight_bytes = model.ranks().iter().map(decode_weight_bytes).sum();
     Ok(Measured {
         prefill_s,
         decode_s,

@@ -4,14 +4,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use pare_formats::TokenizerBundle;
-use pare_model::{Hooks, Model};
+use pare_model::Hooks;
 use pare_press::PressOptions;
 
 use crate::common::{print_json, progress_bar, ModelArgs, ParallelArgs};
 use crate::output::{plot_format, Output};
 use crate::press_args::{human_bytes, PressArgs};
-use crate::session::{reports, HookPlan};
+use crate::session::HookPlan;
 use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(Subcommand, Debug)]
@@ -260,21 +259,8 @@ fn ppl(args: PplArgs) -> Result<()> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    // Under --tp every rank scores the same tokens; the first shows the progress, and the cache
-    // bytes are every rank's heads' together.
-    let progress_of = |model: &Model| {
-        let shows = reports(model);
-        move |done, total| {
-            if shows {
-                progress(done, total)
-            }
-        }
-    };
     if args.stream {
-        let runs =
-            session.on_model(|m| Ok(pare_eval::perplexity_stream(m, &tokens, &session.hooks, progress_of(m))?))?;
-        let mut result = runs[0].clone();
-        result.kv_bytes_peak = runs.iter().map(|r| r.kv_bytes_peak).sum();
+        let result = pare_eval::perplexity_stream(&loaded.model, &tokens, &session.hooks, progress)?;
         bar.finish_and_clear();
         if args.json {
             print_json(&result)?;
@@ -288,17 +274,13 @@ fn ppl(args: PplArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let bos = loaded.tokenizer()?.added_bos();
-    let runs = session.on_model(|m| {
-        Ok(if args.llama_cpp {
-            pare_eval::perplexity_llama_cpp(m, &tokens, args.ctx, bos, &session.hooks, progress_of(m))?
-        } else {
-            pare_eval::perplexity_with(m, &tokens, args.ctx, stride, &session.hooks, progress_of(m))?
-        })
-    })?;
-    let mut result = runs[0].clone();
-    result.kv_bytes_peak = runs.iter().map(|r| r.kv_bytes_peak).sum();
-    result.kv_bytes_context = runs.iter().map(|r| r.kv_bytes_context).sum();
+    let result = if args.llama_cpp {
+        let tok = loaded.tokenizer()?;
+        let bos = tok.added_bos();
+        pare_eval::perplexity_llama_cpp(&loaded.model, &tokens, args.ctx, bos, &session.hooks, progress)?
+    } else {
+        pare_eval::perplexity_with(&loaded.model, &tokens, args.ctx, stride, &session.hooks, progress)?
+    };
     bar.finish_and_clear();
     if args.json {
         print_json(&result)?;
@@ -372,24 +354,22 @@ struct NeedleGrid<'a> {
 
 /// Every cell of the grid.
 fn needle_grid(
-    model: &Model,
-    tok: &TokenizerBundle,
+    loaded: &pare_model::LoadedModel,
     haystack: &str,
     grid: &NeedleGrid,
     hooks: &Hooks,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<NeedleCell>> {
     let NeedleGrid { ctx, depths, trials, seed } = *grid;
+    let tok = loaded.tokenizer()?;
     let mut cells = Vec::new();
     for &c in ctx {
         for &d in depths {
             let mut runs = Vec::new();
             for t in 0..trials {
                 let trial_seed = seed ^ (c as u64) << 20 ^ (d as u64) << 8 ^ t as u64;
-                runs.push(pare_eval::needle::needle_trial(model, tok, haystack, c, d, trial_seed, hooks)?);
-                if reports(model) {
-                    bar.inc(1);
-                }
+                runs.push(pare_eval::needle::needle_trial(&loaded.model, tok, haystack, c, d, trial_seed, hooks)?);
+                bar.inc(1);
             }
             let accuracy = runs.iter().filter(|r| r.found).count() as f64 / runs.len() as f64;
             cells.push(NeedleCell { ctx: c, depth_percent: d, accuracy, trials: runs });
@@ -410,15 +390,7 @@ fn needle(args: NeedleArgs) -> Result<()> {
     check_needle_ctx(&NEEDLE_FLAGS, &args.ctx, &loaded.model)?;
     let bar = progress_bar((args.ctx.len() * args.depths.len() * args.trials) as u64, "needle");
     let grid = NeedleGrid { ctx: &args.ctx, depths: &args.depths, trials: args.trials, seed: args.seed };
-    let tok = loaded.tokenizer()?;
-    let mut runs = session.on_model(|m| needle_grid(m, tok, &haystack, &grid, &session.hooks, &bar))?;
-    // Each rank caches its own heads: a trial's cache is all of them.
-    let mut cells = runs.remove(0);
-    for rank in &runs {
-        for (cell, other) in cells.iter_mut().zip(rank) {
-            cell.trials.iter_mut().zip(&other.trials).for_each(|(t, o)| t.kv_bytes += o.kv_bytes);
-        }
-    }
+    let cells = needle_grid(loaded, &haystack, &grid, &session.hooks, &bar)?;
     bar.finish_and_clear();
     let overall = cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64;
     if args.json {
@@ -527,7 +499,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         })?;
         let needle_accuracy = match haystack {
             Some(h) => {
-                let cells = needle_grid(&loaded.model, loaded.tokenizer()?, h, &grid, &hooks, &bar)?;
+                let cells = needle_grid(&loaded, h, &grid, &hooks, &bar)?;
                 Some(cells.iter().map(|c| c.accuracy).sum::<f64>() / cells.len() as f64)
             }
             None => None,
@@ -535,10 +507,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         let ruler = if ruler_items.is_empty() {
             None
         } else {
-            let scores =
-                ruler_scores(&loaded.model, loaded.tokenizer()?, &ruler_items, &hooks, args.ruler_batch, || {
-                    bar.inc(1)
-                })?;
+            let scores = ruler_scores(&loaded, &ruler_items, &hooks, args.ruler_batch, || bar.inc(1))?;
             Some(scores.iter().map(|s| s.score).sum::<f64>() / scores.len() as f64)
         };
         rows.push(CompareRow {
@@ -640,27 +609,17 @@ fn tasks(args: TasksArgs) -> Result<()> {
     let loaded = &session.loaded;
     let tokenizer = loaded.tokenizer()?;
     let bar = progress_bar(items.iter().map(|(_, i)| i.len() as u64).sum(), "tasks");
-    // Under --tp every rank scores every item alike; the first shows the progress.
-    let results = session
-        .on_model(|model| {
-            let mut results = Vec::new();
-            for (task, task_items) in &items {
-                if reports(model) {
-                    bar.set_message(task.name());
-                }
-                let mut scorer = Scorer::new(model, tokenizer, &session.hooks);
-                let mut scored = Vec::with_capacity(task_items.len());
-                for item in task_items {
-                    scored.push(score_item(&mut scorer, item)?);
-                    if reports(model) {
-                        bar.inc(1);
-                    }
-                }
-                results.push(aggregate(*task, args.num_fewshot, &scored)?);
-            }
-            Ok(results)
-        })?
-        .remove(0);
+    let mut results = Vec::new();
+    for (task, task_items) in &items {
+        bar.set_message(task.name());
+        let mut scorer = Scorer::new(&loaded.model, tokenizer, &session.hooks);
+        let mut scored = Vec::with_capacity(task_items.len());
+        for item in task_items {
+            scored.push(score_item(&mut scorer, item)?);
+            bar.inc(1);
+        }
+        results.push(aggregate(*task, args.num_fewshot, &scored)?);
+    }
     bar.finish_and_clear();
     if args.json {
         return print_json(&serde_json::json!({ "model": args.model.model, "tasks": results }));
@@ -746,15 +705,15 @@ fn ruler_items(
 /// Every cell's score with `hooks` compressing each item's context, `batch` items (of any cells)
 /// decoding together; `on_item` after each item.
 fn ruler_scores(
-    model: &Model,
-    tok: &TokenizerBundle,
+    loaded: &pare_model::LoadedModel,
     cells: &[RulerCell],
     hooks: &Hooks,
     batch: usize,
     on_item: impl FnMut(),
 ) -> Result<Vec<RulerScore>> {
     let items: Vec<_> = cells.iter().flat_map(|c| &c.items).collect();
-    let mut results = pare_eval::ruler::run_items(model, tok, &items, hooks, batch, on_item)?.into_iter();
+    let mut results =
+        pare_eval::ruler::run_items(&loaded.model, loaded.tokenizer()?, &items, hooks, batch, on_item)?.into_iter();
     let mut scores = Vec::new();
     for cell in cells {
         let results: Vec<_> = results.by_ref().take(cell.items.len()).collect();
@@ -802,16 +761,7 @@ fn ruler(args: RulerArgs) -> Result<()> {
     }
 
     let bar = progress_bar((cells.len() * args.samples) as u64, "ruler");
-    let tok = loaded.tokenizer()?;
-    let scores = session
-        .on_model(|m| {
-            ruler_scores(m, tok, &cells, &session.hooks, args.batch, || {
-                if reports(m) {
-                    bar.inc(1)
-                }
-            })
-        })?
-        .remove(0);
+    let scores = ruler_scores(loaded, &cells, &session.hooks, args.batch, || bar.inc(1))?;
     bar.finish_and_clear();
     let average = |ctx: usize| {
         let s: Vec<f64> = scores.iter().filter(|s| s.ctx == ctx).map(|s| s.score).collect();

@@ -10,7 +10,7 @@ use super::generate_image::ImagePrompt;
 use crate::common::{encode_prompt, ensure_run_fits, print_json, ModelArgs, ParallelArgs};
 use crate::press_args::{human_bytes, PressArgs};
 use crate::sampling_args::SamplingArgs;
-use crate::session::{reports, Session};
+use crate::session::Session;
 use crate::token_prune_args::TokenPruneArgs;
 
 #[derive(clap::Args, Debug)]
@@ -69,21 +69,12 @@ pub fn run(args: Args) -> Result<()> {
 
     // Stream only when exactly one sequence is produced token by token.
     let streaming = !args.json && prompts.len() == 1 && config.num_return_sequences() == 1 && config.num_beams() == 1;
-    let out = std::sync::Mutex::new(Stdout::new());
-    // Under --tp every rank generates the same tokens; the first streams them.
-    let mut outputs = session.on_model(|model| {
-        Ok(generator.generate(model, Prompts::Tokens(&prompts), |_, _, text| {
-            if streaming && reports(model) {
-                out.lock().expect("not poisoned").stream(text);
-            }
-        })?)
+    let mut out = Stdout::new();
+    let output = generator.generate(&loaded.model, Prompts::Tokens(&prompts), |_, _, text| {
+        if streaming {
+            out.stream(text);
+        }
     })?;
-    let mut output = outputs.remove(0);
-    // Each rank caches its own heads: the model's cache is all of them.
-    if let Some(total) = output.cache.as_mut() {
-        outputs.iter().filter_map(|o| o.cache.as_ref()).for_each(|c| total.add(c));
-    }
-    let mut out = out.into_inner().expect("not poisoned");
     let shape = PromptShape { tokens: prompts[0].len(), image_tokens: None };
     report(&args, &output, shape, session.hooked(), streaming, &mut out)
 }

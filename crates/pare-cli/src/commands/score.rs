@@ -66,23 +66,16 @@ pub fn run(args: Args) -> Result<()> {
     let then = args.then.as_deref().map(|t| tok.encode(t, false)).transpose()?.unwrap_or_default();
     let mut context = prompt.clone();
     context.extend(&then);
-    // Per rank of a --tp split (else once): the logits, which every rank gets alike, and the
-    // cache's bytes after the prefill and at the end, each also uncompressed (each rank holds its
-    // heads).
-    let runs = session.on_model(|model| {
-        let mut hooks = session.hooks.clone();
-        let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
-        let prefilled = [cache.bytes(), cache.uncompressed_bytes()];
-        for &token in &then {
-            logits = model.decode(&mut [(&mut cache, &mut hooks)], &[token])?;
-        }
-        Ok((logits, [prefilled[0], prefilled[1], cache.bytes(), cache.uncompressed_bytes()]))
-    })?;
-    let logits = runs[0].0.clone();
-    let bytes = |i: usize| runs.iter().map(|(_, b)| b[i]).sum::<usize>();
-    let (kv_bytes_prefill, kv_bytes, kv_bytes_uncompressed) = (bytes(0), bytes(2), bytes(3));
+    let mut hooks = session.hooks.clone();
+    let (mut logits, mut cache) =
+        loaded.model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
+    let kv_bytes_prefill = cache.bytes();
     // kvpress's `compression_ratio`: the share of the prompt's entries a press removed.
-    let compression_ratio = 1.0 - kv_bytes_prefill as f64 / bytes(1).max(1) as f64;
+    let compression_ratio = 1.0 - kv_bytes_prefill as f64 / cache.uncompressed_bytes().max(1) as f64;
+    for &token in &then {
+        logits = loaded.model.decode(&mut [(&mut cache, &mut hooks)], &[token])?;
+    }
+    let (kv_bytes, kv_bytes_uncompressed) = (cache.bytes(), cache.uncompressed_bytes());
     pare_model::finite::check_logits(&loaded.model, &logits, &prompt)?;
     let logits = logits.squeeze(0)?;
     let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1()?;

@@ -4,12 +4,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use crate::common::ModelArgs;
+use crate::common::{ModelArgs, ParallelArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -51,9 +53,9 @@ pub fn run(args: Args) -> Result<()> {
     // Checked before the server starts (clap has parsed --dtype): a device that cannot be
     // opened is the command's error.
     args.model.device()?;
-    let model = args.model.clone();
+    let (model, parallel) = (args.model.clone(), args.parallel.clone());
     let config = pare_serve::ServeConfig {
-        load: Box::new(move || model.load().map_err(|e| format!("{e:#}"))),
+        load: Box::new(move || parallel.load(&model).map_err(|e| format!("{e:#}"))),
         served_name: args.served_model_name.unwrap_or_else(|| args.model.model.clone()),
         api_key: args.api_key,
         max_concurrent: args.max_concurrent,

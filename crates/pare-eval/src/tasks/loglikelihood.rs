@@ -106,9 +106,7 @@ impl<'a> Scorer<'a> {
             // touching the real tokens.
             let rows = vec![0; continuations.len()];
             cache.select_rows(&rows)?;
-            if let Some(press) = hooks.press.as_mut() {
-                press.select_rows(&rows)?;
-            }
+            hooks.select_rows(&rows)?;
             let inputs: Vec<Vec<u32>> =
                 continuations.iter().map(|c| (0..width).map(|t| c[t.min(c.len() - 1)]).collect()).collect();
             let targets: Vec<u32> =

@@ -4,9 +4,10 @@
 //! embedding's rows, the LM head's outputs). A layer's attention and MLP then each end in one
 //! all-reduce of partial sums; the logits are the ranks' vocabulary slices gathered.
 //!
-//! Every rank runs the same program on the same tokens (SPMD): the collectives hand each rank the
-//! same bits, so sampling and every decision made from the logits agree without a broadcast. A
-//! rank's KV cache holds its own heads only, so per-head compression needs no communication.
+//! A split model ([`crate::Model::split`]) is used like the whole one: each forward call runs
+//! every rank on the same tokens, one thread each; the collectives hand each rank the same bits,
+//! so rank 0's logits are the model's. A rank's KV cache holds its own heads only (a cache of the
+//! split model carries every rank's part), so per-head compression needs no communication.
 //!
 //! [`Comm`] is the seam between the model and a transport; [`LocalComm`] runs a group's ranks as
 //! threads of one process over host tensors (what CI checks sharded against unsharded with), and
@@ -40,6 +41,11 @@ pub trait Comm: fmt::Debug + Send + Sync {
     /// Stop the group: a rank that failed calls this so the others' pending and later
     /// collectives return an error instead of waiting for it forever.
     fn abort(&self);
+
+    /// Make an aborted group usable again. Called on one rank once every rank has stopped (no
+    /// collective in flight): one failed call, a request a press refused say, must not end the
+    /// model for the calls after it.
+    fn recover(&self) -> Result<()>;
 }
 
 /// What a sharded model's rank holds of the whole.
@@ -183,26 +189,36 @@ impl Comm for LocalComm {
         }
         self.group.turn.notify_all();
     }
+
+    fn recover(&self) -> Result<()> {
+        let mut state = self.group.state.lock().map_err(|_| ModelError::input(PEER_FAILED))?;
+        let round = state.round;
+        *state = Rendezvous { deposited: vec![None; self.group.world], round, ..Rendezvous::default() };
+        Ok(())
+    }
 }
 
 /// What a rank's collective reports when it stops because another rank failed.
 const PEER_FAILED: &str = "tensor parallelism: another rank failed";
 
-/// Run `work` on every rank at once, one thread each, and return the ranks' results in rank
-/// order. A rank that fails aborts the group, so the others stop at their next collective; the
-/// failing rank's own error is returned, not its peers' reports that they were stopped.
-pub fn on_every_rank<M: Sync, T: Send, E: fmt::Display + From<ModelError> + Send>(
+/// Run `work` on every rank at once, rank r in its own thread with `states[r]`, and return the
+/// ranks' results in rank order. A rank that fails aborts the group, so the others stop at their
+/// next collective; the failing rank's own error is returned, not its peers' reports that they
+/// were stopped.
+pub(crate) fn on_every_rank<M: Sync, S: Send, T: Send>(
     ranks: &[M],
+    states: Vec<S>,
     comm: impl Fn(&M) -> &Arc<dyn Comm> + Sync,
-    work: impl Fn(&M) -> std::result::Result<T, E> + Sync,
-) -> std::result::Result<Vec<T>, E> {
-    let results: Vec<std::result::Result<T, E>> = std::thread::scope(|scope| {
+    work: impl Fn(&M, S) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ranks
             .iter()
-            .map(|rank| {
+            .zip(states)
+            .map(|(rank, state)| {
                 let (comm, work) = (&comm, &work);
                 scope.spawn(move || {
-                    let out = work(rank);
+                    let out = work(rank, state);
                     if out.is_err() {
                         comm(rank).abort();
                     }
@@ -212,10 +228,15 @@ pub fn on_every_rank<M: Sync, T: Send, E: fmt::Display + From<ModelError> + Send
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(ModelError::input("tensor parallelism: a rank panicked").into())))
+            .map(|h| h.join().unwrap_or_else(|_| Err(ModelError::input("tensor parallelism: a rank panicked"))))
             .collect()
     });
-    let mut first_error: Option<(bool, E)> = None;
+    if results.iter().any(Result::is_err) {
+        if let Some(rank) = ranks.first() {
+            comm(rank).recover()?;
+        }
+    }
+    let mut first_error: Option<(bool, ModelError)> = None;
     let mut outs = Vec::with_capacity(results.len());
     for r in results {
         match r {
@@ -251,8 +272,9 @@ mod tests {
         let comms = LocalComm::group(3).unwrap();
         let outs = on_every_rank(
             &comms,
+            vec![(); 3],
             |c| c,
-            |c| -> Result<_> {
+            |c, ()| -> Result<_> {
                 let r = c.rank() as f32;
                 let mut sums = Vec::new();
                 // Many rounds back to back: no rank may take a later round's set.
@@ -274,19 +296,22 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_rank_stops_the_group_with_its_own_error() {
+    fn a_failing_rank_stops_the_group_with_its_own_error_and_the_group_recovers() {
         let comms = LocalComm::group(2).unwrap();
-        let err = on_every_rank(
-            &comms,
-            |c| c,
-            |c| {
-                if c.rank() == 1 {
-                    return Err(ModelError::input("rank 1 broke"));
-                }
-                c.all_reduce_sum(&Tensor::new(&[1f32], &Device::Cpu)?)
-            },
-        )
-        .unwrap_err();
-        assert_eq!(err.to_string(), "rank 1 broke");
+        let sum = |fail: bool| {
+            on_every_rank(
+                &comms,
+                vec![(); 2],
+                |c| c,
+                |c, ()| {
+                    if fail && c.rank() == 1 {
+                        return Err(ModelError::input("rank 1 broke"));
+                    }
+                    Ok(c.all_reduce_sum(&Tensor::new(&[1f32], &Device::Cpu)?)?.to_vec1::<f32>()?)
+                },
+            )
+        };
+        assert_eq!(sum(true).unwrap_err().to_string(), "rank 1 broke");
+        assert_eq!(sum(false).unwrap(), vec![vec![2.0], vec![2.0]]);
     }
 }

@@ -18,8 +18,16 @@ use crate::error::{ModelError, Result};
 /// A group's communicators: a rank's collective takes its own; an abort drops them all, which
 /// aborts what the others wait on.
 struct Group {
+    devices: Vec<Device>,
     handles: Vec<Mutex<Option<NcclHandle>>>,
     aborted: AtomicBool,
+}
+
+/// Communicators joining `devices` (rank r on devices[r]), on their candle streams.
+fn join(devices: &[Device]) -> Result<Vec<NcclHandle>> {
+    let streams = devices.iter().map(|d| Ok(d.as_cuda_device()?.cuda_stream())).collect::<Result<Vec<_>>>()?;
+    NcclHandle::from_devices(streams)
+        .map_err(|e| ModelError::input(format!("NCCL could not join GPUs 0..{}: {e:?}", devices.len())))
 }
 
 // SAFETY: an NCCL communicator may be called from any thread, one call at a time; each handle
@@ -54,10 +62,9 @@ impl NcclComm {
         let devices = (0..world)
             .map(|r| Device::new_cuda(r).map_err(|e| ModelError::input(format!("`tp` {world} needs GPU {r}: {e}"))))
             .collect::<Result<Vec<_>>>()?;
-        let streams = devices.iter().map(|d| Ok(d.as_cuda_device()?.cuda_stream())).collect::<Result<Vec<_>>>()?;
-        let handles = NcclHandle::from_devices(streams)
-            .map_err(|e| ModelError::input(format!("NCCL could not join GPUs 0..{world}: {e:?}")))?;
+        let handles = join(&devices)?;
         let group = Arc::new(Group {
+            devices: devices.clone(),
             handles: handles.into_iter().map(|h| Mutex::new(Some(h))).collect(),
             aborted: AtomicBool::new(false),
         });
@@ -203,5 +210,17 @@ impl Comm for NcclComm {
                 h.take();
             }
         }
+    }
+
+    fn recover(&self) -> Result<()> {
+        if !self.group.aborted.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // The aborted communicators are gone: the group joins again, with new ones.
+        for (slot, handle) in self.group.handles.iter().zip(join(&self.group.devices)?) {
+            *slot.lock().map_err(|_| ModelError::input(super::PEER_FAILED))? = Some(handle);
+        }
+        self.group.aborted.store(false, Ordering::SeqCst);
+        Ok(())
     }
 }

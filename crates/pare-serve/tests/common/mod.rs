@@ -22,10 +22,15 @@ pub struct Limits {
 
 /// Start the binary's server once; returns its base URL when /health answers 200.
 pub async fn server(limits: Limits) -> String {
+    server_loading(limits, Box::new(|| load().map_err(|e| e.to_string()))).await
+}
+
+/// [`server`] with the model `load` gives.
+pub async fn server_loading(limits: Limits, load: pare_serve::Loader) -> String {
     static BASE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     BASE.get_or_init(|| async move {
         let config = ServeConfig {
-            load: Box::new(|| load().map_err(|e| e.to_string())),
+            load,
             served_name: MODEL.into(),
             api_key: Some(KEY.into()),
             max_concurrent: limits.max_concurrent,
