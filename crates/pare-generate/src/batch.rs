@@ -484,9 +484,8 @@ impl<'m> Batch<'m> {
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.finished_early);
         self.forward_step()?;
-        for group in self.groups.iter_mut().filter(|g| g.running() && g.logits.is_some()) {
-            choose(group, self.tokenizer, &mut events)?;
-        }
+        let ready = self.groups.iter_mut().filter(|g| g.running() && g.logits.is_some()).collect();
+        events.extend(choose_all(ready, self.tokenizer)?);
         Ok(events)
     }
 
@@ -588,6 +587,40 @@ fn check_finite(model: &Model, logits: &Tensor, inputs: &[&[u32]]) -> Result<()>
         pare_model::finite::check_logits(model, &logits.get(row)?, input)?;
     }
     Ok(())
+}
+
+/// Choose the next token of every group in `groups`; their events in group order. Groups that
+/// choose from whole rows in host memory are shared out over the host's cores: a row of a 128k
+/// vocabulary costs about a millisecond (processors, sampling and its log-probability in f64), so
+/// 64 sequences chosen one after another would stall every step for ~100 ms. Groups that read
+/// their candidates from the device choose here, one after another.
+fn choose_all(groups: Vec<&mut Group>, tokenizer: Option<&TokenizerBundle>) -> Result<Vec<Event>> {
+    let one = |(index, group): (usize, &mut Group)| -> Result<(usize, Vec<Event>)> {
+        let mut events = Vec::new();
+        choose(group, tokenizer, &mut events)?;
+        Ok((index, events))
+    };
+    let (mut host, device): (Vec<_>, Vec<_>) =
+        groups.into_iter().enumerate().partition(|(_, g)| g.logits.as_ref().is_some_and(|l| l.device().is_cpu()));
+    let mut chosen = device.into_iter().map(one).collect::<Result<Vec<_>>>()?;
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(host.len());
+    if workers <= 1 {
+        chosen.extend(host.into_iter().map(one).collect::<Result<Vec<_>>>()?);
+    } else {
+        let per_worker = host.len().div_ceil(workers);
+        let parts: Vec<Result<Vec<_>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = host
+                .chunks_mut(per_worker)
+                .map(|part| scope.spawn(move || part.iter_mut().map(|(i, g)| one((*i, &mut **g))).collect()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        for part in parts {
+            chosen.extend(part?);
+        }
+    }
+    chosen.sort_by_key(|&(index, _)| index);
+    Ok(chosen.into_iter().flat_map(|(_, events)| events).collect())
 }
 
 /// One step of choice for a group's running rows.
