@@ -270,7 +270,17 @@ fn bad_dtype_and_device() {
 fn bad_serve_limits() {
     expect(&["serve", "--max-batched-tokens", "0"], "--max-batched-tokens");
     expect(&["serve", "--timeout", "0"], "--timeout");
-    expect(&["serve", "--port", "0", "--tp", "2"], "--tp 2 does not divide layer 0's 9 query heads");
+    // The server listens (and logs that) before the model loads; a split that cannot be made
+    // ends it with one error line.
+    let out = Command::new(env!("CARGO_BIN_EXE_pare")).args(["serve", "--port", "0", "--tp", "2"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.trim_end().lines().last().is_some_and(|l| l.starts_with(
+            "error: cannot load the model: --tp 2 does not divide layer 0's 9 query heads and 3 KV heads"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
