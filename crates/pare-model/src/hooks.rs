@@ -127,11 +127,7 @@ pub struct Hooks {
 
 impl Clone for Hooks {
     fn clone(&self) -> Self {
-        Hooks {
-            press: self.press.as_ref().map(|p| p.box_clone()),
-            pruner: self.pruner.clone(),
-            peers: self.peers.clone(),
-        }
+        Hooks { peers: self.peers.clone(), ..self.one_rank() }
     }
 }
 
@@ -144,10 +140,14 @@ impl Hooks {
     /// runs with its own: copies of these as they are before their first call.
     pub(crate) fn take_peers(&mut self, n: usize) -> Vec<Hooks> {
         if self.peers.len() != n {
-            self.peers =
-                (0..n).map(|_| Hooks::new(self.press.as_ref().map(|p| p.box_clone()), self.pruner.clone())).collect();
+            self.peers = (0..n).map(|_| self.one_rank()).collect();
         }
         std::mem::take(&mut self.peers)
+    }
+
+    /// A copy of this rank's press (in its state now) and pruner, without the other ranks'.
+    fn one_rank(&self) -> Hooks {
+        Hooks::new(self.press.as_ref().map(|p| p.box_clone()), self.pruner.clone())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use candle_core::Tensor;
-use pare_model::{Hooks, KvCache, Model, PrefillInput};
+use pare_model::{Hooks, KvCache, PrefillInput};
 
 use pare_kernels::{gpu_memory, reset_gpu_memory_peak};
 
@@ -106,12 +106,84 @@ pub fn run(args: Args) -> Result<()> {
         .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
         .collect();
 
-    let Measured { prefill_s, decode_s, kv_bytes_prefill, kv_bytes, allocated, uncompressed, weight_bytes } =
-        measure(model, &session.hooks, &prompts, &args)?;
+    let device = model.device().clone();
+    for _ in 0..args.warmup {
+        // A few steps: on a GPU the first launches load kernels and pick GEMM algorithms.
+        let short = [prompts[0][..prompts[0].len().min(16)].to_vec()];
+        let mut hooks = Hooks::default();
+        let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(&short), &mut hooks)?;
+        for _ in 0..3 {
+            let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            logits = model.decode(&mut [(&mut cache, &mut hooks)], &next)?;
+        }
+    }
+    device.synchronize()?;
+    reset_gpu_memory_peak(&device);
+
+    // The rows of each cache: all in one, or one each.
+    let groups: Vec<&[Vec<u32>]> = match args.caches {
+        Caches::Shared => vec![&prompts[..]],
+        Caches::PerRow => prompts.chunks(1).collect(),
+    };
+    let mut prefill_times = Vec::new();
+    let mut filled: Vec<(KvCache, Hooks)> = Vec::new();
+    let mut logits = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        // Free the last run's caches first: two sets at once would inflate peak memory.
+        filled.clear();
+        logits.clear();
+        let start = Instant::now();
+        for rows in &groups {
+            let mut hooks = session.hooks.clone();
+            let (l, cache) = model.prefill(PrefillInput::Tokens(rows), &mut hooks)?;
+            logits.push(l);
+            filled.push((cache, hooks));
+        }
+        // GPU work is asynchronous: stop the clock when it is done, not when it is queued.
+        device.synchronize()?;
+        prefill_times.push(start.elapsed().as_secs_f64());
+    }
+    prefill_times.sort_by(f64::total_cmp);
+    let prefill_s = prefill_times[prefill_times.len() / 2];
+    let bytes = |f: &[(KvCache, Hooks)], of: fn(&KvCache) -> usize| f.iter().map(|(c, _)| of(c)).sum::<usize>();
+    let kv_bytes_prefill = bytes(&filled, KvCache::bytes);
+    let mut logits = Tensor::cat(&logits, 0)?;
+    let start = Instant::now();
+    for _ in 0..args.gen_len {
+        let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = filled.iter_mut().map(|(c, h)| (c, h)).collect();
+        logits = model.decode(&mut seqs, &next)?;
+    }
+    device.synchronize()?;
+    let decode_s = start.elapsed().as_secs_f64();
     let prefill_tok_s = (args.batch * args.prompt_len) as f64 / prefill_s;
     let decode_tok_s = if args.gen_len > 0 { (args.batch * args.gen_len) as f64 / decode_s } else { 0.0 };
+    let kv_bytes = bytes(&filled, KvCache::bytes);
+    let (allocated, uncompressed) =
+        (bytes(&filled, KvCache::allocated_bytes), bytes(&filled, KvCache::uncompressed_bytes));
     let peak = peak_rss_bytes();
-    let gpu = gpu_memory(model.device());
+    let gpu = gpu_memory(&device);
+    // Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
+    // matrix once; an untied embedding table only a row per token; under --tp every rank's part.
+    let weight_bytes: usize = model
+        .ranks()
+        .iter()
+        .map(|rank| {
+            rank.blocks()
+                .iter()
+                .map(|b| {
+                    let a = &b.attn;
+                    let m = &b.mlp;
+                    [&a.q(), &a.k(), &a.v(), &a.o(), &m.up(), &m.down()]
+                        .iter()
+                        .map(|l| l.storage_bytes())
+                        .sum::<usize>()
+                        + m.gate().as_ref().map_or(0, |g| g.storage_bytes())
+                })
+                .sum::<usize>()
+                + rank.lm_head().storage_bytes()
+        })
+        .sum();
     if args.json {
         print_json(&json!({
             "model": args.model.model, "dtype": args.model.dtype_name(), "kv_dtype": args.model.kv_dtype().name(), "device": args.model.device.to_string(),
@@ -148,98 +220,4 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A model's timings and bytes.
-struct Measured {
-    prefill_s: f64,
-    decode_s: f64,
-    kv_bytes_prefill: usize,
-    kv_bytes: usize,
-    allocated: usize,
-    uncompressed: usize,
-    /// See [`decode_weight_bytes`].
-    weight_bytes: usize,
-}
-
-/// Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
-/// matrix once; an untied embedding table only a row per token.
-fn decode_weight_bytes(model: &Model) -> usize {
-    model
-        .blocks()
-        .iter()
-        .map(|b| {
-            let a = &b.attn;
-            let m = &b.mlp;
-            [&a.q(), &a.k(), &a.v(), &a.o(), &m.up(), &m.down()].iter().map(|l| l.storage_bytes()).sum::<usize>()
-                + m.gate().as_ref().map_or(0, |g| g.storage_bytes())
-        })
-        .sum::<usize>()
-        + model.lm_head().storage_bytes()
-}
-
-/// Warm up, prefill `prompts` (the median of `--repeat` runs), then decode `--gen-len` greedy
-/// steps with the argmax on the device.
-fn measure(model: &Model, hooks: &Hooks, prompts: &[Vec<u32>], args: &Args) -> Result<Measured> {
-    let device = model.device().clone();
-    for _ in 0..args.warmup {
-        // A few steps: on a GPU the first launches load kernels and pick GEMM algorithms.
-        let short = [prompts[0][..prompts[0].len().min(16)].to_vec()];
-        let mut hooks = Hooks::default();
-        let (mut logits, mut cache) = model.prefill(PrefillInput::Tokens(&short), &mut hooks)?;
-        for _ in 0..3 {
-            let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-            logits = model.decode(&mut [(&mut cache, &mut hooks)], &next)?;
-        }
-    }
-    device.synchronize()?;
-    reset_gpu_memory_peak(&device);
-
-    // The rows of each cache: all in one, or one each.
-    let groups: Vec<&[Vec<u32>]> = match args.caches {
-        Caches::Shared => vec![prompts],
-        Caches::PerRow => prompts.chunks(1).collect(),
-    };
-    let mut prefill_times = Vec::new();
-    let mut filled: Vec<(KvCache, Hooks)> = Vec::new();
-    let mut logits = Vec::new();
-    for _ in 0..args.repeat.max(1) {
-        // Free the last run's caches first: two sets at once would inflate peak memory.
-        filled.clear();
-        logits.clear();
-        let start = Instant::now();
-        for rows in &groups {
-            let mut hooks = hooks.clone();
-            let (l, cache) = model.prefill(PrefillInput::Tokens(rows), &mut hooks)?;
-            logits.push(l);
-            filled.push((cache, hooks));
-        }
-        // GPU work is asynchronous: stop the clock when it is done, not when it is queued.
-        device.synchronize()?;
-        prefill_times.push(start.elapsed().as_secs_f64());
-    }
-    prefill_times.sort_by(f64::total_cmp);
-    let prefill_s = prefill_times[prefill_times.len() / 2];
-    let bytes = |f: &[(KvCache, Hooks)], of: fn(&KvCache) -> usize| f.iter().map(|(c, _)| of(c)).sum::<usize>();
-    let kv_bytes_prefill = bytes(&filled, KvCache::bytes);
-    let mut logits = Tensor::cat(&logits, 0)?;
-    let start = Instant::now();
-    for _ in 0..args.gen_len {
-        let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = filled.iter_mut().map(|(c, h)| (c, h)).collect();
-        logits = model.decode(&mut seqs, &next)?;
-    }
-    device.synchronize()?;
-    let decode_s = start.elapsed().as_secs_f64();
-    // Under --tp every rank reads its own part.
-    let weight_bytes = model.ranks().iter().map(decode_weight_bytes).sum();
-    Ok(Measured {
-        prefill_s,
-        decode_s,
-        kv_bytes_prefill,
-        kv_bytes: bytes(&filled, KvCache::bytes),
-        allocated: bytes(&filled, KvCache::allocated_bytes),
-        uncompressed: bytes(&filled, KvCache::uncompressed_bytes),
-        weight_bytes,
-    })
 }

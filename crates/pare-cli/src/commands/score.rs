@@ -58,24 +58,24 @@ struct Processed {
 pub fn run(args: Args) -> Result<()> {
     let session = Session::open(&args.model, &args.parallel, &args.press, &args.token_prune)?;
     let loaded = &session.loaded;
+    let mut hooks = session.hooks.clone();
     let tok = loaded.tokenizer()?;
     let prompt = encode_prompt(loaded, &args.prompt, args.chat)?;
     let config = args.sampling.generation_config(loaded, Some(1))?;
     let generator = Generator::new(config.clone(), Some(tok))?;
-    // A compressed prompt only matters to what comes after it: score after a continuation.
-    let then = args.then.as_deref().map(|t| tok.encode(t, false)).transpose()?.unwrap_or_default();
-    let mut context = prompt.clone();
-    context.extend(&then);
-    let mut hooks = session.hooks.clone();
     let (mut logits, mut cache) =
         loaded.model.prefill(PrefillInput::Tokens(std::slice::from_ref(&prompt)), &mut hooks)?;
     let kv_bytes_prefill = cache.bytes();
     // kvpress's `compression_ratio`: the share of the prompt's entries a press removed.
     let compression_ratio = 1.0 - kv_bytes_prefill as f64 / cache.uncompressed_bytes().max(1) as f64;
-    for &token in &then {
-        logits = loaded.model.decode(&mut [(&mut cache, &mut hooks)], &[token])?;
+    let mut context = prompt.clone();
+    if let Some(then) = &args.then {
+        // A compressed prompt only matters to what comes after it: score after a continuation.
+        for token in tok.encode(then, false)? {
+            logits = loaded.model.decode(&mut [(&mut cache, &mut hooks)], &[token])?;
+            context.push(token);
+        }
     }
-    let (kv_bytes, kv_bytes_uncompressed) = (cache.bytes(), cache.uncompressed_bytes());
     pare_model::finite::check_logits(&loaded.model, &logits, &prompt)?;
     let logits = logits.squeeze(0)?;
     let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1()?;
@@ -109,7 +109,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         return print_json(&json!({
             "prompt_tokens": prompt.len(), "top": top, "processed": processed, "processors": chain.names(),
-            "kv_bytes_prefill": kv_bytes_prefill, "compression_ratio": compression_ratio, "kv_bytes": kv_bytes, "kv_bytes_uncompressed": kv_bytes_uncompressed,
+            "kv_bytes_prefill": kv_bytes_prefill, "compression_ratio": compression_ratio, "kv_bytes": cache.bytes(), "kv_bytes_uncompressed": cache.uncompressed_bytes(),
         }));
     }
     println!("{:>4}  {:>8}  {:>9}  {:>7}  token", "rank", "id", "logprob", "prob");
