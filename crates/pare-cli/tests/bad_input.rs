@@ -422,6 +422,7 @@ fn bad_press_settings_are_one_line_errors() {
     expect(&["eval", "tasks", "--tasks", "hellaswagg"], "unknown task \"hellaswagg\" (pare knows boolq");
     expect(&["eval", "tasks", "--tasks", "piqa", "--num-fewshot", "5"], "only mmlu takes");
     expect(&["eval", "tasks", "--limit", "0"], "--limit must be at least 1");
+    expect(&["eval", "tasks", "--batch", "0"], "--batch must be at least 1");
     expect(&["eval", "tasks", "--data", "/nonexistent"], "/nonexistent: no evaluation sets there");
     expect(
         &["eval", "compare", "--text", "README.md", "--ctx", "64", "--continuation", "64"],

@@ -3,14 +3,16 @@
 //! prompts and continuations, per-request log-likelihoods within 1e-3 (1e-5 relative beyond 100
 //! nats), the same greedy flags, predictions and metrics on the first 100 items of every task.
 
-use pare_eval::tasks::{aggregate, score_item, Item, Scorer, Task};
+use pare_eval::tasks::{aggregate, score_items, Item, Scorer, Task};
 use pare_model::Hooks;
 use pare_test_support::{asset, fixture, smollm2};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-3;
 
-fn check(key: &str) {
+/// Score `key`'s fixture items `batch` at a time (both paths are checked against lm-eval: one
+/// item per forward, and several items' contexts and choices per forward).
+fn check(key: &str, batch: usize) {
     let all = fixture("tasks/smollm2.json");
     let expected = &all["tasks"][key];
     let shots = expected["num_fewshot"].as_u64().unwrap() as usize;
@@ -29,9 +31,9 @@ fn check(key: &str) {
     let loaded = smollm2();
     let tokenizer = loaded.tokenizer().unwrap();
     let hooks = Hooks::default();
-    let mut scorer = Scorer::new(&loaded.model, tokenizer, &hooks);
-    let mut results = Vec::new();
-    for (n, (item, want)) in items.iter().zip(want).enumerate() {
+    let mut scorer = Scorer::new(&loaded.model, tokenizer, &hooks, batch);
+    let results: Vec<_> = items.chunks(batch).flat_map(|chunk| score_items(&mut scorer, chunk).unwrap()).collect();
+    for (n, ((item, want), result)) in items.iter().zip(want).zip(&results).enumerate() {
         let what = format!("{key} item {n}");
         if let Some(requests) = want["requests"].as_array() {
             let got: Vec<Value> =
@@ -50,7 +52,6 @@ fn check(key: &str) {
         if let Some(gold) = want["gold"].as_u64() {
             assert_eq!(item.gold, gold as usize, "{what}: gold");
         }
-        let result = score_item(&mut scorer, item).unwrap();
         let lls: Vec<f64> = want["loglikelihoods"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let greedy: Vec<bool> = want["greedy"].as_array().unwrap().iter().map(|v| v.as_bool().unwrap()).collect();
         for (c, (got, (&ll, &g))) in result.scores.iter().zip(lls.iter().zip(&greedy)).enumerate() {
@@ -63,7 +64,6 @@ fn check(key: &str) {
             );
             assert_eq!(got.greedy, g, "{what} choice {c}: greedy");
         }
-        results.push(result);
     }
     let metrics = aggregate(task, shots, &results).unwrap();
     let want_metric = |name: &str| expected["metrics"][name].as_f64();
@@ -77,52 +77,52 @@ fn check(key: &str) {
 
 #[test]
 fn boolq() {
-    check("boolq");
+    check("boolq", 1);
 }
 
 #[test]
 fn piqa() {
-    check("piqa");
+    check("piqa", 1);
 }
 
 #[test]
 fn hellaswag() {
-    check("hellaswag");
+    check("hellaswag", 8);
 }
 
 #[test]
 fn winogrande() {
-    check("winogrande");
+    check("winogrande", 8);
 }
 
 #[test]
 fn arc_easy() {
-    check("arc_easy");
+    check("arc_easy", 1);
 }
 
 #[test]
 fn arc_challenge() {
-    check("arc_challenge");
+    check("arc_challenge", 8);
 }
 
 #[test]
 fn openbookqa() {
-    check("openbookqa");
+    check("openbookqa", 1);
 }
 
 #[test]
 fn lambada_openai() {
-    check("lambada_openai");
+    check("lambada_openai", 8);
 }
 
 #[test]
 fn mmlu_zero_shot() {
-    check("mmlu_abstract_algebra_0shot");
-    check("mmlu_anatomy_0shot");
+    check("mmlu_abstract_algebra_0shot", 1);
+    check("mmlu_anatomy_0shot", 8);
 }
 
 #[test]
 fn mmlu_five_shot() {
-    check("mmlu_abstract_algebra_5shot");
-    check("mmlu_anatomy_5shot");
+    check("mmlu_abstract_algebra_5shot", 1);
+    check("mmlu_anatomy_5shot", 8);
 }

