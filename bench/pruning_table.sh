@@ -6,7 +6,8 @@
 # count, and prefill/decode speed (`pare bench`, 512-token prompt, 128 new tokens).
 # Prints one markdown row; the JSON of each step goes under $OUT.
 # Usage: bench/pruning_table.sh ROW [MODEL]   ROW: dense | taylor | l2 | random | wanda-sp
-#        env: LIMIT (items per task; default all), OUT, PARE (a pare binary; default: built here),
+#        env: LIMIT (items per task; default all), BATCH (items per forward, `pare eval tasks
+#        --batch`; default 1 on the CPU, 32 on a GPU), OUT, PARE (a pare binary; default: built here),
 #        DEVICE (cpu | cuda: the accuracies and PPL on the GPU machine; scripts/gpu-lora.sh), SPEED=0
 #        skips the speed columns (they are this CPU's), FETCH=0 skips the asset script.
 set -euo pipefail
@@ -34,7 +35,8 @@ fi
 # f32: the mode that matches HF, and the dtype of a pruned export.
 "$PARE" eval ppl --model "$EVAL_MODEL" "${DEV[@]}" --dtype f32 --text assets/texts/wiki.utf8 --ctx 512 --max-tokens 8192 \
   --json > "$OUT/$ROW-ppl.json"
-"$PARE" eval tasks --model "$EVAL_MODEL" "${DEV[@]}" --dtype f32 ${LIMIT:+--limit "$LIMIT"} --json > "$OUT/$ROW-tasks.json"
+"$PARE" eval tasks --model "$EVAL_MODEL" "${DEV[@]}" --dtype f32 ${LIMIT:+--limit "$LIMIT"} ${BATCH:+--batch "$BATCH"} \
+  --json > "$OUT/$ROW-tasks.json"
 "$PARE" inspect --model "$EVAL_MODEL" --json > "$OUT/$ROW-inspect.json"
 if [[ ${SPEED:-1} != 0 ]]; then
   "$PARE" bench --model "$EVAL_MODEL" --dtype f32 --prompt-len 512 --gen-len 128 --json > "$OUT/$ROW-bench.json"

@@ -22,7 +22,7 @@ pub mod rng;
 pub mod rope;
 pub mod weights;
 
-pub use cache::{KvCache, KvDtype};
+pub use cache::{KvCache, KvDtype, PAD_POSITION};
 pub use config::{Arch, ModelConfig};
 pub use error::{setting_names, spell_settings, ModelError, Result};
 pub use hooks::{CachePress, Hooks, LayerContext, Phase, TokenPruner};

@@ -4,15 +4,19 @@
 //! log-probabilities (greedy when each token is the arg-max).
 //!
 //! Continuations that share a context share one prefill of it: the cache is copied into one row
-//! per continuation and all of them run in one forward over it. Several contexts (items) run in
-//! one forward each way, each over a cache of its own, so batching changes no score beyond
-//! float rounding. Without hooks, a context also reuses the cache of the previous call's last
-//! context as far as their tokens agree (MMLU's shots, a task's fixed preamble), running only
-//! the tokens after that.
+//! per continuation and all of them run in one forward over it. Several contexts (items) run
+//! together, so a batch costs two forwards: without hooks their contexts are the left-padded
+//! rows of one cache (after a prefix they share, run once); with hooks each context is
+//! prefilled alone under its own hooks and the continuations of all of them run in one forward
+//! over their own caches. With dense weights batching changes no score beyond float rounding
+//! (quantized weights take another product path for many rows, as in llama.cpp, which rounds
+//! otherwise). Without hooks, a context also reuses the cache of the last call's context (or
+//! shared prefix) as far as their tokens agree (MMLU's shots, a task's fixed preamble), running
+//! only the tokens after that.
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use pare_formats::TokenizerBundle;
-use pare_model::{Hooks, KvCache, Model, ModelError, PrefillInput, Result};
+use pare_model::{left_pad, Hooks, KvCache, Logits, Model, ModelError, Phase, PrefillInput, Result, PAD_POSITION};
 use serde::Serialize;
 
 /// One (context, continuation) pair of strings, as a task builds it.
@@ -70,8 +74,7 @@ struct Group {
 const MAX_LOGITS: usize = 1 << 28;
 
 impl<'a> Scorer<'a> {
-    /// A scorer that runs up to `batch` contexts at once (at least 1). Batching does not change
-    /// a request's score beyond float rounding: every context runs over a cache of its own.
+    /// A scorer that runs up to `batch` contexts at once (at least 1).
     pub fn new(model: &'a Model, tokenizer: &'a TokenizerBundle, hooks: &'a Hooks, batch: usize) -> Self {
         // A token pruner cuts one cache's tokens at a time.
         let batch = if hooks.pruner.is_some() { 1 } else { batch.max(1) };
@@ -100,16 +103,12 @@ impl<'a> Scorer<'a> {
         while !rest.is_empty() {
             // Up to `batch` groups, and no more continuation logits than fit one forward.
             let mut take = 1;
-            let mut logits = continuation_tokens(&rest[0]) * vocab;
-            while take < rest.len().min(self.batch) {
-                logits += continuation_tokens(&rest[take]) * vocab;
-                if logits > MAX_LOGITS {
-                    break;
-                }
+            while take < rest.len().min(self.batch) && continuation_logits(&rest[..=take]) * vocab <= MAX_LOGITS {
                 take += 1;
             }
             let (chunk, next) = rest.split_at(take);
-            for (group, scores) in chunk.iter().zip(self.score_groups(chunk)?) {
+            let scores = if self.hooks.is_empty() { self.score_padded(chunk)? } else { self.score_caches(chunk)? };
+            for (group, scores) in chunk.iter().zip(scores) {
                 for (&j, s) in group.members.iter().zip(scores) {
                     scored[j] = Some(s);
                 }
@@ -133,29 +132,100 @@ impl<'a> Scorer<'a> {
         Ok(group)
     }
 
-    /// Prefill the groups' contexts, then score every continuation after its context: the
-    /// continuations of all groups run in one forward, one cache row per continuation.
-    fn score_groups(&mut self, groups: &[Group]) -> Result<Vec<Vec<Scored>>> {
+    /// Without hooks: the groups' contexts as the rows of one cache, left-padded, in one forward
+    /// (after the prefix they share, which runs once or comes from the last call's cache), then
+    /// every group's continuations as rows of that cache in a second. Two forwards whatever the
+    /// batch, which is what a GPU needs.
+    fn score_padded(&mut self, groups: &[Group]) -> Result<Vec<Vec<Scored>>> {
         let model = self.model;
-        let (lasts, mut states) = self.prefill(groups)?;
-        // Each continuation's first token is predicted by its context's last position.
-        let mut scored: Vec<Vec<Scored>> = Vec::with_capacity(groups.len());
-        for (g, group) in groups.iter().enumerate() {
-            let last = lasts.narrow(0, g, 1)?;
-            let firsts: Vec<u32> = group.continuations.iter().map(|c| c[0]).collect();
-            let first = token_scores(&last.broadcast_as((firsts.len(), last.dim(1)?))?, &firsts)?;
-            scored.push(
-                first.into_iter().map(|(logprob, greedy)| Scored { loglikelihood: logprob as f64, greedy }).collect(),
-            );
+        let contexts: Vec<&[u32]> = groups.iter().map(|g| g.context.as_slice()).collect();
+        // Every context runs at least its last token: its logits are the ones wanted.
+        let shortest = contexts.iter().map(|c| c.len()).min().expect("at least one group") - 1;
+        let common = contexts.iter().map(|c| common_prefix(contexts[0], c)).min().unwrap_or(0).min(shortest);
+        let (mut cache, mut done) = match &self.last {
+            Some((tokens, cached)) if common_prefix(tokens, &contexts[0][..common]) > 0 => {
+                let shared = common_prefix(tokens, &contexts[0][..common]);
+                let mut cache = cached.clone();
+                cache.truncate(shared)?;
+                (cache, shared)
+            }
+            _ => (model.new_cache(1), 0),
+        };
+        // A prefix that several contexts share runs once, when long enough to be worth a forward.
+        if groups.len() > 1 && common >= done + SHARED_PREFIX_RUN {
+            let positions = vec![(done as i64..common as i64).collect::<Vec<_>>()];
+            let x = model.embed(&[contexts[0][done..common].to_vec()])?;
+            let phase = if done == 0 { Phase::Prefill } else { Phase::Extend };
+            model.forward(x, &positions, &mut cache, &mut Hooks::default(), phase, Logits::Last)?;
+            done = common;
         }
+        if groups.len() > 1 {
+            self.last = Some((contexts[0][..done].to_vec(), cache.clone()));
+        }
+        cache = if done == 0 {
+            model.new_cache(groups.len())
+        } else {
+            cache.select_rows(&vec![0; groups.len()])?;
+            cache
+        };
+        let rests: Vec<Vec<u32>> = contexts.iter().map(|c| c[done..].to_vec()).collect();
+        let (tokens, mut positions) = left_pad(&rests)?;
+        for p in positions.iter_mut().flatten().filter(|p| **p != PAD_POSITION) {
+            *p += done as i64;
+        }
+        let phase = if done == 0 { Phase::Prefill } else { Phase::Extend };
+        let lasts =
+            model.forward(model.embed(&tokens)?, &positions, &mut cache, &mut Hooks::default(), phase, Logits::Last)?;
+        if groups.len() == 1 {
+            self.last = Some((contexts[0].to_vec(), cache.clone()));
+        }
+        let mut scored = first_scores(groups, &lasts)?;
 
-        // One row per continuation, each its tokens but the last (nothing predicts past it);
-        // shorter rows are padded at the end, where causal attention keeps the padding from
-        // touching the real tokens. A group whose continuations are one token each is done.
+        // One row per continuation of a group that has more than its first token to score.
+        let extended: Vec<usize> = (0..groups.len()).filter(|&g| continuation_width(&groups[g]) > 0).collect();
+        if extended.is_empty() {
+            return Ok(scored);
+        }
+        let width = extended.iter().map(|&g| continuation_width(&groups[g])).max().unwrap_or(0);
+        let rows: Vec<usize> = extended.iter().flat_map(|&g| vec![g; groups[g].continuations.len()]).collect();
+        cache.select_rows(&rows)?;
+        let continuations: Vec<&Vec<u32>> = extended.iter().flat_map(|&g| &groups[g].continuations).collect();
+        let (inputs, targets) = padded_rows(&continuations, width);
+        let positions: Vec<Vec<i64>> =
+            cache.next_positions().iter().map(|&next| (next..next + width as i64).collect()).collect();
+        let logits = model.forward(
+            model.embed(&inputs)?,
+            &positions,
+            &mut cache,
+            &mut Hooks::default(),
+            Phase::Extend,
+            Logits::All,
+        )?;
+        let rest = token_scores(&logits.flatten_to(1)?, &targets)?;
+        add_rest_scores(&mut scored, groups, &extended, |_| width, &rest);
+        Ok(scored)
+    }
+
+    /// With hooks: each context prefilled alone under its own copy of the hooks (a press
+    /// compresses all of it, a pruner cuts across it; KVzip replays it), then every group's
+    /// continuations in one forward over the groups' own caches, one row per continuation.
+    fn score_caches(&mut self, groups: &[Group]) -> Result<Vec<Vec<Scored>>> {
+        let model = self.model;
+        let mut lasts = Vec::with_capacity(groups.len());
+        let mut states = Vec::with_capacity(groups.len());
+        for group in groups {
+            let mut hooks = self.hooks.clone();
+            let (logits, cache) =
+                model.prefill(PrefillInput::Tokens(std::slice::from_ref(&group.context)), &mut hooks)?;
+            lasts.push(logits);
+            states.push((cache, hooks));
+        }
+        let mut scored = first_scores(groups, &Tensor::cat(&lasts, 0)?)?;
+
         let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = Vec::new();
         let mut inputs: Vec<Vec<Vec<u32>>> = Vec::new();
         let mut targets: Vec<u32> = Vec::new();
-        let mut extended: Vec<(usize, usize)> = Vec::new();
+        let mut extended: Vec<usize> = Vec::new();
         for (g, (group, (cache, hooks))) in groups.iter().zip(states.iter_mut()).enumerate() {
             let width = continuation_width(group);
             if width == 0 {
@@ -164,74 +234,74 @@ impl<'a> Scorer<'a> {
             let rows = vec![0; group.continuations.len()];
             cache.select_rows(&rows)?;
             hooks.select_rows(&rows)?;
-            inputs.push(
-                group.continuations.iter().map(|c| (0..width).map(|t| c[t.min(c.len() - 1)]).collect()).collect(),
-            );
-            targets.extend(group.continuations.iter().flat_map(|c| (1..=width).map(move |t| c[t.min(c.len() - 1)])));
-            extended.push((g, width));
+            let (group_inputs, group_targets) = padded_rows(&group.continuations.iter().collect::<Vec<_>>(), width);
+            inputs.push(group_inputs);
+            targets.extend(group_targets);
+            extended.push(g);
             seqs.push((cache, hooks));
         }
         if seqs.is_empty() {
             return Ok(scored);
         }
-        let logits = model.step_all(&mut seqs, &inputs)?;
-        let rest = token_scores(&logits, &targets)?;
-        let mut offset = 0;
-        for (g, width) in extended {
-            for (row, c) in groups[g].continuations.iter().enumerate() {
-                let s = &mut scored[g][row];
-                for &(logprob, greedy) in &rest[offset + row * width..offset + row * width + c.len() - 1] {
-                    s.loglikelihood += logprob as f64;
-                    s.greedy &= greedy;
-                }
-            }
-            offset += groups[g].continuations.len() * width;
-        }
+        let rest = token_scores(&model.step_all(&mut seqs, &inputs)?, &targets)?;
+        add_rest_scores(&mut scored, groups, &extended, |g| continuation_width(&groups[g]), &rest);
         Ok(scored)
     }
+}
 
-    /// The contexts' last logits (groups, vocab), and each context's cache and the hooks that
-    /// filled it. With hooks each context runs whole on its own (a press compresses all of it,
-    /// a pruner cuts across it); without, the contexts run in one forward, each over a cache of
-    /// its own, and the tokens a context shares with the last context of the previous call
-    /// come from that context's cache (MMLU's shots, a task's fixed preamble).
-    fn prefill(&mut self, groups: &[Group]) -> Result<(Tensor, Vec<(KvCache, Hooks)>)> {
-        let model = self.model;
-        if !self.hooks.is_empty() {
-            let mut lasts = Vec::with_capacity(groups.len());
-            let mut states = Vec::with_capacity(groups.len());
-            for group in groups {
-                let mut hooks = self.hooks.clone();
-                let (logits, cache) = model.prefill(PrefillInput::Tokens(std::slice::from_ref(&group.context)), &mut hooks)?;
-                lasts.push(logits);
-                states.push((cache, hooks));
+/// A shared prefix of the contexts of one call runs once if at least this long; a shorter one
+/// is not worth a forward of its own.
+const SHARED_PREFIX_RUN: usize = 32;
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Each continuation's first token, predicted by its context's last position (`lasts`: a row
+/// per group).
+fn first_scores(groups: &[Group], lasts: &Tensor) -> Result<Vec<Vec<Scored>>> {
+    let mut scored = Vec::with_capacity(groups.len());
+    for (g, group) in groups.iter().enumerate() {
+        let last = lasts.narrow(0, g, 1)?;
+        let firsts: Vec<u32> = group.continuations.iter().map(|c| c[0]).collect();
+        let first = token_scores(&last.broadcast_as((firsts.len(), last.dim(1)?))?, &firsts)?;
+        scored.push(
+            first.into_iter().map(|(logprob, greedy)| Scored { loglikelihood: logprob as f64, greedy }).collect(),
+        );
+    }
+    Ok(scored)
+}
+
+/// One row per continuation, each its tokens but the last (nothing predicts past it) and the
+/// tokens they predict, `width` of each: shorter rows are padded at the end, where causal
+/// attention keeps the padding from touching the real tokens.
+fn padded_rows(continuations: &[&Vec<u32>], width: usize) -> (Vec<Vec<u32>>, Vec<u32>) {
+    let at = |c: &[u32], t: usize| c[t.min(c.len() - 1)];
+    let inputs = continuations.iter().map(|c| (0..width).map(|t| at(c, t)).collect()).collect();
+    let targets = continuations.iter().flat_map(|c| (1..=width).map(move |t| at(c, t))).collect();
+    (inputs, targets)
+}
+
+/// Add the scores of the continuations' later tokens: `rest` holds, for each group in
+/// `extended`, a row of `width(g)` scores per continuation.
+fn add_rest_scores(
+    scored: &mut [Vec<Scored>],
+    groups: &[Group],
+    extended: &[usize],
+    width: impl Fn(usize) -> usize,
+    rest: &[(f32, bool)],
+) {
+    let mut row_start = 0;
+    for &g in extended {
+        for (row, c) in groups[g].continuations.iter().enumerate() {
+            let s = &mut scored[g][row];
+            let start = row_start + row * width(g);
+            for &(logprob, greedy) in &rest[start..start + c.len() - 1] {
+                s.loglikelihood += logprob as f64;
+                s.greedy &= greedy;
             }
-            return Ok((Tensor::cat(&lasts, 0)?, states));
         }
-        let mut states = Vec::with_capacity(groups.len());
-        let mut tokens = Vec::with_capacity(groups.len());
-        for group in groups {
-            let context = &group.context;
-            // At least the last token runs: its logits are the ones wanted.
-            let shared = self.last.as_ref().map_or(0, |(tokens, _)| {
-                tokens.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len() - 1)
-            });
-            let cache = match &self.last {
-                Some((_, cached)) if shared > 0 => {
-                    let mut cache = cached.clone();
-                    cache.truncate(shared)?;
-                    cache
-                }
-                _ => model.new_cache(1),
-            };
-            tokens.push(vec![context[shared..].to_vec()]);
-            states.push((cache, self.hooks.clone()));
-        }
-        let mut seqs: Vec<(&mut KvCache, &mut Hooks)> = states.iter_mut().map(|(c, h)| (c, h)).collect();
-        let lasts = model.step(&mut seqs, &tokens)?;
-        let (last_cache, _) = states.last().expect("at least one group");
-        self.last = Some((groups[groups.len() - 1].context.clone(), last_cache.clone()));
-        Ok((lasts, states))
+        row_start += groups[g].continuations.len() * width(g);
     }
 }
 
@@ -241,8 +311,11 @@ fn continuation_width(group: &Group) -> usize {
     group.continuations.iter().map(Vec::len).max().unwrap_or(1) - 1
 }
 
-fn continuation_tokens(group: &Group) -> usize {
-    group.continuations.len() * continuation_width(group)
+/// Logits the groups' continuations need in one forward: a row per continuation, as wide as
+/// the widest.
+fn continuation_logits(groups: &[Group]) -> usize {
+    let rows: usize = groups.iter().map(|g| g.continuations.len()).sum();
+    rows * groups.iter().map(continuation_width).max().unwrap_or(0)
 }
 
 /// For each row of `logits` (rows, vocab): the log-probability of its target and whether the
