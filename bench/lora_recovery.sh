@@ -27,7 +27,7 @@ OUT=${OUT:-bench/results/lora-recovery-$(date -u +%Y%m%dT%H%M)}
 mkdir -p "$OUT"
 pare_binary
 [[ ${FETCH:-1} == 0 ]] || scripts/assets.sh tasks
-{ machine_line; echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo "${COMMIT:-?}")"; echo "device ${DEVICE:-cpu}"
+{ machine_line; echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo ?)}"; echo "device ${DEVICE:-cpu}"
   echo "steps $STEPS lr $LR batch $BATCH max-len $MAXLEN limit ${LIMIT:-all} data $DATA"; } > "$OUT/env.txt"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -21,7 +21,8 @@ mkdir -p "$OUT"
 pare_binary
 [[ ${FETCH:-1} == 0 ]] || scripts/assets.sh tasks
 machine_line > "$OUT/env.txt"
-echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo "${COMMIT:-?}"), device ${DEVICE:-cpu}" >> "$OUT/env.txt"
+# COMMIT first: on the GPU machine the tree's git may not be the binary's commit.
+echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo ?)}, device ${DEVICE:-cpu}" >> "$OUT/env.txt"
 
 EVAL_MODEL=$MODEL
 if [[ $ROW != dense ]]; then

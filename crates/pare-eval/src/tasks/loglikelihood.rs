@@ -73,6 +73,11 @@ struct Group {
 /// vocabulary still fits a small GPU or the host.
 const MAX_LOGITS: usize = 1 << 28;
 
+/// Context tokens, padding included, one forward may run: BoolQ's passages reach 1 000 tokens,
+/// and 64 of them padded to the longest (with attention scores per row where no fused kernel
+/// applies) ran a GPU shared by five such runs out of memory.
+const MAX_PADDED_TOKENS: usize = 16 * 1024;
+
 impl<'a> Scorer<'a> {
     /// A scorer that runs up to `batch` contexts at once (at least 1).
     pub fn new(model: &'a Model, tokenizer: &'a TokenizerBundle, hooks: &'a Hooks, batch: usize) -> Self {
@@ -101,9 +106,13 @@ impl<'a> Scorer<'a> {
         let mut scored = vec![None; requests.len()];
         let mut rest = groups.as_slice();
         while !rest.is_empty() {
-            // Up to `batch` groups, and no more continuation logits than fit one forward.
+            // Up to `batch` groups, and no more padded context tokens and continuation logits
+            // than fit one forward.
             let mut take = 1;
-            while take < rest.len().min(self.batch) && continuation_logits(&rest[..=take]) * vocab <= MAX_LOGITS {
+            while take < rest.len().min(self.batch)
+                && padded_context_tokens(&rest[..=take]) <= MAX_PADDED_TOKENS
+                && continuation_logits(&rest[..=take]) * vocab <= MAX_LOGITS
+            {
                 take += 1;
             }
             let (chunk, next) = rest.split_at(take);
@@ -309,6 +318,11 @@ fn add_rest_scores(
 /// longest continuation's length less one.
 fn continuation_width(group: &Group) -> usize {
     group.continuations.iter().map(Vec::len).max().unwrap_or(1) - 1
+}
+
+/// The groups' contexts as the rows of one cache, left-padded to the longest.
+fn padded_context_tokens(groups: &[Group]) -> usize {
+    groups.len() * groups.iter().map(|g| g.context.len()).max().unwrap_or(0)
 }
 
 /// Logits the groups' continuations need in one forward: a row per continuation, as wide as
