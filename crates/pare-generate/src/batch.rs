@@ -636,7 +636,12 @@ fn choose(group: &mut Group, tokenizer: Option<&TokenizerBundle>, events: &mut V
             continue;
         }
         let mut processed = scores.logits.clone();
-        let mut pctx = ProcessContext { input_ids: &row.input_ids, prompt_len: row.prompt_len, rng: &mut group.rng };
+        let mut pctx = ProcessContext {
+            input_ids: &row.input_ids,
+            prompt_len: row.prompt_len,
+            rng: &mut group.rng,
+            candidates: scores.candidate_ids(),
+        };
         row.chain.process(&mut pctx, &mut processed);
         let chosen = if config.do_sample() { sample(&processed, &mut group.rng) } else { argmax(&processed) };
         let token = scores.token(chosen);

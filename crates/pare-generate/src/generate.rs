@@ -218,7 +218,7 @@ impl<'a> Generator<'a> {
         for (p, prompt) in prompts.iter().enumerate() {
             let mut chains = (0..cfg.num_beams).map(|_| self.settings.chain()).collect::<Result<Vec<_>>>()?;
             let mut process = |beam: usize, ids: &[u32], prompt_len: usize, scores: &mut [f32]| {
-                let mut pctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng };
+                let mut pctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng, candidates: None };
                 chains[beam].process(&mut pctx, scores);
             };
             for hyp in beam_search_with(model, prompt, &cfg, self.hooks.clone(), &mut process)? {
@@ -249,22 +249,33 @@ fn rate(count: usize, seconds: f64) -> f64 {
 }
 
 /// When every token the chain can keep is among the top `k` scores at temperature `t`, `(k, t)`:
-/// greedy decoding without processors, or sampling whose processors are temperature, top-k,
-/// top-p and min-p with top-k on (top-p and min-p only remove what top-k kept). Steps then read
-/// only those candidates (see [`step_scores`]).
+/// greedy decoding, or sampling whose processors are temperature, top-k, top-p and min-p with
+/// top-k on (top-p and min-p only remove what top-k kept), either with a minimum of new tokens,
+/// which only removes the EOS tokens: `k` then counts them too, so that the best `k` others are
+/// among the candidates whatever EOS scores (`ignore_eos` requests, which every load generator
+/// sends, would otherwise read whole rows). Steps then read only those candidates (see
+/// [`step_scores`]).
 pub(crate) fn candidate_count(cfg: &ProcessorConfig, chain: &ProcessorChain) -> Option<(usize, f32)> {
     let names = chain.names();
+    let eos = if names.contains(&"min_new_tokens") {
+        let mut ids = cfg.eos_token_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    } else {
+        0
+    };
     if !cfg.do_sample {
-        return names.is_empty().then_some((1, 1.0));
+        return names.iter().all(|n| *n == "min_new_tokens").then_some((1 + eos, 1.0));
     }
-    if !names.iter().all(|n| matches!(*n, "temperature" | "top_k" | "top_p" | "min_p")) {
+    if !names.iter().all(|n| matches!(*n, "temperature" | "top_k" | "top_p" | "min_p" | "min_new_tokens")) {
         return None;
     }
     let t = cfg.temperature.unwrap_or(1.0);
     if t == 0.0 {
-        return Some((1, 1.0));
+        return Some((1 + eos, 1.0));
     }
-    let k = cfg.top_k.filter(|&k| k > 0)?.max(cfg.min_tokens_to_keep);
+    let k = cfg.top_k.filter(|&k| k > 0)?.max(cfg.min_tokens_to_keep) + eos;
     (k <= MAX_CANDIDATES).then_some((k, t))
 }
 
@@ -280,6 +291,11 @@ pub(crate) struct RowScores {
 }
 
 impl RowScores {
+    /// The candidates' tokens, when the row holds only them.
+    pub(crate) fn candidate_ids(&self) -> Option<&[u32]> {
+        self.ids.as_deref()
+    }
+
     pub(crate) fn token(&self, chosen: u32) -> u32 {
         self.ids.as_ref().map_or(chosen, |ids| ids[chosen as usize])
     }
@@ -330,7 +346,13 @@ mod tests {
             .into_iter()
             .map(|scores| {
                 let mut processed = scores.logits.clone();
-                chain.process(&mut ProcessContext { input_ids: &ids, prompt_len: 3, rng: &mut rng }, &mut processed);
+                let mut ctx = ProcessContext {
+                    input_ids: &ids,
+                    prompt_len: 3,
+                    rng: &mut rng,
+                    candidates: scores.candidate_ids(),
+                };
+                chain.process(&mut ctx, &mut processed);
                 let chosen = if cfg.do_sample { sample(&processed, &mut rng) } else { argmax(&processed) };
                 (scores.token(chosen), scores.logprob(chosen))
             })
@@ -364,6 +386,16 @@ mod tests {
                 min_tokens_to_keep: 5,
                 ..Default::default()
             },
+            // `ignore_eos`: the EOS tokens (one listed twice) removed until the minimum is reached.
+            ProcessorConfig { min_new_tokens: Some(8), eos_token_ids: vec![17, 2999, 17], ..Default::default() },
+            ProcessorConfig {
+                do_sample: true,
+                top_k: Some(4),
+                top_p: Some(0.9),
+                min_new_tokens: Some(8),
+                eos_token_ids: vec![17, 2999],
+                ..Default::default()
+            },
         ];
         let mut rng = StdRng::seed_from_u64(3);
         for (c, cfg) in configs.iter().enumerate() {
@@ -372,7 +404,11 @@ mod tests {
             for trial in 0..40 {
                 // bf16-rounded logits: many exact ties, some at the k-th score.
                 let scale = [0.5f32, 2.0, 6.0][trial % 3];
-                let data: Vec<f32> = (0..4 * 3000).map(|_| rng.random::<f32>() * scale * 4.0 - scale).collect();
+                let mut data: Vec<f32> = (0..4 * 3000).map(|_| rng.random::<f32>() * scale * 4.0 - scale).collect();
+                // The EOS tokens at the top of some rows, where removing them changes the choice.
+                for (row, eos) in [(0, 17), (1, 2999), (3, 17), (3, 2999)] {
+                    data[row * 3000 + eos] = 4.0 * scale;
+                }
                 let logits = Tensor::from_vec(data, (4, 3000), &Device::Cpu)
                     .unwrap()
                     .to_dtype(DType::BF16)

@@ -52,7 +52,7 @@ fn config(v: &Value) -> ProcessorConfig {
 
 fn run_row(chain: &mut ProcessorChain, ids: &[u32], prompt_len: usize, scores: &[f32], seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut ctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng };
+    let mut ctx = ProcessContext { input_ids: ids, prompt_len, rng: &mut rng, candidates: None };
     let mut out = scores.to_vec();
     chain.process(&mut ctx, &mut out);
     out
@@ -100,7 +100,7 @@ fn matches_hf_transformers() {
 }
 
 fn process(p: &mut dyn LogitsProcessor, ids: &[u32], prompt_len: usize, scores: &mut [f32], rng: &mut StdRng) {
-    let mut ctx = ProcessContext { input_ids: ids, prompt_len, rng };
+    let mut ctx = ProcessContext { input_ids: ids, prompt_len, rng, candidates: None };
     p.process(&mut ctx, scores);
 }
 

@@ -11,7 +11,7 @@ fn processed(cfg: &ProcessorConfig, scores: &[f32]) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(0);
     let ids = [1u32, 2, 3];
     let mut out = scores.to_vec();
-    chain.process(&mut ProcessContext { input_ids: &ids, prompt_len: 3, rng: &mut rng }, &mut out);
+    chain.process(&mut ProcessContext { input_ids: &ids, prompt_len: 3, rng: &mut rng, candidates: None }, &mut out);
     out
 }
 

@@ -93,7 +93,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut scores: Vec<f32> = logits.to_vec1()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed.unwrap_or(0));
     let mut chain = generator.settings.chain()?;
-    chain.process(&mut ProcessContext { input_ids: &context, prompt_len: prompt.len(), rng: &mut rng }, &mut scores);
+    chain.process(
+        &mut ProcessContext { input_ids: &context, prompt_len: prompt.len(), rng: &mut rng, candidates: None },
+        &mut scores,
+    );
     // Greedy decoding draws nothing: all mass sits on the argmax of the processed scores.
     let probs = if config.do_sample() {
         softmax(&scores)

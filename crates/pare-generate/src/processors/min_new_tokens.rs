@@ -27,7 +27,7 @@ impl LogitsProcessor for MinNewTokens {
             return;
         }
         for &t in &self.eos_token_ids {
-            if let Some(s) = scores.get_mut(t as usize) {
+            if let Some(s) = ctx.score_index(t).and_then(|i| scores.get_mut(i)) {
                 *s = f32::NEG_INFINITY;
             }
         }

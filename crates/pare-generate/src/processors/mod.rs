@@ -36,12 +36,24 @@ pub struct ProcessContext<'a> {
     pub prompt_len: usize,
     /// Randomness for processors that draw (XTC), seeded by the generation's `--seed`.
     pub rng: &'a mut StdRng,
+    /// When the scores are only the device's top candidates: the token of each score, in
+    /// increasing order. None for a whole vocabulary row.
+    pub candidates: Option<&'a [u32]>,
 }
 
 impl ProcessContext<'_> {
     /// The tokens generated so far.
     pub fn generated(&self) -> &[u32] {
         &self.input_ids[self.prompt_len..]
+    }
+
+    /// Where `token`'s score is in the row: its id in a whole row, its place among the
+    /// candidates (None when it is not one of them).
+    pub fn score_index(&self, token: u32) -> Option<usize> {
+        match self.candidates {
+            Some(ids) => ids.binary_search(&token).ok(),
+            None => Some(token as usize),
+        }
     }
 }
 
