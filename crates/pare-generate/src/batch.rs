@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use pare_formats::TokenizerBundle;
+use pare_kernels::Candidates;
 use pare_model::{Hooks, KvCache, Logits, Model, Phase, PrefillInput};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::GenerationConfig;
-use crate::generate::{candidate_count, step_scores, FinishReason, Sequence};
+use crate::generate::{candidate_count, candidate_scores, step_scores, FinishReason, Sequence};
 use crate::processors::chain::{ProcessorChain, ProcessorConfig};
 use crate::processors::ProcessContext;
 use crate::sampling::{argmax, sample};
@@ -151,6 +152,8 @@ struct Group {
     /// The logits the next token is chosen from: (rows, vocab); None while the prompt is still
     /// being prefilled, and once chosen from until the chosen tokens are decoded.
     logits: Option<Tensor>,
+    /// Each row's candidates in `logits`, when the step found them for several groups at once.
+    found: Option<Vec<Option<Candidates>>>,
     /// The prompt tokens not prefilled yet (chunked prefill).
     pending: Vec<u32>,
     started: Instant,
@@ -364,6 +367,7 @@ impl<'m> Batch<'m> {
             candidates,
             top_logprobs,
             logits,
+            found: None,
             pending,
             started,
         });
@@ -381,6 +385,7 @@ impl<'m> Batch<'m> {
         let mut group = self.groups.remove(i);
         group.cache = self.model.new_cache(1);
         group.logits = None;
+        group.found = None;
         group.pending.clear();
         Some(Suspended(group))
     }
@@ -538,14 +543,17 @@ impl<'m> Batch<'m> {
             None
         };
         let mut start = 0;
-        for group in live {
-            let rows = group.rows.len();
+        // The rows of groups that read candidates, by (k, temperature): one top-k call each, not
+        // one per group, which would wait on the device once per sequence.
+        let mut searches: Vec<CandidateSearch> = Vec::new();
+        for (g, group) in live.iter_mut().enumerate() {
+            let rows = start..start + group.rows.len();
+            start = rows.end;
             let source = match (&host, group.candidates) {
                 (Some(host), None) => host,
                 _ => &logits,
             };
-            let group_logits = source.narrow(0, start, rows)?;
-            start += rows;
+            let group_logits = source.narrow(0, rows.start, rows.len())?;
             // A prompt's chunk before its last only fills the cache.
             if !group.pending.is_empty() {
                 continue;
@@ -561,10 +569,41 @@ impl<'m> Batch<'m> {
                     continue;
                 }
             }
+            if let Some(spec) = group.candidates {
+                let at = match searches.iter().position(|s| s.spec == spec) {
+                    Some(at) => at,
+                    None => {
+                        searches.push(CandidateSearch { spec, rows: Vec::new(), groups: Vec::new() });
+                        searches.len() - 1
+                    }
+                };
+                searches[at].groups.push((g, rows.len()));
+                searches[at].rows.extend(rows.map(|r| r as u32));
+            }
             group.logits = Some(group_logits);
+        }
+        for search in searches {
+            let (k, temperature) = search.spec;
+            let source = if search.rows.len() == logits.dim(0)? {
+                logits.clone()
+            } else {
+                logits.index_select(&Tensor::new(search.rows.as_slice(), logits.device())?, 0)?
+            };
+            let mut found = pare_kernels::top_candidates(&source, k, temperature)?.into_iter();
+            for (g, rows) in search.groups {
+                live[g].found = Some(found.by_ref().take(rows).collect());
+            }
         }
         Ok(())
     }
+}
+
+/// Groups that read the same number of candidates at the same temperature: their rows of the
+/// step's logits, in order, and (group, rows) for each.
+struct CandidateSearch {
+    spec: (usize, f32),
+    rows: Vec<u32>,
+    groups: Vec<(usize, usize)>,
 }
 
 /// Run one row's `tokens` into `cache` at the positions after what it holds: a prefill into an
@@ -592,8 +631,9 @@ fn check_finite(model: &Model, logits: &Tensor, inputs: &[&[u32]]) -> Result<()>
 /// Choose the next token of every group in `groups`; their events in group order. Groups that
 /// choose from whole rows in host memory are shared out over the host's cores: a row of a 128k
 /// vocabulary costs about a millisecond (processors, sampling and its log-probability in f64), so
-/// 64 sequences chosen one after another would stall every step for ~100 ms. Groups that read
-/// their candidates from the device choose here, one after another.
+/// 64 sequences chosen one after another would stall every step for ~100 ms. Groups that choose
+/// among their candidates (found for all of them at once by the step) choose here in turn: a
+/// few scores a row.
 fn choose_all(groups: Vec<&mut Group>, tokenizer: Option<&TokenizerBundle>) -> Result<Vec<Event>> {
     let one = |(index, group): (usize, &mut Group)| -> Result<(usize, Vec<Event>)> {
         let mut events = Vec::new();
@@ -629,7 +669,10 @@ fn choose(group: &mut Group, tokenizer: Option<&TokenizerBundle>, events: &mut V
     let eos = config.eos_token_id.clone().unwrap_or_default();
     let max_new = config.max_new_tokens();
     let Some(logits) = group.logits.take() else { return Ok(()) };
-    let scores = step_scores(&logits, group.candidates)?;
+    let scores = match group.found.take() {
+        Some(found) => candidate_scores(&logits, found)?,
+        None => step_scores(&logits, group.candidates)?,
+    };
     let decode = |tokens: &[u32]| tokenizer.and_then(|t| t.decode(tokens, true).ok()).unwrap_or_default();
     for (row, scores) in group.rows.iter_mut().zip(scores) {
         if row.done {

@@ -291,6 +291,10 @@ pub(crate) struct RowScores {
 }
 
 impl RowScores {
+    fn whole(logits: Vec<f32>) -> Self {
+        RowScores { logits, ids: None, lse: 0.0 }
+    }
+
     /// The candidates' tokens, when the row holds only them.
     pub(crate) fn candidate_ids(&self) -> Option<&[u32]> {
         self.ids.as_deref()
@@ -314,11 +318,19 @@ impl RowScores {
 /// ties than fit is read whole. Processors see candidates in token order and with the rest of
 /// the row at -inf they would have left no other token, so the choice is the whole row's.
 pub(crate) fn step_scores(logits: &candle_core::Tensor, candidates: Option<(usize, f32)>) -> Result<Vec<RowScores>> {
-    let whole = |row: Vec<f32>| RowScores { logits: row, ids: None, lse: 0.0 };
     let Some((k, t)) = candidates else {
-        return Ok(logits.to_vec2::<f32>()?.into_iter().map(whole).collect());
+        return Ok(logits.to_vec2::<f32>()?.into_iter().map(RowScores::whole).collect());
     };
-    let candidates = pare_kernels::top_candidates(logits, k, t)?;
+    candidate_scores(logits, pare_kernels::top_candidates(logits, k, t)?)
+}
+
+/// The rows of `logits` as their candidates `found` (one per row), each row whose candidates did
+/// not fit read whole.
+pub(crate) fn candidate_scores(
+    logits: &candle_core::Tensor,
+    candidates: Vec<Option<pare_kernels::Candidates>>,
+) -> Result<Vec<RowScores>> {
+    let whole = RowScores::whole;
     let chosen = |c: pare_kernels::Candidates| RowScores { logits: c.logits, ids: Some(c.ids), lse: c.lse };
     if candidates.iter().all(Option::is_some) {
         return Ok(candidates.into_iter().flatten().map(chosen).collect());

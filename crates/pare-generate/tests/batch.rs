@@ -108,6 +108,20 @@ fn sequences_that_share_steps_match_running_alone() {
         Request { prompt: text_tokens(300, 17), config: sampled(10, 7), press: None, arrives: 2 },
         Request { prompt: text_tokens(700, 75), config: greedy(9), press: None, arrives: 3 },
         Request { prompt: text_tokens(500, 64), config: greedy(6), press: Some("adakv+snapkv"), arrives: 5 },
+        // ignore_eos as the server sends it (candidates that count the EOS tokens), and a
+        // penalty that reads whole rows, beside the others' candidate searches.
+        Request {
+            prompt: text_tokens(900, 20),
+            config: GenerationConfig { min_new_tokens: Some(7), eos_token_id: Some(vec![0, 2]), ..greedy(7) },
+            press: None,
+            arrives: 1,
+        },
+        Request {
+            prompt: text_tokens(1000, 25),
+            config: GenerationConfig { repetition_penalty: Some(1.3), ..greedy(7) },
+            press: None,
+            arrives: 1,
+        },
     ];
     // Chunks of 16: the long hook-free prompts prefill over several steps beside the others.
     let together = run_together(&requests, Some(16));
