@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use candle_core::Tensor;
-use pare_model::{Hooks, KvCache, PrefillInput};
+use pare_model::{Hooks, KvCache, Model, PrefillInput};
 
 use pare_kernels::{gpu_memory, reset_gpu_memory_peak};
 
@@ -163,27 +163,8 @@ pub fn run(args: Args) -> Result<()> {
         (bytes(&filled, KvCache::allocated_bytes), bytes(&filled, KvCache::uncompressed_bytes));
     let peak = peak_rss_bytes();
     let gpu = gpu_memory(&device);
-    // Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
-    // matrix once; an untied embedding table only a row per token; under --tp every rank's part.
-    let weight_bytes: usize = model
-        .ranks()
-        .iter()
-        .map(|rank| {
-            rank.blocks()
-                .iter()
-                .map(|b| {
-                    let a = &b.attn;
-                    let m = &b.mlp;
-                    [&a.q(), &a.k(), &a.v(), &a.o(), &m.up(), &m.down()]
-                        .iter()
-                        .map(|l| l.storage_bytes())
-                        .sum::<usize>()
-                        + m.gate().as_ref().map_or(0, |g| g.storage_bytes())
-                })
-                .sum::<usize>()
-                + rank.lm_head().storage_bytes()
-        })
-        .sum();
+    // Under --tp every rank reads its own part.
+    let weight_bytes: usize = model.ranks().iter().map(decode_weight_bytes).sum();
     if args.json {
         print_json(&json!({
             "model": args.model.model, "dtype": args.model.dtype_name(), "kv_dtype": args.model.kv_dtype().name(), "device": args.model.device.to_string(),
@@ -220,4 +201,15 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes of weights a decode step reads (the roofline's numerator with the KV cache): every
+/// matrix once; an untied embedding table only a row per token.
+fn decode_weight_bytes(model: &Model) -> usize {
+    let block_bytes = |b: &pare_model::model::Block| {
+        let (a, m) = (&b.attn, &b.mlp);
+        [&a.q(), &a.k(), &a.v(), &a.o(), &m.up(), &m.down()].iter().map(|l| l.storage_bytes()).sum::<usize>()
+            + m.gate().as_ref().map_or(0, |g| g.storage_bytes())
+    };
+    model.blocks().iter().map(block_bytes).sum::<usize>() + model.lm_head().storage_bytes()
 }

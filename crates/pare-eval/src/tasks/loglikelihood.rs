@@ -151,9 +151,9 @@ impl<'a> Scorer<'a> {
         // Every context runs at least its last token: its logits are the ones wanted.
         let shortest = contexts.iter().map(|c| c.len()).min().expect("at least one group") - 1;
         let common = contexts.iter().map(|c| common_prefix(contexts[0], c)).min().unwrap_or(0).min(shortest);
+        let shared = self.last.as_ref().map_or(0, |(tokens, _)| common_prefix(tokens, &contexts[0][..common]));
         let (mut cache, mut done) = match &self.last {
-            Some((tokens, cached)) if common_prefix(tokens, &contexts[0][..common]) > 0 => {
-                let shared = common_prefix(tokens, &contexts[0][..common]);
+            Some((_, cached)) if shared > 0 => {
                 let mut cache = cached.clone();
                 cache.truncate(shared)?;
                 (cache, shared)
@@ -267,18 +267,23 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// Each continuation's first token, predicted by its context's last position (`lasts`: a row
-/// per group).
+/// per group): one log-softmax over a row per continuation for the whole batch.
 fn first_scores(groups: &[Group], lasts: &Tensor) -> Result<Vec<Vec<Scored>>> {
-    let mut scored = Vec::with_capacity(groups.len());
-    for (g, group) in groups.iter().enumerate() {
-        let last = lasts.narrow(0, g, 1)?;
-        let firsts: Vec<u32> = group.continuations.iter().map(|c| c[0]).collect();
-        let first = token_scores(&last.broadcast_as((firsts.len(), last.dim(1)?))?, &firsts)?;
-        scored.push(
-            first.into_iter().map(|(logprob, greedy)| Scored { loglikelihood: logprob as f64, greedy }).collect(),
-        );
-    }
-    Ok(scored)
+    let rows: Vec<u32> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, group)| std::iter::repeat_n(g as u32, group.continuations.len()))
+        .collect();
+    let firsts: Vec<u32> = groups.iter().flat_map(|g| g.continuations.iter().map(|c| c[0])).collect();
+    let rows = Tensor::new(rows.as_slice(), lasts.device())?;
+    let mut scores = token_scores(&lasts.index_select(&rows, 0)?, &firsts)?.into_iter();
+    Ok(groups
+        .iter()
+        .map(|group| {
+            let first = scores.by_ref().take(group.continuations.len());
+            first.map(|(logprob, greedy)| Scored { loglikelihood: logprob as f64, greedy }).collect()
+        })
+        .collect())
 }
 
 /// One row per continuation, each its tokens but the last (nothing predicts past it) and the
